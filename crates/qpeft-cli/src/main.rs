@@ -1,0 +1,154 @@
+//! The `qpeft` command line: parses arguments and calls the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use qpeft::backend::cpu::Cpu;
+use qpeft::eval::perplexity::perplexity;
+use qpeft::generate::{generate, GenerateOptions};
+use qpeft::model::{Checkpoint, Decoder};
+use qpeft::tokenizer::Message;
+
+mod info;
+
+#[derive(Parser)]
+#[command(name = "qpeft", version, about = "Fine-tune 4-bit-quantized LLMs with LoRA-family adapters, and evaluate them")]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Architecture, shapes, parameter counts and dtypes of a model (HF directory or .gguf file).
+    Info {
+        model: PathBuf,
+        /// List every tensor.
+        #[arg(long)]
+        tensors: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text from a prompt (greedy unless --temperature > 0).
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat (default: the template's own).
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Mean negative log-likelihood per predicted token and perplexity of a text file.
+    Perplexity {
+        model: PathBuf,
+        file: PathBuf,
+        /// Tokens per independently scored window (default: the model's context, at most 2048).
+        #[arg(long)]
+        window: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().expect("thread pool is configured once");
+    }
+    if let Err(e) = run(cli.command) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Info { model, tensors, json } => info::run(&model, tensors, json),
+        Command::Generate { model, prompt, chat, system, max_new_tokens, temperature, top_p, seed } => {
+            let ckpt = Checkpoint::open(&model)?;
+            let tok = ckpt.tokenizer()?;
+            let text = if chat {
+                let mut messages = Vec::new();
+                if let Some(s) = system {
+                    messages.push(Message { role: "system".into(), content: s });
+                }
+                messages.push(Message { role: "user".into(), content: prompt });
+                tok.apply_chat_template(&messages, true)?
+            } else {
+                prompt
+            };
+            // A chat template writes its own special tokens; a raw prompt gets the tokenizer's defaults.
+            let ids = tok.encode(&text, !chat)?;
+            let mut stop = ckpt.spec.eos_token_ids.clone();
+            stop.extend(tok.eos_token.as_deref().and_then(|t| tok.token_id(t)));
+            let model = Decoder::load(&ckpt, Cpu)?;
+            let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop_tokens: stop };
+            let mut generated = Vec::new();
+            let mut printed = 0;
+            let mut stdout = std::io::stdout();
+            let start = std::time::Instant::now();
+            generate(&model, &ids, &opts, |t| {
+                generated.push(t);
+                let text = tok.decode(&generated, true)?;
+                // Hold back a trailing partial UTF-8 sequence until it completes.
+                if !text.ends_with('\u{FFFD}') {
+                    let _ = write!(stdout, "{}", &text[printed.min(text.len())..]);
+                    let _ = stdout.flush();
+                    printed = text.len();
+                }
+                Ok(())
+            })?;
+            let secs = start.elapsed().as_secs_f64();
+            println!();
+            eprintln!(
+                "[{} prompt tokens, {} generated, {:.1} tokens/s]",
+                ids.len(),
+                generated.len(),
+                generated.len() as f64 / secs
+            );
+            Ok(())
+        }
+        Command::Perplexity { model, file, window, json } => {
+            let ckpt = Checkpoint::open(&model)?;
+            let tok = ckpt.tokenizer()?;
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let ids = tok.encode(&text, true)?;
+            let window = window.unwrap_or(ckpt.spec.max_position_embeddings.min(2048));
+            let model = Decoder::load(&ckpt, Cpu)?;
+            let bar = indicatif::ProgressBar::new(ids.len() as u64);
+            bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("valid template"));
+            let p = perplexity(&model, &ids, window, |n| bar.inc(n as u64))?;
+            bar.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                println!(
+                    "{}: {} tokens, {} predicted in {} window(s): mean NLL {:.6}, perplexity {:.4}",
+                    file.display(),
+                    p.tokens,
+                    p.predicted,
+                    p.windows,
+                    p.mean_nll,
+                    p.perplexity
+                );
+            }
+            Ok(())
+        }
+    }
+}

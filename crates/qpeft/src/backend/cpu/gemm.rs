@@ -1,0 +1,86 @@
+//! Safe strided matrix products on top of the `gemm` crate (AVX-512 through its `x86-v4` feature).
+
+use gemm::Parallelism;
+
+/// A matrix view into a slice: element (i, j) is at `offset + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub struct Strided {
+    pub offset: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Strided {
+    pub fn rows(rs: usize) -> Self {
+        Strided { offset: 0, rs, cs: 1 }
+    }
+    pub fn at(self, offset: usize) -> Self {
+        Strided { offset: self.offset + offset, ..self }
+    }
+    /// The transpose of this view.
+    pub fn t(self) -> Self {
+        Strided { offset: self.offset, rs: self.cs, cs: self.rs }
+    }
+    fn last(self, rows: usize, cols: usize) -> usize {
+        self.offset + rows.saturating_sub(1) * self.rs + cols.saturating_sub(1) * self.cs
+    }
+}
+
+/// dst[m×n] = (accumulate ? dst : 0) + scale · lhs[m×k] · rhs[k×n].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    d: Strided,
+    lhs: &[f32],
+    l: Strided,
+    rhs: &[f32],
+    r: Strided,
+    scale: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[d.offset + i * d.rs + j * d.cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    // The bounds checks that make the unsafe call below sound.
+    assert!(d.last(m, n) < dst.len(), "gemm: destination view out of bounds");
+    assert!(l.last(m, k) < lhs.len(), "gemm: lhs view out of bounds");
+    assert!(r.last(k, n) < rhs.len(), "gemm: rhs view out of bounds");
+    let par = if parallel { Parallelism::Rayon(0) } else { Parallelism::None };
+    // SAFETY: all three views were checked to lie inside their slices; dst is borrowed mutably
+    // and cannot alias lhs or rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(d.offset),
+            d.cs as isize,
+            d.rs as isize,
+            accumulate,
+            lhs.as_ptr().add(l.offset),
+            l.cs as isize,
+            l.rs as isize,
+            rhs.as_ptr().add(r.offset),
+            r.cs as isize,
+            r.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}

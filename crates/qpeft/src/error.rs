@@ -1,0 +1,39 @@
+//! One error type for the library. Every variant names what the user has to look at: the file,
+//! the field or tensor, and the offending value, so a bad input never ends in a bare panic.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file exists but its bytes do not follow the format (truncated, corrupt, inconsistent).
+    #[error("{}: {msg}", file.display())]
+    Format { file: PathBuf, msg: String },
+    /// A configuration value is missing or invalid.
+    #[error("{}: field `{field}`: {msg}", file.display())]
+    Config { file: PathBuf, field: String, msg: String },
+    /// Something well-formed that qpeft does not implement (an architecture, a tensor type).
+    #[error("{}: unsupported {what}", file.display())]
+    Unsupported { file: PathBuf, what: String },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// Wrong arguments from a caller (shapes, token ids, options).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn format(file: &Path, msg: impl Into<String>) -> Self {
+        Error::Format { file: file.to_path_buf(), msg: msg.into() }
+    }
+    pub fn config(file: &Path, field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config { file: file.to_path_buf(), field: field.into(), msg: msg.into() }
+    }
+    pub fn unsupported(file: &Path, what: impl Into<String>) -> Self {
+        Error::Unsupported { file: file.to_path_buf(), what: what.into() }
+    }
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io { path: path.to_path_buf(), source }
+    }
+}

@@ -1,0 +1,3 @@
+pub mod ggml_quants;
+pub mod gguf;
+pub mod safetensors;

@@ -1,0 +1,12 @@
+//! qpeft: fine-tune 4-bit-quantized LLMs with LoRA-family adapters, and evaluate them.
+
+pub mod backend;
+pub mod error;
+pub mod eval;
+pub mod formats;
+pub mod generate;
+pub mod model;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

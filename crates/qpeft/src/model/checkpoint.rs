@@ -1,0 +1,182 @@
+//! A model on disk — an HF directory or a GGUF file — seen through transformers' tensor names.
+
+use std::path::{Path, PathBuf};
+
+use super::spec::{Arch, ModelSpec};
+use crate::error::{Error, Result};
+use crate::formats::gguf::GgufFile;
+use crate::formats::safetensors::SafetensorsStore;
+use crate::tensor::{HostTensor, StoredDtype};
+use crate::tokenizer::Tokenizer;
+
+pub enum Source {
+    Gguf(GgufFile),
+    Hf { dir: PathBuf, store: SafetensorsStore },
+}
+
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub spec: ModelSpec,
+    pub source: Source,
+}
+
+/// One stored tensor, for `qpeft info`.
+pub struct TensorEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: StoredDtype,
+}
+
+/// The GGUF (llama.cpp) name of an HF tensor name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, param) = rest.rsplit_once('.')?;
+    let short = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.{param}"))
+}
+
+/// llama.cpp stores q/k rows of llama models interleaved for its rotary convention: within each
+/// head, row 2i+t of the file is row t·(d/2)+i of transformers' rotate-half layout. Undo it.
+fn unpermute_rows(t: &mut HostTensor, heads: usize) {
+    let rows = t.shape[0];
+    let cols = t.numel() / rows;
+    let d = rows / heads;
+    let half = d / 2;
+    let src = t.data.clone();
+    for h in 0..heads {
+        for i in 0..half {
+            for two in 0..2 {
+                let from = h * d + 2 * i + two;
+                let to = h * d + two * half + i;
+                t.data[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+}
+
+impl Checkpoint {
+    /// Opens a `.gguf` file or an HF directory (config.json + safetensors).
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        if path.is_dir() {
+            let config = path.join("config.json");
+            if !config.exists() {
+                return Err(Error::format(path, "not a model directory: config.json is missing"));
+            }
+            let spec = ModelSpec::from_hf_config(&config)?;
+            let store = SafetensorsStore::open_dir(path)?;
+            Ok(Checkpoint { path: path.to_path_buf(), spec, source: Source::Hf { dir: path.to_path_buf(), store } })
+        } else if path.exists() {
+            let g = GgufFile::open(path)?;
+            let spec = ModelSpec::from_gguf(&g)?;
+            Ok(Checkpoint { path: path.to_path_buf(), spec, source: Source::Gguf(g) })
+        } else {
+            Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
+        }
+    }
+
+    pub fn format_name(&self) -> &'static str {
+        match self.source {
+            Source::Gguf(_) => "gguf",
+            Source::Hf { .. } => "hf-safetensors",
+        }
+    }
+
+    /// Reads a tensor by its transformers name, in transformers' layout; None if absent.
+    pub fn read(&self, hf_name: &str) -> Result<Option<HostTensor>> {
+        match &self.source {
+            Source::Hf { store, .. } => store.read_f32(hf_name),
+            Source::Gguf(g) => {
+                let Some(info) = gguf_name(hf_name).and_then(|n| g.tensor_info(&n)) else { return Ok(None) };
+                let mut t = g.read_f32(info)?;
+                if self.spec.arch == Arch::Llama {
+                    if hf_name.contains("q_proj") {
+                        unpermute_rows(&mut t, self.spec.num_heads);
+                    } else if hf_name.contains("k_proj") {
+                        unpermute_rows(&mut t, self.spec.num_kv_heads);
+                    }
+                }
+                // llama.cpp's converter stores Gemma's norm offsets w as 1 + w.
+                if self.spec.norm_plus_one && hf_name.ends_with("norm.weight") {
+                    t.data.iter_mut().for_each(|x| *x -= 1.0);
+                }
+                Ok(Some(t))
+            }
+        }
+    }
+
+    /// Reads a tensor that must exist with exactly `shape`.
+    pub fn require(&self, hf_name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self.read(hf_name)?.ok_or_else(|| Error::format(&self.path, format!("tensor `{hf_name}` is missing")))?;
+        if t.shape != shape {
+            return Err(Error::format(
+                &self.path,
+                format!("tensor `{hf_name}` has shape {:?}, but the config implies {shape:?}", t.shape),
+            ));
+        }
+        Ok(t)
+    }
+
+    pub fn listing(&self) -> Vec<TensorEntry> {
+        match &self.source {
+            Source::Hf { store, .. } => {
+                store.list().into_iter().map(|(name, shape, dtype)| TensorEntry { name, shape, dtype }).collect()
+            }
+            Source::Gguf(g) => g
+                .tensors
+                .iter()
+                .map(|t| TensorEntry { name: t.name.clone(), shape: t.shape.clone(), dtype: StoredDtype::Ggml(t.dtype) })
+                .collect(),
+        }
+    }
+
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match &self.source {
+            Source::Hf { dir, .. } => Tokenizer::from_hf_dir(dir),
+            Source::Gguf(g) => Tokenizer::from_gguf(g),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_follow_llama_cpp() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.o_proj.weight").as_deref(), Some("blk.3.attn_output.weight"));
+        assert_eq!(gguf_name("model.layers.0.self_attn.q_proj.bias").as_deref(), Some("blk.0.attn_q.bias"));
+        assert_eq!(gguf_name("model.layers.12.post_attention_layernorm.weight").as_deref(), Some("blk.12.ffn_norm.weight"));
+        assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
+        assert_eq!(gguf_name("model.layers.1.mlp.experts.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_the_llama_cpp_permutation() {
+        // Two heads of d = 4, one column: transformers rows [h0: a0 a1 b0 b1, h1: ...] where a are
+        // first-half and b second-half; llama.cpp interleaves them as a0 b0 a1 b1.
+        let mut t = HostTensor::new(vec![8, 1], vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        unpermute_rows(&mut t, 2);
+        assert_eq!(t.data, vec![0., 1., 2., 3., 4., 5., 6., 7.]);
+    }
+}

@@ -1,0 +1,183 @@
+//! The decoder: embeddings, pre-norm blocks of attention and gated MLP, final norm, LM head —
+//! one config-driven implementation for every supported family (see `ModelSpec`).
+
+use super::checkpoint::Checkpoint;
+use super::kv_cache::KvCache;
+use super::linear::Linear;
+use super::rope;
+use super::spec::{Activation, ModelSpec};
+use crate::backend::{AttentionShape, Backend, GluKind, MatMul};
+use crate::error::{Error, Result};
+
+pub struct Block<B: Backend> {
+    pub attn_norm: B::Buf,
+    pub q: Linear<B>,
+    pub k: Linear<B>,
+    pub v: Linear<B>,
+    pub o: Linear<B>,
+    pub mlp_norm: B::Buf,
+    pub gate: Linear<B>,
+    pub up: Linear<B>,
+    pub down: Linear<B>,
+}
+
+pub struct Decoder<B: Backend> {
+    pub spec: ModelSpec,
+    pub backend: B,
+    /// [vocab, hidden]; also the LM head when embeddings are tied.
+    pub embed: B::Buf,
+    pub blocks: Vec<Block<B>>,
+    pub norm: B::Buf,
+    /// None when tied to `embed`.
+    pub lm_head: Option<Linear<B>>,
+    inv_freq: B::Buf,
+}
+
+/// A batch of equally long token rows; `mask` marks real tokens (1) and padding (0).
+pub struct Input {
+    pub batch: usize,
+    pub seq: usize,
+    pub tokens: Vec<u32>,
+    pub mask: Vec<u32>,
+}
+
+impl Input {
+    pub fn single(tokens: &[u32]) -> Input {
+        Input { batch: 1, seq: tokens.len(), tokens: tokens.to_vec(), mask: vec![1; tokens.len()] }
+    }
+
+    /// Left-pads rows to a common length (as for batched generation).
+    pub fn left_padded(rows: &[Vec<u32>], pad: u32) -> Input {
+        let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut tokens = Vec::with_capacity(rows.len() * seq);
+        let mut mask = Vec::with_capacity(rows.len() * seq);
+        for r in rows {
+            let n = seq - r.len();
+            tokens.extend(std::iter::repeat_n(pad, n).chain(r.iter().copied()));
+            mask.extend(std::iter::repeat_n(0, n).chain(std::iter::repeat_n(1, r.len())));
+        }
+        Input { batch: rows.len(), seq, tokens, mask }
+    }
+}
+
+impl<B: Backend> Decoder<B> {
+    pub fn load(ckpt: &Checkpoint, backend: B) -> Result<Self> {
+        let s = ckpt.spec.clone();
+        let be = &backend;
+        let (h, q, kv, ff) = (s.hidden_size, s.q_dim(), s.kv_dim(), s.intermediate_size);
+        let vec = |name: &str, len: usize| -> Result<B::Buf> { be.upload(&ckpt.require(name, &[len])?.data) };
+        let linear = |name: &str, in_dim: usize, out_dim: usize, bias: bool| -> Result<Linear<B>> {
+            let weight = be.upload(&ckpt.require(&format!("{name}.weight"), &[out_dim, in_dim])?.data)?;
+            let bias = if bias { Some(vec(&format!("{name}.bias"), out_dim)?) } else { None };
+            Ok(Linear { weight, bias, in_dim, out_dim })
+        };
+        let mut blocks = Vec::with_capacity(s.num_layers);
+        for i in 0..s.num_layers {
+            let p = format!("model.layers.{i}");
+            blocks.push(Block {
+                attn_norm: vec(&format!("{p}.input_layernorm.weight"), h)?,
+                q: linear(&format!("{p}.self_attn.q_proj"), h, q, s.qkv_bias)?,
+                k: linear(&format!("{p}.self_attn.k_proj"), h, kv, s.qkv_bias)?,
+                v: linear(&format!("{p}.self_attn.v_proj"), h, kv, s.qkv_bias)?,
+                o: linear(&format!("{p}.self_attn.o_proj"), q, h, s.o_bias)?,
+                mlp_norm: vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate: linear(&format!("{p}.mlp.gate_proj"), h, ff, s.mlp_bias)?,
+                up: linear(&format!("{p}.mlp.up_proj"), h, ff, s.mlp_bias)?,
+                down: linear(&format!("{p}.mlp.down_proj"), ff, h, s.mlp_bias)?,
+            });
+        }
+        let embed = be.upload(&ckpt.require("model.embed_tokens.weight", &[s.vocab_size, h])?.data)?;
+        let lm_head = if s.tie_word_embeddings { None } else { Some(linear("lm_head", h, s.vocab_size, false)?) };
+        let norm = vec("model.norm.weight", h)?;
+        let inv_freq = be.upload(&rope::inv_freq(&s))?;
+        Ok(Decoder { spec: s, embed, blocks, norm, lm_head, inv_freq, backend })
+    }
+
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache<B>> {
+        KvCache::new(&self.backend, self.spec.num_layers, batch, capacity, self.spec.kv_dim())
+    }
+
+    /// Runs the new tokens of `input` through the decoder, appending them to `cache`, and returns
+    /// the final-normed hidden states [batch·seq, hidden].
+    pub fn forward(&self, input: &Input, cache: &mut KvCache<B>) -> Result<B::Buf> {
+        let (be, s) = (&self.backend, &self.spec);
+        if input.batch != cache.batch || input.tokens.len() != input.batch * input.seq || input.mask.len() != input.tokens.len() {
+            return Err(Error::Invalid(format!(
+                "input of {} tokens ({} × {}) does not fit a cache for batch {}",
+                input.tokens.len(),
+                input.batch,
+                input.seq,
+                cache.batch
+            )));
+        }
+        let rows = input.tokens.len();
+        let (h, qd, kvd) = (s.hidden_size, s.q_dim(), s.kv_dim());
+        let start = cache.len;
+        let positions = be.upload_ints(&cache.append_mask(&input.mask, input.seq)?)?;
+        let key_mask = be.upload_ints(&cache.key_mask)?;
+        let ids = be.upload_ints(&input.tokens)?;
+        // Gemma scales embeddings by √hidden rounded to the activation dtype (f32 here).
+        let scale = if s.scale_embeddings { (h as f32).sqrt() } else { 1.0 };
+        let mut x = be.zeros(rows * h)?;
+        be.embedding(&self.embed, &ids, h, scale, &mut x)?;
+
+        let mut n = be.zeros(rows * h)?;
+        let mut q = be.zeros(rows * qd)?;
+        let mut k = be.zeros(rows * kvd)?;
+        let mut v = be.zeros(rows * kvd)?;
+        let mut att = be.zeros(rows * qd)?;
+        let mut gate = be.zeros(rows * s.intermediate_size)?;
+        let mut up = be.zeros(rows * s.intermediate_size)?;
+        let mut act = be.zeros(rows * s.intermediate_size)?;
+        let shape = AttentionShape {
+            batch: input.batch,
+            q_len: input.seq,
+            kv_len: start + input.seq,
+            kv_capacity: cache.capacity,
+            heads: s.num_heads,
+            kv_heads: s.num_kv_heads,
+            head_dim: s.head_dim,
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+            window: s.sliding_window,
+        };
+        let glu = match s.activation {
+            Activation::Silu => GluKind::Silu,
+            Activation::GeluTanh => GluKind::GeluTanh,
+        };
+        for (l, blk) in self.blocks.iter().enumerate() {
+            be.rmsnorm(&x, &blk.attn_norm, h, s.rms_norm_eps, s.norm_plus_one, &mut n)?;
+            blk.q.forward(be, &n, rows, &mut q, false)?;
+            blk.k.forward(be, &n, rows, &mut k, false)?;
+            blk.v.forward(be, &n, rows, &mut v, false)?;
+            be.rope(&mut q, &positions, &self.inv_freq, s.num_heads, s.head_dim)?;
+            be.rope(&mut k, &positions, &self.inv_freq, s.num_kv_heads, s.head_dim)?;
+            be.write_rows(&k, &mut cache.k[l], input.batch, input.seq, cache.capacity, start, kvd)?;
+            be.write_rows(&v, &mut cache.v[l], input.batch, input.seq, cache.capacity, start, kvd)?;
+            be.attention(&q, &cache.k[l], &cache.v[l], &key_mask, shape, &mut att)?;
+            blk.o.forward(be, &att, rows, &mut x, true)?;
+
+            be.rmsnorm(&x, &blk.mlp_norm, h, s.rms_norm_eps, s.norm_plus_one, &mut n)?;
+            blk.gate.forward(be, &n, rows, &mut gate, false)?;
+            blk.up.forward(be, &n, rows, &mut up, false)?;
+            be.glu(&gate, &up, glu, &mut act)?;
+            blk.down.forward(be, &act, rows, &mut x, true)?;
+        }
+        cache.len += input.seq;
+        be.rmsnorm(&x, &self.norm, h, s.rms_norm_eps, s.norm_plus_one, &mut n)?;
+        Ok(n)
+    }
+
+    /// Logits [rows, vocab] of final hidden states [rows, hidden].
+    pub fn logits(&self, hidden: &B::Buf, rows: usize) -> Result<B::Buf> {
+        let be = &self.backend;
+        let mut out = be.zeros(rows * self.spec.vocab_size)?;
+        match &self.lm_head {
+            Some(head) => head.forward(be, hidden, rows, &mut out, false)?,
+            None => {
+                let shape = MatMul { m: rows, n: self.spec.vocab_size, k: self.spec.hidden_size, b_transposed: true, accumulate: false };
+                be.matmul(hidden, &self.embed, &mut out, shape)?
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,11 @@
+pub mod checkpoint;
+pub mod decoder;
+pub mod kv_cache;
+pub mod linear;
+pub mod rope;
+pub mod spec;
+
+pub use checkpoint::Checkpoint;
+pub use decoder::{Decoder, Input};
+pub use kv_cache::KvCache;
+pub use spec::{Arch, ModelSpec};
