@@ -204,8 +204,8 @@ impl Tokenizer {
                     None => merges_from_scores(&tokens, &scores).into_iter().map(|(l, r)| json!([l, r])).collect(),
                 };
                 let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-                let unk = id_of("tokenizer.ggml.unknown_token_id").map(|i| tokens[i].clone());
-                let model = json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                // As transformers builds it: no unk token in the model, byte fallback covers unknown text.
+                let model = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                     "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                     "vocab": vocab, "merges": merges});
                 let prepend = if flag("tokenizer.ggml.add_space_prefix").unwrap_or(true) { "first" } else { "never" };
@@ -218,11 +218,16 @@ impl Tokenizer {
             }
             other => return Err(Error::unsupported(path, format!("tokenizer model `{other}` (supported: gpt2, llama)"))),
         };
-        // Control tokens (type 3) are special; user-defined ones (type 4) are matched whole but not special.
+        // Control tokens (type 3) and the named bos/eos/unk/pad tokens are special; user-defined ones
+        // (type 4) are matched whole but not special.
+        let named: Vec<usize> = ["bos", "eos", "unknown", "padding"]
+            .iter()
+            .filter_map(|k| id_of(&format!("tokenizer.ggml.{k}_token_id")))
+            .collect();
         let mut added_tokens = Vec::new();
         for (i, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
             let ok_spelling = spelled.as_ref().is_none_or(|s| t.chars().all(|c| s.contains(&c)));
-            if ty == 3 && ok_spelling {
+            if (ty == 3 && ok_spelling) || named.contains(&i) {
                 added_tokens.push(added(i, t, true));
             } else if ty == 4 {
                 added_tokens.push(added(i, t, false));
