@@ -76,7 +76,8 @@ pub fn generate<B: Backend>(
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt is empty (no tokens to condition on)".into()));
     }
-    if !(opts.temperature >= 0.0) || !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
+    let valid = opts.temperature >= 0.0 && opts.top_p > 0.0 && opts.top_p <= 1.0;
+    if !valid {
         return Err(Error::Invalid(format!(
             "temperature must be ≥ 0 and top-p in (0, 1]; got {} and {}",
             opts.temperature, opts.top_p

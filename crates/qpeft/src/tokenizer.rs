@@ -122,6 +122,9 @@ fn bos_template(bos: Option<(&str, u32)>) -> Value {
 impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Tokenizer> {
         let file = dir.join("tokenizer.json");
+        if !file.exists() {
+            return Err(Error::format(dir, "no tokenizer.json in this model directory"));
+        }
         let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::format(&file, format!("cannot load tokenizer: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {

@@ -37,6 +37,16 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
+/// Where `write_rows` puts a [batch, rows, width] block inside a [batch, capacity, width] buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct RowWrite {
+    pub batch: usize,
+    pub rows: usize,
+    pub capacity: usize,
+    pub start: usize,
+    pub width: usize,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GluKind {
     Silu,
@@ -70,7 +80,7 @@ pub trait Backend: Send + Sync {
     /// out = act(gate) ⊙ up.
     fn glu(&self, gate: &Self::Buf, up: &Self::Buf, kind: GluKind, out: &mut Self::Buf) -> Result<()>;
     /// Writes `src` ([batch, rows, width]) into `dst` ([batch, capacity, width]) at row `start`.
-    fn write_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, batch: usize, rows: usize, capacity: usize, start: usize, width: usize) -> Result<()>;
+    fn write_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, at: RowWrite) -> Result<()>;
     /// Causal grouped-query attention; `key_mask` ([batch, kv_capacity], 1 = real token) hides padding.
     fn attention(
         &self,

@@ -206,7 +206,7 @@ impl<'a> Cursor<'a> {
         if n.saturating_mul(min_item_bytes.max(1) as u64) > remaining {
             return Err(Error::format(
                 self.path,
-                format!("{what} = {n} at byte {} exceeds what the remaining {remaining} bytes can hold", self.pos - 8),
+                format!("truncated or corrupt GGUF: {what} = {n} at byte {} exceeds what the remaining {remaining} bytes can hold", self.pos - 8),
             ));
         }
         Ok(n as usize)
@@ -289,7 +289,7 @@ impl GgufFile {
         }
         let remaining = (buf.len() - c.pos) as u64;
         if n_tensors.saturating_mul(24) > remaining {
-            return Err(Error::format(path, format!("tensor count {n_tensors} exceeds what the file can hold")));
+            return Err(Error::format(path, format!("truncated or corrupt GGUF: tensor count {n_tensors} exceeds what the file can hold")));
         }
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,

@@ -6,7 +6,7 @@ use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::rope;
 use super::spec::{Activation, ModelSpec};
-use crate::backend::{AttentionShape, Backend, GluKind, MatMul};
+use crate::backend::{AttentionShape, Backend, GluKind, MatMul, RowWrite};
 use crate::error::{Error, Result};
 
 pub struct Block<B: Backend> {
@@ -71,7 +71,8 @@ impl<B: Backend> Decoder<B> {
             let bias = if bias { Some(vec(&format!("{name}.bias"), out_dim)?) } else { None };
             Ok(Linear { weight, bias, in_dim, out_dim })
         };
-        let mut blocks = Vec::with_capacity(s.num_layers);
+        // No with_capacity: num_layers is untrusted until every block's tensors are found.
+        let mut blocks = Vec::new();
         for i in 0..s.num_layers {
             let p = format!("model.layers.{i}");
             blocks.push(Block {
@@ -140,6 +141,7 @@ impl<B: Backend> Decoder<B> {
             scale: 1.0 / (s.head_dim as f32).sqrt(),
             window: s.sliding_window,
         };
+        let at = RowWrite { batch: input.batch, rows: input.seq, capacity: cache.capacity, start, width: kvd };
         let glu = match s.activation {
             Activation::Silu => GluKind::Silu,
             Activation::GeluTanh => GluKind::GeluTanh,
@@ -151,8 +153,8 @@ impl<B: Backend> Decoder<B> {
             blk.v.forward(be, &n, rows, &mut v, false)?;
             be.rope(&mut q, &positions, &self.inv_freq, s.num_heads, s.head_dim)?;
             be.rope(&mut k, &positions, &self.inv_freq, s.num_kv_heads, s.head_dim)?;
-            be.write_rows(&k, &mut cache.k[l], input.batch, input.seq, cache.capacity, start, kvd)?;
-            be.write_rows(&v, &mut cache.v[l], input.batch, input.seq, cache.capacity, start, kvd)?;
+            be.write_rows(&k, &mut cache.k[l], at)?;
+            be.write_rows(&v, &mut cache.v[l], at)?;
             be.attention(&q, &cache.k[l], &cache.v[l], &key_mask, shape, &mut att)?;
             blk.o.forward(be, &att, rows, &mut x, true)?;
 

@@ -113,14 +113,14 @@ impl ModelSpec {
                 return Err(Error::config(file, field, "must be positive, got 0"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::config(
                 file,
                 "num_key_value_heads",
                 format!("{} does not divide num_attention_heads = {}", self.num_kv_heads, self.num_heads),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::config(file, "head_dim", format!("{} is odd; rotary embeddings need an even head_dim", self.head_dim)));
         }
         if let RopeScaling::FreqFactors(f) = &self.rope_scaling {
@@ -152,13 +152,8 @@ impl ModelSpec {
         let hidden_size = usize_of("hidden_size")?;
         let num_heads = usize_of("num_attention_heads")?;
         let num_kv_heads = if get("num_key_value_heads").is_some() { usize_of("num_key_value_heads")? } else { num_heads };
-        let head_dim = if get("head_dim").is_some() {
-            usize_of("head_dim")?
-        } else if num_heads > 0 {
-            hidden_size / num_heads
-        } else {
-            0
-        };
+        // A zero head count leaves head_dim 0, which validate() reports.
+        let head_dim = if get("head_dim").is_some() { usize_of("head_dim")? } else { hidden_size.checked_div(num_heads).unwrap_or(0) };
         // transformers ≥ 5 folds rope_theta and rope_scaling into `rope_parameters`.
         let rope_params = get("rope_parameters");
         let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
@@ -247,8 +242,7 @@ impl ModelSpec {
         let num_kv_heads = if g.get(&key("attention.head_count_kv")).is_some() { usize_of("attention.head_count_kv")? } else { num_heads };
         let head_dim = match g.get(&key("attention.key_length")) {
             Some(_) => usize_of("attention.key_length")?,
-            None if num_heads > 0 => hidden_size / num_heads,
-            None => 0,
+            None => hidden_size.checked_div(num_heads).unwrap_or(0),
         };
         let vocab_size = match g.get(&key("vocab_size")) {
             Some(_) => usize_of("vocab_size")?,

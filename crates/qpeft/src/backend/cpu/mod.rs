@@ -7,7 +7,7 @@ pub mod gemm;
 use rayon::prelude::*;
 
 use self::gemm::{gemm_strided, Strided};
-use super::{AttentionShape, Backend, GluKind, MatMul};
+use super::{AttentionShape, Backend, GluKind, MatMul, RowWrite};
 use crate::error::{Error, Result};
 
 /// Rows per rayon task for the row-wise ops: enough work to amortise scheduling.
@@ -72,7 +72,7 @@ impl Backend for Cpu {
     }
 
     fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) -> Result<()> {
-        check(!bias.is_empty() && x.len() % bias.len() == 0, "add_bias", || format!("{} values, bias of {}", x.len(), bias.len()))?;
+        check(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "add_bias", || format!("{} values, bias of {}", x.len(), bias.len()))?;
         x.par_chunks_mut(bias.len()).for_each(|r| r.iter_mut().zip(bias).for_each(|(x, b)| *x += b));
         Ok(())
     }
@@ -84,7 +84,7 @@ impl Backend for Cpu {
     }
 
     fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, dim: usize, eps: f32, plus_one: bool, out: &mut Vec<f32>) -> Result<()> {
-        check(w.len() == dim && x.len() % dim == 0 && out.len() == x.len(), "rmsnorm", || format!("x {}, w {}, dim {dim}", x.len(), w.len()))?;
+        check(w.len() == dim && x.len().is_multiple_of(dim) && out.len() == x.len(), "rmsnorm", || format!("x {}, w {}, dim {dim}", x.len(), w.len()))?;
         out.par_chunks_mut(dim * ROW_CHUNK).zip(x.par_chunks(dim * ROW_CHUNK)).for_each(|(o, x)| {
             for (o, x) in o.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
                 let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
@@ -135,7 +135,8 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn write_rows(&self, src: &Vec<f32>, dst: &mut Vec<f32>, batch: usize, rows: usize, capacity: usize, start: usize, width: usize) -> Result<()> {
+    fn write_rows(&self, src: &Vec<f32>, dst: &mut Vec<f32>, at: RowWrite) -> Result<()> {
+        let RowWrite { batch, rows, capacity, start, width } = at;
         check(src.len() == batch * rows * width && dst.len() == batch * capacity * width && start + rows <= capacity, "write_rows", || {
             format!("{rows} rows at {start} into capacity {capacity}")
         })?;
@@ -158,7 +159,7 @@ impl Backend for Cpu {
                 && s.q_len <= s.kv_len
                 && s.kv_len <= s.kv_capacity
                 && s.kv_heads > 0
-                && s.heads % s.kv_heads == 0,
+                && s.heads.is_multiple_of(s.kv_heads),
             "attention",
             || format!("buffer sizes do not fit {s:?}"),
         )?;
