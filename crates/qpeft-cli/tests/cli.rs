@@ -1,0 +1,58 @@
+//! The `qpeft` binary end to end: output formats, exit codes and error messages.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn qpeft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qpeft")).args(args).current_dir(root()).output().expect("qpeft runs")
+}
+
+#[test]
+fn info_reports_the_architecture_and_parameter_count() {
+    let out = qpeft(&["info", "tests/fixtures/tiny-qwen2", "--json", "--tensors"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["architecture"], "qwen2");
+    assert_eq!(doc["kv_heads"], 2);
+    // Sum of the tensor shapes as listed, computed independently of `parameters`.
+    let listed: u64 = doc["tensors"].as_array().unwrap().iter()
+        .map(|t| t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).product::<u64>())
+        .sum();
+    assert_eq!(doc["parameters"].as_u64().unwrap(), listed);
+    assert_eq!(doc["dtypes"]["bf16"]["parameters"].as_u64().unwrap(), listed);
+}
+
+#[test]
+fn perplexity_json_matches_the_transformers_reference() {
+    let out = qpeft(&["perplexity", "models/SmolLM2-135M-Instruct.Q4_1.gguf", "tests/fixtures/smollm2/prose.txt", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/smollm2/reference.json")).unwrap()).unwrap();
+    let want = reference["perplexity"].as_array().unwrap().iter().find(|c| c["file"] == "prose.txt").unwrap();
+    let (g, w) = (got["perplexity"].as_f64().unwrap(), want["perplexity"].as_f64().unwrap());
+    assert!((g - w).abs() / w < 1e-3, "{g} vs {w}");
+}
+
+#[test]
+fn chat_generation_answers() {
+    let out = qpeft(&["generate", "models/SmolLM2-135M-Instruct.Q4_1.gguf", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "16"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "The capital of France is Paris.");
+}
+
+#[test]
+fn bad_model_path_fails_with_a_named_error() {
+    let out = qpeft(&["info", "no/such/model.gguf"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no/such/model.gguf") && err.contains("no such file"), "{err}");
+    let out = qpeft(&["perplexity", "tests/fixtures/tiny-llama", "tests/fixtures/smollm2/prose.txt"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tiny-llama") && err.contains("no tokenizer.json"), "{err}");
+}
