@@ -11,6 +11,8 @@ import json
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import torch
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+from bitsandbytes.backends.utils import _get_4bit_code
 from safetensors.torch import save_file
 
 assert bnb.__version__ == "0.50.2", bnb.__version__
@@ -41,6 +43,12 @@ def main():
         tensors[p + "packed"] = packed.view(-1).float()
         tensors[p + "absmax"] = st.absmax.view(-1).float()
         tensors[p + "dequant"] = deq.float().contiguous()
+        # bitsandbytes' AVX-512 CPU dequantize_4bit indexes the absmax per row, which is wrong when blocks
+        # straddle rows (in_features % block != 0, e.g. case 5); the pure-torch "default" backend is the
+        # reference for that layout.
+        absmax = st.absmax if not nested else F.dequantize_blockwise(st.absmax, st.state2) + st.offset
+        tensors[p + "dequant_default"] = _dequantize_4bit_compute(
+            packed.view(-1), absmax.float(), _get_4bit_code(qt, x.device), block, shape, dtype).float().contiguous()
         if nested:
             tensors[p + "nested_absmax"] = st.state2.absmax.view(-1).float()
             tensors[p + "offset"] = st.offset.view(1).float()
