@@ -91,6 +91,20 @@ impl SafetensorsStore {
             .collect()
     }
 
+    /// The stored bytes of a tensor, with its dtype and shape.
+    pub fn read_raw(&self, name: &str) -> Option<RawTensor<'_>> {
+        let &s = self.names.get(name)?;
+        let shard = &self.shards[s];
+        let info = &shard.infos[name];
+        let (a, b) = info.data_offsets;
+        Some(RawTensor {
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            bytes: &shard.mmap[shard.data_start + a..shard.data_start + b],
+            path: &shard.path,
+        })
+    }
+
     /// Reads a floating-point tensor as f32 (bf16 and f16 widen exactly).
     pub fn read_f32(&self, name: &str) -> Result<Option<HostTensor>> {
         let Some(&s) = self.names.get(name) else { return Ok(None) };
@@ -112,6 +126,87 @@ impl SafetensorsStore {
     pub fn path_of(&self, name: &str) -> Option<&Path> {
         self.names.get(name).map(|&s| self.shards[s].path.as_path())
     }
+}
+
+/// A tensor's stored bytes, borrowed from the mapped file.
+pub struct RawTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+    pub path: &'a Path,
+}
+
+impl RawTensor<'_> {
+    fn expect(&self, name: &str, dtype: Dtype) -> Result<()> {
+        if self.dtype != dtype {
+            return Err(Error::format(self.path, format!("tensor `{name}` has dtype {:?}, expected {dtype:?}", self.dtype)));
+        }
+        Ok(())
+    }
+
+    pub fn to_i32(&self, name: &str) -> Result<Vec<i32>> {
+        self.expect(name, Dtype::I32)?;
+        Ok(self.bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    pub fn to_u8(&self, name: &str) -> Result<Vec<u8>> {
+        self.expect(name, Dtype::U8)?;
+        Ok(self.bytes.to_vec())
+    }
+
+    pub fn to_f16(&self, name: &str) -> Result<Vec<f16>> {
+        self.expect(name, Dtype::F16)?;
+        Ok(self.bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect())
+    }
+}
+
+/// A tensor to write: dtype, shape and little-endian bytes.
+pub struct OwnedTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl OwnedTensor {
+    pub fn f32(shape: Vec<usize>, data: &[f32]) -> Self {
+        OwnedTensor { dtype: Dtype::F32, shape, bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
+    pub fn bf16(shape: Vec<usize>, data: &[f32]) -> Self {
+        OwnedTensor { dtype: Dtype::BF16, shape, bytes: data.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect() }
+    }
+    pub fn f16(shape: Vec<usize>, data: &[f16]) -> Self {
+        OwnedTensor { dtype: Dtype::F16, shape, bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
+    pub fn i32(shape: Vec<usize>, data: &[i32]) -> Self {
+        OwnedTensor { dtype: Dtype::I32, shape, bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
+    pub fn u8(shape: Vec<usize>, data: Vec<u8>) -> Self {
+        OwnedTensor { dtype: Dtype::U8, shape, bytes: data }
+    }
+}
+
+impl safetensors::View for &OwnedTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Writes tensors to `path` atomically (a temporary file in the same directory, then a rename), with the
+/// `{"format": "pt"}` metadata PyTorch loaders expect.
+pub fn write_file(path: &Path, tensors: &BTreeMap<String, OwnedTensor>) -> Result<()> {
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), metadata)
+        .map_err(|e| Error::Invalid(format!("cannot serialize {}: {e}", path.display())))?;
+    crate::formats::write_atomic(path, &bytes)
 }
 
 fn stored_dtype(d: Dtype) -> StoredDtype {

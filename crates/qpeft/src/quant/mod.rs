@@ -2,6 +2,8 @@
 //! group-wise int4, and IR-QLoRA's information calibration (ICQ).
 
 pub mod blockwise8;
+pub mod gptq;
+pub mod int4;
 pub mod maps;
 pub mod nf4;
 pub mod torch_sum;

@@ -18,7 +18,19 @@ pub fn smollm2_gguf() -> PathBuf {
 
 pub fn read_expected(path: &std::path::Path) -> std::collections::HashMap<String, HostTensor> {
     let store = SafetensorsStore::open_files(&[path.to_path_buf()]).expect("fixture opens");
-    store.list().into_iter().map(|(n, _, _)| (n.clone(), store.read_f32(&n).unwrap().unwrap())).collect()
+    store
+        .list()
+        .into_iter()
+        .map(|(n, shape, dtype)| {
+            let t = if dtype == qpeft::tensor::StoredDtype::I32 {
+                let ints = store.read_raw(&n).unwrap().to_i32(&n).unwrap();
+                HostTensor::new(shape, ints.into_iter().map(|v| v as f32).collect())
+            } else {
+                store.read_f32(&n).unwrap().unwrap()
+            };
+            (n, t)
+        })
+        .collect()
 }
 
 /// max |a − b| / max |b| over the entries selected by `keep`.

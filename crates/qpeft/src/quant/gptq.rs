@@ -1,0 +1,209 @@
+//! The GPTQ algorithm (AutoGPTQ `GPTQ.fasterquant`, no act-order, no static groups; methods.md §1.4).
+//!
+//! Follows AutoGPTQ in the details that change codes: dead input columns (zero Hessian diagonal) get H_ii = 1
+//! and a zero weight; damping is `percdamp · mean(diag H)`; columns are processed in blocks of 128 and the
+//! quantization error is pushed onto the rest of the block column by column, and onto the later blocks once per
+//! block; a group's scale and zero are computed when its first column is reached, from the weights as they were
+//! at the start of the current block (AutoGPTQ reads the outer matrix, which is only updated between blocks).
+//! Linear algebra is done in f64, the column loop in f32 like AutoGPTQ.
+
+use rayon::prelude::*;
+
+use super::int4::GroupParams;
+use crate::backend::cpu::gemm::{gemm_strided, Strided};
+use crate::error::{Error, Result};
+
+/// Accumulates H = Σ x xᵀ over calibration inputs of one linear layer (the 2/N factor of GPTQ cancels out).
+#[derive(Clone, Debug)]
+pub struct Hessian {
+    pub dim: usize,
+    /// [dim, dim], f32 like AutoGPTQ.
+    pub h: Vec<f32>,
+    pub rows: usize,
+}
+
+impl Hessian {
+    pub fn new(dim: usize) -> Self {
+        Hessian { dim, h: vec![0.0; dim * dim], rows: 0 }
+    }
+
+    /// Adds `x` [rows, dim] (row-major).
+    pub fn add(&mut self, x: &[f32]) {
+        let rows = x.len() / self.dim;
+        let d = self.dim;
+        // h[d×d] += xᵀ[d×rows] · x[rows×d]
+        gemm_strided((d, d, rows), &mut self.h, Strided::rows(d), x, Strided::rows(d).t(), x, Strided::rows(d), 1.0, true, true);
+        self.rows += rows;
+    }
+
+    /// tr(D H Dᵀ) for D [out, dim]: the summed squared output error ‖X Dᵀ‖² over the calibration rows.
+    pub fn quadratic(&self, d: &[f32]) -> f64 {
+        let n = self.dim;
+        d.par_chunks(n)
+            .map(|row| {
+                let mut total = 0.0f64;
+                for (a, &ra) in row.iter().enumerate() {
+                    if ra == 0.0 {
+                        continue;
+                    }
+                    let hr = &self.h[a * n..(a + 1) * n];
+                    let dot: f64 = hr.iter().zip(row).map(|(&h, &r)| h as f64 * r as f64).sum();
+                    total += ra as f64 * dot;
+                }
+                total
+            })
+            .sum()
+    }
+}
+
+/// GPTQ settings; AutoGPTQ's defaults apart from the group size.
+#[derive(Clone, Copy, Debug)]
+pub struct GptqConfig {
+    pub group: usize,
+    pub sym: bool,
+    pub percdamp: f64,
+    pub block: usize,
+}
+
+impl GptqConfig {
+    pub fn new(group: usize, sym: bool) -> Self {
+        GptqConfig { group, sym, percdamp: 0.01, block: 128 }
+    }
+}
+
+/// Quantizes `w` [out, in] with GPTQ. `find` computes a group row's parameters (plain AutoGPTQ:
+/// `GroupParams::find(row, sym, 1.0)`). Returns codes [out, in] and parameters [out, groups].
+pub fn quantize(
+    w: &[f32],
+    out_dim: usize,
+    hessian: &Hessian,
+    cfg: GptqConfig,
+    find: impl Fn(&[f32]) -> GroupParams + Sync,
+) -> Result<(Vec<u8>, Vec<GroupParams>)> {
+    let n = hessian.dim;
+    let (g, groups) = (cfg.group, n / cfg.group);
+    let mut w = w.to_vec();
+    let mut h: Vec<f64> = hessian.h.iter().map(|&v| v as f64).collect();
+    for i in 0..n {
+        if h[i * n + i] == 0.0 {
+            h[i * n + i] = 1.0;
+            for j in 0..out_dim {
+                w[j * n + i] = 0.0;
+            }
+        }
+    }
+    let damp = cfg.percdamp * (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
+    for i in 0..n {
+        h[i * n + i] += damp;
+    }
+    let u: Vec<f32> = upper_cholesky_of_inverse(&h, n)?.into_iter().map(|v| v as f32).collect();
+
+    let mut codes = vec![0u8; out_dim * n];
+    let mut params = vec![GroupParams { scale: 0.0, zero: 0.0 }; out_dim * groups];
+    let mut start = 0;
+    while start < n {
+        let end = (start + cfg.block).min(n);
+        let width = end - start;
+        let mut errs = vec![0.0f32; out_dim * width];
+        // Rows are independent inside a block: each row quantizes its columns left to right.
+        w.par_chunks_mut(n)
+            .zip(codes.par_chunks_mut(n))
+            .zip(params.par_chunks_mut(groups))
+            .zip(errs.par_chunks_mut(width))
+            .for_each(|(((row, row_codes), row_params), row_errs)| {
+                let outer = row.to_vec();
+                for i in start..end {
+                    if i % g == 0 {
+                        row_params[i / g] = find(&outer[i..i + g]);
+                    }
+                    let p = row_params[i / g];
+                    let q = p.code(row[i]);
+                    row_codes[i] = q;
+                    let err = (row[i] - p.dequantize(q)) / u[i * n + i];
+                    for c in i + 1..end {
+                        row[c] -= err * u[i * n + c];
+                    }
+                    row_errs[i - start] = err;
+                }
+            });
+        if end < n {
+            // w[:, end..] -= errs[out × width] · u[start..end, end..]
+            let rest = n - end;
+            gemm_strided(
+                (out_dim, rest, width),
+                &mut w,
+                Strided::rows(n).at(end),
+                &errs,
+                Strided::rows(width),
+                &u,
+                Strided::rows(n).at(start * n + end),
+                -1.0,
+                true,
+                true,
+            );
+        }
+        start = end;
+    }
+    Ok((codes, params))
+}
+
+/// U upper-triangular with H⁻¹ = Uᵀ U (what AutoGPTQ gets from cholesky → cholesky_inverse → cholesky(upper)).
+/// With J the index reversal, J H J = L Lᵀ gives H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), so U = J L⁻¹ J: one Cholesky
+/// factorization and one triangular inverse.
+fn upper_cholesky_of_inverse(h: &[f64], n: usize) -> Result<Vec<f64>> {
+    let rev = |i: usize| n - 1 - i;
+    // Lower Cholesky factor of the reversed matrix, row by row.
+    let mut l = vec![0.0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let dot: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
+            let a = h[rev(i) * n + rev(j)] - dot;
+            if i == j {
+                if a <= 0.0 || !a.is_finite() {
+                    return Err(Error::Invalid(format!(
+                        "GPTQ: the damped Hessian is not positive definite (pivot {a:e} at column {}); add calibration data or raise the damping",
+                        rev(i)
+                    )));
+                }
+                l[i * n + i] = a.sqrt();
+            } else {
+                l[i * n + j] = a / l[j * n + j];
+            }
+        }
+    }
+    // Inverse of L (lower), column by column by forward substitution.
+    let mut inv = vec![0.0f64; n * n];
+    inv.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        // Row i of L⁻¹: solves row·L = e_i, from the right.
+        row[i] = 1.0 / l[i * n + i];
+        for j in (0..i).rev() {
+            let s: f64 = (j + 1..=i).map(|k| row[k] * l[k * n + j]).sum();
+            row[j] = -s / l[j * n + j];
+        }
+    });
+    let mut u = vec![0.0f64; n * n];
+    for a in 0..n {
+        for b in a..n {
+            u[a * n + b] = inv[rev(a) * n + rev(b)];
+        }
+    }
+    Ok(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upper_factor_of_inverse() {
+        // H = [[4, 2], [2, 3]]: H⁻¹ = [[3, -2], [-2, 4]] / 8. U = [[a, b], [0, c]] with UᵀU = [[a², ab],
+        // [ab, b² + c²]] = H⁻¹: a = √(3/8), b = -(1/4)/a, c = √(1/2 - b²) = √(1/3).
+        let u = upper_cholesky_of_inverse(&[4.0, 2.0, 2.0, 3.0], 2).unwrap();
+        let a = (3.0f64 / 8.0).sqrt();
+        let expected = [a, -0.25 / a, 0.0, (1.0f64 / 3.0).sqrt()];
+        for (a, b) in u.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-15, "{u:?}");
+        }
+        assert!(upper_cholesky_of_inverse(&[1.0, 2.0, 2.0, 1.0], 2).is_err());
+    }
+}
