@@ -20,15 +20,11 @@ pub struct GroupParams {
 }
 
 impl GroupParams {
-    /// AutoGPTQ's `Quantizer.find_params` for one row of a group, widened by the range multiplier `p`
-    /// (1 for plain GPTQ; IR-QLoRA's ICQ searches p, see `icq`).
+    /// AutoGPTQ's `Quantizer.find_params` for one row of a group; IR-QLoRA's ICQ then scales the range by the
+    /// multiplier `p` (1 for plain GPTQ, see `icq`).
     pub fn find(w: &[f32], sym: bool, p: f32) -> GroupParams {
         let mut xmin = w.iter().fold(0.0f32, |m, &v| m.min(v));
         let mut xmax = w.iter().fold(0.0f32, |m, &v| m.max(v));
-        if p != 1.0 {
-            xmin *= p;
-            xmax *= p;
-        }
         if sym {
             xmax = xmax.max(xmin.abs());
             if xmin < 0.0 {
@@ -38,6 +34,10 @@ impl GroupParams {
         if xmin == 0.0 && xmax == 0.0 {
             xmin = -1.0;
             xmax = 1.0;
+        }
+        if p != 1.0 {
+            xmin *= p;
+            xmax *= p;
         }
         let scale = (xmax - xmin) / MAXQ;
         let zero = if sym { (MAXQ + 1.0) / 2.0 } else { (-xmin / scale).round_ties_even() };

@@ -3,6 +3,7 @@
 
 pub mod blockwise8;
 pub mod gptq;
+pub mod icq;
 pub mod int4;
 pub mod maps;
 pub mod nf4;
