@@ -12,6 +12,7 @@ use qpeft::model::{Checkpoint, Decoder};
 use qpeft::tokenizer::Message;
 
 mod info;
+mod quantize;
 
 #[derive(Parser)]
 #[command(name = "qpeft", version, about = "Fine-tune 4-bit-quantized LLMs with LoRA-family adapters, and evaluate them")]
@@ -54,6 +55,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Quantize every block linear to 4 bits (NF4/FP4 bitsandbytes layout or GPTQ int4) into an HF directory.
+    Quantize(quantize::QuantizeArgs),
     /// Mean negative log-likelihood per predicted token and perplexity of a text file.
     Perplexity {
         model: PathBuf,
@@ -80,6 +83,7 @@ fn main() {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Info { model, tensors, json } => info::run(&model, tensors, json),
+        Command::Quantize(args) => quantize::run(args),
         Command::Generate { model, prompt, chat, system, max_new_tokens, temperature, top_p, seed } => {
             let ckpt = Checkpoint::open(&model)?;
             let tok = ckpt.tokenizer()?;

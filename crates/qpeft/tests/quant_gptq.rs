@@ -3,7 +3,7 @@
 mod common;
 
 use qpeft::formats::safetensors::SafetensorsStore;
-use qpeft::quant::gptq::{self, GptqConfig, Hessian};
+use qpeft::quant::gptq::{self, Factor, GptqConfig, Hessian};
 use qpeft::quant::int4::{quantize_rtn, GptqInt4, GroupParams};
 use serde_json::Value;
 
@@ -51,8 +51,9 @@ fn gptq_matches_autogptq_and_beats_rtn() {
     for case in j["cases"].as_array().unwrap() {
         let key = case["key"].as_str().unwrap();
         let sym = key == "sym";
+        let factor = Factor::new(&h, 0.01).unwrap();
         let (codes, params) =
-            gptq::quantize(w, out_dim, &h, GptqConfig::new(32, sym), |r| GroupParams::find(r, sym, 1.0)).unwrap();
+            gptq::quantize(w, out_dim, &factor, GptqConfig::new(32, sym), |r| GroupParams::find(r, sym, 1.0)).unwrap();
         let at = |k: usize| k / in_dim * 8 + k % in_dim / 32;
         let w_hat: Vec<f32> = (0..out_dim * in_dim).map(|k| params[at(k)].dequantize(codes[k])).collect();
         // AutoGPTQ's codes, recovered from its W_hat = scale · (q − zero).

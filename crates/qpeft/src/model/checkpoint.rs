@@ -6,6 +6,8 @@ use super::spec::{Arch, ModelSpec};
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::SafetensorsStore;
+use crate::quant::base::BaseWeight;
+use crate::quant::hf_dir::{read_linear, QuantizationConfig};
 use crate::tensor::{HostTensor, StoredDtype};
 use crate::tokenizer::Tokenizer;
 
@@ -18,6 +20,8 @@ pub struct Checkpoint {
     pub path: PathBuf,
     pub spec: ModelSpec,
     pub source: Source,
+    /// Set for directories whose linears are stored quantized (bitsandbytes 4-bit or GPTQ).
+    pub quant: Option<QuantizationConfig>,
 }
 
 /// One stored tensor, for `qpeft info`.
@@ -84,12 +88,16 @@ impl Checkpoint {
                 return Err(Error::format(path, "not a model directory: config.json is missing"));
             }
             let spec = ModelSpec::from_hf_config(&config)?;
+            let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::format(&config, format!("invalid JSON: {e}")))?;
+            let quant = QuantizationConfig::from_config(&json, &config)?;
             let store = SafetensorsStore::open_dir(path)?;
-            Ok(Checkpoint { path: path.to_path_buf(), spec, source: Source::Hf { dir: path.to_path_buf(), store } })
+            Ok(Checkpoint { path: path.to_path_buf(), spec, source: Source::Hf { dir: path.to_path_buf(), store }, quant })
         } else if path.exists() {
             let g = GgufFile::open(path)?;
             let spec = ModelSpec::from_gguf(&g)?;
-            Ok(Checkpoint { path: path.to_path_buf(), spec, source: Source::Gguf(g) })
+            Ok(Checkpoint { path: path.to_path_buf(), spec, source: Source::Gguf(g), quant: None })
         } else {
             Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
         }
@@ -135,6 +143,19 @@ impl Checkpoint {
             ));
         }
         Ok(t)
+    }
+
+    /// The weight of linear `m` ([out_dim, in_dim]) dequantized to f32, and its stored form. The LM head is
+    /// never quantized.
+    pub fn linear(&self, m: &str, out_dim: usize, in_dim: usize) -> Result<(HostTensor, BaseWeight)> {
+        if let (Some(qc), Source::Hf { store, .. }) = (&self.quant, &self.source) {
+            if m != "lm_head" {
+                let base = read_linear(store, qc, m, out_dim, in_dim)?;
+                let w = base.dequantize().expect("a quantized base dequantizes");
+                return Ok((HostTensor::new(vec![out_dim, in_dim], w), base));
+            }
+        }
+        Ok((self.require(&format!("{m}.weight"), &[out_dim, in_dim])?, BaseWeight::Dense))
     }
 
     pub fn listing(&self) -> Vec<TensorEntry> {

@@ -3,22 +3,85 @@
 
 use super::checkpoint::Checkpoint;
 use super::kv_cache::KvCache;
-use super::linear::Linear;
+use super::linear::QuantLinear;
 use super::rope;
 use super::spec::{Activation, ModelSpec};
 use crate::backend::{AttentionShape, Backend, GluKind, MatMul, RowWrite};
 use crate::error::{Error, Result};
 
+/// The seven linear layers of a block, by their HF module names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+/// Where a linear layer's input comes from: linears with the same site see the same input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InputSite {
+    /// The attention norm's output (q, k, v).
+    Attention,
+    /// The attention's output (o).
+    AttentionOutput,
+    /// The MLP norm's output (gate, up).
+    Mlp,
+    /// The gated activation (down).
+    MlpOutput,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    /// The module path inside a layer, e.g. `self_attn.q_proj`.
+    pub fn module(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    pub fn site(self) -> InputSite {
+        match self {
+            Proj::Q | Proj::K | Proj::V => InputSite::Attention,
+            Proj::O => InputSite::AttentionOutput,
+            Proj::Gate | Proj::Up => InputSite::Mlp,
+            Proj::Down => InputSite::MlpOutput,
+        }
+    }
+
+    /// (out_dim, in_dim) of this linear.
+    pub fn dims(self, s: &ModelSpec) -> (usize, usize) {
+        let (h, q, kv, ff) = (s.hidden_size, s.q_dim(), s.kv_dim(), s.intermediate_size);
+        match self {
+            Proj::Q => (q, h),
+            Proj::K | Proj::V => (kv, h),
+            Proj::O => (h, q),
+            Proj::Gate | Proj::Up => (ff, h),
+            Proj::Down => (h, ff),
+        }
+    }
+}
+
 pub struct Block<B: Backend> {
     pub attn_norm: B::Buf,
-    pub q: Linear<B>,
-    pub k: Linear<B>,
-    pub v: Linear<B>,
-    pub o: Linear<B>,
+    pub q: QuantLinear<B>,
+    pub k: QuantLinear<B>,
+    pub v: QuantLinear<B>,
+    pub o: QuantLinear<B>,
     pub mlp_norm: B::Buf,
-    pub gate: Linear<B>,
-    pub up: Linear<B>,
-    pub down: Linear<B>,
+    pub gate: QuantLinear<B>,
+    pub up: QuantLinear<B>,
+    pub down: QuantLinear<B>,
 }
 
 pub struct Decoder<B: Backend> {
@@ -29,7 +92,7 @@ pub struct Decoder<B: Backend> {
     pub blocks: Vec<Block<B>>,
     pub norm: B::Buf,
     /// None when tied to `embed`.
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<QuantLinear<B>>,
     inv_freq: B::Buf,
 }
 
@@ -66,10 +129,11 @@ impl<B: Backend> Decoder<B> {
         let be = &backend;
         let (h, q, kv, ff) = (s.hidden_size, s.q_dim(), s.kv_dim(), s.intermediate_size);
         let vec = |name: &str, len: usize| -> Result<B::Buf> { be.upload(&ckpt.require(name, &[len])?.data) };
-        let linear = |name: &str, in_dim: usize, out_dim: usize, bias: bool| -> Result<Linear<B>> {
-            let weight = be.upload(&ckpt.require(&format!("{name}.weight"), &[out_dim, in_dim])?.data)?;
+        let linear = |name: &str, in_dim: usize, out_dim: usize, bias: bool| -> Result<QuantLinear<B>> {
+            let (w, base) = ckpt.linear(name, out_dim, in_dim)?;
+            let weight = be.upload(&w.data)?;
             let bias = if bias { Some(vec(&format!("{name}.bias"), out_dim)?) } else { None };
-            Ok(Linear { weight, bias, in_dim, out_dim })
+            Ok(QuantLinear { weight, bias, in_dim, out_dim, base })
         };
         // No with_capacity: num_layers is untrusted until every block's tensors are found.
         let mut blocks = Vec::new();
@@ -101,6 +165,17 @@ impl<B: Backend> Decoder<B> {
     /// Runs the new tokens of `input` through the decoder, appending them to `cache`, and returns
     /// the final-normed hidden states [batch·seq, hidden].
     pub fn forward(&self, input: &Input, cache: &mut KvCache<B>) -> Result<B::Buf> {
+        self.forward_observed(input, cache, &mut |_, _, _| Ok(()))
+    }
+
+    /// `forward`, showing every linear layer's input to `observe(layer, site, x)` (x is [rows, in_dim]);
+    /// calibration (GPTQ) collects its statistics this way.
+    pub fn forward_observed(
+        &self,
+        input: &Input,
+        cache: &mut KvCache<B>,
+        observe: &mut dyn FnMut(usize, InputSite, &B::Buf) -> Result<()>,
+    ) -> Result<B::Buf> {
         let (be, s) = (&self.backend, &self.spec);
         if input.batch != cache.batch || input.tokens.len() != input.batch * input.seq || input.mask.len() != input.tokens.len() {
             return Err(Error::Invalid(format!(
@@ -148,6 +223,7 @@ impl<B: Backend> Decoder<B> {
         };
         for (l, blk) in self.blocks.iter().enumerate() {
             be.rmsnorm(&x, &blk.attn_norm, h, s.rms_norm_eps, s.norm_plus_one, &mut n)?;
+            observe(l, InputSite::Attention, &n)?;
             blk.q.forward(be, &n, rows, &mut q, false)?;
             blk.k.forward(be, &n, rows, &mut k, false)?;
             blk.v.forward(be, &n, rows, &mut v, false)?;
@@ -156,12 +232,15 @@ impl<B: Backend> Decoder<B> {
             be.write_rows(&k, &mut cache.k[l], at)?;
             be.write_rows(&v, &mut cache.v[l], at)?;
             be.attention(&q, &cache.k[l], &cache.v[l], &key_mask, shape, &mut att)?;
+            observe(l, InputSite::AttentionOutput, &att)?;
             blk.o.forward(be, &att, rows, &mut x, true)?;
 
             be.rmsnorm(&x, &blk.mlp_norm, h, s.rms_norm_eps, s.norm_plus_one, &mut n)?;
+            observe(l, InputSite::Mlp, &n)?;
             blk.gate.forward(be, &n, rows, &mut gate, false)?;
             blk.up.forward(be, &n, rows, &mut up, false)?;
             be.glu(&gate, &up, glu, &mut act)?;
+            observe(l, InputSite::MlpOutput, &act)?;
             blk.down.forward(be, &act, rows, &mut x, true)?;
         }
         cache.len += input.seq;

@@ -97,6 +97,57 @@ impl ModelSpec {
         self.num_kv_heads * self.head_dim
     }
 
+    /// An HF `config.json` for this model (used when a GGUF model is written out as an HF directory).
+    pub fn to_hf_config(&self, file: &Path) -> Result<Value> {
+        let arch_class = match self.arch {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Gemma => "GemmaForCausalLM",
+        };
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::None => Value::Null,
+            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position,
+            }),
+            RopeScaling::FreqFactors(_) => {
+                return Err(Error::unsupported(file, "writing an HF config for per-frequency rope factors (rope_freqs)"))
+            }
+        };
+        let mut c = serde_json::json!({
+            "architectures": [arch_class],
+            "model_type": self.arch.name(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids.first(),
+        });
+        match self.arch {
+            Arch::Llama => {
+                c["attention_bias"] = Value::Bool(self.qkv_bias);
+                c["mlp_bias"] = Value::Bool(self.mlp_bias);
+            }
+            Arch::Mistral => c["sliding_window"] = serde_json::json!(self.sliding_window),
+            Arch::Qwen2 | Arch::Gemma => {}
+        }
+        if self.activation == Activation::GeluTanh {
+            c["hidden_activation"] = Value::from("gelu_pytorch_tanh");
+        }
+        Ok(c)
+    }
+
     /// Checks the relations the forward pass relies on.
     pub fn validate(&self, file: &Path) -> Result<()> {
         let positive = [

@@ -61,13 +61,41 @@ impl Hessian {
 pub struct GptqConfig {
     pub group: usize,
     pub sym: bool,
-    pub percdamp: f64,
     pub block: usize,
 }
 
 impl GptqConfig {
     pub fn new(group: usize, sym: bool) -> Self {
-        GptqConfig { group, sym, percdamp: 0.01, block: 128 }
+        GptqConfig { group, sym, block: 128 }
+    }
+}
+
+/// What GPTQ needs from a Hessian, shared by every linear that sees the same input: the dead columns and U
+/// with (H + damping)⁻¹ = UᵀU.
+pub struct Factor {
+    pub dim: usize,
+    dead: Vec<bool>,
+    u: Vec<f32>,
+}
+
+impl Factor {
+    /// AutoGPTQ's preparation: dead columns get H_ii = 1, then H += percdamp · mean(diag H) · I.
+    pub fn new(hessian: &Hessian, percdamp: f64) -> Result<Factor> {
+        let n = hessian.dim;
+        let mut h: Vec<f64> = hessian.h.iter().map(|&v| v as f64).collect();
+        let mut dead = vec![false; n];
+        for (i, d) in dead.iter_mut().enumerate() {
+            if h[i * n + i] == 0.0 {
+                h[i * n + i] = 1.0;
+                *d = true;
+            }
+        }
+        let damp = percdamp * (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
+        for i in 0..n {
+            h[i * n + i] += damp;
+        }
+        let u = upper_cholesky_of_inverse(&h, n)?.into_iter().map(|v| v as f32).collect();
+        Ok(Factor { dim: n, dead, u })
     }
 }
 
@@ -76,28 +104,22 @@ impl GptqConfig {
 pub fn quantize(
     w: &[f32],
     out_dim: usize,
-    hessian: &Hessian,
+    factor: &Factor,
     cfg: GptqConfig,
     find: impl Fn(&[f32]) -> GroupParams + Sync,
 ) -> Result<(Vec<u8>, Vec<GroupParams>)> {
-    let n = hessian.dim;
+    let n = factor.dim;
+    if cfg.group == 0 || n % cfg.group != 0 || w.len() != out_dim * n {
+        return Err(Error::Invalid(format!("GPTQ: group {} and weight of {} values do not fit in_dim {n}", cfg.group, w.len())));
+    }
     let (g, groups) = (cfg.group, n / cfg.group);
+    let u = &factor.u;
     let mut w = w.to_vec();
-    let mut h: Vec<f64> = hessian.h.iter().map(|&v| v as f64).collect();
-    for i in 0..n {
-        if h[i * n + i] == 0.0 {
-            h[i * n + i] = 1.0;
-            for j in 0..out_dim {
-                w[j * n + i] = 0.0;
-            }
+    for (i, _) in factor.dead.iter().enumerate().filter(|(_, d)| **d) {
+        for j in 0..out_dim {
+            w[j * n + i] = 0.0;
         }
     }
-    let damp = cfg.percdamp * (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
-    for i in 0..n {
-        h[i * n + i] += damp;
-    }
-    let u: Vec<f32> = upper_cholesky_of_inverse(&h, n)?.into_iter().map(|v| v as f32).collect();
-
     let mut codes = vec![0u8; out_dim * n];
     let mut params = vec![GroupParams { scale: 0.0, zero: 0.0 }; out_dim * groups];
     let mut start = 0;
@@ -135,7 +157,7 @@ pub fn quantize(
                 Strided::rows(n).at(end),
                 &errs,
                 Strided::rows(width),
-                &u,
+                u,
                 Strided::rows(n).at(start * n + end),
                 -1.0,
                 true,

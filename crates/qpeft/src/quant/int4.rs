@@ -7,6 +7,7 @@
 //! `q = clamp(round(w / scale) + zero, 0, 15)`, all in f32 with round-half-to-even.
 
 use half::f16;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -166,20 +167,32 @@ impl GptqInt4 {
 /// Round-to-nearest: parameters from each group of `w` [out, in], then codes. Returns codes [out, in] and
 /// parameters [out, groups].
 pub fn quantize_rtn(w: &[f32], out_dim: usize, in_dim: usize, group: usize, sym: bool) -> (Vec<u8>, Vec<GroupParams>) {
-    let groups = in_dim / group;
-    let mut codes = vec![0u8; out_dim * in_dim];
-    let mut params = Vec::with_capacity(out_dim * groups);
-    for j in 0..out_dim {
-        for g in 0..groups {
-            let cols = j * in_dim + g * group..j * in_dim + (g + 1) * group;
-            let p = GroupParams::find(&w[cols.clone()], sym, 1.0);
-            for c in cols {
-                codes[c] = p.code(w[c]);
+    debug_assert_eq!(w.len(), out_dim * in_dim);
+    quantize_rtn_with(w, in_dim, group, &|row| GroupParams::find(row, sym, 1.0))
+}
+
+/// Round-to-nearest with the group parameters chosen by `find` (plain, or ICQ's range search).
+pub fn quantize_rtn_with(
+    w: &[f32],
+    in_dim: usize,
+    group: usize,
+    find: &(impl Fn(&[f32]) -> GroupParams + Sync),
+) -> (Vec<u8>, Vec<GroupParams>) {
+    let rows: Vec<(Vec<u8>, Vec<GroupParams>)> = w
+        .par_chunks(in_dim)
+        .map(|row| {
+            let mut codes = Vec::with_capacity(in_dim);
+            let mut params = Vec::with_capacity(in_dim / group);
+            for g in row.chunks(group) {
+                let p = find(g);
+                codes.extend(g.iter().map(|&v| p.code(v)));
+                params.push(p);
             }
-            params.push(p);
-        }
-    }
-    (codes, params)
+            (codes, params)
+        })
+        .collect();
+    let (codes, params): (Vec<Vec<u8>>, Vec<Vec<GroupParams>>) = rows.into_iter().unzip();
+    (codes.concat(), params.concat())
 }
 
 #[cfg(test)]
