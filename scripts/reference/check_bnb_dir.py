@@ -26,8 +26,9 @@ What it verifies (exit code 1 and a final `FAIL: ...` line on any mismatch, else
      (packed=True) gives for the independent quantization: same key set, dtypes, shapes and bytes,
      including the text of the `quant_state.bitsandbytes__<type>` JSON (--allow-json-text-diff
      accepts other key order, spacing and float digits when the values are equal, nested_offset
-     compared as f32). Every other tensor (embeddings, lm_head, norms) equals the ORIG_DIR tensor cast to its saved dtype, bit for bit, and that dtype, the
-     quant_state `dtype` and config.json `dtype` are one and the same, as transformers writes them.
+     compared as f32). Every other tensor (embeddings, lm_head, norms) equals the ORIG_DIR tensor
+     cast to its saved dtype, bit for bit, and that dtype, the quant_state `dtype` and config.json
+     `dtype` are one and the same, as transformers writes them.
   4. A forward pass on a few token ids gives finite logits; printed with their relative difference
      to the unquantized model's (f32) and to a model that uses the exact f32 dequantized weights
      (informative). On CPUs with AVX512-BF16, Linear4bit repacks its weight on the first forward
@@ -257,7 +258,7 @@ def main():
     for m in other_bad:
         print("   ", m)
     if other_bad:
-        fails.append(f"{len(other_bad)} unquantized tensors differ or are missing")
+        fails.append(f"{len(other_bad)} problems with unquantized tensors or dtypes: " + "; ".join(other_bad[:3]))
 
     # 4. forward pass (informative, except for non-finite logits)
     vocab = model.config.get_text_config().vocab_size

@@ -39,20 +39,10 @@ impl Hessian {
     /// tr(D H Dᵀ) for D [out, dim]: the summed squared output error ‖X Dᵀ‖² over the calibration rows.
     pub fn quadratic(&self, d: &[f32]) -> f64 {
         let n = self.dim;
-        d.par_chunks(n)
-            .map(|row| {
-                let mut total = 0.0f64;
-                for (a, &ra) in row.iter().enumerate() {
-                    if ra == 0.0 {
-                        continue;
-                    }
-                    let hr = &self.h[a * n..(a + 1) * n];
-                    let dot: f64 = hr.iter().zip(row).map(|(&h, &r)| h as f64 * r as f64).sum();
-                    total += ra as f64 * dot;
-                }
-                total
-            })
-            .sum()
+        let out = d.len() / n;
+        let mut dh = vec![0.0f32; d.len()];
+        gemm_strided((out, n, n), &mut dh, Strided::rows(n), d, Strided::rows(n), &self.h, Strided::rows(n), 1.0, false, true);
+        dh.par_iter().zip(d).map(|(&a, &b)| a as f64 * b as f64).sum()
     }
 }
 
@@ -174,42 +164,58 @@ pub fn quantize(
 /// factorization and one triangular inverse.
 fn upper_cholesky_of_inverse(h: &[f64], n: usize) -> Result<Vec<f64>> {
     let rev = |i: usize| n - 1 - i;
-    // Lower Cholesky factor of the reversed matrix, row by row.
+    // Lower Cholesky factor of the reversed matrix, column by column (rows of a column in parallel).
     let mut l = vec![0.0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let dot: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
-            let a = h[rev(i) * n + rev(j)] - dot;
-            if i == j {
-                if a <= 0.0 || !a.is_finite() {
-                    return Err(Error::Invalid(format!(
-                        "GPTQ: the damped Hessian is not positive definite (pivot {a:e} at column {}); add calibration data or raise the damping",
-                        rev(i)
-                    )));
-                }
-                l[i * n + i] = a.sqrt();
-            } else {
-                l[i * n + j] = a / l[j * n + j];
-            }
+    for j in 0..n {
+        let a = h[rev(j) * n + rev(j)] - dot(&l[j * n..j * n + j], &l[j * n..j * n + j]);
+        if a <= 0.0 || !a.is_finite() {
+            return Err(Error::Invalid(format!(
+                "GPTQ: the damped Hessian is not positive definite (pivot {a:e} at column {}); add calibration data or raise the damping",
+                rev(j)
+            )));
         }
+        let d = a.sqrt();
+        l[j * n + j] = d;
+        let (done, below) = l.split_at_mut((j + 1) * n);
+        let lj = &done[j * n..j * n + j];
+        below.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+            let i = j + 1 + r;
+            row[j] = (h[rev(i) * n + rev(j)] - dot(&row[..j], lj)) / d;
+        });
     }
-    // Inverse of L (lower), column by column by forward substitution.
-    let mut inv = vec![0.0f64; n * n];
-    inv.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        // Row i of L⁻¹: solves row·L = e_i, from the right.
-        row[i] = 1.0 / l[i * n + i];
-        for j in (0..i).rev() {
-            let s: f64 = (j + 1..=i).map(|k| row[k] * l[k * n + j]).sum();
-            row[j] = -s / l[j * n + j];
-        }
-    });
+    // L⁻¹ column by column: L x = e_c by forward substitution (contiguous rows of L), columns in parallel.
+    let cols: Vec<Vec<f64>> = (0..n)
+        .into_par_iter()
+        .map(|c| {
+            let mut x = vec![0.0f64; n];
+            for i in c..n {
+                let rhs = if i == c { 1.0 } else { 0.0 };
+                x[i] = (rhs - dot(&l[i * n + c..i * n + i], &x[c..i])) / l[i * n + i];
+            }
+            x
+        })
+        .collect();
+    // U = J L⁻¹ J: U[a][b] = L⁻¹[rev a][rev b], upper triangular.
     let mut u = vec![0.0f64; n * n];
     for a in 0..n {
         for b in a..n {
-            u[a * n + b] = inv[rev(a) * n + rev(b)];
+            u[a * n + b] = cols[rev(b)][rev(a)];
         }
     }
     Ok(u)
+}
+
+/// Dot product with 8 independent accumulators, so the compiler can vectorize it.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 #[cfg(test)]

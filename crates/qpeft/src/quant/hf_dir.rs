@@ -26,6 +26,23 @@ use crate::error::{Error, Result};
 use crate::formats::safetensors::{OwnedTensor, SafetensorsStore};
 
 /// The `quantization_config` of a quantized directory's config.json.
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn python_float_repr() {
+        use super::python_float_repr as r;
+        // Expected strings are what Python 3 prints for repr(float(x)).
+        assert_eq!(r(0.49454465508461), "0.49454465508461");
+        assert_eq!(r(3.5092763900756836), "3.5092763900756836");
+        assert_eq!(r(1e-05), "1e-05");
+        assert_eq!(r(0.0001), "0.0001");
+        assert_eq!(r(-2.5e-7), "-2.5e-07");
+        assert_eq!(r(123.0), "123.0");
+        assert_eq!(r(1e16), "1e+16");
+        assert_eq!(r(0.0), "0.0");
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum QuantizationConfig {
     Bnb4 { kind: FourBit, double: bool, compute_dtype: String, icq: bool },
@@ -76,6 +93,8 @@ impl QuantizationConfig {
             QuantizationConfig::Bnb4 { kind, double, compute_dtype, icq } => {
                 let mut v = json!({
                     "quant_method": "bitsandbytes",
+                    "_load_in_4bit": true,
+                    "_load_in_8bit": false,
                     "load_in_4bit": true,
                     "load_in_8bit": false,
                     "bnb_4bit_quant_type": kind.name(),
@@ -135,12 +154,10 @@ pub fn write_linear(out: &mut BTreeMap<String, OwnedTensor>, m: &str, base: &Bas
 fn write_bnb4(out: &mut BTreeMap<String, OwnedTensor>, m: &str, q: &Bnb4, dtype: &str) {
     out.insert(format!("{m}.weight"), OwnedTensor::u8(vec![q.packed.len(), 1], q.packed.clone()));
     out.insert(format!("{m}.weight.quant_map"), OwnedTensor::f32(vec![16], &q.kind.table()));
-    let mut state = json!({
-        "quant_type": q.kind.name(),
-        "blocksize": q.block,
-        "dtype": dtype,
-        "shape": q.shape,
-    });
+    // The quant state is written exactly as bitsandbytes' Python `json.dumps` writes it: this key order,
+    // ", " and ": " separators, and the offset as Python's repr of the f32 value widened to a double.
+    let shape = q.shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ");
+    let mut state = format!(r#"{{"quant_type": "{}", "blocksize": {}, "dtype": "{dtype}", "shape": [{shape}]"#, q.kind.name(), q.block);
     match &q.absmax {
         Absmax::Plain(a) => {
             out.insert(format!("{m}.weight.absmax"), OwnedTensor::f32(vec![a.len()], a));
@@ -149,13 +166,42 @@ fn write_bnb4(out: &mut BTreeMap<String, OwnedTensor>, m: &str, q: &Bnb4, dtype:
             out.insert(format!("{m}.weight.absmax"), OwnedTensor::u8(vec![nested.codes.len()], nested.codes.clone()));
             out.insert(format!("{m}.weight.nested_absmax"), OwnedTensor::f32(vec![nested.absmax.len()], &nested.absmax));
             out.insert(format!("{m}.weight.nested_quant_map"), OwnedTensor::f32(vec![256], &signed_dynamic()));
-            state["nested_blocksize"] = json!(nested.block);
-            state["nested_dtype"] = json!("float32");
-            state["nested_offset"] = json!(offset);
+            state += &format!(
+                r#", "nested_blocksize": {}, "nested_dtype": "float32", "nested_offset": {}"#,
+                nested.block,
+                python_float_repr(*offset as f64)
+            );
         }
     }
-    let bytes = serde_json::to_vec(&state).expect("a JSON object serializes");
+    state.push('}');
+    let bytes = state.into_bytes();
     out.insert(state_key(m, q.kind), OwnedTensor::u8(vec![bytes.len()], bytes));
+}
+
+/// Python's `repr` of a float: the shortest round-trip digits, fixed notation for exponents in -4..16,
+/// otherwise `d.ddde-05` style.
+pub fn python_float_repr(v: f64) -> String {
+    if v == 0.0 {
+        return if v.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+    }
+    let sci = format!("{v:e}");
+    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
+    let exp: i32 = exp.parse().expect("integer exponent");
+    let (sign, mantissa) = mantissa.strip_prefix('-').map_or(("", mantissa), |m| ("-", m));
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    if (-4..16).contains(&exp) {
+        let point = exp + 1;
+        let body = if point <= 0 {
+            format!("0.{}{digits}", "0".repeat((-point) as usize))
+        } else if point as usize >= digits.len() {
+            format!("{digits}{}.0", "0".repeat(point as usize - digits.len()))
+        } else {
+            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+        };
+        format!("{sign}{body}")
+    } else {
+        format!("{sign}{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+    }
 }
 
 /// Reads the quantized base of linear `m` ([out_dim, in_dim]) written by `write_linear` or by

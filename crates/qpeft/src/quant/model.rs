@@ -337,6 +337,7 @@ pub fn write_model_dir(ckpt: &Checkpoint, q: &QuantizedModel, dtype: WeightDtype
     };
     config["quantization_config"] = q.quantization_config.to_json();
     config["torch_dtype"] = Value::from(dtype.torch_name());
+    config["dtype"] = Value::from(dtype.torch_name());
     if let Source::Hf { dir, .. } = &ckpt.source {
         for f in TOKENIZER_FILES {
             let src = dir.join(f);
