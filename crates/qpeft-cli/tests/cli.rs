@@ -56,3 +56,30 @@ fn bad_model_path_fails_with_a_named_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tiny-llama") && err.contains("no tokenizer.json"), "{err}");
 }
+
+#[test]
+fn quantize_writes_a_loadable_directory_with_a_report() {
+    let dir = std::env::temp_dir().join(format!("qpeft-cli-quantize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out_dir = dir.join("nf4");
+    let o = out_dir.to_str().unwrap();
+    let out = qpeft(&["quantize", "tests/fixtures/tiny-llama", "--format", "nf4", "--double-quant", "-o", o]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("layers.1.mlp.down_proj") && stdout.contains("nf4+dq") && stdout.contains("14 linear layers"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("quantize_report.json")).unwrap()).unwrap();
+    assert_eq!(report.as_array().unwrap().len(), 14);
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization_config"]["bnb_4bit_quant_type"], "nf4");
+    // The quantized directory is a model qpeft can inspect and run.
+    let info = qpeft(&["info", o, "--json"]);
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    // Writing over it again is refused, and bad options name the problem.
+    let again = qpeft(&["quantize", "tests/fixtures/tiny-llama", "--format", "nf4", "-o", o]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already contains a model"));
+    let bad = qpeft(&["quantize", "tests/fixtures/tiny-llama", "--format", "int4", "--group", "48", "-o", dir.join("x").to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("group size 48"), "{}", String::from_utf8_lossy(&bad.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -72,6 +72,9 @@ impl Proj {
     }
 }
 
+/// Receives (layer, site, input [rows, in_dim]) for every linear input of a forward pass.
+pub type LinearInputObserver<'a, B> = dyn FnMut(usize, InputSite, &<B as Backend>::Buf) -> Result<()> + 'a;
+
 pub struct Block<B: Backend> {
     pub attn_norm: B::Buf,
     pub q: QuantLinear<B>,
@@ -174,7 +177,7 @@ impl<B: Backend> Decoder<B> {
         &self,
         input: &Input,
         cache: &mut KvCache<B>,
-        observe: &mut dyn FnMut(usize, InputSite, &B::Buf) -> Result<()>,
+        observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<B::Buf> {
         let (be, s) = (&self.backend, &self.spec);
         if input.batch != cache.batch || input.tokens.len() != input.batch * input.seq || input.mask.len() != input.tokens.len() {

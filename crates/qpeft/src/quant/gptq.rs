@@ -99,7 +99,7 @@ pub fn quantize(
     find: impl Fn(&[f32]) -> GroupParams + Sync,
 ) -> Result<(Vec<u8>, Vec<GroupParams>)> {
     let n = factor.dim;
-    if cfg.group == 0 || n % cfg.group != 0 || w.len() != out_dim * n {
+    if cfg.group == 0 || !n.is_multiple_of(cfg.group) || w.len() != out_dim * n {
         return Err(Error::Invalid(format!("GPTQ: group {} and weight of {} values do not fit in_dim {n}", cfg.group, w.len())));
     }
     let (g, groups) = (cfg.group, n / cfg.group);

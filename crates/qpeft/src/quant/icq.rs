@@ -83,7 +83,7 @@ fn lower_median(block: &[f32]) -> f32 {
 
 /// Searches τ for each 64-element block of `w` (row-major, `numel % 64 == 0`), then quantizes W − τ to NF4.
 pub fn quantize_nf4(w: &[f32], shape: &[usize], double: bool, search: TauSearch) -> Result<(IcqNf4, IcqStats)> {
-    if w.is_empty() || w.len() % ICQ_BLOCK != 0 {
+    if w.is_empty() || !w.len().is_multiple_of(ICQ_BLOCK) {
         return Err(Error::Invalid(format!("ICQ needs a whole number of 64-element blocks, got {} values", w.len())));
     }
     check_finite(w, shape)?;

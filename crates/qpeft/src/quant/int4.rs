@@ -58,7 +58,7 @@ impl GroupParams {
 
 /// Checks a GPTQ group size against the input dimension.
 pub fn check_group(group: usize, in_dim: usize) -> Result<()> {
-    if group == 0 || in_dim % group != 0 || group % 8 != 0 {
+    if group == 0 || !in_dim.is_multiple_of(group) || !group.is_multiple_of(8) {
         return Err(Error::Invalid(format!(
             "int4 group size {group} must be a positive multiple of 8 dividing the input dimension {in_dim}"
         )));
@@ -87,7 +87,7 @@ impl GptqInt4 {
     /// Packs codes [out, in] and per-(row, group) parameters [out, groups] with contiguous groups.
     pub fn pack(codes: &[u8], params: &[GroupParams], out_dim: usize, in_dim: usize, group: usize, sym: bool) -> Result<Self> {
         check_group(group, in_dim)?;
-        if out_dim % 8 != 0 {
+        if !out_dim.is_multiple_of(8) {
             return Err(Error::Invalid(format!("int4 packing needs an output dimension divisible by 8, got {out_dim}")));
         }
         let groups = in_dim / group;

@@ -242,8 +242,8 @@ pub fn quantize_model(ckpt: &Checkpoint, opts: &QuantizeOptions, progress: &mut 
                     };
                     let (codes, params) = match hessian {
                         Some(h) => {
-                            if !factors.contains_key(&p.site()) {
-                                factors.insert(p.site(), Factor::new(h, 0.01).map_err(|e| Error::Invalid(format!("{name}: {e}")))?);
+                            if let std::collections::hash_map::Entry::Vacant(e) = factors.entry(p.site()) {
+                                e.insert(Factor::new(h, 0.01).map_err(|e| Error::Invalid(format!("{name}: {e}")))?);
                             }
                             gptq::quantize(&w, out_dim, &factors[&p.site()], GptqConfig::new(opts.group, sym), find)?
                         }

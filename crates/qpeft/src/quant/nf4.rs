@@ -10,6 +10,7 @@
 //!   with the signed dynamic map in blocks of 256 (see `blockwise8`).
 
 use half::bf16;
+use rayon::prelude::*;
 
 use super::blockwise8::{self, Blockwise8};
 use super::maps::signed_dynamic;
@@ -204,11 +205,13 @@ impl Bnb4 {
             codes[n] = rounder.code(0.0);
         }
         let full = n / block;
-        let mut absmax = Vec::with_capacity(n.div_ceil(block));
-        for (b, (xb, cb)) in x.chunks(block).zip(codes[..n].chunks_mut(block)).enumerate() {
-            absmax.push(rounder.block_codes(xb, b >= full, cb));
-        }
-        let packed = codes.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
+        let absmax: Vec<f32> = x
+            .par_chunks(block)
+            .zip(codes[..n].par_chunks_mut(block))
+            .enumerate()
+            .map(|(b, (xb, cb))| rounder.block_codes(xb, b >= full, cb))
+            .collect();
+        let packed = codes.par_chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
         Ok(Bnb4 { kind, shape: shape.to_vec(), block, packed, absmax: Absmax::compress(absmax, double) })
     }
 
@@ -220,7 +223,7 @@ impl Bnb4 {
     #[inline]
     pub fn code(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             byte >> 4
         } else {
             byte & 0xF
