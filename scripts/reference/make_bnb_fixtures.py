@@ -27,6 +27,9 @@ CASES = [
     ((64, 512), torch.bfloat16, 128, "nf4", True, False),
     ((33, 96), torch.float32, 64, "fp4", True, False),
     ((7, 64), torch.bfloat16, 64, "nf4", False, True),
+    ((9, 96), torch.float32, 32, "nf4", True, False),
+    ((12, 640), torch.bfloat16, 256, "fp4", True, False),
+    ((3, 5000), torch.float32, 4096, "nf4", True, True),
 ]
 
 

@@ -11,7 +11,7 @@ fn bit_exact_with_bitsandbytes() {
     let dir = common::fixtures().join("bnb");
     let t = common::read_expected(&dir.join("quant4.safetensors"));
     let cases: Vec<Value> = serde_json::from_slice(&std::fs::read(dir.join("quant4.json")).unwrap()).unwrap();
-    assert_eq!(cases.len(), 7);
+    assert_eq!(cases.len(), 10);
     for case in &cases {
         let i = case["case"].as_u64().unwrap();
         let get = |k: &str| &t[&format!("case{i}.{k}")].data;

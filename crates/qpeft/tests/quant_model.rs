@@ -171,6 +171,35 @@ fn bad_options_and_weights_are_refused() {
     let e = quantize_model(&bad, &opts(Format::Nf4), &mut |_| {}).err().unwrap().to_string();
     assert!(e.contains("model.layers.1.mlp.up_proj") && e.contains("row 2, column 5") && e.contains("not finite"), "{e}");
 
+    // A quantized directory with a missing or ill-shaped quantized tensor names the file and tensor.
+    let qdir = tempfile::tempdir().unwrap();
+    let mut o = opts(Format::Nf4);
+    o.double_quant = true;
+    let q = quantize_model(&ckpt, &o, &mut |_| {}).unwrap();
+    write_model_dir(&ckpt, &q, WeightDtype::F32, &qdir.path().join("q")).unwrap();
+    let file = qdir.path().join("q/model.safetensors");
+    let store = qpeft::formats::safetensors::SafetensorsStore::open_dir(&qdir.path().join("q")).unwrap();
+    let mut kept = BTreeMap::new();
+    for (name, shape, _) in store.list() {
+        let raw = store.read_raw(&name).unwrap();
+        let mut bytes = raw.bytes.to_vec();
+        let mut shape = shape;
+        if name == "model.layers.1.self_attn.k_proj.weight" {
+            bytes.truncate(bytes.len() - 2);
+            shape = vec![bytes.len(), 1];
+        }
+        if name != "model.layers.0.mlp.up_proj.weight.nested_absmax" {
+            kept.insert(name, OwnedTensor { dtype: raw.dtype, shape, bytes });
+        }
+    }
+    drop(store);
+    write_file(&file, &kept).unwrap();
+    let broken = Checkpoint::open(&qdir.path().join("q")).unwrap();
+    let e = broken.linear("model.layers.0.mlp.up_proj", 160, 64).err().unwrap().to_string();
+    assert!(e.contains("model.safetensors") && e.contains("up_proj") && e.contains("nested_absmax missing"), "{e}");
+    let e = broken.linear("model.layers.1.self_attn.k_proj", 32, 64).err().unwrap().to_string();
+    assert!(e.contains("k_proj") && e.contains("1022 packed bytes, expected 1024"), "{e}");
+
     // An output directory that already holds a model is not overwritten.
     let q = quantize_model(&ckpt, &opts(Format::Nf4), &mut |_| {}).unwrap();
     let e = write_model_dir(&ckpt, &q, WeightDtype::F32, dir.path()).err().unwrap().to_string();
