@@ -59,6 +59,15 @@ impl Proj {
         }
     }
 
+    /// Whether this linear has a bias in the given architecture.
+    pub fn has_bias(self, s: &ModelSpec) -> bool {
+        match self {
+            Proj::Q | Proj::K | Proj::V => s.qkv_bias,
+            Proj::O => s.o_bias,
+            Proj::Gate | Proj::Up | Proj::Down => s.mlp_bias,
+        }
+    }
+
     /// (out_dim, in_dim) of this linear.
     pub fn dims(self, s: &ModelSpec) -> (usize, usize) {
         let (h, q, kv, ff) = (s.hidden_size, s.q_dim(), s.kv_dim(), s.intermediate_size);
@@ -130,7 +139,7 @@ impl<B: Backend> Decoder<B> {
     pub fn load(ckpt: &Checkpoint, backend: B) -> Result<Self> {
         let s = ckpt.spec.clone();
         let be = &backend;
-        let (h, q, kv, ff) = (s.hidden_size, s.q_dim(), s.kv_dim(), s.intermediate_size);
+        let h = s.hidden_size;
         let vec = |name: &str, len: usize| -> Result<B::Buf> { be.upload(&ckpt.require(name, &[len])?.data) };
         let linear = |name: &str, in_dim: usize, out_dim: usize, bias: bool| -> Result<QuantLinear<B>> {
             let (w, base) = ckpt.linear(name, out_dim, in_dim)?;
@@ -142,16 +151,20 @@ impl<B: Backend> Decoder<B> {
         let mut blocks = Vec::new();
         for i in 0..s.num_layers {
             let p = format!("model.layers.{i}");
+            let proj = |pr: Proj| {
+                let (out_dim, in_dim) = pr.dims(&s);
+                linear(&format!("{p}.{}", pr.module()), in_dim, out_dim, pr.has_bias(&s))
+            };
             blocks.push(Block {
                 attn_norm: vec(&format!("{p}.input_layernorm.weight"), h)?,
-                q: linear(&format!("{p}.self_attn.q_proj"), h, q, s.qkv_bias)?,
-                k: linear(&format!("{p}.self_attn.k_proj"), h, kv, s.qkv_bias)?,
-                v: linear(&format!("{p}.self_attn.v_proj"), h, kv, s.qkv_bias)?,
-                o: linear(&format!("{p}.self_attn.o_proj"), q, h, s.o_bias)?,
+                q: proj(Proj::Q)?,
+                k: proj(Proj::K)?,
+                v: proj(Proj::V)?,
+                o: proj(Proj::O)?,
                 mlp_norm: vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate: linear(&format!("{p}.mlp.gate_proj"), h, ff, s.mlp_bias)?,
-                up: linear(&format!("{p}.mlp.up_proj"), h, ff, s.mlp_bias)?,
-                down: linear(&format!("{p}.mlp.down_proj"), ff, h, s.mlp_bias)?,
+                gate: proj(Proj::Gate)?,
+                up: proj(Proj::Up)?,
+                down: proj(Proj::Down)?,
             });
         }
         let embed = be.upload(&ckpt.require("model.embed_tokens.weight", &[s.vocab_size, h])?.data)?;

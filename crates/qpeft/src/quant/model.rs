@@ -290,12 +290,7 @@ pub fn quantize_model(ckpt: &Checkpoint, opts: &QuantizeOptions, progress: &mut 
             dense.push((format!("model.layers.{layer}.{norm}.weight"), vec![h]));
         }
         for p in Proj::ALL {
-            let has_bias = match p {
-                Proj::Q | Proj::K | Proj::V => s.qkv_bias,
-                Proj::O => s.o_bias,
-                _ => s.mlp_bias,
-            };
-            if has_bias {
+            if p.has_bias(&s) {
                 dense.push((format!("model.layers.{layer}.{}.bias", p.module()), vec![p.dims(&s).0]));
             }
         }
