@@ -101,7 +101,7 @@ fn run(command: Command) -> Result<()> {
             let ids = tok.encode(&text, !chat)?;
             let mut stop = ckpt.spec.eos_token_ids.clone();
             stop.extend(tok.eos_token.as_deref().and_then(|t| tok.token_id(t)));
-            let model = Decoder::load(&ckpt, Cpu)?;
+            let model = Decoder::load(&ckpt, Cpu::new())?;
             let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop_tokens: stop };
             let mut generated = Vec::new();
             let mut printed = 0;
@@ -134,7 +134,7 @@ fn run(command: Command) -> Result<()> {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let ids = tok.encode(&text, true)?;
             let window = window.unwrap_or(ckpt.spec.max_position_embeddings.min(2048));
-            let model = Decoder::load(&ckpt, Cpu)?;
+            let model = Decoder::load(&ckpt, Cpu::new())?;
             let bar = indicatif::ProgressBar::new(ids.len() as u64);
             bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("valid template"));
             let p = perplexity(&model, &ids, window, |n| bar.inc(n as u64))?;

@@ -30,13 +30,13 @@ fn main() -> qpeft::Result<()> {
     let text = std::fs::read_to_string(root.join("tests/fixtures/smollm2/alpaca.txt")).expect("prompt text");
     let mut prompt = tok.encode(&text, true)?;
     prompt.truncate(n_prompt);
-    let model = Decoder::load(&ckpt, Cpu)?;
+    let model = Decoder::load(&ckpt, Cpu::new())?;
     let h = model.spec.hidden_size;
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         let mut cache = model.new_cache(1, prompt.len() + n_gen)?;
         let t = Instant::now();
-        let hidden = Cpu.download(&model.forward(&Input::single(&prompt), &mut cache)?)?;
+        let hidden = Cpu::new().download(&model.forward(&Input::single(&prompt), &mut cache)?)?;
         let logits = model.logits(&hidden[hidden.len() - h..].to_vec(), 1)?;
         pp.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
         let mut next = argmax(&logits);
@@ -49,7 +49,7 @@ fn main() -> qpeft::Result<()> {
     }
     println!(
         "qpeft {} threads={} prompt={} gen={}: prefill {:.1} tok/s, generation {:.1} tok/s",
-        Cpu.name(),
+        Cpu::new().name(),
         rayon::current_num_threads(),
         prompt.len(),
         n_gen,

@@ -13,7 +13,7 @@ use qpeft::model::{Checkpoint, Decoder, Input};
 /// Opens, loads, tokenizes and runs a model: every stage a corrupt file can reach.
 fn load_and_run(path: &Path) -> qpeft::Result<()> {
     let ckpt = Checkpoint::open(path)?;
-    let model = Decoder::load(&ckpt, Cpu)?;
+    let model = Decoder::load(&ckpt, Cpu::new())?;
     let tok = ckpt.tokenizer()?;
     let ids = tok.encode("Hello there", true)?;
     let ids: Vec<u32> = ids.into_iter().filter(|&t| (t as usize) < ckpt.spec.vocab_size).take(4).collect();

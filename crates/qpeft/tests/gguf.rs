@@ -32,10 +32,10 @@ fn tiny_llama_gguf_with_permuted_qk_matches_transformers() {
     let mask: Vec<u32> = expected["attention_mask"].data.iter().map(|&m| m as u32).collect();
     let ckpt = Checkpoint::open(&dir.join("tiny-llama-spm.gguf")).unwrap();
     let vocab = ckpt.spec.vocab_size;
-    let model = Decoder::load(&ckpt, Cpu).unwrap();
+    let model = Decoder::load(&ckpt, Cpu::new()).unwrap();
     let mut cache = model.new_cache(batch, seq).unwrap();
     let hidden = model.forward(&Input { batch, seq, tokens, mask: mask.clone() }, &mut cache).unwrap();
-    let got = Cpu.download(&model.logits(&hidden, batch * seq).unwrap()).unwrap();
+    let got = Cpu::new().download(&model.logits(&hidden, batch * seq).unwrap()).unwrap();
     let err = rel_err(&got, &expected["logits"].data, |i| mask[i / vocab] == 1);
     println!("tiny llama gguf rel err {err:.2e}");
     assert!(err < 1e-4, "logits differ from transformers by {err:e}");

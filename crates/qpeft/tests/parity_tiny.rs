@@ -22,11 +22,11 @@ fn check_family(name: &str) {
 
     let ckpt = Checkpoint::open(&dir).unwrap();
     let vocab = ckpt.spec.vocab_size;
-    let model = Decoder::load(&ckpt, Cpu).unwrap();
+    let model = Decoder::load(&ckpt, Cpu::new()).unwrap();
     let input = Input { batch, seq, tokens: tokens.clone(), mask: mask.clone() };
     let mut cache = model.new_cache(batch, seq).unwrap();
     let hidden = model.forward(&input, &mut cache).unwrap();
-    let got = Cpu.download(&model.logits(&hidden, batch * seq).unwrap()).unwrap();
+    let got = Cpu::new().download(&model.logits(&hidden, batch * seq).unwrap()).unwrap();
     let real = |i: usize| mask[i / vocab] == 1;
     let err = rel_err(&got, want, real);
     println!("{name}: padded batch rel err {err:.2e}");
@@ -43,7 +43,7 @@ fn check_family(name: &str) {
             mask: (0..batch).map(|b| mask[b * seq + t]).collect(),
         };
         let h = model.forward(&step, &mut cache).unwrap();
-        let l = Cpu.download(&model.logits(&h, batch).unwrap()).unwrap();
+        let l = Cpu::new().download(&model.logits(&h, batch).unwrap()).unwrap();
         for b in 0..batch {
             stepped[(b * seq + t) * vocab..(b * seq + t + 1) * vocab].copy_from_slice(&l[b * vocab..(b + 1) * vocab]);
         }

@@ -27,10 +27,10 @@ fn tiny() -> Checkpoint {
 }
 
 fn logits(ckpt: &Checkpoint, tokens: &[u32]) -> Vec<f32> {
-    let model = Decoder::load(ckpt, Cpu).unwrap();
+    let model = Decoder::load(ckpt, Cpu::new()).unwrap();
     let mut cache = model.new_cache(1, tokens.len()).unwrap();
     let h = model.forward(&Input::single(tokens), &mut cache).unwrap();
-    Cpu.download(&model.logits(&h, tokens.len()).unwrap()).unwrap()
+    Cpu::new().download(&model.logits(&h, tokens.len()).unwrap()).unwrap()
 }
 
 /// Quantizes the tiny llama, writes it, reads it back, and checks every layer against a direct quantization.
@@ -101,16 +101,16 @@ fn quant_linear_input_gradient() {
     let q = quantize_model(&ckpt, &o, &mut |_| {}).unwrap();
     let dir = tempfile::tempdir().unwrap();
     write_model_dir(&ckpt, &q, o.dtype, &dir.path().join("q")).unwrap();
-    let model = Decoder::load(&Checkpoint::open(&dir.path().join("q")).unwrap(), Cpu).unwrap();
+    let model = Decoder::load(&Checkpoint::open(&dir.path().join("q")).unwrap(), Cpu::new()).unwrap();
     let lin = &model.blocks[0].down; // 160 → 64
     let (rows, n_in, n_out) = (3, lin.in_dim, lin.out_dim);
     let x: Vec<f32> = (0..rows * n_in).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
     let dy: Vec<f32> = (0..rows * n_out).map(|i| ((i * 53 % 89) as f32 - 44.0) / 44.0).collect();
     let w = lin.base.dequantize().unwrap();
-    let dyb = Cpu.upload(&dy).unwrap();
-    let mut dx = Cpu.zeros(rows * n_in).unwrap();
-    lin.backward_input(&Cpu, &dyb, rows, &mut dx, false).unwrap();
-    let dx = Cpu.download(&dx).unwrap();
+    let dyb = Cpu::new().upload(&dy).unwrap();
+    let mut dx = Cpu::new().zeros(rows * n_in).unwrap();
+    lin.backward_input(&Cpu::new(), &dyb, rows, &mut dx, false).unwrap();
+    let dx = Cpu::new().download(&dx).unwrap();
     let loss = |x: &[f64]| -> f64 {
         let mut l = 0.0;
         for r in 0..rows {
@@ -130,10 +130,10 @@ fn quant_linear_input_gradient() {
         assert!((fd - dx[k] as f64).abs() < 1e-4 * fd.abs().max(1.0), "dX[{k}] {} vs finite difference {fd}", dx[k]);
     }
     // And the forward through QuantLinear equals x·Ŵᵀ.
-    let xb = Cpu.upload(&x).unwrap();
-    let mut y = Cpu.zeros(rows * n_out).unwrap();
-    lin.forward(&Cpu, &xb, rows, &mut y, false).unwrap();
-    let y = Cpu.download(&y).unwrap();
+    let xb = Cpu::new().upload(&x).unwrap();
+    let mut y = Cpu::new().zeros(rows * n_out).unwrap();
+    lin.forward(&Cpu::new(), &xb, rows, &mut y, false).unwrap();
+    let y = Cpu::new().download(&y).unwrap();
     let y0: f64 = (0..n_in).map(|i| x[i] as f64 * w[i] as f64).sum();
     assert!((y[0] as f64 - y0).abs() < 1e-5);
 }

@@ -33,7 +33,7 @@ fn ids(v: &Value) -> Vec<u32> {
 fn chat_template_and_greedy_generation_match_transformers() {
     let ckpt = open();
     let tok = ckpt.tokenizer().unwrap();
-    let model = Decoder::load(&ckpt, Cpu).unwrap();
+    let model = Decoder::load(&ckpt, Cpu::new()).unwrap();
     let r = reference();
     let gens = r["generations"].as_array().unwrap();
     assert!(gens.len() >= 5);
@@ -55,7 +55,7 @@ fn chat_template_and_greedy_generation_match_transformers() {
 fn perplexity_matches_transformers_within_0_1_percent() {
     let ckpt = open();
     let tok = ckpt.tokenizer().unwrap();
-    let model = Decoder::load(&ckpt, Cpu).unwrap();
+    let model = Decoder::load(&ckpt, Cpu::new()).unwrap();
     for case in reference()["perplexity"].as_array().unwrap() {
         let file = case["file"].as_str().unwrap();
         let text = std::fs::read_to_string(fixtures().join("smollm2").join(file)).unwrap();
@@ -78,10 +78,10 @@ fn hf_directory_converted_from_the_gguf_gives_the_same_logits() {
     assert_eq!(gguf.spec, hf.spec);
     let tokens: Vec<u32> = reference()["perplexity"][2]["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let logits = |ckpt: &Checkpoint| {
-        let m = Decoder::load(ckpt, Cpu).unwrap();
+        let m = Decoder::load(ckpt, Cpu::new()).unwrap();
         let mut cache = m.new_cache(1, tokens.len()).unwrap();
         let h = m.forward(&Input::single(&tokens), &mut cache).unwrap();
-        Cpu.download(&m.logits(&h, tokens.len()).unwrap()).unwrap()
+        Cpu::new().download(&m.logits(&h, tokens.len()).unwrap()).unwrap()
     };
     let (a, b) = (logits(&gguf), logits(&hf));
     let err = rel_err(&a, &b, |_| true);

@@ -8,16 +8,59 @@ pub mod cpu;
 
 use crate::error::Result;
 
-/// y = a · op(b), with op(b) = bᵀ when `b_transposed` (the usual `x · Wᵀ` of a linear layer).
+/// out[m×n] (+)= alpha · op(a)[m×k] · op(b)[k×n]; op transposes a stored matrix. `x · Wᵀ` of a linear layer
+/// is `MatMul::new(rows, out, in).bt()`, its input gradient `dY · W` is plain, and a weight gradient
+/// `dYᵀ · X` is `.at()`.
 #[derive(Clone, Copy, Debug)]
 pub struct MatMul {
     pub m: usize,
     pub n: usize,
     pub k: usize,
+    /// a is stored as [k, m] rather than [m, k].
+    pub a_transposed: bool,
     /// b is stored as [n, k] (a weight matrix) rather than [k, n].
     pub b_transposed: bool,
+    pub alpha: f32,
     /// Add into the output instead of overwriting it.
     pub accumulate: bool,
+}
+
+impl MatMul {
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        MatMul { m, n, k, a_transposed: false, b_transposed: false, alpha: 1.0, accumulate: false }
+    }
+    pub fn at(self) -> Self {
+        MatMul { a_transposed: true, ..self }
+    }
+    pub fn bt(self) -> Self {
+        MatMul { b_transposed: true, ..self }
+    }
+    pub fn scaled(self, alpha: f32) -> Self {
+        MatMul { alpha, ..self }
+    }
+    pub fn acc(self, accumulate: bool) -> Self {
+        MatMul { accumulate, ..self }
+    }
+}
+
+/// A partition of `width` contiguous features into `groups` runs: feature i belongs to group
+/// ⌊i·groups/width⌋. With groups | width these are equal runs of width/groups (AvgPool1d with kernel =
+/// stride, or PEFT-style repeat_interleave); otherwise the runs differ in length by at most one and none is
+/// empty while groups ≤ width (IR-QLoRA's IEC on dimensions r does not divide).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Groups {
+    pub width: usize,
+    pub groups: usize,
+}
+
+impl Groups {
+    pub fn of(self, i: usize) -> usize {
+        i * self.groups / self.width
+    }
+    /// The features [start, end) of group g.
+    pub fn range(self, g: usize) -> (usize, usize) {
+        ((g * self.width).div_ceil(self.groups), ((g + 1) * self.width).div_ceil(self.groups))
+    }
 }
 
 /// Shape of one causal attention call over a KV cache laid out [batch, capacity, kv_heads, head_dim].
@@ -93,4 +136,65 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// Per-row −log softmax(logits)[target]; rows whose target is `ignore` give 0.
     fn cross_entropy(&self, logits: &Self::Buf, targets: &Self::Ints, vocab: usize, ignore: u32, out: &mut Self::Buf) -> Result<()>;
+
+    // ---- backward and adapter ops ----
+
+    /// x *= s.
+    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()>;
+    /// y += factor · s[0] · x, where s is a one-element device buffer (a trainable scalar such as IEC's β).
+    fn add_scaled_by(&self, y: &mut Self::Buf, x: &Self::Buf, s: &Self::Buf, factor: f32) -> Result<()>;
+    /// out[0] (+)= factor · Σ a ⊙ b (a scalar parameter's gradient).
+    fn dot(&self, a: &Self::Buf, b: &Self::Buf, factor: f32, out: &mut Self::Buf, accumulate: bool) -> Result<()>;
+    /// dx (+)= ∂(rmsnorm(x)·dy)/∂x; the norm weight is frozen, so it gets no gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        plus_one: bool,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// The inverse rotation of `rope` (its transpose, hence also its backward).
+    fn rope_backward(&self, dx: &mut Self::Buf, positions: &Self::Ints, inv_freq: &Self::Buf, heads: usize, head_dim: usize) -> Result<()>;
+    /// dgate, dup of out = act(gate) ⊙ up.
+    #[allow(clippy::too_many_arguments)]
+    fn glu_backward(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dy: &Self::Buf,
+        kind: GluKind,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dq, dk, dv of `attention` (recomputing the probabilities); dk and dv have the cache layout.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        key_mask: &Self::Ints,
+        shape: AttentionShape,
+        dout: &Self::Buf,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dlogits = scale · (softmax(logits) − onehot(target)) per row; rows whose target is `ignore` get 0.
+    fn cross_entropy_backward(&self, logits: &Self::Buf, targets: &Self::Ints, vocab: usize, ignore: u32, scale: f32, dlogits: &mut Self::Buf) -> Result<()>;
+    /// out[r, g] (+)= scale · Σ_{i ∈ g} x[r, i] (divided by |g| when `mean`): average pooling and group means.
+    #[allow(clippy::too_many_arguments)]
+    fn group_reduce(&self, x: &Self::Buf, rows: usize, g: Groups, mean: bool, scale: f32, out: &mut Self::Buf, accumulate: bool) -> Result<()>;
+    /// y[r, i] (+)= scale · h[r, group(i)] (divided by |group(i)| when `mean`): repeat-interleave, and the
+    /// adjoint of `group_reduce`.
+    #[allow(clippy::too_many_arguments)]
+    fn group_expand(&self, h: &Self::Buf, rows: usize, g: Groups, mean: bool, scale: f32, y: &mut Self::Buf, accumulate: bool) -> Result<()>;
+    /// out = x ⊙ mask / (1 − p), the mask drawn from a counter-based RNG keyed by `seed` (the same seed gives
+    /// the same mask, so backward and recomputation reuse it without storing it).
+    fn dropout(&self, x: &Self::Buf, p: f32, seed: u64, out: &mut Self::Buf) -> Result<()>;
 }

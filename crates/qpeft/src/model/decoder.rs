@@ -271,7 +271,7 @@ impl<B: Backend> Decoder<B> {
         match &self.lm_head {
             Some(head) => head.forward(be, hidden, rows, &mut out, false)?,
             None => {
-                let shape = MatMul { m: rows, n: self.spec.vocab_size, k: self.spec.hidden_size, b_transposed: true, accumulate: false };
+                let shape = MatMul::new(rows, self.spec.vocab_size, self.spec.hidden_size).bt();
                 be.matmul(hidden, &self.embed, &mut out, shape)?
             }
         }

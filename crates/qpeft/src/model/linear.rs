@@ -20,7 +20,7 @@ pub struct QuantLinear<B: Backend> {
 impl<B: Backend> QuantLinear<B> {
     /// out ([rows, out_dim]) = x·Ŵᵀ + b, or out += x·Ŵᵀ + b when `accumulate`.
     pub fn forward(&self, be: &B, x: &B::Buf, rows: usize, out: &mut B::Buf, accumulate: bool) -> Result<()> {
-        let shape = MatMul { m: rows, n: self.out_dim, k: self.in_dim, b_transposed: true, accumulate };
+        let shape = MatMul::new(rows, self.out_dim, self.in_dim).bt().acc(accumulate);
         be.matmul(x, &self.weight, out, shape)?;
         if let Some(b) = &self.bias {
             be.add_bias(out, b)?;
@@ -30,7 +30,7 @@ impl<B: Backend> QuantLinear<B> {
 
     /// dx ([rows, in_dim]) = dy·Ŵ, or dx += dy·Ŵ when `accumulate`.
     pub fn backward_input(&self, be: &B, dy: &B::Buf, rows: usize, dx: &mut B::Buf, accumulate: bool) -> Result<()> {
-        let shape = MatMul { m: rows, n: self.in_dim, k: self.out_dim, b_transposed: false, accumulate };
+        let shape = MatMul::new(rows, self.in_dim, self.out_dim).acc(accumulate);
         be.matmul(dy, &self.weight, dx, shape)
     }
 }

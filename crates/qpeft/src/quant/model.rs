@@ -145,7 +145,7 @@ impl QuantizeOptions {
 /// linear layer's input (one per layer and input site). The inputs come from the unquantized model, not
 /// from already-quantized earlier layers as in AutoGPTQ's sequential mode.
 fn calibrate(ckpt: &Checkpoint, sequences: &[Vec<u32>], progress: &mut dyn FnMut(&str)) -> Result<HashMap<(usize, InputSite), Hessian>> {
-    let model = Decoder::load(ckpt, Cpu)?;
+    let model = Decoder::load(ckpt, Cpu::new())?;
     let s = &model.spec;
     let mut hessians: HashMap<(usize, InputSite), Hessian> = HashMap::new();
     for (i, seq) in sequences.iter().enumerate() {

@@ -44,3 +44,44 @@ pub fn rel_err(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f32 {
     }
     diff / scale
 }
+
+/// Deterministic uniform values in [−1, 1) (SplitMix64), for finite-difference tests.
+pub fn uniform(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+pub fn dot64(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Compares an analytic gradient of the scalar `loss` at `x` with central differences (step 1e-5), at up to
+/// `samples` evenly spread entries; returns max |fd − analytic| / max(1e-3, max |analytic|). In f64 a correct
+/// gradient gives ~1e-9; a wrong one is off by O(1).
+pub fn fd_error(x: &[f64], analytic: &[f64], samples: usize, mut loss: impl FnMut(&[f64]) -> f64) -> f64 {
+    assert_eq!(x.len(), analytic.len());
+    let h = 1e-5;
+    let scale = analytic.iter().fold(1e-3f64, |m, g| m.max(g.abs()));
+    let step = (x.len() / samples.max(1)).max(1);
+    let mut worst = 0f64;
+    let mut xp = x.to_vec();
+    for i in (0..x.len()).step_by(step) {
+        xp[i] = x[i] + h;
+        let up = loss(&xp);
+        xp[i] = x[i] - h;
+        let down = loss(&xp);
+        xp[i] = x[i];
+        let fd = (up - down) / (2.0 * h);
+        worst = worst.max((fd - analytic[i]).abs() / scale);
+    }
+    worst
+}

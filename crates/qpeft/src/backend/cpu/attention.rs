@@ -1,76 +1,175 @@
-//! Causal grouped-query attention on the CPU: per (sequence, head, block of queries) one score
-//! GEMM, a masked f32 softmax, and one value GEMM — parallel over the tasks with rayon.
+//! Causal grouped-query attention on the CPU, forward and backward.
+//!
+//! Forward: per (sequence, head, block of queries) one score GEMM, a masked softmax, one value GEMM.
+//! Backward recomputes the probabilities P of a block instead of storing them (as flash attention does), then
+//! with dO the output gradient:
+//!   dV += Pᵀ·dO,   dP = dO·Vᵀ,   dS = P ⊙ (dP − rowsum(P ⊙ dP)),   dQ = scale·dS·K,   dK += scale·dSᵀ·Q.
+//! Backward tasks own one (sequence, KV head) so that the dK/dV sums over the query heads sharing it
+//! (GQA) need no synchronisation.
 
 use rayon::prelude::*;
 
 use super::gemm::{gemm_strided, Strided};
+use super::Real;
 use crate::backend::AttentionShape;
 
 const QUERY_BLOCK: usize = 128;
 
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], key_mask: &[u32], s: AttentionShape, out: &mut [f32]) {
+/// Where one block of queries of one head looks.
+struct Block {
+    b: usize,
+    h: usize,
+    q0: usize,
+    rows: usize,
+    /// Keys the block can see: cache indices 0..keys.
+    keys: usize,
+}
+
+impl Block {
+    fn new(s: &AttentionShape, b: usize, h: usize, qb: usize) -> Self {
+        let q0 = qb * QUERY_BLOCK;
+        let rows = QUERY_BLOCK.min(s.q_len - q0);
+        // Causality: the last query of the block sees keys up to its own cache index.
+        Block { b, h, q0, rows, keys: s.kv_len - s.q_len + q0 + rows }
+    }
+    fn q_view(&self, s: &AttentionShape) -> Strided {
+        Strided::rows(s.heads * s.head_dim).at((self.b * s.q_len + self.q0) * s.heads * s.head_dim + self.h * s.head_dim)
+    }
+    fn kv_view(&self, s: &AttentionShape) -> Strided {
+        let kv_head = self.h / (s.heads / s.kv_heads);
+        Strided::rows(s.kv_heads * s.head_dim).at(self.b * s.kv_capacity * s.kv_heads * s.head_dim + kv_head * s.head_dim)
+    }
+
+    /// The block's attention probabilities [rows, keys].
+    fn probabilities<T: Real>(&self, q: &[T], k: &[T], key_mask: &[u32], s: &AttentionShape) -> Vec<T> {
+        let mut p = vec![T::zero(); self.rows * self.keys];
+        let (rows, keys, d) = (self.rows, self.keys, s.head_dim);
+        gemm_strided((rows, keys, d), &mut p, Strided::rows(keys), q, self.q_view(s), k, self.kv_view(s).t(), T::of(s.scale), false, false);
+        let mask = &key_mask[self.b * s.kv_capacity..self.b * s.kv_capacity + keys];
+        let first = s.kv_len - s.q_len;
+        for (i, row) in p.chunks_exact_mut(keys).enumerate() {
+            let ci = first + self.q0 + i;
+            let lo = s.window.map_or(0, |w| (ci + 1).saturating_sub(w));
+            softmax_masked(row, lo, ci + 1, mask);
+        }
+        p
+    }
+}
+
+fn blocks(s: &AttentionShape) -> usize {
+    s.q_len.div_ceil(QUERY_BLOCK)
+}
+
+pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: AttentionShape, out: &mut [T]) {
     let d = s.head_dim;
-    let q_rs = s.heads * d;
-    let kv_rs = s.kv_heads * d;
-    let group = s.heads / s.kv_heads;
-    let first = s.kv_len - s.q_len; // cache index of the first query
-    let blocks = s.q_len.div_ceil(QUERY_BLOCK);
-    let tasks: Vec<(usize, usize, usize)> =
-        (0..s.batch).flat_map(|b| (0..s.heads).flat_map(move |h| (0..blocks).map(move |qb| (b, h, qb)))).collect();
-    let results: Vec<Vec<f32>> = tasks
+    let tasks: Vec<Block> = (0..s.batch)
+        .flat_map(|b| (0..s.heads).flat_map(move |h| (0..blocks(&s)).map(move |qb| (b, h, qb))))
+        .map(|(b, h, qb)| Block::new(&s, b, h, qb))
+        .collect();
+    let results: Vec<Vec<T>> = tasks
         .par_iter()
-        .map(|&(b, h, qb)| {
-            let q0 = qb * QUERY_BLOCK;
-            let rows = QUERY_BLOCK.min(s.q_len - q0);
-            // Causality: the last query of the block sees keys up to its own cache index.
-            let keys = first + q0 + rows;
-            let kv_head = h / group;
-            let mut scores = vec![0f32; rows * keys];
-            let q_view = Strided::rows(q_rs).at((b * s.q_len + q0) * q_rs + h * d);
-            let k_view = Strided::rows(kv_rs).at(b * s.kv_capacity * kv_rs + kv_head * d);
-            gemm_strided((rows, keys, d), &mut scores, Strided::rows(keys), q, q_view, k, k_view.t(), s.scale, false, false);
-            let mask = &key_mask[b * s.kv_capacity..b * s.kv_capacity + keys];
-            for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
-                let ci = first + q0 + i;
-                let lo = s.window.map_or(0, |w| (ci + 1).saturating_sub(w));
-                softmax_masked(row, lo, ci + 1, mask);
-            }
-            let mut o = vec![0f32; rows * d];
-            let v_view = Strided::rows(kv_rs).at(b * s.kv_capacity * kv_rs + kv_head * d);
-            gemm_strided((rows, d, keys), &mut o, Strided::rows(d), &scores, Strided::rows(keys), v, v_view, 1.0, false, false);
+        .map(|blk| {
+            let p = blk.probabilities(q, k, key_mask, &s);
+            let mut o = vec![T::zero(); blk.rows * d];
+            gemm_strided((blk.rows, d, blk.keys), &mut o, Strided::rows(d), &p, Strided::rows(blk.keys), v, blk.kv_view(&s), T::one(), false, false);
             o
         })
         .collect();
-    for (&(b, h, qb), o) in tasks.iter().zip(results) {
-        let q0 = qb * QUERY_BLOCK;
-        for (i, row) in o.chunks_exact(d).enumerate() {
-            let at = (b * s.q_len + q0 + i) * q_rs + h * d;
-            out[at..at + d].copy_from_slice(row);
+    for (blk, o) in tasks.iter().zip(results) {
+        scatter_rows(out, &o, blk.q_view(&s).offset, s.heads * d, d);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    key_mask: &[u32],
+    s: AttentionShape,
+    dout: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let d = s.head_dim;
+    let group = s.heads / s.kv_heads;
+    let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..s.kv_heads).map(move |kh| (b, kh))).collect();
+    // Each task returns its dK, dV ([kv_len, d]) and the dQ blocks of its query heads.
+    let results: Vec<(Vec<T>, Vec<T>, Vec<(Block, Vec<T>)>)> = tasks
+        .par_iter()
+        .map(|&(b, kh)| {
+            let mut dk_t = vec![T::zero(); s.kv_len * d];
+            let mut dv_t = vec![T::zero(); s.kv_len * d];
+            let mut dqs = Vec::new();
+            for h in kh * group..(kh + 1) * group {
+                for qb in 0..blocks(&s) {
+                    let blk = Block::new(&s, b, h, qb);
+                    let (rows, keys) = (blk.rows, blk.keys);
+                    let p = blk.probabilities(q, k, key_mask, &s);
+                    let (qv, kvv) = (blk.q_view(&s), blk.kv_view(&s));
+                    let scale = T::of(s.scale);
+                    // dV[keys] += Pᵀ·dO.
+                    gemm_strided((keys, d, rows), &mut dv_t, Strided::rows(d), &p, Strided::rows(keys).t(), dout, qv, T::one(), true, false);
+                    // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
+                    let mut ds = vec![T::zero(); rows * keys];
+                    gemm_strided((rows, keys, d), &mut ds, Strided::rows(keys), dout, qv, v, kvv.t(), T::one(), false, false);
+                    for (ds, p) in ds.chunks_exact_mut(keys).zip(p.chunks_exact(keys)) {
+                        let dot: T = ds.iter().zip(p).map(|(&a, &b)| a * b).sum();
+                        for (x, &pj) in ds.iter_mut().zip(p) {
+                            *x = pj * (*x - dot);
+                        }
+                    }
+                    let mut dq_b = vec![T::zero(); rows * d];
+                    gemm_strided((rows, d, keys), &mut dq_b, Strided::rows(d), &ds, Strided::rows(keys), k, kvv, scale, false, false);
+                    gemm_strided((keys, d, rows), &mut dk_t, Strided::rows(d), &ds, Strided::rows(keys).t(), q, qv, scale, true, false);
+                    dqs.push((blk, dq_b));
+                }
+            }
+            (dk_t, dv_t, dqs)
+        })
+        .collect();
+    dk.fill(T::zero());
+    dv.fill(T::zero());
+    let kv_rs = s.kv_heads * d;
+    for (&(b, kh), (dk_t, dv_t, dqs)) in tasks.iter().zip(results) {
+        let at = b * s.kv_capacity * kv_rs + kh * d;
+        scatter_rows(dk, &dk_t, at, kv_rs, d);
+        scatter_rows(dv, &dv_t, at, kv_rs, d);
+        for (blk, dq_b) in dqs {
+            scatter_rows(dq, &dq_b, blk.q_view(&s).offset, s.heads * d, d);
         }
+    }
+}
+
+/// Copies consecutive rows of `width` from `src` to `dst` rows starting at `at`, `stride` apart.
+fn scatter_rows<T: Copy>(dst: &mut [T], src: &[T], at: usize, stride: usize, width: usize) {
+    for (i, row) in src.chunks_exact(width).enumerate() {
+        dst[at + i * stride..at + i * stride + width].copy_from_slice(row);
     }
 }
 
 /// Softmax over row[lo..hi] restricted to unmasked keys; everything else becomes 0. A row with no
 /// visible key (a padding query) becomes all zeros rather than NaN.
-fn softmax_masked(row: &mut [f32], lo: usize, hi: usize, mask: &[u32]) {
+fn softmax_masked<T: Real>(row: &mut [T], lo: usize, hi: usize, mask: &[u32]) {
     let visible = |j: usize| j >= lo && j < hi && mask[j] != 0;
-    let mut max = f32::NEG_INFINITY;
+    let mut max = T::neg_infinity();
     for (j, &x) in row.iter().enumerate() {
         if visible(j) && x > max {
             max = x;
         }
     }
-    if max == f32::NEG_INFINITY {
-        row.fill(0.0);
+    if max == T::neg_infinity() {
+        row.fill(T::zero());
         return;
     }
-    let mut sum = 0f32;
+    let mut sum = T::zero();
     for (j, x) in row.iter_mut().enumerate() {
-        *x = if visible(j) { (*x - max).exp() } else { 0.0 };
-        sum += *x;
+        *x = if visible(j) { (*x - max).exp() } else { T::zero() };
+        sum = sum + *x;
     }
-    let inv = 1.0 / sum;
+    let inv = T::one() / sum;
     for x in row.iter_mut() {
-        *x *= inv;
+        *x = *x * inv;
     }
 }

@@ -2,6 +2,8 @@
 
 use gemm::Parallelism;
 
+use super::Real;
+
 /// A matrix view into a slice: element (i, j) is at `offset + i·rs + j·cs`.
 #[derive(Clone, Copy)]
 pub struct Strided {
@@ -28,15 +30,15 @@ impl Strided {
 
 /// dst[m×n] = (accumulate ? dst : 0) + scale · lhs[m×k] · rhs[k×n].
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_strided(
+pub fn gemm_strided<T: Real>(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
+    dst: &mut [T],
     d: Strided,
-    lhs: &[f32],
+    lhs: &[T],
     l: Strided,
-    rhs: &[f32],
+    rhs: &[T],
     r: Strided,
-    scale: f32,
+    scale: T,
     accumulate: bool,
     parallel: bool,
 ) {
@@ -47,7 +49,7 @@ pub fn gemm_strided(
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    dst[d.offset + i * d.rs + j * d.cs] = 0.0;
+                    dst[d.offset + i * d.rs + j * d.cs] = T::zero();
                 }
             }
         }
@@ -75,7 +77,7 @@ pub fn gemm_strided(
             rhs.as_ptr().add(r.offset),
             r.cs as isize,
             r.rs as isize,
-            1.0,
+            T::one(),
             scale,
             false,
             false,

@@ -1,20 +1,64 @@
-//! The CPU backend: f32 compute, rayon over rows, the `gemm` crate for matrix products. It is the
-//! reference every other backend is checked against.
+//! The CPU backend: rayon over rows, the `gemm` crate for matrix products. It is the reference every other
+//! backend is checked against. It computes in f32 (`Cpu::new()`) or, for finite-difference checks of the
+//! backward pass, in f64 (`Cpu::f64()`): the same kernels, instantiated twice.
 
 mod attention;
 pub mod gemm;
 
+use std::fmt::Debug;
+use std::marker::PhantomData;
+
+use num_traits::{Float, FromPrimitive};
 use rayon::prelude::*;
 
 use self::gemm::{gemm_strided, Strided};
-use super::{AttentionShape, Backend, GluKind, MatMul, RowWrite};
+use super::{AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
 use crate::error::{Error, Result};
 
 /// Rows per rayon task for the row-wise ops: enough work to amortise scheduling.
 const ROW_CHUNK: usize = 16;
+/// Elements per rayon task for element-wise ops.
+const ELEM_CHUNK: usize = 4096;
+
+/// The float types the CPU kernels run in.
+pub trait Real: Float + FromPrimitive + std::iter::Sum + Default + Debug + Send + Sync + 'static {
+    fn of(x: f32) -> Self;
+    fn f64(self) -> f64;
+}
+
+impl Real for f32 {
+    fn of(x: f32) -> Self {
+        x
+    }
+    fn f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Real for f64 {
+    fn of(x: f32) -> Self {
+        x as f64
+    }
+    fn f64(self) -> f64 {
+        self
+    }
+}
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu;
+pub struct Cpu<T = f32>(PhantomData<T>);
+
+impl Cpu<f32> {
+    pub const fn new() -> Self {
+        Cpu(PhantomData)
+    }
+}
+
+impl Cpu<f64> {
+    /// The f64 instance, for finite-difference checks.
+    pub const fn f64() -> Self {
+        Cpu(PhantomData)
+    }
+}
 
 fn check(cond: bool, op: &str, what: impl FnOnce() -> String) -> Result<()> {
     if cond {
@@ -24,35 +68,36 @@ fn check(cond: bool, op: &str, what: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
-impl Backend for Cpu {
-    type Buf = Vec<f32>;
+impl<T: Real> Backend for Cpu<T> {
+    type Buf = Vec<T>;
     type Ints = Vec<u32>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!("cpu ({} threads{})", rayon::current_num_threads(), if size_of::<T>() == 8 { ", f64" } else { "" })
     }
-    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
-        Ok(data.to_vec())
+    fn upload(&self, data: &[f32]) -> Result<Vec<T>> {
+        Ok(data.iter().map(|&x| T::of(x)).collect())
     }
     fn upload_ints(&self, data: &[u32]) -> Result<Vec<u32>> {
         Ok(data.to_vec())
     }
-    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; len])
+    fn zeros(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::zero(); len])
     }
-    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(buf.clone())
+    fn download(&self, buf: &Vec<T>) -> Result<Vec<f32>> {
+        Ok(buf.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect())
     }
-    fn len(&self, buf: &Vec<f32>) -> usize {
+    fn len(&self, buf: &Vec<T>) -> usize {
         buf.len()
     }
 
-    fn embedding(&self, table: &Vec<f32>, ids: &Vec<u32>, dim: usize, scale: f32, out: &mut Vec<f32>) -> Result<()> {
+    fn embedding(&self, table: &Vec<T>, ids: &Vec<u32>, dim: usize, scale: f32, out: &mut Vec<T>) -> Result<()> {
         let vocab = table.len() / dim;
         check(out.len() == ids.len() * dim, "embedding", || format!("output holds {} values, need {}", out.len(), ids.len() * dim))?;
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
+        let scale = T::of(scale);
         out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(o, &t)| {
             let row = &table[t as usize * dim..(t as usize + 1) * dim];
             for (o, &x) in o.iter_mut().zip(row) {
@@ -62,80 +107,57 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn matmul(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>, s: MatMul) -> Result<()> {
+    fn matmul(&self, a: &Vec<T>, b: &Vec<T>, out: &mut Vec<T>, s: MatMul) -> Result<()> {
         check(a.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || {
             format!("sizes {}, {}, {} do not fit {s:?}", a.len(), b.len(), out.len())
         })?;
+        let lhs = if s.a_transposed { Strided::rows(s.m).t() } else { Strided::rows(s.k) };
         let rhs = if s.b_transposed { Strided::rows(s.k).t() } else { Strided::rows(s.n) };
-        gemm_strided((s.m, s.n, s.k), out, Strided::rows(s.n), a, Strided::rows(s.k), b, rhs, 1.0, s.accumulate, true);
+        gemm_strided((s.m, s.n, s.k), out, Strided::rows(s.n), a, lhs, b, rhs, T::of(s.alpha), s.accumulate, true);
         Ok(())
     }
 
-    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) -> Result<()> {
+    fn add_bias(&self, x: &mut Vec<T>, bias: &Vec<T>) -> Result<()> {
         check(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "add_bias", || format!("{} values, bias of {}", x.len(), bias.len()))?;
-        x.par_chunks_mut(bias.len()).for_each(|r| r.iter_mut().zip(bias).for_each(|(x, b)| *x += b));
+        x.par_chunks_mut(bias.len()).for_each(|r| r.iter_mut().zip(bias).for_each(|(x, &b)| *x = *x + b));
         Ok(())
     }
 
-    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<()> {
+    fn add(&self, x: &mut Vec<T>, y: &Vec<T>) -> Result<()> {
         check(x.len() == y.len(), "add", || format!("{} vs {} values", x.len(), y.len()))?;
-        x.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
+        zip_apply(x, y, |x, y| *x = *x + y);
         Ok(())
     }
 
-    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, dim: usize, eps: f32, plus_one: bool, out: &mut Vec<f32>) -> Result<()> {
+    fn rmsnorm(&self, x: &Vec<T>, w: &Vec<T>, dim: usize, eps: f32, plus_one: bool, out: &mut Vec<T>) -> Result<()> {
         check(w.len() == dim && x.len().is_multiple_of(dim) && out.len() == x.len(), "rmsnorm", || format!("x {}, w {}, dim {dim}", x.len(), w.len()))?;
         out.par_chunks_mut(dim * ROW_CHUNK).zip(x.par_chunks(dim * ROW_CHUNK)).for_each(|(o, x)| {
             for (o, x) in o.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
-                let r = 1.0 / ((ms as f32) + eps).sqrt();
+                let r = inv_rms(x, eps);
                 for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-                    // Gemma scales by (1 + w) in f32 after normalising; llama by w.
-                    *o = if plus_one { (x * r) * (1.0 + w) } else { w * (x * r) };
+                    // Gemma scales by (1 + w) after normalising; llama by w.
+                    *o = if plus_one { (x * r) * (T::one() + w) } else { w * (x * r) };
                 }
             }
         });
         Ok(())
     }
 
-    fn rope(&self, x: &mut Vec<f32>, positions: &Vec<u32>, inv_freq: &Vec<f32>, heads: usize, head_dim: usize) -> Result<()> {
-        let half = head_dim / 2;
-        let row = heads * head_dim;
-        check(inv_freq.len() == half && x.len() == positions.len() * row, "rope", || {
-            format!("x {} values for {} positions × {heads} heads × {head_dim}", x.len(), positions.len())
-        })?;
-        x.par_chunks_mut(row).zip(positions.par_iter()).for_each(|(r, &p)| {
-            let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq.iter().map(|&f| {
-                let a = p as f32 * f;
-                (a.cos(), a.sin())
-            }).unzip();
-            for h in r.chunks_exact_mut(head_dim) {
-                let (x1, x2) = h.split_at_mut(half);
-                for j in 0..half {
-                    let (a, b) = (x1[j], x2[j]);
-                    x1[j] = a * cos[j] - b * sin[j];
-                    x2[j] = b * cos[j] + a * sin[j];
-                }
-            }
-        });
-        Ok(())
+    fn rope(&self, x: &mut Vec<T>, positions: &Vec<u32>, inv_freq: &Vec<T>, heads: usize, head_dim: usize) -> Result<()> {
+        rotate(x, positions, inv_freq, heads, head_dim, false)
     }
 
-    fn glu(&self, gate: &Vec<f32>, up: &Vec<f32>, kind: GluKind, out: &mut Vec<f32>) -> Result<()> {
+    fn glu(&self, gate: &Vec<T>, up: &Vec<T>, kind: GluKind, out: &mut Vec<T>) -> Result<()> {
         check(gate.len() == up.len() && out.len() == up.len(), "glu", || format!("gate {}, up {}, out {}", gate.len(), up.len(), out.len()))?;
-        let act = match kind {
-            GluKind::Silu => silu,
-            GluKind::GeluTanh => gelu_tanh,
-        };
-        out.par_chunks_mut(4096).zip(gate.par_chunks(4096).zip(up.par_chunks(4096))).for_each(|(o, (g, u))| {
+        out.par_chunks_mut(ELEM_CHUNK).zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK))).for_each(|(o, (g, u))| {
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = act(g) * u;
+                *o = activation(kind, g).0 * u;
             }
         });
         Ok(())
     }
 
-    fn write_rows(&self, src: &Vec<f32>, dst: &mut Vec<f32>, at: RowWrite) -> Result<()> {
+    fn write_rows(&self, src: &Vec<T>, dst: &mut Vec<T>, at: RowWrite) -> Result<()> {
         let RowWrite { batch, rows, capacity, start, width } = at;
         check(src.len() == batch * rows * width && dst.len() == batch * capacity * width && start + rows <= capacity, "write_rows", || {
             format!("{rows} rows at {start} into capacity {capacity}")
@@ -147,51 +169,278 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, key_mask: &Vec<u32>, s: AttentionShape, out: &mut Vec<f32>) -> Result<()> {
-        let q_size = s.batch * s.q_len * s.heads * s.head_dim;
-        let kv_size = s.batch * s.kv_capacity * s.kv_heads * s.head_dim;
-        check(
-            q.len() == q_size
-                && out.len() == q_size
-                && k.len() == kv_size
-                && v.len() == kv_size
-                && key_mask.len() == s.batch * s.kv_capacity
-                && s.q_len <= s.kv_len
-                && s.kv_len <= s.kv_capacity
-                && s.kv_heads > 0
-                && s.heads.is_multiple_of(s.kv_heads),
-            "attention",
-            || format!("buffer sizes do not fit {s:?}"),
-        )?;
-        attention::attention(q, k, v, key_mask, s, out);
+    fn attention(&self, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, key_mask: &Vec<u32>, s: AttentionShape, out: &mut Vec<T>) -> Result<()> {
+        check_attention(q, k, v, key_mask, s, &[out.len()])?;
+        attention::forward(q, k, v, key_mask, s, out);
         Ok(())
     }
 
-    fn cross_entropy(&self, logits: &Vec<f32>, targets: &Vec<u32>, vocab: usize, ignore: u32, out: &mut Vec<f32>) -> Result<()> {
-        check(logits.len() == targets.len() * vocab && out.len() == targets.len(), "cross_entropy", || {
-            format!("{} logits for {} targets × vocab {vocab}", logits.len(), targets.len())
-        })?;
-        if let Some(&bad) = targets.iter().find(|&&t| t != ignore && t as usize >= vocab) {
-            return Err(Error::Invalid(format!("target id {bad} is outside the vocabulary (size {vocab})")));
-        }
+    fn cross_entropy(&self, logits: &Vec<T>, targets: &Vec<u32>, vocab: usize, ignore: u32, out: &mut Vec<T>) -> Result<()> {
+        check_targets(logits, targets, vocab, ignore, out.len())?;
         out.par_iter_mut().zip(logits.par_chunks(vocab).zip(targets.par_iter())).for_each(|(o, (row, &t))| {
             *o = if t == ignore {
-                0.0
+                T::zero()
             } else {
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-                (max as f64 + sum.ln() - row[t as usize] as f64) as f32
+                let (max, sum) = softmax_stats(row);
+                T::from_f64(max.f64() + sum.ln() - row[t as usize].f64()).unwrap_or(T::nan())
             };
+        });
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Vec<T>, s: f32) -> Result<()> {
+        let s = T::of(s);
+        x.par_chunks_mut(ELEM_CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x = *x * s));
+        Ok(())
+    }
+
+    fn add_scaled_by(&self, y: &mut Vec<T>, x: &Vec<T>, s: &Vec<T>, factor: f32) -> Result<()> {
+        check(y.len() == x.len() && s.len() == 1, "add_scaled_by", || format!("y {}, x {}, scalar of {}", y.len(), x.len(), s.len()))?;
+        let a = T::of(factor) * s[0];
+        zip_apply(y, x, |y, x| *y = *y + a * x);
+        Ok(())
+    }
+
+    fn dot(&self, a: &Vec<T>, b: &Vec<T>, factor: f32, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
+        check(a.len() == b.len() && out.len() == 1, "dot", || format!("a {}, b {}, out {}", a.len(), b.len(), out.len()))?;
+        let d: T = a.par_chunks(ELEM_CHUNK).zip(b.par_chunks(ELEM_CHUNK)).map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| a * b).sum::<T>()).sum();
+        out[0] = if accumulate { out[0] } else { T::zero() } + T::of(factor) * d;
+        Ok(())
+    }
+
+    fn rmsnorm_backward(&self, x: &Vec<T>, w: &Vec<T>, dy: &Vec<T>, dim: usize, eps: f32, plus_one: bool, dx: &mut Vec<T>, accumulate: bool) -> Result<()> {
+        check(w.len() == dim && x.len().is_multiple_of(dim) && dy.len() == x.len() && dx.len() == x.len(), "rmsnorm_backward", || {
+            format!("x {}, w {}, dy {}, dx {}, dim {dim}", x.len(), w.len(), dy.len(), dx.len())
+        })?;
+        let n = T::from_usize(dim).unwrap_or(T::one());
+        let rows = dx.par_chunks_mut(dim * ROW_CHUNK).zip(x.par_chunks(dim * ROW_CHUNK).zip(dy.par_chunks(dim * ROW_CHUNK)));
+        rows.for_each(|(dx, (x, dy))| {
+            for (dx, (x, dy)) in dx.chunks_exact_mut(dim).zip(x.chunks_exact(dim).zip(dy.chunks_exact(dim))) {
+                // y = g ⊙ x·r with r = (mean x² + eps)^−½ and g = w (or 1 + w):
+                // dx = r·(g ⊙ dy) − x · r³/n · Σ (g ⊙ dy ⊙ x).
+                let r = inv_rms(x, eps);
+                let gain = |i: usize| if plus_one { T::one() + w[i] } else { w[i] };
+                let proj: T = (0..dim).map(|i| gain(i) * dy[i] * x[i]).sum();
+                let c = r * r * r * proj / n;
+                for i in 0..dim {
+                    let g = r * gain(i) * dy[i] - x[i] * c;
+                    dx[i] = if accumulate { dx[i] + g } else { g };
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn rope_backward(&self, dx: &mut Vec<T>, positions: &Vec<u32>, inv_freq: &Vec<T>, heads: usize, head_dim: usize) -> Result<()> {
+        rotate(dx, positions, inv_freq, heads, head_dim, true)
+    }
+
+    fn glu_backward(&self, gate: &Vec<T>, up: &Vec<T>, dy: &Vec<T>, kind: GluKind, dgate: &mut Vec<T>, dup: &mut Vec<T>) -> Result<()> {
+        let n = gate.len();
+        check(up.len() == n && dy.len() == n && dgate.len() == n && dup.len() == n, "glu_backward", || format!("sizes differ from gate's {n}"))?;
+        let outs = dgate.par_chunks_mut(ELEM_CHUNK).zip(dup.par_chunks_mut(ELEM_CHUNK));
+        let ins = gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK).zip(dy.par_chunks(ELEM_CHUNK)));
+        outs.zip(ins).for_each(|((dg, du), (g, (u, dy)))| {
+            for i in 0..g.len() {
+                let (a, da) = activation(kind, g[i]);
+                dg[i] = dy[i] * u[i] * da;
+                du[i] = dy[i] * a;
+            }
+        });
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        key_mask: &Vec<u32>,
+        s: AttentionShape,
+        dout: &Vec<T>,
+        dq: &mut Vec<T>,
+        dk: &mut Vec<T>,
+        dv: &mut Vec<T>,
+    ) -> Result<()> {
+        check_attention(q, k, v, key_mask, s, &[dout.len(), dq.len()])?;
+        check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len()))?;
+        attention::backward(q, k, v, key_mask, s, dout, dq, dk, dv);
+        Ok(())
+    }
+
+    fn cross_entropy_backward(&self, logits: &Vec<T>, targets: &Vec<u32>, vocab: usize, ignore: u32, scale: f32, dlogits: &mut Vec<T>) -> Result<()> {
+        check_targets(logits, targets, vocab, ignore, targets.len())?;
+        check(dlogits.len() == logits.len(), "cross_entropy_backward", || format!("dlogits {} for {} logits", dlogits.len(), logits.len()))?;
+        let scale = T::of(scale);
+        dlogits.par_chunks_mut(vocab).zip(logits.par_chunks(vocab).zip(targets.par_iter())).for_each(|(d, (row, &t))| {
+            if t == ignore {
+                d.fill(T::zero());
+                return;
+            }
+            let (max, sum) = softmax_stats(row);
+            let inv = T::from_f64(1.0 / sum).unwrap_or(T::nan());
+            for (d, &x) in d.iter_mut().zip(row) {
+                *d = scale * (x - max).exp() * inv;
+            }
+            d[t as usize] = d[t as usize] - scale;
+        });
+        Ok(())
+    }
+
+    fn group_reduce(&self, x: &Vec<T>, rows: usize, g: Groups, mean: bool, scale: f32, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
+        check_groups("group_reduce", g, rows, x.len(), out.len())?;
+        let scale = T::of(scale);
+        out.par_chunks_mut(g.groups).zip(x.par_chunks(g.width)).for_each(|(o, x)| {
+            for (k, o) in o.iter_mut().enumerate() {
+                let (a, b) = g.range(k);
+                let v = scale * x[a..b].iter().copied().sum::<T>() / group_divisor::<T>(mean, a, b);
+                *o = if accumulate { *o + v } else { v };
+            }
+        });
+        Ok(())
+    }
+
+    fn group_expand(&self, h: &Vec<T>, rows: usize, g: Groups, mean: bool, scale: f32, y: &mut Vec<T>, accumulate: bool) -> Result<()> {
+        check_groups("group_expand", g, rows, y.len(), h.len())?;
+        let scale = T::of(scale);
+        y.par_chunks_mut(g.width).zip(h.par_chunks(g.groups)).for_each(|(y, h)| {
+            for (k, &hk) in h.iter().enumerate() {
+                let (a, b) = g.range(k);
+                let v = scale * hk / group_divisor::<T>(mean, a, b);
+                for y in &mut y[a..b] {
+                    *y = if accumulate { *y + v } else { v };
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn dropout(&self, x: &Vec<T>, p: f32, seed: u64, out: &mut Vec<T>) -> Result<()> {
+        check(x.len() == out.len() && (0.0..1.0).contains(&p), "dropout", || format!("x {}, out {}, p {p}", x.len(), out.len()))?;
+        let keep = T::one() / (T::one() - T::of(p));
+        out.par_chunks_mut(ELEM_CHUNK).zip(x.par_chunks(ELEM_CHUNK)).enumerate().for_each(|(c, (o, x))| {
+            for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                *o = if dropout_keeps(seed, (c * ELEM_CHUNK + i) as u64, p) { x * keep } else { T::zero() };
+            }
         });
         Ok(())
     }
 }
 
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+/// Whether element `i` survives dropout with probability 1 − p under `seed`: a SplitMix64 hash of
+/// (seed, i) mapped to a uniform in [0, 1) with 24 bits, so every backend can reproduce the mask.
+pub fn dropout_keeps(seed: u64, i: u64, p: f32) -> bool {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= p
 }
 
-pub fn gelu_tanh(x: f32) -> f32 {
-    const C: f32 = 0.797_884_6; // √(2/π)
-    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+fn zip_apply<T: Real>(x: &mut [T], y: &[T], f: impl Fn(&mut T, T) + Sync) {
+    x.par_chunks_mut(ELEM_CHUNK).zip(y.par_chunks(ELEM_CHUNK)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, &y)| f(x, y)));
+}
+
+/// (mean x² + eps)^−½ of one row; the mean is taken in f64 whatever the compute type.
+fn inv_rms<T: Real>(x: &[T], eps: f32) -> T {
+    let ms = x.iter().map(|&v| v.f64() * v.f64()).sum::<f64>() / x.len() as f64;
+    let r = if size_of::<T>() == 4 { (1.0 / ((ms as f32) + eps).sqrt()) as f64 } else { 1.0 / (ms + eps as f64).sqrt() };
+    T::from_f64(r).unwrap_or(T::nan())
+}
+
+/// act(z) and act'(z).
+fn activation<T: Real>(kind: GluKind, z: T) -> (T, T) {
+    let one = T::one();
+    let half = T::of(0.5);
+    match kind {
+        GluKind::Silu => {
+            let e = one + (-z).exp();
+            let s = one / e;
+            // z / (1 + e^−z), as torch computes SiLU.
+            (z / e, s * (one + z * (one - s)))
+        }
+        GluKind::GeluTanh => {
+            let c = T::from_f64((2.0 / std::f64::consts::PI).sqrt()).unwrap_or(T::nan());
+            let a = T::of(0.044715);
+            let t = (c * (z + a * z * z * z)).tanh();
+            let three = T::of(3.0);
+            (half * z * (one + t), half * (one + t) + half * z * (one - t * t) * c * (one + three * a * z * z))
+        }
+    }
+}
+
+/// (max, Σ exp(x − max)) of a row, the sum in f64.
+fn softmax_stats<T: Real>(row: &[T]) -> (T, f64) {
+    let max = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+    (max, row.iter().map(|&x| (x - max).f64().exp()).sum())
+}
+
+/// Rotates each head pair (x1, x2) by +angle (forward) or −angle (the inverse, which is the transpose).
+fn rotate<T: Real>(x: &mut [T], positions: &[u32], inv_freq: &[T], heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
+    let half = head_dim / 2;
+    let row = heads * head_dim;
+    check(inv_freq.len() == half && x.len() == positions.len() * row, "rope", || {
+        format!("x {} values for {} positions × {heads} heads × {head_dim}", x.len(), positions.len())
+    })?;
+    x.par_chunks_mut(row).zip(positions.par_iter()).for_each(|(r, &p)| {
+        let (cos, sin): (Vec<T>, Vec<T>) = inv_freq
+            .iter()
+            .map(|&f| {
+                // The angle is formed in the compute type, as transformers does in f32.
+                let a = T::from_u32(p).unwrap_or(T::nan()) * f;
+                (a.cos(), if inverse { -a.sin() } else { a.sin() })
+            })
+            .unzip();
+        for h in r.chunks_exact_mut(head_dim) {
+            let (x1, x2) = h.split_at_mut(half);
+            for j in 0..half {
+                let (a, b) = (x1[j], x2[j]);
+                x1[j] = a * cos[j] - b * sin[j];
+                x2[j] = b * cos[j] + a * sin[j];
+            }
+        }
+    });
+    Ok(())
+}
+
+fn group_divisor<T: Real>(mean: bool, a: usize, b: usize) -> T {
+    if mean {
+        T::from_usize(b - a).unwrap_or(T::one())
+    } else {
+        T::one()
+    }
+}
+
+fn check_groups(op: &str, g: Groups, rows: usize, wide: usize, narrow: usize) -> Result<()> {
+    check(g.groups > 0 && g.groups <= g.width && wide == rows * g.width && narrow == rows * g.groups, op, || {
+        format!("{rows} rows of {} features in {} groups do not fit buffers of {wide} and {narrow}", g.width, g.groups)
+    })
+}
+
+fn check_targets<T>(logits: &[T], targets: &[u32], vocab: usize, ignore: u32, out: usize) -> Result<()> {
+    check(logits.len() == targets.len() * vocab && out == targets.len(), "cross_entropy", || {
+        format!("{} logits for {} targets × vocab {vocab}", logits.len(), targets.len())
+    })?;
+    if let Some(&bad) = targets.iter().find(|&&t| t != ignore && t as usize >= vocab) {
+        return Err(Error::Invalid(format!("target id {bad} is outside the vocabulary (size {vocab})")));
+    }
+    Ok(())
+}
+
+fn check_attention<T>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: AttentionShape, q_like: &[usize]) -> Result<()> {
+    let q_size = s.batch * s.q_len * s.heads * s.head_dim;
+    let kv_size = s.batch * s.kv_capacity * s.kv_heads * s.head_dim;
+    check(
+        q.len() == q_size
+            && q_like.iter().all(|&n| n == q_size)
+            && k.len() == kv_size
+            && v.len() == kv_size
+            && key_mask.len() == s.batch * s.kv_capacity
+            && s.q_len <= s.kv_len
+            && s.kv_len <= s.kv_capacity
+            && s.kv_heads > 0
+            && s.heads.is_multiple_of(s.kv_heads),
+        "attention",
+        || format!("buffer sizes do not fit {s:?}"),
+    )
 }
