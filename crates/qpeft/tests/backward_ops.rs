@@ -188,7 +188,8 @@ fn dropout_is_reproducible_scaled_and_at_the_asked_rate() {
     assert_ne!(a, c, "another seed, another mask");
     let kept = a.iter().filter(|&&v| v != 0.0).count() as f64 / x.len() as f64;
     assert!((kept - 0.9).abs() < 0.005, "kept {kept}");
-    assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-12));
+    // p arrives as f32: the kept values are 1 / (1 − (0.1 as f32)).
+    assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / (1.0 - 0.1f32 as f64)).abs() < 1e-12));
     // The f32 and f64 backends draw the same mask.
     let mut f = vec![0f32; x.len()];
     Cpu::new().dropout(&vec![1f32; x.len()], 0.1, 42, &mut f).unwrap();
