@@ -1,5 +1,6 @@
 //! qpeft: fine-tune 4-bit-quantized LLMs with LoRA-family adapters, and evaluate them.
 
+pub mod adapters;
 pub mod backend;
 pub mod error;
 pub mod eval;

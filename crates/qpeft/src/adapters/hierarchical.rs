@@ -1,0 +1,86 @@
+//! H-QLoRA (methods.md §6): K LoRA levels on one linear, Δ(x) = Σ_i s_i·B_i·A_i·dropout_i(x), each level with
+//! its own rank r_i, scaling s_i = α_i/r_i and learning-rate scale. With one shared scaling and plain init this
+//! equals a single rank-Σr_i LoRA; the per-level α and learning rates are what make it hierarchical.
+//! Level i's parameters are named `level_<i>.lora_A.weight` / `level_<i>.lora_B.weight` (saved as one PEFT
+//! adapter per level).
+
+use rand_chacha::ChaCha8Rng;
+
+use super::{kaiming, Adapter, InputView, LowRank, Param, Pass};
+use crate::backend::Backend;
+use crate::error::Result;
+
+pub struct Hierarchical<B: Backend> {
+    view: InputView,
+    levels: Vec<LowRank<B>>,
+}
+
+/// Each level draws its own dropout mask.
+fn level_pass(pass: Pass, level: usize) -> Pass {
+    Pass { seed: pass.seed ^ ((level as u64 + 1) << 56), ..pass }
+}
+
+impl<B: Backend> Hierarchical<B> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        be: &B,
+        dropout: f32,
+        ranks: &[usize],
+        alphas: &[f32],
+        lr_scales: &[f32],
+        in_dim: usize,
+        out_dim: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        let levels = ranks
+            .iter()
+            .zip(alphas.iter().zip(lr_scales))
+            .enumerate()
+            .map(|(i, (&r, (&alpha, &lr)))| {
+                let a = kaiming(rng, r, in_dim);
+                LowRank::new(be, &format!("level_{i}."), r, in_dim, out_dim, alpha / r as f32, &a, lr)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Hierarchical { view: InputView { in_dim, pool: None, dropout }, levels })
+    }
+}
+
+impl<B: Backend> Adapter<B> for Hierarchical<B> {
+    fn forward(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass, y: &mut B::Buf) -> Result<()> {
+        for (i, lr) in self.levels.iter().enumerate() {
+            let u = self.view.forward(be, x, rows, level_pass(pass, i))?;
+            let h = lr.hidden(be, &u, rows)?;
+            lr.project(be, &h, rows, y, true)?;
+        }
+        Ok(())
+    }
+
+    fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+        let view = self.view;
+        for (i, lr) in self.levels.iter_mut().enumerate() {
+            let p = level_pass(pass, i);
+            let u = view.forward(be, x, rows, p)?;
+            let h = lr.hidden(be, &u, rows)?;
+            let dh = lr.backward_b(be, &h, dy, rows)?;
+            let du = lr.backward_a(be, &u, &dh, rows)?;
+            view.backward(be, du, rows, p, dx)?;
+        }
+        Ok(())
+    }
+
+    fn params(&self) -> Vec<&Param<B>> {
+        self.levels.iter().flat_map(|l| [&l.a, &l.b]).collect()
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        self.levels.iter_mut().flat_map(|l| [&mut l.a, &mut l.b]).collect()
+    }
+
+    /// Σ_i s_i·B_i·A_i.
+    fn delta_weight(&self, be: &B) -> Result<Vec<f32>> {
+        let mut sum = vec![0f64; self.levels[0].n_out * self.levels[0].n_in];
+        for l in &self.levels {
+            sum.iter_mut().zip(l.product(be)?).for_each(|(s, v)| *s += v);
+        }
+        Ok(sum.into_iter().map(|v| v as f32).collect())
+    }
+}

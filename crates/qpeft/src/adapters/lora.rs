@@ -1,0 +1,53 @@
+//! LoRA / QLoRA with PEFT semantics (methods.md §1.5): Δ(x) = s·B·A·dropout(x), s = α/r, A kaiming-uniform
+//! (U(±1/√in)), B = 0. QA-LoRA is this with an average-pooled input (see `qa_lora`).
+
+use rand_chacha::ChaCha8Rng;
+
+use super::{expand_delta, kaiming, Adapter, AdapterConfig, InputView, LowRank, Param, Pass};
+use crate::backend::Backend;
+use crate::error::Result;
+
+pub struct Lora<B: Backend> {
+    view: InputView,
+    lr: LowRank<B>,
+}
+
+impl<B: Backend> Lora<B> {
+    pub fn new(be: &B, cfg: &AdapterConfig, in_dim: usize, out_dim: usize, rng: &mut ChaCha8Rng) -> Result<Self> {
+        let a = kaiming(rng, cfg.rank, in_dim);
+        Self::on_view(be, cfg, InputView { in_dim, pool: None, dropout: cfg.dropout }, out_dim, &a)
+    }
+
+    /// A LoRA reading `view` of the input, with A initialised to `a` and B zero.
+    pub(crate) fn on_view(be: &B, cfg: &AdapterConfig, view: InputView, out_dim: usize, a: &[f32]) -> Result<Self> {
+        Ok(Lora { view, lr: LowRank::new(be, "", cfg.rank, view.width(), out_dim, cfg.scaling(), a, 1.0)? })
+    }
+}
+
+impl<B: Backend> Adapter<B> for Lora<B> {
+    fn forward(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass, y: &mut B::Buf) -> Result<()> {
+        let u = self.view.forward(be, x, rows, pass)?;
+        let h = self.lr.hidden(be, &u, rows)?;
+        self.lr.project(be, &h, rows, y, true)
+    }
+
+    fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+        let u = self.view.forward(be, x, rows, pass)?;
+        let h = self.lr.hidden(be, &u, rows)?;
+        let dh = self.lr.backward_b(be, &h, dy, rows)?;
+        let du = self.lr.backward_a(be, &u, &dh, rows)?;
+        self.view.backward(be, du, rows, pass, dx)
+    }
+
+    fn params(&self) -> Vec<&Param<B>> {
+        vec![&self.lr.a, &self.lr.b]
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        vec![&mut self.lr.a, &mut self.lr.b]
+    }
+
+    /// s·B·A, spread over each pooled group (÷ its size) when the input is pooled.
+    fn delta_weight(&self, be: &B) -> Result<Vec<f32>> {
+        Ok(expand_delta(&self.lr.product(be)?, self.lr.n_out, self.lr.n_in, 1, self.view.in_dim / self.view.width()))
+    }
+}

@@ -1,0 +1,329 @@
+//! Adapters on a frozen (quantized) linear layer: y = base(x) + Δ(x). One file per method; this module holds
+//! the trait, the resolved per-module configuration, and the pieces every method is built from (the adapter's
+//! view of its input, a scaled rank-r product, initialisers).
+//!
+//! Backward never stores activations: it receives the layer input again and recomputes the rank-r side
+//! (r ≪ in, so that is cheap), and dropout masks come from a counter-based RNG keyed by `Pass::seed`.
+
+pub mod hierarchical;
+pub mod ir_qlora;
+pub mod lora;
+pub mod q_bara;
+pub mod qa_hira;
+pub mod qa_lora;
+
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::{Backend, Groups, MatMul};
+use crate::error::Result;
+
+/// A method and its method-specific key variables.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Method {
+    /// QLoRA / LoRA (PEFT semantics).
+    Lora,
+    /// IR-QLoRA's information elastic connection on a LoRA.
+    IrQlora,
+    /// QA-LoRA: input average-pooled by the int4 base's group size.
+    QaLora { group: usize },
+    /// Q-BaRA: AvgPool λ on the input, repeat-interleave λ on the output, rank λ·r.
+    QBara { lambda: usize },
+    /// QA-HiRA: one matrix [out/l2, in/l1]; `zero_init` zeroes it (the published code does not).
+    QaHira { l1: usize, l2: usize, zero_init: bool },
+    /// H-QLoRA: one LoRA per level with its own rank, α and learning-rate scale.
+    Hierarchical { ranks: Vec<usize>, alphas: Vec<f32>, lr_scales: Vec<f32> },
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Lora => "lora",
+            Method::IrQlora => "ir-qlora",
+            Method::QaLora { .. } => "qa-lora",
+            Method::QBara { .. } => "q-bara",
+            Method::QaHira { .. } => "qa-hira",
+            Method::Hierarchical { .. } => "hierarchical",
+        }
+    }
+}
+
+/// One module's adapter, fully resolved (see `plan`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterConfig {
+    pub method: Method,
+    pub rank: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+}
+
+impl AdapterConfig {
+    /// LoRA scaling s = α/r.
+    pub fn scaling(&self) -> f32 {
+        self.alpha / self.rank as f32
+    }
+
+    /// Trainable parameters on a linear `in → out` (methods.md §11), without building anything.
+    pub fn trainable(&self, in_dim: usize, out_dim: usize) -> usize {
+        let r = self.rank;
+        match &self.method {
+            Method::Lora => r * (in_dim + out_dim),
+            Method::IrQlora => r * (in_dim + out_dim) + 2,
+            Method::QaLora { group } => r * (in_dim / group + out_dim),
+            Method::QBara { lambda } => lambda * r * (in_dim / lambda + out_dim / lambda),
+            Method::QaHira { l1, l2, .. } => (in_dim / l1) * (out_dim / l2),
+            Method::Hierarchical { ranks, .. } => ranks.iter().sum::<usize>() * (in_dim + out_dim),
+        }
+    }
+
+    /// Why this configuration cannot adapt a linear `in → out`, if it cannot.
+    pub fn check(&self, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
+        let r = self.rank;
+        let min = in_dim.min(out_dim);
+        let divides = |what: &str, k: usize, dim: usize, side: &str| {
+            if k == 0 || !dim.is_multiple_of(k) {
+                Err(format!("{what} = {k} does not divide the {side} dimension {dim}"))
+            } else {
+                Ok(())
+            }
+        };
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("dropout = {} is outside [0, 1)", self.dropout));
+        }
+        if !self.alpha.is_finite() {
+            return Err(format!("alpha = {} is not finite", self.alpha));
+        }
+        if !matches!(self.method, Method::QaHira { .. } | Method::Hierarchical { .. }) && (r == 0 || r > min) {
+            return Err(format!("rank = {r} must be in 1..={min} (min(in {in_dim}, out {out_dim}))"));
+        }
+        match &self.method {
+            Method::Lora | Method::IrQlora => Ok(()),
+            Method::QaLora { group } => {
+                divides("group_size", *group, in_dim, "input")?;
+                if r > in_dim / group {
+                    return Err(format!("rank = {r} exceeds the {} pooled inputs (in {in_dim} / group_size {group})", in_dim / group));
+                }
+                Ok(())
+            }
+            Method::QBara { lambda } => {
+                divides("lambda", *lambda, in_dim, "input")?;
+                divides("lambda", *lambda, out_dim, "output")?;
+                let (n_in, n_out) = (in_dim / lambda, out_dim / lambda);
+                if lambda * r > n_in.min(n_out) {
+                    return Err(format!("lambda·rank = {} exceeds min(in/lambda {n_in}, out/lambda {n_out})", lambda * r));
+                }
+                Ok(())
+            }
+            Method::QaHira { l1, l2, .. } => {
+                divides("l1", *l1, in_dim, "input")?;
+                divides("l2", *l2, out_dim, "output")
+            }
+            Method::Hierarchical { ranks, alphas, lr_scales } => {
+                if ranks.is_empty() {
+                    return Err("ranks is empty".into());
+                }
+                if let Some(bad) = ranks.iter().find(|&&ri| ri == 0 || ri > min) {
+                    return Err(format!("ranks entry {bad} must be in 1..={min} (min(in {in_dim}, out {out_dim}))"));
+                }
+                if alphas.len() != ranks.len() || lr_scales.len() != ranks.len() {
+                    return Err(format!("{} ranks but {} level alphas and {} lr scales", ranks.len(), alphas.len(), lr_scales.len()));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A trainable tensor with its gradient (same shape, accumulated by `backward`).
+pub struct Param<B: Backend> {
+    /// The PEFT state-dict suffix, e.g. `lora_A.weight`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub value: B::Buf,
+    pub grad: B::Buf,
+    /// Multiplies the learning rate (H-QLoRA per-level rates); 1 elsewhere.
+    pub lr_scale: f32,
+}
+
+impl<B: Backend> Param<B> {
+    pub fn new(be: &B, name: impl Into<String>, shape: Vec<usize>, init: &[f32], lr_scale: f32) -> Result<Self> {
+        let n = shape.iter().product();
+        debug_assert_eq!(init.len(), n);
+        Ok(Param { name: name.into(), shape, value: be.upload(init)?, grad: be.zeros(n)?, lr_scale })
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One forward/backward call: whether dropout is active, and the seed of its masks (unique per step, layer
+/// and module, so a recomputation or the backward regenerates the same mask).
+#[derive(Clone, Copy, Debug)]
+pub struct Pass {
+    pub training: bool,
+    pub seed: u64,
+}
+
+pub trait Adapter<B: Backend>: Send + Sync {
+    /// y ([rows, out]) += Δ(x) for x [rows, in].
+    fn forward(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass, y: &mut B::Buf) -> Result<()>;
+    /// Given the same x and dy = ∂L/∂y: dx += ∂L/∂x through Δ, and every parameter's grad += its gradient.
+    fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()>;
+    fn params(&self) -> Vec<&Param<B>>;
+    fn params_mut(&mut self) -> Vec<&mut Param<B>>;
+    /// ΔW [out, in] with Δ(x) = x·ΔWᵀ at inference (no dropout), for merging into 16/32-bit weights.
+    fn delta_weight(&self, be: &B) -> Result<Vec<f32>>;
+    fn trainable(&self) -> usize {
+        self.params().iter().map(|p| p.numel()).sum()
+    }
+}
+
+/// Builds the adapter `cfg` describes on a linear `in → out`, initialised from `seed`.
+pub fn build<B: Backend + 'static>(be: &B, cfg: &AdapterConfig, in_dim: usize, out_dim: usize, seed: u64) -> Result<Box<dyn Adapter<B>>> {
+    cfg.check(in_dim, out_dim).map_err(crate::Error::Invalid)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Ok(match &cfg.method {
+        Method::Lora => Box::new(lora::Lora::new(be, cfg, in_dim, out_dim, &mut rng)?),
+        Method::IrQlora => Box::new(ir_qlora::IrQlora::new(be, cfg, in_dim, out_dim, &mut rng)?),
+        Method::QaLora { group } => Box::new(qa_lora::new(be, cfg, *group, in_dim, out_dim, &mut rng)?),
+        Method::QBara { lambda } => Box::new(q_bara::QBara::new(be, cfg, *lambda, in_dim, out_dim, &mut rng)?),
+        Method::QaHira { l1, l2, zero_init } => Box::new(qa_hira::QaHira::new(be, cfg, (*l1, *l2), *zero_init, in_dim, out_dim, &mut rng)?),
+        Method::Hierarchical { ranks, alphas, lr_scales } => {
+            Box::new(hierarchical::Hierarchical::new(be, cfg.dropout, ranks, alphas, lr_scales, in_dim, out_dim, &mut rng)?)
+        }
+    })
+}
+
+/// U(−bound, bound) samples in f32.
+pub(crate) fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f64) -> Vec<f32> {
+    (0..n).map(|_| (((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound) as f32).collect()
+}
+
+/// PEFT's LoRA A init, kaiming_uniform(a = √5) on [rows, fan_in]: U(±1/√fan_in).
+pub(crate) fn kaiming(rng: &mut ChaCha8Rng, rows: usize, fan_in: usize) -> Vec<f32> {
+    uniform(rng, rows * fan_in, 1.0 / (fan_in as f64).sqrt())
+}
+
+/// The adapter's view of its input: u = dropout(avgpool(x)), either step optional.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct InputView {
+    pub in_dim: usize,
+    /// Average pooling of the input features in contiguous groups.
+    pub pool: Option<Groups>,
+    pub dropout: f32,
+}
+
+impl InputView {
+    pub fn width(&self) -> usize {
+        self.pool.map_or(self.in_dim, |g| g.groups)
+    }
+
+    pub fn forward<B: Backend>(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass) -> Result<B::Buf> {
+        let mut u = be.zeros(rows * self.width())?;
+        match self.pool {
+            Some(g) => be.group_reduce(x, rows, g, true, 1.0, &mut u, false)?,
+            None => be.add(&mut u, x)?,
+        }
+        if pass.training && self.dropout > 0.0 {
+            let mut d = be.zeros(rows * self.width())?;
+            be.dropout(&u, self.dropout, pass.seed, &mut d)?;
+            u = d;
+        }
+        Ok(u)
+    }
+
+    /// dx += viewᵀ(du): the same dropout mask, then the pooling's adjoint.
+    pub fn backward<B: Backend>(&self, be: &B, du: B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+        let du = if pass.training && self.dropout > 0.0 {
+            let mut d = be.zeros(rows * self.width())?;
+            be.dropout(&du, self.dropout, pass.seed, &mut d)?;
+            d
+        } else {
+            du
+        };
+        match self.pool {
+            Some(g) => be.group_expand(&du, rows, g, true, 1.0, dx, true),
+            None => be.add(dx, &du),
+        }
+    }
+}
+
+/// The scaled rank-r product z = s·(u·Aᵀ)·Bᵀ with A [r, n_in] and B [n_out, r], shared by every method but
+/// QA-HiRA. h = u·Aᵀ is recomputed in backward.
+pub(crate) struct LowRank<B: Backend> {
+    pub a: Param<B>,
+    pub b: Param<B>,
+    pub rank: usize,
+    pub n_in: usize,
+    pub n_out: usize,
+    pub scaling: f32,
+}
+
+impl<B: Backend> LowRank<B> {
+    /// A from `a_init`, B zero (PEFT), names prefixed by `prefix`.
+    pub fn new(be: &B, prefix: &str, rank: usize, n_in: usize, n_out: usize, scaling: f32, a_init: &[f32], lr_scale: f32) -> Result<Self> {
+        let a = Param::new(be, format!("{prefix}lora_A.weight"), vec![rank, n_in], a_init, lr_scale)?;
+        let b = Param::new(be, format!("{prefix}lora_B.weight"), vec![n_out, rank], &vec![0.0; n_out * rank], lr_scale)?;
+        Ok(LowRank { a, b, rank, n_in, n_out, scaling })
+    }
+
+    /// h = u·Aᵀ [rows, r].
+    pub fn hidden(&self, be: &B, u: &B::Buf, rows: usize) -> Result<B::Buf> {
+        let mut h = be.zeros(rows * self.rank)?;
+        be.matmul(u, &self.a.value, &mut h, MatMul::new(rows, self.rank, self.n_in).bt())?;
+        Ok(h)
+    }
+
+    /// z (+)= s·h·Bᵀ [rows, n_out].
+    pub fn project(&self, be: &B, h: &B::Buf, rows: usize, z: &mut B::Buf, accumulate: bool) -> Result<()> {
+        be.matmul(h, &self.b.value, z, MatMul::new(rows, self.n_out, self.rank).bt().scaled(self.scaling).acc(accumulate))
+    }
+
+    /// Given dz = ∂L/∂z: dB += s·dzᵀ·h, returns dh = s·dz·B.
+    pub fn backward_b(&mut self, be: &B, h: &B::Buf, dz: &B::Buf, rows: usize) -> Result<B::Buf> {
+        let s = self.scaling;
+        be.matmul(dz, h, &mut self.b.grad, MatMul::new(self.n_out, self.rank, rows).at().scaled(s).acc(true))?;
+        let mut dh = be.zeros(rows * self.rank)?;
+        be.matmul(dz, &self.b.value, &mut dh, MatMul::new(rows, self.rank, self.n_out).scaled(s))?;
+        Ok(dh)
+    }
+
+    /// Given dh: dA += dhᵀ·u, returns du = dh·A.
+    pub fn backward_a(&mut self, be: &B, u: &B::Buf, dh: &B::Buf, rows: usize) -> Result<B::Buf> {
+        be.matmul(dh, u, &mut self.a.grad, MatMul::new(self.rank, self.n_in, rows).at().acc(true))?;
+        let mut du = be.zeros(rows * self.n_in)?;
+        be.matmul(dh, &self.a.value, &mut du, MatMul::new(rows, self.n_in, self.rank))?;
+        Ok(du)
+    }
+
+    /// s·B·A [n_out, n_in] on the host, accumulated in f64.
+    pub fn product(&self, be: &B) -> Result<Vec<f64>> {
+        let (a, b) = (be.download(&self.a.value)?, be.download(&self.b.value)?);
+        let s = self.scaling as f64;
+        let mut out = vec![0f64; self.n_out * self.n_in];
+        for j in 0..self.n_out {
+            for k in 0..self.rank {
+                let bjk = s * b[j * self.rank + k] as f64;
+                if bjk != 0.0 {
+                    for (o, &aki) in out[j * self.n_in..(j + 1) * self.n_in].iter_mut().zip(&a[k * self.n_in..(k + 1) * self.n_in]) {
+                        *o += bjk * aki as f64;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Expands a pooled-space ΔW [n_out, n_in] to [out, in]: entry (j, i) takes (⌊j/ko⌋, ⌊i/ki⌋) divided by ki
+/// (the input pooling averages ki features; the output repeat copies ko times).
+pub(crate) fn expand_delta(small: &[f64], n_out: usize, n_in: usize, ko: usize, ki: usize) -> Vec<f32> {
+    let (out, inn) = (n_out * ko, n_in * ki);
+    let mut w = vec![0f32; out * inn];
+    for j in 0..out {
+        for i in 0..inn {
+            w[j * inn + i] = (small[(j / ko) * n_in + i / ki] / ki as f64) as f32;
+        }
+    }
+    w
+}

@@ -1,0 +1,157 @@
+//! Each adapter method on its own: f64 finite-difference checks of the input and parameter gradients (with
+//! dropout active), ΔW against the forward pass, initialisation, and parameter counts.
+
+mod common;
+
+use common::{dot64, fd_error, uniform};
+use qpeft::adapters::{build, Adapter, AdapterConfig, Method, Pass};
+use qpeft::backend::cpu::Cpu;
+
+const BE: Cpu<f64> = Cpu::f64();
+
+fn cfg(method: Method, rank: usize, dropout: f32) -> AdapterConfig {
+    AdapterConfig { method, rank, alpha: 3.0, dropout }
+}
+
+/// (config, in, out) covering every method, IEC also on dimensions its rank does not divide.
+fn cases(dropout: f32) -> Vec<(AdapterConfig, usize, usize)> {
+    vec![
+        (cfg(Method::Lora, 3, dropout), 12, 8),
+        (cfg(Method::IrQlora, 4, dropout), 12, 8),
+        (cfg(Method::IrQlora, 4, dropout), 10, 6),
+        (cfg(Method::QaLora { group: 4 }, 2, dropout), 12, 8),
+        (cfg(Method::QBara { lambda: 2 }, 2, dropout), 12, 8),
+        (cfg(Method::QaHira { l1: 4, l2: 2, zero_init: false }, 4, dropout), 12, 8),
+        (cfg(Method::Hierarchical { ranks: vec![2, 1, 1], alphas: vec![3.0, 1.0, 2.0], lr_scales: vec![1.0, 0.5, 0.5] }, 4, dropout), 12, 8),
+    ]
+}
+
+fn forward(a: &dyn Adapter<Cpu<f64>>, x: &[f64], rows: usize, out: usize, pass: Pass) -> Vec<f64> {
+    let mut y = vec![0.0; rows * out];
+    a.forward(&BE, &x.to_vec(), rows, pass, &mut y).unwrap();
+    y
+}
+
+/// Random non-zero values for every parameter (B = 0 and β = 0 at init would hide half the gradients).
+fn randomise(a: &mut dyn Adapter<Cpu<f64>>, seed: u64) {
+    for (i, p) in a.params_mut().into_iter().enumerate() {
+        p.value = uniform(p.value.len(), seed + i as u64);
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let rows = 5;
+    for (c, n_in, n_out) in cases(0.3) {
+        let mut a = build(&BE, &c, n_in, n_out, 7).unwrap();
+        randomise(a.as_mut(), 100);
+        let x = uniform(rows * n_in, 1);
+        let r = uniform(rows * n_out, 2);
+        let pass = Pass { training: true, seed: 99 };
+        let base_dx = uniform(x.len(), 3);
+        let mut dx = base_dx.clone();
+        a.backward(&BE, &x, &r, rows, pass, &mut dx).unwrap();
+        let dx: Vec<f64> = dx.iter().zip(&base_dx).map(|(a, b)| a - b).collect();
+        let name = c.method.name();
+        let err = fd_error(&x, &dx, 60, |x| dot64(&forward(a.as_ref(), x, rows, n_out, pass), &r));
+        assert!(err < 1e-7, "{name} {n_in}→{n_out}: dx error {err:e}");
+        let count = a.params().len();
+        for i in 0..count {
+            let (value, grad, pname) = {
+                let p = &a.params()[i];
+                (p.value.clone(), p.grad.clone(), p.name.clone())
+            };
+            let err = fd_error(&value, &grad, 40, |v| {
+                a.params_mut()[i].value = v.to_vec();
+                let y = forward(a.as_ref(), &x, rows, n_out, pass);
+                a.params_mut()[i].value = value.clone();
+                dot64(&y, &r)
+            });
+            assert!(err < 1e-7, "{name} {n_in}→{n_out}: {pname} error {err:e}");
+            assert!(grad.iter().any(|&g| g != 0.0), "{name}: {pname} has a zero gradient");
+        }
+        // A second backward accumulates: every gradient doubles.
+        let first: Vec<Vec<f64>> = a.params().iter().map(|p| p.grad.clone()).collect();
+        a.backward(&BE, &x, &r, rows, pass, &mut vec![0.0; x.len()]).unwrap();
+        for (p, g) in a.params().iter().zip(first) {
+            assert!(p.grad.iter().zip(&g).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-12 * b.abs().max(1.0)), "{name}: {} accumulates", p.name);
+        }
+    }
+}
+
+#[test]
+fn delta_weight_reproduces_the_forward_pass() {
+    let rows = 3;
+    for (c, n_in, n_out) in cases(0.3) {
+        let mut a = build(&BE, &c, n_in, n_out, 7).unwrap();
+        randomise(a.as_mut(), 200);
+        let x = uniform(rows * n_in, 4);
+        // Inference: no dropout.
+        let y = forward(a.as_ref(), &x, rows, n_out, Pass { training: false, seed: 0 });
+        let dw = a.delta_weight(&BE).unwrap();
+        for r in 0..rows {
+            for j in 0..n_out {
+                let merged: f64 = (0..n_in).map(|i| x[r * n_in + i] * dw[j * n_in + i] as f64).sum();
+                let got = y[r * n_out + j];
+                assert!((merged - got).abs() < 1e-5 * got.abs().max(1.0), "{} row {r} out {j}: {merged} vs {got}", c.method.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn parameter_counts_match_the_formulas() {
+    for (c, n_in, n_out) in cases(0.0) {
+        let a = build(&BE, &c, n_in, n_out, 1).unwrap();
+        assert_eq!(a.trainable(), c.trainable(n_in, n_out), "{}", c.method.name());
+    }
+    // Hand-derived counts on 12 → 8: LoRA r 3: 3·20; IEC r 4: 4·20 + 2; QA-LoRA r 2, L 4: 2·(3 + 8);
+    // Q-BaRA r 2, λ 2: (2·2)·6 + 4·(2·2); QA-HiRA (4, 2): 3·4; hierarchical 2,1,1: 4·20.
+    let counts: Vec<usize> = cases(0.0).iter().filter(|c| c.1 == 12).map(|(c, i, o)| c.trainable(*i, *o)).collect();
+    assert_eq!(counts, vec![60, 82, 22, 40, 12, 80]);
+}
+
+#[test]
+fn initialisation_follows_each_method() {
+    let (n_in, n_out) = (64, 32);
+    let values = |a: &dyn Adapter<Cpu<f64>>, name: &str| a.params().iter().find(|p| p.name == name).unwrap().value.clone();
+    let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
+    // LoRA: A ~ U(±1/√in), B = 0, so ΔW = 0.
+    let lora = build(&BE, &cfg(Method::Lora, 8, 0.0), n_in, n_out, 3).unwrap();
+    let a = values(lora.as_ref(), "lora_A.weight");
+    assert!(max_abs(&a) <= 1.0 / 8.0 && max_abs(&a) > 0.9 / 8.0);
+    assert!(values(lora.as_ref(), "lora_B.weight").iter().all(|&v| v == 0.0));
+    assert!(lora.delta_weight(&BE).unwrap().iter().all(|&v| v == 0.0));
+    // Same seed, same init; another seed, another one.
+    assert_eq!(a, values(build(&BE, &cfg(Method::Lora, 8, 0.0), n_in, n_out, 3).unwrap().as_ref(), "lora_A.weight"));
+    assert_ne!(a, values(build(&BE, &cfg(Method::Lora, 8, 0.0), n_in, n_out, 4).unwrap().as_ref(), "lora_A.weight"));
+    // IEC: β_A = β_B = 0.
+    let iec = build(&BE, &cfg(Method::IrQlora, 8, 0.0), n_in, n_out, 3).unwrap();
+    assert_eq!(values(iec.as_ref(), "lora_default_A_scale"), vec![0.0]);
+    assert_eq!(values(iec.as_ref(), "lora_default_B_scale"), vec![0.0]);
+    // QA-LoRA: xavier on A [8, 64/16 = 4]: bound √(6/12).
+    let qa = build(&BE, &cfg(Method::QaLora { group: 16 }, 4, 0.0), n_in, n_out, 3).unwrap();
+    let a = values(qa.as_ref(), "lora_A.weight");
+    assert_eq!(a.len(), 4 * 4);
+    assert!(max_abs(&a) <= (6.0f64 / 8.0).sqrt() && max_abs(&a) > 0.5);
+    // QA-HiRA: kaiming on C [32/2, 64/4] as published (Δ ≠ 0 at step 0), or zero.
+    let hira = |zero_init| build(&BE, &cfg(Method::QaHira { l1: 4, l2: 2, zero_init }, 8, 0.0), n_in, n_out, 3).unwrap();
+    let c = values(hira(false).as_ref(), "lora_A.weight");
+    assert_eq!(c.len(), 16 * 16);
+    assert!(max_abs(&c) <= 0.25 && max_abs(&c) > 0.2);
+    assert!(values(hira(true).as_ref(), "lora_A.weight").iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn invalid_configurations_are_refused_with_the_value() {
+    let err = |c: AdapterConfig, i: usize, o: usize| c.check(i, o).unwrap_err();
+    assert!(err(cfg(Method::Lora, 9, 0.0), 12, 8).contains("rank = 9"));
+    assert!(err(cfg(Method::QBara { lambda: 5 }, 1, 0.0), 12, 8).contains("lambda = 5"));
+    assert!(err(cfg(Method::QaHira { l1: 5, l2: 2, zero_init: true }, 1, 0.0), 12, 8).contains("l1 = 5"));
+    assert!(err(cfg(Method::QaHira { l1: 4, l2: 3, zero_init: true }, 1, 0.0), 12, 8).contains("l2 = 3 does not divide the output"));
+    assert!(err(cfg(Method::QaLora { group: 5 }, 1, 0.0), 12, 8).contains("group_size = 5"));
+    assert!(err(cfg(Method::Lora, 2, 1.0), 12, 8).contains("dropout"));
+    let h = Method::Hierarchical { ranks: vec![4, 9], alphas: vec![1.0, 1.0], lr_scales: vec![1.0, 1.0] };
+    assert!(err(cfg(h, 13, 0.0), 12, 8).contains("ranks entry 9"));
+    assert!(build(&BE, &cfg(Method::Lora, 9, 0.0), 12, 8, 0).is_err());
+}
