@@ -11,6 +11,7 @@ pub mod lora;
 pub mod q_bara;
 pub mod qa_hira;
 pub mod qa_lora;
+pub mod set;
 
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -139,6 +139,10 @@ pub trait Backend: Send + Sync {
 
     // ---- backward and adapter ops ----
 
+    /// Σ x, on the host in f64 (losses; a scalar that has to come back anyway).
+    fn sum(&self, x: &Self::Buf) -> Result<f64>;
+    /// dst[dst_at..dst_at + len] = src[src_at..src_at + len].
+    fn copy(&self, src: &Self::Buf, src_at: usize, dst: &mut Self::Buf, dst_at: usize, len: usize) -> Result<()>;
     /// x *= s.
     fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()>;
     /// y += factor · s[0] · x, where s is a one-element device buffer (a trainable scalar such as IEC's β).

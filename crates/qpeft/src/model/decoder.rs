@@ -1,11 +1,14 @@
 //! The decoder: embeddings, pre-norm blocks of attention and gated MLP, final norm, LM head —
 //! one config-driven implementation for every supported family (see `ModelSpec`).
 
+use super::block::{Acts, Ctx, KvTarget};
 use super::checkpoint::Checkpoint;
 use super::kv_cache::KvCache;
 use super::linear::QuantLinear;
 use super::rope;
 use super::spec::{Activation, ModelSpec};
+use crate::adapters::set::AdapterSet;
+use crate::adapters::Pass;
 use crate::backend::{AttentionShape, Backend, GluKind, MatMul, RowWrite};
 use crate::error::{Error, Result};
 
@@ -105,7 +108,7 @@ pub struct Decoder<B: Backend> {
     pub norm: B::Buf,
     /// None when tied to `embed`.
     pub lm_head: Option<QuantLinear<B>>,
-    inv_freq: B::Buf,
+    pub(crate) inv_freq: B::Buf,
 }
 
 /// A batch of equally long token rows; `mask` marks real tokens (1) and padding (0).
@@ -181,18 +184,19 @@ impl<B: Backend> Decoder<B> {
     /// Runs the new tokens of `input` through the decoder, appending them to `cache`, and returns
     /// the final-normed hidden states [batch·seq, hidden].
     pub fn forward(&self, input: &Input, cache: &mut KvCache<B>) -> Result<B::Buf> {
-        self.forward_observed(input, cache, &mut |_, _, _| Ok(()))
+        self.forward_with(input, cache, None, &mut |_, _, _| Ok(()))
     }
 
-    /// `forward`, showing every linear layer's input to `observe(layer, site, x)` (x is [rows, in_dim]);
-    /// calibration (GPTQ) collects its statistics this way.
-    pub fn forward_observed(
+    /// `forward` with adapters on the linears (inference: no dropout), and every linear layer's input shown to
+    /// `observe(layer, site, x)` (x is [rows, in_dim]); calibration (GPTQ) collects its statistics this way.
+    pub fn forward_with(
         &self,
         input: &Input,
         cache: &mut KvCache<B>,
+        adapters: Option<&AdapterSet<B>>,
         observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<B::Buf> {
-        let (be, s) = (&self.backend, &self.spec);
+        let be = &self.backend;
         if input.batch != cache.batch || input.tokens.len() != input.batch * input.seq || input.mask.len() != input.tokens.len() {
             return Err(Error::Invalid(format!(
                 "input of {} tokens ({} × {}) does not fit a cache for batch {}",
@@ -203,65 +207,66 @@ impl<B: Backend> Decoder<B> {
             )));
         }
         let rows = input.tokens.len();
-        let (h, qd, kvd) = (s.hidden_size, s.q_dim(), s.kv_dim());
         let start = cache.len;
         let positions = be.upload_ints(&cache.append_mask(&input.mask, input.seq)?)?;
         let key_mask = be.upload_ints(&cache.key_mask)?;
+        let mut x = self.embed(input)?;
+        let ctx = Ctx {
+            rows,
+            positions: &positions,
+            key_mask: &key_mask,
+            shape: self.attention_shape(input.batch, input.seq, start + input.seq, cache.capacity),
+            glu: self.glu(),
+            pass: Pass { training: false, seed: 0 },
+        };
+        let mut acts = Acts::new(be, rows, &self.dims())?;
+        let at = RowWrite { batch: input.batch, rows: input.seq, capacity: cache.capacity, start, width: self.spec.kv_dim() };
+        for l in 0..self.blocks.len() {
+            let kv = KvTarget::Cache { k: &mut cache.k[l], v: &mut cache.v[l], at };
+            self.block_forward(l, &mut x, &mut acts, kv, &ctx, adapters, observe)?;
+        }
+        cache.len += input.seq;
+        self.final_norm(&x, rows)
+    }
+
+    /// The scaled token embeddings [rows, hidden] of `input`.
+    pub(crate) fn embed(&self, input: &Input) -> Result<B::Buf> {
+        let (be, h) = (&self.backend, self.spec.hidden_size);
         let ids = be.upload_ints(&input.tokens)?;
         // Gemma scales embeddings by √hidden rounded to the activation dtype (f32 here).
-        let scale = if s.scale_embeddings { (h as f32).sqrt() } else { 1.0 };
-        let mut x = be.zeros(rows * h)?;
+        let scale = if self.spec.scale_embeddings { (h as f32).sqrt() } else { 1.0 };
+        let mut x = be.zeros(input.tokens.len() * h)?;
         be.embedding(&self.embed, &ids, h, scale, &mut x)?;
+        Ok(x)
+    }
 
-        let mut n = be.zeros(rows * h)?;
-        let mut q = be.zeros(rows * qd)?;
-        let mut k = be.zeros(rows * kvd)?;
-        let mut v = be.zeros(rows * kvd)?;
-        let mut att = be.zeros(rows * qd)?;
-        let mut gate = be.zeros(rows * s.intermediate_size)?;
-        let mut up = be.zeros(rows * s.intermediate_size)?;
-        let mut act = be.zeros(rows * s.intermediate_size)?;
-        let shape = AttentionShape {
-            batch: input.batch,
-            q_len: input.seq,
-            kv_len: start + input.seq,
-            kv_capacity: cache.capacity,
+    pub(crate) fn final_norm(&self, x: &B::Buf, rows: usize) -> Result<B::Buf> {
+        let (be, s) = (&self.backend, &self.spec);
+        let mut n = be.zeros(rows * s.hidden_size)?;
+        be.rmsnorm(x, &self.norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut n)?;
+        Ok(n)
+    }
+
+    pub(crate) fn attention_shape(&self, batch: usize, q_len: usize, kv_len: usize, kv_capacity: usize) -> AttentionShape {
+        let s = &self.spec;
+        AttentionShape {
+            batch,
+            q_len,
+            kv_len,
+            kv_capacity,
             heads: s.num_heads,
             kv_heads: s.num_kv_heads,
             head_dim: s.head_dim,
             scale: 1.0 / (s.head_dim as f32).sqrt(),
             window: s.sliding_window,
-        };
-        let at = RowWrite { batch: input.batch, rows: input.seq, capacity: cache.capacity, start, width: kvd };
-        let glu = match s.activation {
+        }
+    }
+
+    pub(crate) fn glu(&self) -> GluKind {
+        match self.spec.activation {
             Activation::Silu => GluKind::Silu,
             Activation::GeluTanh => GluKind::GeluTanh,
-        };
-        for (l, blk) in self.blocks.iter().enumerate() {
-            be.rmsnorm(&x, &blk.attn_norm, h, s.rms_norm_eps, s.norm_plus_one, &mut n)?;
-            observe(l, InputSite::Attention, &n)?;
-            blk.q.forward(be, &n, rows, &mut q, false)?;
-            blk.k.forward(be, &n, rows, &mut k, false)?;
-            blk.v.forward(be, &n, rows, &mut v, false)?;
-            be.rope(&mut q, &positions, &self.inv_freq, s.num_heads, s.head_dim)?;
-            be.rope(&mut k, &positions, &self.inv_freq, s.num_kv_heads, s.head_dim)?;
-            be.write_rows(&k, &mut cache.k[l], at)?;
-            be.write_rows(&v, &mut cache.v[l], at)?;
-            be.attention(&q, &cache.k[l], &cache.v[l], &key_mask, shape, &mut att)?;
-            observe(l, InputSite::AttentionOutput, &att)?;
-            blk.o.forward(be, &att, rows, &mut x, true)?;
-
-            be.rmsnorm(&x, &blk.mlp_norm, h, s.rms_norm_eps, s.norm_plus_one, &mut n)?;
-            observe(l, InputSite::Mlp, &n)?;
-            blk.gate.forward(be, &n, rows, &mut gate, false)?;
-            blk.up.forward(be, &n, rows, &mut up, false)?;
-            be.glu(&gate, &up, glu, &mut act)?;
-            observe(l, InputSite::MlpOutput, &act)?;
-            blk.down.forward(be, &act, rows, &mut x, true)?;
         }
-        cache.len += input.seq;
-        be.rmsnorm(&x, &self.norm, h, s.rms_norm_eps, s.norm_plus_one, &mut n)?;
-        Ok(n)
     }
 
     /// Logits [rows, vocab] of final hidden states [rows, hidden].

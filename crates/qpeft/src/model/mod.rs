@@ -1,9 +1,11 @@
+pub mod block;
 pub mod checkpoint;
 pub mod decoder;
 pub mod kv_cache;
 pub mod linear;
 pub mod rope;
 pub mod spec;
+pub mod train;
 
 pub use checkpoint::Checkpoint;
 pub use decoder::{Decoder, Input};

@@ -151,7 +151,7 @@ fn calibrate(ckpt: &Checkpoint, sequences: &[Vec<u32>], progress: &mut dyn FnMut
     for (i, seq) in sequences.iter().enumerate() {
         progress(&format!("calibration sequence {}/{}", i + 1, sequences.len()));
         let mut cache = model.new_cache(1, seq.len())?;
-        model.forward_observed(&Input::single(seq), &mut cache, &mut |layer, site, x| {
+        model.forward_with(&Input::single(seq), &mut cache, None, &mut |layer, site, x| {
             let dim = match site {
                 InputSite::Attention | InputSite::Mlp => s.hidden_size,
                 InputSite::AttentionOutput => s.q_dim(),

@@ -188,6 +188,18 @@ impl<T: Real> Backend for Cpu<T> {
         Ok(())
     }
 
+    fn sum(&self, x: &Vec<T>) -> Result<f64> {
+        Ok(x.iter().map(|v| v.f64()).sum())
+    }
+
+    fn copy(&self, src: &Vec<T>, src_at: usize, dst: &mut Vec<T>, dst_at: usize, len: usize) -> Result<()> {
+        check(src_at + len <= src.len() && dst_at + len <= dst.len(), "copy", || {
+            format!("{len} values from {src_at} of {} to {dst_at} of {}", src.len(), dst.len())
+        })?;
+        dst[dst_at..dst_at + len].copy_from_slice(&src[src_at..src_at + len]);
+        Ok(())
+    }
+
     fn scale(&self, x: &mut Vec<T>, s: f32) -> Result<()> {
         let s = T::of(s);
         x.par_chunks_mut(ELEM_CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x = *x * s));

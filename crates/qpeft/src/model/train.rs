@@ -1,0 +1,225 @@
+//! The training pass of the decoder: causal-LM loss over a batch and the adapters' gradients, with optional
+//! per-block activation checkpointing (keep only each block's input; recompute the block in backward).
+//!
+//! Labels follow transformers: `labels[t]` is the token at t and position t is scored on `labels[t + 1]`;
+//! `IGNORE` (−100 in PyTorch) excludes a target, e.g. padding or the prompt of a response-only loss. The loss is
+//! the mean over the kept targets. The LM head and the loss run over chunks of rows so that the [rows, vocab]
+//! logits never exist at once.
+
+use super::block::{Acts, Ctx, KvTarget};
+use super::decoder::{Decoder, Input};
+use crate::adapters::set::AdapterSet;
+use crate::adapters::Pass;
+use crate::backend::{Backend, MatMul};
+use crate::error::{Error, Result};
+
+/// A target that does not count (PyTorch's ignore_index −100).
+pub const IGNORE: u32 = u32::MAX;
+
+pub struct Batch {
+    pub input: Input,
+    /// [batch, seq], unshifted; IGNORE where no loss is taken.
+    pub labels: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StepOptions {
+    /// Recompute each block's activations in backward instead of keeping them.
+    pub checkpointing: bool,
+    /// Dropout on (training) or off.
+    pub dropout: bool,
+    /// Seed of this step's dropout masks.
+    pub seed: u64,
+    /// Multiplies the gradients (e.g. 1/accumulation steps); the reported loss is unscaled.
+    pub grad_scale: f32,
+    /// Rows per LM-head chunk.
+    pub loss_chunk: usize,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk: 256 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepResult {
+    /// Mean cross-entropy over the kept targets (0 when there are none).
+    pub loss: f64,
+    /// Kept targets.
+    pub tokens: usize,
+}
+
+impl Batch {
+    /// The shifted targets, one per row: position t of a sequence is scored on labels[t + 1].
+    fn targets(&self) -> Result<Vec<u32>> {
+        let Input { batch, seq, .. } = self.input;
+        if self.labels.len() != batch * seq || self.input.tokens.len() != batch * seq || self.input.mask.len() != batch * seq {
+            return Err(Error::Invalid(format!(
+                "batch of {batch} × {seq}: {} tokens, {} mask values, {} labels",
+                self.input.tokens.len(),
+                self.input.mask.len(),
+                self.labels.len()
+            )));
+        }
+        Ok((0..batch * seq).map(|r| if r % seq + 1 < seq { self.labels[r + 1] } else { IGNORE }).collect())
+    }
+
+    /// Position ids: each real token continues its sequence's count; padding gets 0.
+    fn positions(&self) -> Vec<u32> {
+        let Input { batch, seq, ref mask, .. } = self.input;
+        let mut out = Vec::with_capacity(batch * seq);
+        for b in 0..batch {
+            let mut next = 0;
+            for t in 0..seq {
+                if mask[b * seq + t] != 0 {
+                    out.push(next);
+                    next += 1;
+                } else {
+                    out.push(0);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl<B: Backend> Decoder<B> {
+    /// The loss of `batch` without gradients (adapters in inference or training mode per `opts.dropout`).
+    pub fn loss(&self, batch: &Batch, adapters: Option<&AdapterSet<B>>, opts: &StepOptions) -> Result<StepResult> {
+        self.pass(batch, adapters.map(Adapters::Shared), opts)
+    }
+
+    /// The loss of `batch`, and its gradient (× `grad_scale`) added to every adapter parameter's `grad`.
+    pub fn loss_and_backward(&self, batch: &Batch, adapters: &mut AdapterSet<B>, opts: &StepOptions) -> Result<StepResult> {
+        self.pass(batch, Some(Adapters::Training(adapters)), opts)
+    }
+
+    fn pass(&self, batch: &Batch, mut adapters: Option<Adapters<'_, B>>, opts: &StepOptions) -> Result<StepResult> {
+        let be = &self.backend;
+        let targets = batch.targets()?;
+        let Input { batch: nb, seq, .. } = batch.input;
+        let rows = nb * seq;
+        let positions = be.upload_ints(&batch.positions())?;
+        let key_mask = be.upload_ints(&batch.input.mask)?;
+        let ctx = Ctx {
+            rows,
+            positions: &positions,
+            key_mask: &key_mask,
+            shape: self.attention_shape(nb, seq, seq, seq),
+            glu: self.glu(),
+            pass: Pass { training: opts.dropout, seed: opts.seed },
+        };
+        let backward = matches!(adapters, Some(Adapters::Training(_)));
+        let keep_all = backward && !opts.checkpointing;
+        let dims = self.dims();
+
+        // Forward, keeping per block either all activations or (checkpointing) only the input.
+        let mut x = self.embed(&batch.input)?;
+        let mut saved: Vec<Acts<B>> = Vec::new();
+        let mut inputs: Vec<B::Buf> = Vec::new();
+        let mut scratch = Acts::new(be, rows, &dims)?;
+        for l in 0..self.blocks.len() {
+            let shared = adapters.as_ref().map(Adapters::shared);
+            if keep_all {
+                let mut a = Acts::new(be, rows, &dims)?;
+                a.x_in = Some(copy_of(be, &x)?);
+                a.x_mid = Some(be.zeros(be.len(&x))?);
+                self.block_forward(l, &mut x, &mut a, KvTarget::Own, &ctx, shared, &mut |_, _, _| Ok(()))?;
+                saved.push(a);
+            } else {
+                if backward {
+                    inputs.push(copy_of(be, &x)?);
+                }
+                self.block_forward(l, &mut x, &mut scratch, KvTarget::Own, &ctx, shared, &mut |_, _, _| Ok(()))?;
+            }
+        }
+        drop(scratch);
+        let hidden = self.final_norm(&x, rows)?;
+        let kept = targets.iter().filter(|&&t| t != IGNORE).count();
+        let scale = if kept == 0 { 0.0 } else { opts.grad_scale / kept as f32 };
+        let (loss_sum, d_hidden) = self.head_loss(&hidden, &targets, rows, backward.then_some(scale), opts.loss_chunk)?;
+        let result = StepResult { loss: if kept == 0 { 0.0 } else { loss_sum / kept as f64 }, tokens: kept };
+        let (Some(Adapters::Training(set)), Some(d_hidden)) = (adapters.as_mut(), d_hidden) else {
+            return Ok(result);
+        };
+
+        // Backward: final norm, then the blocks in reverse.
+        let s = &self.spec;
+        let mut dx = be.zeros(rows * s.hidden_size)?;
+        be.rmsnorm_backward(&x, &self.norm, &d_hidden, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut dx, false)?;
+        for l in (0..self.blocks.len()).rev() {
+            if keep_all {
+                self.block_backward(l, &mut dx, &saved[l], &ctx, set)?;
+                saved.pop();
+            } else {
+                // Recompute the block from its saved input with the same dropout masks.
+                let x_in = inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?;
+                let mut a = Acts::new(be, rows, &dims)?;
+                let mut x = copy_of(be, &x_in)?;
+                a.x_in = Some(x_in);
+                a.x_mid = Some(be.zeros(be.len(&x))?);
+                self.block_forward(l, &mut x, &mut a, KvTarget::Own, &ctx, Some(set), &mut |_, _, _| Ok(()))?;
+                self.block_backward(l, &mut dx, &a, &ctx, set)?;
+            }
+        }
+        Ok(result)
+    }
+
+    /// Σ cross-entropy of the LM head over the kept targets, and with `grad_scale` Some(c) also
+    /// ∂(c · Σ loss)/∂hidden — computed `chunk` rows at a time.
+    fn head_loss(&self, hidden: &B::Buf, targets: &[u32], rows: usize, grad_scale: Option<f32>, chunk: usize) -> Result<(f64, Option<B::Buf>)> {
+        let (be, h, vocab) = (&self.backend, self.spec.hidden_size, self.spec.vocab_size);
+        let chunk = chunk.max(1);
+        let mut d_hidden = match grad_scale {
+            Some(_) => Some(be.zeros(rows * h)?),
+            None => None,
+        };
+        let mut total = 0f64;
+        for r0 in (0..rows).step_by(chunk) {
+            let n = chunk.min(rows - r0);
+            if targets[r0..r0 + n].iter().all(|&t| t == IGNORE) {
+                continue;
+            }
+            let mut hc = be.zeros(n * h)?;
+            be.copy(hidden, r0 * h, &mut hc, 0, n * h)?;
+            let logits = self.logits(&hc, n)?;
+            let t = be.upload_ints(&targets[r0..r0 + n])?;
+            let mut losses = be.zeros(n)?;
+            be.cross_entropy(&logits, &t, vocab, IGNORE, &mut losses)?;
+            total += be.sum(&losses)?;
+            if let (Some(scale), Some(dh)) = (grad_scale, d_hidden.as_mut()) {
+                let mut dlogits = be.zeros(n * vocab)?;
+                be.cross_entropy_backward(&logits, &t, vocab, IGNORE, scale, &mut dlogits)?;
+                let mut dhc = be.zeros(n * h)?;
+                match &self.lm_head {
+                    Some(head) => head.backward_input(be, &dlogits, n, &mut dhc, false)?,
+                    None => be.matmul(&dlogits, &self.embed, &mut dhc, MatMul::new(n, h, vocab))?,
+                }
+                be.copy(&dhc, 0, dh, r0 * h, n * h)?;
+            }
+        }
+        Ok((total, d_hidden))
+    }
+}
+
+/// The adapters of a pass: read-only (loss only) or with gradients.
+enum Adapters<'a, B: Backend> {
+    Shared(&'a AdapterSet<B>),
+    Training(&'a mut AdapterSet<B>),
+}
+
+impl<B: Backend> Adapters<'_, B> {
+    fn shared(&self) -> &AdapterSet<B> {
+        match self {
+            Adapters::Shared(s) => s,
+            Adapters::Training(s) => s,
+        }
+    }
+}
+
+fn copy_of<B: Backend>(be: &B, x: &B::Buf) -> Result<B::Buf> {
+    let mut y = be.zeros(be.len(x))?;
+    be.copy(x, 0, &mut y, 0, be.len(x))?;
+    Ok(y)
+}

@@ -1,0 +1,161 @@
+//! The whole decoder's training pass: f64 finite differences of the loss against the adapter gradients for
+//! every method (and several families), activation checkpointing giving identical gradients, and LoRA parity
+//! with PEFT on the tiny llama (fixture from scripts/reference/make_peft_lora_fixture.py).
+
+mod common;
+
+use common::{fixtures, read_expected, rel_err, uniform};
+use qpeft::adapters::set::AdapterSet;
+use qpeft::adapters::{AdapterConfig, Method};
+use qpeft::backend::cpu::{Cpu, Real};
+use qpeft::backend::Backend;
+use qpeft::formats::safetensors::SafetensorsStore;
+use qpeft::model::train::{Batch, StepOptions, IGNORE};
+use qpeft::model::{Checkpoint, Decoder, Input};
+
+fn methods() -> Vec<AdapterConfig> {
+    let c = |method, rank| AdapterConfig { method, rank, alpha: 8.0, dropout: 0.25 };
+    vec![
+        c(Method::Lora, 4),
+        // r 6 divides none of 64, 32, 160: IEC's uneven groups.
+        c(Method::IrQlora, 6),
+        c(Method::QaLora { group: 16 }, 4),
+        c(Method::QBara { lambda: 2 }, 2),
+        c(Method::QaHira { l1: 4, l2: 8, zero_init: false }, 4),
+        c(Method::Hierarchical { ranks: vec![4, 2, 2], alphas: vec![8.0, 4.0, 4.0], lr_scales: vec![1.0; 3] }, 8),
+    ]
+}
+
+/// Two rows of 7 tokens: the second right-padded by 2, the first with its 3-token prompt excluded.
+fn batch(vocab: usize) -> Batch {
+    let tokens: Vec<u32> = uniform(14, 77).iter().map(|v| 3 + ((v + 1.0) * 0.5 * (vocab - 4) as f64) as u32).collect();
+    let mut mask = vec![1u32; 14];
+    mask[12] = 0;
+    mask[13] = 0;
+    let mut labels = tokens.clone();
+    for i in [0, 1, 2, 12, 13] {
+        labels[i] = IGNORE;
+    }
+    Batch { input: Input { batch: 2, seq: 7, tokens, mask }, labels }
+}
+
+fn model<T: Real>(family: &str, be: Cpu<T>) -> Decoder<Cpu<T>> {
+    Decoder::load(&Checkpoint::open(&fixtures().join(family)).unwrap(), be).unwrap()
+}
+
+fn adapters<T: Real>(m: &Decoder<Cpu<T>>, cfg: &AdapterConfig) -> AdapterSet<Cpu<T>> {
+    let mut set = AdapterSet::build(&m.backend, &m.spec, 5, |_, _| Some(cfg.clone())).unwrap();
+    // Non-zero B and β so every parameter has a gradient.
+    for (i, p) in set.params_mut().into_iter().enumerate() {
+        let v = uniform(p.value.len(), 1000 + i as u64);
+        p.value = m.backend.upload(&v.iter().map(|x| (x * 0.2) as f32).collect::<Vec<_>>()).unwrap();
+    }
+    set
+}
+
+const TRAIN: StepOptions = StepOptions { checkpointing: false, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5 };
+
+#[test]
+fn decoder_gradients_match_finite_differences_for_every_method() {
+    let cases: Vec<(&str, AdapterConfig)> = methods()
+        .into_iter()
+        .map(|c| ("tiny-llama", c))
+        // GeGLU, (1 + w) norms, scaled embeddings, one KV head; llama3 rope, biases, tied head; sliding window.
+        .chain(["tiny-gemma", "tiny-llama3", "tiny-mistral"].map(|f| (f, methods()[0].clone())))
+        .collect();
+    for (family, cfg) in cases {
+        let m = model(family, Cpu::f64());
+        let b = batch(m.spec.vocab_size);
+        let mut set = adapters(&m, &cfg);
+        let base = m.loss(&b, Some(&set), &TRAIN).unwrap();
+        let got = m.loss_and_backward(&b, &mut set, &TRAIN).unwrap();
+        assert_eq!(base, got, "the training pass reports the same loss");
+        // Position t is scored on labels[t + 1]: row 0 keeps labels 3..=6, row 1 labels 1..=4 (5, 6 are padding).
+        assert_eq!(got.tokens, 8);
+        let names: Vec<String> = set.named_params().into_iter().map(|(n, _)| n).collect();
+        // A sample of tensors: both layers, attention and MLP, every parameter kind.
+        let picked: Vec<usize> = (0..names.len()).filter(|i| i % 3 == 0 || names[*i].contains("scale")).collect();
+        for i in picked {
+            let (value, grad) = {
+                let p = &set.named_params()[i].1;
+                (p.value.clone(), p.grad.clone())
+            };
+            let scale = grad.iter().fold(1e-6f64, |a, g| a.max(g.abs()));
+            let h = 1e-5;
+            let step = (value.len() / 6).max(1);
+            for j in (0..value.len()).step_by(step) {
+                let mut eval = |v: f64| {
+                    set.named_params_mut()[i].1.value[j] = v;
+                    m.loss(&b, Some(&set), &TRAIN).unwrap().loss
+                };
+                let fd = (eval(value[j] + h) - eval(value[j] - h)) / (2.0 * h);
+                set.named_params_mut()[i].1.value[j] = value[j];
+                let err = (fd - grad[j]).abs() / scale;
+                assert!(err < 1e-6, "{family} {}: {}[{j}] fd {fd:e} vs {:e} (err {err:e})", cfg.method.name(), names[i], grad[j]);
+            }
+        }
+    }
+}
+
+#[test]
+fn checkpointing_gives_identical_gradients() {
+    for cfg in methods() {
+        let m = model("tiny-llama", Cpu::new());
+        let b = batch(m.spec.vocab_size);
+        let run = |checkpointing: bool| {
+            let mut set = adapters(&m, &cfg);
+            let r = m.loss_and_backward(&b, &mut set, &StepOptions { checkpointing, ..TRAIN }).unwrap();
+            let grads: Vec<Vec<f32>> = set.named_params().iter().map(|(_, p)| p.grad.clone()).collect();
+            (r, grads)
+        };
+        let (r0, g0) = run(false);
+        let (r1, g1) = run(true);
+        assert_eq!(r0, r1, "{}", cfg.method.name());
+        assert!(g0 == g1, "{}: gradients differ with checkpointing", cfg.method.name());
+        assert!(g0.iter().all(|g| g.iter().any(|&v| v != 0.0)), "{}: a parameter got no gradient", cfg.method.name());
+    }
+}
+
+#[test]
+fn lora_matches_peft() {
+    let dir = fixtures().join("peft-lora");
+    let want = read_expected(&dir.join("expected.safetensors"));
+    let m = model("tiny-llama", Cpu::new());
+    let cfg = AdapterConfig { method: Method::Lora, rank: 8, alpha: 16.0, dropout: 0.0 };
+    let mut set = AdapterSet::build(&m.backend, &m.spec, 0, |_, _| Some(cfg.clone())).unwrap();
+    let store = SafetensorsStore::open_files(&[dir.join("adapter/adapter_model.safetensors")]).unwrap();
+    for (name, p) in set.named_params_mut() {
+        let t = store.read_f32(&format!("base_model.model.{name}")).unwrap().unwrap_or_else(|| panic!("{name} in the PEFT file"));
+        assert_eq!(t.shape, p.shape, "{name}");
+        p.value = t.data;
+    }
+    let ints = |k: &str| want[k].data.iter().map(|&v| v as i64).collect::<Vec<_>>();
+    let (tokens, mask, labels) = (ints("input_ids"), ints("attention_mask"), ints("labels"));
+    let input = Input { batch: 2, seq: 12, tokens: tokens.iter().map(|&t| t as u32).collect(), mask: mask.iter().map(|&t| t as u32).collect() };
+    let b = Batch { input, labels: labels.iter().map(|&l| if l < 0 { IGNORE } else { l as u32 }).collect() };
+
+    // The adapter alone on layer 0's q_proj input.
+    let x = &want["layer0_q_input"].data;
+    let mut delta = vec![0f32; 24 * 64];
+    let pass = qpeft::adapters::Pass { training: false, seed: 0 };
+    set.get(0, qpeft::model::decoder::Proj::Q).unwrap().forward(&m.backend, x, 24, pass, &mut delta).unwrap();
+    let e = rel_err(&delta, &want["layer0_q_lora_delta"].data, |_| true);
+    assert!(e < 1e-5, "layer 0 q_proj LoRA output: {e:e}");
+
+    // Logits through the adapted forward.
+    let mut cache = m.new_cache(2, 12).unwrap();
+    let h = m.forward_with(&b.input, &mut cache, Some(&set), &mut |_, _, _| Ok(())).unwrap();
+    let logits = m.logits(&h, 24).unwrap();
+    let vocab = m.spec.vocab_size;
+    let e = rel_err(&logits, &want["logits"].data, |i| b.input.mask[i / vocab] == 1);
+    assert!(e < 1e-5, "logits: {e:e}");
+
+    let r = m.loss_and_backward(&b, &mut set, &StepOptions::default()).unwrap();
+    let peft_loss = want["loss"].data[0] as f64;
+    assert!((r.loss - peft_loss).abs() / peft_loss < 1e-5, "loss {} vs PEFT {peft_loss}", r.loss);
+    for (name, p) in set.named_params() {
+        let g = &want[&format!("base_model.model.{name}.grad")].data;
+        let e = rel_err(&p.grad, g, |_| true);
+        assert!(e < 1e-5, "{name}: gradient error {e:e}");
+    }
+}
