@@ -12,6 +12,7 @@ use qpeft::model::{Checkpoint, Decoder};
 use qpeft::tokenizer::Message;
 
 mod info;
+mod params;
 mod quantize;
 
 #[derive(Parser)]
@@ -57,6 +58,8 @@ enum Command {
     },
     /// Quantize every block linear to 4 bits (NF4/FP4 bitsandbytes layout or GPTQ int4) into an HF directory.
     Quantize(quantize::QuantizeArgs),
+    /// Trainable adapter parameters of a run config per module kind and depth, against a baseline.
+    Params(params::ParamsArgs),
     /// Mean negative log-likelihood per predicted token and perplexity of a text file.
     Perplexity {
         model: PathBuf,
@@ -84,6 +87,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Info { model, tensors, json } => info::run(&model, tensors, json),
         Command::Quantize(args) => quantize::run(args),
+        Command::Params(args) => params::run(args),
         Command::Generate { model, prompt, chat, system, max_new_tokens, temperature, top_p, seed } => {
             let ckpt = Checkpoint::open(&model)?;
             let tok = ckpt.tokenizer()?;

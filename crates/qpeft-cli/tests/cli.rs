@@ -83,3 +83,28 @@ fn quantize_writes_a_loadable_directory_with_a_report() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("group size 48"), "{}", String::from_utf8_lossy(&bad.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn params_reports_groups_and_change_against_the_baseline() {
+    let out = qpeft(&["params", "--arch", "llama-7b", "--config", "configs/study/rank-mlp-div2.toml", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // MLP at r 32: 32 layers · 3 · 32 · (4096 + 11008); attention at r 64: 32 · 4 · 64 · 8192.
+    assert_eq!(doc["groups"]["mlp"]["params"], 32 * 3 * 32 * 15104);
+    assert_eq!(doc["groups"]["attention"]["params"], 32 * 4 * 64 * 8192);
+    assert_eq!(doc["groups"]["total"]["baseline"], 159_907_840);
+    let pct = doc["groups"]["total"]["change_percent"].as_f64().unwrap();
+    assert!((pct + 29.016).abs() < 0.01, "{pct}");
+    // An explicit baseline file is honoured: QA-HiRA (4, 8) has 202,375,168.
+    let out = qpeft(&["params", "--arch", "llama-7b", "--config", "configs/qlora.toml", "--baseline", "configs/qa-hira.toml"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("total") && l.contains("159,907,840") && l.contains("202,375,168")), "{text}");
+    // A model directory: tiny-llama's k/v are 64 → 32, so rank 64 is refused, naming the module.
+    let out = qpeft(&["params", "tests/fixtures/tiny-llama", "--config", "configs/qlora.toml"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model.layers.0.self_attn.k_proj") && err.contains("rank = 64"), "{err}");
+    let out = qpeft(&["params", "--arch", "gpt-9", "--config", "configs/qlora.toml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("llama-7b"));
+}

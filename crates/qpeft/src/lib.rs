@@ -7,6 +7,7 @@ pub mod eval;
 pub mod formats;
 pub mod generate;
 pub mod model;
+pub mod plan;
 pub mod quant;
 pub mod tensor;
 pub mod tokenizer;

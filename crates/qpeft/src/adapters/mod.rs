@@ -262,6 +262,7 @@ pub(crate) struct LowRank<B: Backend> {
 
 impl<B: Backend> LowRank<B> {
     /// A from `a_init`, B zero (PEFT), names prefixed by `prefix`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(be: &B, prefix: &str, rank: usize, n_in: usize, n_out: usize, scaling: f32, a_init: &[f32], lr_scale: f32) -> Result<Self> {
         let a = Param::new(be, format!("{prefix}lora_A.weight"), vec![rank, n_in], a_init, lr_scale)?;
         let b = Param::new(be, format!("{prefix}lora_B.weight"), vec![n_out, rank], &vec![0.0; n_out * rank], lr_scale)?;

@@ -89,7 +89,49 @@ pub struct ModelSpec {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// Shapes of well-known checkpoints, for parameter accounting without the weights (`qpeft params --arch`).
+pub const BUILTIN: [&str; 8] = ["llama-7b", "llama-13b", "llama2-7b", "llama2-13b", "llama3-8b", "gemma-2b", "gemma-7b", "smollm2-135m"];
+
 impl ModelSpec {
+    /// The shape of a built-in architecture (see `BUILTIN`), from its published config.json.
+    pub fn builtin(name: &str) -> Option<ModelSpec> {
+        // (arch, vocab, hidden, intermediate, layers, heads, kv heads, head_dim, rope θ)
+        let (arch, vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, rope_theta) = match name {
+            "llama-7b" | "llama2-7b" => (Arch::Llama, 32000, 4096, 11008, 32, 32, 32, 128, 10000.0),
+            "llama-13b" | "llama2-13b" => (Arch::Llama, 32000, 5120, 13824, 40, 40, 40, 128, 10000.0),
+            "llama3-8b" => (Arch::Llama, 128256, 4096, 14336, 32, 32, 8, 128, 500000.0),
+            "gemma-2b" => (Arch::Gemma, 256000, 2048, 16384, 18, 8, 1, 256, 10000.0),
+            "gemma-7b" => (Arch::Gemma, 256000, 3072, 24576, 28, 16, 16, 256, 10000.0),
+            "smollm2-135m" => (Arch::Llama, 49152, 576, 1536, 30, 9, 3, 64, 100000.0),
+            _ => return None,
+        };
+        let gemma = arch == Arch::Gemma;
+        Some(ModelSpec {
+            arch,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: if gemma { 1e-6 } else { 1e-5 },
+            rope_theta,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: gemma || name == "smollm2-135m",
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+            norm_plus_one: gemma,
+            scale_embeddings: gemma,
+            sliding_window: None,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+        })
+    }
+
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }

@@ -96,7 +96,8 @@ pub fn backward<T: Real>(
     let group = s.heads / s.kv_heads;
     let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..s.kv_heads).map(move |kh| (b, kh))).collect();
     // Each task returns its dK, dV ([kv_len, d]) and the dQ blocks of its query heads.
-    let results: Vec<(Vec<T>, Vec<T>, Vec<(Block, Vec<T>)>)> = tasks
+    type TaskGrads<T> = (Vec<T>, Vec<T>, Vec<(Block, Vec<T>)>);
+    let results: Vec<TaskGrads<T>> = tasks
         .par_iter()
         .map(|&(b, kh)| {
             let mut dk_t = vec![T::zero(); s.kv_len * d];
