@@ -84,6 +84,18 @@ impl<B: Backend> Block<B> {
             Proj::Down => &self.down,
         }
     }
+
+    pub fn proj_mut(&mut self, p: Proj) -> &mut QuantLinear<B> {
+        match p {
+            Proj::Q => &mut self.q,
+            Proj::K => &mut self.k,
+            Proj::V => &mut self.v,
+            Proj::O => &mut self.o,
+            Proj::Gate => &mut self.gate,
+            Proj::Up => &mut self.up,
+            Proj::Down => &mut self.down,
+        }
+    }
 }
 
 /// Where a block's keys and values go during forward.

@@ -129,16 +129,60 @@ impl GptqInt4 {
 
     /// W [out, in] = f16(scales[g, j] · (q − zero)), the value AutoGPTQ's fp16 forward multiplies by.
     pub fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_with(|g, j| self.zero(g, j) as f32)
+    }
+
+    /// Dequantization with float zero points [groups, out] (after QA-LoRA's merge, `merge_into_zeros`).
+    pub fn dequantize_with_zeros(&self, zeros: &[f16]) -> Vec<f32> {
+        self.dequantize_with(|g, j| zeros[g * self.out_dim + j].to_f32())
+    }
+
+    fn dequantize_with(&self, zero: impl Fn(usize, usize) -> f32) -> Vec<f32> {
         let mut w = vec![0.0f32; self.out_dim * self.in_dim];
         for j in 0..self.out_dim {
             for i in 0..self.in_dim {
                 let g = self.g_idx[i] as usize;
                 let s = self.scales[g * self.out_dim + j].to_f32();
-                let v = s * (self.code(j, i) as f32 - self.zero(g, j) as f32);
+                let v = s * (self.code(j, i) as f32 - zero(g, j));
                 w[j * self.in_dim + i] = f16::from_f32(v).to_f32();
             }
         }
         w
+    }
+
+    /// Folds a ΔW [out, in] that is constant inside every quantization group (QA-LoRA's) into the zero points:
+    /// scale·(q − z') = scale·(q − z) + ΔW gives z' = z − ΔW/scale, stored as fp16 [groups, out] (no longer
+    /// integers, so they cannot be re-packed into 4-bit qzeros). Refuses a ΔW that varies within a group.
+    pub fn merge_into_zeros(&self, delta: &[f32]) -> Result<Vec<f16>> {
+        let (o, n) = (self.out_dim, self.in_dim);
+        if delta.len() != o * n {
+            return Err(Error::Invalid(format!("ΔW has {} values for a {o} × {n} layer", delta.len())));
+        }
+        let groups = self.groups();
+        let mut first: Vec<Option<f32>> = vec![None; groups * o];
+        for j in 0..o {
+            for i in 0..n {
+                let g = self.g_idx[i] as usize;
+                let d = delta[j * n + i];
+                match first[g * o + j] {
+                    None => first[g * o + j] = Some(d),
+                    Some(f) if f == d => {}
+                    Some(f) => {
+                        return Err(Error::Invalid(format!(
+                            "ΔW is not constant inside quantization group {g} of output {j} ({f} vs {d} at input {i}): only a \
+                             group-constant update (QA-LoRA's) folds into the zero points"
+                        )))
+                    }
+                }
+            }
+        }
+        Ok((0..groups * o)
+            .map(|gj| {
+                let (g, j) = (gj / o, gj % o);
+                let s = self.scales[gj].to_f32();
+                f16::from_f32(self.zero(g, j) as f32 - first[gj].unwrap_or(0.0) / s)
+            })
+            .collect())
     }
 
     /// Checks that the arrays fit the dimensions (for checkpoints read from disk).
