@@ -61,18 +61,17 @@ impl<B: Backend> Adapter<B> for Hierarchical<B> {
             let p = level_pass(pass, i);
             let u = view.forward(be, x, rows, p)?;
             let h = lr.hidden(be, &u, rows)?;
-            let dh = lr.backward_b(be, &h, dy, rows)?;
-            let du = lr.backward_a(be, &u, &dh, rows)?;
+            let du = lr.backward(be, &u, &h, dy, rows)?;
             view.backward(be, du, rows, p, dx)?;
         }
         Ok(())
     }
 
     fn params(&self) -> Vec<&Param<B>> {
-        self.levels.iter().flat_map(|l| [&l.a, &l.b]).collect()
+        self.levels.iter().flat_map(LowRank::params).collect()
     }
     fn params_mut(&mut self) -> Vec<&mut Param<B>> {
-        self.levels.iter_mut().flat_map(|l| [&mut l.a, &mut l.b]).collect()
+        self.levels.iter_mut().flat_map(LowRank::params_mut).collect()
     }
 
     /// Σ_i s_i·B_i·A_i.

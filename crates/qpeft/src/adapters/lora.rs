@@ -34,16 +34,15 @@ impl<B: Backend> Adapter<B> for Lora<B> {
     fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
         let u = self.view.forward(be, x, rows, pass)?;
         let h = self.lr.hidden(be, &u, rows)?;
-        let dh = self.lr.backward_b(be, &h, dy, rows)?;
-        let du = self.lr.backward_a(be, &u, &dh, rows)?;
+        let du = self.lr.backward(be, &u, &h, dy, rows)?;
         self.view.backward(be, du, rows, pass, dx)
     }
 
     fn params(&self) -> Vec<&Param<B>> {
-        vec![&self.lr.a, &self.lr.b]
+        self.lr.params()
     }
     fn params_mut(&mut self) -> Vec<&mut Param<B>> {
-        vec![&mut self.lr.a, &mut self.lr.b]
+        self.lr.params_mut()
     }
 
     /// s·B·A, spread over each pooled group (÷ its size) when the input is pooled.

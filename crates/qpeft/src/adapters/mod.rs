@@ -298,6 +298,19 @@ impl<B: Backend> LowRank<B> {
         Ok(du)
     }
 
+    /// Both steps: dB, dA accumulate; returns du.
+    pub fn backward(&mut self, be: &B, u: &B::Buf, h: &B::Buf, dz: &B::Buf, rows: usize) -> Result<B::Buf> {
+        let dh = self.backward_b(be, h, dz, rows)?;
+        self.backward_a(be, u, &dh, rows)
+    }
+
+    pub fn params(&self) -> Vec<&Param<B>> {
+        vec![&self.a, &self.b]
+    }
+    pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        vec![&mut self.a, &mut self.b]
+    }
+
     /// s·B·A [n_out, n_in] on the host, accumulated in f64.
     pub fn product(&self, be: &B) -> Result<Vec<f64>> {
         let (a, b) = (be.download(&self.a.value)?, be.download(&self.b.value)?);

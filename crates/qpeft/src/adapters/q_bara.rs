@@ -46,16 +46,15 @@ impl<B: Backend> Adapter<B> for QBara<B> {
         // The repeat's adjoint sums each run of λ output gradients.
         let mut dz = be.zeros(rows * self.lr.n_out)?;
         be.group_reduce(dy, rows, self.repeat(), false, 1.0, &mut dz, false)?;
-        let dh = self.lr.backward_b(be, &h, &dz, rows)?;
-        let du = self.lr.backward_a(be, &u, &dh, rows)?;
+        let du = self.lr.backward(be, &u, &h, &dz, rows)?;
         self.view.backward(be, du, rows, pass, dx)
     }
 
     fn params(&self) -> Vec<&Param<B>> {
-        vec![&self.lr.a, &self.lr.b]
+        self.lr.params()
     }
     fn params_mut(&mut self) -> Vec<&mut Param<B>> {
-        vec![&mut self.lr.a, &mut self.lr.b]
+        self.lr.params_mut()
     }
 
     /// ΔW[j, i] = (s/λ)·(BA)[⌊j/λ⌋, ⌊i/λ⌋].
