@@ -219,18 +219,23 @@ impl InputView {
         self.pool.map_or(self.in_dim, |g| g.groups)
     }
 
-    pub fn forward<B: Backend>(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass) -> Result<B::Buf> {
-        let mut u = be.zeros(rows * self.width())?;
-        match self.pool {
-            Some(g) => be.group_reduce(x, rows, g, true, 1.0, &mut u, false)?,
-            None => be.add(&mut u, x)?,
+    /// u; x itself (no copy) when there is neither pooling nor active dropout, as for LoRA at inference.
+    pub fn forward<'a, B: Backend>(&self, be: &B, x: &'a B::Buf, rows: usize, pass: Pass) -> Result<Viewed<'a, B>> {
+        let dropout = pass.training && self.dropout > 0.0;
+        let pooled = match self.pool {
+            Some(g) => {
+                let mut u = be.zeros(rows * g.groups)?;
+                be.group_reduce(x, rows, g, true, 1.0, &mut u, false)?;
+                Some(u)
+            }
+            None => None,
+        };
+        if !dropout {
+            return Ok(pooled.map_or(Viewed::Input(x), Viewed::Owned));
         }
-        if pass.training && self.dropout > 0.0 {
-            let mut d = be.zeros(rows * self.width())?;
-            be.dropout(&u, self.dropout, pass.seed, &mut d)?;
-            u = d;
-        }
-        Ok(u)
+        let mut d = be.zeros(rows * self.width())?;
+        be.dropout(pooled.as_ref().unwrap_or(x), self.dropout, pass.seed, &mut d)?;
+        Ok(Viewed::Owned(d))
     }
 
     /// dx += viewᵀ(du): the same dropout mask, then the pooling's adjoint.
@@ -245,6 +250,22 @@ impl InputView {
         match self.pool {
             Some(g) => be.group_expand(&du, rows, g, true, 1.0, dx, true),
             None => be.add(dx, &du),
+        }
+    }
+}
+
+/// The adapter's input view: borrowed from the layer input or computed.
+pub(crate) enum Viewed<'a, B: Backend> {
+    Input(&'a B::Buf),
+    Owned(B::Buf),
+}
+
+impl<B: Backend> std::ops::Deref for Viewed<'_, B> {
+    type Target = B::Buf;
+    fn deref(&self) -> &B::Buf {
+        match self {
+            Viewed::Input(x) => x,
+            Viewed::Owned(u) => u,
         }
     }
 }
