@@ -6,7 +6,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use qpeft::backend::cpu::Cpu;
+use qpeft::adapters::set::AdapterSet;
+use qpeft::backend::cpu::Cpu as CpuBackend;
+use qpeft::backend::Backend;
 use qpeft::eval::perplexity::perplexity;
+use qpeft::formats::peft::read_adapter;
+use qpeft::model::merge::MergedDtype;
 use qpeft::generate::{generate, GenerateOptions};
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::tokenizer::Message;
@@ -14,6 +19,7 @@ use qpeft::tokenizer::Message;
 mod info;
 mod params;
 mod quantize;
+mod train;
 
 #[derive(Parser)]
 #[command(name = "qpeft", version, about = "Fine-tune 4-bit-quantized LLMs with LoRA-family adapters, and evaluate them")]
@@ -39,6 +45,9 @@ enum Command {
     /// Generate text from a prompt (greedy unless --temperature > 0).
     Generate {
         model: PathBuf,
+        /// An adapter directory (qpeft or PEFT LoRA) applied to the model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
         /// Wrap the prompt as a user message in the model's chat template.
@@ -64,11 +73,38 @@ enum Command {
     Perplexity {
         model: PathBuf,
         file: PathBuf,
+        /// An adapter directory, folded into the weights (exact in f32).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Tokens per independently scored window (default: the model's context, at most 2048).
         #[arg(long)]
         window: Option<usize>,
         #[arg(long)]
         json: bool,
+    },
+    /// Fine-tune with adapters: one run from a TOML config, resumable.
+    Train(train::TrainArgs),
+    /// Fold an adapter into the model's weights and write a 16-bit HF directory.
+    Merge {
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+        /// bf16, f16 or f32.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+    },
+    /// Logits of a text (with an optional adapter) as safetensors `input_ids` [n] and `logits` [n, vocab], for
+    /// parity checks against other implementations.
+    Logits {
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(short, long)]
+        out: PathBuf,
     },
 }
 
@@ -88,7 +124,42 @@ fn run(command: Command) -> Result<()> {
         Command::Info { model, tensors, json } => info::run(&model, tensors, json),
         Command::Quantize(args) => quantize::run(args),
         Command::Params(args) => params::run(args),
-        Command::Generate { model, prompt, chat, system, max_new_tokens, temperature, top_p, seed } => {
+        Command::Train(args) => train::run(args),
+        Command::Merge { model, adapter, out, dtype } => {
+            let dtype = match dtype.as_str() {
+                "bf16" | "bfloat16" => MergedDtype::Bf16,
+                "f16" | "float16" => MergedDtype::F16,
+                "f32" | "float32" => MergedDtype::F32,
+                other => anyhow::bail!("--dtype {other}: expected bf16, f16 or f32"),
+            };
+            let ckpt = Checkpoint::open(&model)?;
+            let tok = ckpt.tokenizer()?;
+            let mut m = Decoder::load(&ckpt, Cpu::new())?;
+            let (set, _) = read_adapter(&adapter, &m.backend, &m.spec)?;
+            m.merge_adapters(&set)?;
+            m.write_hf_dir(&ckpt, &tok, dtype, &out)?;
+            eprintln!("merged {} ({} parameters) into {} ({})", adapter.display(), set.trainable(), out.display(), dtype.torch_name());
+            Ok(())
+        }
+        Command::Logits { model, adapter, prompt, out } => {
+            let ckpt = Checkpoint::open(&model)?;
+            let ids = ckpt.tokenizer()?.encode(&prompt, true)?;
+            let m = Decoder::load(&ckpt, Cpu::new())?;
+            let set = load_adapter(&m, adapter.as_deref())?;
+            let mut cache = m.new_cache(1, ids.len())?;
+            let hidden = m.forward_with(&qpeft::model::Input::single(&ids), &mut cache, set.as_ref(), &mut |_, _, _| Ok(()))?;
+            let logits = m.backend.download(&m.logits(&hidden, ids.len())?)?;
+            use qpeft::formats::safetensors::{write_file, OwnedTensor};
+            let ints: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+            let tensors = std::collections::BTreeMap::from([
+                ("input_ids".to_string(), OwnedTensor::i32(vec![ids.len()], &ints)),
+                ("logits".to_string(), OwnedTensor::f32(vec![ids.len(), m.spec.vocab_size], &logits)),
+            ]);
+            write_file(&out, &tensors)?;
+            eprintln!("{} tokens → {}", ids.len(), out.display());
+            Ok(())
+        }
+        Command::Generate { model, adapter, prompt, chat, system, max_new_tokens, temperature, top_p, seed } => {
             let ckpt = Checkpoint::open(&model)?;
             let tok = ckpt.tokenizer()?;
             let text = if chat {
@@ -106,12 +177,13 @@ fn run(command: Command) -> Result<()> {
             let mut stop = ckpt.spec.eos_token_ids.clone();
             stop.extend(tok.eos_token.as_deref().and_then(|t| tok.token_id(t)));
             let model = Decoder::load(&ckpt, Cpu::new())?;
+            let set = load_adapter(&model, adapter.as_deref())?;
             let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop_tokens: stop };
             let mut generated = Vec::new();
             let mut printed = 0;
             let mut stdout = std::io::stdout();
             let start = std::time::Instant::now();
-            generate(&model, &ids, &opts, |t| {
+            generate(&model, set.as_ref(), &ids, &opts, |t| {
                 generated.push(t);
                 let text = tok.decode(&generated, true)?;
                 // Hold back a trailing partial UTF-8 sequence until it completes.
@@ -132,13 +204,16 @@ fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::Perplexity { model, file, window, json } => {
+        Command::Perplexity { model, file, adapter, window, json } => {
             let ckpt = Checkpoint::open(&model)?;
             let tok = ckpt.tokenizer()?;
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let ids = tok.encode(&text, true)?;
             let window = window.unwrap_or(ckpt.spec.max_position_embeddings.min(2048));
-            let model = Decoder::load(&ckpt, Cpu::new())?;
+            let mut model = Decoder::load(&ckpt, Cpu::new())?;
+            if let Some(set) = load_adapter(&model, adapter.as_deref())? {
+                model.merge_adapters(&set)?;
+            }
             let bar = indicatif::ProgressBar::new(ids.len() as u64);
             bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("valid template"));
             let p = perplexity(&model, &ids, window, |n| bar.inc(n as u64))?;
@@ -159,4 +234,12 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The adapter in `dir`, if given, for `model`.
+fn load_adapter(model: &Decoder<CpuBackend>, dir: Option<&std::path::Path>) -> Result<Option<AdapterSet<CpuBackend>>> {
+    Ok(match dir {
+        Some(d) => Some(read_adapter(d, &model.backend, &model.spec)?.0),
+        None => None,
+    })
 }

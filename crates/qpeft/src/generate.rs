@@ -4,6 +4,7 @@
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::adapters::set::AdapterSet;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{Decoder, Input};
@@ -69,6 +70,7 @@ fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut ChaCha8Rng) ->
 /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` for each new token.
 pub fn generate<B: Backend>(
     model: &Decoder<B>,
+    adapters: Option<&AdapterSet<B>>,
     prompt: &[u32],
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
@@ -89,7 +91,7 @@ pub fn generate<B: Backend>(
     let mut out = Vec::new();
     let mut input = Input::single(prompt);
     while out.len() < opts.max_new_tokens {
-        let hidden = model.forward(&input, &mut cache)?;
+        let hidden = model.forward_with(&input, &mut cache, adapters, &mut |_, _, _| Ok(()))?;
         let last = be.download(&hidden)?;
         let h = model.spec.hidden_size;
         let last = be.upload(&last[last.len() - h..])?;

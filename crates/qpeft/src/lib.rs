@@ -2,6 +2,7 @@
 
 pub mod adapters;
 pub mod backend;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod formats;
@@ -11,5 +12,6 @@ pub mod plan;
 pub mod quant;
 pub mod tensor;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

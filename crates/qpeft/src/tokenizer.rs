@@ -297,6 +297,21 @@ impl Tokenizer {
     }
 }
 
+impl Tokenizer {
+    /// `tokenizer.json` and `tokenizer_config.json` documents that transformers and qpeft load back (for
+    /// writing a model directory, e.g. from a GGUF source).
+    pub fn hf_files(&self) -> Result<(String, Value)> {
+        let json = self.inner.to_string(true).map_err(|e| Error::Invalid(format!("cannot serialize the tokenizer of {}: {e}", self.source.display())))?;
+        let config = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token, "eos_token": self.eos_token,
+            "chat_template": self.chat_template,
+            "clean_up_tokenization_spaces": false,
+        });
+        Ok((json, config))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

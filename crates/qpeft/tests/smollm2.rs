@@ -45,7 +45,7 @@ fn chat_template_and_greedy_generation_match_transformers() {
         assert_eq!(prompt_ids, ids(&g["prompt_ids"]), "prompt ids of {prompt:?}");
         let want = ids(&g["generated_ids"]);
         let opts = GenerateOptions { max_new_tokens: 48, stop_tokens: ckpt.spec.eos_token_ids.clone(), ..Default::default() };
-        let got = generate(&model, &prompt_ids, &opts, |_| Ok(())).unwrap();
+        let got = generate(&model, None, &prompt_ids, &opts, |_| Ok(())).unwrap();
         assert_eq!(got, want, "greedy generation for {prompt:?}: got {:?}", tok.decode(&got, true));
         assert_eq!(tok.decode(&got, true).unwrap(), g["text"].as_str().unwrap());
     }

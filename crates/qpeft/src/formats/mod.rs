@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 
 pub mod ggml_quants;
 pub mod gguf;
+pub mod peft;
 pub mod safetensors;
 
 /// Writes `bytes` to `path` so that a reader never sees a partial file and an existing file is only replaced

@@ -2,11 +2,19 @@
 //! merged layer becomes dense). Writing the merged model as a 16-bit HF directory, and QA-LoRA's exact merge
 //! into GPTQ zero points (`GptqInt4::merge_into_zeros`), build on this.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::checkpoint::{Checkpoint, Source};
 use super::decoder::{Decoder, Proj};
 use crate::adapters::set::AdapterSet;
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::formats::safetensors::{write_file, OwnedTensor};
 use crate::quant::base::BaseWeight;
+use crate::tokenizer::Tokenizer;
 
 impl<B: Backend> Decoder<B> {
     /// Adds every adapter's ΔW to its linear's weight; the merged decoder needs no adapters.
@@ -23,5 +31,89 @@ impl<B: Backend> Decoder<B> {
             }
         }
         Ok(())
+    }
+}
+
+/// Storage dtype of a merged model directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergedDtype {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl MergedDtype {
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            MergedDtype::Bf16 => "bfloat16",
+            MergedDtype::F16 => "float16",
+            MergedDtype::F32 => "float32",
+        }
+    }
+    fn tensor(self, shape: Vec<usize>, data: &[f32]) -> OwnedTensor {
+        match self {
+            MergedDtype::Bf16 => OwnedTensor::bf16(shape, data),
+            MergedDtype::F16 => OwnedTensor::f16(shape, &data.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>()),
+            MergedDtype::F32 => OwnedTensor::f32(shape, data),
+        }
+    }
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Writes this decoder (e.g. after `merge_adapters`) as a plain HF directory in `dtype`: model.safetensors,
+    /// config.json (without any quantization_config) and the tokenizer. Refuses a directory that holds a model.
+    pub fn write_hf_dir(&self, ckpt: &Checkpoint, tok: &Tokenizer, dtype: MergedDtype, out: &Path) -> Result<()> {
+        if out.join("model.safetensors").exists() || out.join("config.json").exists() {
+            return Err(Error::Invalid(format!("{} already contains a model; choose a new output directory", out.display())));
+        }
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let (be, s) = (&self.backend, &self.spec);
+        let h = s.hidden_size;
+        let mut tensors = BTreeMap::new();
+        let mut put = |name: String, shape: Vec<usize>, buf: &B::Buf| -> Result<()> {
+            tensors.insert(name, dtype.tensor(shape, &be.download(buf)?));
+            Ok(())
+        };
+        put("model.embed_tokens.weight".into(), vec![s.vocab_size, h], &self.embed)?;
+        put("model.norm.weight".into(), vec![h], &self.norm)?;
+        if let Some(head) = &self.lm_head {
+            put("lm_head.weight".into(), vec![s.vocab_size, h], &head.weight)?;
+        }
+        for (l, block) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            put(format!("{p}.input_layernorm.weight"), vec![h], &block.attn_norm)?;
+            put(format!("{p}.post_attention_layernorm.weight"), vec![h], &block.mlp_norm)?;
+            for pr in Proj::ALL {
+                let lin = block.proj(pr);
+                put(format!("{p}.{}.weight", pr.module()), vec![lin.out_dim, lin.in_dim], &lin.weight)?;
+                if let Some(b) = &lin.bias {
+                    put(format!("{p}.{}.bias", pr.module()), vec![lin.out_dim], b)?;
+                }
+            }
+        }
+        let mut config: Value = match &ckpt.source {
+            Source::Hf { dir, .. } => {
+                let path = dir.join("config.json");
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?
+            }
+            Source::Gguf(_) => s.to_hf_config(&ckpt.path)?,
+        };
+        if let Some(o) = config.as_object_mut() {
+            o.remove("quantization_config");
+            o.insert("torch_dtype".into(), dtype.torch_name().into());
+            o.insert("dtype".into(), dtype.torch_name().into());
+        }
+        let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON serializes");
+        match &ckpt.source {
+            Source::Hf { dir, .. } => crate::quant::model::copy_tokenizer_files(dir, out)?,
+            Source::Gguf(_) => {
+                let (tok_json, tok_config) = tok.hf_files()?;
+                crate::formats::write_atomic(&out.join("tokenizer.json"), tok_json.as_bytes())?;
+                crate::formats::write_atomic(&out.join("tokenizer_config.json"), &pretty(&tok_config))?;
+            }
+        }
+        write_file(&out.join("model.safetensors"), &tensors)?;
+        crate::formats::write_atomic(&out.join("config.json"), &pretty(&config))
     }
 }

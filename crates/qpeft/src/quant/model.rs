@@ -314,6 +314,18 @@ const TOKENIZER_FILES: [&str; 6] = [
     "tokenizer.model",
 ];
 
+/// Copies the tokenizer files of an HF source directory `dir` that exist into `out`.
+pub(crate) fn copy_tokenizer_files(dir: &Path, out: &Path) -> Result<()> {
+    for f in TOKENIZER_FILES {
+        let src = dir.join(f);
+        if src.exists() {
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            crate::formats::write_atomic(&out.join(f), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `q` as an HF directory: model.safetensors, config.json (with `quantization_config`), the tokenizer
 /// files of an HF source, and quantize_report.json. Refuses to write into a directory that already holds a
 /// model, so nothing of the user's is overwritten.
@@ -334,13 +346,7 @@ pub fn write_model_dir(ckpt: &Checkpoint, q: &QuantizedModel, dtype: WeightDtype
     config["torch_dtype"] = Value::from(dtype.torch_name());
     config["dtype"] = Value::from(dtype.torch_name());
     if let Source::Hf { dir, .. } = &ckpt.source {
-        for f in TOKENIZER_FILES {
-            let src = dir.join(f);
-            if src.exists() {
-                let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-                crate::formats::write_atomic(&out.join(f), &bytes)?;
-            }
-        }
+        copy_tokenizer_files(dir, out)?;
     }
     write_file(&out.join("model.safetensors"), &q.tensors)?;
     let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON serializes");
@@ -348,4 +354,43 @@ pub fn write_model_dir(ckpt: &Checkpoint, q: &QuantizedModel, dtype: WeightDtype
     let report = serde_json::to_value(&q.reports).expect("report serializes");
     crate::formats::write_atomic(&out.join("quantize_report.json"), &pretty(&report))?;
     Ok(())
+}
+
+/// The round-to-nearest base of one linear `w` [out, in] in `opts.format` (no calibration): what the trainer
+/// puts under the adapters of an unquantized checkpoint.
+pub fn quantize_weight(w: &[f32], out_dim: usize, in_dim: usize, opts: &QuantizeOptions) -> Result<BaseWeight> {
+    check_finite(w, &[out_dim, in_dim])?;
+    Ok(match opts.format {
+        Format::Nf4 if opts.icq => BaseWeight::IcqNf4(icq::quantize_nf4(w, &[out_dim, in_dim], opts.double_quant, TauSearch::default())?.0),
+        Format::Nf4 | Format::Fp4 => {
+            let kind = if opts.format == Format::Nf4 { FourBit::Nf4 } else { FourBit::Fp4 };
+            BaseWeight::Bnb4(Bnb4::quantize(w, &[out_dim, in_dim], kind, opts.block, opts.double_quant)?)
+        }
+        Format::Int4 => {
+            check_group(opts.group, in_dim)?;
+            let multipliers = range_multipliers(0.1, 50);
+            let find = |row: &[f32]| if opts.icq { find_int4_params(row, opts.sym, &multipliers) } else { GroupParams::find(row, opts.sym, 1.0) };
+            let (codes, params) = quantize_rtn_with(w, in_dim, opts.group, &find);
+            BaseWeight::Int4(GptqInt4::pack(&codes, &params, out_dim, in_dim, opts.group, opts.sym)?)
+        }
+    })
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Replaces every block linear's weight by its `opts` quantization (kept dequantized for compute, with the
+    /// quantized form as the linear's base). `progress` gets each layer's name.
+    pub fn quantize_in_place(&mut self, opts: &QuantizeOptions, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        for l in 0..self.blocks.len() {
+            for p in Proj::ALL {
+                let name = format!("model.layers.{l}.{}", p.module());
+                let lin = self.blocks[l].proj_mut(p);
+                let w = self.backend.download(&lin.weight)?;
+                let base = quantize_weight(&w, lin.out_dim, lin.in_dim, opts).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+                lin.weight = self.backend.upload(&base.dequantize().expect("quantized"))?;
+                lin.base = base;
+                progress(&name);
+            }
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,9 @@
+//! Fine-tuning: the run config, the optimizer and schedules, the run directory with atomic checkpoints, the
+//! training loop and its loss plot.
+
+pub mod config;
+pub mod optimizer;
+pub mod plot;
+pub mod run_dir;
+pub mod schedule;
+pub mod trainer;

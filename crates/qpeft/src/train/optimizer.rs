@@ -1,0 +1,371 @@
+//! AdamW as bitsandbytes computes it (methods.md §8): the 32-bit update, and the 8-bit block-wise variant whose
+//! two moments are stored as 8-bit codes of the dynamic maps with one absmax per 256 elements. Gradients are
+//! clipped to a global L2 norm first (HF `clip_grad_norm_`). The update runs on the host over each parameter's
+//! downloaded value and gradient; moments stay on the host, where checkpoints read them.
+
+use std::collections::BTreeMap;
+
+use crate::adapters::Param;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::formats::safetensors::OwnedTensor;
+use crate::quant::maps::{signed_dynamic, unsigned_dynamic};
+
+/// Elements per absmax block of the 8-bit states.
+pub const BLOCK: usize = 256;
+/// Tensors smaller than this keep 32-bit states even in 8-bit mode (bitsandbytes' `min_8bit_size`).
+pub const MIN_8BIT_SIZE: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateBits {
+    B32,
+    B8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub bits: StateBits,
+}
+
+/// The two moments of one parameter.
+#[derive(Clone, Debug, PartialEq)]
+enum Moments {
+    F32 { m: Vec<f32>, v: Vec<f32> },
+    /// Codes of m (signed map) and v (unsigned map), with per-block absmax.
+    Q8 { m: Vec<u8>, m_absmax: Vec<f32>, v: Vec<u8>, v_absmax: Vec<f32> },
+}
+
+/// Optimizer state: the step count and the moments of every parameter, keyed by the parameter's name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerState {
+    pub step: u64,
+    moments: BTreeMap<String, Moments>,
+}
+
+/// Nearest entry of the sorted `code` to `y`, a tie going to the even index (the CUDA kernel's binary search).
+fn nearest(code: &[f32; 256], y: f32) -> u8 {
+    let i = code.partition_point(|&c| c <= y);
+    if i == 0 {
+        return 0;
+    }
+    if i == 256 {
+        return 255;
+    }
+    let (lo, hi) = (i - 1, i);
+    let mid = (code[lo] + code[hi]) * 0.5;
+    // Below the midpoint, or on it with an even lower index: the lower entry.
+    let pick = if y < mid || (y == mid && lo % 2 == 0) { lo } else { hi };
+    pick as u8
+}
+
+impl OptimizerState {
+    pub fn new() -> Self {
+        OptimizerState { step: 0, moments: BTreeMap::new() }
+    }
+
+    /// The states as named tensors (`{param}.m`, `{param}.v`; 8-bit: `.m.codes`, `.m.absmax`, …) for a checkpoint.
+    pub fn tensors(&self) -> BTreeMap<String, OwnedTensor> {
+        let mut out = BTreeMap::new();
+        for (name, mo) in &self.moments {
+            match mo {
+                Moments::F32 { m, v } => {
+                    out.insert(format!("{name}.m"), OwnedTensor::f32(vec![m.len()], m));
+                    out.insert(format!("{name}.v"), OwnedTensor::f32(vec![v.len()], v));
+                }
+                Moments::Q8 { m, m_absmax, v, v_absmax } => {
+                    out.insert(format!("{name}.m.codes"), OwnedTensor::u8(vec![m.len()], m.clone()));
+                    out.insert(format!("{name}.m.absmax"), OwnedTensor::f32(vec![m_absmax.len()], m_absmax));
+                    out.insert(format!("{name}.v.codes"), OwnedTensor::u8(vec![v.len()], v.clone()));
+                    out.insert(format!("{name}.v.absmax"), OwnedTensor::f32(vec![v_absmax.len()], v_absmax));
+                }
+            }
+        }
+        out
+    }
+
+    /// Rebuilds the state from `tensors` (as written by `tensors`) for the parameters `names` (name, numel).
+    pub fn from_tensors(step: u64, names: &[(String, usize)], get: &dyn Fn(&str) -> Option<Tensor>) -> std::result::Result<Self, String> {
+        let mut moments = BTreeMap::new();
+        for (name, n) in names {
+            let want = |suffix: &str, len: usize| -> std::result::Result<Tensor, String> {
+                let t = get(&format!("{name}{suffix}")).ok_or_else(|| format!("missing optimizer tensor `{name}{suffix}`"))?;
+                if t.len() != len {
+                    return Err(format!("optimizer tensor `{name}{suffix}` has {} elements, expected {len}", t.len()));
+                }
+                Ok(t)
+            };
+            let blocks = n.div_ceil(BLOCK);
+            let mo = match get(&format!("{name}.m")) {
+                Some(_) => Moments::F32 { m: want(".m", *n)?.f32()?, v: want(".v", *n)?.f32()? },
+                None => Moments::Q8 {
+                    m: want(".m.codes", *n)?.u8()?,
+                    m_absmax: want(".m.absmax", blocks)?.f32()?,
+                    v: want(".v.codes", *n)?.u8()?,
+                    v_absmax: want(".v.absmax", blocks)?.f32()?,
+                },
+            };
+            moments.insert(name.clone(), mo);
+        }
+        Ok(OptimizerState { step, moments })
+    }
+}
+
+impl Default for OptimizerState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A stored tensor read back for `from_tensors`.
+pub enum Tensor {
+    F32(Vec<f32>),
+    U8(Vec<u8>),
+}
+
+impl Tensor {
+    fn len(&self) -> usize {
+        match self {
+            Tensor::F32(v) => v.len(),
+            Tensor::U8(v) => v.len(),
+        }
+    }
+    fn f32(self) -> std::result::Result<Vec<f32>, String> {
+        match self {
+            Tensor::F32(v) => Ok(v),
+            Tensor::U8(_) => Err("expected an F32 tensor, found U8".into()),
+        }
+    }
+    fn u8(self) -> std::result::Result<Vec<u8>, String> {
+        match self {
+            Tensor::U8(v) => Ok(v),
+            Tensor::F32(_) => Err("expected a U8 tensor, found F32".into()),
+        }
+    }
+}
+
+/// Global L2 norm of all gradients (f64 accumulation).
+pub fn grad_norm<'a, B: Backend + 'a>(be: &B, params: impl IntoIterator<Item = &'a Param<B>>) -> Result<f64> {
+    let mut sq = 0f64;
+    for p in params {
+        sq += be.download(&p.grad)?.iter().map(|&g| g as f64 * g as f64).sum::<f64>();
+    }
+    Ok(sq.sqrt())
+}
+
+/// HF's clip coefficient: min(1, max_norm / (norm + 1e-6)); no clipping when max_norm ≤ 0.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
+    if max_norm <= 0.0 {
+        1.0
+    } else {
+        (max_norm / (norm + 1e-6)).min(1.0) as f32
+    }
+}
+
+impl AdamW {
+    /// One update of every parameter with learning rate `lr` (× each parameter's `lr_scale`) on gradients
+    /// multiplied by `grad_coef` (the clip coefficient). `params` pairs names with parameters.
+    pub fn step<B: Backend>(&self, be: &B, state: &mut OptimizerState, params: Vec<(String, &mut Param<B>)>, lr: f32, grad_coef: f32) -> Result<()> {
+        state.step += 1;
+        let t = state.step as i32;
+        let c1 = 1.0 - self.beta1.powi(t);
+        let c2 = (1.0 - self.beta2.powi(t)).sqrt();
+        for (name, p) in params {
+            let n = p.numel();
+            let mut value = be.download(&p.value)?;
+            let mut grad = be.download(&p.grad)?;
+            if grad_coef != 1.0 {
+                grad.iter_mut().for_each(|g| *g *= grad_coef);
+            }
+            let eight = self.bits == StateBits::B8 && n >= MIN_8BIT_SIZE;
+            let mo = state.moments.entry(name.clone()).or_insert_with(|| {
+                if eight {
+                    let blocks = n.div_ceil(BLOCK);
+                    Moments::Q8 { m: vec![127; n], m_absmax: vec![0.0; blocks], v: vec![0; n], v_absmax: vec![0.0; blocks] }
+                } else {
+                    Moments::F32 { m: vec![0.0; n], v: vec![0.0; n] }
+                }
+            });
+            let lr = lr * p.lr_scale;
+            match mo {
+                Moments::F32 { m, v } => {
+                    if m.len() != n {
+                        return Err(Error::Invalid(format!("optimizer state of `{name}` has {} elements, the parameter {n}", m.len())));
+                    }
+                    self.update(&mut value, &grad, m, v, lr, c1, c2);
+                }
+                Moments::Q8 { m, m_absmax, v, v_absmax } => self.update_8bit(&mut value, &grad, m, m_absmax, v, v_absmax, lr, c1, c2),
+            }
+            p.value = be.upload(&value)?;
+        }
+        Ok(())
+    }
+
+    /// bitsandbytes' 32-bit kernel: p ← p − lr·(c2/c1)·m/(√v + eps·c2), then decoupled decay p ← p·(1 − lr·wd).
+    #[allow(clippy::too_many_arguments)]
+    fn update(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, c1: f32, c2: f32) {
+        let step_size = -lr * c2 / c1;
+        for i in 0..p.len() {
+            m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g[i];
+            v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g[i] * g[i];
+            p[i] += step_size * (m[i] / (v[i].sqrt() + self.eps * c2));
+            if self.weight_decay > 0.0 {
+                p[i] *= 1.0 - lr * self.weight_decay;
+            }
+        }
+    }
+
+    /// bitsandbytes' 8-bit block-wise kernel: dequantize both moments of a block, update them in f32 (a non-finite
+    /// gradient zeroes them and leaves p alone), step p with the unquantized moments, re-quantize against the new
+    /// block absmax; an m code whose sign differs from m moves one step toward m's sign.
+    #[allow(clippy::too_many_arguments)]
+    fn update_8bit(&self, p: &mut [f32], g: &[f32], mc: &mut [u8], ma: &mut [f32], vc: &mut [u8], va: &mut [f32], lr: f32, c1: f32, c2: f32) {
+        let (ds, du) = (signed_dynamic(), unsigned_dynamic());
+        let step_size = -lr * c2 / c1;
+        let mut m = [0f32; BLOCK];
+        let mut v = [0f32; BLOCK];
+        for (b, start) in (0..p.len()).step_by(BLOCK).enumerate() {
+            let end = (start + BLOCK).min(p.len());
+            let (mut m_max, mut v_max) = (0f32, 0f32);
+            for i in start..end {
+                let j = i - start;
+                if g[i].is_finite() {
+                    m[j] = self.beta1 * (ds[mc[i] as usize] * ma[b]) + (1.0 - self.beta1) * g[i];
+                    v[j] = self.beta2 * (du[vc[i] as usize] * va[b]) + (1.0 - self.beta2) * g[i] * g[i];
+                    p[i] += step_size * (m[j] / (v[j].sqrt() + c2 * self.eps));
+                    if self.weight_decay > 0.0 {
+                        p[i] *= 1.0 - lr * self.weight_decay;
+                    }
+                } else {
+                    m[j] = 0.0;
+                    v[j] = 0.0;
+                }
+                m_max = m_max.max(m[j].abs());
+                v_max = v_max.max(v[j].abs());
+            }
+            ma[b] = m_max;
+            va[b] = v_max;
+            for i in start..end {
+                let j = i - start;
+                let mut c = if m_max > 0.0 { nearest(&ds, m[j] / m_max) } else { 127 };
+                if ds[c as usize].is_sign_negative() != m[j].is_sign_negative() {
+                    c = if m[j] > 0.0 { c.saturating_add(1) } else { c.saturating_sub(1) };
+                }
+                mc[i] = c;
+                vc[i] = if v_max > 0.0 { nearest(&du, v[j] / v_max) } else { 0 };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rounds_to_the_closer_code_and_ties_to_even() {
+        let d = signed_dynamic();
+        assert_eq!(nearest(&d, 1.0), 255);
+        assert_eq!(nearest(&d, -1.0), 0);
+        assert_eq!(nearest(&d, 0.0), 127);
+        assert_eq!(nearest(&d, d[200]), 200);
+        let mid = (d[200] + d[201]) * 0.5;
+        assert_eq!(nearest(&d, mid), 200, "a tie goes to the even index");
+        let mid = (d[201] + d[202]) * 0.5;
+        assert_eq!(nearest(&d, mid), 202);
+        assert_eq!(nearest(&d, f32::from_bits(mid.to_bits() - 1)), 201);
+    }
+
+    /// Adam in its textbook form, in f64: m̂ = m/(1−β1^t), v̂ = v/(1−β2^t), p −= lr·m̂/(√v̂ + eps).
+    fn textbook(p: &mut [f64], grads: &[Vec<f64>], lr: f64, b1: f64, b2: f64, eps: f64) {
+        let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
+        for (t, g) in grads.iter().enumerate() {
+            let t = t as i32 + 1;
+            for i in 0..p.len() {
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let (mh, vh) = (m[i] / (1.0 - b1.powi(t)), v[i] / (1.0 - b2.powi(t)));
+                p[i] -= lr * mh / (vh.sqrt() + eps);
+            }
+        }
+    }
+
+    #[test]
+    fn the_32bit_update_is_adam_with_bias_correction() {
+        let opt = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits: StateBits::B32 };
+        let n = 50;
+        let grads: Vec<Vec<f64>> = (0..5).map(|s| (0..n).map(|i| ((i * 7 + s * 13) % 17) as f64 * 0.01 - 0.08).collect()).collect();
+        let init: Vec<f64> = (0..n).map(|i| i as f64 * 0.02 - 0.5).collect();
+        let mut want = init.clone();
+        textbook(&mut want, &grads, 1e-3, 0.9, 0.999, 1e-8);
+        let mut p: Vec<f32> = init.iter().map(|&x| x as f32).collect();
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        for (t, g) in grads.iter().enumerate() {
+            let t = t as i32 + 1;
+            let g: Vec<f32> = g.iter().map(|&x| x as f32).collect();
+            opt.update(&mut p, &g, &mut m, &mut v, 1e-3, 1.0 - 0.9f32.powi(t), (1.0 - 0.999f32.powi(t)).sqrt());
+        }
+        for i in 0..n {
+            assert!((p[i] as f64 - want[i]).abs() < 2e-6, "{i}: {} vs {}", p[i], want[i]);
+        }
+    }
+
+    #[test]
+    fn weight_decay_is_applied_after_the_step() {
+        let opt = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, bits: StateBits::B32 };
+        let (mut p, mut m, mut v) = (vec![1.0f32], vec![0.0], vec![0.0]);
+        opt.update(&mut p, &[0.5], &mut m, &mut v, 0.01, 0.1, (0.001f32).sqrt());
+        // Step 1: m̂/√v̂ = sign(g) = 1 (eps negligible) → 1 − 0.01 = 0.99, then × (1 − 0.01·0.1).
+        assert!((p[0] - 0.99 * 0.999).abs() < 1e-6, "{}", p[0]);
+    }
+
+    #[test]
+    fn the_8bit_update_tracks_the_32bit_one() {
+        let n = 2 * BLOCK + 17;
+        let make = |bits| AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits };
+        let (o32, o8) = (make(StateBits::B32), make(StateBits::B8));
+        let mut p32: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut p8 = p32.clone();
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let blocks = n.div_ceil(BLOCK);
+        let (mut mc, mut ma, mut vc, mut va) = (vec![127u8; n], vec![0.0; blocks], vec![0u8; n], vec![0.0; blocks]);
+        for t in 1..=20 {
+            // Gradients of ½‖p − target‖² with a per-element target.
+            let g32: Vec<f32> = p32.iter().enumerate().map(|(i, &x)| x - (i as f32 * 0.11).cos()).collect();
+            let g8: Vec<f32> = p8.iter().enumerate().map(|(i, &x)| x - (i as f32 * 0.11).cos()).collect();
+            let (c1, c2) = (1.0 - 0.9f32.powi(t), (1.0 - 0.999f32.powi(t)).sqrt());
+            o32.update(&mut p32, &g32, &mut m, &mut v, 0.01, c1, c2);
+            o8.update_8bit(&mut p8, &g8, &mut mc, &mut ma, &mut vc, &mut va, 0.01, c1, c2);
+        }
+        let moved: f32 = p32.iter().zip((0..n).map(|i| (i as f32 * 0.37).sin())).map(|(a, b)| (a - b).abs()).sum::<f32>() / n as f32;
+        let diff: f32 = p32.iter().zip(&p8).map(|(a, b)| (a - b).abs()).sum::<f32>() / n as f32;
+        assert!(moved > 0.05, "the parameters moved {moved}");
+        assert!(diff < 0.05 * moved, "8-bit drifted {diff} against a movement of {moved}");
+        // The stored absmax is the block maximum of |m|, so the largest code of each block is ±1.
+        for b in 0..blocks {
+            let codes = &mc[b * BLOCK..((b + 1) * BLOCK).min(n)];
+            assert!(codes.iter().any(|&c| c == 255 || c == 0), "block {b} has no full-scale code");
+        }
+    }
+
+    #[test]
+    fn a_non_finite_gradient_zeroes_the_moments_and_keeps_the_parameter() {
+        let o8 = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits: StateBits::B8 };
+        let mut p = vec![0.5f32; 4];
+        let (mut mc, mut ma, mut vc, mut va) = (vec![127u8; 4], vec![0.0; 1], vec![0u8; 4], vec![0.0; 1]);
+        o8.update_8bit(&mut p, &[1.0, f32::NAN, -1.0, f32::INFINITY], &mut mc, &mut ma, &mut vc, &mut va, 0.1, 0.1, 0.0316);
+        assert_eq!((p[1], p[3]), (0.5, 0.5));
+        assert!(p[0] < 0.5 && p[2] > 0.5);
+        assert_eq!((vc[1], vc[3]), (0, 0));
+    }
+
+    #[test]
+    fn clipping_follows_hf() {
+        assert_eq!(clip_coefficient(0.1, 0.3), 1.0);
+        assert!((clip_coefficient(0.6, 0.3) - 0.3 / (0.6 + 1e-6)) as f64 <= 1e-7);
+        assert_eq!(clip_coefficient(10.0, 0.0), 1.0);
+    }
+}

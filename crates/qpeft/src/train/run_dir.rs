@@ -1,0 +1,152 @@
+//! The run directory: `config.toml` (the run's config after `--set`), `metrics.jsonl` (one JSON object per
+//! logged step or evaluation), `checkpoints/step-NNNNNNN/` (adapter, optimizer state, trainer state), the final
+//! `adapter/` and `loss.svg`.
+//!
+//! A checkpoint is written into a hidden temporary directory, every file synced, then renamed into place, so a
+//! crash or a full disk leaves either the complete checkpoint or none; earlier checkpoints are never touched
+//! before the new one is complete.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub const CONFIG: &str = "config.toml";
+pub const METRICS: &str = "metrics.jsonl";
+pub const CHECKPOINTS: &str = "checkpoints";
+pub const FINAL_ADAPTER: &str = "adapter";
+pub const PLOT: &str = "loss.svg";
+
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| Error::io(dir, e))
+}
+
+impl RunDir {
+    /// A new run directory. An existing non-empty one is refused unless `overwrite`, and even then only if it is
+    /// a qpeft run directory (has `config.toml`), so nothing else of the user's is deleted.
+    pub fn create(path: &Path, overwrite: bool) -> Result<RunDir> {
+        let non_empty = path.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false);
+        if non_empty {
+            if !overwrite {
+                return Err(Error::Invalid(format!(
+                    "run directory {} already exists; resume it with --resume {0}, choose another train.out_dir, or pass --overwrite",
+                    path.display()
+                )));
+            }
+            if !path.join(CONFIG).exists() {
+                return Err(Error::Invalid(format!("{} is not a qpeft run directory (no {CONFIG}); refusing to delete it", path.display())));
+            }
+            std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+        }
+        std::fs::create_dir_all(path.join(CHECKPOINTS)).map_err(|e| Error::io(path, e))?;
+        Ok(RunDir { path: path.to_path_buf() })
+    }
+
+    pub fn open(path: &Path) -> Result<RunDir> {
+        if !path.join(CONFIG).exists() {
+            return Err(Error::Invalid(format!("{} is not a qpeft run directory (no {CONFIG})", path.display())));
+        }
+        Ok(RunDir { path: path.to_path_buf() })
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn append_metrics(&self, record: &Value) -> Result<()> {
+        let path = self.file(METRICS);
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        writeln!(f, "{record}").map_err(|e| Error::io(&path, e))
+    }
+
+    /// Every metrics record, in order.
+    pub fn metrics(&self) -> Result<Vec<Value>> {
+        let path = self.file(METRICS);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        // A crash can leave a partial last line; it is dropped.
+        Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    }
+
+    /// Keeps only the records up to and including `step` (a resumed run rewrites what came after).
+    pub fn truncate_metrics(&self, step: u64) -> Result<()> {
+        let kept: Vec<String> =
+            self.metrics()?.into_iter().filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s <= step)).map(|r| r.to_string()).collect();
+        let mut text = kept.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        crate::formats::write_atomic(&self.file(METRICS), text.as_bytes())
+    }
+
+    fn checkpoint_dir(&self, step: u64) -> PathBuf {
+        self.path.join(CHECKPOINTS).join(format!("step-{step:07}"))
+    }
+
+    /// Writes checkpoint `step`: `fill` writes its files into the directory it is given; then the directory is
+    /// synced and renamed into place. On failure the partial directory is removed and the error names the step.
+    pub fn save_checkpoint(&self, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+        let root = self.path.join(CHECKPOINTS);
+        let tmp = root.join(format!(".step-{step:07}.partial"));
+        let done = self.checkpoint_dir(step);
+        let result = (|| {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            }
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            fill(&tmp)?;
+            sync_dir(&tmp)?;
+            if done.exists() {
+                std::fs::remove_dir_all(&done).map_err(|e| Error::io(&done, e))?;
+            }
+            std::fs::rename(&tmp, &done).map_err(|e| Error::io(&done, e))?;
+            sync_dir(&root)
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(Error::Invalid(format!("writing checkpoint of step {step} failed (earlier checkpoints are intact): {e}")));
+        }
+        Ok(done)
+    }
+
+    /// Complete checkpoints, oldest first.
+    pub fn checkpoints(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let root = self.path.join(CHECKPOINTS);
+        let mut out = Vec::new();
+        let entries = match root.read_dir() {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io(&root, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+                out.push((step, entry.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes all but the newest `keep` checkpoints (0 keeps all).
+    pub fn prune(&self, keep: usize) -> Result<()> {
+        let all = self.checkpoints()?;
+        if keep == 0 || all.len() <= keep {
+            return Ok(());
+        }
+        for (_, dir) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,450 @@
+//! The training loop (methods.md §7): micro-batches of `batch_size` examples, `grad_accum` of them per
+//! optimizer step (each micro-batch's mean loss divided by `grad_accum`), global-norm clipping, AdamW, the
+//! learning-rate schedule; held-out loss (and optionally exact match) before training, every `eval.every`
+//! steps and at the end; atomic checkpoints every `checkpoint_every` steps; the final adapter in PEFT format
+//! and the loss plot.
+//!
+//! Determinism: the example order is a function of (data seed, epoch), dropout masks of (seed, step,
+//! micro-batch), and checkpoints hold the exact f32 adapter and optimizer state plus the data position — so a
+//! run resumed from a checkpoint ends bit-identical to one that was never interrupted.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::config::RunConfig;
+use super::optimizer::{clip_coefficient, grad_norm, AdamW, OptimizerState, Tensor};
+use super::plot::loss_svg;
+use super::run_dir::{RunDir, CONFIG, FINAL_ADAPTER, PLOT};
+use crate::adapters::set::AdapterSet;
+use crate::backend::Backend;
+use crate::data::collate::{Collator, Tokenized};
+use crate::data::{builtin, sampler, DataFormat, Example};
+use crate::error::{Error, Result};
+use crate::formats::peft::{self, Modules};
+use crate::formats::safetensors::{write_file, SafetensorsStore};
+use crate::generate::{generate, GenerateOptions};
+use crate::model::train::StepOptions;
+use crate::model::{Checkpoint, Decoder};
+use crate::plan::BaseKind;
+use crate::quant::base::BaseWeight;
+use crate::quant::model::{Format, QuantizeOptions, WeightDtype};
+use crate::tokenizer::Tokenizer;
+
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "trainer_state.json";
+
+/// Where training stands; saved in every checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Current epoch and the next example's position in its order.
+    pub epoch: u64,
+    pub cursor: usize,
+    /// Loss targets trained on so far.
+    pub tokens: u64,
+}
+
+/// What the progress display is told after each step.
+pub struct Progress {
+    pub step: u64,
+    pub steps: u64,
+    pub loss: f64,
+    pub tokens_per_s: f64,
+    pub message: Option<String>,
+}
+
+/// Held-out results at one step.
+#[derive(Clone, Debug, Serialize)]
+pub struct Evaluation {
+    pub step: u64,
+    /// Mean cross-entropy per target token over the evaluated examples.
+    pub eval_loss: f64,
+    pub eval_tokens: usize,
+    /// (correct, judged) when exact match is on.
+    pub exact_match: Option<(usize, usize)>,
+}
+
+/// The outcome of `train`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub trainable: usize,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub first: Option<Evaluation>,
+    pub last: Option<Evaluation>,
+    /// Mean input tokens/s of the steps of this invocation after the first (the steady state).
+    pub tokens_per_s: f64,
+    pub peak_rss_mib: Option<f64>,
+    pub seconds: f64,
+}
+
+/// The peak resident memory of this process (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Loads the model and quantizes its base as `[quant]` says.
+pub fn load_model<B: Backend>(cfg: &RunConfig, backend: B, progress: &mut dyn FnMut(&str)) -> Result<(Decoder<B>, Tokenizer, Checkpoint)> {
+    let ckpt = Checkpoint::open(&cfg.model.path)?;
+    let tok = ckpt.tokenizer()?;
+    let mut model = Decoder::load(&ckpt, backend)?;
+    let q = &cfg.quant;
+    let format = match q.format.as_str() {
+        "nf4" => Some(Format::Nf4),
+        "fp4" => Some(Format::Fp4),
+        "int4" => Some(Format::Int4),
+        _ => None,
+    };
+    if let Some(format) = format {
+        if ckpt.quant.is_some() {
+            return Err(Error::config(&cfg.file, "quant.format", format!("{} is already quantized; set quant.format = \"none\" to train on its stored base", ckpt.path.display())));
+        }
+        if q.icq && format == Format::Fp4 {
+            return Err(Error::config(&cfg.file, "quant.icq", "ICQ is defined for nf4 and int4, not fp4"));
+        }
+        let opts = QuantizeOptions { format, double_quant: q.double_quant, block: q.block, group: q.group, sym: q.sym, icq: q.icq, calibration: None, dtype: WeightDtype::F32 };
+        if format != Format::Int4 {
+            crate::quant::nf4::check_block(q.block).map_err(|e| Error::config(&cfg.file, "quant.block", e.to_string()))?;
+        }
+        model.quantize_in_place(&opts, progress).map_err(|e| Error::config(&cfg.file, "quant", e.to_string()))?;
+    }
+    Ok((model, tok, ckpt))
+}
+
+fn base_kind(b: &BaseWeight) -> BaseKind {
+    match b {
+        BaseWeight::Dense => BaseKind::Dense,
+        BaseWeight::Bnb4(_) | BaseWeight::IcqNf4(_) => BaseKind::Nf4,
+        BaseWeight::Int4(q) => BaseKind::Int4 { group: q.group },
+    }
+}
+
+/// The resolved adapter of every module of `model` under the run's `[adapter]` rules.
+pub fn resolve_modules<B: Backend>(cfg: &RunConfig, model: &Decoder<B>) -> Result<Modules> {
+    cfg.plan.resolve_all(&model.spec, |l, p| base_kind(&model.blocks[l].proj(p).base))
+}
+
+/// Detects a data file's layout from its name and first record.
+fn detect_format(path: &Path) -> Result<DataFormat> {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    if name.ends_with(".json") || name.ends_with(".json.gz") {
+        return Ok(DataFormat::Alpaca);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    let v: Value = serde_json::from_str(first).map_err(|e| Error::format(path, format!("line 1: {e} (set data.format)")))?;
+    Ok(if v.get("text").is_some() {
+        DataFormat::Oasst
+    } else if v.get("instruction").is_some() {
+        DataFormat::Alpaca
+    } else {
+        DataFormat::Jsonl
+    })
+}
+
+/// The run's examples split into (train, held-out).
+pub fn load_data(cfg: &RunConfig, tok: &Tokenizer) -> Result<(Vec<Example>, Vec<Example>)> {
+    let d = &cfg.data;
+    let examples = match (&d.path, &d.builtin) {
+        (Some(path), _) => {
+            let format = match d.format {
+                Some(f) => f,
+                None => detect_format(path)?,
+            };
+            crate::data::load(path, format, tok)?
+        }
+        (None, Some(task)) => builtin::generate(task, d.builtin_size, d.seed)?,
+        (None, None) => unreachable!("checked by RunConfig"),
+    };
+    let (train_idx, eval_idx) = sampler::split(examples.len(), d.eval_size, d.seed);
+    let mut train: Vec<Example> = train_idx.iter().map(|&i| examples[i].clone()).collect();
+    if let Some(n) = d.max_train_examples {
+        train.truncate(n);
+    }
+    let eval = eval_idx.iter().map(|&i| examples[i].clone()).collect();
+    Ok((train, eval))
+}
+
+/// Seed of the dropout masks of one micro-batch.
+fn micro_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    crate::adapters::set::module_seed(seed ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93), micro, crate::model::decoder::Proj::Q)
+}
+
+/// A training session: model, adapters, data, optimizer and where it stands.
+pub struct Trainer<'a, B: Backend> {
+    pub cfg: &'a RunConfig,
+    pub model: &'a Decoder<B>,
+    pub tok: &'a Tokenizer,
+    pub set: AdapterSet<B>,
+    pub modules: Modules,
+    pub train: Vec<Example>,
+    pub eval: Vec<Example>,
+    pub state: TrainerState,
+    pub opt_state: OptimizerState,
+    pub run: RunDir,
+    collator: Collator<'a>,
+    lengths: Vec<usize>,
+    order: (u64, Vec<usize>),
+}
+
+impl<'a, B: Backend + 'static> Trainer<'a, B> {
+    /// A fresh run in `run` (already created), or with `resume` the state of the run's newest checkpoint.
+    pub fn new(cfg: &'a RunConfig, model: &'a Decoder<B>, tok: &'a Tokenizer, run: RunDir, resume: bool) -> Result<Self> {
+        let modules = resolve_modules(cfg, model)?;
+        let mut set = AdapterSet::build(&model.backend, &model.spec, cfg.train.seed, |l, p| modules[l][p as usize].clone())?;
+        if set.trainable() == 0 {
+            return Err(Error::config(&cfg.file, "adapter", "the rules adapt no module: nothing to train"));
+        }
+        let (train, eval) = load_data(cfg, tok)?;
+        let collator = Collator::new(tok, cfg.data.source_max_len, cfg.data.target_max_len, cfg.data.train_on_source)?;
+        let mut state = TrainerState::default();
+        let mut opt_state = OptimizerState::new();
+        if resume {
+            if let Some((step, dir)) = run.checkpoints()?.pop() {
+                peft::load_values(&dir, &model.backend, &mut set)?;
+                let state_path = dir.join(STATE_FILE);
+                let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+                state = serde_json::from_str(&text).map_err(|e| Error::format(&state_path, e.to_string()))?;
+                if state.step != step {
+                    return Err(Error::format(&state_path, format!("step {} inside checkpoint step-{step:07}", state.step)));
+                }
+                opt_state = read_optimizer(&dir.join(OPTIMIZER_FILE), step, &set)?;
+                run.truncate_metrics(step)?;
+            } else {
+                run.truncate_metrics(0)?;
+                // No checkpoint yet: start over, keeping only the pre-training evaluation.
+            }
+        }
+        let lengths = train.iter().map(Example::chars).collect();
+        Ok(Trainer { cfg, model, tok, set, modules, train, eval, state, opt_state, run, collator, lengths, order: (u64::MAX, Vec::new()) })
+    }
+
+    fn next_batch(&mut self) -> Result<Vec<Tokenized>> {
+        let n = self.train.len();
+        if self.state.cursor >= n {
+            self.state.epoch += 1;
+            self.state.cursor = 0;
+        }
+        if self.order.0 != self.state.epoch {
+            let group = self.cfg.data.group_by_length.then_some(self.cfg.train.batch_size * self.cfg.train.grad_accum);
+            self.order = (self.state.epoch, sampler::epoch_order(&self.lengths, self.cfg.data.seed, self.state.epoch, group));
+        }
+        let end = (self.state.cursor + self.cfg.train.batch_size).min(n);
+        let idx = self.order.1[self.state.cursor..end].to_vec();
+        self.state.cursor = end;
+        idx.iter().map(|&i| self.collator.tokenize(&self.train[i])).collect()
+    }
+
+    /// Held-out loss over the first `eval.max_samples` held-out examples, and exact match on the first
+    /// `eval.exact_match` of them.
+    pub fn evaluate(&self) -> Result<Option<Evaluation>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let e = &self.cfg.eval;
+        let opts = StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk: self.cfg.train.loss_chunk };
+        let (mut sum, mut tokens) = (0f64, 0usize);
+        let items: Vec<Tokenized> = self.eval.iter().take(e.max_samples.max(1)).map(|x| self.collator.tokenize(x)).collect::<Result<_>>()?;
+        for chunk in items.chunks(e.batch_size) {
+            let refs: Vec<&Tokenized> = chunk.iter().collect();
+            let r = self.model.loss(&self.collator.batch(&refs), Some(&self.set), &opts)?;
+            sum += r.loss * r.tokens as f64;
+            tokens += r.tokens;
+        }
+        let exact_match = if e.exact_match > 0 {
+            let judged = &self.eval[..e.exact_match.min(self.eval.len())];
+            let answers = exact_match(self.model, Some(&self.set), self.tok, &self.collator, judged, e.max_new_tokens)?;
+            Some((answers.iter().filter(|a| a.correct).count(), answers.len()))
+        } else {
+            None
+        };
+        Ok(Some(Evaluation { step: self.state.step, eval_loss: if tokens == 0 { 0.0 } else { sum / tokens as f64 }, eval_tokens: tokens, exact_match }))
+    }
+
+    fn record_eval(&self, ev: &Evaluation) -> Result<()> {
+        let mut r = json!({"step": ev.step, "eval_loss": ev.eval_loss, "eval_tokens": ev.eval_tokens});
+        if let Some((c, n)) = ev.exact_match {
+            r["exact_match"] = json!(c as f64 / n.max(1) as f64);
+            r["exact_match_n"] = json!(n);
+        }
+        self.run.append_metrics(&r)
+    }
+
+    fn save_checkpoint(&self) -> Result<()> {
+        let spec = &self.model.spec;
+        let be = &self.model.backend;
+        self.run.save_checkpoint(self.state.step, |dir| {
+            peft::write_adapter(dir, be, spec, &self.set, &self.modules, &self.cfg.model.path.display().to_string())?;
+            write_file(&dir.join(OPTIMIZER_FILE), &self.opt_state.tensors())?;
+            crate::formats::write_atomic(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(&self.state).expect("state serializes"))
+        })?;
+        self.run.prune(self.cfg.train.keep_checkpoints)
+    }
+
+    /// Trains to `train.steps`, calling `progress` after every step.
+    pub fn run(&mut self, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
+        let (cfg, t) = (self.cfg, &self.cfg.train);
+        let start = Instant::now();
+        let opt = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, bits: cfg.state_bits() };
+        let warmup = cfg.warmup();
+        let mut first = None;
+        if self.state.step == 0 {
+            progress(&Progress { step: 0, steps: t.steps, loss: f64::NAN, tokens_per_s: 0.0, message: Some("evaluating before training".into()) });
+            first = self.evaluate()?;
+            if let Some(ev) = &first {
+                self.record_eval(ev)?;
+            }
+        }
+        let mut rates = Vec::new();
+        let be = &self.model.backend;
+        while self.state.step < t.steps {
+            let step_start = Instant::now();
+            let step = self.state.step;
+            self.set.zero_grads(be)?;
+            let (mut loss, mut tokens, mut inputs) = (0f64, 0usize, 0usize);
+            for micro in 0..t.grad_accum {
+                let items = self.next_batch()?;
+                let refs: Vec<&Tokenized> = items.iter().collect();
+                let batch = self.collator.batch(&refs);
+                inputs += batch.input.mask.iter().filter(|&&m| m != 0).count();
+                let opts = StepOptions {
+                    checkpointing: t.checkpointing,
+                    dropout: true,
+                    seed: micro_seed(t.seed, step, micro),
+                    grad_scale: 1.0 / t.grad_accum as f32,
+                    loss_chunk: t.loss_chunk,
+                };
+                let r = self.model.loss_and_backward(&batch, &mut self.set, &opts)?;
+                if !r.loss.is_finite() {
+                    return Err(Error::Invalid(format!(
+                        "the loss is {} at step {} (micro-batch {micro}); stopping — the newest checkpoint in {} is intact",
+                        r.loss,
+                        step + 1,
+                        self.run.path.display()
+                    )));
+                }
+                loss += r.loss / t.grad_accum as f64;
+                tokens += r.tokens;
+            }
+            let norm = grad_norm(be, self.set.named_params().into_iter().map(|(_, p)| p))?;
+            if !norm.is_finite() {
+                return Err(Error::Invalid(format!("the gradient norm is {norm} at step {}; stopping", step + 1)));
+            }
+            let lr = (t.lr * t.schedule.multiplier(step, warmup, t.steps)) as f32;
+            opt.step(be, &mut self.opt_state, self.set.named_params_mut(), lr, clip_coefficient(norm, t.max_grad_norm))?;
+            self.state.step += 1;
+            self.state.tokens += tokens as u64;
+            let secs = step_start.elapsed().as_secs_f64();
+            // Throughput counts every real (non-padding) input token, as peers report it.
+            let rate = inputs as f64 / secs;
+            rates.push(rate);
+            self.run.append_metrics(&json!({
+                "step": self.state.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "input_tokens": inputs,
+                "tokens_per_s": rate, "epoch": self.state.epoch, "seconds": secs,
+            }))?;
+            progress(&Progress { step: self.state.step, steps: t.steps, loss, tokens_per_s: rate, message: None });
+            let at_end = self.state.step == t.steps;
+            if (cfg.eval.every > 0 && self.state.step.is_multiple_of(cfg.eval.every)) || at_end {
+                progress(&Progress { step: self.state.step, steps: t.steps, loss, tokens_per_s: rate, message: Some("evaluating".into()) });
+                if let Some(ev) = self.evaluate()? {
+                    self.record_eval(&ev)?;
+                }
+            }
+            if (t.checkpoint_every > 0 && self.state.step.is_multiple_of(t.checkpoint_every)) || at_end {
+                self.save_checkpoint()?;
+            }
+        }
+        self.finish()?;
+        let last = self.run.metrics()?.into_iter().rev().find(|r| r.get("eval_loss").is_some()).map(|r| Evaluation {
+            step: r["step"].as_u64().unwrap_or(0),
+            eval_loss: r["eval_loss"].as_f64().unwrap_or(f64::NAN),
+            eval_tokens: r["eval_tokens"].as_u64().unwrap_or(0) as usize,
+            exact_match: r.get("exact_match").and_then(Value::as_f64).map(|f| {
+                let n = r["exact_match_n"].as_u64().unwrap_or(0) as usize;
+                ((f * n as f64).round() as usize, n)
+            }),
+        });
+        let steady = if rates.len() > 1 { &rates[1..] } else { &rates[..] };
+        Ok(Summary {
+            run_dir: self.run.path.clone(),
+            steps: self.state.step,
+            trainable: self.set.trainable(),
+            train_examples: self.train.len(),
+            eval_examples: self.eval.len(),
+            first,
+            last,
+            tokens_per_s: if steady.is_empty() { 0.0 } else { steady.iter().sum::<f64>() / steady.len() as f64 },
+            peak_rss_mib: peak_rss_mib(),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The final adapter and the loss plot.
+    fn finish(&self) -> Result<()> {
+        let dir = self.run.file(FINAL_ADAPTER);
+        peft::write_adapter(&dir, &self.model.backend, &self.model.spec, &self.set, &self.modules, &self.cfg.model.path.display().to_string())?;
+        let metrics = self.run.metrics()?;
+        let series = |key: &str| -> Vec<(f64, f64)> {
+            metrics.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect()
+        };
+        let title = format!("{} — {}", self.run.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), self.cfg.model.path.display());
+        crate::formats::write_atomic(&self.run.file(PLOT), loss_svg(&title, &series("loss"), &series("eval_loss")).as_bytes())
+    }
+}
+
+fn read_optimizer<B: Backend>(path: &Path, step: u64, set: &AdapterSet<B>) -> Result<OptimizerState> {
+    let store = SafetensorsStore::open_files(&[path.to_path_buf()])?;
+    let names: Vec<(String, usize)> = set.named_params().into_iter().map(|(n, p)| (n, p.numel())).collect();
+    let get = |name: &str| -> Option<Tensor> {
+        let raw = store.read_raw(name)?;
+        match raw.dtype {
+            safetensors::Dtype::U8 => raw.to_u8(name).ok().map(Tensor::U8),
+            _ => store.read_f32(name).ok().flatten().map(|t| Tensor::F32(t.data)),
+        }
+    };
+    OptimizerState::from_tensors(step, &names, &get).map_err(|e| Error::format(path, e))
+}
+
+/// Greedy answers to `examples`' sources (prompted as the collator prompts them), judged by exact match of the
+/// trimmed text with the target.
+pub fn exact_match<B: Backend>(
+    model: &Decoder<B>,
+    adapters: Option<&AdapterSet<B>>,
+    tok: &Tokenizer,
+    collator: &Collator<'_>,
+    examples: &[Example],
+    max_new_tokens: usize,
+) -> Result<Vec<Answer>> {
+    let mut stop = model.spec.eos_token_ids.clone();
+    stop.extend(tok.eos_token.as_deref().and_then(|t| tok.token_id(t)));
+    let opts = GenerateOptions { max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_tokens: stop.clone() };
+    let mut out = Vec::with_capacity(examples.len());
+    for ex in examples {
+        let prompt = collator.prompt(ex)?;
+        let ids = generate(model, adapters, &prompt, &opts, |_| Ok(()))?;
+        let answer_ids: Vec<u32> = ids.into_iter().filter(|t| !stop.contains(t)).collect();
+        let answer = tok.decode(&answer_ids, true)?.trim().to_string();
+        let correct = answer == ex.target.trim();
+        out.push(Answer { text: answer, correct });
+    }
+    Ok(out)
+}
+
+/// A generated answer and whether it matches the target exactly.
+pub struct Answer {
+    pub text: String,
+    pub correct: bool,
+}
+
+/// Reads a run directory's `config.toml` (for `--resume`), applying `sets`.
+pub fn resume_config(run: &Path, sets: &[String]) -> Result<RunConfig> {
+    RunConfig::read(&run.join(CONFIG), sets)
+}
