@@ -9,7 +9,6 @@ use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
 use qpeft::backend::cpu::{Cpu, Real};
 use qpeft::backend::Backend;
-use qpeft::formats::safetensors::SafetensorsStore;
 use qpeft::model::train::{Batch, StepOptions, IGNORE};
 use qpeft::model::{Checkpoint, Decoder, Input};
 
@@ -121,14 +120,10 @@ fn lora_matches_peft() {
     let dir = fixtures().join("peft-lora");
     let want = read_expected(&dir.join("expected.safetensors"));
     let m = model("tiny-llama", Cpu::new());
-    let cfg = AdapterConfig { method: Method::Lora, rank: 8, alpha: 16.0, dropout: 0.0 };
-    let mut set = AdapterSet::build(&m.backend, &m.spec, 0, |_, _| Some(cfg.clone())).unwrap();
-    let store = SafetensorsStore::open_files(&[dir.join("adapter/adapter_model.safetensors")]).unwrap();
-    for (name, p) in set.named_params_mut() {
-        let t = store.read_f32(&format!("base_model.model.{name}")).unwrap().unwrap_or_else(|| panic!("{name} in the PEFT file"));
-        assert_eq!(t.shape, p.shape, "{name}");
-        p.value = t.data;
-    }
+    // PEFT's own adapter directory, through qpeft's adapter reader.
+    let (mut set, modules) = qpeft::formats::peft::read_adapter(&dir.join("adapter"), &m.backend, &m.spec).unwrap();
+    let lora = AdapterConfig { method: Method::Lora, rank: 8, alpha: 16.0, dropout: 0.0 };
+    assert!(modules.iter().flatten().all(|c| c.as_ref() == Some(&lora)), "r 8, α 16 on every linear");
     let ints = |k: &str| want[k].data.iter().map(|&v| v as i64).collect::<Vec<_>>();
     let (tokens, mask, labels) = (ints("input_ids"), ints("attention_mask"), ints("labels"));
     let input = Input { batch: 2, seq: 12, tokens: tokens.iter().map(|&t| t as u32).collect(), mask: mask.iter().map(|&t| t as u32).collect() };

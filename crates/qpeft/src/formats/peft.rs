@@ -205,7 +205,7 @@ fn modules_from_peft(path: &Path, c: &Value, spec: &ModelSpec) -> Result<Modules
         Some("LORA") => {}
         other => return Err(Error::unsupported(path, format!("peft_type {other:?} (only LORA adapters load)"))),
     }
-    for flag in ["use_dora", "use_rslora", "fan_in_fan_out"] {
+    for flag in ["use_dora", "use_rslora", "fan_in_fan_out", "use_qalora"] {
         if field(flag).and_then(Value::as_bool) == Some(true) {
             return Err(Error::unsupported(path, format!("`{flag}: true`")));
         }

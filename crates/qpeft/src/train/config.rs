@@ -103,6 +103,8 @@ pub struct TrainSection {
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
+    /// 8-bit optimizers keep 32-bit states for tensors smaller than this (bitsandbytes' `min_8bit_size`).
+    pub min_8bit_size: usize,
     /// Global gradient-norm clip (0: off).
     pub max_grad_norm: f64,
     /// Seed of adapter init and dropout.
@@ -133,6 +135,7 @@ impl Default for TrainSection {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            min_8bit_size: super::optimizer::MIN_8BIT_SIZE,
             max_grad_norm: 0.3,
             seed: 0,
             checkpointing: true,

@@ -13,7 +13,7 @@ use crate::quant::maps::{signed_dynamic, unsigned_dynamic};
 
 /// Elements per absmax block of the 8-bit states.
 pub const BLOCK: usize = 256;
-/// Tensors smaller than this keep 32-bit states even in 8-bit mode (bitsandbytes' `min_8bit_size`).
+/// bitsandbytes' default `min_8bit_size`: smaller tensors keep 32-bit states even in 8-bit mode.
 pub const MIN_8BIT_SIZE: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub struct AdamW {
     pub eps: f32,
     pub weight_decay: f32,
     pub bits: StateBits,
+    /// Tensors with fewer elements keep 32-bit states in 8-bit mode.
+    pub min_8bit_size: usize,
 }
 
 /// The two moments of one parameter.
@@ -180,7 +182,7 @@ impl AdamW {
             if grad_coef != 1.0 {
                 grad.iter_mut().for_each(|g| *g *= grad_coef);
             }
-            let eight = self.bits == StateBits::B8 && n >= MIN_8BIT_SIZE;
+            let eight = self.bits == StateBits::B8 && n >= self.min_8bit_size;
             let mo = state.moments.entry(name.clone()).or_insert_with(|| {
                 if eight {
                     let blocks = n.div_ceil(BLOCK);
@@ -295,7 +297,7 @@ mod tests {
 
     #[test]
     fn the_32bit_update_is_adam_with_bias_correction() {
-        let opt = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits: StateBits::B32 };
+        let opt = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits: StateBits::B32, min_8bit_size: MIN_8BIT_SIZE };
         let n = 50;
         let grads: Vec<Vec<f64>> = (0..5).map(|s| (0..n).map(|i| ((i * 7 + s * 13) % 17) as f64 * 0.01 - 0.08).collect()).collect();
         let init: Vec<f64> = (0..n).map(|i| i as f64 * 0.02 - 0.5).collect();
@@ -315,7 +317,7 @@ mod tests {
 
     #[test]
     fn weight_decay_is_applied_after_the_step() {
-        let opt = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, bits: StateBits::B32 };
+        let opt = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, bits: StateBits::B32, min_8bit_size: MIN_8BIT_SIZE };
         let (mut p, mut m, mut v) = (vec![1.0f32], vec![0.0], vec![0.0]);
         opt.update(&mut p, &[0.5], &mut m, &mut v, 0.01, 0.1, (0.001f32).sqrt());
         // Step 1: m̂/√v̂ = sign(g) = 1 (eps negligible) → 1 − 0.01 = 0.99, then × (1 − 0.01·0.1).
@@ -325,7 +327,7 @@ mod tests {
     #[test]
     fn the_8bit_update_tracks_the_32bit_one() {
         let n = 2 * BLOCK + 17;
-        let make = |bits| AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits };
+        let make = |bits| AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits, min_8bit_size: MIN_8BIT_SIZE };
         let (o32, o8) = (make(StateBits::B32), make(StateBits::B8));
         let mut p32: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut p8 = p32.clone();
@@ -353,7 +355,7 @@ mod tests {
 
     #[test]
     fn a_non_finite_gradient_zeroes_the_moments_and_keeps_the_parameter() {
-        let o8 = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits: StateBits::B8 };
+        let o8 = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits: StateBits::B8, min_8bit_size: MIN_8BIT_SIZE };
         let mut p = vec![0.5f32; 4];
         let (mut mc, mut ma, mut vc, mut va) = (vec![127u8; 4], vec![0.0; 1], vec![0u8; 4], vec![0.0; 1]);
         o8.update_8bit(&mut p, &[1.0, f32::NAN, -1.0, f32::INFINITY], &mut mc, &mut ma, &mut vc, &mut va, 0.1, 0.1, 0.0316);

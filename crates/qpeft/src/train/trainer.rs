@@ -293,7 +293,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
     pub fn run(&mut self, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
         let (cfg, t) = (self.cfg, &self.cfg.train);
         let start = Instant::now();
-        let opt = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, bits: cfg.state_bits() };
+        let opt = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, bits: cfg.state_bits(), min_8bit_size: t.min_8bit_size };
         let warmup = cfg.warmup();
         let mut first = None;
         if self.state.step == 0 {

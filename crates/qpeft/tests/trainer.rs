@@ -1,0 +1,311 @@
+//! The trainer's parts against hand-derived expectations: data files and their errors, QLoRA's collator, run
+//! config validation, adapter files (write → read → same adapter; PEFT fields), and merged model directories.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use common::{fixtures, rel_err};
+use qpeft::adapters::set::AdapterSet;
+use qpeft::adapters::{AdapterConfig, Method};
+use qpeft::backend::cpu::Cpu;
+use qpeft::backend::Backend;
+use qpeft::data::collate::Collator;
+use qpeft::data::{load, DataFormat, Example};
+use qpeft::formats::peft::{read_adapter, write_adapter};
+use qpeft::model::decoder::Proj;
+use qpeft::model::merge::MergedDtype;
+use qpeft::model::train::IGNORE;
+use qpeft::model::{Checkpoint, Decoder, Input};
+use qpeft::train::config::RunConfig;
+use qpeft::train::trainer::{load_model, Trainer};
+use qpeft::train::run_dir::RunDir;
+
+fn tiny_gguf() -> PathBuf {
+    fixtures().join("gguf/tiny-llama-spm.gguf")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().write_all(text.as_bytes()).unwrap();
+    p
+}
+
+fn tokenizer() -> qpeft::tokenizer::Tokenizer {
+    Checkpoint::open(&tiny_gguf()).unwrap().tokenizer().unwrap()
+}
+
+#[test]
+fn data_files_load_and_malformed_records_name_file_and_line() {
+    let d = tempfile::tempdir().unwrap();
+    let tok = tokenizer();
+    let alpaca = write(d.path(), "a.json", "[\n {\"instruction\": \"Say hi\", \"input\": \"\", \"output\": \"hi\"},\n {\"instruction\": \"Add\", \"input\": \"1 2\", \"output\": \"3\"}\n]");
+    let ex = load(&alpaca, DataFormat::Alpaca, &tok).unwrap();
+    assert_eq!(ex[0].source, "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nSay hi\n\n### Response: ");
+    assert!(ex[1].source.contains("### Input:\n1 2\n\n### Response: ") && ex[1].target == "3");
+    // The same records gzipped.
+    let gz = d.path().join("a.json.gz");
+    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::default());
+    enc.write_all(&std::fs::read(&alpaca).unwrap()).unwrap();
+    enc.finish().unwrap();
+    assert_eq!(load(&gz, DataFormat::Alpaca, &tok).unwrap(), ex);
+
+    let bad = write(d.path(), "bad.json", "[\n {\"instruction\": \"x\", \"input\": \"\", \"output\": \"y\"},\n {\"instruction\": \"x\",\n  \"input\": \"\"}\n]");
+    let e = load(&bad, DataFormat::Alpaca, &tok).unwrap_err().to_string();
+    assert!(e.contains("bad.json") && e.contains("missing field `output`") && e.contains("line 4"), "{e}");
+
+    let oasst = write(d.path(), "o.jsonl", "{\"text\": \"### Human: hi### Assistant: hello\"}\n\n{\"text\": \"### Human: a### Assistant: b\"}\n");
+    let ex = load(&oasst, DataFormat::Oasst, &tok).unwrap();
+    assert_eq!(ex.len(), 2);
+    assert_eq!(ex[0], Example { source: String::new(), target: "### Human: hi### Assistant: hello".into() });
+
+    let jsonl = write(d.path(), "g.jsonl", "{\"prompt\": \"p\", \"response\": \"r\"}\n{\"prompt\": \"p\", \"response\": \"r\"}\n{\"prompt\": \"p\"}\n");
+    let e = load(&jsonl, DataFormat::Jsonl, &tok).unwrap_err().to_string();
+    assert!(e.contains("g.jsonl") && e.contains("line 3"), "{e}");
+    let chat = write(d.path(), "c.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n");
+    let e = load(&chat, DataFormat::Jsonl, &tok).unwrap_err().to_string();
+    assert!(e.contains("line 1") && e.contains("must be the assistant's reply"), "{e}");
+    let truncated = write(d.path(), "t.json", "[{\"instruction\": \"x\", \"out");
+    let e = load(&truncated, DataFormat::Alpaca, &tok).unwrap_err().to_string();
+    assert!(e.contains("t.json") && e.contains("line 1"), "{e}");
+    let e = load(&d.path().join("missing.json"), DataFormat::Alpaca, &tok).unwrap_err().to_string();
+    assert!(e.contains("missing.json"), "{e}");
+}
+
+#[test]
+fn the_collator_masks_the_source_and_truncates_each_part() {
+    let tok = tokenizer();
+    let eos = tok.token_id(tok.eos_token.as_deref().unwrap()).unwrap();
+    let bos = tok.bos_token.clone().unwrap_or_default();
+    let ex = Example { source: "abc de".into(), target: "fg h".into() };
+    // Source and target are tokenized separately, without special tokens (QLoRA).
+    let src = tok.encode(&format!("{bos}abc de"), false).unwrap();
+    let tgt = tok.encode("fg h", false).unwrap();
+    let c = Collator::new(&tok, 64, 64, false).unwrap();
+    let t = c.tokenize(&ex).unwrap();
+    let want_ids: Vec<u32> = src.iter().chain(&tgt).copied().chain([eos]).collect();
+    assert_eq!(t.ids, want_ids);
+    let want_labels: Vec<u32> = src.iter().map(|_| IGNORE).chain(tgt.iter().copied()).chain([eos]).collect();
+    assert_eq!(t.labels, want_labels);
+    // train_on_source keeps the source labels; max lengths cut each part on its own.
+    let t = Collator::new(&tok, 64, 64, true).unwrap().tokenize(&ex).unwrap();
+    assert_eq!(t.labels, t.ids);
+    let t = Collator::new(&tok, 2, 1, false).unwrap().tokenize(&ex).unwrap();
+    assert_eq!(t.ids, vec![src[0], src[1], tgt[0]]);
+    assert_eq!(t.labels, vec![IGNORE, IGNORE, tgt[0]]);
+    // Batches are right-padded, padding masked from attention and loss.
+    let long = c.tokenize(&Example { source: "a much longer source text".into(), target: "x".into() }).unwrap();
+    let short = c.tokenize(&ex).unwrap();
+    let b = c.batch(&[&short, &long]);
+    let seq = long.ids.len();
+    assert_eq!((b.input.batch, b.input.seq), (2, seq));
+    assert_eq!(&b.input.mask[..seq], &[vec![1; short.ids.len()], vec![0; seq - short.ids.len()]].concat()[..]);
+    assert!(b.labels[short.ids.len()..seq].iter().all(|&l| l == IGNORE));
+}
+
+fn tiny_config(dir: &Path, extra: &str) -> String {
+    format!(
+        "[model]\npath = {:?}\n[adapter]\nmethod = \"lora\"\nrank = 4\n[data]\nbuiltin = \"dates\"\nbuiltin_size = 40\neval_size = 8\n[train]\nout_dir = {:?}\nsteps = 3\nbatch_size = 2\ngrad_accum = 1\n{extra}",
+        tiny_gguf(),
+        dir.join("run")
+    )
+}
+
+#[test]
+fn run_configs_refuse_unknown_keys_and_bad_values() {
+    let d = tempfile::tempdir().unwrap();
+    let file = Path::new("run.toml");
+    let ok = tiny_config(d.path(), "");
+    let cfg = RunConfig::parse(file, &ok, &["train.steps=7".into(), "train.optimizer=adamw-8bit".into(), "data.eval_size = 4".into()]).unwrap();
+    assert_eq!((cfg.train.steps, cfg.data.eval_size), (7, 4));
+    assert_eq!(cfg.state_bits(), qpeft::train::optimizer::StateBits::B8);
+    assert!(cfg.text.contains("steps = 7"), "the snapshot holds the edits");
+    let err = |text: &str, sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RunConfig::parse(file, text, &sets).unwrap_err().to_string()
+    };
+    let e = err(&ok, &["train.stepz=3"]);
+    assert!(e.contains("run.toml") && e.contains("`train`") && e.contains("stepz"), "{e}");
+    let e = err(&ok, &["training.steps=3"]);
+    assert!(e.contains("`training`") && e.contains("unknown section"), "{e}");
+    let e = err(&ok, &["train.lr=-1"]);
+    assert!(e.contains("`train.lr`") && e.contains("-1"), "{e}");
+    let e = err(&ok, &["train.beta2=1.5"]);
+    assert!(e.contains("`train.beta2`") && e.contains("1.5"), "{e}");
+    let e = err(&ok, &["train.optimizer=sgd"]);
+    assert!(e.contains("`train.optimizer`") && e.contains("sgd"), "{e}");
+    let e = err(&ok, &["quant.format=nf3"]);
+    assert!(e.contains("`quant.format`") && e.contains("nf3"), "{e}");
+    let e = err(&ok, &["data.path=x.json"]);
+    assert!(e.contains("`data`") && e.contains("only one"), "{e}");
+    let e = err(&ok, &["data.builtin=sums"]);
+    assert!(e.contains("`data.builtin`") && e.contains("sums"), "{e}");
+    let e = err(&ok, &["adapter.rnk=3"]);
+    assert!(e.contains("adapter.rnk"), "{e}");
+    let e = err(&ok, &["train.steps=\"many\""]);
+    assert!(e.contains("`train`") && e.contains("many"), "{e}");
+    let e = err("[model]\npath = \"x\"\n[adapter]\n", &[]);
+    assert!(e.contains("`data`") && e.contains("missing"), "{e}");
+
+    // Model-dependent values fail when the run starts: a rank above the module's dimensions.
+    let cfg = RunConfig::parse(file, &ok, &["adapter.rank=100".into()]).unwrap();
+    let (model, tok, _) = load_model(&cfg, Cpu::new(), &mut |_| {}).unwrap();
+    let run = RunDir::create(&d.path().join("run"), false).unwrap();
+    let e = Trainer::new(&cfg, &model, &tok, run, false).err().unwrap().to_string();
+    assert!(e.contains("rank = 100") && e.contains("model.layers.0.self_attn.q_proj"), "{e}");
+    // A base that is already quantized needs quant.format = "none".
+    let cfg = RunConfig::parse(file, &ok, &["quant.icq=true".into(), "quant.format=fp4".into()]).unwrap();
+    let e = load_model(&cfg, Cpu::new(), &mut |_| {}).err().unwrap().to_string();
+    assert!(e.contains("`quant.icq`"), "{e}");
+}
+
+#[test]
+fn an_existing_run_directory_is_kept_unless_overwrite_and_only_if_it_is_a_run() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("mine");
+    std::fs::create_dir(&dir).unwrap();
+    write(&dir, "thesis.tex", "precious");
+    let e = RunDir::create(&dir, false).err().unwrap().to_string();
+    assert!(e.contains("already exists") && e.contains("--resume"), "{e}");
+    let e = RunDir::create(&dir, true).err().unwrap().to_string();
+    assert!(e.contains("not a qpeft run directory"), "{e}");
+    assert!(dir.join("thesis.tex").exists());
+    write(&dir, "config.toml", "");
+    RunDir::create(&dir, true).unwrap();
+    assert!(!dir.join("thesis.tex").exists() && dir.join("checkpoints").is_dir());
+}
+
+fn random_values(set: &mut AdapterSet<Cpu>, seed: u64) {
+    for (i, (_, p)) in set.named_params_mut().into_iter().enumerate() {
+        p.value = common::uniform(p.numel(), seed + i as u64).iter().map(|&v| v as f32 * 0.1).collect();
+    }
+}
+
+#[test]
+fn adapters_written_read_back_identically_for_every_method() {
+    let m = Decoder::load(&Checkpoint::open(&fixtures().join("tiny-llama")).unwrap(), Cpu::new()).unwrap();
+    let lora = |rank, alpha| AdapterConfig { method: Method::Lora, rank, alpha, dropout: 0.0 };
+    let methods: Vec<Box<dyn Fn(usize, Proj) -> Option<AdapterConfig>>> = vec![
+        // Per-module ranks/alphas and a module left out in one layer (rank_pattern, full target names).
+        Box::new(move |l, p| match (l, p) {
+            (0, Proj::K) => None,
+            (1, Proj::Down) => Some(lora(2, 4.0)),
+            (_, Proj::Q) => Some(lora(8, 32.0)),
+            _ => Some(lora(8, 16.0)),
+        }),
+        Box::new(|_, _| Some(AdapterConfig { method: Method::IrQlora, rank: 4, alpha: 16.0, dropout: 0.0 })),
+        Box::new(|_, _| Some(AdapterConfig { method: Method::QBara { lambda: 2 }, rank: 4, alpha: 16.0, dropout: 0.0 })),
+        Box::new(|_, _| Some(AdapterConfig { method: Method::QaHira { l1: 4, l2: 8, zero_init: false }, rank: 1, alpha: 16.0, dropout: 0.0 })),
+        Box::new(|_, p| {
+            let ranks = if p == Proj::V { vec![4] } else { vec![4, 2, 2] };
+            let n = ranks.len();
+            Some(AdapterConfig { method: Method::Hierarchical { ranks, alphas: vec![16.0; n], lr_scales: vec![1.0; n] }, rank: 8, alpha: 16.0, dropout: 0.0 })
+        }),
+    ];
+    let tokens: Vec<u32> = (0..10).map(|i| (i * 37 % 200) as u32).collect();
+    let logits = |set: &AdapterSet<Cpu>| {
+        let mut cache = m.new_cache(1, tokens.len()).unwrap();
+        let h = m.forward_with(&Input::single(&tokens), &mut cache, Some(set), &mut |_, _, _| Ok(())).unwrap();
+        m.logits(&h, tokens.len()).unwrap()
+    };
+    for (k, resolve) in methods.iter().enumerate() {
+        let modules: Vec<Vec<Option<AdapterConfig>>> = (0..m.spec.num_layers).map(|l| Proj::ALL.iter().map(|&p| resolve(l, p)).collect()).collect();
+        let mut set = AdapterSet::build(&m.backend, &m.spec, 5, |l, p| modules[l][p as usize].clone()).unwrap();
+        random_values(&mut set, 100 * k as u64);
+        let d = tempfile::tempdir().unwrap();
+        write_adapter(d.path(), &m.backend, &m.spec, &set, &modules, "tiny-llama").unwrap();
+        let (back, back_modules) = read_adapter(d.path(), &m.backend, &m.spec).unwrap();
+        assert_eq!(back_modules, modules, "method {k}");
+        let (a, b) = (set.named_params(), back.named_params());
+        assert_eq!(a.len(), b.len());
+        for ((na, pa), (nb, pb)) in a.iter().zip(&b) {
+            assert_eq!((na, &pa.value), (nb, &pb.value), "method {k}");
+        }
+        assert_eq!(logits(&set), logits(&back));
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("adapter_config.json")).unwrap()).unwrap();
+        match k {
+            0 => {
+                // A plain PEFT LoRA config: the common r/α, exceptions as patterns, modules listed one by one.
+                assert_eq!((config["peft_type"].as_str(), config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some("LORA"), Some(8), Some(16.0)));
+                assert_eq!(config["rank_pattern"]["model.layers.1.mlp.down_proj"], 2);
+                assert_eq!(config["alpha_pattern"]["model.layers.0.self_attn.q_proj"], 32.0);
+                let targets = config["target_modules"].as_array().unwrap();
+                assert_eq!(targets.len(), 13);
+                assert!(!targets.iter().any(|t| t == "model.layers.0.self_attn.k_proj"));
+                // Without qpeft's own metadata the PEFT fields alone give the same modules.
+                let mut plain = config.clone();
+                plain.as_object_mut().unwrap().remove("qpeft");
+                std::fs::write(d.path().join("adapter_config.json"), serde_json::to_vec(&plain).unwrap()).unwrap();
+                let (_, from_peft) = read_adapter(d.path(), &m.backend, &m.spec).unwrap();
+                assert_eq!(from_peft, modules);
+            }
+            4 => {
+                // Hierarchical: one PEFT LoRA per level; level 1 only where there are three levels.
+                let l1: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("level_1/adapter_config.json")).unwrap()).unwrap();
+                assert_eq!(l1["r"], 2);
+                assert!(!l1["target_modules"].as_array().unwrap().iter().any(|t| t == "v_proj"));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn adapter_files_that_do_not_fit_are_refused_by_name() {
+    let m = Decoder::load(&Checkpoint::open(&fixtures().join("tiny-llama")).unwrap(), Cpu::new()).unwrap();
+    let src = fixtures().join("peft-lora/adapter");
+    let d = tempfile::tempdir().unwrap();
+    let copy = |cfg: &str| {
+        std::fs::write(d.path().join("adapter_config.json"), cfg).unwrap();
+        std::fs::copy(src.join("adapter_model.safetensors"), d.path().join("adapter_model.safetensors")).unwrap();
+    };
+    let original = std::fs::read_to_string(src.join("adapter_config.json")).unwrap();
+    copy(&original.replace("\"r\": 8", "\"r\": 4"));
+    let e = read_adapter(d.path(), &m.backend, &m.spec).err().unwrap().to_string();
+    assert!(e.contains("adapter_model.safetensors") && e.contains("has shape [8, 64]") && e.contains("[4, 64]"), "{e}");
+    copy(&original.replace("\"use_dora\": false", "\"use_dora\": true"));
+    let e = read_adapter(d.path(), &m.backend, &m.spec).err().unwrap().to_string();
+    assert!(e.contains("adapter_config.json") && e.contains("use_dora"), "{e}");
+    copy(&original.replace("\"q_proj\",", ""));
+    let e = read_adapter(d.path(), &m.backend, &m.spec).err().unwrap().to_string();
+    assert!(e.contains("unexpected tensor") && e.contains("q_proj"), "{e}");
+    std::fs::write(d.path().join("adapter_model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    std::fs::write(d.path().join("adapter_config.json"), &original).unwrap();
+    let e = read_adapter(d.path(), &m.backend, &m.spec).err().unwrap().to_string();
+    assert!(e.contains("adapter_model.safetensors"), "{e}");
+}
+
+#[test]
+fn a_merged_directory_reproduces_the_adapted_model() {
+    let ckpt = Checkpoint::open(&fixtures().join("tiny-llama")).unwrap();
+    let tok = tokenizer();
+    let mut m = Decoder::load(&ckpt, Cpu::new()).unwrap();
+    let (set, _) = read_adapter(&fixtures().join("peft-lora/adapter"), &m.backend, &m.spec).unwrap();
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 53 % 250) as u32).collect();
+    let run = |m: &Decoder<Cpu>, set: Option<&AdapterSet<Cpu>>| {
+        let mut cache = m.new_cache(1, tokens.len()).unwrap();
+        let h = m.forward_with(&Input::single(&tokens), &mut cache, set, &mut |_, _, _| Ok(())).unwrap();
+        m.backend.download(&m.logits(&h, tokens.len()).unwrap()).unwrap()
+    };
+    let adapted = run(&m, Some(&set));
+    let base = run(&m, None);
+    m.merge_adapters(&set).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    for dtype in [MergedDtype::F32, MergedDtype::Bf16] {
+        let out = d.path().join(dtype.torch_name());
+        m.write_hf_dir(&ckpt, &tok, dtype, &out).unwrap();
+        let merged = Decoder::load(&Checkpoint::open(&out).unwrap(), Cpu::new()).unwrap();
+        let got = run(&merged, None);
+        let e = rel_err(&got, &adapted, |_| true);
+        let moved = rel_err(&base, &adapted, |_| true);
+        // f32: rounding of W + ΔW only; bf16: 8-bit mantissas (2^-9 relative per weight).
+        let bound = if dtype == MergedDtype::F32 { 1e-5 } else { 2e-2 };
+        assert!(e < bound && moved > 10.0 * e, "{dtype:?}: error {e:e}, adapter effect {moved:e}");
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["torch_dtype"], dtype.torch_name());
+        assert!(cfg.get("quantization_config").is_none());
+        let e = m.write_hf_dir(&ckpt, &tok, dtype, &out).unwrap_err().to_string();
+        assert!(e.contains("already contains a model"), "{e}");
+    }
+}
