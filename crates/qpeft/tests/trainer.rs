@@ -186,7 +186,8 @@ fn random_values(set: &mut AdapterSet<Cpu>, seed: u64) {
 fn adapters_written_read_back_identically_for_every_method() {
     let m = Decoder::load(&Checkpoint::open(&fixtures().join("tiny-llama")).unwrap(), Cpu::new()).unwrap();
     let lora = |rank, alpha| AdapterConfig { method: Method::Lora, rank, alpha, dropout: 0.0 };
-    let methods: Vec<Box<dyn Fn(usize, Proj) -> Option<AdapterConfig>>> = vec![
+    type Rule = Box<dyn Fn(usize, Proj) -> Option<AdapterConfig>>;
+    let methods: Vec<Rule> = vec![
         // Per-module ranks/alphas and a module left out in one layer (rank_pattern, full target names).
         Box::new(move |l, p| match (l, p) {
             (0, Proj::K) => None,
