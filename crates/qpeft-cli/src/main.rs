@@ -11,7 +11,10 @@ use qpeft::backend::cpu::Cpu as CpuBackend;
 use qpeft::backend::Backend;
 use qpeft::eval::perplexity::perplexity;
 use qpeft::formats::peft::read_adapter;
+use qpeft::adapters::Method;
+use qpeft::model::decoder::Proj;
 use qpeft::model::merge::MergedDtype;
+use qpeft::quant::base::BaseWeight;
 use qpeft::generate::{generate, GenerateOptions};
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::tokenizer::Message;
@@ -91,9 +94,13 @@ enum Command {
         adapter: PathBuf,
         #[arg(short, long)]
         out: PathBuf,
-        /// bf16, f16 or f32.
+        /// bf16, f16 or f32 (non-quantized tensors; all of them unless the model stays int4).
         #[arg(long, default_value = "bf16")]
         dtype: String,
+        /// Write 16-bit linears even for QA-LoRA on a GPTQ base (which otherwise stays int4, merged exactly
+        /// into the zero points).
+        #[arg(long)]
+        to_16bit: bool,
     },
     /// Logits of a text (with an optional adapter) as safetensors `input_ids` [n] and `logits` [n, vocab], for
     /// parity checks against other implementations.
@@ -125,7 +132,7 @@ fn run(command: Command) -> Result<()> {
         Command::Quantize(args) => quantize::run(args),
         Command::Params(args) => params::run(args),
         Command::Train(args) => train::run(args),
-        Command::Merge { model, adapter, out, dtype } => {
+        Command::Merge { model, adapter, out, dtype, to_16bit } => {
             let dtype = match dtype.as_str() {
                 "bf16" | "bfloat16" => MergedDtype::Bf16,
                 "f16" | "float16" => MergedDtype::F16,
@@ -133,12 +140,20 @@ fn run(command: Command) -> Result<()> {
                 other => anyhow::bail!("--dtype {other}: expected bf16, f16 or f32"),
             };
             let ckpt = Checkpoint::open(&model)?;
-            let tok = ckpt.tokenizer()?;
             let mut m = Decoder::load(&ckpt, Cpu::new())?;
-            let (set, _) = read_adapter(&adapter, &m.backend, &m.spec)?;
-            m.merge_adapters(&set)?;
-            m.write_hf_dir(&ckpt, &tok, dtype, &out)?;
-            eprintln!("merged {} ({} parameters) into {} ({})", adapter.display(), set.trainable(), out.display(), dtype.torch_name());
+            let (set, modules) = read_adapter(&adapter, &m.backend, &m.spec)?;
+            // QA-LoRA on a GPTQ base folds exactly into the zero points and stays 4-bit; the rest goes to 16 bits.
+            let int4_base = m.blocks.iter().all(|b| Proj::ALL.iter().all(|&p| matches!(b.proj(p).base, BaseWeight::Int4(_))));
+            let qa_lora = modules.iter().flatten().flatten().all(|c| matches!(c.method, Method::QaLora { .. }));
+            let keep_int4 = int4_base && qa_lora && !to_16bit;
+            if keep_int4 {
+                m.merge_into_int4_zeros(&set)?;
+            } else {
+                m.merge_adapters(&set)?;
+            }
+            m.write_hf_dir(&ckpt, dtype, keep_int4, &out)?;
+            let kind = if keep_int4 { "GPTQ int4 with merged fp16 zero points".to_string() } else { dtype.torch_name().to_string() };
+            eprintln!("merged {} ({} parameters) into {} ({kind})", adapter.display(), set.trainable(), out.display());
             Ok(())
         }
         Command::Logits { model, adapter, prompt, out } => {

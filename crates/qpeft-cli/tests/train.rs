@@ -164,3 +164,50 @@ fn a_full_disk_during_a_checkpoint_keeps_the_earlier_ones() {
     ok(&qpeft(&["--threads", "1", "train", "--resume", run.to_str().unwrap(), "--set", "train.steps=16"]));
     assert!(run.join("checkpoints/step-0000016").exists());
 }
+
+#[test]
+fn qa_lora_merges_into_gptq_zero_points_and_stays_int4() {
+    let d = tempfile::tempdir().unwrap();
+    let int4 = d.path().join("int4");
+    ok(&qpeft(&["quantize", "tests/fixtures/gguf/tiny-llama-spm.gguf", "--format", "int4", "--group", "16", "-o", int4.to_str().unwrap()]));
+    let cfg = d.path().join("qa.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {int4:?}\n[quant]\nformat = \"none\"\n[adapter]\nmethod = \"qa-lora\"\nrank = 2\nalpha = 16\ngroup_size = 16\n\
+             [data]\nbuiltin = \"dates\"\nbuiltin_size = 24\neval_size = 4\n[train]\nout_dir = {:?}\nsteps = 6\nbatch_size = 2\ngrad_accum = 1\nlr = 5e-2\ncheckpoint_every = 0\n",
+            d.path().join("run")
+        ),
+    )
+    .unwrap();
+    ok(&qpeft(&["--threads", "1", "train", "--config", cfg.to_str().unwrap()]));
+    let adapter = d.path().join("run/adapter");
+    let merged = d.path().join("merged");
+    let out = qpeft(&["merge", int4.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "-o", merged.to_str().unwrap(), "--dtype", "f32"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GPTQ int4 with merged fp16 zero points"));
+    // The merged directory holds int4 codes with fp16 zeros, and reproduces base + adapter.
+    let bytes = std::fs::read(merged.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.tensor("model.layers.0.self_attn.q_proj.zeros").is_ok() && st.tensor("model.layers.0.self_attn.q_proj.qzeros").is_err());
+    assert_eq!(st.tensor("model.layers.0.self_attn.q_proj.qweight").unwrap().dtype(), safetensors::Dtype::I32);
+    let read = |p: &Path| {
+        let bytes = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor("logits").unwrap().data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>()
+    };
+    let logits = |model: &Path, adapter: Option<&Path>, name: &str| {
+        let out = d.path().join(name);
+        let mut args = vec!["logits", model.to_str().unwrap(), "--prompt", "Date: 4 July 1976", "-o", out.to_str().unwrap()];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        ok(&qpeft(&args));
+        read(&out)
+    };
+    let (adapted, merged, base) = (logits(&int4, Some(&adapter), "a"), logits(&merged, None, "m"), logits(&int4, None, "b"));
+    let max = adapted.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = |x: &[f32], y: &[f32]| x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    // The only loss is fp16 rounding of the new zero points (and of the dequantized fp16 weights).
+    assert!(diff(&adapted, &merged) <= 2e-3 * max, "merged vs adapted: {} of {max}", diff(&adapted, &merged));
+    assert!(diff(&adapted, &base) > 20.0 * diff(&adapted, &merged), "the adapter must move the logits");
+}

@@ -95,6 +95,7 @@ fn autogptq_packed_layout() {
         qzeros: raw("asym.packed.qzeros").to_i32("qzeros").unwrap(),
         scales: raw("asym.packed.scales").to_f16("scales").unwrap(),
         g_idx: raw("asym.packed.g_idx").to_i32("g_idx").unwrap(),
+        float_zeros: None,
     };
     reference.validate().unwrap();
     // Packing AutoGPTQ's own codes and parameters must give AutoGPTQ's bytes.

@@ -280,7 +280,6 @@ fn adapter_files_that_do_not_fit_are_refused_by_name() {
 #[test]
 fn a_merged_directory_reproduces_the_adapted_model() {
     let ckpt = Checkpoint::open(&fixtures().join("tiny-llama")).unwrap();
-    let tok = tokenizer();
     let mut m = Decoder::load(&ckpt, Cpu::new()).unwrap();
     let (set, _) = read_adapter(&fixtures().join("peft-lora/adapter"), &m.backend, &m.spec).unwrap();
     let tokens: Vec<u32> = (0..12).map(|i| (i * 53 % 250) as u32).collect();
@@ -295,7 +294,7 @@ fn a_merged_directory_reproduces_the_adapted_model() {
     let d = tempfile::tempdir().unwrap();
     for dtype in [MergedDtype::F32, MergedDtype::Bf16] {
         let out = d.path().join(dtype.torch_name());
-        m.write_hf_dir(&ckpt, &tok, dtype, &out).unwrap();
+        m.write_hf_dir(&ckpt, dtype, false, &out).unwrap();
         let merged = Decoder::load(&Checkpoint::open(&out).unwrap(), Cpu::new()).unwrap();
         let got = run(&merged, None);
         let e = rel_err(&got, &adapted, |_| true);
@@ -306,7 +305,7 @@ fn a_merged_directory_reproduces_the_adapted_model() {
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["torch_dtype"], dtype.torch_name());
         assert!(cfg.get("quantization_config").is_none());
-        let e = m.write_hf_dir(&ckpt, &tok, dtype, &out).unwrap_err().to_string();
+        let e = m.write_hf_dir(&ckpt, dtype, false, &out).unwrap_err().to_string();
         assert!(e.contains("already contains a model"), "{e}");
     }
 }

@@ -14,7 +14,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{write_file, OwnedTensor};
 use crate::quant::base::BaseWeight;
-use crate::tokenizer::Tokenizer;
+use crate::quant::hf_dir::write_linear;
 
 impl<B: Backend> Decoder<B> {
     /// Adds every adapter's ΔW to its linear's weight; the merged decoder needs no adapters.
@@ -28,6 +28,30 @@ impl<B: Backend> Decoder<B> {
                 w.iter_mut().zip(&delta).for_each(|(w, d)| *w += d);
                 lin.weight = self.backend.upload(&w)?;
                 lin.base = BaseWeight::Dense;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Decoder<B> {
+    /// QA-LoRA's exact merge: every adapter's group-constant ΔW goes into the fp16 zero points of its GPTQ int4
+    /// base (codes and scales unchanged), so the merged model stays 4-bit. Fails for a module whose base is not
+    /// int4 or whose ΔW varies inside a group (any other method).
+    pub fn merge_into_int4_zeros(&mut self, set: &AdapterSet<B>) -> Result<()> {
+        for l in 0..self.blocks.len() {
+            for p in Proj::ALL {
+                let Some(a) = set.get(l, p) else { continue };
+                let delta = a.delta_weight(&self.backend)?;
+                let name = format!("model.layers.{l}.{}", p.module());
+                let lin = self.blocks[l].proj_mut(p);
+                let BaseWeight::Int4(q) = &mut lin.base else {
+                    return Err(Error::Invalid(format!("{name}: its base is {}, not GPTQ int4: merge into 16-bit weights instead", lin.base.name())));
+                };
+                let zeros = q.merge_into_zeros(&delta).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+                q.float_zeros = Some(zeros);
+                q.qzeros.clear();
+                lin.weight = self.backend.upload(&q.dequantize())?;
             }
         }
         Ok(())
@@ -60,9 +84,12 @@ impl MergedDtype {
 }
 
 impl<B: Backend> Decoder<B> {
-    /// Writes this decoder (e.g. after `merge_adapters`) as a plain HF directory in `dtype`: model.safetensors,
-    /// config.json (without any quantization_config) and the tokenizer. Refuses a directory that holds a model.
-    pub fn write_hf_dir(&self, ckpt: &Checkpoint, tok: &Tokenizer, dtype: MergedDtype, out: &Path) -> Result<()> {
+    /// Writes this decoder (e.g. after `merge_adapters`) as an HF directory: model.safetensors with the
+    /// non-linear tensors in `dtype`, config.json and the tokenizer. Linears are written in `dtype` (no
+    /// quantization_config), or with `keep_int4` GPTQ int4 linears in their GPTQ layout (after
+    /// `merge_into_int4_zeros`, with fp16 `zeros`) and the source's quantization_config. Refuses a directory that
+    /// holds a model.
+    pub fn write_hf_dir(&self, ckpt: &Checkpoint, dtype: MergedDtype, keep_int4: bool, out: &Path) -> Result<()> {
         if out.join("model.safetensors").exists() || out.join("config.json").exists() {
             return Err(Error::Invalid(format!("{} already contains a model; choose a new output directory", out.display())));
         }
@@ -70,24 +97,29 @@ impl<B: Backend> Decoder<B> {
         let (be, s) = (&self.backend, &self.spec);
         let h = s.hidden_size;
         let mut tensors = BTreeMap::new();
-        let mut put = |name: String, shape: Vec<usize>, buf: &B::Buf| -> Result<()> {
+        let put = |tensors: &mut BTreeMap<String, OwnedTensor>, name: String, shape: Vec<usize>, buf: &B::Buf| -> Result<()> {
             tensors.insert(name, dtype.tensor(shape, &be.download(buf)?));
             Ok(())
         };
-        put("model.embed_tokens.weight".into(), vec![s.vocab_size, h], &self.embed)?;
-        put("model.norm.weight".into(), vec![h], &self.norm)?;
+        put(&mut tensors, "model.embed_tokens.weight".into(), vec![s.vocab_size, h], &self.embed)?;
+        put(&mut tensors, "model.norm.weight".into(), vec![h], &self.norm)?;
         if let Some(head) = &self.lm_head {
-            put("lm_head.weight".into(), vec![s.vocab_size, h], &head.weight)?;
+            put(&mut tensors, "lm_head.weight".into(), vec![s.vocab_size, h], &head.weight)?;
         }
         for (l, block) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            put(format!("{p}.input_layernorm.weight"), vec![h], &block.attn_norm)?;
-            put(format!("{p}.post_attention_layernorm.weight"), vec![h], &block.mlp_norm)?;
+            put(&mut tensors, format!("{p}.input_layernorm.weight"), vec![h], &block.attn_norm)?;
+            put(&mut tensors, format!("{p}.post_attention_layernorm.weight"), vec![h], &block.mlp_norm)?;
             for pr in Proj::ALL {
                 let lin = block.proj(pr);
-                put(format!("{p}.{}.weight", pr.module()), vec![lin.out_dim, lin.in_dim], &lin.weight)?;
+                let name = format!("{p}.{}", pr.module());
+                match &lin.base {
+                    BaseWeight::Int4(_) if keep_int4 => write_linear(&mut tensors, &name, &lin.base, dtype.torch_name()),
+                    _ if keep_int4 => return Err(Error::Invalid(format!("{name}: base {} is not GPTQ int4", lin.base.name()))),
+                    _ => put(&mut tensors, format!("{name}.weight"), vec![lin.out_dim, lin.in_dim], &lin.weight)?,
+                }
                 if let Some(b) = &lin.bias {
-                    put(format!("{p}.{}.bias", pr.module()), vec![lin.out_dim], b)?;
+                    put(&mut tensors, format!("{name}.bias"), vec![lin.out_dim], b)?;
                 }
             }
         }
@@ -100,19 +132,19 @@ impl<B: Backend> Decoder<B> {
             Source::Gguf(_) => s.to_hf_config(&ckpt.path)?,
         };
         if let Some(o) = config.as_object_mut() {
-            o.remove("quantization_config");
+            if keep_int4 {
+                if let Some(q) = o.get_mut("quantization_config").and_then(Value::as_object_mut) {
+                    // Marks the fp16 `zeros` (qpeft reads them; AutoGPTQ loaders find no `qzeros` and refuse).
+                    q.insert("qpeft_float_zeros".into(), Value::Bool(true));
+                }
+            } else {
+                o.remove("quantization_config");
+            }
             o.insert("torch_dtype".into(), dtype.torch_name().into());
             o.insert("dtype".into(), dtype.torch_name().into());
         }
         let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON serializes");
-        match &ckpt.source {
-            Source::Hf { dir, .. } => crate::quant::model::copy_tokenizer_files(dir, out)?,
-            Source::Gguf(_) => {
-                let (tok_json, tok_config) = tok.hf_files()?;
-                crate::formats::write_atomic(&out.join("tokenizer.json"), tok_json.as_bytes())?;
-                crate::formats::write_atomic(&out.join("tokenizer_config.json"), &pretty(&tok_config))?;
-            }
-        }
+        crate::quant::model::write_tokenizer(ckpt, out)?;
         write_file(&out.join("model.safetensors"), &tensors)?;
         crate::formats::write_atomic(&out.join("config.json"), &pretty(&config))
     }

@@ -144,7 +144,10 @@ pub fn write_linear(out: &mut BTreeMap<String, OwnedTensor>, m: &str, base: &Bas
         BaseWeight::Int4(q) => {
             let groups = q.groups();
             out.insert(format!("{m}.qweight"), OwnedTensor::i32(vec![q.in_dim / 8, q.out_dim], &q.qweight));
-            out.insert(format!("{m}.qzeros"), OwnedTensor::i32(vec![groups, q.out_dim / 8], &q.qzeros));
+            match &q.float_zeros {
+                Some(z) => out.insert(format!("{m}.zeros"), OwnedTensor::f16(vec![groups, q.out_dim], z)),
+                None => out.insert(format!("{m}.qzeros"), OwnedTensor::i32(vec![groups, q.out_dim / 8], &q.qzeros)),
+            };
             out.insert(format!("{m}.scales"), OwnedTensor::f16(vec![groups, q.out_dim], &q.scales));
             out.insert(format!("{m}.g_idx"), OwnedTensor::i32(vec![q.in_dim], &q.g_idx));
         }
@@ -235,15 +238,22 @@ pub fn read_linear(
         }
         QuantizationConfig::Gptq { group, sym, .. } => {
             let k = |s: &str| format!("{m}.{s}");
+            // qpeft's merged QA-LoRA layers carry fp16 `zeros` instead of packed `qzeros`.
+            let float_zeros = match store.read_raw(&k("zeros")) {
+                Some(z) => Some(z.to_f16(&k("zeros"))?),
+                None => None,
+            };
+            let qzeros = if float_zeros.is_some() { Vec::new() } else { raw(&k("qzeros"))?.to_i32(&k("qzeros"))? };
             let q = GptqInt4 {
                 in_dim,
                 out_dim,
                 group: *group,
                 sym: *sym,
                 qweight: raw(&k("qweight"))?.to_i32(&k("qweight"))?,
-                qzeros: raw(&k("qzeros"))?.to_i32(&k("qzeros"))?,
+                qzeros,
                 scales: raw(&k("scales"))?.to_f16(&k("scales"))?,
                 g_idx: raw(&k("g_idx"))?.to_i32(&k("g_idx"))?,
+                float_zeros,
             };
             q.validate().map_err(|e| Error::format(&file(&k("qweight")), format!("`{m}`: {e}")))?;
             Ok(BaseWeight::Int4(q))

@@ -81,6 +81,10 @@ pub struct GptqInt4 {
     pub scales: Vec<f16>,
     /// [in]: the group of each input row.
     pub g_idx: Vec<i32>,
+    /// [groups, out] fp16 zero points that replace `qzeros` after QA-LoRA's merge (`merge_into_zeros`); stored as
+    /// `<m>.zeros` in qpeft's GPTQ directories (`qzeros` is then omitted, so AutoGPTQ loaders refuse the file
+    /// instead of silently using the unmerged zeros).
+    pub float_zeros: Option<Vec<f16>>,
 }
 
 impl GptqInt4 {
@@ -109,7 +113,7 @@ impl GptqInt4 {
             }
         }
         let g_idx = (0..in_dim).map(|i| (i / group) as i32).collect();
-        Ok(GptqInt4 { in_dim, out_dim, group, sym, qweight, qzeros, scales, g_idx })
+        Ok(GptqInt4 { in_dim, out_dim, group, sym, qweight, qzeros, scales, g_idx, float_zeros: None })
     }
 
     pub fn groups(&self) -> usize {
@@ -121,6 +125,15 @@ impl GptqInt4 {
         ((self.qweight[(i / 8) * self.out_dim + j] as u32 >> (4 * (i % 8))) & 0xF) as u8
     }
 
+    /// The zero point of (group g, output j): the merged fp16 value when there is one.
+    #[inline]
+    pub fn zero_point(&self, g: usize, j: usize) -> f32 {
+        match &self.float_zeros {
+            Some(z) => z[g * self.out_dim + j].to_f32(),
+            None => self.zero(g, j) as f32,
+        }
+    }
+
     #[inline]
     pub fn zero(&self, g: usize, j: usize) -> u8 {
         let stored = (self.qzeros[g * self.out_dim / 8 + j / 8] as u32 >> (4 * (j % 8))) & 0xF;
@@ -129,7 +142,7 @@ impl GptqInt4 {
 
     /// W [out, in] = f16(scales[g, j] · (q − zero)), the value AutoGPTQ's fp16 forward multiplies by.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.dequantize_with(|g, j| self.zero(g, j) as f32)
+        self.dequantize_with(|g, j| self.zero_point(g, j))
     }
 
     /// Dequantization with float zero points [groups, out] (after QA-LoRA's merge, `merge_into_zeros`).
@@ -180,7 +193,7 @@ impl GptqInt4 {
             .map(|gj| {
                 let (g, j) = (gj / o, gj % o);
                 let s = self.scales[gj].to_f32();
-                f16::from_f32(self.zero(g, j) as f32 - first[gj].unwrap_or(0.0) / s)
+                f16::from_f32(self.zero_point(g, j) - first[gj].unwrap_or(0.0) / s)
             })
             .collect())
     }
@@ -192,8 +205,12 @@ impl GptqInt4 {
             return Err(format!("qweight/g_idx do not fit in_features {i}, out_features {o}"));
         }
         let groups = self.groups();
-        if self.scales.len() != groups * o || self.qzeros.len() != groups * o / 8 {
-            return Err(format!("scales/qzeros do not fit {groups} groups of out_features {o}"));
+        let zeros_fit = match &self.float_zeros {
+            Some(z) => z.len() == groups * o,
+            None => self.qzeros.len() == groups * o / 8,
+        };
+        if self.scales.len() != groups * o || !zeros_fit {
+            return Err(format!("scales/zeros do not fit {groups} groups of out_features {o}"));
         }
         if let Some(g) = self.g_idx.iter().find(|&&g| g < 0 || g as usize >= groups) {
             return Err(format!("g_idx value {g} outside 0..{groups}"));
@@ -203,7 +220,8 @@ impl GptqInt4 {
 
     /// Storage bits per parameter (codes, zeros, fp16 scales, g_idx).
     pub fn bits_per_param(&self) -> f64 {
-        let bytes = 4 * (self.qweight.len() + self.qzeros.len() + self.g_idx.len()) + 2 * self.scales.len();
+        let float_zeros = self.float_zeros.as_ref().map_or(0, Vec::len);
+        let bytes = 4 * (self.qweight.len() + self.qzeros.len() + self.g_idx.len()) + 2 * (self.scales.len() + float_zeros);
         8.0 * bytes as f64 / (self.in_dim * self.out_dim) as f64
     }
 }

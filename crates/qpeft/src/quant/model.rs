@@ -314,13 +314,23 @@ const TOKENIZER_FILES: [&str; 6] = [
     "tokenizer.model",
 ];
 
-/// Copies the tokenizer files of an HF source directory `dir` that exist into `out`.
-pub(crate) fn copy_tokenizer_files(dir: &Path, out: &Path) -> Result<()> {
-    for f in TOKENIZER_FILES {
-        let src = dir.join(f);
-        if src.exists() {
-            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            crate::formats::write_atomic(&out.join(f), &bytes)?;
+/// Writes `ckpt`'s tokenizer into the model directory `out`: the files of an HF source as they are, or for a
+/// GGUF source the tokenizer.json / tokenizer_config.json documents rebuilt from its metadata.
+pub(crate) fn write_tokenizer(ckpt: &Checkpoint, out: &Path) -> Result<()> {
+    match &ckpt.source {
+        Source::Hf { dir, .. } => {
+            for f in TOKENIZER_FILES {
+                let src = dir.join(f);
+                if src.exists() {
+                    let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                    crate::formats::write_atomic(&out.join(f), &bytes)?;
+                }
+            }
+        }
+        Source::Gguf(_) => {
+            let (json, config) = ckpt.tokenizer()?.hf_files()?;
+            crate::formats::write_atomic(&out.join("tokenizer.json"), json.as_bytes())?;
+            crate::formats::write_atomic(&out.join("tokenizer_config.json"), &serde_json::to_vec_pretty(&config).expect("JSON serializes"))?;
         }
     }
     Ok(())
@@ -345,9 +355,7 @@ pub fn write_model_dir(ckpt: &Checkpoint, q: &QuantizedModel, dtype: WeightDtype
     config["quantization_config"] = q.quantization_config.to_json();
     config["torch_dtype"] = Value::from(dtype.torch_name());
     config["dtype"] = Value::from(dtype.torch_name());
-    if let Source::Hf { dir, .. } = &ckpt.source {
-        copy_tokenizer_files(dir, out)?;
-    }
+    write_tokenizer(ckpt, out)?;
     write_file(&out.join("model.safetensors"), &q.tensors)?;
     let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON serializes");
     crate::formats::write_atomic(&out.join("config.json"), &pretty(&config))?;
