@@ -7,7 +7,7 @@
 # The run directory (runs/quickstart) holds config.toml, metrics.jsonl, checkpoints/, the final adapter/ (PEFT
 # format) and loss.svg. Try the adapter afterwards:
 #   target/release/qpeft generate models/SmolLM2-135M-Instruct.Q4_1.gguf --adapter runs/quickstart/adapter \
-#     --prompt $'Rewrite the date in ISO 8601 format (YYYY-MM-DD).\nDate: 4 July 1976\nISO date: '
+#     --prompt $'<|im_start|>Rewrite the date in ISO 8601 format (YYYY-MM-DD).\nDate: 4 July 1976\nISO date: '
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-smollm2.sh
