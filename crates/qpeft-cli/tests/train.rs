@@ -211,3 +211,15 @@ fn qa_lora_merges_into_gptq_zero_points_and_stays_int4() {
     assert!(diff(&adapted, &merged) <= 2e-3 * max, "merged vs adapted: {} of {max}", diff(&adapted, &merged));
     assert!(diff(&adapted, &base) > 20.0 * diff(&adapted, &merged), "the adapter must move the logits");
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), 12);
+    // Adam moves every weight by about lr per step: 1e30 overflows the activations at once.
+    let out = qpeft(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--set", "train.lr=1e30", "--set", "train.warmup_steps=0", "--set", "train.checkpoint_every=1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!((err.contains("the loss is NaN") || err.contains("the loss is inf") || err.contains("the gradient norm is")) && err.contains("step 2"), "{err}");
+    assert!(d.path().join("run/checkpoints/step-0000001").is_dir(), "the checkpoint before the divergence stays");
+}

@@ -53,7 +53,7 @@ fn main() -> qpeft::Result<()> {
     let opts = StepOptions { checkpointing, ..StepOptions::default() };
     let adamw = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits: StateBits::B32, min_8bit_size: MIN_8BIT_SIZE };
     let mut state = OptimizerState::new();
-    let be = model.backend.clone();
+    let be = model.backend;
     let mut rates = Vec::new();
     let mut loss = 0.0;
     for step in 0..=steps {
