@@ -19,6 +19,7 @@ use qpeft::generate::{generate, GenerateOptions};
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::tokenizer::Message;
 
+mod eval;
 mod info;
 mod params;
 mod quantize;
@@ -85,6 +86,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark tasks (MMLU 5-shot) on a model, optionally with an adapter.
+    Eval(eval::EvalArgs),
     /// Fine-tune with adapters: one run from a TOML config, resumable.
     Train(train::TrainArgs),
     /// Fold an adapter into the model's weights and write a 16-bit HF directory.
@@ -132,6 +135,7 @@ fn run(command: Command) -> Result<()> {
         Command::Quantize(args) => quantize::run(args),
         Command::Params(args) => params::run(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Merge { model, adapter, out, dtype, to_16bit } => {
             let dtype = match dtype.as_str() {
                 "bf16" | "bfloat16" => MergedDtype::Bf16,

@@ -1,1 +1,3 @@
 pub mod perplexity;
+pub mod loglik;
+pub mod mmlu;
