@@ -5,9 +5,10 @@ Not lm-eval-harness and not the hendrycks/IR-QLoRA scripts: the written protocol
 `transformers` (fp32, eager attention, one unpadded forward pass per scored sequence) so that qpeft's Rust
 evaluator can be checked item by item.
 
-    eval_reference.py MODEL_DIR --tasks mmlu,hellaswag,piqa,winogrande,arc_easy,arc_challenge,boolq,openbookqa \
-        --limit N --out OUT.jsonl [--data-dir /work/shared/datasets] [--mmlu-split test|val] [--max-len 2048] \
-        [--mmlu-per-subject] [--show-prompts] [--threads 2]
+    eval_reference.py MODEL_DIR --out OUT.jsonl [--limit N]
+        [--tasks mmlu,hellaswag,piqa,winogrande,arc_easy,arc_challenge,boolq,openbookqa]  (default: all)
+        [--data-dir /work/shared/datasets] [--mmlu-split test|val] [--max-len 2048] [--mmlu-per-subject]
+        [--show-prompts] [--threads 2] [--zs-special-tokens default|none]
 
 MODEL_DIR is an HF directory with config, weights and a tokenizer (e.g. models/smollm2-hf-tok).
 
@@ -26,7 +27,15 @@ A summary table (n, acc, acc_norm per task; MMLU micro and macro) is printed at 
 
 --show-prompts prints, for the first item of every task, the exact strings (JSON-escaped) and token ids.
 
-Protocol decisions beyond methods.md are described in the README row and in the functions below.
+Decisions where the written protocol or the data left a choice:
+- MMLU CSVs are read with the csv module (strings kept as written, embedded CR LF kept). hendrycks/IR-QLoRA read
+  them with pandas, which turns the 10 test choices "None" into NaN ("nan" in the prompt); not reproduced here.
+- MMLU: shots come from dev/ for both splits; k stops at 0 (the record gets "over_max_len" if still too long).
+- MMLU letter token = last id of tok("Answer: L"), asserted to extend tok("Answer:") by exactly one token.
+- HellaSwag: the shared copy is llama.cpp's text form (no ctx_a/ctx_b); see load_hellaswag for the recovery.
+- WinoGrande: continuation " " + sentence[i+1:].strip(); no acc_norm, so no pred_norm/lens.
+- Zero-shot LLs: fp32 logits, log-softmax in float64; each (context, choice) is one unpadded forward pass of
+  (ctx ++ cont)[:-1], left-truncated to max_position_embeddings + 1 tokens.
 """
 
 import argparse
@@ -177,8 +186,9 @@ def mmlu_subjects(data_dir, split):
 # ----------------------------------------------------------------------------------------------- model scoring
 
 class Scorer:
-    def __init__(self, model_dir, threads):
+    def __init__(self, model_dir, threads, zs_special_tokens=True):
         torch.set_num_threads(threads)
+        self.zs_special_tokens = zs_special_tokens
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                           attn_implementation="eager")
@@ -187,8 +197,12 @@ class Scorer:
         self.max_length = getattr(cfg, "max_position_embeddings", None) or 2048
 
     def encode(self, text):
-        # the tokenizer's default special tokens (BOS where the tokenizer adds one; none for SmolLM2)
-        return self.tok(text).input_ids
+        # zero-shot encoding. Default: the tokenizer's default special tokens (methods.md §9.2; BOS where the
+        # tokenizer adds one, none for SmolLM2). --zs-special-tokens none: add_special_tokens=False, which is what
+        # lm-eval's HF causal-LM classes actually do (v0.3 gpt2.py/huggingface.py, v0.4 add_bos_token=False).
+        if self.zs_special_tokens:
+            return self.tok(text).input_ids
+        return self.tok(text, add_special_tokens=False).input_ids
 
     @torch.no_grad()
     def logits(self, ids):
@@ -383,6 +397,9 @@ def main():
     ap.add_argument("--max-len", type=int, default=2048, help="MMLU prompt token limit for shot reduction")
     ap.add_argument("--show-prompts", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--zs-special-tokens", choices=["default", "none"], default="default",
+                    help="zero-shot encoding: the tokenizer's default special tokens (methods.md) or none "
+                         "(lm-eval's actual HF behaviour); identical for tokenizers that add no BOS (SmolLM2)")
     args = ap.parse_args()
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -391,7 +408,7 @@ def main():
             sys.exit("unknown task %r (known: %s)" % (t, ", ".join(ALL_TASKS)))
 
     t0 = time.time()
-    scorer = Scorer(args.model_dir, args.threads)
+    scorer = Scorer(args.model_dir, args.threads, args.zs_special_tokens == "default")
     print("model loaded in %.1fs; zero-shot max length %d" % (time.time() - t0, scorer.max_length))
     results = []
     with open(args.out, "w", encoding="utf-8") as out:
