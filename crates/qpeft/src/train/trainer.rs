@@ -219,8 +219,8 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 opt_state = read_optimizer(&dir.join(OPTIMIZER_FILE), step, &set)?;
                 run.truncate_metrics(step)?;
             } else {
-                run.truncate_metrics(0)?;
-                // No checkpoint yet: start over, keeping only the pre-training evaluation.
+                // No checkpoint yet: the run starts over, metrics included.
+                crate::formats::write_atomic(&run.file(super::run_dir::METRICS), b"")?;
             }
         }
         let lengths = train.iter().map(Example::chars).collect();
