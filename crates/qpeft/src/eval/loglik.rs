@@ -2,12 +2,15 @@
 //! continuation's tokens are those of tok(context + continuation) beyond tok(context) (trailing whitespace of
 //! the context moves to the continuation first), the model reads (context ++ continuation)[:-1] left-truncated
 //! to `max_len`, and the score is Σ log p(continuation token | prefix) with whether each token was the argmax.
-//! Requests run in padded batches sorted by length.
+//! Requests sharing a context run it once; the rest runs in padded batches of similar lengths.
 
+use std::collections::HashMap;
+
+use super::prefix::{self, Group};
 use crate::adapters::set::AdapterSet;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{Decoder, Input};
+use crate::model::Decoder;
 use crate::tokenizer::Tokenizer;
 
 /// One request in tokens.
@@ -47,54 +50,53 @@ fn log_prob(row: &[f32], target: u32) -> (f64, bool) {
     (row[target as usize] as f64 - max as f64 - sum.ln(), argmax == target as usize)
 }
 
-/// Scores `requests` in batches of `batch` (by total length), each input left-truncated to `max_len` tokens.
+/// Scores `requests`, at most `batch` sequences per forward pass, each input left-truncated to `max_len` tokens.
+/// Requests with the same context run it once (see `prefix`); `progress(n)` follows the scored requests.
 pub fn score<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, requests: &[Request], batch: usize, max_len: usize, mut progress: impl FnMut(usize)) -> Result<Vec<Score>> {
     let be = &model.backend;
     let (h, v) = (model.spec.hidden_size, model.spec.vocab_size);
-    let mut order: Vec<usize> = (0..requests.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(requests[i].context.len() + requests[i].continuation.len()));
-    let mut out = vec![Score { loglik: 0.0, greedy: false }; requests.len()];
-    for chunk in order.chunks(batch.max(1)) {
-        // Inputs (ctx ++ cont)[:-1], left-truncated; the continuation is predicted by the last |cont| positions.
-        let rows: Vec<Vec<u32>> = chunk
-            .iter()
-            .map(|&i| {
-                let r = &requests[i];
-                if r.continuation.is_empty() {
-                    return Err(Error::Invalid(format!("request {i} has an empty continuation")));
-                }
-                let all: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
-                let input = &all[..all.len() - 1];
-                Ok(input[input.len().saturating_sub(max_len)..].to_vec())
-            })
-            .collect::<Result<_>>()?;
-        let seq = rows.iter().map(Vec::len).max().unwrap_or(1);
-        // Right padding keeps each row's positions 0..n; padded keys are masked.
-        let mut tokens = Vec::with_capacity(rows.len() * seq);
-        let mut mask = Vec::with_capacity(rows.len() * seq);
-        for r in &rows {
-            tokens.extend(r.iter().copied().chain(std::iter::repeat_n(0, seq - r.len())));
-            mask.extend(std::iter::repeat_n(1, r.len()).chain(std::iter::repeat_n(0, seq - r.len())));
+    // The model input (ctx ++ cont)[:-1], left-truncated, splits into a prefix and the suffix whose k positions
+    // predict the last k continuation tokens (all of them unless truncation cut into the continuation).
+    let mut groups: Vec<Group> = Vec::new();
+    let mut members: Vec<Vec<usize>> = Vec::new();
+    let mut by_prefix: HashMap<Vec<u32>, usize> = HashMap::new();
+    for (i, r) in requests.iter().enumerate() {
+        if r.context.is_empty() || r.continuation.is_empty() {
+            return Err(Error::Invalid(format!("request {i} has an empty context or continuation")));
         }
-        let input = Input { batch: rows.len(), seq, tokens, mask };
-        let mut cache = model.new_cache(rows.len(), seq)?;
-        let hidden = be.download(&model.forward_with(&input, &mut cache, adapters, &mut |_, _, _| Ok(()))?)?;
-        for (b, &i) in chunk.iter().enumerate() {
-            let cont = &requests[i].continuation;
-            let n = rows[b].len();
-            let k = cont.len().min(n);
-            let first = b * seq + n - k;
-            let logits = be.download(&model.logits(&be.upload(&hidden[first * h..(first + k) * h])?, k)?)?;
-            let mut s = Score { loglik: 0.0, greedy: true };
-            for (j, &t) in cont[cont.len() - k..].iter().enumerate() {
-                let (lp, top) = log_prob(&logits[j * v..(j + 1) * v], t);
-                s.loglik += lp;
-                s.greedy &= top;
-            }
-            out[i] = s;
-        }
-        progress(chunk.len());
+        let all: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
+        let input = &all[..all.len() - 1];
+        let input = &input[input.len().saturating_sub(max_len.max(1))..];
+        let (prefix, suffix) = input.split_at(input.len() - r.continuation.len().min(input.len()));
+        let g = *by_prefix.entry(prefix.to_vec()).or_insert_with(|| {
+            groups.push(Group { prefix: prefix.to_vec(), suffixes: Vec::new() });
+            members.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].suffixes.push(suffix.to_vec());
+        members[g].push(i);
     }
+    // Similar lengths side by side keep the padding small.
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by_key(|&g| std::cmp::Reverse((groups[g].prefix.len(), groups[g].suffixes.iter().map(Vec::len).max())));
+    let groups: Vec<Group> = order.iter().map(|&g| std::mem::take(&mut groups[g])).collect();
+    let members: Vec<Vec<usize>> = order.iter().map(|&g| std::mem::take(&mut members[g])).collect();
+    let mut out = vec![Score { loglik: 0.0, greedy: false }; requests.len()];
+    prefix::run(model, adapters, &groups, batch, |g, s, hidden| {
+        let i = members[g][s];
+        let cont = &requests[i].continuation;
+        let k = hidden.len() / h;
+        let logits = be.download(&model.logits(&be.upload(hidden)?, k)?)?;
+        let mut score = Score { loglik: 0.0, greedy: true };
+        for (j, &t) in cont[cont.len() - k..].iter().enumerate() {
+            let (lp, top) = log_prob(&logits[j * v..(j + 1) * v], t);
+            score.loglik += lp;
+            score.greedy &= top;
+        }
+        out[i] = score;
+        progress(1);
+        Ok(())
+    })?;
     Ok(out)
 }
 

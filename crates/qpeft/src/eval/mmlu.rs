@@ -10,10 +10,11 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::prefix::{self, Group};
 use crate::adapters::set::AdapterSet;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{Decoder, Input};
+use crate::model::Decoder;
 use crate::tokenizer::Tokenizer;
 
 pub const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
@@ -93,6 +94,10 @@ fn read_csv(path: &Path) -> Result<Vec<Question>> {
         return Err(Error::format(path, "no rows"));
     }
     Ok(out)
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 fn format_question(q: &Question) -> String {
@@ -195,27 +200,39 @@ pub fn evaluate<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>
         }
     }
     let total = prompts.len();
+    // The questions of a subject (with the same number of shots) share the header and shots: their common token
+    // prefix runs once, each question's remaining tokens (at least its last one) after it.
+    let mut members: Vec<Vec<usize>> = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let same = members.last().is_some_and(|m| (&prompts[m[0]].0, prompts[m[0]].2) == (&p.0, p.2));
+        if !same {
+            members.push(Vec::new());
+        }
+        members.last_mut().expect("a group exists").push(i);
+    }
+    for m in &mut members {
+        m.sort_by_key(|&i| prompts[i].3.len());
+    }
+    let groups: Vec<Group> = members
+        .iter()
+        .map(|m| {
+            let first = &prompts[m[0]].3;
+            let common = m.iter().map(|&i| common_prefix(first, &prompts[i].3).min(prompts[i].3.len() - 1)).min().unwrap_or(0);
+            Group { prefix: first[..common].to_vec(), suffixes: m.iter().map(|&i| prompts[i].3[common..].to_vec()).collect() }
+        })
+        .collect();
     let be = &model.backend;
     let h = model.spec.hidden_size;
-    let v = model.spec.vocab_size;
-    let mut order: Vec<usize> = (0..total).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].3.len()));
     let mut letter_logits = vec![[0f32; 4]; total];
     let mut done = 0;
-    for chunk in order.chunks(opts.batch.max(1)) {
-        let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].3.clone()).collect();
-        // Left padding puts every prompt's last token in the last column.
-        let input = Input::left_padded(&rows, 0);
-        let mut cache = model.new_cache(rows.len(), input.seq)?;
-        let hidden = be.download(&model.forward_with(&input, &mut cache, adapters, &mut |_, _, _| Ok(()))?)?;
-        let last: Vec<f32> = (0..rows.len()).flat_map(|b| hidden[((b + 1) * input.seq - 1) * h..(b + 1) * input.seq * h].to_vec()).collect();
-        let logits = be.download(&model.logits(&be.upload(&last)?, rows.len())?)?;
-        for (b, &i) in chunk.iter().enumerate() {
-            letter_logits[i] = letters.map(|t| logits[b * v + t as usize]);
-        }
-        done += chunk.len();
+    prefix::run(model, adapters, &groups, opts.batch, |g, s, hidden| {
+        let last = be.upload(&hidden[hidden.len() - h..])?;
+        let logits = be.download(&model.logits(&last, 1)?)?;
+        letter_logits[members[g][s]] = letters.map(|t| logits[t as usize]);
+        done += 1;
         progress(done, total);
-    }
+        Ok(())
+    })?;
     let mut items = Vec::with_capacity(total);
     let mut subjects: BTreeMap<String, Accuracy> = BTreeMap::new();
     let mut subcategories: BTreeMap<String, Accuracy> = BTreeMap::new();

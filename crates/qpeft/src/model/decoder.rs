@@ -124,15 +124,15 @@ impl Input {
         Input { batch: 1, seq: tokens.len(), tokens: tokens.to_vec(), mask: vec![1; tokens.len()] }
     }
 
-    /// Left-pads rows to a common length (as for batched generation).
-    pub fn left_padded(rows: &[Vec<u32>], pad: u32) -> Input {
-        let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+    /// Right-pads rows to a common length: every row keeps positions 0..len (as for scoring).
+    pub fn right_padded(rows: &[&[u32]], pad: u32) -> Input {
+        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut tokens = Vec::with_capacity(rows.len() * seq);
         let mut mask = Vec::with_capacity(rows.len() * seq);
         for r in rows {
             let n = seq - r.len();
-            tokens.extend(std::iter::repeat_n(pad, n).chain(r.iter().copied()));
-            mask.extend(std::iter::repeat_n(0, n).chain(std::iter::repeat_n(1, r.len())));
+            tokens.extend(r.iter().copied().chain(std::iter::repeat_n(pad, n)));
+            mask.extend(std::iter::repeat_n(1, r.len()).chain(std::iter::repeat_n(0, n)));
         }
         Input { batch: rows.len(), seq, tokens, mask }
     }

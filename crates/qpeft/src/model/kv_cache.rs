@@ -52,4 +52,25 @@ impl<B: Backend> KvCache<B> {
         }
         Ok(positions)
     }
+
+    /// A new cache whose row j is a copy of this cache's row `rows[j]`, with room for `extra` more positions:
+    /// one shared prefix run once serves many continuations (evaluation scores a question's choices this way).
+    pub fn gather(&self, be: &B, rows: &[usize], extra: usize) -> Result<Self> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.batch) {
+            return Err(Error::Invalid(format!("row {r} of a KV cache with batch {}", self.batch)));
+        }
+        let width = be.len(&self.k[0]) / (self.batch * self.capacity).max(1);
+        let capacity = self.len + extra;
+        let mut out = KvCache::new(be, self.k.len(), rows.len(), capacity, width)?;
+        for (j, &r) in rows.iter().enumerate() {
+            for l in 0..self.k.len() {
+                be.copy(&self.k[l], r * self.capacity * width, &mut out.k[l], j * capacity * width, self.len * width)?;
+                be.copy(&self.v[l], r * self.capacity * width, &mut out.v[l], j * capacity * width, self.len * width)?;
+            }
+            out.key_mask[j * capacity..j * capacity + self.len].copy_from_slice(&self.key_mask[r * self.capacity..r * self.capacity + self.len]);
+            out.seen[j] = self.seen[r];
+        }
+        out.len = self.len;
+        Ok(out)
+    }
 }

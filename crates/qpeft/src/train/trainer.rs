@@ -173,6 +173,26 @@ pub fn load_data(cfg: &RunConfig, tok: &Tokenizer) -> Result<(Vec<Example>, Vec<
     Ok((train, eval))
 }
 
+/// The target-token-weighted mean loss over `examples` (batches of `batch`) and the number of target tokens.
+fn loss_over<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, collator: &Collator<'_>, examples: &[Example], batch: usize, loss_chunk: usize) -> Result<(f64, usize)> {
+    let opts = StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk };
+    let items: Vec<Tokenized> = examples.iter().map(|x| collator.tokenize(x)).collect::<Result<_>>()?;
+    let (mut sum, mut tokens) = (0f64, 0usize);
+    for chunk in items.chunks(batch.max(1)) {
+        let refs: Vec<&Tokenized> = chunk.iter().collect();
+        let r = model.loss(&collator.batch(&refs), adapters, &opts)?;
+        sum += r.loss * r.tokens as f64;
+        tokens += r.tokens;
+    }
+    Ok((if tokens == 0 { 0.0 } else { sum / tokens as f64 }, tokens))
+}
+
+/// The held-out loss of `examples` (from `load_data`) as the run `cfg` collates them, and the target tokens.
+pub fn heldout_loss<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, tok: &Tokenizer, cfg: &RunConfig, examples: &[Example], batch: usize) -> Result<(f64, usize)> {
+    let collator = Collator::new(tok, cfg.data.source_max_len, cfg.data.target_max_len, cfg.data.train_on_source)?;
+    loss_over(model, adapters, &collator, examples, batch, cfg.train.loss_chunk)
+}
+
 /// Seed of the dropout masks of one micro-batch.
 fn micro_seed(seed: u64, step: u64, micro: usize) -> u64 {
     crate::adapters::set::module_seed(seed ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93), micro, crate::model::decoder::Proj::Q)
@@ -250,15 +270,8 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             return Ok(None);
         }
         let e = &self.cfg.eval;
-        let opts = StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk: self.cfg.train.loss_chunk };
-        let (mut sum, mut tokens) = (0f64, 0usize);
-        let items: Vec<Tokenized> = self.eval.iter().take(e.max_samples.max(1)).map(|x| self.collator.tokenize(x)).collect::<Result<_>>()?;
-        for chunk in items.chunks(e.batch_size) {
-            let refs: Vec<&Tokenized> = chunk.iter().collect();
-            let r = self.model.loss(&self.collator.batch(&refs), Some(&self.set), &opts)?;
-            sum += r.loss * r.tokens as f64;
-            tokens += r.tokens;
-        }
+        let held = &self.eval[..e.max_samples.max(1).min(self.eval.len())];
+        let (eval_loss, eval_tokens) = loss_over(self.model, Some(&self.set), &self.collator, held, e.batch_size, self.cfg.train.loss_chunk)?;
         let exact_match = if e.exact_match > 0 {
             let judged = &self.eval[..e.exact_match.min(self.eval.len())];
             let answers = exact_match(self.model, Some(&self.set), self.tok, &self.collator, judged, e.max_new_tokens)?;
@@ -266,7 +279,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         } else {
             None
         };
-        Ok(Some(Evaluation { step: self.state.step, eval_loss: if tokens == 0 { 0.0 } else { sum / tokens as f64 }, eval_tokens: tokens, exact_match }))
+        Ok(Some(Evaluation { step: self.state.step, eval_loss, eval_tokens, exact_match }))
     }
 
     fn record_eval(&self, ev: &Evaluation) -> Result<()> {

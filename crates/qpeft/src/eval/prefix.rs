@@ -1,0 +1,63 @@
+//! Many continuations of shared prefixes: each prefix runs through the model once, then its continuations
+//! ("suffixes") run in right-padded batches against copies of the prefix's KV cache. MMLU's questions share their
+//! subject's header and shots; a zero-shot item's choices share its context. The result equals running every
+//! prefix ++ suffix on its own (same positions, same visible keys), up to floating-point summation order.
+
+use crate::adapters::set::AdapterSet;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::{Decoder, Input};
+
+/// One prefix and the suffixes that follow it.
+#[derive(Clone, Debug, Default)]
+pub struct Group {
+    pub prefix: Vec<u32>,
+    pub suffixes: Vec<Vec<u32>>,
+}
+
+/// Runs every group; `visit(g, s, hidden)` receives suffix `s` of group `g` as its final-normed hidden states
+/// [suffix length, hidden]. `batch` bounds the sequences of one forward pass; groups with few suffixes share
+/// passes, so keep groups of similar lengths next to each other.
+pub fn run<B: Backend>(
+    model: &Decoder<B>,
+    adapters: Option<&AdapterSet<B>>,
+    groups: &[Group],
+    batch: usize,
+    mut visit: impl FnMut(usize, usize, &[f32]) -> Result<()>,
+) -> Result<()> {
+    let (be, h) = (&model.backend, model.spec.hidden_size);
+    let batch = batch.max(1);
+    let mut g0 = 0;
+    while g0 < groups.len() {
+        let mut g1 = g0 + 1;
+        let mut n = groups[g0].suffixes.len();
+        while g1 < groups.len() && g1 - g0 < batch && n + groups[g1].suffixes.len() <= batch {
+            n += groups[g1].suffixes.len();
+            g1 += 1;
+        }
+        let unit = &groups[g0..g1];
+        let prefixes: Vec<&[u32]> = unit.iter().map(|g| &g.prefix[..]).collect();
+        let prefix_len = prefixes.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut cache = model.new_cache(unit.len(), prefix_len)?;
+        if prefix_len > 0 {
+            model.forward_with(&Input::right_padded(&prefixes, 0), &mut cache, adapters, &mut |_, _, _| Ok(()))?;
+        }
+        let rows: Vec<(usize, usize)> = unit.iter().enumerate().flat_map(|(i, g)| (0..g.suffixes.len()).map(move |s| (i, s))).collect();
+        for chunk in rows.chunks(batch) {
+            let suffixes: Vec<&[u32]> = chunk.iter().map(|&(i, s)| &unit[i].suffixes[s][..]).collect();
+            if let Some(&(i, s)) = chunk.iter().find(|&&(i, s)| unit[i].suffixes[s].is_empty()) {
+                return Err(Error::Invalid(format!("suffix {s} of group {} is empty", g0 + i)));
+            }
+            let input = Input::right_padded(&suffixes, 0);
+            let owners: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
+            let mut rows_cache = cache.gather(be, &owners, input.seq)?;
+            let hidden = be.download(&model.forward_with(&input, &mut rows_cache, adapters, &mut |_, _, _| Ok(()))?)?;
+            for (b, (&(i, s), suffix)) in chunk.iter().zip(&suffixes).enumerate() {
+                let first = b * input.seq;
+                visit(g0 + i, s, &hidden[first * h..(first + suffix.len()) * h])?;
+            }
+        }
+        g0 = g1;
+    }
+    Ok(())
+}
