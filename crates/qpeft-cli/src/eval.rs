@@ -46,6 +46,9 @@ pub struct EvalArgs {
     json: Option<PathBuf>,
 }
 
+/// One line of the summary table: task, items, (metric, value)s, seconds.
+type Row = (String, usize, Vec<(&'static str, f64)>, f64);
+
 pub fn run(args: EvalArgs) -> Result<()> {
     let heldout = args.tasks.split(',').any(|t| t.trim() == "heldout");
     let rest: Vec<&str> = args.tasks.split(',').map(str::trim).filter(|t| *t != "heldout").collect();
@@ -62,7 +65,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let opts = suite::Options { data_dir: args.data_dir.clone(), limit: args.limit, mmlu_split: args.split.clone(), mmlu_max_len: args.max_len, batch: args.batch };
     let mut reports = serde_json::Map::new();
-    let mut table: Vec<(String, usize, Vec<(&str, f64)>, f64)> = Vec::new();
+    let mut table: Vec<Row> = Vec::new();
     for name in &names {
         let bar = indicatif::ProgressBar::new(0);
         let unit = if name == "mmlu" { "questions" } else { "choices" };

@@ -36,6 +36,9 @@ fn describe(e: &Option<Evaluation>) -> String {
             if let Some((c, n)) = e.exact_match {
                 s += &format!(", exact match {c}/{n} = {:.1}%", 100.0 * c as f64 / n.max(1) as f64);
             }
+            for (name, v) in &e.tasks {
+                s += &format!(", {name} {:.2}%", 100.0 * v);
+            }
             s
         }
     }

@@ -80,8 +80,7 @@ pub fn run<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, tok
     items.truncate(opts.limit.unwrap_or(usize::MAX));
     let total = items.iter().map(|it| it.pairs.len()).sum();
     let mut done = 0;
-    let max_len = model.spec.max_position_embeddings;
-    let r = zero_shot::evaluate(model, adapters, tok, task, &items, opts.batch, max_len, |n| {
+    let r = zero_shot::evaluate(model, adapters, tok, task, &items, opts.batch, |n| {
         done += n;
         progress(done, total);
     })?;

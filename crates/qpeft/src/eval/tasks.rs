@@ -100,7 +100,11 @@ fn text(v: &Value, field: &str, path: &Path, line: usize) -> Result<String> {
     at.as_str().map(str::to_string).ok_or_else(|| Error::format(path, format!("line {line}: field `{field}` is not a string")))
 }
 
-fn paired<'a>(rows: &'a [(usize, Value)], labels: &'a [(usize, String)], path: &Path, labels_path: &Path) -> Result<impl Iterator<Item = (&'a (usize, Value), &'a (usize, String))>> {
+/// (line, record) and (line, label).
+type Record = (usize, Value);
+type Label = (usize, String);
+
+fn paired<'a>(rows: &'a [Record], labels: &'a [Label], path: &Path, labels_path: &Path) -> Result<impl Iterator<Item = (&'a Record, &'a Label)>> {
     if rows.len() != labels.len() {
         return Err(Error::format(labels_path, format!("{} labels for the {} items of {}", labels.len(), rows.len(), path.display())));
     }
@@ -146,7 +150,7 @@ const WIKIHOW_LABELS: [&str; 21] = [
 fn hellaswag(path: &Path) -> Result<Vec<Item>> {
     let body = read(path)?;
     let lines: Vec<&str> = body.strip_suffix('\n').unwrap_or(&body).split('\n').collect();
-    if lines.len() % 6 != 0 {
+    if !lines.len().is_multiple_of(6) {
         return Err(Error::format(path, format!("{} lines, not 6 per item (truncated?)", lines.len())));
     }
     lines

@@ -53,7 +53,7 @@ pub fn requests(tok: &Tokenizer, items: &[Item]) -> Result<Vec<Request>> {
     items.iter().flat_map(|it| it.pairs.iter()).map(|(c, x)| loglik::encode(tok, c, x)).collect()
 }
 
-/// Scores `items` of `task`; `progress(n)` follows the scored choices.
+/// Scores `items` of `task`, `batch` sequences per forward pass; `progress(n)` follows the scored choices.
 pub fn evaluate<B: Backend>(
     model: &Decoder<B>,
     adapters: Option<&AdapterSet<B>>,
@@ -61,11 +61,11 @@ pub fn evaluate<B: Backend>(
     task: Task,
     items: &[Item],
     batch: usize,
-    max_len: usize,
     progress: impl FnMut(usize),
 ) -> Result<Report> {
     let reqs = requests(tok, items)?;
-    let scores = loglik::score(model, adapters, &reqs, batch, max_len, progress)?;
+    // Inputs are left-truncated to the model's context, as the harness does.
+    let scores = loglik::score(model, adapters, &reqs, batch, model.spec.max_position_embeddings, progress)?;
     let mut out = Vec::with_capacity(items.len());
     let mut at = 0;
     for (index, it) in items.iter().enumerate() {

@@ -157,11 +157,30 @@ pub struct EvalSection {
     /// Also judge this many held-out examples by exact match of the greedy answer (0: off).
     pub exact_match: usize,
     pub max_new_tokens: usize,
+    /// Benchmark tasks run at every evaluation (mmlu, hellaswag, piqa, winogrande, arc_easy, arc_challenge, boolq,
+    /// openbookqa, or all); scores go to metrics.jsonl, every item's prediction to evals/step-N.json.
+    pub tasks: Vec<String>,
+    /// First N items of each zero-shot task, first N questions of each MMLU subject (unset: all).
+    pub task_limit: Option<usize>,
+    /// MMLU split during training: val (as QLoRA's callback) or test.
+    pub mmlu_split: String,
+    /// The datasets folder (mmlu/, hellaswag/, … inside it).
+    pub data_dir: PathBuf,
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { every: 0, max_samples: 200, batch_size: 4, exact_match: 0, max_new_tokens: 32 }
+        EvalSection {
+            every: 0,
+            max_samples: 200,
+            batch_size: 4,
+            exact_match: 0,
+            max_new_tokens: 32,
+            tasks: Vec::new(),
+            task_limit: None,
+            mmlu_split: "val".into(),
+            data_dir: PathBuf::from("../shared/datasets"),
+        }
     }
 }
 
@@ -312,6 +331,10 @@ impl RunConfig {
         }
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
             return bad("train.warmup_ratio", format!("{} is outside [0, 1]", t.warmup_ratio));
+        }
+        crate::eval::suite::parse_tasks(&e.tasks.join(",")).map_err(|err| Error::config(&self.file, "eval.tasks", err.to_string()))?;
+        if !["val", "test"].contains(&e.mmlu_split.as_str()) {
+            return bad("eval.mmlu_split", format!("`{}` is not val or test", e.mmlu_split));
         }
         match (&d.path, &d.builtin) {
             (None, None) => return bad("data", "set `path` (a data file) or `builtin` (a built-in task)".into()),

@@ -23,6 +23,7 @@ use crate::backend::Backend;
 use crate::data::collate::{Collator, Tokenized};
 use crate::data::{builtin, sampler, DataFormat, Example};
 use crate::error::{Error, Result};
+use crate::eval::suite;
 use crate::formats::peft::{self, Modules};
 use crate::formats::safetensors::{write_file, SafetensorsStore};
 use crate::generate::{generate, GenerateOptions};
@@ -66,6 +67,8 @@ pub struct Evaluation {
     pub eval_tokens: usize,
     /// (correct, judged) when exact match is on.
     pub exact_match: Option<(usize, usize)>,
+    /// Benchmark scores of `[eval] tasks`, e.g. ("mmlu_acc", 0.31), ("arc_easy_acc_norm", 0.42).
+    pub tasks: Vec<(String, f64)>,
 }
 
 /// The outcome of `train`.
@@ -279,7 +282,28 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         } else {
             None
         };
-        Ok(Some(Evaluation { step: self.state.step, eval_loss, eval_tokens, exact_match }))
+        let tasks = self.run_tasks()?;
+        Ok(Some(Evaluation { step: self.state.step, eval_loss, eval_tokens, exact_match, tasks }))
+    }
+
+    /// The `[eval] tasks` with the current adapters; every item's prediction goes to `evals/step-N.json`.
+    fn run_tasks(&self) -> Result<Vec<(String, f64)>> {
+        let e = &self.cfg.eval;
+        if e.tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let opts = suite::Options { data_dir: e.data_dir.clone(), limit: e.task_limit, mmlu_split: e.mmlu_split.clone(), mmlu_max_len: 2048, batch: e.batch_size };
+        let (mut scores, mut reports) = (Vec::new(), serde_json::Map::new());
+        for name in suite::parse_tasks(&e.tasks.join(","))? {
+            let r = suite::run(self.model, Some(&self.set), self.tok, &name, &opts, |_, _| {})?;
+            scores.extend(r.metrics().into_iter().map(|(m, v)| (format!("{name}_{m}"), v)));
+            reports.insert(name, serde_json::to_value(&r).expect("reports serialize"));
+        }
+        let dir = self.run.path.join("evals");
+        std::fs::create_dir_all(&dir).map_err(|err| Error::io(&dir, err))?;
+        let file = dir.join(format!("step-{:06}.json", self.state.step));
+        crate::formats::write_atomic(&file, &serde_json::to_vec(&Value::Object(reports)).expect("json"))?;
+        Ok(scores)
     }
 
     fn record_eval(&self, ev: &Evaluation) -> Result<()> {
@@ -287,6 +311,9 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         if let Some((c, n)) = ev.exact_match {
             r["exact_match"] = json!(c as f64 / n.max(1) as f64);
             r["exact_match_n"] = json!(n);
+        }
+        if !ev.tasks.is_empty() {
+            r["tasks"] = Value::Object(ev.tasks.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
         }
         self.run.append_metrics(&r)
     }
@@ -384,6 +411,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 let n = r["exact_match_n"].as_u64().unwrap_or(0) as usize;
                 ((f * n as f64).round() as usize, n)
             }),
+            tasks: r.get("tasks").and_then(Value::as_object).map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect()).unwrap_or_default(),
         });
         let steady = if rates.len() > 1 { &rates[1..] } else { &rates[..] };
         Ok(Summary {

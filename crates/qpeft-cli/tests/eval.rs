@@ -1,0 +1,132 @@
+//! `qpeft eval` and `[eval] tasks` end to end on a tiny model: benchmark tasks run inside training (scores in
+//! metrics.jsonl, every item in evals/), an adapter from the trainer changes the scores, the held-out split of a
+//! run config is a task, and bad task lists or data folders give clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn qpeft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qpeft")).args(args).current_dir(root()).output().expect("qpeft runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const MODEL: &str = "tests/fixtures/gguf/tiny-llama-spm.gguf";
+
+fn config(dir: &Path) -> PathBuf {
+    let text = format!(
+        r#"[model]
+path = "{MODEL}"
+[quant]
+format = "none"
+[adapter]
+method = "lora"
+rank = 8
+alpha = 16
+[data]
+builtin = "dates"
+builtin_size = 40
+eval_size = 8
+[train]
+out_dir = {:?}
+steps = 6
+batch_size = 4
+lr = 1e-2
+checkpoint_every = 0
+[eval]
+every = 3
+max_samples = 8
+tasks = ["arc_easy", "winogrande"]
+task_limit = 5
+"#,
+        dir.join("run")
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Per-item log-likelihoods of a task in a report.
+fn lls(report: &Value, task: &str) -> Vec<Vec<f64>> {
+    report[task]["items"].as_array().unwrap().iter().map(|it| it["ll"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()).collect()
+}
+
+#[test]
+fn tasks_run_during_training_and_the_trained_adapter_changes_the_scores() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    let out = ok(&qpeft(&["--threads", "2", "train", "--config", cfg.to_str().unwrap()]));
+    assert!(out.contains("arc_easy_acc"), "{out}");
+    let run = d.path().join("run");
+    let metrics: Vec<Value> = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let evals: Vec<&Value> = metrics.iter().filter(|r| r.get("tasks").is_some()).collect();
+    assert_eq!(evals.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 3, 6]);
+    for r in &evals {
+        let t = &r["tasks"];
+        for key in ["arc_easy_acc", "arc_easy_acc_norm", "winogrande_acc"] {
+            let v = t[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {t}"));
+            assert!((0.0..=1.0).contains(&v));
+        }
+        assert!(t.get("winogrande_acc_norm").is_none(), "WinoGrande has no acc_norm");
+    }
+    let at_start = read_json(&run.join("evals/step-000000.json"));
+    let at_end = read_json(&run.join("evals/step-000006.json"));
+    assert_eq!(at_start["arc_easy"]["items"].as_array().unwrap().len(), 5);
+
+    // The base model alone scores exactly what the untrained adapter (B = 0) scored at step 0 …
+    let base_json = d.path().join("base.json");
+    let tuned_json = d.path().join("tuned.json");
+    ok(&qpeft(&["eval", MODEL, "--tasks", "arc_easy,winogrande", "--limit", "5", "--json", base_json.to_str().unwrap()]));
+    let adapter = run.join("adapter");
+    let table = ok(&qpeft(&["eval", MODEL, "--adapter", adapter.to_str().unwrap(), "--tasks", "arc_easy,winogrande", "--limit", "5", "--json", tuned_json.to_str().unwrap()]));
+    assert!(table.contains("arc_easy") && table.contains("acc_norm"), "{table}");
+    let (base, tuned) = (read_json(&base_json), read_json(&tuned_json));
+    let close = |a: &[Vec<f64>], b: &[Vec<f64>]| a.iter().flatten().zip(b.iter().flatten()).all(|(x, y)| (x - y).abs() <= 1e-3 * x.abs().max(1.0));
+    for task in ["arc_easy", "winogrande"] {
+        assert!(close(&lls(&base, task), &lls(&at_start, task)), "{task}: base ≠ step 0");
+        // … and the trained adapter scores what training's final evaluation scored, which is not the base's.
+        assert!(close(&lls(&tuned, task), &lls(&at_end, task)), "{task}: --adapter ≠ final evaluation");
+        assert!(!close(&lls(&tuned, task), &lls(&base, task)), "{task}: the adapter did not change the scores");
+    }
+
+    // The run's held-out split as a task: the loss training logged at step 0 (the adapter starts as the identity).
+    let held = ok(&qpeft(&["eval", MODEL, "--tasks", "heldout", "--config", cfg.to_str().unwrap(), "--json", base_json.to_str().unwrap()]));
+    assert!(held.contains("perplexity"), "{held}");
+    let logged = metrics.iter().find(|r| r["step"] == 0 && r.get("eval_loss").is_some()).unwrap()["eval_loss"].as_f64().unwrap();
+    let measured = read_json(&base_json)["heldout"]["loss"].as_f64().unwrap();
+    assert!((logged - measured).abs() < 1e-4, "held-out loss {measured} vs logged {logged}");
+}
+
+#[test]
+fn bad_task_lists_and_missing_data_are_clear_errors() {
+    let err = |args: &[&str]| {
+        let out = qpeft(args);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = err(&["eval", MODEL, "--tasks", "arc_easy,squad"]);
+    assert!(e.contains("unknown task `squad`") && e.contains("hellaswag"), "{e}");
+    let e = err(&["eval", MODEL, "--tasks", "heldout"]);
+    assert!(e.contains("--config"), "{e}");
+    let e = err(&["eval", MODEL, "--tasks", "piqa", "--data-dir", "/nonexistent/datasets"]);
+    assert!(e.contains("/nonexistent/datasets/piqa/valid.jsonl"), "{e}");
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"winogrande\"]", "\"winogrand\"]");
+    std::fs::write(&cfg, text).unwrap();
+    let e = err(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(e.contains("eval.tasks") && e.contains("winogrand"), "{e}");
+}
