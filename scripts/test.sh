@@ -13,3 +13,7 @@ if [ ! -s models/smollm2-hf/model.safetensors ]; then
 fi
 cargo clippy --release --all-targets -- -D warnings
 cargo test --release --workspace
+# The CUDA backend builds without CUDA (cudarc loads it at run time); here its tests check the missing-driver
+# error. The GPU half runs on the GPU machine: scripts/gpu/test.sh.
+cargo clippy --release -p qpeft --features cuda --all-targets -- -D warnings
+cargo test --release -p qpeft --features cuda --test cuda_parity

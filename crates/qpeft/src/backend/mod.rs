@@ -5,6 +5,8 @@
 //! synchronising. Layouts are row-major; "rows" are tokens.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::error::Result;
 
@@ -201,4 +203,38 @@ pub trait Backend: Send + Sync {
     /// out = x ⊙ mask / (1 − p), the mask drawn from a counter-based RNG keyed by `seed` (the same seed gives
     /// the same mask, so backward and recomputation reuse it without storing it).
     fn dropout(&self, x: &Self::Buf, p: f32, seed: u64, out: &mut Self::Buf) -> Result<()>;
+}
+
+/// `Error::Invalid("op: what")` unless `cond`: the size checks every backend makes before touching buffers.
+pub(crate) fn check(cond: bool, op: &str, what: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(crate::error::Error::Invalid(format!("{op}: {}", what())))
+    }
+}
+
+pub(crate) fn check_groups(op: &str, g: Groups, rows: usize, wide: usize, narrow: usize) -> Result<()> {
+    check(g.groups > 0 && g.groups <= g.width && wide == rows * g.width && narrow == rows * g.groups, op, || {
+        format!("{rows} rows of {} features in {} groups do not fit buffers of {wide} and {narrow}", g.width, g.groups)
+    })
+}
+
+/// Buffer lengths of an attention call (q, k cache, v cache, key mask, and the buffers shaped like q).
+pub(crate) fn check_attention(q: usize, k: usize, v: usize, key_mask: usize, s: AttentionShape, q_like: &[usize]) -> Result<()> {
+    let q_size = s.batch * s.q_len * s.heads * s.head_dim;
+    let kv_size = s.batch * s.kv_capacity * s.kv_heads * s.head_dim;
+    check(
+        q == q_size
+            && q_like.iter().all(|&n| n == q_size)
+            && k == kv_size
+            && v == kv_size
+            && key_mask == s.batch * s.kv_capacity
+            && s.q_len <= s.kv_len
+            && s.kv_len <= s.kv_capacity
+            && s.kv_heads > 0
+            && s.heads.is_multiple_of(s.kv_heads),
+        "attention",
+        || format!("buffer sizes do not fit {s:?}"),
+    )
 }

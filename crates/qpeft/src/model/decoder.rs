@@ -232,6 +232,10 @@ impl<B: Backend> Decoder<B> {
     /// The scaled token embeddings [rows, hidden] of `input`.
     pub(crate) fn embed(&self, input: &Input) -> Result<B::Buf> {
         let (be, h) = (&self.backend, self.spec.hidden_size);
+        // Checked here, on the host: a GPU kernel would read out of bounds instead of failing.
+        if let Some(&bad) = input.tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
+            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary (size {})", self.spec.vocab_size)));
+        }
         let ids = be.upload_ints(&input.tokens)?;
         // Gemma scales embeddings by √hidden rounded to the activation dtype (f32 here).
         let scale = if self.spec.scale_embeddings { (h as f32).sqrt() } else { 1.0 };

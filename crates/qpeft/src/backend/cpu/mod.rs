@@ -12,7 +12,7 @@ use num_traits::{Float, FromPrimitive};
 use rayon::prelude::*;
 
 use self::gemm::{gemm_strided, Strided};
-use super::{AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
+use super::{check, check_attention, check_groups, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
 use crate::error::{Error, Result};
 
 /// Rows per rayon task for the row-wise ops: enough work to amortise scheduling.
@@ -57,14 +57,6 @@ impl Cpu<f64> {
     /// The f64 instance, for finite-difference checks.
     pub const fn f64() -> Self {
         Cpu(PhantomData)
-    }
-}
-
-fn check(cond: bool, op: &str, what: impl FnOnce() -> String) -> Result<()> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!("{op}: {}", what())))
     }
 }
 
@@ -170,7 +162,7 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn attention(&self, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, key_mask: &Vec<u32>, s: AttentionShape, out: &mut Vec<T>) -> Result<()> {
-        check_attention(q, k, v, key_mask, s, &[out.len()])?;
+        check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len()])?;
         attention::forward(q, k, v, key_mask, s, out);
         Ok(())
     }
@@ -274,7 +266,7 @@ impl<T: Real> Backend for Cpu<T> {
         dk: &mut Vec<T>,
         dv: &mut Vec<T>,
     ) -> Result<()> {
-        check_attention(q, k, v, key_mask, s, &[dout.len(), dq.len()])?;
+        check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[dout.len(), dq.len()])?;
         check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len()))?;
         attention::backward(q, k, v, key_mask, s, dout, dq, dk, dv);
         Ok(())
@@ -423,12 +415,6 @@ fn group_divisor<T: Real>(mean: bool, a: usize, b: usize) -> T {
     }
 }
 
-fn check_groups(op: &str, g: Groups, rows: usize, wide: usize, narrow: usize) -> Result<()> {
-    check(g.groups > 0 && g.groups <= g.width && wide == rows * g.width && narrow == rows * g.groups, op, || {
-        format!("{rows} rows of {} features in {} groups do not fit buffers of {wide} and {narrow}", g.width, g.groups)
-    })
-}
-
 fn check_targets<T>(logits: &[T], targets: &[u32], vocab: usize, ignore: u32, out: usize) -> Result<()> {
     check(logits.len() == targets.len() * vocab && out == targets.len(), "cross_entropy", || {
         format!("{} logits for {} targets × vocab {vocab}", logits.len(), targets.len())
@@ -437,22 +423,4 @@ fn check_targets<T>(logits: &[T], targets: &[u32], vocab: usize, ignore: u32, ou
         return Err(Error::Invalid(format!("target id {bad} is outside the vocabulary (size {vocab})")));
     }
     Ok(())
-}
-
-fn check_attention<T>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: AttentionShape, q_like: &[usize]) -> Result<()> {
-    let q_size = s.batch * s.q_len * s.heads * s.head_dim;
-    let kv_size = s.batch * s.kv_capacity * s.kv_heads * s.head_dim;
-    check(
-        q.len() == q_size
-            && q_like.iter().all(|&n| n == q_size)
-            && k.len() == kv_size
-            && v.len() == kv_size
-            && key_mask.len() == s.batch * s.kv_capacity
-            && s.q_len <= s.kv_len
-            && s.kv_len <= s.kv_capacity
-            && s.kv_heads > 0
-            && s.heads.is_multiple_of(s.kv_heads),
-        "attention",
-        || format!("buffer sizes do not fit {s:?}"),
-    )
 }

@@ -1,0 +1,375 @@
+//! The CUDA backend (feature `cuda`): cudarc with dynamic loading, so nothing CUDA is needed to build; the
+//! driver, NVRTC and cuBLAS are found at run time, and their absence is an error, not a panic. This is the
+//! correct-first version: f32 buffers, cuBLAS SGEMM (true FP32, not TF32) for the matrix products, and the
+//! kernels of `kernels.cu` compiled by NVRTC when the backend is created. It is checked op by op and on whole
+//! models against the CPU backend (tests/cuda_parity.rs, run on the GPU machine by scripts/gpu/test.sh).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+use super::{check, check_attention, check_groups, AttentionShape, Backend, GluKind, MatMul, RowWrite};
+use super::Groups;
+use crate::error::{Error, Result};
+
+const SOURCE: &str = include_str!("kernels.cu");
+/// Threads per block of the element-wise kernels and the row reductions.
+const THREADS: u32 = 256;
+/// Threads per block of the attention kernels (one block per query and head).
+const ATTENTION_THREADS: u32 = 128;
+
+pub struct Cuda {
+    ordinal: usize,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    module: Arc<CudaModule>,
+}
+
+/// The error of a failed CUDA call, naming what was attempted.
+fn device_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("CUDA: {what}: {e}"))
+}
+
+/// Folders searched for the CUDA headers NVRTC may need: $CUDA_HOME, $CUDA_PATH, the usual install paths.
+pub fn include_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"].iter().filter_map(std::env::var_os).map(|p| PathBuf::from(p).join("include")).collect();
+    dirs.extend(["/usr/local/cuda/include", "/usr/local/cuda-13.0/include", "/opt/cuda/include", "/usr/include"].map(PathBuf::from));
+    let mut found: Vec<PathBuf> = Vec::new();
+    for d in dirs.into_iter().filter(|d| d.join("cuda_runtime_api.h").exists()).filter_map(|d| d.canonicalize().ok()) {
+        if !found.contains(&d) {
+            found.push(d);
+        }
+    }
+    found
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Attn {
+    batch: i32,
+    q_len: i32,
+    kv_len: i32,
+    kv_capacity: i32,
+    heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    scale: f32,
+    window: i32,
+}
+
+// SAFETY: a plain #[repr(C)] struct of i32/f32 fields, passed by value to the kernels' `struct Attn`.
+unsafe impl DeviceRepr for Attn {}
+
+impl Attn {
+    fn of(s: AttentionShape) -> Self {
+        Attn {
+            batch: s.batch as i32,
+            q_len: s.q_len as i32,
+            kv_len: s.kv_len as i32,
+            kv_capacity: s.kv_capacity as i32,
+            heads: s.heads as i32,
+            kv_heads: s.kv_heads as i32,
+            head_dim: s.head_dim as i32,
+            scale: s.scale,
+            window: s.window.unwrap_or(0) as i32,
+        }
+    }
+}
+
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535 * 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn rows_grid(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl Cuda {
+    /// The backend on GPU `ordinal`: loads the driver, NVRTC and cuBLAS, compiles the kernels.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // cudarc panics when a library is missing; look first so that the user gets an error.
+        // SAFETY: these only try to dlopen the library names cudarc would use.
+        let missing: Vec<&str> = [
+            ("the CUDA driver (libcuda.so)", unsafe { cudarc::driver::sys::is_culib_present() }),
+            ("NVRTC (libnvrtc.so)", unsafe { cudarc::nvrtc::sys::is_culib_present() }),
+            ("cuBLAS (libcublas.so)", unsafe { cudarc::cublas::sys::is_culib_present() }),
+        ]
+        .into_iter()
+        .filter(|(_, present)| !present)
+        .map(|(name, _)| name)
+        .collect();
+        if !missing.is_empty() {
+            return Err(Error::Invalid(format!(
+                "CUDA: cannot load {} (install the NVIDIA driver and the CUDA 13 toolkit libraries, or run on the CPU)",
+                missing.join(", ")
+            )));
+        }
+        let count = CudaContext::device_count().map_err(|e| device_err("counting GPUs", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Invalid(format!("CUDA: there is no GPU {ordinal} ({count} found)")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| device_err(&format!("opening GPU {ordinal}"), e))?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("creating the cuBLAS handle", e))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| device_err("reading the compute capability", e))?;
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let opts = CompileOptions { include_paths: include_dirs().iter().map(|d| d.display().to_string()).collect(), arch: Some(arch), ..Default::default() };
+        let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| Error::Invalid(format!("CUDA: compiling the kernels with NVRTC failed: {e}")))?;
+        let module = ctx.load_module(ptx).map_err(|e| device_err("loading the compiled kernels", e))?;
+        Ok(Cuda { ordinal, stream, blas, module })
+    }
+
+    fn upload_any<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        if data.is_empty() {
+            return self.stream.null().map_err(|e| device_err("allocation", e));
+        }
+        self.stream.clone_htod(data).map_err(|e| device_err(&format!("uploading {} values", data.len()), e))
+    }
+
+    fn func(&self, name: &str) -> Result<CudaFunction> {
+        self.module.load_function(name).map_err(|e| device_err(&format!("kernel `{name}`"), e))
+    }
+
+    /// Waits for every queued operation; errors of earlier kernels surface here.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| device_err("synchronizing", e))
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.stream.context().mem_get_info().map_err(|e| device_err("reading memory use", e))
+    }
+}
+
+/// Launches `kernel` with `cfg` and the arguments pushed by `args`.
+macro_rules! launch {
+    ($self:expr, $kernel:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let cfg = $cfg;
+        let f = $self.func($kernel)?;
+        let mut b = $self.stream.launch_builder(&f);
+        $( b.arg($arg); )*
+        // SAFETY: every kernel's parameter list matches the arguments pushed here (kernels.cu), and the
+        // sizes were checked against the buffers before the launch.
+        unsafe { b.launch(cfg) }.map_err(|e| device_err(&format!("launching `{}`", $kernel), e))?;
+        Ok(())
+    }};
+}
+
+impl Backend for Cuda {
+    type Buf = CudaSlice<f32>;
+    type Ints = CudaSlice<u32>;
+
+    fn name(&self) -> String {
+        let ctx = self.stream.context();
+        format!("cuda:{} ({})", self.ordinal, ctx.name().unwrap_or_else(|_| "unknown GPU".into()))
+    }
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf> {
+        self.upload_any(data)
+    }
+    fn upload_ints(&self, data: &[u32]) -> Result<Self::Ints> {
+        self.upload_any(data)
+    }
+    fn zeros(&self, len: usize) -> Result<Self::Buf> {
+        if len == 0 {
+            return self.stream.null().map_err(|e| device_err("allocation", e));
+        }
+        self.stream.alloc_zeros(len).map_err(|e| device_err(&format!("allocating {len} floats ({} MiB)", (len * 4) >> 20), e))
+    }
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.stream.clone_dtoh(buf).map_err(|e| device_err("download", e))
+    }
+    fn len(&self, buf: &Self::Buf) -> usize {
+        buf.len()
+    }
+
+    fn embedding(&self, table: &Self::Buf, ids: &Self::Ints, dim: usize, scale: f32, out: &mut Self::Buf) -> Result<()> {
+        let rows = out.len() / dim.max(1);
+        check(out.len() == rows * dim && ids.len() >= rows, "embedding", || format!("output holds {} values for {} ids × {dim}", out.len(), ids.len()))?;
+        // Token ids are checked on the host before they reach the device (Decoder::embed uploads them).
+        let (rows_i, dim_i) = (rows as i64, dim as i32);
+        launch!(self, "embedding", grid(rows * dim), table, ids, &rows_i, &dim_i, &scale, out)
+    }
+
+    fn matmul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf, s: MatMul) -> Result<()> {
+        check(a.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || format!("sizes {}, {}, {} do not fit {s:?}", a.len(), b.len(), out.len()))?;
+        // Row-major out[m×n] is column-major outᵀ[n×m] = op(b)ᵀ·op(a)ᵀ: swap the operands.
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let cfg = GemmConfig {
+            transa: op(s.b_transposed),
+            transb: op(s.a_transposed),
+            m: s.n as i32,
+            n: s.m as i32,
+            k: s.k as i32,
+            alpha: s.alpha,
+            lda: if s.b_transposed { s.k } else { s.n } as i32,
+            ldb: if s.a_transposed { s.m } else { s.k } as i32,
+            beta: if s.accumulate { 1.0 } else { 0.0 },
+            ldc: s.n as i32,
+        };
+        // SAFETY: the sizes were checked above against m, n, k and the leading dimensions follow from them.
+        unsafe { self.blas.gemm(cfg, b, a, out) }.map_err(|e| device_err("SGEMM", e))
+    }
+
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf) -> Result<()> {
+        check(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "add_bias", || format!("{} values, bias of {}", x.len(), bias.len()))?;
+        let (n, dim) = (x.len() as i64, bias.len() as i32);
+        launch!(self, "add_bias", grid(x.len()), x, bias, &n, &dim)
+    }
+
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()> {
+        check(x.len() == y.len(), "add", || format!("{} vs {} values", x.len(), y.len()))?;
+        let n = x.len() as i64;
+        launch!(self, "add", grid(x.len()), x, y, &n)
+    }
+
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f32, plus_one: bool, out: &mut Self::Buf) -> Result<()> {
+        check(w.len() == dim && x.len().is_multiple_of(dim) && out.len() == x.len(), "rmsnorm", || format!("x {}, w {}, dim {dim}", x.len(), w.len()))?;
+        let (d, p) = (dim as i32, plus_one as i32);
+        launch!(self, "rmsnorm", rows_grid(x.len() / dim), x, w, &d, &eps, &p, out)
+    }
+
+    fn rope(&self, x: &mut Self::Buf, positions: &Self::Ints, inv_freq: &Self::Buf, heads: usize, head_dim: usize) -> Result<()> {
+        self.rotate(x, positions, inv_freq, heads, head_dim, false)
+    }
+
+    fn glu(&self, gate: &Self::Buf, up: &Self::Buf, kind: GluKind, out: &mut Self::Buf) -> Result<()> {
+        check(gate.len() == up.len() && out.len() == up.len(), "glu", || format!("gate {}, up {}, out {}", gate.len(), up.len(), out.len()))?;
+        let (k, n) = (glu_kind(kind), gate.len() as i64);
+        launch!(self, "glu", grid(gate.len()), gate, up, &k, out, &n)
+    }
+
+    fn write_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, at: RowWrite) -> Result<()> {
+        let RowWrite { batch, rows, capacity, start, width } = at;
+        check(src.len() == batch * rows * width && dst.len() == batch * capacity * width && start + rows <= capacity, "write_rows", || format!("{rows} rows at {start} into capacity {capacity}"))?;
+        let v = [batch, rows, capacity, start, width].map(|x| x as i32);
+        launch!(self, "write_rows", grid(src.len()), src, dst, &v[0], &v[1], &v[2], &v[3], &v[4])
+    }
+
+    fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, key_mask: &Self::Ints, s: AttentionShape, out: &mut Self::Buf) -> Result<()> {
+        check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len()])?;
+        let a = Attn::of(s);
+        launch!(self, "attention", attention_grid(s, 1)?, q, k, v, key_mask, &a, out)
+    }
+
+    fn cross_entropy(&self, logits: &Self::Buf, targets: &Self::Ints, vocab: usize, ignore: u32, out: &mut Self::Buf) -> Result<()> {
+        let rows = out.len();
+        check(logits.len() == rows * vocab && targets.len() >= rows, "cross_entropy", || format!("{} logits for {rows} targets × vocab {vocab}", logits.len()))?;
+        let v = vocab as i32;
+        launch!(self, "cross_entropy", rows_grid(rows), logits, targets, &v, &ignore, out)
+    }
+
+    fn sum(&self, x: &Self::Buf) -> Result<f64> {
+        Ok(self.download(x)?.iter().map(|&v| v as f64).sum())
+    }
+
+    fn copy(&self, src: &Self::Buf, src_at: usize, dst: &mut Self::Buf, dst_at: usize, len: usize) -> Result<()> {
+        check(src_at + len <= src.len() && dst_at + len <= dst.len(), "copy", || format!("{len} values from {src_at} of {} to {dst_at} of {}", src.len(), dst.len()))?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.stream.memcpy_dtod(&src.slice(src_at..src_at + len), &mut dst.slice_mut(dst_at..dst_at + len)).map_err(|e| device_err("copy", e))
+    }
+
+    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()> {
+        let n = x.len() as i64;
+        launch!(self, "scale", grid(x.len()), x, &s, &n)
+    }
+
+    fn add_scaled_by(&self, y: &mut Self::Buf, x: &Self::Buf, s: &Self::Buf, factor: f32) -> Result<()> {
+        check(y.len() == x.len() && s.len() == 1, "add_scaled_by", || format!("y {}, x {}, scalar of {}", y.len(), x.len(), s.len()))?;
+        let n = y.len() as i64;
+        launch!(self, "add_scaled_by", grid(y.len()), y, x, s, &factor, &n)
+    }
+
+    fn dot(&self, a: &Self::Buf, b: &Self::Buf, factor: f32, out: &mut Self::Buf, accumulate: bool) -> Result<()> {
+        check(a.len() == b.len() && out.len() == 1, "dot", || format!("a {}, b {}, out {}", a.len(), b.len(), out.len()))?;
+        if !accumulate {
+            self.stream.memset_zeros(out).map_err(|e| device_err("memset", e))?;
+        }
+        let n = a.len() as i64;
+        launch!(self, "dot", grid(a.len()), a, b, &factor, out, &n)
+    }
+
+    fn rmsnorm_backward(&self, x: &Self::Buf, w: &Self::Buf, dy: &Self::Buf, dim: usize, eps: f32, plus_one: bool, dx: &mut Self::Buf, accumulate: bool) -> Result<()> {
+        check(w.len() == dim && x.len().is_multiple_of(dim) && dy.len() == x.len() && dx.len() == x.len(), "rmsnorm_backward", || format!("x {}, w {}, dy {}, dx {}, dim {dim}", x.len(), w.len(), dy.len(), dx.len()))?;
+        let (d, p, acc) = (dim as i32, plus_one as i32, accumulate as i32);
+        launch!(self, "rmsnorm_backward", rows_grid(x.len() / dim), x, w, dy, &d, &eps, &p, dx, &acc)
+    }
+
+    fn rope_backward(&self, dx: &mut Self::Buf, positions: &Self::Ints, inv_freq: &Self::Buf, heads: usize, head_dim: usize) -> Result<()> {
+        self.rotate(dx, positions, inv_freq, heads, head_dim, true)
+    }
+
+    fn glu_backward(&self, gate: &Self::Buf, up: &Self::Buf, dy: &Self::Buf, kind: GluKind, dgate: &mut Self::Buf, dup: &mut Self::Buf) -> Result<()> {
+        let n = gate.len();
+        check(up.len() == n && dy.len() == n && dgate.len() == n && dup.len() == n, "glu_backward", || format!("sizes differ from gate's {n}"))?;
+        let (k, n64) = (glu_kind(kind), n as i64);
+        launch!(self, "glu_backward", grid(n), gate, up, dy, &k, dgate, dup, &n64)
+    }
+
+    fn attention_backward(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, key_mask: &Self::Ints, s: AttentionShape, dout: &Self::Buf, dq: &mut Self::Buf, dk: &mut Self::Buf, dv: &mut Self::Buf) -> Result<()> {
+        check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[dout.len(), dq.len()])?;
+        check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len()))?;
+        self.stream.memset_zeros(dk).map_err(|e| device_err("memset", e))?;
+        self.stream.memset_zeros(dv).map_err(|e| device_err("memset", e))?;
+        let a = Attn::of(s);
+        launch!(self, "attention_backward", attention_grid(s, 2)?, q, k, v, key_mask, &a, dout, dq, dk, dv)
+    }
+
+    fn cross_entropy_backward(&self, logits: &Self::Buf, targets: &Self::Ints, vocab: usize, ignore: u32, scale: f32, dlogits: &mut Self::Buf) -> Result<()> {
+        let rows = logits.len() / vocab.max(1);
+        check(logits.len() == rows * vocab && targets.len() >= rows && dlogits.len() == logits.len(), "cross_entropy_backward", || format!("{} logits, vocab {vocab}, dlogits {}", logits.len(), dlogits.len()))?;
+        let v = vocab as i32;
+        launch!(self, "cross_entropy_backward", rows_grid(rows), logits, targets, &v, &ignore, &scale, dlogits)
+    }
+
+    fn group_reduce(&self, x: &Self::Buf, rows: usize, g: Groups, mean: bool, scale: f32, out: &mut Self::Buf, accumulate: bool) -> Result<()> {
+        check_groups("group_reduce", g, rows, x.len(), out.len())?;
+        let (r, w, gs, m, acc) = (rows as i64, g.width as i32, g.groups as i32, mean as i32, accumulate as i32);
+        launch!(self, "group_reduce", grid(rows * g.groups), x, &r, &w, &gs, &m, &scale, out, &acc)
+    }
+
+    fn group_expand(&self, h: &Self::Buf, rows: usize, g: Groups, mean: bool, scale: f32, y: &mut Self::Buf, accumulate: bool) -> Result<()> {
+        check_groups("group_expand", g, rows, y.len(), h.len())?;
+        let (r, w, gs, m, acc) = (rows as i64, g.width as i32, g.groups as i32, mean as i32, accumulate as i32);
+        launch!(self, "group_expand", grid(rows * g.width), h, &r, &w, &gs, &m, &scale, y, &acc)
+    }
+
+    fn dropout(&self, x: &Self::Buf, p: f32, seed: u64, out: &mut Self::Buf) -> Result<()> {
+        check(x.len() == out.len() && (0.0..1.0).contains(&p), "dropout", || format!("x {}, out {}, p {p}", x.len(), out.len()))?;
+        let n = x.len() as i64;
+        launch!(self, "dropout", grid(x.len()), x, &p, &seed, out, &n)
+    }
+}
+
+impl Cuda {
+    fn rotate(&self, x: &mut CudaSlice<f32>, positions: &CudaSlice<u32>, inv_freq: &CudaSlice<f32>, heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
+        let row = heads * head_dim;
+        let rows = x.len() / row.max(1);
+        check(inv_freq.len() == head_dim / 2 && x.len() == rows * row && positions.len() >= rows, "rope", || format!("x {} values for {} positions × {heads} heads × {head_dim}", x.len(), positions.len()))?;
+        let (r, h, d, inv) = (rows as i64, heads as i32, head_dim as i32, inverse as i32);
+        launch!(self, "rope", grid(rows * heads * head_dim / 2), x, positions, inv_freq, &r, &h, &d, &inv)
+    }
+}
+
+fn glu_kind(kind: GluKind) -> i32 {
+    match kind {
+        GluKind::Silu => 0,
+        GluKind::GeluTanh => 1,
+    }
+}
+
+/// One block per (query, head, sequence), with `arrays` × kv_len floats of dynamic shared memory.
+fn attention_grid(s: AttentionShape, arrays: usize) -> Result<LaunchConfig> {
+    let shared = arrays * s.kv_len * 4;
+    check(shared <= 48 * 1024, "attention", || format!("{} keys need {shared} bytes of shared memory; this version handles up to {} keys", s.kv_len, 48 * 1024 / (4 * arrays)))?;
+    Ok(LaunchConfig { grid_dim: (s.q_len as u32, s.heads as u32, s.batch as u32), block_dim: (ATTENTION_THREADS, 1, 1), shared_mem_bytes: shared as u32 })
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU tests (issue 8), in two halves because the GPU machine has no Rust toolchain:
+#   here:              scripts/gpu/test.sh build     -> stripped test binaries in .devbin/ (git-ignored)
+#   on the GPU machine: scripts/gpu/test.sh run       (carry .devbin; the tests read tests/fixtures through the
+#                                                      absolute path they were built at, which `run` links)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+case "${1:-}" in
+  build)
+    mkdir -p .devbin
+    exe=$(cargo test --release -p qpeft --features cuda --test cuda_parity --no-run --message-format=json 2>/dev/null \
+      | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("executable") and m["target"]["name"] == "cuda_parity": print(m["executable"])')
+    strip -o .devbin/cuda_parity "$exe"
+    echo "$(pwd)" > .devbin/built_at
+    ls -la .devbin
+    ;;
+  run)
+    built_at=$(cat .devbin/built_at)
+    if [ "$built_at" != "$(pwd)" ]; then mkdir -p "$(dirname "$built_at")" && ln -sfn "$(pwd)" "$built_at"; fi
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    QPEFT_REQUIRE_GPU=1 .devbin/cuda_parity --nocapture --test-threads 1
+    ;;
+  *) echo "usage: scripts/gpu/test.sh build|run" >&2; exit 2 ;;
+esac
