@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use qpeft::backend::cpu::Cpu;
+use qpeft::backend::{Backend, Device};
 use qpeft::eval::suite::{self, TaskReport};
 use qpeft::formats::peft::read_adapter;
 use qpeft::model::{Checkpoint, Decoder};
@@ -49,7 +49,11 @@ pub struct EvalArgs {
 /// One line of the summary table: task, items, (metric, value)s, seconds.
 type Row = (String, usize, Vec<(&'static str, f64)>, f64);
 
-pub fn run(args: EvalArgs) -> Result<()> {
+pub fn run(args: EvalArgs, device: Device) -> Result<()> {
+    crate::device::on_device!(device, be => run_on(args, be))
+}
+
+fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
     let heldout = args.tasks.split(',').any(|t| t.trim() == "heldout");
     let rest: Vec<&str> = args.tasks.split(',').map(str::trim).filter(|t| *t != "heldout").collect();
     let names = suite::parse_tasks(&rest.join(","))?;
@@ -58,7 +62,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     let ckpt = Checkpoint::open(&args.model)?;
     let tok = ckpt.tokenizer()?;
-    let model = Decoder::load(&ckpt, Cpu::new())?;
+    let model = Decoder::load(&ckpt, be)?;
     let set = match &args.adapter {
         Some(d) => Some(read_adapter(d, &model.backend, &model.spec)?.0),
         None => None,

@@ -1,14 +1,13 @@
 //! The `qpeft` command line: parses arguments and calls the library.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use qpeft::backend::cpu::Cpu;
 use qpeft::adapters::set::AdapterSet;
-use qpeft::backend::cpu::Cpu as CpuBackend;
-use qpeft::backend::Backend;
+use qpeft::backend::cpu::Cpu;
+use qpeft::backend::{Backend, Device};
 use qpeft::eval::perplexity::perplexity;
 use qpeft::formats::peft::read_adapter;
 use qpeft::adapters::Method;
@@ -19,6 +18,7 @@ use qpeft::generate::{generate, GenerateOptions};
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::tokenizer::Message;
 
+mod device;
 mod eval;
 mod info;
 mod params;
@@ -31,6 +31,9 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where models run: cpu, cuda (GPU 0) or cuda:N (`train` defaults to the config's [device]).
+    #[arg(long, global = true)]
+    device: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -123,19 +126,27 @@ fn main() {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().expect("thread pool is configured once");
     }
-    if let Err(e) = run(cli.command) {
+    let device = match cli.device.as_deref().map(str::parse::<Device>).transpose() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: --device: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli.command, device) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(command: Command) -> Result<()> {
+fn run(command: Command, device: Option<Device>) -> Result<()> {
+    let on = device.unwrap_or(Device::Cpu);
     match command {
         Command::Info { model, tensors, json } => info::run(&model, tensors, json),
         Command::Quantize(args) => quantize::run(args),
         Command::Params(args) => params::run(args),
-        Command::Train(args) => train::run(args),
-        Command::Eval(args) => eval::run(args),
+        Command::Train(args) => train::run(args, device),
+        Command::Eval(args) => eval::run(args, on),
         Command::Merge { model, adapter, out, dtype, to_16bit } => {
             let dtype = match dtype.as_str() {
                 "bf16" | "bfloat16" => MergedDtype::Bf16,
@@ -160,105 +171,100 @@ fn run(command: Command) -> Result<()> {
             eprintln!("merged {} ({} parameters) into {} ({kind})", adapter.display(), set.trainable(), out.display());
             Ok(())
         }
-        Command::Logits { model, adapter, prompt, out } => {
-            let ckpt = Checkpoint::open(&model)?;
-            let ids = ckpt.tokenizer()?.encode(&prompt, true)?;
-            let m = Decoder::load(&ckpt, Cpu::new())?;
-            let set = load_adapter(&m, adapter.as_deref())?;
-            let mut cache = m.new_cache(1, ids.len())?;
-            let hidden = m.forward_with(&qpeft::model::Input::single(&ids), &mut cache, set.as_ref(), &mut |_, _, _| Ok(()))?;
-            let logits = m.backend.download(&m.logits(&hidden, ids.len())?)?;
-            use qpeft::formats::safetensors::{write_file, OwnedTensor};
-            let ints: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
-            let tensors = std::collections::BTreeMap::from([
-                ("input_ids".to_string(), OwnedTensor::i32(vec![ids.len()], &ints)),
-                ("logits".to_string(), OwnedTensor::f32(vec![ids.len(), m.spec.vocab_size], &logits)),
-            ]);
-            write_file(&out, &tensors)?;
-            eprintln!("{} tokens → {}", ids.len(), out.display());
-            Ok(())
-        }
+        Command::Logits { model, adapter, prompt, out } => device::on_device!(on, be => logits(be, &model, adapter.as_deref(), &prompt, &out)),
         Command::Generate { model, adapter, prompt, chat, system, max_new_tokens, temperature, top_p, seed } => {
-            let ckpt = Checkpoint::open(&model)?;
-            let tok = ckpt.tokenizer()?;
-            let text = if chat {
-                let mut messages = Vec::new();
-                if let Some(s) = system {
-                    messages.push(Message { role: "system".into(), content: s });
-                }
-                messages.push(Message { role: "user".into(), content: prompt });
-                tok.apply_chat_template(&messages, true)?
-            } else {
-                prompt
-            };
-            // A chat template writes its own special tokens; a raw prompt gets the tokenizer's defaults.
-            let ids = tok.encode(&text, !chat)?;
-            let mut stop = ckpt.spec.eos_token_ids.clone();
-            stop.extend(tok.eos_token.as_deref().and_then(|t| tok.token_id(t)));
-            let model = Decoder::load(&ckpt, Cpu::new())?;
-            let set = load_adapter(&model, adapter.as_deref())?;
-            let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop_tokens: stop };
-            let mut generated = Vec::new();
-            let mut printed = 0;
-            let mut stdout = std::io::stdout();
-            let start = std::time::Instant::now();
-            generate(&model, set.as_ref(), &ids, &opts, |t| {
-                generated.push(t);
-                let text = tok.decode(&generated, true)?;
-                // Hold back a trailing partial UTF-8 sequence until it completes.
-                if !text.ends_with('\u{FFFD}') {
-                    let _ = write!(stdout, "{}", &text[printed.min(text.len())..]);
-                    let _ = stdout.flush();
-                    printed = text.len();
-                }
-                Ok(())
-            })?;
-            let secs = start.elapsed().as_secs_f64();
-            println!();
-            eprintln!(
-                "[{} prompt tokens, {} generated, {:.1} tokens/s]",
-                ids.len(),
-                generated.len(),
-                generated.len() as f64 / secs
-            );
-            Ok(())
+            let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop_tokens: Vec::new() };
+            device::on_device!(on, be => generate_cmd(be, &model, adapter.as_deref(), prompt, chat, system, opts))
         }
-        Command::Perplexity { model, file, adapter, window, json } => {
-            let ckpt = Checkpoint::open(&model)?;
-            let tok = ckpt.tokenizer()?;
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let ids = tok.encode(&text, true)?;
-            let window = window.unwrap_or(ckpt.spec.max_position_embeddings.min(2048));
-            let mut model = Decoder::load(&ckpt, Cpu::new())?;
-            if let Some(set) = load_adapter(&model, adapter.as_deref())? {
-                model.merge_adapters(&set)?;
-            }
-            let bar = indicatif::ProgressBar::new(ids.len() as u64);
-            bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("valid template"));
-            let p = perplexity(&model, &ids, window, |n| bar.inc(n as u64))?;
-            bar.finish_and_clear();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&p)?);
-            } else {
-                println!(
-                    "{}: {} tokens, {} predicted in {} window(s): mean NLL {:.6}, perplexity {:.4}",
-                    file.display(),
-                    p.tokens,
-                    p.predicted,
-                    p.windows,
-                    p.mean_nll,
-                    p.perplexity
-                );
-            }
-            Ok(())
-        }
+        Command::Perplexity { model, file, adapter, window, json } => device::on_device!(on, be => perplexity_cmd(be, &model, &file, adapter.as_deref(), window, json)),
     }
 }
 
 /// The adapter in `dir`, if given, for `model`.
-fn load_adapter(model: &Decoder<CpuBackend>, dir: Option<&std::path::Path>) -> Result<Option<AdapterSet<CpuBackend>>> {
+fn load_adapter<B: Backend + 'static>(model: &Decoder<B>, dir: Option<&Path>) -> Result<Option<AdapterSet<B>>> {
     Ok(match dir {
         Some(d) => Some(read_adapter(d, &model.backend, &model.spec)?.0),
         None => None,
     })
+}
+
+fn logits<B: Backend + 'static>(be: B, model: &Path, adapter: Option<&Path>, prompt: &str, out: &Path) -> Result<()> {
+    let ckpt = Checkpoint::open(model)?;
+    let ids = ckpt.tokenizer()?.encode(prompt, true)?;
+    let m = Decoder::load(&ckpt, be)?;
+    let set = load_adapter(&m, adapter)?;
+    let mut cache = m.new_cache(1, ids.len())?;
+    let hidden = m.forward_with(&qpeft::model::Input::single(&ids), &mut cache, set.as_ref(), &mut |_, _, _| Ok(()))?;
+    let logits = m.backend.download(&m.logits(&hidden, ids.len())?)?;
+    use qpeft::formats::safetensors::{write_file, OwnedTensor};
+    let ints: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+    let tensors = std::collections::BTreeMap::from([
+        ("input_ids".to_string(), OwnedTensor::i32(vec![ids.len()], &ints)),
+        ("logits".to_string(), OwnedTensor::f32(vec![ids.len(), m.spec.vocab_size], &logits)),
+    ]);
+    write_file(out, &tensors)?;
+    eprintln!("{} tokens → {}", ids.len(), out.display());
+    Ok(())
+}
+
+fn generate_cmd<B: Backend + 'static>(be: B, model: &Path, adapter: Option<&Path>, prompt: String, chat: bool, system: Option<String>, mut opts: GenerateOptions) -> Result<()> {
+    let ckpt = Checkpoint::open(model)?;
+    let tok = ckpt.tokenizer()?;
+    let text = if chat {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(Message { role: "system".into(), content: s });
+        }
+        messages.push(Message { role: "user".into(), content: prompt });
+        tok.apply_chat_template(&messages, true)?
+    } else {
+        prompt
+    };
+    // A chat template writes its own special tokens; a raw prompt gets the tokenizer's defaults.
+    let ids = tok.encode(&text, !chat)?;
+    opts.stop_tokens = ckpt.spec.eos_token_ids.clone();
+    opts.stop_tokens.extend(tok.eos_token.as_deref().and_then(|t| tok.token_id(t)));
+    let model = Decoder::load(&ckpt, be)?;
+    let set = load_adapter(&model, adapter)?;
+    let mut generated = Vec::new();
+    let mut printed = 0;
+    let mut stdout = std::io::stdout();
+    let start = std::time::Instant::now();
+    generate(&model, set.as_ref(), &ids, &opts, |t| {
+        generated.push(t);
+        let text = tok.decode(&generated, true)?;
+        // Hold back a trailing partial UTF-8 sequence until it completes.
+        if !text.ends_with('\u{FFFD}') {
+            let _ = write!(stdout, "{}", &text[printed.min(text.len())..]);
+            let _ = stdout.flush();
+            printed = text.len();
+        }
+        Ok(())
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    println!();
+    eprintln!("[{} prompt tokens, {} generated, {:.1} tokens/s]", ids.len(), generated.len(), generated.len() as f64 / secs);
+    Ok(())
+}
+
+fn perplexity_cmd<B: Backend + 'static>(be: B, model: &Path, file: &Path, adapter: Option<&Path>, window: Option<usize>, json: bool) -> Result<()> {
+    let ckpt = Checkpoint::open(model)?;
+    let tok = ckpt.tokenizer()?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let ids = tok.encode(&text, true)?;
+    let window = window.unwrap_or(ckpt.spec.max_position_embeddings.min(2048));
+    let mut model = Decoder::load(&ckpt, be)?;
+    if let Some(set) = load_adapter(&model, adapter)? {
+        model.merge_adapters(&set)?;
+    }
+    let bar = indicatif::ProgressBar::new(ids.len() as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("valid template"));
+    let p = perplexity(&model, &ids, window, |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        println!("{}: {} tokens, {} predicted in {} window(s): mean NLL {:.6}, perplexity {:.4}", file.display(), p.tokens, p.predicted, p.windows, p.mean_nll, p.perplexity);
+    }
+    Ok(())
 }

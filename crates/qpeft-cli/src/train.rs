@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use qpeft::backend::cpu::Cpu;
+use qpeft::backend::{Backend, Device};
 use qpeft::train::config::RunConfig;
 use qpeft::train::run_dir::{RunDir, CONFIG};
 use qpeft::train::trainer::{load_model, resume_config, Evaluation, Trainer};
@@ -44,7 +44,7 @@ fn describe(e: &Option<Evaluation>) -> String {
     }
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
+pub fn run(args: TrainArgs, device: Option<Device>) -> Result<()> {
     let (cfg, run) = match &args.resume {
         Some(dir) => {
             let cfg = resume_config(dir, &args.sets)?;
@@ -59,10 +59,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
             (cfg, run)
         }
     };
+    let device = match device {
+        Some(d) => d,
+        None => cfg.device.name.parse()?,
+    };
+    crate::device::on_device!(device, be => train_on(&args, &cfg, run, be))
+}
+
+fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir, be: B) -> Result<()> {
     let spinner = indicatif::ProgressBar::new_spinner();
-    let (model, tok, _) = load_model(&cfg, Cpu::new(), &mut |name| spinner.set_message(format!("quantizing {name}")))?;
+    let (model, tok, _) = load_model(cfg, be, &mut |name| spinner.set_message(format!("quantizing {name}")))?;
     spinner.finish_and_clear();
-    let mut trainer = Trainer::new(&cfg, &model, &tok, run, args.resume.is_some())?;
+    let mut trainer = Trainer::new(cfg, &model, &tok, run, args.resume.is_some())?;
     eprintln!(
         "{}: {} ({}), {} trainable parameters, {} training / {} held-out examples, {} steps of {} × {}{}",
         trainer.run.path.display(),

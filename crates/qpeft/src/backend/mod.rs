@@ -10,6 +10,28 @@ pub mod cuda;
 
 use crate::error::Result;
 
+/// Where a model runs: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| crate::error::Error::Invalid(format!("device `{s}` is not cpu, cuda or cuda:N"))),
+        }
+    }
+}
+
 /// out[m×n] (+)= alpha · op(a)[m×k] · op(b)[k×n]; op transposes a stored matrix. `x · Wᵀ` of a linear layer
 /// is `MatMul::new(rows, out, in).bt()`, its input gradient `dY · W` is plain, and a weight gradient
 /// `dYᵀ · X` is `.at()`.

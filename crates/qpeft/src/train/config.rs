@@ -187,7 +187,7 @@ impl Default for EvalSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeviceSection {
-    /// `cpu` (the CUDA backend is issue 8).
+    /// `cpu`, `cuda` or `cuda:N` (`qpeft train --device` overrides it).
     pub name: String,
 }
 
@@ -344,8 +344,8 @@ impl RunConfig {
             }
             _ => {}
         }
-        if self.device.name != "cpu" {
-            return bad("device.name", format!("`{}`: only `cpu` exists in this build", self.device.name));
+        if let Err(e) = self.device.name.parse::<crate::backend::Device>() {
+            return bad("device.name", e.to_string());
         }
         Ok(())
     }
