@@ -14,6 +14,8 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("executable") and m["target"]["name"] == "cuda_parity": print(m["executable"])')
     strip -o .devbin/cuda_parity "$exe"
+    cargo build --release -p qpeft-cli --features cuda
+    strip -o .devbin/qpeft target/release/qpeft
     echo "$(pwd)" > .devbin/built_at
     ls -la .devbin
     ;;
