@@ -18,6 +18,7 @@ use qpeft::generate::{generate, GenerateOptions};
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::tokenizer::Message;
 
+mod bench;
 mod device;
 mod eval;
 mod info;
@@ -93,6 +94,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Fine-tune with adapters: one run from a TOML config, resumable.
     Train(train::TrainArgs),
+    /// Throughput benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Fold an adapter into the model's weights and write a 16-bit HF directory.
     Merge {
         model: PathBuf,
@@ -147,6 +151,7 @@ fn run(command: Command, device: Option<Device>) -> Result<()> {
         Command::Params(args) => params::run(args),
         Command::Train(args) => train::run(args, device),
         Command::Eval(args) => eval::run(args, on),
+        Command::Bench(cmd) => bench::run(cmd, on),
         Command::Merge { model, adapter, out, dtype, to_16bit } => {
             let dtype = match dtype.as_str() {
                 "bf16" | "bfloat16" => MergedDtype::Bf16,

@@ -127,6 +127,14 @@ pub trait Backend: Send + Sync {
     type Ints: Send + Sync;
 
     fn name(&self) -> String;
+    /// Waits until every queued op has run (timing; a no-op where ops run synchronously).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// (bytes in use, bytes in all) of the device's memory, where the backend has its own.
+    fn device_memory(&self) -> Result<Option<(usize, usize)>> {
+        Ok(None)
+    }
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     fn upload_ints(&self, data: &[u32]) -> Result<Self::Ints>;
     fn zeros(&self, len: usize) -> Result<Self::Buf>;

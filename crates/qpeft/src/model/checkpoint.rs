@@ -14,6 +14,9 @@ use crate::tokenizer::Tokenizer;
 pub enum Source {
     Gguf(GgufFile),
     Hf { dir: PathBuf, store: SafetensorsStore },
+    /// `random:ARCH[:SEED]`: a built-in shape (`ModelSpec::builtin`) with seeded random weights, for benchmarks
+    /// and device tests at real sizes without the weights.
+    Random { seed: u64 },
 }
 
 pub struct Checkpoint {
@@ -82,6 +85,12 @@ fn unpermute_rows(t: &mut HostTensor, heads: usize) {
 impl Checkpoint {
     /// Opens a `.gguf` file or an HF directory (config.json + safetensors).
     pub fn open(path: &Path) -> Result<Checkpoint> {
+        if let Some(rest) = path.to_str().and_then(|p| p.strip_prefix("random:")) {
+            let (arch, seed) = rest.split_once(':').unwrap_or((rest, "0"));
+            let spec = ModelSpec::builtin(arch).ok_or_else(|| Error::unsupported(path, format!("architecture `{arch}` (built-in: {})", crate::model::spec::BUILTIN.join(", "))))?;
+            let seed = seed.parse().map_err(|_| Error::format(path, format!("seed `{seed}` is not an integer")))?;
+            return Ok(Checkpoint { path: path.to_path_buf(), spec, source: Source::Random { seed }, quant: None });
+        }
         if path.is_dir() {
             let config = path.join("config.json");
             if !config.exists() {
@@ -107,6 +116,7 @@ impl Checkpoint {
         match self.source {
             Source::Gguf(_) => "gguf",
             Source::Hf { .. } => "hf-safetensors",
+            Source::Random { .. } => "random",
         }
     }
 
@@ -130,6 +140,7 @@ impl Checkpoint {
                 }
                 Ok(Some(t))
             }
+            Source::Random { seed } => Ok(random_tensor(&self.spec, hf_name, *seed)),
         }
     }
 
@@ -168,6 +179,7 @@ impl Checkpoint {
                 .iter()
                 .map(|t| TensorEntry { name: t.name.clone(), shape: t.shape.clone(), dtype: StoredDtype::Ggml(t.dtype) })
                 .collect(),
+            Source::Random { .. } => Vec::new(),
         }
     }
 
@@ -175,8 +187,42 @@ impl Checkpoint {
         match &self.source {
             Source::Hf { dir, .. } => Tokenizer::from_hf_dir(dir),
             Source::Gguf(g) => Tokenizer::from_gguf(g),
+            Source::Random { .. } => Err(Error::unsupported(&self.path, "tokenizer: a random-init model has none")),
         }
     }
+}
+
+/// The tensor `hf_name` of a random-init `spec`: norms 1 (0 where the norm adds 1), everything else uniform in
+/// ±1/√fan-in (embeddings ±0.02), from a SplitMix64 counter hash of (seed, name, index) — any tensor can be made
+/// alone, in parallel, and the same seed gives the same model.
+fn random_tensor(spec: &ModelSpec, hf_name: &str, seed: u64) -> Option<HostTensor> {
+    use crate::model::decoder::Proj;
+    use rayon::prelude::*;
+    let h = spec.hidden_size;
+    let (shape, bound) = if hf_name == "model.embed_tokens.weight" || (hf_name == "lm_head.weight" && !spec.tie_word_embeddings) {
+        (vec![spec.vocab_size, h], 0.02)
+    } else if hf_name.ends_with("norm.weight") {
+        let one = if spec.norm_plus_one { 0.0 } else { 1.0 };
+        return Some(HostTensor::new(vec![h], vec![one; h]));
+    } else {
+        let module = hf_name.strip_prefix("model.layers.")?.split_once('.')?.1.strip_suffix(".weight")?;
+        let p = Proj::ALL.into_iter().find(|p| p.module() == module)?;
+        let (out_dim, in_dim) = p.dims(spec);
+        (vec![out_dim, in_dim], 1.0 / (in_dim as f64).sqrt())
+    };
+    let key = hf_name.bytes().fold(seed ^ 0xCBF2_9CE4_8422_2325, |k, b| (k ^ b as u64).wrapping_mul(0x100_0000_01B3));
+    let n: usize = shape.iter().product();
+    let data = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let mut z = key ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound) as f32
+        })
+        .collect();
+    Some(HostTensor::new(shape, data))
 }
 
 #[cfg(test)]

@@ -129,7 +129,7 @@ impl<B: Backend> Decoder<B> {
                 let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
                 serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?
             }
-            Source::Gguf(_) => s.to_hf_config(&ckpt.path)?,
+            Source::Gguf(_) | Source::Random { .. } => s.to_hf_config(&ckpt.path)?,
         };
         if let Some(o) = config.as_object_mut() {
             if keep_int4 {

@@ -327,7 +327,7 @@ pub(crate) fn write_tokenizer(ckpt: &Checkpoint, out: &Path) -> Result<()> {
                 }
             }
         }
-        Source::Gguf(_) => {
+        Source::Gguf(_) | Source::Random { .. } => {
             let (json, config) = ckpt.tokenizer()?.hf_files()?;
             crate::formats::write_atomic(&out.join("tokenizer.json"), json.as_bytes())?;
             crate::formats::write_atomic(&out.join("tokenizer_config.json"), &serde_json::to_vec_pretty(&config).expect("JSON serializes"))?;
@@ -350,7 +350,7 @@ pub fn write_model_dir(ckpt: &Checkpoint, q: &QuantizedModel, dtype: WeightDtype
             let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
             serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?
         }
-        Source::Gguf(_) => ckpt.spec.to_hf_config(&ckpt.path)?,
+        Source::Gguf(_) | Source::Random { .. } => ckpt.spec.to_hf_config(&ckpt.path)?,
     };
     config["quantization_config"] = q.quantization_config.to_json();
     config["torch_dtype"] = Value::from(dtype.torch_name());

@@ -99,6 +99,12 @@ pub fn load_model<B: Backend>(cfg: &RunConfig, backend: B, progress: &mut dyn Fn
     let ckpt = Checkpoint::open(&cfg.model.path)?;
     let tok = ckpt.tokenizer()?;
     let mut model = Decoder::load(&ckpt, backend)?;
+    quantize_base(cfg, &ckpt, &mut model, progress)?;
+    Ok((model, tok, ckpt))
+}
+
+/// Quantizes the block linears of `model` (loaded from `ckpt`) as `[quant]` says.
+pub fn quantize_base<B: Backend>(cfg: &RunConfig, ckpt: &Checkpoint, model: &mut Decoder<B>, progress: &mut dyn FnMut(&str)) -> Result<()> {
     let q = &cfg.quant;
     let format = match q.format.as_str() {
         "nf4" => Some(Format::Nf4),
@@ -119,7 +125,7 @@ pub fn load_model<B: Backend>(cfg: &RunConfig, backend: B, progress: &mut dyn Fn
         }
         model.quantize_in_place(&opts, progress).map_err(|e| Error::config(&cfg.file, "quant", e.to_string()))?;
     }
-    Ok((model, tok, ckpt))
+    Ok(())
 }
 
 fn base_kind(b: &BaseWeight) -> BaseKind {

@@ -134,16 +134,6 @@ impl Cuda {
     fn func(&self, name: &str) -> Result<CudaFunction> {
         self.module.load_function(name).map_err(|e| device_err(&format!("kernel `{name}`"), e))
     }
-
-    /// Waits for every queued operation; errors of earlier kernels surface here.
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| device_err("synchronizing", e))
-    }
-
-    /// (free, total) device memory in bytes.
-    pub fn memory(&self) -> Result<(usize, usize)> {
-        self.stream.context().mem_get_info().map_err(|e| device_err("reading memory use", e))
-    }
 }
 
 /// Launches `kernel` with `cfg` and the arguments pushed by `args`.
@@ -167,6 +157,14 @@ impl Backend for Cuda {
     fn name(&self) -> String {
         let ctx = self.stream.context();
         format!("cuda:{} ({})", self.ordinal, ctx.name().unwrap_or_else(|_| "unknown GPU".into()))
+    }
+    fn synchronize(&self) -> Result<()> {
+        // Errors of earlier kernels surface here.
+        self.stream.synchronize().map_err(|e| device_err("synchronizing", e))
+    }
+    fn device_memory(&self) -> Result<Option<(usize, usize)>> {
+        let (free, total) = self.stream.context().mem_get_info().map_err(|e| device_err("reading memory use", e))?;
+        Ok(Some((total - free, total)))
     }
     fn upload(&self, data: &[f32]) -> Result<Self::Buf> {
         self.upload_any(data)

@@ -1,0 +1,103 @@
+//! Training-step throughput (what `qpeft bench train` and the peer scripts measure): full optimizer steps —
+//! forward with the causal-LM loss, backward, global-norm clipping, AdamW — on a fixed batch of seeded random
+//! tokens (labels = ids, no padding), with the time of each phase and the memory it took.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::optimizer::{clip_coefficient, grad_norm, AdamW, OptimizerState};
+use crate::adapters::set::AdapterSet;
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::model::train::{Batch, StepOptions};
+use crate::model::{Decoder, Input};
+
+pub struct BenchOptions {
+    pub batch: usize,
+    pub seq: usize,
+    /// Timed steps after `warmup` untimed ones.
+    pub steps: usize,
+    pub warmup: usize,
+    pub step: StepOptions,
+    pub optimizer: AdamW,
+    pub lr: f32,
+    pub max_grad_norm: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub trainable: usize,
+    /// Median over the timed steps.
+    pub tokens_per_s: f64,
+    pub step_s: f64,
+    pub forward_backward_s: f64,
+    pub optimizer_s: f64,
+    pub loss: f64,
+    /// Device memory in use after the steps (peak of the memory pool, which keeps freed blocks), where the
+    /// backend has device memory.
+    pub device_memory_mib: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Runs `opts.warmup + opts.steps` optimizer steps of `set` on `model`.
+pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSet<B>, opts: &BenchOptions) -> Result<BenchReport> {
+    let be = &model.backend;
+    let n = opts.batch * opts.seq;
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let tokens: Vec<u32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % model.spec.vocab_size as u64) as u32
+        })
+        .collect();
+    let batch = Batch { input: Input { batch: opts.batch, seq: opts.seq, tokens: tokens.clone(), mask: vec![1; n] }, labels: tokens };
+    let mut state = OptimizerState::new();
+    let (mut steps, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());
+    let mut loss = f64::NAN;
+    let mut peak_device = 0usize;
+    for i in 0..opts.warmup + opts.steps {
+        be.synchronize()?;
+        let t0 = Instant::now();
+        set.zero_grads(be)?;
+        loss = model.loss_and_backward(&batch, set, &opts.step)?.loss;
+        be.synchronize()?;
+        let t1 = Instant::now();
+        let norm = grad_norm(be, set.named_params().into_iter().map(|(_, p)| p))?;
+        opts.optimizer.step(be, &mut state, set.named_params_mut(), opts.lr, clip_coefficient(norm, opts.max_grad_norm))?;
+        be.synchronize()?;
+        let t2 = Instant::now();
+        if let Some((used, _)) = be.device_memory()? {
+            peak_device = peak_device.max(used);
+        }
+        if i >= opts.warmup {
+            steps.push((t2 - t0).as_secs_f64());
+            fb.push((t1 - t0).as_secs_f64());
+            opt.push((t2 - t1).as_secs_f64());
+        }
+    }
+    let step_s = median(steps);
+    Ok(BenchReport {
+        device: be.name(),
+        batch: opts.batch,
+        seq: opts.seq,
+        trainable: set.trainable(),
+        tokens_per_s: n as f64 / step_s,
+        step_s,
+        forward_backward_s: median(fb),
+        optimizer_s: median(opt),
+        loss,
+        device_memory_mib: be.device_memory()?.map(|_| peak_device as f64 / (1 << 20) as f64),
+        peak_rss_mib: super::trainer::peak_rss_mib(),
+    })
+}
