@@ -2,23 +2,12 @@
 //! metrics.jsonl, every item in evals/), an adapter from the trainer changes the scores, the held-out split of a
 //! run config is a task, and bad task lists or data folders give clear errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+use common::{ok, qpeft};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn qpeft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qpeft")).args(args).current_dir(root()).output().expect("qpeft runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 const MODEL: &str = "tests/fixtures/gguf/tiny-llama-spm.gguf";
 

@@ -2,22 +2,13 @@
 //! uninterrupted one; a full disk during a checkpoint leaves the earlier checkpoints intact; adapters load in
 //! `generate`, `logits` and `merge`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn qpeft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qpeft")).args(args).current_dir(root()).output().expect("qpeft runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{ok, qpeft, root};
 
 /// A tiny run: NF4 base, LoRA with dropout (so resuming must reproduce the masks), grad accumulation,
 /// length-grouped batches over several epochs, the 8-bit optimizer (8-bit states for tensors of ≥ 1000

@@ -7,14 +7,14 @@
 
 mod common;
 
-use common::{fixtures, uniform};
+use common::{batch, fixtures, methods, uniform};
 use qpeft::adapters::set::AdapterSet;
-use qpeft::adapters::{AdapterConfig, Method};
+use qpeft::adapters::AdapterConfig;
 use qpeft::backend::cpu::Cpu;
 use qpeft::backend::cuda::Cuda;
 use qpeft::backend::{AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
-use qpeft::model::train::{Batch, StepOptions, IGNORE};
-use qpeft::model::{Checkpoint, Decoder, Input};
+use qpeft::model::train::StepOptions;
+use qpeft::model::{Checkpoint, Decoder};
 
 fn gpu() -> Option<Cuda> {
     match Cuda::new(0) {
@@ -179,30 +179,6 @@ fn every_op_matches_the_cpu() {
         assert!(e <= tol, "{name}: relative error {e} > {tol}");
     }
     eprintln!("worst op error {worst:.2e}");
-}
-
-fn methods() -> Vec<AdapterConfig> {
-    let c = |method, rank| AdapterConfig { method, rank, alpha: 8.0, dropout: 0.25 };
-    vec![
-        c(Method::Lora, 4),
-        c(Method::IrQlora, 6),
-        c(Method::QaLora { group: 16 }, 4),
-        c(Method::QBara { lambda: 2 }, 2),
-        c(Method::QaHira { l1: 4, l2: 8, zero_init: false }, 4),
-        c(Method::Hierarchical { ranks: vec![4, 2, 2], alphas: vec![8.0, 4.0, 4.0], lr_scales: vec![1.0; 3] }, 8),
-    ]
-}
-
-fn batch(vocab: usize) -> Batch {
-    let tokens: Vec<u32> = uniform(14, 77).iter().map(|v| 3 + ((v + 1.0) * 0.5 * (vocab - 4) as f64) as u32).collect();
-    let mut mask = vec![1u32; 14];
-    mask[12] = 0;
-    mask[13] = 0;
-    let mut labels = tokens.clone();
-    for i in [0, 1, 2, 12, 13] {
-        labels[i] = IGNORE;
-    }
-    Batch { input: Input { batch: 2, seq: 7, tokens, mask }, labels }
 }
 
 /// Logits of a padded forward pass, then for `cfg`: the loss and every adapter gradient, with and without

@@ -4,39 +4,13 @@
 
 mod common;
 
-use common::{fixtures, read_expected, rel_err, uniform};
+use common::{batch, fixtures, methods, read_expected, rel_err, uniform};
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
 use qpeft::backend::cpu::{Cpu, Real};
 use qpeft::backend::Backend;
 use qpeft::model::train::{Batch, StepOptions, IGNORE};
 use qpeft::model::{Checkpoint, Decoder, Input};
-
-fn methods() -> Vec<AdapterConfig> {
-    let c = |method, rank| AdapterConfig { method, rank, alpha: 8.0, dropout: 0.25 };
-    vec![
-        c(Method::Lora, 4),
-        // r 6 divides none of 64, 32, 160: IEC's uneven groups.
-        c(Method::IrQlora, 6),
-        c(Method::QaLora { group: 16 }, 4),
-        c(Method::QBara { lambda: 2 }, 2),
-        c(Method::QaHira { l1: 4, l2: 8, zero_init: false }, 4),
-        c(Method::Hierarchical { ranks: vec![4, 2, 2], alphas: vec![8.0, 4.0, 4.0], lr_scales: vec![1.0; 3] }, 8),
-    ]
-}
-
-/// Two rows of 7 tokens: the second right-padded by 2, the first with its 3-token prompt excluded.
-fn batch(vocab: usize) -> Batch {
-    let tokens: Vec<u32> = uniform(14, 77).iter().map(|v| 3 + ((v + 1.0) * 0.5 * (vocab - 4) as f64) as u32).collect();
-    let mut mask = vec![1u32; 14];
-    mask[12] = 0;
-    mask[13] = 0;
-    let mut labels = tokens.clone();
-    for i in [0, 1, 2, 12, 13] {
-        labels[i] = IGNORE;
-    }
-    Batch { input: Input { batch: 2, seq: 7, tokens, mask }, labels }
-}
 
 fn model<T: Real>(family: &str, be: Cpu<T>) -> Decoder<Cpu<T>> {
     Decoder::load(&Checkpoint::open(&fixtures().join(family)).unwrap(), be).unwrap()

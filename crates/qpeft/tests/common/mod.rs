@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
+use qpeft::adapters::{AdapterConfig, Method};
 use qpeft::formats::safetensors::SafetensorsStore;
+use qpeft::model::train::{Batch, IGNORE};
+use qpeft::model::Input;
 use qpeft::tensor::HostTensor;
 
 /// The repository's `tests/fixtures` directory.
@@ -84,4 +87,32 @@ pub fn fd_error(x: &[f64], analytic: &[f64], samples: usize, mut loss: impl FnMu
         worst = worst.max((fd - analytic[i]).abs() / scale);
     }
     worst
+}
+
+/// One configuration of every adapter method (IR-QLoRA's r 6 divides none of the tiny widths: IEC's uneven
+/// groups).
+pub fn methods() -> Vec<AdapterConfig> {
+    let c = |method, rank| AdapterConfig { method, rank, alpha: 8.0, dropout: 0.25 };
+    vec![
+        c(Method::Lora, 4),
+        // r 6 divides none of 64, 32, 160: IEC's uneven groups.
+        c(Method::IrQlora, 6),
+        c(Method::QaLora { group: 16 }, 4),
+        c(Method::QBara { lambda: 2 }, 2),
+        c(Method::QaHira { l1: 4, l2: 8, zero_init: false }, 4),
+        c(Method::Hierarchical { ranks: vec![4, 2, 2], alphas: vec![8.0, 4.0, 4.0], lr_scales: vec![1.0; 3] }, 8),
+    ]
+}
+
+/// Two rows of 7 tokens: the second right-padded by 2, the first with its 3-token prompt excluded.
+pub fn batch(vocab: usize) -> Batch {
+    let tokens: Vec<u32> = uniform(14, 77).iter().map(|v| 3 + ((v + 1.0) * 0.5 * (vocab - 4) as f64) as u32).collect();
+    let mut mask = vec![1u32; 14];
+    mask[12] = 0;
+    mask[13] = 0;
+    let mut labels = tokens.clone();
+    for i in [0, 1, 2, 12, 13] {
+        labels[i] = IGNORE;
+    }
+    Batch { input: Input { batch: 2, seq: 7, tokens, mask }, labels }
 }

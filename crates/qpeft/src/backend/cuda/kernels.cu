@@ -11,39 +11,32 @@ typedef unsigned long long u64;
 
 #define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
 
-// Block-wide sum / max of one value per thread (blockDim.x a multiple of 32, at most 1024).
-__device__ float block_sum(float v, float* scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+struct Add {
+    template <typename T>
+    __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Block-wide reduction of one value per thread (blockDim.x a multiple of 32, at most 1024): within each warp by
+// shuffles, then across the warps through `scratch` (32 slots). Every thread gets the result.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* scratch, T init, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float t = 0.0f;
-    for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += scratch[w];
+    T t = init;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) t = op(t, scratch[w]);
     return t;
 }
 
-__device__ double block_sum_f64(double v, double* scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    double t = 0.0;
-    for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += scratch[w];
-    return t;
-}
+template <typename T>
+__device__ T block_sum(T v, T* scratch) { return block_reduce(v, scratch, (T)0, Add()); }
 
-__device__ float block_max(float v, float* scratch) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = -INFINITY;
-    for (int w = 0; w < (int)(blockDim.x >> 5); w++) t = fmaxf(t, scratch[w]);
-    return t;
-}
+__device__ float block_max(float v, float* scratch) { return block_reduce(v, scratch, -INFINITY, Max()); }
 
 extern "C" __global__ void embedding(const float* table, const u32* ids, long long rows, int dim, float scale, float* out) {
     GRID_STRIDE(i, rows * dim) {
@@ -73,7 +66,7 @@ extern "C" __global__ void add_scaled_by(float* y, const float* x, const float* 
 __device__ float inv_rms(const float* x, int dim, float eps, double* scratch) {
     double s = 0.0;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) s += (double)x[i] * (double)x[i];
-    double ms = block_sum_f64(s, scratch) / dim;
+    double ms = block_sum(s, scratch) / dim;
     return 1.0f / sqrtf((float)ms + eps);
 }
 
@@ -168,7 +161,7 @@ extern "C" __global__ void cross_entropy(const float* logits, const u32* targets
     m = block_max(m, fs);
     double s = 0.0;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += exp((double)(row[i] - m));
-    s = block_sum_f64(s, ds);
+    s = block_sum(s, ds);
     if (threadIdx.x == 0) out[blockIdx.x] = (float)((double)m + log(s) - (double)row[t]);
 }
 
@@ -187,7 +180,7 @@ extern "C" __global__ void cross_entropy_backward(const float* logits, const u32
     m = block_max(m, fs);
     double s = 0.0;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += exp((double)(row[i] - m));
-    float inv = (float)(1.0 / block_sum_f64(s, ds));
+    float inv = (float)(1.0 / block_sum(s, ds));
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) d[i] = scale * expf(row[i] - m) * inv - (i == (int)t ? scale : 0.0f);
 }
 
