@@ -146,28 +146,34 @@ extern "C" __global__ void write_rows(const float* src, float* dst, int batch, i
     }
 }
 
-// Per row: −log softmax(logits)[target] (0 where target == ignore); max in f32, Σ exp in f64 as the CPU.
-extern "C" __global__ void cross_entropy(const float* logits, const u32* targets, int vocab, u32 ignore, float* out) {
+// (max, Σ exp(x − max)) of one row of logits, the sum in f64 as the CPU's softmax_stats.
+__device__ void softmax_stats(const float* row, int vocab, float* m_out, double* s_out) {
     __shared__ float fs[32];
     __shared__ double ds[32];
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, row[i]);
+    m = block_max(m, fs);
+    double s = 0.0;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += exp((double)(row[i] - m));
+    *m_out = m;
+    *s_out = block_sum(s, ds);
+}
+
+// Per row: −log softmax(logits)[target] (0 where target == ignore).
+extern "C" __global__ void cross_entropy(const float* logits, const u32* targets, int vocab, u32 ignore, float* out) {
     u32 t = targets[blockIdx.x];
     const float* row = logits + (long long)blockIdx.x * vocab;
     if (t == ignore) {
         if (threadIdx.x == 0) out[blockIdx.x] = 0.0f;
         return;
     }
-    float m = -INFINITY;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, row[i]);
-    m = block_max(m, fs);
-    double s = 0.0;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += exp((double)(row[i] - m));
-    s = block_sum(s, ds);
+    float m;
+    double s;
+    softmax_stats(row, vocab, &m, &s);
     if (threadIdx.x == 0) out[blockIdx.x] = (float)((double)m + log(s) - (double)row[t]);
 }
 
 extern "C" __global__ void cross_entropy_backward(const float* logits, const u32* targets, int vocab, u32 ignore, float scale, float* dlogits) {
-    __shared__ float fs[32];
-    __shared__ double ds[32];
     u32 t = targets[blockIdx.x];
     const float* row = logits + (long long)blockIdx.x * vocab;
     float* d = dlogits + (long long)blockIdx.x * vocab;
@@ -175,12 +181,10 @@ extern "C" __global__ void cross_entropy_backward(const float* logits, const u32
         for (int i = threadIdx.x; i < vocab; i += blockDim.x) d[i] = 0.0f;
         return;
     }
-    float m = -INFINITY;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, row[i]);
-    m = block_max(m, fs);
-    double s = 0.0;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += exp((double)(row[i] - m));
-    float inv = (float)(1.0 / block_sum(s, ds));
+    float m;
+    double s;
+    softmax_stats(row, vocab, &m, &s);
+    float inv = (float)(1.0 / s);
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) d[i] = scale * expf(row[i] - m) * inv - (i == (int)t ? scale : 0.0f);
 }
 

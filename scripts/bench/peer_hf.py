@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""GPU peer of `qpeft bench train`: transformers + peft + bitsandbytes QLoRA training steps on a random-init
+built-in shape, the way HF Trainer runs them (train mode, gradient checkpointing, SDPA, AdamW, clip 0.3).
+
+    peer_hf.py --arch llama-7b --seq 2048 --batch 1 --rank 64 [--alpha 16] [--steps 5] [--warmup 1]
+               [--no-checkpointing]
+
+Base: every block linear bitsandbytes NF4 with double quantization, bf16 compute (the QLoRA recipe); embeddings,
+norms and head bf16. LoRA on all seven projections. Tokens: seeded random ids, labels = ids. Prints the median
+tokens/s of the timed steps and torch's peak allocated memory (max_memory_allocated) over them, as one line of
+JSON too. On the GPU machine bitsandbytes comes from the carried wheel (see scripts/gpu/bench.sh)."""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+SHAPES = {  # vocab, hidden, intermediate, layers, heads, kv heads
+    "llama-7b": (32000, 4096, 11008, 32, 32, 32),
+    "llama-13b": (32000, 5120, 13824, 40, 40, 40),
+    "smollm2-135m": (49152, 576, 1536, 30, 9, 3),
+}
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="llama-7b", choices=sorted(SHAPES))
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--no-checkpointing", action="store_true")
+    args = ap.parse_args()
+
+    import bitsandbytes as bnb
+    import peft
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab, hidden, inter, layers, heads, kv = SHAPES[args.arch]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                      tie_word_embeddings=args.arch == "smollm2-135m", attn_implementation="sdpa")
+    torch.manual_seed(0)
+    t0 = time.time()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    # NF4 + double quant for every block linear: Params4bit quantizes when moved to the GPU.
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in PROJ:
+                lin = getattr(parent, name, None)
+                if lin is None:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4")
+                setattr(parent, name, q)
+    model = model.cuda()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lcfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=PROJ, bias="none",
+                           task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lcfg)
+    if not args.no_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    load_s = time.time() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).cuda()
+    times = []
+    torch.cuda.synchronize()
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t = time.time()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.time() - t)
+    step = statistics.median(times)
+    r = {"system": "transformers %s + peft %s + bitsandbytes %s, torch %s" % (transformers.__version__, peft.__version__,
+                                                                            bnb.__version__, torch.__version__),
+         "arch": args.arch, "batch": args.batch, "seq": args.seq, "rank": args.rank, "trainable": trainable,
+         "checkpointing": not args.no_checkpointing, "tokens_per_s": args.batch * args.seq / step, "step_s": step,
+         "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+         "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20, "loss": loss.item(), "load_s": load_s,
+         "gpu": torch.cuda.get_device_name()}
+    print("peer: %.1f tokens/s, step %.3f s, peak allocated %.0f MiB (reserved %.0f MiB), %d trainable, loss %.4f" % (
+        r["tokens_per_s"], step, r["peak_allocated_mib"], r["peak_reserved_mib"], trainable, r["loss"]))
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
