@@ -17,28 +17,31 @@ fn shared_prefix_scoring_equals_one_pass_per_sequence() {
     let ckpt = Checkpoint::open(&fixtures().join("tiny-llama")).unwrap();
     let model = Decoder::load(&ckpt, Cpu::new()).unwrap();
     let h = model.spec.hidden_size;
-    // Groups of different prefix lengths (one empty) and suffix counts, batched across groups (batch 3).
+    // Groups of different prefix lengths (one empty) and suffix counts, batched across groups. With batch 3 the
+    // empty prefix shares a pass with a non-empty one; with batch 2 it runs alone (a KV cache of capacity 0).
     let groups = vec![
         Group { prefix: vec![5, 9, 2, 7, 1], suffixes: vec![vec![3, 4], vec![8], vec![6, 6, 6, 2]] },
         Group { prefix: vec![11, 3], suffixes: vec![vec![1, 2, 3]] },
         Group { prefix: vec![], suffixes: vec![vec![4, 5, 6], vec![7]] },
         Group { prefix: vec![2; 9], suffixes: vec![vec![9, 8, 7, 6, 5]] },
     ];
-    let mut seen = 0;
-    prefix::run(&model, None, &groups, 3, |g, s, hidden| {
-        let (p, x) = (&groups[g].prefix, &groups[g].suffixes[s]);
-        let whole: Vec<u32> = p.iter().chain(x).copied().collect();
-        let mut cache = model.new_cache(1, whole.len()).unwrap();
-        let want = model.backend.download(&model.forward(&Input::single(&whole), &mut cache).unwrap()).unwrap();
-        let want = &want[p.len() * h..];
-        assert_eq!(hidden.len(), want.len());
-        let diff = hidden.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff < 1e-4, "group {g} suffix {s}: hidden states differ by {diff}");
-        seen += 1;
-        Ok(())
-    })
-    .unwrap();
-    assert_eq!(seen, 7);
+    for batch in [3, 2] {
+        let mut seen = 0;
+        prefix::run(&model, None, &groups, batch, |g, s, hidden| {
+            let (p, x) = (&groups[g].prefix, &groups[g].suffixes[s]);
+            let whole: Vec<u32> = p.iter().chain(x).copied().collect();
+            let mut cache = model.new_cache(1, whole.len()).unwrap();
+            let want = model.backend.download(&model.forward(&Input::single(&whole), &mut cache).unwrap()).unwrap();
+            let want = &want[p.len() * h..];
+            assert_eq!(hidden.len(), want.len());
+            let diff = hidden.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff < 1e-4, "batch {batch}, group {g} suffix {s}: hidden states differ by {diff}");
+            seen += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, 7);
+    }
 }
 
 fn task_error(task: Task, files: &[(&str, &str)]) -> String {

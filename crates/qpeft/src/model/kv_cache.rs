@@ -8,6 +8,8 @@ pub struct KvCache<B: Backend> {
     pub capacity: usize,
     /// Positions filled so far (the same for every sequence of the batch; padding fills the gaps).
     pub len: usize,
+    /// Values per cached token (kv_heads · head_dim); kept because an empty cache cannot tell it.
+    kv_dim: usize,
     pub(crate) k: Vec<B::Buf>,
     pub(crate) v: Vec<B::Buf>,
     /// [batch, capacity]: 1 where the cached token is real, 0 for padding.
@@ -24,7 +26,7 @@ impl<B: Backend> KvCache<B> {
             k.push(be.zeros(batch * capacity * kv_dim)?);
             v.push(be.zeros(batch * capacity * kv_dim)?);
         }
-        Ok(KvCache { batch, capacity, len: 0, k, v, key_mask: vec![0; batch * capacity], seen: vec![0; batch] })
+        Ok(KvCache { batch, capacity, len: 0, kv_dim, k, v, key_mask: vec![0; batch * capacity], seen: vec![0; batch] })
     }
 
     /// Records the mask of `seq` new tokens per sequence and returns their position ids:
@@ -59,7 +61,7 @@ impl<B: Backend> KvCache<B> {
         if let Some(&r) = rows.iter().find(|&&r| r >= self.batch) {
             return Err(Error::Invalid(format!("row {r} of a KV cache with batch {}", self.batch)));
         }
-        let width = be.len(&self.k[0]) / (self.batch * self.capacity).max(1);
+        let width = self.kv_dim;
         let capacity = self.len + extra;
         let mut out = KvCache::new(be, self.k.len(), rows.len(), capacity, width)?;
         for (j, &r) in rows.iter().enumerate() {
