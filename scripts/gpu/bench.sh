@@ -17,7 +17,9 @@ echo "$peer"
 python3 - "$ours" "$peer" <<'PY'
 import json, sys
 q, p = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print("qpeft %.1f tok/s, %.0f MiB device memory | peer %.1f tok/s, %.0f MiB allocated (%.0f reserved) | speed %.2fx, memory %.2fx"
-      % (q["tokens_per_s"], q["device_memory_mib"], p["tokens_per_s"], p["peak_allocated_mib"], p["peak_reserved_mib"],
-         q["tokens_per_s"] / p["tokens_per_s"], q["device_memory_mib"] / p["peak_reserved_mib"]))
+print("qpeft %.1f tok/s, peak %.0f MiB allocated (%.0f reserved) | peer %.1f tok/s, peak %.0f MiB allocated (%.0f reserved)"
+      " | speed %.2fx, memory %.2fx allocated, %.2fx reserved"
+      % (q["tokens_per_s"], q["peak_allocated_mib"], q["peak_reserved_mib"], p["tokens_per_s"], p["peak_allocated_mib"],
+         p["peak_reserved_mib"], q["tokens_per_s"] / p["tokens_per_s"], q["peak_allocated_mib"] / p["peak_allocated_mib"],
+         q["peak_reserved_mib"] / p["peak_reserved_mib"]))
 PY

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests (issue 8), in two halves because the GPU machine has no Rust toolchain:
 #   here:              scripts/gpu/test.sh build     -> stripped test binaries in .devbin/ (git-ignored)
-#   on the GPU machine: scripts/gpu/test.sh run       (carry .devbin; the tests read tests/fixtures through the
+#   on the GPU machine: scripts/gpu/test.sh run [FILTER] (carry .devbin and .devmodel; the tests read tests/fixtures through the
 #                                                      absolute path they were built at, which `run` links)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,7 +23,8 @@ for l in sys.stdin:
     built_at=$(cat .devbin/built_at)
     if [ "$built_at" != "$(pwd)" ]; then mkdir -p "$(dirname "$built_at")" && ln -sfn "$(pwd)" "$built_at"; fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    QPEFT_REQUIRE_GPU=1 .devbin/cuda_parity --nocapture --test-threads 1
+    # SmolLM2's first 6 blocks (carry .devmodel, made by scripts/gpu/truncate_gguf.py).
+    QPEFT_REQUIRE_GPU=1 QPEFT_SMOLLM2=$(pwd)/.devmodel/smollm2-6l.gguf .devbin/cuda_parity --nocapture --test-threads 1 "${@:2}"
     ;;
   *) echo "usage: scripts/gpu/test.sh build|run" >&2; exit 2 ;;
 esac

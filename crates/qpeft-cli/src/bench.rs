@@ -12,7 +12,7 @@ use qpeft::model::{Checkpoint, Decoder};
 use qpeft::train::bench::{train_steps, BenchOptions};
 use qpeft::train::config::RunConfig;
 use qpeft::train::optimizer::AdamW;
-use qpeft::train::trainer::{quantize_base, resolve_modules};
+use qpeft::train::trainer::{quantize_options, resolve_modules};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -59,8 +59,7 @@ fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
     let cfg = RunConfig::read(&args.config, &sets)?;
     let ckpt = Checkpoint::open(&cfg.model.path)?;
     let start = std::time::Instant::now();
-    let mut model = Decoder::load(&ckpt, be)?;
-    quantize_base(&cfg, &ckpt, &mut model, &mut |_| {})?;
+    let model = Decoder::load_quantized(&ckpt, be, quantize_options(&cfg, &ckpt)?.as_ref(), &mut |_| {})?;
     let modules = resolve_modules(&cfg, &model)?;
     let mut set = AdapterSet::build(&model.backend, &model.spec, cfg.train.seed, |l, p| modules[l][p as usize].clone())?;
     let load_s = start.elapsed().as_secs_f64();
@@ -91,15 +90,19 @@ fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
             t.checkpointing
         );
         println!(
-            "{:.1} tokens/s; step {:.3} s = forward+backward {:.3} s + clip/optimizer {:.3} s; loss {:.4}; device memory {}; peak RSS {}",
+            "{:.1} tokens/s; step {:.3} s = forward+backward {:.3} s + clip/optimizer {:.3} s; loss {:.4}; peak device memory {} allocated, {} reserved; peak RSS {}",
             r.tokens_per_s,
             r.step_s,
             r.forward_backward_s,
             r.optimizer_s,
             r.loss,
-            r.device_memory_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
+            r.peak_allocated_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
+            r.peak_reserved_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
             r.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0} MiB"))
         );
+        for k in &r.kernels {
+            println!("  {:<40} {:>7} calls {:>10.2} ms per step", k.name, k.calls / args.steps.max(1), k.ms / args.steps.max(1) as f64);
+        }
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `--device cpu|cuda[:N]`: runs a command body with the chosen backend. The body is written once, generic over
+//! `--device cpu|cuda[:N][:f32|:bf16]`: runs a command body with the chosen backend. The body is written once, generic over
 //! `Backend`, and instantiated per backend by `on_device!`.
 
 /// `on_device!(device, be => body)`: evaluates `body` with `be` bound to the backend of `device`.
@@ -10,12 +10,12 @@ macro_rules! on_device {
                 $body
             }
             #[cfg(feature = "cuda")]
-            qpeft::backend::Device::Cuda(n) => {
-                let $be = qpeft::backend::cuda::Cuda::new(n)?;
+            qpeft::backend::Device::Cuda(n, precision) => {
+                let $be = qpeft::backend::cuda::Cuda::new(n, precision)?;
                 $body
             }
             #[cfg(not(feature = "cuda"))]
-            qpeft::backend::Device::Cuda(_) => {
+            qpeft::backend::Device::Cuda(..) => {
                 anyhow::bail!("this qpeft was built without CUDA support: rebuild with `cargo build --release --features cuda`")
             }
         }

@@ -32,7 +32,8 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Where models run: cpu, cuda (GPU 0) or cuda:N (`train` defaults to the config's [device]).
+    /// Where models run: cpu, or cuda[:N][:f32|:bf16] (GPU N, default 0; bf16 tensor-core products unless f32;
+    /// `train` defaults to the config's [device]).
     #[arg(long, global = true)]
     device: Option<String>,
     #[command(subcommand)]

@@ -9,25 +9,77 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::Result;
+use crate::quant::base::BaseWeight;
 
-/// Where a model runs: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+/// Where a model runs: `cpu`, or `cuda[:N][:f32|:bf16]` (GPU N, default 0, in bf16 unless `f32` is asked for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     Cpu,
-    Cuda(usize),
+    Cuda(usize, Precision),
+}
+
+/// How a GPU computes. `Bf16` is bitsandbytes' QLoRA setting: base weights and their inputs in bf16 on the tensor
+/// cores, the other products in TF32, all accumulating in f32, with f32 activations, adapters, gradients and
+/// optimizer state. `F32` runs every product in true FP32 (parity checks, debugging).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Bf16,
+    F32,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        }
+    }
 }
 
 impl std::str::FromStr for Device {
     type Err = crate::error::Error;
     fn from_str(s: &str) -> Result<Device> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(|| crate::error::Error::Invalid(format!("device `{s}` is not cpu, cuda or cuda:N"))),
+        let bad = || crate::error::Error::Invalid(format!("device `{s}` is not cpu or cuda[:N][:f32|:bf16]"));
+        if s == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        let mut parts = s.split(':');
+        if parts.next() != Some("cuda") {
+            return Err(bad());
+        }
+        let (mut ordinal, mut precision) = (None, None);
+        for part in parts {
+            match part {
+                "f32" if precision.is_none() => precision = Some(Precision::F32),
+                "bf16" if precision.is_none() => precision = Some(Precision::Bf16),
+                n if ordinal.is_none() && precision.is_none() => ordinal = Some(n.parse().map_err(|_| bad())?),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(Device::Cuda(ordinal.unwrap_or(0), precision.unwrap_or_default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse() {
+        let ok = [
+            ("cpu", Device::Cpu),
+            ("cuda", Device::Cuda(0, Precision::Bf16)),
+            ("cuda:1", Device::Cuda(1, Precision::Bf16)),
+            ("cuda:f32", Device::Cuda(0, Precision::F32)),
+            ("cuda:2:f32", Device::Cuda(2, Precision::F32)),
+            ("cuda:3:bf16", Device::Cuda(3, Precision::Bf16)),
+        ];
+        for (s, want) in ok {
+            assert_eq!(s.parse::<Device>().unwrap(), want, "{s}");
+        }
+        for s in ["gpu", "cuda:", "cuda:x", "cuda:f32:1", "cuda:1:2", "cuda:f32:bf16", "cpu:0"] {
+            assert!(s.parse::<Device>().is_err(), "{s}");
         }
     }
 }
@@ -114,6 +166,42 @@ pub struct RowWrite {
     pub width: usize,
 }
 
+/// Device memory in bytes. The peaks are high-water marks of this process's buffers since it started (like torch's
+/// `max_memory_allocated` / `max_memory_reserved`); `in_use` is everything allocated on the device now, the driver's
+/// context and other processes included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub peak_allocated: usize,
+    pub peak_reserved: usize,
+    pub in_use: usize,
+    pub total: usize,
+}
+
+/// GPU time spent in one kernel (or GEMM kind).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct KernelTime {
+    pub name: String,
+    pub calls: usize,
+    pub ms: f64,
+}
+
+/// One AdamW update as bitsandbytes' 32-bit kernel computes it (methods.md §8). `repr(C)`: GPU kernels take it by
+/// value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub lr: f32,
+    /// Bias corrections 1 − β1ᵗ and √(1 − β2ᵗ).
+    pub c1: f32,
+    pub c2: f32,
+    /// Multiplies the gradient first (the clip coefficient).
+    pub grad_coef: f32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GluKind {
     Silu,
@@ -125,14 +213,22 @@ pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
     /// A u32 device buffer (token ids, positions, masks).
     type Ints: Send + Sync;
+    /// A frozen linear weight Ŵ [out, in] in the form the backend multiplies with: f32 on the CPU; on a GPU
+    /// the packed 4-bit base, dequantized per use.
+    type Weight: Send + Sync;
 
     fn name(&self) -> String;
     /// Waits until every queued op has run (timing; a no-op where ops run synchronously).
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
-    /// (bytes in use, bytes in all) of the device's memory, where the backend has its own.
-    fn device_memory(&self) -> Result<Option<(usize, usize)>> {
+    /// GPU time per kernel (name, calls, milliseconds) since the last call, slowest first, where the backend profiles
+    /// (the CUDA backend with QPEFT_CUDA_PROFILE set); empty otherwise.
+    fn kernel_times(&self) -> Result<Vec<KernelTime>> {
+        Ok(Vec::new())
+    }
+    /// The device's memory, where the backend has its own.
+    fn device_memory(&self) -> Result<Option<DeviceMemory>> {
         Ok(None)
     }
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
@@ -140,6 +236,16 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
+
+    /// Ŵ [out_dim, in_dim] from its f32 values `dense` (what `base.dequantize()` gives, or the weight itself for
+    /// a dense base) and its stored form `base`, which a backend may keep instead of `dense`.
+    fn upload_weight(&self, dense: &[f32], base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<Self::Weight>;
+    /// Ŵ in f32, [out, in] (merging, saving, checks): bit-exact with `base.dequantize()`.
+    fn weight_values(&self, w: &Self::Weight) -> Result<Self::Buf>;
+    /// out [rows, out] (+)= x·Ŵᵀ for x [rows, in].
+    fn linear(&self, x: &Self::Buf, w: &Self::Weight, rows: usize, out: &mut Self::Buf, accumulate: bool) -> Result<()>;
+    /// dx [rows, in] (+)= dy·Ŵ for dy [rows, out]: a frozen weight's only gradient.
+    fn linear_backward(&self, dy: &Self::Buf, w: &Self::Weight, rows: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<()>;
 
     /// out[r, :] = table[ids[r], :] · scale.
     fn embedding(&self, table: &Self::Buf, ids: &Self::Ints, dim: usize, scale: f32, out: &mut Self::Buf) -> Result<()>;
@@ -233,6 +339,14 @@ pub trait Backend: Send + Sync {
     /// out = x ⊙ mask / (1 − p), the mask drawn from a counter-based RNG keyed by `seed` (the same seed gives
     /// the same mask, so backward and recomputation reuse it without storing it).
     fn dropout(&self, x: &Self::Buf, p: f32, seed: u64, out: &mut Self::Buf) -> Result<()>;
+
+    // ---- optimizer ----
+
+    /// Σ x², accumulated in f64 and returned to the host (gradient norms).
+    fn sum_squares(&self, x: &Self::Buf) -> Result<f64>;
+    /// One AdamW step on parameter p with gradient g and moments m, v, all in place: g̃ = grad_coef·g,
+    /// m ← β1·m + (1 − β1)·g̃, v ← β2·v + (1 − β2)·g̃², p ← p − lr·(c2/c1)·m/(√v + eps·c2), then p ← p·(1 − lr·wd).
+    fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, s: AdamStep) -> Result<()>;
 }
 
 /// `Error::Invalid("op: what")` unless `cond`: the size checks every backend makes before touching buffers.

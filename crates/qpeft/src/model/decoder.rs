@@ -11,6 +11,8 @@ use crate::adapters::set::AdapterSet;
 use crate::adapters::Pass;
 use crate::backend::{AttentionShape, Backend, GluKind, MatMul, RowWrite};
 use crate::error::{Error, Result};
+use crate::quant::base::BaseWeight;
+use crate::quant::model::{quantize_weight, QuantizeOptions};
 
 /// The seven linear layers of a block, by their HF module names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -140,13 +142,25 @@ impl Input {
 
 impl<B: Backend> Decoder<B> {
     pub fn load(ckpt: &Checkpoint, backend: B) -> Result<Self> {
+        Self::load_quantized(ckpt, backend, None, &mut |_| {})
+    }
+
+    /// `load`, with the block linears that are stored unquantized quantized (round to nearest) as `quantize` says, on
+    /// the host before they reach the backend: a GPU never holds the dense model. `progress` gets each quantized
+    /// linear's name.
+    pub fn load_quantized(ckpt: &Checkpoint, backend: B, quantize: Option<&QuantizeOptions>, progress: &mut dyn FnMut(&str)) -> Result<Self> {
         let s = ckpt.spec.clone();
         let be = &backend;
         let h = s.hidden_size;
         let vec = |name: &str, len: usize| -> Result<B::Buf> { be.upload(&ckpt.require(name, &[len])?.data) };
-        let linear = |name: &str, in_dim: usize, out_dim: usize, bias: bool| -> Result<QuantLinear<B>> {
-            let (w, base) = ckpt.linear(name, out_dim, in_dim)?;
-            let weight = be.upload(&w.data)?;
+        let mut linear = |name: &str, in_dim: usize, out_dim: usize, bias: bool, quantizable: bool| -> Result<QuantLinear<B>> {
+            let (mut w, mut base) = ckpt.linear(name, out_dim, in_dim)?;
+            if let (Some(opts), true, BaseWeight::Dense) = (quantize, quantizable, &base) {
+                base = quantize_weight(&w.data, out_dim, in_dim, opts).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+                w.data = base.dequantize().expect("a quantized base");
+                progress(name);
+            }
+            let weight = be.upload_weight(&w.data, &base, out_dim, in_dim)?;
             let bias = if bias { Some(vec(&format!("{name}.bias"), out_dim)?) } else { None };
             Ok(QuantLinear { weight, bias, in_dim, out_dim, base })
         };
@@ -154,9 +168,9 @@ impl<B: Backend> Decoder<B> {
         let mut blocks = Vec::new();
         for i in 0..s.num_layers {
             let p = format!("model.layers.{i}");
-            let proj = |pr: Proj| {
+            let mut proj = |pr: Proj| {
                 let (out_dim, in_dim) = pr.dims(&s);
-                linear(&format!("{p}.{}", pr.module()), in_dim, out_dim, pr.has_bias(&s))
+                linear(&format!("{p}.{}", pr.module()), in_dim, out_dim, pr.has_bias(&s), true)
             };
             blocks.push(Block {
                 attn_norm: vec(&format!("{p}.input_layernorm.weight"), h)?,
@@ -171,7 +185,7 @@ impl<B: Backend> Decoder<B> {
             });
         }
         let embed = be.upload(&ckpt.require("model.embed_tokens.weight", &[s.vocab_size, h])?.data)?;
-        let lm_head = if s.tie_word_embeddings { None } else { Some(linear("lm_head", h, s.vocab_size, false)?) };
+        let lm_head = if s.tie_word_embeddings { None } else { Some(linear("lm_head", h, s.vocab_size, false, false)?) };
         let norm = vec("model.norm.weight", h)?;
         let inv_freq = be.upload(&rope::inv_freq(&s))?;
         Ok(Decoder { spec: s, embed, blocks, norm, lm_head, inv_freq, backend })

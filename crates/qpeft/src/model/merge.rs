@@ -24,10 +24,10 @@ impl<B: Backend> Decoder<B> {
                 let Some(a) = set.get(l, p) else { continue };
                 let delta = a.delta_weight(&self.backend)?;
                 let lin = self.blocks[l].proj_mut(p);
-                let mut w = self.backend.download(&lin.weight)?;
+                let mut w = self.backend.download(&self.backend.weight_values(&lin.weight)?)?;
                 w.iter_mut().zip(&delta).for_each(|(w, d)| *w += d);
-                lin.weight = self.backend.upload(&w)?;
                 lin.base = BaseWeight::Dense;
+                lin.weight = self.backend.upload_weight(&w, &lin.base, lin.out_dim, lin.in_dim)?;
             }
         }
         Ok(())
@@ -51,7 +51,8 @@ impl<B: Backend> Decoder<B> {
                 let zeros = q.merge_into_zeros(&delta).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
                 q.float_zeros = Some(zeros);
                 q.qzeros.clear();
-                lin.weight = self.backend.upload(&q.dequantize())?;
+                let w = q.dequantize();
+                lin.weight = self.backend.upload_weight(&w, &lin.base, lin.out_dim, lin.in_dim)?;
             }
         }
         Ok(())
@@ -104,7 +105,7 @@ impl<B: Backend> Decoder<B> {
         put(&mut tensors, "model.embed_tokens.weight".into(), vec![s.vocab_size, h], &self.embed)?;
         put(&mut tensors, "model.norm.weight".into(), vec![h], &self.norm)?;
         if let Some(head) = &self.lm_head {
-            put(&mut tensors, "lm_head.weight".into(), vec![s.vocab_size, h], &head.weight)?;
+            put(&mut tensors, "lm_head.weight".into(), vec![s.vocab_size, h], &be.weight_values(&head.weight)?)?;
         }
         for (l, block) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{l}");
@@ -116,7 +117,7 @@ impl<B: Backend> Decoder<B> {
                 match &lin.base {
                     BaseWeight::Int4(_) if keep_int4 => write_linear(&mut tensors, &name, &lin.base, dtype.torch_name()),
                     _ if keep_int4 => return Err(Error::Invalid(format!("{name}: base {} is not GPTQ int4", lin.base.name()))),
-                    _ => put(&mut tensors, format!("{name}.weight"), vec![lin.out_dim, lin.in_dim], &lin.weight)?,
+                    _ => put(&mut tensors, format!("{name}.weight"), vec![lin.out_dim, lin.in_dim], &be.weight_values(&lin.weight)?)?,
                 }
                 if let Some(b) = &lin.bias {
                     put(&mut tensors, format!("{name}.bias"), vec![lin.out_dim], b)?;

@@ -384,21 +384,3 @@ pub fn quantize_weight(w: &[f32], out_dim: usize, in_dim: usize, opts: &Quantize
     })
 }
 
-impl<B: Backend> Decoder<B> {
-    /// Replaces every block linear's weight by its `opts` quantization (kept dequantized for compute, with the
-    /// quantized form as the linear's base). `progress` gets each layer's name.
-    pub fn quantize_in_place(&mut self, opts: &QuantizeOptions, progress: &mut dyn FnMut(&str)) -> Result<()> {
-        for l in 0..self.blocks.len() {
-            for p in Proj::ALL {
-                let name = format!("model.layers.{l}.{}", p.module());
-                let lin = self.blocks[l].proj_mut(p);
-                let w = self.backend.download(&lin.weight)?;
-                let base = quantize_weight(&w, lin.out_dim, lin.in_dim, opts).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
-                lin.weight = self.backend.upload(&base.dequantize().expect("quantized"))?;
-                lin.base = base;
-                progress(&name);
-            }
-        }
-        Ok(())
-    }
-}

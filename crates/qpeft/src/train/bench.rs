@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::optimizer::{clip_coefficient, grad_norm, AdamW, OptimizerState};
 use crate::adapters::set::AdapterSet;
-use crate::backend::Backend;
+use crate::backend::{Backend, KernelTime};
 use crate::error::Result;
 use crate::model::train::{Batch, StepOptions};
 use crate::model::{Decoder, Input};
@@ -37,10 +37,14 @@ pub struct BenchReport {
     pub forward_backward_s: f64,
     pub optimizer_s: f64,
     pub loss: f64,
-    /// Device memory in use after the steps (peak of the memory pool, which keeps freed blocks), where the
-    /// backend has device memory.
-    pub device_memory_mib: Option<f64>,
+    /// Peak device memory of the run's buffers (allocated, and reserved by the allocator), where the backend has
+    /// device memory.
+    pub peak_allocated_mib: Option<f64>,
+    pub peak_reserved_mib: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// GPU time per kernel over the timed steps (QPEFT_CUDA_PROFILE set; profiling slows the steps).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<KernelTime>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -65,8 +69,11 @@ pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSe
     let mut state = OptimizerState::new();
     let (mut steps, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());
     let mut loss = f64::NAN;
-    let mut peak_device = 0usize;
     for i in 0..opts.warmup + opts.steps {
+        if i == opts.warmup {
+            be.synchronize()?;
+            be.kernel_times()?;
+        }
         be.synchronize()?;
         let t0 = Instant::now();
         set.zero_grads(be)?;
@@ -77,9 +84,6 @@ pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSe
         opts.optimizer.step(be, &mut state, set.named_params_mut(), opts.lr, clip_coefficient(norm, opts.max_grad_norm))?;
         be.synchronize()?;
         let t2 = Instant::now();
-        if let Some((used, _)) = be.device_memory()? {
-            peak_device = peak_device.max(used);
-        }
         if i >= opts.warmup {
             steps.push((t2 - t0).as_secs_f64());
             fb.push((t1 - t0).as_secs_f64());
@@ -87,6 +91,9 @@ pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSe
         }
     }
     let step_s = median(steps);
+    let kernels = be.kernel_times()?;
+    let memory = be.device_memory()?;
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
     Ok(BenchReport {
         device: be.name(),
         batch: opts.batch,
@@ -97,7 +104,9 @@ pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSe
         forward_backward_s: median(fb),
         optimizer_s: median(opt),
         loss,
-        device_memory_mib: be.device_memory()?.map(|_| peak_device as f64 / (1 << 20) as f64),
+        peak_allocated_mib: memory.map(|m| mib(m.peak_allocated)),
+        peak_reserved_mib: memory.map(|m| mib(m.peak_reserved)),
         peak_rss_mib: super::trainer::peak_rss_mib(),
+        kernels,
     })
 }

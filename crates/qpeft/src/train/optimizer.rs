@@ -1,12 +1,13 @@
 //! AdamW as bitsandbytes computes it (methods.md §8): the 32-bit update, and the 8-bit block-wise variant whose
 //! two moments are stored as 8-bit codes of the dynamic maps with one absmax per 256 elements. Gradients are
-//! clipped to a global L2 norm first (HF `clip_grad_norm_`). The update runs on the host over each parameter's
-//! downloaded value and gradient; moments stay on the host, where checkpoints read them.
+//! clipped to a global L2 norm first (HF `clip_grad_norm_`). The 32-bit update runs on the backend (`Backend::adamw`)
+//! with its moments in device buffers; the 8-bit update runs on the host over each parameter's downloaded value and
+//! gradient, with its codes on the host. Checkpoints read both.
 
 use std::collections::BTreeMap;
 
 use crate::adapters::Param;
-use crate::backend::Backend;
+use crate::backend::{AdamStep, Backend};
 use crate::error::{Error, Result};
 use crate::formats::safetensors::OwnedTensor;
 use crate::quant::maps::{signed_dynamic, unsigned_dynamic};
@@ -34,18 +35,16 @@ pub struct AdamW {
 }
 
 /// The two moments of one parameter.
-#[derive(Clone, Debug, PartialEq)]
-enum Moments {
-    F32 { m: Vec<f32>, v: Vec<f32> },
+enum Moments<B: Backend> {
+    F32 { m: B::Buf, v: B::Buf },
     /// Codes of m (signed map) and v (unsigned map), with per-block absmax.
     Q8 { m: Vec<u8>, m_absmax: Vec<f32>, v: Vec<u8>, v_absmax: Vec<f32> },
 }
 
 /// Optimizer state: the step count and the moments of every parameter, keyed by the parameter's name.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OptimizerState {
+pub struct OptimizerState<B: Backend> {
     pub step: u64,
-    moments: BTreeMap<String, Moments>,
+    moments: BTreeMap<String, Moments<B>>,
 }
 
 /// Nearest entry of the sorted `code` to `y`, a tie going to the even index (the CUDA kernel's binary search).
@@ -64,19 +63,20 @@ fn nearest(code: &[f32; 256], y: f32) -> u8 {
     pick as u8
 }
 
-impl OptimizerState {
+impl<B: Backend> OptimizerState<B> {
     pub fn new() -> Self {
         OptimizerState { step: 0, moments: BTreeMap::new() }
     }
 
     /// The states as named tensors (`{param}.m`, `{param}.v`; 8-bit: `.m.codes`, `.m.absmax`, …) for a checkpoint.
-    pub fn tensors(&self) -> BTreeMap<String, OwnedTensor> {
+    pub fn tensors(&self, be: &B) -> Result<BTreeMap<String, OwnedTensor>> {
         let mut out = BTreeMap::new();
         for (name, mo) in &self.moments {
             match mo {
                 Moments::F32 { m, v } => {
-                    out.insert(format!("{name}.m"), OwnedTensor::f32(vec![m.len()], m));
-                    out.insert(format!("{name}.v"), OwnedTensor::f32(vec![v.len()], v));
+                    let (m, v) = (be.download(m)?, be.download(v)?);
+                    out.insert(format!("{name}.m"), OwnedTensor::f32(vec![m.len()], &m));
+                    out.insert(format!("{name}.v"), OwnedTensor::f32(vec![v.len()], &v));
                 }
                 Moments::Q8 { m, m_absmax, v, v_absmax } => {
                     out.insert(format!("{name}.m.codes"), OwnedTensor::u8(vec![m.len()], m.clone()));
@@ -86,11 +86,11 @@ impl OptimizerState {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// Rebuilds the state from `tensors` (as written by `tensors`) for the parameters `names` (name, numel).
-    pub fn from_tensors(step: u64, names: &[(String, usize)], get: &dyn Fn(&str) -> Option<Tensor>) -> std::result::Result<Self, String> {
+    pub fn from_tensors(be: &B, step: u64, names: &[(String, usize)], get: &dyn Fn(&str) -> Option<Tensor>) -> std::result::Result<Self, String> {
         let mut moments = BTreeMap::new();
         for (name, n) in names {
             let want = |suffix: &str, len: usize| -> std::result::Result<Tensor, String> {
@@ -102,7 +102,10 @@ impl OptimizerState {
             };
             let blocks = n.div_ceil(BLOCK);
             let mo = match get(&format!("{name}.m")) {
-                Some(_) => Moments::F32 { m: want(".m", *n)?.f32()?, v: want(".v", *n)?.f32()? },
+                Some(_) => {
+                    let up = |v: Vec<f32>| be.upload(&v).map_err(|e| e.to_string());
+                    Moments::F32 { m: up(want(".m", *n)?.f32()?)?, v: up(want(".v", *n)?.f32()?)? }
+                }
                 None => Moments::Q8 {
                     m: want(".m.codes", *n)?.u8()?,
                     m_absmax: want(".m.absmax", blocks)?.f32()?,
@@ -116,7 +119,7 @@ impl OptimizerState {
     }
 }
 
-impl Default for OptimizerState {
+impl<B: Backend> Default for OptimizerState<B> {
     fn default() -> Self {
         Self::new()
     }
@@ -153,7 +156,7 @@ impl Tensor {
 pub fn grad_norm<'a, B: Backend + 'a>(be: &B, params: impl IntoIterator<Item = &'a Param<B>>) -> Result<f64> {
     let mut sq = 0f64;
     for p in params {
-        sq += be.download(&p.grad)?.iter().map(|&g| g as f64 * g as f64).sum::<f64>();
+        sq += be.sum_squares(&p.grad)?;
     }
     Ok(sq.sqrt())
 }
@@ -170,54 +173,48 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
 impl AdamW {
     /// One update of every parameter with learning rate `lr` (× each parameter's `lr_scale`) on gradients
     /// multiplied by `grad_coef` (the clip coefficient). `params` pairs names with parameters.
-    pub fn step<B: Backend>(&self, be: &B, state: &mut OptimizerState, params: Vec<(String, &mut Param<B>)>, lr: f32, grad_coef: f32) -> Result<()> {
+    pub fn step<B: Backend>(&self, be: &B, state: &mut OptimizerState<B>, params: Vec<(String, &mut Param<B>)>, lr: f32, grad_coef: f32) -> Result<()> {
         state.step += 1;
         let t = state.step as i32;
         let c1 = 1.0 - self.beta1.powi(t);
         let c2 = (1.0 - self.beta2.powi(t)).sqrt();
         for (name, p) in params {
             let n = p.numel();
-            let mut value = be.download(&p.value)?;
-            let mut grad = be.download(&p.grad)?;
-            if grad_coef != 1.0 {
-                grad.iter_mut().for_each(|g| *g *= grad_coef);
-            }
             let eight = self.bits == StateBits::B8 && n >= self.min_8bit_size;
-            let mo = state.moments.entry(name.clone()).or_insert_with(|| {
-                if eight {
+            if !state.moments.contains_key(&name) {
+                let mo = if eight {
                     let blocks = n.div_ceil(BLOCK);
                     Moments::Q8 { m: vec![127; n], m_absmax: vec![0.0; blocks], v: vec![0; n], v_absmax: vec![0.0; blocks] }
                 } else {
-                    Moments::F32 { m: vec![0.0; n], v: vec![0.0; n] }
-                }
-            });
-            let lr = lr * p.lr_scale;
-            match mo {
-                Moments::F32 { m, v } => {
-                    if m.len() != n {
-                        return Err(Error::Invalid(format!("optimizer state of `{name}` has {} elements, the parameter {n}", m.len())));
-                    }
-                    self.update(&mut value, &grad, m, v, lr, c1, c2);
-                }
-                Moments::Q8 { m, m_absmax, v, v_absmax } => self.update_8bit(&mut value, &grad, m, m_absmax, v, v_absmax, lr, c1, c2),
+                    Moments::F32 { m: be.zeros(n)?, v: be.zeros(n)? }
+                };
+                state.moments.insert(name.clone(), mo);
             }
-            p.value = be.upload(&value)?;
+            let lr = lr * p.lr_scale;
+            match state.moments.get_mut(&name).expect("inserted above") {
+                Moments::F32 { m, v } => {
+                    if be.len(m) != n {
+                        return Err(Error::Invalid(format!("optimizer state of `{name}` has {} elements, the parameter {n}", be.len(m))));
+                    }
+                    let s = self.adam_step(lr, c1, c2, grad_coef);
+                    be.adamw(&mut p.value, &p.grad, m, v, s)?;
+                }
+                Moments::Q8 { m, m_absmax, v, v_absmax } => {
+                    let mut value = be.download(&p.value)?;
+                    let mut grad = be.download(&p.grad)?;
+                    if grad_coef != 1.0 {
+                        grad.iter_mut().for_each(|g| *g *= grad_coef);
+                    }
+                    self.update_8bit(&mut value, &grad, m, m_absmax, v, v_absmax, lr, c1, c2);
+                    p.value = be.upload(&value)?;
+                }
+            }
         }
         Ok(())
     }
 
-    /// bitsandbytes' 32-bit kernel: p ← p − lr·(c2/c1)·m/(√v + eps·c2), then decoupled decay p ← p·(1 − lr·wd).
-    #[allow(clippy::too_many_arguments)]
-    fn update(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, c1: f32, c2: f32) {
-        let step_size = -lr * c2 / c1;
-        for i in 0..p.len() {
-            m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g[i];
-            v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g[i] * g[i];
-            p[i] += step_size * (m[i] / (v[i].sqrt() + self.eps * c2));
-            if self.weight_decay > 0.0 {
-                p[i] *= 1.0 - lr * self.weight_decay;
-            }
-        }
+    fn adam_step(&self, lr: f32, c1: f32, c2: f32, grad_coef: f32) -> AdamStep {
+        AdamStep { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, lr, c1, c2, grad_coef }
     }
 
     /// bitsandbytes' 8-bit block-wise kernel: dequantize both moments of a block, update them in f32 (a non-finite
@@ -266,6 +263,7 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::Cpu;
 
     #[test]
     fn nearest_rounds_to_the_closer_code_and_ties_to_even() {
@@ -308,7 +306,7 @@ mod tests {
         for (t, g) in grads.iter().enumerate() {
             let t = t as i32 + 1;
             let g: Vec<f32> = g.iter().map(|&x| x as f32).collect();
-            opt.update(&mut p, &g, &mut m, &mut v, 1e-3, 1.0 - 0.9f32.powi(t), (1.0 - 0.999f32.powi(t)).sqrt());
+            Cpu::new().adamw(&mut p, &g, &mut m, &mut v, opt.adam_step(1e-3, 1.0 - 0.9f32.powi(t), (1.0 - 0.999f32.powi(t)).sqrt(), 1.0)).unwrap();
         }
         for i in 0..n {
             assert!((p[i] as f64 - want[i]).abs() < 2e-6, "{i}: {} vs {}", p[i], want[i]);
@@ -319,7 +317,7 @@ mod tests {
     fn weight_decay_is_applied_after_the_step() {
         let opt = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, bits: StateBits::B32, min_8bit_size: MIN_8BIT_SIZE };
         let (mut p, mut m, mut v) = (vec![1.0f32], vec![0.0], vec![0.0]);
-        opt.update(&mut p, &[0.5], &mut m, &mut v, 0.01, 0.1, (0.001f32).sqrt());
+        Cpu::new().adamw(&mut p, &vec![0.5], &mut m, &mut v, opt.adam_step(0.01, 0.1, (0.001f32).sqrt(), 1.0)).unwrap();
         // Step 1: m̂/√v̂ = sign(g) = 1 (eps negligible) → 1 − 0.01 = 0.99, then × (1 − 0.01·0.1).
         assert!((p[0] - 0.99 * 0.999).abs() < 1e-6, "{}", p[0]);
     }
@@ -339,7 +337,7 @@ mod tests {
             let g32: Vec<f32> = p32.iter().enumerate().map(|(i, &x)| x - (i as f32 * 0.11).cos()).collect();
             let g8: Vec<f32> = p8.iter().enumerate().map(|(i, &x)| x - (i as f32 * 0.11).cos()).collect();
             let (c1, c2) = (1.0 - 0.9f32.powi(t), (1.0 - 0.999f32.powi(t)).sqrt());
-            o32.update(&mut p32, &g32, &mut m, &mut v, 0.01, c1, c2);
+            Cpu::new().adamw(&mut p32, &g32, &mut m, &mut v, o32.adam_step(0.01, c1, c2, 1.0)).unwrap();
             o8.update_8bit(&mut p8, &g8, &mut mc, &mut ma, &mut vc, &mut va, 0.01, c1, c2);
         }
         let moved: f32 = p32.iter().zip((0..n).map(|i| (i as f32 * 0.37).sin())).map(|(a, b)| (a - b).abs()).sum::<f32>() / n as f32;

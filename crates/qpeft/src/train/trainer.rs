@@ -98,13 +98,12 @@ pub fn peak_rss_mib() -> Option<f64> {
 pub fn load_model<B: Backend>(cfg: &RunConfig, backend: B, progress: &mut dyn FnMut(&str)) -> Result<(Decoder<B>, Tokenizer, Checkpoint)> {
     let ckpt = Checkpoint::open(&cfg.model.path)?;
     let tok = ckpt.tokenizer()?;
-    let mut model = Decoder::load(&ckpt, backend)?;
-    quantize_base(cfg, &ckpt, &mut model, progress)?;
+    let model = Decoder::load_quantized(&ckpt, backend, quantize_options(cfg, &ckpt)?.as_ref(), progress)?;
     Ok((model, tok, ckpt))
 }
 
-/// Quantizes the block linears of `model` (loaded from `ckpt`) as `[quant]` says.
-pub fn quantize_base<B: Backend>(cfg: &RunConfig, ckpt: &Checkpoint, model: &mut Decoder<B>, progress: &mut dyn FnMut(&str)) -> Result<()> {
+/// How `[quant]` quantizes the block linears of `ckpt` (None: keep them as stored), checked against the checkpoint.
+pub fn quantize_options(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<Option<QuantizeOptions>> {
     let q = &cfg.quant;
     let format = match q.format.as_str() {
         "nf4" => Some(Format::Nf4),
@@ -123,9 +122,9 @@ pub fn quantize_base<B: Backend>(cfg: &RunConfig, ckpt: &Checkpoint, model: &mut
         if format != Format::Int4 {
             crate::quant::nf4::check_block(q.block).map_err(|e| Error::config(&cfg.file, "quant.block", e.to_string()))?;
         }
-        model.quantize_in_place(&opts, progress).map_err(|e| Error::config(&cfg.file, "quant", e.to_string()))?;
+        return Ok(Some(opts));
     }
-    Ok(())
+    Ok(None)
 }
 
 fn base_kind(b: &BaseWeight) -> BaseKind {
@@ -217,7 +216,7 @@ pub struct Trainer<'a, B: Backend> {
     pub train: Vec<Example>,
     pub eval: Vec<Example>,
     pub state: TrainerState,
-    pub opt_state: OptimizerState,
+    pub opt_state: OptimizerState<B>,
     pub run: RunDir,
     collator: Collator<'a>,
     lengths: Vec<usize>,
@@ -245,7 +244,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 if state.step != step {
                     return Err(Error::format(&state_path, format!("step {} inside checkpoint step-{step:07}", state.step)));
                 }
-                opt_state = read_optimizer(&dir.join(OPTIMIZER_FILE), step, &set)?;
+                opt_state = read_optimizer(&model.backend, &dir.join(OPTIMIZER_FILE), step, &set)?;
                 run.truncate_metrics(step)?;
             } else {
                 // No checkpoint yet: the run starts over, metrics included.
@@ -329,7 +328,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         let be = &self.model.backend;
         self.run.save_checkpoint(self.state.step, |dir| {
             peft::write_adapter(dir, be, spec, &self.set, &self.modules, &self.cfg.model.path.display().to_string())?;
-            write_file(&dir.join(OPTIMIZER_FILE), &self.opt_state.tensors())?;
+            write_file(&dir.join(OPTIMIZER_FILE), &self.opt_state.tensors(be)?)?;
             crate::formats::write_atomic(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(&self.state).expect("state serializes"))
         })?;
         self.run.prune(self.cfg.train.keep_checkpoints)
@@ -447,7 +446,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
     }
 }
 
-fn read_optimizer<B: Backend>(path: &Path, step: u64, set: &AdapterSet<B>) -> Result<OptimizerState> {
+fn read_optimizer<B: Backend>(be: &B, path: &Path, step: u64, set: &AdapterSet<B>) -> Result<OptimizerState<B>> {
     let store = SafetensorsStore::open_files(&[path.to_path_buf()])?;
     let names: Vec<(String, usize)> = set.named_params().into_iter().map(|(n, p)| (n, p.numel())).collect();
     let get = |name: &str| -> Option<Tensor> {
@@ -457,7 +456,7 @@ fn read_optimizer<B: Backend>(path: &Path, step: u64, set: &AdapterSet<B>) -> Re
             _ => store.read_f32(name).ok().flatten().map(|t| Tensor::F32(t.data)),
         }
     };
-    OptimizerState::from_tensors(step, &names, &get).map_err(|e| Error::format(path, e))
+    OptimizerState::from_tensors(be, step, &names, &get).map_err(|e| Error::format(path, e))
 }
 
 /// Greedy answers to `examples`' sources (prompted as the collator prompts them), judged by exact match of the

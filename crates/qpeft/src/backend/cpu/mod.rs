@@ -12,8 +12,9 @@ use num_traits::{Float, FromPrimitive};
 use rayon::prelude::*;
 
 use self::gemm::{gemm_strided, Strided};
-use super::{check, check_attention, check_groups, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
+use super::{check, check_attention, check_groups, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
 use crate::error::{Error, Result};
+use crate::quant::base::BaseWeight;
 
 /// Rows per rayon task for the row-wise ops: enough work to amortise scheduling.
 const ROW_CHUNK: usize = 16;
@@ -63,6 +64,7 @@ impl Cpu<f64> {
 impl<T: Real> Backend for Cpu<T> {
     type Buf = Vec<T>;
     type Ints = Vec<u32>;
+    type Weight = Vec<T>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads{})", rayon::current_num_threads(), if size_of::<T>() == 8 { ", f64" } else { "" })
@@ -81,6 +83,22 @@ impl<T: Real> Backend for Cpu<T> {
     }
     fn len(&self, buf: &Vec<T>) -> usize {
         buf.len()
+    }
+
+    fn upload_weight(&self, dense: &[f32], _base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<Vec<T>> {
+        check(dense.len() == out_dim * in_dim, "upload_weight", || format!("{} values for a {out_dim} × {in_dim} weight", dense.len()))?;
+        self.upload(dense)
+    }
+    fn weight_values(&self, w: &Vec<T>) -> Result<Vec<T>> {
+        Ok(w.clone())
+    }
+    fn linear(&self, x: &Vec<T>, w: &Vec<T>, rows: usize, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
+        let (in_dim, out_dim) = (x.len() / rows.max(1), out.len() / rows.max(1));
+        self.matmul(x, w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
+    }
+    fn linear_backward(&self, dy: &Vec<T>, w: &Vec<T>, rows: usize, dx: &mut Vec<T>, accumulate: bool) -> Result<()> {
+        let (out_dim, in_dim) = (dy.len() / rows.max(1), dx.len() / rows.max(1));
+        self.matmul(dy, w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
     }
 
     fn embedding(&self, table: &Vec<T>, ids: &Vec<u32>, dim: usize, scale: f32, out: &mut Vec<T>) -> Result<()> {
@@ -207,7 +225,9 @@ impl<T: Real> Backend for Cpu<T> {
 
     fn dot(&self, a: &Vec<T>, b: &Vec<T>, factor: f32, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
         check(a.len() == b.len() && out.len() == 1, "dot", || format!("a {}, b {}, out {}", a.len(), b.len(), out.len()))?;
-        let d: T = a.par_chunks(ELEM_CHUNK).zip(b.par_chunks(ELEM_CHUNK)).map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| a * b).sum::<T>()).sum();
+        // In f64: a scalar parameter's gradient is a long sum whose terms largely cancel.
+        let d: f64 = a.par_chunks(ELEM_CHUNK).zip(b.par_chunks(ELEM_CHUNK)).map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| a.f64() * b.f64()).sum::<f64>()).sum();
+        let d = T::from_f64(d).unwrap_or(T::nan());
         out[0] = if accumulate { out[0] } else { T::zero() } + T::of(factor) * d;
         Ok(())
     }
@@ -325,6 +345,32 @@ impl<T: Real> Backend for Cpu<T> {
         out.par_chunks_mut(ELEM_CHUNK).zip(x.par_chunks(ELEM_CHUNK)).enumerate().for_each(|(c, (o, x))| {
             for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
                 *o = if dropout_keeps(seed, (c * ELEM_CHUNK + i) as u64, p) { x * keep } else { T::zero() };
+            }
+        });
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &Vec<T>) -> Result<f64> {
+        // In order, so that a run's clip coefficients (and a resumed run's) are reproducible.
+        Ok(x.iter().map(|&g| g.f64() * g.f64()).sum())
+    }
+
+    fn adamw(&self, p: &mut Vec<T>, g: &Vec<T>, m: &mut Vec<T>, v: &mut Vec<T>, s: AdamStep) -> Result<()> {
+        let n = p.len();
+        check(g.len() == n && m.len() == n && v.len() == n, "adamw", || format!("p {n}, g {}, m {}, v {}", g.len(), m.len(), v.len()))?;
+        // The scalar factors are formed in f32, as the kernel's arguments are.
+        let f = |x: f32| T::of(x);
+        let (b1, b2, one_b1, one_b2) = (f(s.beta1), f(s.beta2), f(1.0 - s.beta1), f(1.0 - s.beta2));
+        let (step_size, eps_c2, decay, coef) = (f(-s.lr * s.c2 / s.c1), f(s.eps * s.c2), f(1.0 - s.lr * s.weight_decay), f(s.grad_coef));
+        p.par_chunks_mut(ELEM_CHUNK).zip(m.par_chunks_mut(ELEM_CHUNK)).zip(v.par_chunks_mut(ELEM_CHUNK)).zip(g.par_chunks(ELEM_CHUNK)).for_each(|(((p, m), v), g)| {
+            for i in 0..p.len() {
+                let g = g[i] * coef;
+                m[i] = b1 * m[i] + one_b1 * g;
+                v[i] = b2 * v[i] + one_b2 * g * g;
+                p[i] = p[i] + step_size * (m[i] / (v[i].sqrt() + eps_c2));
+                if s.weight_decay > 0.0 {
+                    p[i] = p[i] * decay;
+                }
             }
         });
         Ok(())

@@ -1,6 +1,7 @@
-// The CUDA backend's kernels, f32 throughout (the correct-first version): one thread per element for the
-// element-wise ops, one block per row for the row reductions (rmsnorm, cross-entropy), one block per (query,
-// head, sequence) for attention. Compiled at run time by NVRTC; no headers needed. Semantics mirror the CPU
+// The CUDA backend's kernels: one thread per element for the element-wise ops, one block per row for the row
+// reductions (rmsnorm, cross-entropy, attention softmax), and the frozen weights' dequantization and bf16
+// conversion. Activations are f32; matrix products are cuBLAS (gemm.rs). Compiled at run time by NVRTC; no
+// headers needed. Semantics mirror the CPU
 // backend (backend/cpu/mod.rs), which the parity tests compare against.
 
 // NVRTC has no math.h: +∞ from its bit pattern.
@@ -188,13 +189,21 @@ extern "C" __global__ void cross_entropy_backward(const float* logits, const u32
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) d[i] = scale * expf(row[i] - m) * inv - (i == (int)t ? scale : 0.0f);
 }
 
-// out[0] (+)= factor · Σ a ⊙ b: block partial sums added atomically (out zeroed by the host when not accumulating).
-extern "C" __global__ void dot(const float* a, const float* b, float factor, float* out, long long n) {
-    __shared__ float fs[32];
-    float p = 0.0f;
-    GRID_STRIDE(i, n) p += a[i] * b[i];
-    p = block_sum(p, fs);
-    if (threadIdx.x == 0) atomicAdd(out, factor * p);
+// Per-block partial sums of a ⊙ b in f64 (a fixed grid, so that the ordered sum of the partials is reproducible).
+extern "C" __global__ void dot_partials(const float* a, const float* b, long long n, double* partial) {
+    __shared__ double scratch[32];
+    double s = 0.0;
+    GRID_STRIDE(i, n) s += (double)a[i] * (double)b[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// out[0] (+)= factor · Σ partial, in order (one thread).
+extern "C" __global__ void dot_finish(const double* partial, int blocks, float factor, float* out, int accumulate) {
+    double s = 0.0;
+    for (int i = 0; i < blocks; i++) s += partial[i];
+    float d = factor * (float)s;
+    out[0] = accumulate ? out[0] + d : d;
 }
 
 // Feature i of a row of `width` is in group ⌊i·groups/width⌋; group g covers [⌈g·w/G⌉, ⌈(g+1)·w/G⌉).
@@ -234,100 +243,196 @@ extern "C" __global__ void dropout(const float* x, float p, u64 seed, float* out
     }
 }
 
+// ---- optimizer ----
+
+struct AdamStep {
+    float beta1, beta2, eps, weight_decay, lr, c1, c2, grad_coef;
+};
+
+// bitsandbytes' 32-bit AdamW, rounded step by step like the CPU's (no FMA contraction).
+extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, AdamStep s, long long n) {
+    float step_size = -s.lr * s.c2 / s.c1, eps_c2 = s.eps * s.c2, decay = 1.0f - s.lr * s.weight_decay;
+    float one_b1 = 1.0f - s.beta1, one_b2 = 1.0f - s.beta2;
+    GRID_STRIDE(i, n) {
+        float gi = __fmul_rn(g[i], s.grad_coef);
+        float mi = __fadd_rn(__fmul_rn(s.beta1, m[i]), __fmul_rn(one_b1, gi));
+        float vi = __fadd_rn(__fmul_rn(s.beta2, v[i]), __fmul_rn(__fmul_rn(one_b2, gi), gi));
+        float pi = __fadd_rn(p[i], __fmul_rn(step_size, __fdiv_rn(mi, __fadd_rn(__fsqrt_rn(vi), eps_c2))));
+        if (s.weight_decay > 0.0f) pi = __fmul_rn(pi, decay);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi;
+    }
+}
+
 struct Attn {
     int batch, q_len, kv_len, kv_capacity, heads, kv_heads, head_dim;
     float scale;
     int window;  // 0: none
 };
 
-// Probabilities of query (b, qi, h) over keys 0..keys into p (shared, `keys` floats); returns false when the
-// query sees no key (a padding query: all zeros, as the CPU).
-__device__ bool attention_probs(const float* q, const float* k, const u32* key_mask, Attn s, int b, int qi, int h, int keys, float* p, float* scratch) {
-    int ci = s.kv_len - s.q_len + qi;
+// Attention scores → probabilities, in place: one block per row of `cols` scores (already scaled), for queries
+// q0..q0 + qn of sequence b; row ρ holds query q0 + ρ % qn, which sees cache indices lo..=ci that the key mask marks
+// real. A query that sees no key (padding) gets zeros, as on the CPU.
+extern "C" __global__ void attention_softmax(float* p, const u32* key_mask, Attn s, int b, int q0, int qn, int cols) {
+    __shared__ float scratch[32];
+    float* row = p + (long long)blockIdx.x * cols;
+    int ci = s.kv_len - s.q_len + q0 + (int)(blockIdx.x % qn);
     int lo = s.window > 0 ? max(0, ci + 1 - s.window) : 0;
-    int kvh = h / (s.heads / s.kv_heads);
-    const float* qr = q + (((long long)b * s.q_len + qi) * s.heads + h) * s.head_dim;
+    const u32* mask = key_mask + (long long)b * s.kv_capacity;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
-        float v = -INFINITY;
-        if (j >= lo && key_mask[(long long)b * s.kv_capacity + j]) {
-            const float* kr = k + (((long long)b * s.kv_capacity + j) * s.kv_heads + kvh) * s.head_dim;
-            float d = 0.0f;
-            for (int e = 0; e < s.head_dim; e++) d += qr[e] * kr[e];
-            v = d * s.scale;
-        }
-        p[j] = v;
-        m = fmaxf(m, v);
-    }
+    for (int j = threadIdx.x; j < cols; j += blockDim.x)
+        if (j >= lo && j <= ci && mask[j]) m = fmaxf(m, row[j]);
     m = block_max(m, scratch);
-    if (m == -INFINITY) {
-        for (int j = threadIdx.x; j < keys; j += blockDim.x) p[j] = 0.0f;
-        __syncthreads();
-        return false;
-    }
     float sum = 0.0f;
-    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
-        float e = p[j] == -INFINITY ? 0.0f : expf(p[j] - m);
-        p[j] = e;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        float e = (m != -INFINITY && j >= lo && j <= ci && mask[j]) ? expf(row[j] - m) : 0.0f;
+        row[j] = e;
         sum += e;
     }
-    float inv = 1.0f / block_sum(sum, scratch);
-    for (int j = threadIdx.x; j < keys; j += blockDim.x) p[j] *= inv;
-    __syncthreads();
-    return true;
+    sum = block_sum(sum, scratch);
+    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) row[j] *= inv;
 }
 
-// grid (q_len, heads, batch); dynamic shared memory: kv_len floats.
-extern "C" __global__ void attention(const float* q, const float* k, const float* v, const u32* key_mask, Attn s, float* out) {
-    extern __shared__ float p[];
+// dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place over dP; one block per row of `cols`.
+extern "C" __global__ void attention_softmax_backward(const float* p, float* dp, int cols) {
     __shared__ float scratch[32];
-    int qi = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    int keys = s.kv_len - s.q_len + qi + 1;
-    attention_probs(q, k, key_mask, s, b, qi, h, keys, p, scratch);
-    int kvh = h / (s.heads / s.kv_heads);
-    float* o = out + (((long long)b * s.q_len + qi) * s.heads + h) * s.head_dim;
-    for (int e = threadIdx.x; e < s.head_dim; e += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < keys; j++) acc += p[j] * v[(((long long)b * s.kv_capacity + j) * s.kv_heads + kvh) * s.head_dim + e];
-        o[e] = acc;
-    }
-}
-
-// dQ directly; dK and dV (zeroed by the host) by atomic adds over the queries and heads sharing a KV head.
-// Dynamic shared memory: 2·kv_len floats (P and dS).
-extern "C" __global__ void attention_backward(const float* q, const float* k, const float* v, const u32* key_mask, Attn s, const float* dout, float* dq, float* dk, float* dv) {
-    extern __shared__ float sh[];
-    __shared__ float scratch[32];
-    int qi = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    int keys = s.kv_len - s.q_len + qi + 1;
-    float* p = sh;
-    float* ds = sh + s.kv_len;
-    attention_probs(q, k, key_mask, s, b, qi, h, keys, p, scratch);
-    int kvh = h / (s.heads / s.kv_heads);
-    long long qoff = (((long long)b * s.q_len + qi) * s.heads + h) * s.head_dim;
-    const float* dor = dout + qoff;
-    const float* qr = q + qoff;
+    long long at = (long long)blockIdx.x * cols;
     float local = 0.0f;
-    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
-        const float* vr = v + (((long long)b * s.kv_capacity + j) * s.kv_heads + kvh) * s.head_dim;
-        float d = 0.0f;
-        for (int e = 0; e < s.head_dim; e++) d += dor[e] * vr[e];
-        ds[j] = d;
-        local += d * p[j];
-    }
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) local += p[at + j] * dp[at + j];
     float rowdot = block_sum(local, scratch);
-    for (int j = threadIdx.x; j < keys; j += blockDim.x) ds[j] = p[j] * (ds[j] - rowdot);
-    __syncthreads();
-    for (int e = threadIdx.x; e < s.head_dim; e += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < keys; j++) acc += ds[j] * k[(((long long)b * s.kv_capacity + j) * s.kv_heads + kvh) * s.head_dim + e];
-        dq[qoff + e] = s.scale * acc;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) dp[at + j] = p[at + j] * (dp[at + j] - rowdot);
+}
+
+// ---- frozen weights: bf16 conversion and 4-bit dequantization ----
+
+typedef unsigned short bf16;
+
+// f32 → bf16 bits, round to nearest even (NaN stays NaN).
+__device__ bf16 to_bf16_bits(float x) {
+    u32 u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// f32 → f16 → f32, round to nearest even: AutoGPTQ's fp16 weights.
+__device__ float f16_round(float x) {
+    unsigned short h;
+    float y;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(y) : "h"(h));
+    return y;
+}
+
+__device__ void put(float* out, long long i, float v) { out[i] = v; }
+__device__ void put(bf16* out, long long i, float v) { out[i] = to_bf16_bits(v); }
+
+// Two bf16 values in one word, the first at the lower address.
+__device__ u32 bf16_pair(float lo, float hi) { return (u32)to_bf16_bits(lo) | ((u32)to_bf16_bits(hi) << 16); }
+
+// Eight values per thread (two 16-byte loads, one 16-byte store), then the tail one by one. Buffers come from the
+// allocator, so they are 256-byte aligned.
+extern "C" __global__ void to_bf16(const float* x, bf16* out, long long n) {
+    long long octets = n >> 3;
+    GRID_STRIDE(t, octets) {
+        float4 a = reinterpret_cast<const float4*>(x)[2 * t], b = reinterpret_cast<const float4*>(x)[2 * t + 1];
+        reinterpret_cast<uint4*>(out)[t] = make_uint4(bf16_pair(a.x, a.y), bf16_pair(a.z, a.w), bf16_pair(b.x, b.y), bf16_pair(b.z, b.w));
     }
-    for (long long t = threadIdx.x; t < (long long)keys * s.head_dim; t += blockDim.x) {
-        int j = t / s.head_dim, e = t % s.head_dim;
-        if (p[j] == 0.0f && ds[j] == 0.0f) continue;
-        long long at = (((long long)b * s.kv_capacity + j) * s.kv_heads + kvh) * s.head_dim + e;
-        atomicAdd(dv + at, p[j] * dor[e]);
-        atomicAdd(dk + at, s.scale * ds[j] * qr[e]);
+    GRID_STRIDE(i, n - (octets << 3)) out[(octets << 3) + i] = to_bf16_bits(x[(octets << 3) + i]);
+}
+
+extern "C" __global__ void from_bf16(const bf16* x, float* out, long long n) {
+    GRID_STRIDE(i, n) out[i] = __uint_as_float((u32)x[i] << 16);
+}
+
+// A bitsandbytes 4-bit tensor, optionally with IR-QLoRA's per-block shift τ. Every product and sum is rounded
+// separately (no FMA contraction) so that the values are bit-exact with the CPU's f32 dequantization.
+// All block sizes are powers of two, given as shifts.
+struct Bnb4 {
+    const unsigned char* packed;  // two codes per byte, even index in the high nibble
+    const float* table;           // 16 code values
+    long long n;
+    int block_shift;
+    const float* absmax;          // plain f32 per block, or null when double-quantized:
+    const unsigned char* absmax_codes;  // dyn_map[code] · nested[block >> nested_shift] + offset
+    const float* nested;
+    int nested_shift;
+    float offset;
+    const unsigned char* tau_codes;  // null, or τ of block t = dyn_map[code] · tau_scales[t >> tau_super_shift]
+    const float* tau_scales;
+    int tau_shift, tau_super_shift;
+    const float* dyn_map;         // bitsandbytes' signed dynamic 8-bit map (256 values)
+};
+
+__device__ float bnb4_absmax(const Bnb4& q, long long b) {
+    return q.absmax_codes ? __fadd_rn(__fmul_rn(q.dyn_map[q.absmax_codes[b]], q.nested[b >> q.nested_shift]), q.offset) : q.absmax[b];
+}
+
+// Value i given its code and its block's absmax.
+__device__ float bnb4_value(const Bnb4& q, long long i, int code, float absmax) {
+    float v = __fmul_rn(q.table[code], absmax);
+    if (q.tau_codes) {
+        long long s = i >> q.tau_shift;
+        v = __fadd_rn(v, __fmul_rn(q.dyn_map[q.tau_codes[s]], q.tau_scales[s >> q.tau_super_shift]));
+    }
+    return v;
+}
+
+__device__ void store16(float* out, long long i, const float* v) {
+    float4* o = reinterpret_cast<float4*>(out + i);
+    for (int k = 0; k < 4; k++) o[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+}
+__device__ void store16(bf16* out, long long i, const float* v) {
+    uint4* o = reinterpret_cast<uint4*>(out + i);
+    for (int k = 0; k < 2; k++) o[k] = make_uint4(bf16_pair(v[8 * k], v[8 * k + 1]), bf16_pair(v[8 * k + 2], v[8 * k + 3]), bf16_pair(v[8 * k + 4], v[8 * k + 5]), bf16_pair(v[8 * k + 6], v[8 * k + 7]));
+}
+
+// Sixteen values (eight packed bytes, one 8-byte load) per thread: blocks are powers of two of at least 32 and τ
+// blocks 64, so the sixteen share one absmax and one τ. Then the tail one by one.
+template <typename T>
+__device__ void dequantize_bnb4(Bnb4 q, T* out) {
+    long long groups = q.n >> 4;
+    GRID_STRIDE(t, groups) {
+        uint2 raw = reinterpret_cast<const uint2*>(q.packed)[t];
+        long long i0 = t << 4;
+        float a = bnb4_absmax(q, i0 >> q.block_shift);
+        float v[16];
+        for (int k = 0; k < 8; k++) {
+            u32 byte = ((k < 4 ? raw.x : raw.y) >> (8 * (k & 3))) & 255u;
+            v[2 * k] = bnb4_value(q, i0, byte >> 4, a);
+            v[2 * k + 1] = bnb4_value(q, i0, byte & 15, a);
+        }
+        store16(out, i0, v);
+    }
+    GRID_STRIDE(r, q.n - (groups << 4)) {
+        long long i = (groups << 4) + r;
+        unsigned char byte = q.packed[i >> 1];
+        put(out, i, bnb4_value(q, i, (i & 1) ? (byte & 15) : (byte >> 4), bnb4_absmax(q, i >> q.block_shift)));
     }
 }
+extern "C" __global__ void dequantize_bnb4_f32(Bnb4 q, float* out) { dequantize_bnb4(q, out); }
+extern "C" __global__ void dequantize_bnb4_bf16(Bnb4 q, bf16* out) { dequantize_bnb4(q, out); }
+
+// GPTQ int4 [out, in]: fp16(scale[g, j] · (code − zero[g, j])) with g = g_idx[i]; codes packed 8 per u32 along the
+// input dimension ([in / 8, out]).
+struct Int4 {
+    const u32* qweight;
+    const float* scales;  // [groups, out], the fp16 scales widened
+    const float* zeros;   // [groups, out]
+    const u32* g_idx;
+    int out_dim, in_dim;
+};
+
+// 32-bit index arithmetic: the host refuses weights of 2³² values or more.
+template <typename T>
+__device__ void dequantize_int4(Int4 q, T* out) {
+    GRID_STRIDE(t, (long long)q.out_dim * q.in_dim) {
+        u32 j = (u32)t / (u32)q.in_dim, i = (u32)t % (u32)q.in_dim;
+        u32 g = q.g_idx[i] * (u32)q.out_dim + j;
+        int code = (q.qweight[(i / 8) * (u32)q.out_dim + j] >> (4 * (i % 8))) & 15;
+        put(out, t, f16_round(__fmul_rn(q.scales[g], __fsub_rn((float)code, q.zeros[g]))));
+    }
+}
+extern "C" __global__ void dequantize_int4_f32(Int4 q, float* out) { dequantize_int4(q, out); }
+extern "C" __global__ void dequantize_int4_bf16(Int4 q, bf16* out) { dequantize_int4(q, out); }

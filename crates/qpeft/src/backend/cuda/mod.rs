@@ -1,36 +1,73 @@
 //! The CUDA backend (feature `cuda`): cudarc with dynamic loading, so nothing CUDA is needed to build; the
-//! driver, NVRTC and cuBLAS are found at run time, and their absence is an error, not a panic. This is the
-//! correct-first version: f32 buffers, cuBLAS SGEMM (true FP32, not TF32) for the matrix products, and the
-//! kernels of `kernels.cu` compiled by NVRTC when the backend is created. It is checked op by op and on whole
-//! models against the CPU backend (tests/cuda_parity.rs, run on the GPU machine by scripts/gpu/test.sh).
+//! driver, NVRTC and cuBLAS are found at run time, and their absence is an error, not a panic. Activations,
+//! adapters and gradients are f32 device buffers; frozen base weights stay packed and are dequantized per use
+//! (weight.rs); matrix products go through cuBLAS (gemm.rs), attention is GEMMs around a softmax kernel
+//! (attention.rs), and the other ops are the kernels of `kernels.cu`, compiled by NVRTC when the backend is created.
+//! Two precisions: `F32` (true FP32 products, within summation-order noise of the CPU) and `Bf16` (base weights and
+//! their inputs in bf16 on the tensor cores, other products in TF32, all accumulating in f32). Both are checked
+//! op by op and on whole models against the CPU backend (tests/cuda_parity.rs, run by scripts/gpu/test.sh).
+
+/// Launches `kernel` with `cfg` and the arguments pushed by `args`.
+macro_rules! launch {
+    ($self:expr, $kernel:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        use cudarc::driver::PushKernelArg as _;
+        let cfg = $cfg;
+        let name: &str = $kernel;
+        let f = $self.func(name)?;
+        let mut b = $self.stream.launch_builder(&f);
+        $( b.arg($arg); )*
+        // SAFETY: every kernel's parameter list matches the arguments pushed here (kernels.cu), and the
+        // sizes were checked against the buffers before the launch.
+        $self.timed(name, || unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| $crate::backend::cuda::device_err(&format!("launching `{name}`"), e)))
+    }};
+}
+
+mod attention;
+mod gemm;
+mod profile;
+mod weight;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
-use super::{check, check_attention, check_groups, AttentionShape, Backend, GluKind, MatMul, RowWrite};
+use self::gemm::{Gemm, Operand};
+use self::profile::Profile;
+use self::weight::{addr, Scratch};
+pub use self::weight::CudaWeight;
+use super::{check, check_attention, check_groups, AdamStep, AttentionShape, Backend, DeviceMemory, KernelTime, GluKind, MatMul, Precision, RowWrite};
 use super::Groups;
 use crate::error::{Error, Result};
+use crate::quant::base::BaseWeight;
+use crate::quant::maps::signed_dynamic;
 
 const SOURCE: &str = include_str!("kernels.cu");
 /// Threads per block of the element-wise kernels and the row reductions.
 const THREADS: u32 = 256;
-/// Threads per block of the attention kernels (one block per query and head).
-const ATTENTION_THREADS: u32 = 128;
 
 pub struct Cuda {
     ordinal: usize,
+    precision: Precision,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     module: Arc<CudaModule>,
+    /// bitsandbytes' signed dynamic 8-bit map (double-quantized scales, ICQ τ).
+    dyn_map: CudaSlice<f32>,
+    /// The dequantized weight of the current product (f32 or bf16 bits), and its bf16 input.
+    w_f32: Scratch<f32>,
+    w_bf16: Scratch<u16>,
+    x_bf16: Scratch<u16>,
+    /// Attention scores and their gradients.
+    scores_a: Scratch<f32>,
+    scores_b: Scratch<f32>,
+    profile: Option<Profile>,
 }
 
 /// The error of a failed CUDA call, naming what was attempted.
-fn device_err(what: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn device_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("CUDA: {what}: {e}"))
 }
 
@@ -46,6 +83,17 @@ pub fn include_dirs() -> Vec<PathBuf> {
     }
     found
 }
+
+/// Blocks of the `dot_partials` kernel: its partial sums are added in order.
+const SUM_BLOCKS: usize = 1024;
+
+/// The kernels' `struct AdamStep`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamArgs(AdamStep);
+
+// SAFETY: AdamStep is eight f32 fields; the kernels' struct has the same eight floats in the same order.
+unsafe impl DeviceRepr for AdamArgs {}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -90,8 +138,9 @@ fn rows_grid(rows: usize) -> LaunchConfig {
 }
 
 impl Cuda {
-    /// The backend on GPU `ordinal`: loads the driver, NVRTC and cuBLAS, compiles the kernels.
-    pub fn new(ordinal: usize) -> Result<Self> {
+    /// The backend on GPU `ordinal` computing in `precision`: loads the driver, NVRTC and cuBLAS, compiles the
+    /// kernels.
+    pub fn new(ordinal: usize, precision: Precision) -> Result<Self> {
         // cudarc panics when a library is missing; look first so that the user gets an error.
         // SAFETY: these only try to dlopen the library names cudarc would use.
         let missing: Vec<&str> = [
@@ -121,7 +170,31 @@ impl Cuda {
         let opts = CompileOptions { include_paths: include_dirs().iter().map(|d| d.display().to_string()).collect(), arch: Some(arch), ..Default::default() };
         let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| Error::Invalid(format!("CUDA: compiling the kernels with NVRTC failed: {e}")))?;
         let module = ctx.load_module(ptx).map_err(|e| device_err("loading the compiled kernels", e))?;
-        Ok(Cuda { ordinal, stream, blas, module })
+        let dyn_map = stream.clone_htod(&signed_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
+        let (w_f32, w_bf16, x_bf16, scores_a, scores_b) = (Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new());
+        Ok(Cuda { ordinal, precision, stream, blas, module, dyn_map, w_f32, w_bf16, x_bf16, scores_a, scores_b, profile: Profile::from_env() })
+    }
+
+    /// Per-block f64 partial sums of a ⊙ b over a fixed grid (`dot`, `sum_squares`).
+    fn dot_partials(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<CudaSlice<f64>> {
+        let blocks = a.len().div_ceil(THREADS as usize).clamp(1, SUM_BLOCKS);
+        let mut partial = self.alloc::<f64>(blocks)?;
+        let n = a.len() as i64;
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "dot_partials", cfg, a, b, &n, &mut partial)?;
+        Ok(partial)
+    }
+
+    /// Zero-filled device memory; a failed allocation names its size (out of memory is the usual cause).
+    fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        if len == 0 {
+            return self.stream.null().map_err(|e| device_err("allocation", e));
+        }
+        self.stream.alloc_zeros(len).map_err(|e| {
+            let bytes = len * size_of::<T>();
+            let free = self.stream.context().mem_get_info().map(|(f, _)| format!(", {} MiB free", f >> 20)).unwrap_or_default();
+            device_err(&format!("allocating {} MiB{free}", bytes.div_ceil(1 << 20)), e)
+        })
     }
 
     fn upload_any<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
@@ -136,35 +209,40 @@ impl Cuda {
     }
 }
 
-/// Launches `kernel` with `cfg` and the arguments pushed by `args`.
-macro_rules! launch {
-    ($self:expr, $kernel:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let cfg = $cfg;
-        let f = $self.func($kernel)?;
-        let mut b = $self.stream.launch_builder(&f);
-        $( b.arg($arg); )*
-        // SAFETY: every kernel's parameter list matches the arguments pushed here (kernels.cu), and the
-        // sizes were checked against the buffers before the launch.
-        unsafe { b.launch(cfg) }.map_err(|e| device_err(&format!("launching `{}`", $kernel), e))?;
-        Ok(())
-    }};
-}
-
 impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
     type Ints = CudaSlice<u32>;
+    type Weight = CudaWeight;
 
     fn name(&self) -> String {
         let ctx = self.stream.context();
-        format!("cuda:{} ({})", self.ordinal, ctx.name().unwrap_or_else(|_| "unknown GPU".into()))
+        format!("cuda:{} ({}, {})", self.ordinal, ctx.name().unwrap_or_else(|_| "unknown GPU".into()), self.precision.name())
     }
     fn synchronize(&self) -> Result<()> {
         // Errors of earlier kernels surface here.
         self.stream.synchronize().map_err(|e| device_err("synchronizing", e))
     }
-    fn device_memory(&self) -> Result<Option<(usize, usize)>> {
-        let (free, total) = self.stream.context().mem_get_info().map_err(|e| device_err("reading memory use", e))?;
-        Ok(Some((total - free, total)))
+    fn device_memory(&self) -> Result<Option<DeviceMemory>> {
+        use cudarc::driver::sys::{cuDeviceGetDefaultMemPool, cuMemPoolGetAttribute, CUmemPool_attribute, CUresult};
+        let ctx = self.stream.context();
+        let (free, total) = ctx.mem_get_info().map_err(|e| device_err("reading memory use", e))?;
+        // Buffers come from the device's default memory pool (stream-ordered allocation); its high-water marks are
+        // the peaks.
+        let mut pool = std::ptr::null_mut();
+        let (mut allocated, mut reserved) = (0u64, 0u64);
+        // SAFETY: plain queries of the current device's default pool into u64 out-values, as the driver API documents.
+        let ok = unsafe {
+            cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == CUresult::CUDA_SUCCESS
+                && cuMemPoolGetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut allocated as *mut u64 as *mut _) == CUresult::CUDA_SUCCESS
+                && cuMemPoolGetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, &mut reserved as *mut u64 as *mut _) == CUresult::CUDA_SUCCESS
+        };
+        if !ok {
+            return Err(Error::Invalid("CUDA: reading the memory pool's peaks failed".into()));
+        }
+        Ok(Some(DeviceMemory { peak_allocated: allocated as usize, peak_reserved: reserved as usize, in_use: total - free, total }))
+    }
+    fn kernel_times(&self) -> Result<Vec<KernelTime>> {
+        self.drain_profile()
     }
     fn upload(&self, data: &[f32]) -> Result<Self::Buf> {
         self.upload_any(data)
@@ -173,10 +251,7 @@ impl Backend for Cuda {
         self.upload_any(data)
     }
     fn zeros(&self, len: usize) -> Result<Self::Buf> {
-        if len == 0 {
-            return self.stream.null().map_err(|e| device_err("allocation", e));
-        }
-        self.stream.alloc_zeros(len).map_err(|e| device_err(&format!("allocating {len} floats ({} MiB)", (len * 4) >> 20), e))
+        self.alloc(len)
     }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
         if buf.is_empty() {
@@ -186,6 +261,19 @@ impl Backend for Cuda {
     }
     fn len(&self, buf: &Self::Buf) -> usize {
         buf.len()
+    }
+
+    fn upload_weight(&self, dense: &[f32], base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<CudaWeight> {
+        self.upload_weight_form(dense, base, out_dim, in_dim)
+    }
+    fn weight_values(&self, w: &CudaWeight) -> Result<Self::Buf> {
+        self.weight_values_f32(w)
+    }
+    fn linear(&self, x: &Self::Buf, w: &CudaWeight, rows: usize, out: &mut Self::Buf, accumulate: bool) -> Result<()> {
+        self.weight_product(x, w, rows, out, accumulate, true)
+    }
+    fn linear_backward(&self, dy: &Self::Buf, w: &CudaWeight, rows: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<()> {
+        self.weight_product(dy, w, rows, dx, accumulate, false)
     }
 
     fn embedding(&self, table: &Self::Buf, ids: &Self::Ints, dim: usize, scale: f32, out: &mut Self::Buf) -> Result<()> {
@@ -198,22 +286,10 @@ impl Backend for Cuda {
 
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf, s: MatMul) -> Result<()> {
         check(a.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || format!("sizes {}, {}, {} do not fit {s:?}", a.len(), b.len(), out.len()))?;
-        // Row-major out[m×n] is column-major outᵀ[n×m] = op(b)ᵀ·op(a)ᵀ: swap the operands.
-        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        let cfg = GemmConfig {
-            transa: op(s.b_transposed),
-            transb: op(s.a_transposed),
-            m: s.n as i32,
-            n: s.m as i32,
-            k: s.k as i32,
-            alpha: s.alpha,
-            lda: if s.b_transposed { s.k } else { s.n } as i32,
-            ldb: if s.a_transposed { s.m } else { s.k } as i32,
-            beta: if s.accumulate { 1.0 } else { 0.0 },
-            ldc: s.n as i32,
-        };
-        // SAFETY: the sizes were checked above against m, n, k and the leading dimensions follow from them.
-        unsafe { self.blas.gemm(cfg, b, a, out) }.map_err(|e| device_err("SGEMM", e))
+        let mut g = Gemm::new(s.m, s.n, s.k, s.a_transposed, s.b_transposed);
+        (g.alpha, g.beta) = (s.alpha, if s.accumulate { 1.0 } else { 0.0 });
+        // SAFETY: the sizes were checked above against m, n, k; the leading dimensions follow from them.
+        unsafe { self.gemm(g, Operand::f32(addr(self, a)), Operand::f32(addr(self, b)), addr(self, out)) }
     }
 
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf) -> Result<()> {
@@ -253,8 +329,7 @@ impl Backend for Cuda {
 
     fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, key_mask: &Self::Ints, s: AttentionShape, out: &mut Self::Buf) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len()])?;
-        let a = Attn::of(s);
-        launch!(self, "attention", attention_grid(s, 1)?, q, k, v, key_mask, &a, out)
+        self.attention_gemm(q, k, v, key_mask, s, out)
     }
 
     fn cross_entropy(&self, logits: &Self::Buf, targets: &Self::Ints, vocab: usize, ignore: u32, out: &mut Self::Buf) -> Result<()> {
@@ -289,11 +364,9 @@ impl Backend for Cuda {
 
     fn dot(&self, a: &Self::Buf, b: &Self::Buf, factor: f32, out: &mut Self::Buf, accumulate: bool) -> Result<()> {
         check(a.len() == b.len() && out.len() == 1, "dot", || format!("a {}, b {}, out {}", a.len(), b.len(), out.len()))?;
-        if !accumulate {
-            self.stream.memset_zeros(out).map_err(|e| device_err("memset", e))?;
-        }
-        let n = a.len() as i64;
-        launch!(self, "dot", grid(a.len()), a, b, &factor, out, &n)
+        let partial = self.dot_partials(a, b)?;
+        let (blocks, acc) = (partial.len() as i32, accumulate as i32);
+        launch!(self, "dot_finish", LaunchConfig::for_num_elems(1), &partial, &blocks, &factor, out, &acc)
     }
 
     fn rmsnorm_backward(&self, x: &Self::Buf, w: &Self::Buf, dy: &Self::Buf, dim: usize, eps: f32, plus_one: bool, dx: &mut Self::Buf, accumulate: bool) -> Result<()> {
@@ -318,8 +391,7 @@ impl Backend for Cuda {
         check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len()))?;
         self.stream.memset_zeros(dk).map_err(|e| device_err("memset", e))?;
         self.stream.memset_zeros(dv).map_err(|e| device_err("memset", e))?;
-        let a = Attn::of(s);
-        launch!(self, "attention_backward", attention_grid(s, 2)?, q, k, v, key_mask, &a, dout, dq, dk, dv)
+        self.attention_gemm_backward(q, k, v, key_mask, s, dout, dq, dk, dv)
     }
 
     fn cross_entropy_backward(&self, logits: &Self::Buf, targets: &Self::Ints, vocab: usize, ignore: u32, scale: f32, dlogits: &mut Self::Buf) -> Result<()> {
@@ -346,6 +418,18 @@ impl Backend for Cuda {
         let n = x.len() as i64;
         launch!(self, "dropout", grid(x.len()), x, &p, &seed, out, &n)
     }
+
+    fn sum_squares(&self, x: &Self::Buf) -> Result<f64> {
+        let partial = self.dot_partials(x, x)?;
+        Ok(self.stream.clone_dtoh(&partial).map_err(|e| device_err("download", e))?.iter().sum())
+    }
+
+    fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, s: AdamStep) -> Result<()> {
+        let n = p.len();
+        check(g.len() == n && m.len() == n && v.len() == n, "adamw", || format!("p {n}, g {}, m {}, v {}", g.len(), m.len(), v.len()))?;
+        let (args, n64) = (AdamArgs(s), n as i64);
+        launch!(self, "adamw", grid(n), p, g, m, v, &args, &n64)
+    }
 }
 
 impl Cuda {
@@ -363,11 +447,4 @@ fn glu_kind(kind: GluKind) -> i32 {
         GluKind::Silu => 0,
         GluKind::GeluTanh => 1,
     }
-}
-
-/// One block per (query, head, sequence), with `arrays` × kv_len floats of dynamic shared memory.
-fn attention_grid(s: AttentionShape, arrays: usize) -> Result<LaunchConfig> {
-    let shared = arrays * s.kv_len * 4;
-    check(shared <= 48 * 1024, "attention", || format!("{} keys need {shared} bytes of shared memory; this version handles up to {} keys", s.kv_len, 48 * 1024 / (4 * arrays)))?;
-    Ok(LaunchConfig { grid_dim: (s.q_len as u32, s.heads as u32, s.batch as u32), block_dim: (ATTENTION_THREADS, 1, 1), shared_mem_bytes: shared as u32 })
 }

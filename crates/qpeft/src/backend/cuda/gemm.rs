@@ -1,0 +1,106 @@
+//! Row-major (strided-batched) matrix products through cublasGemmStridedBatchedEx: f32 or bf16 operands, f32
+//! output, f32 accumulation. cuBLAS is column-major, so out = op(a)·op(b) is computed as outᵀ = op(b)ᵀ·op(a)ᵀ.
+
+use cudarc::cublas::result::gemm_strided_batched_ex;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+
+use super::{device_err, Cuda, Precision};
+use crate::error::Result;
+
+/// An operand: a device address (already offset to the first element) and its element type.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Operand {
+    pub ptr: u64,
+    pub bf16: bool,
+}
+
+impl Operand {
+    pub fn f32(ptr: u64) -> Self {
+        Operand { ptr, bf16: false }
+    }
+    pub fn bf16(ptr: u64) -> Self {
+        Operand { ptr, bf16: true }
+    }
+    /// The operand `elements` further on.
+    pub fn at(self, elements: usize) -> Self {
+        Operand { ptr: self.ptr + (elements * if self.bf16 { 2 } else { 4 }) as u64, ..self }
+    }
+}
+
+/// out[m×n] = alpha·op(a)·op(b) + beta·out, all row-major with row strides lda/ldb/ldc; a is [m, k] (or [k, m]
+/// when `a_t`), b is [k, n] (or [n, k] when `b_t`). Repeated `batch` times with the given element strides.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a_t: bool,
+    pub b_t: bool,
+    pub alpha: f32,
+    pub beta: f32,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+impl Gemm {
+    /// One dense product with packed rows.
+    pub fn new(m: usize, n: usize, k: usize, a_t: bool, b_t: bool) -> Self {
+        let lda = if a_t { m } else { k };
+        let ldb = if b_t { k } else { n };
+        Gemm { m, n, k, a_t, b_t, alpha: 1.0, beta: 0.0, lda, ldb, ldc: n, batch: 1, stride_a: 0, stride_b: 0, stride_c: 0 }
+    }
+}
+
+impl Cuda {
+    /// Queues `g` on the stream. bf16 operands accumulate in f32 on the tensor cores; f32 operands use true FP32
+    /// (`Precision::F32`) or TF32 tensor cores (`Precision::Bf16`, where the model's big products are bf16 anyway).
+    ///
+    /// # Safety
+    /// The operands and `out` must hold every element the shape, leading dimensions and strides reach.
+    pub(super) unsafe fn gemm(&self, g: Gemm, a: Operand, b: Operand, out: u64) -> Result<()> {
+        if g.m == 0 || g.n == 0 || g.batch == 0 {
+            return Ok(());
+        }
+        let dtype = |o: Operand| if o.bf16 { cudaDataType::CUDA_R_16BF } else { cudaDataType::CUDA_R_32F };
+        let compute = match (a.bf16 || b.bf16, self.precision) {
+            (false, Precision::Bf16) => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            _ => cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        };
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let int = |x: usize| i32::try_from(x).map_err(|_| device_err("GEMM", format!("dimension {x} exceeds cuBLAS's 32-bit range")));
+        let (alpha, beta) = (g.alpha, g.beta);
+        let name = format!("gemm {}{}", if a.bf16 || b.bf16 { "bf16" } else { "f32" }, if g.batch > 1 { " batched" } else { "" });
+        self.timed(&name, || unsafe { gemm_strided_batched_ex(
+            *self.blas.handle(),
+            op(g.b_t),
+            op(g.a_t),
+            int(g.n)?,
+            int(g.m)?,
+            int(g.k)?,
+            &alpha as *const f32 as *const _,
+            b.ptr as *const _,
+            dtype(b),
+            int(g.ldb)?,
+            g.stride_b as i64,
+            a.ptr as *const _,
+            dtype(a),
+            int(g.lda)?,
+            g.stride_a as i64,
+            &beta as *const f32 as *const _,
+            out as *mut _,
+            cudaDataType::CUDA_R_32F,
+            int(g.ldc)?,
+            g.stride_c as i64,
+            int(g.batch)?,
+            compute,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(|e| device_err(&format!("GEMM {g:?}"), e))
+        })
+    }
+}

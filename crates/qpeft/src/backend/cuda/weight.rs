@@ -1,0 +1,260 @@
+//! Frozen linear weights on the GPU. A quantized base stays packed in device memory (bitsandbytes NF4/FP4 with
+//! plain or double-quantized scales and IR-QLoRA's τ, or GPTQ int4) and is dequantized at every use into one
+//! buffer shared by all layers, in the GEMM's dtype: bf16 (`Precision::Bf16`, rounded to nearest even from the
+//! exact f32 value, as bitsandbytes returns it for a bf16 compute dtype) or f32. The f32 values are bit-exact with
+//! the CPU's `BaseWeight::dequantize`. A dense base is stored in the GEMM dtype.
+
+use std::sync::{Mutex, MutexGuard};
+
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use half::bf16;
+
+use super::gemm::{Gemm, Operand};
+use super::{device_err, grid, Cuda, Precision};
+use crate::backend::check;
+use crate::error::Result;
+use crate::quant::base::BaseWeight;
+use crate::quant::icq::{ICQ_BLOCK, SUPER_BLOCK};
+use crate::quant::nf4::{Absmax, Bnb4};
+
+pub struct CudaWeight {
+    out_dim: usize,
+    in_dim: usize,
+    form: Form,
+}
+
+enum Form {
+    DenseF32(CudaSlice<f32>),
+    /// bf16 bits.
+    DenseBf16(CudaSlice<u16>),
+    Bnb4(PackedBnb4),
+    Int4(PackedInt4),
+}
+
+struct PackedBnb4 {
+    packed: CudaSlice<u8>,
+    table: CudaSlice<f32>,
+    n: usize,
+    block: usize,
+    scales: Scales,
+    /// IR-QLoRA's τ: codes and per-super-block scales.
+    tau: Option<(CudaSlice<u8>, CudaSlice<f32>)>,
+}
+
+enum Scales {
+    Plain(CudaSlice<f32>),
+    Double { codes: CudaSlice<u8>, nested: CudaSlice<f32>, nested_block: usize, offset: f32 },
+}
+
+struct PackedInt4 {
+    qweight: CudaSlice<u32>,
+    scales: CudaSlice<f32>,
+    zeros: CudaSlice<f32>,
+    g_idx: CudaSlice<u32>,
+}
+
+/// The kernels' `struct Bnb4` (kernels.cu); null pointers mark absent parts.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Bnb4Args {
+    packed: u64,
+    table: u64,
+    n: i64,
+    block_shift: i32,
+    absmax: u64,
+    absmax_codes: u64,
+    nested: u64,
+    nested_shift: i32,
+    offset: f32,
+    tau_codes: u64,
+    tau_scales: u64,
+    tau_shift: i32,
+    tau_super_shift: i32,
+    dyn_map: u64,
+}
+
+/// The kernels' `struct Int4`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Int4Args {
+    qweight: u64,
+    scales: u64,
+    zeros: u64,
+    g_idx: u64,
+    out_dim: i32,
+    in_dim: i32,
+}
+
+// SAFETY: plain #[repr(C)] structs of integers, floats and device addresses, laid out as the kernels' structs.
+unsafe impl DeviceRepr for Bnb4Args {}
+unsafe impl DeviceRepr for Int4Args {}
+
+/// log2 of a block size, which the kernels need to be a power of two (bitsandbytes' always are).
+fn shift(block: usize) -> Result<i32> {
+    check(block.is_power_of_two(), "dequantize", || format!("block size {block} is not a power of two"))?;
+    Ok(block.trailing_zeros() as i32)
+}
+
+/// A growable device buffer reused across calls (ops run in stream order, so one buffer serves every layer).
+pub(super) struct Scratch<T>(Mutex<Option<CudaSlice<T>>>);
+
+impl<T: DeviceRepr + ValidAsZeroBits> Scratch<T> {
+    pub fn new() -> Self {
+        Scratch(Mutex::new(None))
+    }
+
+    /// The buffer, at least `len` long.
+    pub fn get(&self, cuda: &Cuda, len: usize) -> Result<MutexGuard<'_, Option<CudaSlice<T>>>> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_none_or(|b| b.len() < len) {
+            *slot = None;
+            *slot = Some(cuda.alloc::<T>(len.max(1))?);
+        }
+        Ok(slot)
+    }
+}
+
+/// The device address of a buffer (valid while the buffer lives; all work is on the one stream).
+pub(super) fn addr<T>(cuda: &Cuda, buf: &CudaSlice<T>) -> u64 {
+    buf.device_ptr(&cuda.stream).0
+}
+
+impl Cuda {
+    pub(super) fn upload_weight_form(&self, dense: &[f32], base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<CudaWeight> {
+        check(dense.len() == out_dim * in_dim, "upload_weight", || format!("{} values for a {out_dim} × {in_dim} weight", dense.len()))?;
+        let form = match base {
+            BaseWeight::Bnb4(q) => Form::Bnb4(self.pack_bnb4(q, None)?),
+            BaseWeight::IcqNf4(q) => Form::Bnb4(self.pack_bnb4(&q.nf4, Some((&q.tau_codes, &q.tau_scales)))?),
+            BaseWeight::Int4(q) => {
+                check(out_dim * in_dim < 1 << 32, "upload_weight", || format!("a {out_dim} × {in_dim} int4 weight has 2³² values or more"))?;
+                let groups = q.groups();
+                let zeros: Vec<f32> = (0..groups).flat_map(|g| (0..q.out_dim).map(move |j| (g, j))).map(|(g, j)| q.zero_point(g, j)).collect();
+                let scales: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
+                let qweight: Vec<u32> = q.qweight.iter().map(|&w| w as u32).collect();
+                let g_idx: Vec<u32> = q.g_idx.iter().map(|&g| g as u32).collect();
+                Form::Int4(PackedInt4 { qweight: self.upload_any(&qweight)?, scales: self.upload_any(&scales)?, zeros: self.upload_any(&zeros)?, g_idx: self.upload_any(&g_idx)? })
+            }
+            BaseWeight::Dense => match self.precision {
+                Precision::F32 => Form::DenseF32(self.upload_any(dense)?),
+                Precision::Bf16 => Form::DenseBf16(self.upload_any(&dense.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>())?),
+            },
+        };
+        Ok(CudaWeight { out_dim, in_dim, form })
+    }
+
+    fn pack_bnb4(&self, q: &Bnb4, tau: Option<(&Vec<u8>, &Vec<f32>)>) -> Result<PackedBnb4> {
+        let scales = match &q.absmax {
+            Absmax::Plain(a) => Scales::Plain(self.upload_any(a)?),
+            Absmax::Double { nested, offset } => {
+                Scales::Double { codes: self.upload_any(&nested.codes)?, nested: self.upload_any(&nested.absmax)?, nested_block: nested.block, offset: *offset }
+            }
+        };
+        let tau = match tau {
+            Some((codes, scales)) => Some((self.upload_any(codes)?, self.upload_any(scales)?)),
+            None => None,
+        };
+        Ok(PackedBnb4 { packed: self.upload_any(&q.packed)?, table: self.upload_any(&q.kind.table())?, n: q.numel(), block: q.block, scales, tau })
+    }
+
+    /// Ŵ into `out` (f32 or bf16 bits, by `bf16`); `out` must hold out_dim · in_dim values.
+    fn dequantize_into(&self, w: &CudaWeight, out: u64, bf16: bool) -> Result<()> {
+        let n = w.out_dim * w.in_dim;
+        let suffix = if bf16 { "bf16" } else { "f32" };
+        match &w.form {
+            Form::Bnb4(q) => {
+                let (absmax, absmax_codes, nested, nested_shift, offset) = match &q.scales {
+                    Scales::Plain(a) => (addr(self, a), 0, 0, 0, 0.0),
+                    Scales::Double { codes, nested, nested_block, offset } => (0, addr(self, codes), addr(self, nested), shift(*nested_block)?, *offset),
+                };
+                let (tau_codes, tau_scales) = q.tau.as_ref().map_or((0, 0), |(c, s)| (addr(self, c), addr(self, s)));
+                let args = Bnb4Args {
+                    packed: addr(self, &q.packed),
+                    table: addr(self, &q.table),
+                    n: q.n as i64,
+                    block_shift: shift(q.block)?,
+                    absmax,
+                    absmax_codes,
+                    nested,
+                    nested_shift,
+                    offset,
+                    tau_codes,
+                    tau_scales,
+                    tau_shift: shift(ICQ_BLOCK)?,
+                    tau_super_shift: shift(SUPER_BLOCK)?,
+                    dyn_map: addr(self, &self.dyn_map),
+                };
+                launch!(self, &format!("dequantize_bnb4_{suffix}"), grid(q.n.div_ceil(16)), &args, &out)
+            }
+            Form::Int4(q) => {
+                let args = Int4Args {
+                    qweight: addr(self, &q.qweight),
+                    scales: addr(self, &q.scales),
+                    zeros: addr(self, &q.zeros),
+                    g_idx: addr(self, &q.g_idx),
+                    out_dim: w.out_dim as i32,
+                    in_dim: w.in_dim as i32,
+                };
+                launch!(self, &format!("dequantize_int4_{suffix}"), grid(n), &args, &out)
+            }
+            Form::DenseF32(_) | Form::DenseBf16(_) => unreachable!("dense weights are not dequantized"),
+        }
+    }
+
+    /// Ŵ in f32 (bit-exact with the CPU's dequantization; a dense bf16 weight widens exactly).
+    pub(super) fn weight_values_f32(&self, w: &CudaWeight) -> Result<CudaSlice<f32>> {
+        let n = w.out_dim * w.in_dim;
+        let mut out = self.alloc::<f32>(n)?;
+        match &w.form {
+            Form::DenseF32(d) => self.stream.memcpy_dtod(d, &mut out).map_err(|e| device_err("copy", e))?,
+            Form::DenseBf16(d) => {
+                let n64 = n as i64;
+                launch!(self, "from_bf16", grid(n), d, &mut out, &n64)?
+            }
+            _ => self.dequantize_into(w, addr(self, &out), false)?,
+        }
+        Ok(out)
+    }
+
+    /// x·Ŵᵀ (forward, `transpose_weight`) or dy·Ŵ (input gradient) into `out`, with Ŵ in the GEMM dtype: packed
+    /// bases dequantize into the shared weight buffer first; with bf16 weights the activations are rounded to bf16
+    /// too (f32 accumulation and output).
+    pub(super) fn weight_product(&self, x: &CudaSlice<f32>, w: &CudaWeight, rows: usize, out: &mut CudaSlice<f32>, accumulate: bool, transpose_weight: bool) -> Result<()> {
+        let (x_cols, out_cols) = if transpose_weight { (w.in_dim, w.out_dim) } else { (w.out_dim, w.in_dim) };
+        let op = if transpose_weight { "linear" } else { "linear_backward" };
+        check(x.len() == rows * x_cols && out.len() == rows * out_cols, op, || {
+            format!("{} inputs and {} outputs for {rows} rows of a {} × {} weight", x.len(), out.len(), w.out_dim, w.in_dim)
+        })?;
+        let bf16 = self.precision == Precision::Bf16;
+        let n = w.out_dim * w.in_dim;
+        let w_f32 = self.w_f32.get(self, if bf16 { 0 } else { n })?;
+        let w_bf16 = self.w_bf16.get(self, if bf16 { n } else { 0 })?;
+        let weight = match &w.form {
+            Form::DenseF32(d) => Operand::f32(addr(self, d)),
+            Form::DenseBf16(d) => Operand::bf16(addr(self, d)),
+            _ if bf16 => {
+                let at = addr(self, w_bf16.as_ref().expect("allocated"));
+                self.dequantize_into(w, at, true)?;
+                Operand::bf16(at)
+            }
+            _ => {
+                let at = addr(self, w_f32.as_ref().expect("allocated"));
+                self.dequantize_into(w, at, false)?;
+                Operand::f32(at)
+            }
+        };
+        let x_bf16 = self.x_bf16.get(self, if weight.bf16 { x.len() } else { 0 })?;
+        let input = if weight.bf16 {
+            let at = addr(self, x_bf16.as_ref().expect("allocated"));
+            let n64 = x.len() as i64;
+            launch!(self, "to_bf16", grid(x.len().div_ceil(8)), x, &at, &n64)?;
+            Operand::bf16(at)
+        } else {
+            Operand::f32(addr(self, x))
+        };
+        let mut g = Gemm::new(rows, out_cols, x_cols, false, transpose_weight);
+        g.beta = if accumulate { 1.0 } else { 0.0 };
+        // SAFETY: sizes checked above; the weight operand holds out_dim · in_dim values, the scratch buffers at least
+        // what was asked of them.
+        unsafe { self.gemm(g, input, weight, addr(self, out)) }
+    }
+}
