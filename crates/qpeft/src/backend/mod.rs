@@ -247,8 +247,8 @@ pub trait Backend: Send + Sync {
     /// dx [rows, in] (+)= dy·Ŵ for dy [rows, out]: a frozen weight's only gradient.
     fn linear_backward(&self, dy: &Self::Buf, w: &Self::Weight, rows: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<()>;
 
-    /// out[r, :] = table[ids[r], :] · scale.
-    fn embedding(&self, table: &Self::Buf, ids: &Self::Ints, dim: usize, scale: f32, out: &mut Self::Buf) -> Result<()>;
+    /// out[r, :] = table[ids[r], :] · scale; the table is a dense weight [vocab, dim] (the tied LM head too).
+    fn embedding(&self, table: &Self::Weight, ids: &Self::Ints, dim: usize, scale: f32, out: &mut Self::Buf) -> Result<()>;
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf, shape: MatMul) -> Result<()>;
     /// x[r, :] += bias for every row.
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf) -> Result<()>;

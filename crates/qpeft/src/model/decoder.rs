@@ -9,7 +9,7 @@ use super::rope;
 use super::spec::{Activation, ModelSpec};
 use crate::adapters::set::AdapterSet;
 use crate::adapters::Pass;
-use crate::backend::{AttentionShape, Backend, GluKind, MatMul, RowWrite};
+use crate::backend::{AttentionShape, Backend, GluKind, RowWrite};
 use crate::error::{Error, Result};
 use crate::quant::base::BaseWeight;
 use crate::quant::model::{quantize_weight, QuantizeOptions};
@@ -105,7 +105,7 @@ pub struct Decoder<B: Backend> {
     pub spec: ModelSpec,
     pub backend: B,
     /// [vocab, hidden]; also the LM head when embeddings are tied.
-    pub embed: B::Buf,
+    pub embed: B::Weight,
     pub blocks: Vec<Block<B>>,
     pub norm: B::Buf,
     /// None when tied to `embed`.
@@ -184,7 +184,7 @@ impl<B: Backend> Decoder<B> {
                 down: proj(Proj::Down)?,
             });
         }
-        let embed = be.upload(&ckpt.require("model.embed_tokens.weight", &[s.vocab_size, h])?.data)?;
+        let embed = be.upload_weight(&ckpt.require("model.embed_tokens.weight", &[s.vocab_size, h])?.data, &BaseWeight::Dense, s.vocab_size, h)?;
         let lm_head = if s.tie_word_embeddings { None } else { Some(linear("lm_head", h, s.vocab_size, false, false)?) };
         let norm = vec("model.norm.weight", h)?;
         let inv_freq = be.upload(&rope::inv_freq(&s))?;
@@ -294,8 +294,7 @@ impl<B: Backend> Decoder<B> {
         match &self.lm_head {
             Some(head) => head.forward(be, hidden, rows, &mut out, false)?,
             None => {
-                let shape = MatMul::new(rows, self.spec.vocab_size, self.spec.hidden_size).bt();
-                be.matmul(hidden, &self.embed, &mut out, shape)?
+                be.linear(hidden, &self.embed, rows, &mut out, false)?
             }
         }
         Ok(out)

@@ -102,7 +102,7 @@ impl<B: Backend> Decoder<B> {
             tensors.insert(name, dtype.tensor(shape, &be.download(buf)?));
             Ok(())
         };
-        put(&mut tensors, "model.embed_tokens.weight".into(), vec![s.vocab_size, h], &self.embed)?;
+        put(&mut tensors, "model.embed_tokens.weight".into(), vec![s.vocab_size, h], &be.weight_values(&self.embed)?)?;
         put(&mut tensors, "model.norm.weight".into(), vec![h], &self.norm)?;
         if let Some(head) = &self.lm_head {
             put(&mut tensors, "lm_head.weight".into(), vec![s.vocab_size, h], &be.weight_values(&head.weight)?)?;

@@ -10,7 +10,7 @@ use super::block::{Acts, Ctx, KvTarget};
 use super::decoder::{Decoder, Input};
 use crate::adapters::set::AdapterSet;
 use crate::adapters::Pass;
-use crate::backend::{Backend, MatMul};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 
 /// A target that does not count (PyTorch's ignore_index −100).
@@ -194,7 +194,7 @@ impl<B: Backend> Decoder<B> {
                 let mut dhc = be.zeros(n * h)?;
                 match &self.lm_head {
                     Some(head) => head.backward_input(be, &dlogits, n, &mut dhc, false)?,
-                    None => be.matmul(&dlogits, &self.embed, &mut dhc, MatMul::new(n, h, vocab))?,
+                    None => be.linear_backward(&dlogits, &self.embed, n, &mut dhc, false)?,
                 }
                 be.copy(&dhc, 0, dh, r0 * h, n * h)?;
             }

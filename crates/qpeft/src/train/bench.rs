@@ -41,6 +41,8 @@ pub struct BenchReport {
     /// device memory.
     pub peak_allocated_mib: Option<f64>,
     pub peak_reserved_mib: Option<f64>,
+    /// Device memory allocated before the first step: the model, the adapters and their gradients.
+    pub loaded_allocated_mib: Option<f64>,
     pub peak_rss_mib: Option<f64>,
     /// GPU time per kernel over the timed steps (QPEFT_CUDA_PROFILE set; profiling slows the steps).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -55,6 +57,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs `opts.warmup + opts.steps` optimizer steps of `set` on `model`.
 pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSet<B>, opts: &BenchOptions) -> Result<BenchReport> {
     let be = &model.backend;
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let loaded = be.device_memory()?.map(|m| mib(m.peak_allocated));
     let n = opts.batch * opts.seq;
     let mut s = 0x2545_F491_4F6C_DD1Du64;
     let tokens: Vec<u32> = (0..n)
@@ -93,7 +97,6 @@ pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSe
     let step_s = median(steps);
     let kernels = be.kernel_times()?;
     let memory = be.device_memory()?;
-    let mib = |b: usize| b as f64 / (1 << 20) as f64;
     Ok(BenchReport {
         device: be.name(),
         batch: opts.batch,
@@ -106,6 +109,7 @@ pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSe
         loss,
         peak_allocated_mib: memory.map(|m| mib(m.peak_allocated)),
         peak_reserved_mib: memory.map(|m| mib(m.peak_reserved)),
+        loaded_allocated_mib: loaded,
         peak_rss_mib: super::trainer::peak_rss_mib(),
         kernels,
     })

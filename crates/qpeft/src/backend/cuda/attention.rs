@@ -15,7 +15,7 @@ use crate::backend::AttentionShape;
 use crate::error::Result;
 
 /// Bytes of one score buffer (backward uses two).
-const SCORE_BYTES: usize = 128 << 20;
+const SCORE_BYTES: usize = 64 << 20;
 /// Queries per chunk: the causal triangle is covered by blocks of this height.
 const QUERY_BLOCK: usize = 512;
 

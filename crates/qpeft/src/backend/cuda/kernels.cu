@@ -39,10 +39,12 @@ __device__ T block_sum(T v, T* scratch) { return block_reduce(v, scratch, (T)0, 
 
 __device__ float block_max(float v, float* scratch) { return block_reduce(v, scratch, -INFINITY, Max()); }
 
-extern "C" __global__ void embedding(const float* table, const u32* ids, long long rows, int dim, float scale, float* out) {
+// A table of f32 (bf16 == 0) or bf16 bits (bf16 == 1).
+extern "C" __global__ void embedding(const void* table, int bf16, const u32* ids, long long rows, int dim, float scale, float* out) {
     GRID_STRIDE(i, rows * dim) {
-        long long r = i / dim;
-        out[i] = table[(long long)ids[r] * dim + i % dim] * scale;
+        long long at = (long long)ids[i / dim] * dim + i % dim;
+        float w = bf16 ? __uint_as_float((u32)((const unsigned short*)table)[at] << 16) : ((const float*)table)[at];
+        out[i] = w * scale;
     }
 }
 

@@ -276,12 +276,13 @@ impl Backend for Cuda {
         self.weight_product(dy, w, rows, dx, accumulate, false)
     }
 
-    fn embedding(&self, table: &Self::Buf, ids: &Self::Ints, dim: usize, scale: f32, out: &mut Self::Buf) -> Result<()> {
+    fn embedding(&self, table: &CudaWeight, ids: &Self::Ints, dim: usize, scale: f32, out: &mut Self::Buf) -> Result<()> {
         let rows = out.len() / dim.max(1);
         check(out.len() == rows * dim && ids.len() >= rows, "embedding", || format!("output holds {} values for {} ids × {dim}", out.len(), ids.len()))?;
+        let (ptr, bf16) = self.dense_table(table, dim)?;
         // Token ids are checked on the host before they reach the device (Decoder::embed uploads them).
-        let (rows_i, dim_i) = (rows as i64, dim as i32);
-        launch!(self, "embedding", grid(rows * dim), table, ids, &rows_i, &dim_i, &scale, out)
+        let (rows_i, dim_i, bf16) = (rows as i64, dim as i32, bf16 as i32);
+        launch!(self, "embedding", grid(rows * dim), &ptr, &bf16, ids, &rows_i, &dim_i, &scale, out)
     }
 
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf, s: MatMul) -> Result<()> {

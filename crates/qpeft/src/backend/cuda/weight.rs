@@ -200,6 +200,16 @@ impl Cuda {
         }
     }
 
+    /// The address of a dense table with rows of `dim` values, and whether they are bf16 (embeddings).
+    pub(super) fn dense_table(&self, w: &CudaWeight, dim: usize) -> Result<(u64, bool)> {
+        check(w.in_dim == dim, "embedding", || format!("a table with rows of {} values, not {dim}", w.in_dim))?;
+        match &w.form {
+            Form::DenseF32(d) => Ok((addr(self, d), false)),
+            Form::DenseBf16(d) => Ok((addr(self, d), true)),
+            _ => Err(crate::error::Error::Invalid("embedding: the table is quantized; embeddings stay dense".into())),
+        }
+    }
+
     /// Ŵ in f32 (bit-exact with the CPU's dequantization; a dense bf16 weight widens exactly).
     pub(super) fn weight_values_f32(&self, w: &CudaWeight) -> Result<CudaSlice<f32>> {
         let n = w.out_dim * w.in_dim;
