@@ -144,6 +144,9 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     be.dropout(&x, 0.3, 1234, &mut dr).unwrap();
     push("dropout", &dr);
 
+    // A checkpointed activation, saved and restored (bf16 in the GPU's bf16 mode).
+    push("save/restore", &be.restore(&be.save(&y).unwrap()).unwrap());
+
     // Optimizer: the squared norm, and an AdamW step with decay and a clip coefficient.
     let sq = be.sum_squares(&x).unwrap();
     push("sum_squares", &up(&[sq as f32]));

@@ -216,6 +216,9 @@ pub trait Backend: Send + Sync {
     /// A frozen linear weight Ŵ [out, in] in the form the backend multiplies with: f32 on the CPU; on a GPU
     /// the packed 4-bit base, dequantized per use.
     type Weight: Send + Sync;
+    /// An activation kept for a later recomputation (a checkpointed block input): exact on the CPU and in the CUDA
+    /// backend's f32 mode, bf16 in its bf16 mode (as a bf16 model keeps its hidden states).
+    type Saved: Send + Sync;
 
     fn name(&self) -> String;
     /// Waits until every queued op has run (timing; a no-op where ops run synchronously).
@@ -236,6 +239,10 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
+
+    /// Keeps a copy of x for a recomputation (`Saved`), and gives it back as a new buffer.
+    fn save(&self, x: &Self::Buf) -> Result<Self::Saved>;
+    fn restore(&self, saved: &Self::Saved) -> Result<Self::Buf>;
 
     /// Ŵ [out_dim, in_dim] from its f32 values `dense` (what `base.dequantize()` gives, or the weight itself for
     /// a dense base) and its stored form `base`, which a backend may keep instead of `dense`.

@@ -117,7 +117,7 @@ impl<B: Backend> Decoder<B> {
         // Forward, keeping per block either all activations or (checkpointing) only the input.
         let mut x = self.embed(&batch.input)?;
         let mut saved: Vec<Acts<B>> = Vec::new();
-        let mut inputs: Vec<B::Buf> = Vec::new();
+        let mut inputs: Vec<B::Saved> = Vec::new();
         let mut scratch = Acts::new(be, rows, &dims)?;
         for l in 0..self.blocks.len() {
             let shared = adapters.as_ref().map(Adapters::shared);
@@ -129,7 +129,7 @@ impl<B: Backend> Decoder<B> {
                 saved.push(a);
             } else {
                 if backward {
-                    inputs.push(copy_of(be, &x)?);
+                    inputs.push(be.save(&x)?);
                 }
                 self.block_forward(l, &mut x, &mut scratch, KvTarget::Own, &ctx, shared, &mut |_, _, _| Ok(()))?;
             }
@@ -154,7 +154,7 @@ impl<B: Backend> Decoder<B> {
                 saved.pop();
             } else {
                 // Recompute the block from its saved input with the same dropout masks.
-                let x_in = inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?;
+                let x_in = be.restore(&inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?)?;
                 let mut a = Acts::new(be, rows, &dims)?;
                 let mut x = copy_of(be, &x_in)?;
                 a.x_in = Some(x_in);

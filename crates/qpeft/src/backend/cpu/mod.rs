@@ -65,6 +65,7 @@ impl<T: Real> Backend for Cpu<T> {
     type Buf = Vec<T>;
     type Ints = Vec<u32>;
     type Weight = Vec<T>;
+    type Saved = Vec<T>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads{})", rayon::current_num_threads(), if size_of::<T>() == 8 { ", f64" } else { "" })
@@ -83,6 +84,13 @@ impl<T: Real> Backend for Cpu<T> {
     }
     fn len(&self, buf: &Vec<T>) -> usize {
         buf.len()
+    }
+
+    fn save(&self, x: &Vec<T>) -> Result<Vec<T>> {
+        Ok(x.clone())
+    }
+    fn restore(&self, saved: &Vec<T>) -> Result<Vec<T>> {
+        Ok(saved.clone())
     }
 
     fn upload_weight(&self, dense: &[f32], _base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<Vec<T>> {

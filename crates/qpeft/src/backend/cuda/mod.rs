@@ -48,6 +48,12 @@ const SOURCE: &str = include_str!("kernels.cu");
 /// Threads per block of the element-wise kernels and the row reductions.
 const THREADS: u32 = 256;
 
+/// A saved activation: f32, or bf16 bits in the bf16 mode.
+pub enum Saved {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
 pub struct Cuda {
     ordinal: usize,
     precision: Precision,
@@ -213,6 +219,7 @@ impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
     type Ints = CudaSlice<u32>;
     type Weight = CudaWeight;
+    type Saved = Saved;
 
     fn name(&self) -> String {
         let ctx = self.stream.context();
@@ -261,6 +268,38 @@ impl Backend for Cuda {
     }
     fn len(&self, buf: &Self::Buf) -> usize {
         buf.len()
+    }
+
+    fn save(&self, x: &Self::Buf) -> Result<Saved> {
+        let n = x.len();
+        match self.precision {
+            Precision::F32 => {
+                let mut y = self.alloc::<f32>(n)?;
+                self.copy(x, 0, &mut y, 0, n)?;
+                Ok(Saved::F32(y))
+            }
+            Precision::Bf16 => {
+                let y = self.alloc::<u16>(n)?;
+                let (at, n64) = (addr(self, &y), n as i64);
+                launch!(self, "to_bf16", grid(n.div_ceil(8)), x, &at, &n64)?;
+                Ok(Saved::Bf16(y))
+            }
+        }
+    }
+    fn restore(&self, saved: &Saved) -> Result<Self::Buf> {
+        match saved {
+            Saved::F32(x) => {
+                let mut y = self.alloc::<f32>(x.len())?;
+                self.copy(x, 0, &mut y, 0, x.len())?;
+                Ok(y)
+            }
+            Saved::Bf16(x) => {
+                let mut y = self.alloc::<f32>(x.len())?;
+                let n64 = x.len() as i64;
+                launch!(self, "from_bf16", grid(x.len()), x, &mut y, &n64)?;
+                Ok(y)
+            }
+        }
     }
 
     fn upload_weight(&self, dense: &[f32], base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<CudaWeight> {
