@@ -74,8 +74,8 @@ impl Cuda {
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
         let int = |x: usize| i32::try_from(x).map_err(|_| device_err("GEMM", format!("dimension {x} exceeds cuBLAS's 32-bit range")));
         let (alpha, beta) = (g.alpha, g.beta);
-        let name = format!("gemm {}{}", if a.bf16 || b.bf16 { "bf16" } else { "f32" }, if g.batch > 1 { " batched" } else { "" });
-        self.timed(&name, || unsafe { gemm_strided_batched_ex(
+        let name = || format!("gemm {}{}", if a.bf16 || b.bf16 { "bf16" } else { "f32" }, if g.batch > 1 { " batched" } else { "" });
+        self.timed(name, || unsafe { gemm_strided_batched_ex(
             *self.blas.handle(),
             op(g.b_t),
             op(g.a_t),

@@ -18,7 +18,7 @@ macro_rules! launch {
         $( b.arg($arg); )*
         // SAFETY: every kernel's parameter list matches the arguments pushed here (kernels.cu), and the
         // sizes were checked against the buffers before the launch.
-        $self.timed(name, || unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| $crate::backend::cuda::device_err(&format!("launching `{name}`"), e)))
+        $self.timed(|| name.to_string(), || unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| $crate::backend::cuda::device_err(&format!("launching `{name}`"), e)))
     }};
 }
 
@@ -280,8 +280,7 @@ impl Backend for Cuda {
             }
             Precision::Bf16 => {
                 let y = self.alloc::<u16>(n)?;
-                let (at, n64) = (addr(self, &y), n as i64);
-                launch!(self, "to_bf16", grid(n.div_ceil(8)), x, &at, &n64)?;
+                self.round_to_bf16(x, addr(self, &y))?;
                 Ok(Saved::Bf16(y))
             }
         }
@@ -295,8 +294,7 @@ impl Backend for Cuda {
             }
             Saved::Bf16(x) => {
                 let mut y = self.alloc::<f32>(x.len())?;
-                let n64 = x.len() as i64;
-                launch!(self, "from_bf16", grid(x.len()), x, &mut y, &n64)?;
+                self.widen_bf16(x, &mut y)?;
                 Ok(y)
             }
         }

@@ -21,14 +21,14 @@ impl Profile {
 }
 
 impl Cuda {
-    /// Runs `f` (which queues GPU work), timing it under `name` when profiling.
-    pub(super) fn timed(&self, name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    /// Runs `f` (which queues GPU work), timing it under `name()` when profiling (the name is only built then).
+    pub(super) fn timed(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<()>) -> Result<()> {
         let Some(profile) = &self.profile else { return f() };
         let event = || self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| device_err("recording an event", e));
         let start = event()?;
         f()?;
         let end = event()?;
-        profile.0.lock().unwrap_or_else(|e| e.into_inner()).push((name.to_string(), start, end));
+        profile.0.lock().unwrap_or_else(|e| e.into_inner()).push((name(), start, end));
         Ok(())
     }
 

@@ -216,13 +216,22 @@ impl Cuda {
         let mut out = self.alloc::<f32>(n)?;
         match &w.form {
             Form::DenseF32(d) => self.stream.memcpy_dtod(d, &mut out).map_err(|e| device_err("copy", e))?,
-            Form::DenseBf16(d) => {
-                let n64 = n as i64;
-                launch!(self, "from_bf16", grid(n), d, &mut out, &n64)?
-            }
+            Form::DenseBf16(d) => self.widen_bf16(d, &mut out)?,
             _ => self.dequantize_into(w, addr(self, &out), false)?,
         }
         Ok(out)
+    }
+
+    /// bf16 bits of x (rounded to nearest even) into the `x.len()` values at `out`.
+    pub(super) fn round_to_bf16(&self, x: &CudaSlice<f32>, out: u64) -> Result<()> {
+        let n64 = x.len() as i64;
+        launch!(self, "to_bf16", grid(x.len().div_ceil(8)), x, &out, &n64)
+    }
+
+    /// bf16 bits widened to f32 (exact); `out` holds as many values as `x`.
+    pub(super) fn widen_bf16(&self, x: &CudaSlice<u16>, out: &mut CudaSlice<f32>) -> Result<()> {
+        let n64 = x.len() as i64;
+        launch!(self, "from_bf16", grid(x.len()), x, out, &n64)
     }
 
     /// x·Ŵᵀ (forward, `transpose_weight`) or dy·Ŵ (input gradient) into `out`, with Ŵ in the GEMM dtype: packed
@@ -234,8 +243,10 @@ impl Cuda {
         check(x.len() == rows * x_cols && out.len() == rows * out_cols, op, || {
             format!("{} inputs and {} outputs for {rows} rows of a {} × {} weight", x.len(), out.len(), w.out_dim, w.in_dim)
         })?;
+        // Only packed bases need the shared buffer (a dense head would otherwise grow it to the vocabulary's size).
         let bf16 = self.precision == Precision::Bf16;
-        let n = w.out_dim * w.in_dim;
+        let packed = !matches!(w.form, Form::DenseF32(_) | Form::DenseBf16(_));
+        let n = if packed { w.out_dim * w.in_dim } else { 0 };
         let w_f32 = self.w_f32.get(self, if bf16 { 0 } else { n })?;
         let w_bf16 = self.w_bf16.get(self, if bf16 { n } else { 0 })?;
         let weight = match &w.form {
@@ -255,8 +266,7 @@ impl Cuda {
         let x_bf16 = self.x_bf16.get(self, if weight.bf16 { x.len() } else { 0 })?;
         let input = if weight.bf16 {
             let at = addr(self, x_bf16.as_ref().expect("allocated"));
-            let n64 = x.len() as i64;
-            launch!(self, "to_bf16", grid(x.len().div_ceil(8)), x, &at, &n64)?;
+            self.round_to_bf16(x, at)?;
             Operand::bf16(at)
         } else {
             Operand::f32(addr(self, x))
