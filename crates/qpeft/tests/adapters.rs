@@ -47,7 +47,7 @@ fn gradients_match_finite_differences() {
         randomise(a.as_mut(), 100);
         let x = uniform(rows * n_in, 1);
         let r = uniform(rows * n_out, 2);
-        let pass = Pass { training: true, seed: 99 };
+        let pass = Pass { training: true, seed: 99, first_row: 0 };
         let base_dx = uniform(x.len(), 3);
         let mut dx = base_dx.clone();
         a.backward(&BE, &x, &r, rows, pass, &mut dx).unwrap();
@@ -87,7 +87,7 @@ fn delta_weight_reproduces_the_forward_pass() {
         randomise(a.as_mut(), 200);
         let x = uniform(rows * n_in, 4);
         // Inference: no dropout.
-        let y = forward(a.as_ref(), &x, rows, n_out, Pass { training: false, seed: 0 });
+        let y = forward(a.as_ref(), &x, rows, n_out, Pass { training: false, seed: 0, first_row: 0 });
         let dw = a.delta_weight(&BE).unwrap();
         for r in 0..rows {
             for j in 0..n_out {

@@ -181,9 +181,9 @@ fn group_reduce_and_expand_are_adjoint_and_pool_as_specified() {
 fn dropout_is_reproducible_scaled_and_at_the_asked_rate() {
     let x = vec![1.0f64; 100_000];
     let (mut a, mut b, mut c) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
-    BE.dropout(&x, 0.1, 42, &mut a).unwrap();
-    BE.dropout(&x, 0.1, 42, &mut b).unwrap();
-    BE.dropout(&x, 0.1, 43, &mut c).unwrap();
+    BE.dropout(&x, 0.1, 42, 0, &mut a).unwrap();
+    BE.dropout(&x, 0.1, 42, 0, &mut b).unwrap();
+    BE.dropout(&x, 0.1, 43, 0, &mut c).unwrap();
     assert_eq!(a, b, "same seed, same mask");
     assert_ne!(a, c, "another seed, another mask");
     let kept = a.iter().filter(|&&v| v != 0.0).count() as f64 / x.len() as f64;
@@ -192,6 +192,10 @@ fn dropout_is_reproducible_scaled_and_at_the_asked_rate() {
     assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / (1.0 - 0.1f32 as f64)).abs() < 1e-12));
     // The f32 and f64 backends draw the same mask.
     let mut f = vec![0f32; x.len()];
-    Cpu::new().dropout(&vec![1f32; x.len()], 0.1, 42, &mut f).unwrap();
+    Cpu::new().dropout(&vec![1f32; x.len()], 0.1, 42, 0, &mut f).unwrap();
     assert!(f.iter().zip(&a).all(|(&f, &a)| (f == 0.0) == (a == 0.0)));
+    // A tail of the values, run on its own from its offset, draws the tail of the same mask.
+    let mut tail = vec![0.0; 1000];
+    BE.dropout(&x[..1000].to_vec(), 0.1, 42, (x.len() - 1000) as u64, &mut tail).unwrap();
+    assert_eq!(tail[..], a[x.len() - 1000..]);
 }

@@ -141,7 +141,7 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     be.group_expand(&red, rows, g, true, 2.0, &mut exp, true).unwrap();
     push("group_expand", &exp);
     let mut dr = be.zeros(rows * dim).unwrap();
-    be.dropout(&x, 0.3, 1234, &mut dr).unwrap();
+    be.dropout(&x, 0.3, 1234, 77, &mut dr).unwrap();
     push("dropout", &dr);
 
     // A checkpointed activation, saved and restored (bf16 in the GPU's bf16 mode).
@@ -307,11 +307,8 @@ fn model_outputs<B: Backend + 'static>(model: &Path, be: B, cfg: &AdapterConfig,
         p.value = m.backend.upload(&rand(n, 1000 + i as u64).iter().map(|x| x * init).collect::<Vec<_>>()).unwrap();
     }
     for checkpointing in [false, true] {
-        let opts = StepOptions { checkpointing, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5 };
-        for p in set.params_mut() {
-            let n = m.backend.len(&p.grad);
-            p.grad = m.backend.zeros(n).unwrap();
-        }
+        let opts = StepOptions { checkpointing, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5, mlp_chunk: Some(3) };
+        set.zero_grads(&m.backend).unwrap();
         let r = m.loss_and_backward(&b, &mut set, &opts).unwrap();
         out.push((format!("loss ckpt={checkpointing}"), vec![r.loss as f32]));
         for (name, p) in set.named_params() {

@@ -26,7 +26,7 @@ fn adapters<T: Real>(m: &Decoder<Cpu<T>>, cfg: &AdapterConfig) -> AdapterSet<Cpu
     set
 }
 
-const TRAIN: StepOptions = StepOptions { checkpointing: false, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5 };
+const TRAIN: StepOptions = StepOptions { checkpointing: false, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5, mlp_chunk: Some(3) };
 
 #[test]
 fn decoder_gradients_match_finite_differences_for_every_method() {
@@ -77,7 +77,7 @@ fn checkpointing_gives_identical_gradients() {
         let b = batch(m.spec.vocab_size);
         let run = |checkpointing: bool| {
             let mut set = adapters(&m, &cfg);
-            let r = m.loss_and_backward(&b, &mut set, &StepOptions { checkpointing, ..TRAIN }).unwrap();
+            let r = m.loss_and_backward(&b, &mut set, &StepOptions { checkpointing, mlp_chunk: None, ..TRAIN }).unwrap();
             let grads: Vec<Vec<f32>> = set.named_params().iter().map(|(_, p)| p.grad.clone()).collect();
             (r, grads)
         };
@@ -86,6 +86,29 @@ fn checkpointing_gives_identical_gradients() {
         assert_eq!(r0, r1, "{}", cfg.method.name());
         assert!(g0 == g1, "{}: gradients differ with checkpointing", cfg.method.name());
         assert!(g0.iter().all(|g| g.iter().any(|&v| v != 0.0)), "{}: a parameter got no gradient", cfg.method.name());
+    }
+}
+
+/// With checkpointing the MLP runs a few rows at a time (here 3 of 14, the last chunk short), each chunk drawing its
+/// rows' part of the dropout masks: the same loss, and the same gradients up to the order of their sums over rows.
+#[test]
+fn mlp_row_chunks_change_only_the_summation_order() {
+    for cfg in methods() {
+        let m = model("tiny-llama", Cpu::f64());
+        let b = batch(m.spec.vocab_size);
+        let run = |opts: StepOptions| {
+            let mut set = adapters(&m, &cfg);
+            let r = m.loss_and_backward(&b, &mut set, &opts).unwrap();
+            (r, set.named_params().iter().map(|(n, p)| (n.clone(), p.grad.clone())).collect::<Vec<_>>())
+        };
+        let (r0, g0) = run(TRAIN);
+        let (r1, g1) = run(StepOptions { checkpointing: true, ..TRAIN });
+        assert!((r0.loss - r1.loss).abs() <= 1e-14 * r0.loss, "{}: loss {} vs {}", cfg.method.name(), r0.loss, r1.loss);
+        for ((name, a), (_, c)) in g0.iter().zip(&g1) {
+            let scale = a.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let e = a.iter().zip(c).fold(0f64, |m, (a, c)| m.max((a - c).abs())) / scale;
+            assert!(e < 1e-12, "{} {name}: chunked gradient differs by {e:e}", cfg.method.name());
+        }
     }
 }
 
@@ -106,7 +129,7 @@ fn lora_matches_peft() {
     // The adapter alone on layer 0's q_proj input.
     let x = &want["layer0_q_input"].data;
     let mut delta = vec![0f32; 24 * 64];
-    let pass = qpeft::adapters::Pass { training: false, seed: 0 };
+    let pass = qpeft::adapters::Pass { training: false, seed: 0, first_row: 0 };
     set.get(0, qpeft::model::decoder::Proj::Q).unwrap().forward(&m.backend, x, 24, pass, &mut delta).unwrap();
     let e = rel_err(&delta, &want["layer0_q_lora_delta"].data, |_| true);
     assert!(e < 1e-5, "layer 0 q_proj LoRA output: {e:e}");

@@ -68,11 +68,11 @@ impl<B: Backend> Adapter<B> for IrQlora<B> {
         // y += s·β_B·Repeat(h): dβ_B += s·⟨dy, Repeat(h)⟩ = s·⟨Sum(dy), h⟩, dh += s·β_B·Sum(dy).
         let mut dy_sum = be.zeros(rows * self.lr.rank)?;
         be.group_reduce(dy, rows, self.out_groups(), false, 1.0, &mut dy_sum, false)?;
-        be.dot(&dy_sum, &h, s, &mut self.beta_b.grad, true)?;
+        be.dot(&dy_sum, &h, s, self.beta_b.grad_mut(be)?, true)?;
         let mut dh = self.lr.backward_b(be, &h, dy, rows)?;
         be.add_scaled_by(&mut dh, &dy_sum, &self.beta_b.value, s)?;
         // h += β_A·GroupMean(x): dβ_A += ⟨dh, GroupMean(x)⟩, dx += β_A·GroupMeanᵀ(dh).
-        be.dot(&dh, &gm, 1.0, &mut self.beta_a.grad, true)?;
+        be.dot(&dh, &gm, 1.0, self.beta_a.grad_mut(be)?, true)?;
         let mut spread = be.zeros(rows * self.view.in_dim)?;
         be.group_expand(&dh, rows, self.in_groups(), true, 1.0, &mut spread, false)?;
         be.add_scaled_by(dx, &spread, &self.beta_a.value, 1.0)?;

@@ -141,6 +141,9 @@ pub struct Param<B: Backend> {
     pub name: String,
     pub shape: Vec<usize>,
     pub value: B::Buf,
+    /// Empty until a backward first accumulates into it (`grad_mut`), and again after `AdapterSet::zero_grads`:
+    /// as with PyTorch's `.grad = None`, the gradients of blocks that backward has not reached yet take no
+    /// memory, so they never coexist with all of the checkpointed activations. Empty reads as zero.
     pub grad: B::Buf,
     /// Multiplies the learning rate (H-QLoRA per-level rates); 1 elsewhere.
     pub lr_scale: f32,
@@ -148,9 +151,15 @@ pub struct Param<B: Backend> {
 
 impl<B: Backend> Param<B> {
     pub fn new(be: &B, name: impl Into<String>, shape: Vec<usize>, init: &[f32], lr_scale: f32) -> Result<Self> {
-        let n = shape.iter().product();
-        debug_assert_eq!(init.len(), n);
-        Ok(Param { name: name.into(), shape, value: be.upload(init)?, grad: be.zeros(n)?, lr_scale })
+        debug_assert_eq!(init.len(), shape.iter().product::<usize>());
+        Ok(Param { name: name.into(), shape, value: be.upload(init)?, grad: be.zeros(0)?, lr_scale })
+    }
+    /// The gradient to accumulate into, allocated (zero) on first use.
+    pub fn grad_mut(&mut self, be: &B) -> Result<&mut B::Buf> {
+        if be.len(&self.grad) == 0 {
+            self.grad = be.zeros(self.numel())?;
+        }
+        Ok(&mut self.grad)
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -163,6 +172,9 @@ impl<B: Backend> Param<B> {
 pub struct Pass {
     pub training: bool,
     pub seed: u64,
+    /// The batch row the call's first row is: a range of rows run on its own draws the rows' part of the
+    /// whole batch's mask.
+    pub first_row: usize,
 }
 
 pub trait Adapter<B: Backend>: Send + Sync {
@@ -219,6 +231,11 @@ impl InputView {
         self.pool.map_or(self.in_dim, |g| g.groups)
     }
 
+    /// The mask element of the call's first value.
+    fn mask_start(&self, pass: Pass) -> u64 {
+        (pass.first_row * self.width()) as u64
+    }
+
     /// u; x itself (no copy) when there is neither pooling nor active dropout, as for LoRA at inference.
     pub fn forward<'a, B: Backend>(&self, be: &B, x: &'a B::Buf, rows: usize, pass: Pass) -> Result<Viewed<'a, B>> {
         let dropout = pass.training && self.dropout > 0.0;
@@ -234,7 +251,7 @@ impl InputView {
             return Ok(pooled.map_or(Viewed::Input(x), Viewed::Owned));
         }
         let mut d = be.zeros(rows * self.width())?;
-        be.dropout(pooled.as_ref().unwrap_or(x), self.dropout, pass.seed, &mut d)?;
+        be.dropout(pooled.as_ref().unwrap_or(x), self.dropout, pass.seed, self.mask_start(pass), &mut d)?;
         Ok(Viewed::Owned(d))
     }
 
@@ -242,7 +259,7 @@ impl InputView {
     pub fn backward<B: Backend>(&self, be: &B, du: B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
         let du = if pass.training && self.dropout > 0.0 {
             let mut d = be.zeros(rows * self.width())?;
-            be.dropout(&du, self.dropout, pass.seed, &mut d)?;
+            be.dropout(&du, self.dropout, pass.seed, self.mask_start(pass), &mut d)?;
             d
         } else {
             du
@@ -305,7 +322,7 @@ impl<B: Backend> LowRank<B> {
     /// Given dz = ∂L/∂z: dB += s·dzᵀ·h, returns dh = s·dz·B.
     pub fn backward_b(&mut self, be: &B, h: &B::Buf, dz: &B::Buf, rows: usize) -> Result<B::Buf> {
         let s = self.scaling;
-        be.matmul(dz, h, &mut self.b.grad, MatMul::new(self.n_out, self.rank, rows).at().scaled(s).acc(true))?;
+        be.matmul(dz, h, self.b.grad_mut(be)?, MatMul::new(self.n_out, self.rank, rows).at().scaled(s).acc(true))?;
         let mut dh = be.zeros(rows * self.rank)?;
         be.matmul(dz, &self.b.value, &mut dh, MatMul::new(rows, self.rank, self.n_out).scaled(s))?;
         Ok(dh)
@@ -313,7 +330,7 @@ impl<B: Backend> LowRank<B> {
 
     /// Given dh: dA += dhᵀ·u, returns du = dh·A.
     pub fn backward_a(&mut self, be: &B, u: &B::Buf, dh: &B::Buf, rows: usize) -> Result<B::Buf> {
-        be.matmul(dh, u, &mut self.a.grad, MatMul::new(self.rank, self.n_in, rows).at().acc(true))?;
+        be.matmul(dh, u, self.a.grad_mut(be)?, MatMul::new(self.rank, self.n_in, rows).at().acc(true))?;
         let mut du = be.zeros(rows * self.n_in)?;
         be.matmul(dh, &self.a.value, &mut du, MatMul::new(rows, self.n_in, self.rank))?;
         Ok(du)

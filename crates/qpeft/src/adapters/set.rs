@@ -81,9 +81,10 @@ impl<B: Backend> AdapterSet<B> {
         self.slots.iter().flatten().flatten().map(|a| a.trainable()).sum()
     }
 
+    /// Frees every gradient: the next backward allocates each as it reaches it.
     pub fn zero_grads(&mut self, be: &B) -> Result<()> {
         for p in self.params_mut() {
-            p.grad = be.zeros(p.numel())?;
+            p.grad = be.zeros(0)?;
         }
         Ok(())
     }

@@ -344,8 +344,9 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn group_expand(&self, h: &Self::Buf, rows: usize, g: Groups, mean: bool, scale: f32, y: &mut Self::Buf, accumulate: bool) -> Result<()>;
     /// out = x ⊙ mask / (1 − p), the mask drawn from a counter-based RNG keyed by `seed` (the same seed gives
-    /// the same mask, so backward and recomputation reuse it without storing it).
-    fn dropout(&self, x: &Self::Buf, p: f32, seed: u64, out: &mut Self::Buf) -> Result<()>;
+    /// the same mask, so backward and recomputation reuse it without storing it). x[i] takes the mask's element
+    /// `first + i`, so that a range of rows run on its own draws the rows' part of the whole mask.
+    fn dropout(&self, x: &Self::Buf, p: f32, seed: u64, first: u64, out: &mut Self::Buf) -> Result<()>;
 
     // ---- optimizer ----
 

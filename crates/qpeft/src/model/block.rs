@@ -22,46 +22,70 @@ pub(crate) struct Ctx<'a, B: Backend> {
     pub pass: Pass,
 }
 
-impl<B: Backend> Ctx<'_, B> {
+impl<'a, B: Backend> Ctx<'a, B> {
     fn pass(&self, layer: usize, proj: Proj) -> Pass {
         Pass { seed: module_seed(self.pass.seed, layer, proj), ..self.pass }
     }
+
+    /// The context of rows `first..first + rows` run on their own (row-wise parts of a block only).
+    fn rows_from(&self, first: usize, rows: usize) -> Ctx<'a, B> {
+        Ctx { rows, pass: Pass { first_row: self.pass.first_row + first, ..self.pass }, ..*self }
+    }
 }
 
-/// A block's intermediate activations ([rows, width] each). Inference reuses one set for every layer;
-/// training keeps one per layer (or recomputes it, with activation checkpointing).
-pub(crate) struct Acts<B: Backend> {
-    /// The block's input and the residual after attention: kept only for backward.
-    pub x_in: Option<B::Buf>,
-    pub x_mid: Option<B::Buf>,
+/// The attention half's activations ([rows, width] each).
+pub(crate) struct AttnActs<B: Backend> {
     pub n1: B::Buf,
     /// q and k after RoPE.
     pub q: B::Buf,
     pub k: B::Buf,
     pub v: B::Buf,
     pub att: B::Buf,
+}
+
+impl<B: Backend> AttnActs<B> {
+    pub fn new(be: &B, rows: usize, d: &Dims) -> Result<Self> {
+        Ok(AttnActs { n1: be.zeros(rows * d.h)?, q: be.zeros(rows * d.q)?, k: be.zeros(rows * d.kv)?, v: be.zeros(rows * d.kv)?, att: be.zeros(rows * d.q)? })
+    }
+}
+
+/// The MLP half's activations: its input's norm, and the products before and after the gated activation.
+pub(crate) struct MlpActs<B: Backend> {
     pub n2: B::Buf,
     pub gate: B::Buf,
     pub up: B::Buf,
     pub act: B::Buf,
 }
 
+impl<B: Backend> MlpActs<B> {
+    pub fn new(be: &B, rows: usize, d: &Dims) -> Result<Self> {
+        Ok(MlpActs { n2: be.zeros(rows * d.h)?, gate: be.zeros(rows * d.ff)?, up: be.zeros(rows * d.ff)?, act: be.zeros(rows * d.ff)? })
+    }
+}
+
+/// A whole block's activations. Inference reuses one set for every layer; training without checkpointing
+/// keeps one per layer, with the block's input and the residual after attention.
+pub(crate) struct Acts<B: Backend> {
+    pub x_in: Option<B::Buf>,
+    pub x_mid: Option<B::Buf>,
+    pub attn: AttnActs<B>,
+    pub mlp: MlpActs<B>,
+}
+
 impl<B: Backend> Acts<B> {
     pub fn new(be: &B, rows: usize, d: &Dims) -> Result<Self> {
-        Ok(Acts {
-            x_in: None,
-            x_mid: None,
-            n1: be.zeros(rows * d.h)?,
-            q: be.zeros(rows * d.q)?,
-            k: be.zeros(rows * d.kv)?,
-            v: be.zeros(rows * d.kv)?,
-            att: be.zeros(rows * d.q)?,
-            n2: be.zeros(rows * d.h)?,
-            gate: be.zeros(rows * d.ff)?,
-            up: be.zeros(rows * d.ff)?,
-            act: be.zeros(rows * d.ff)?,
-        })
+        Ok(Acts { x_in: None, x_mid: None, attn: AttnActs::new(be, rows, d)?, mlp: MlpActs::new(be, rows, d)? })
     }
+}
+
+/// Rows per MLP chunk in a checkpointed training pass: at most `limit`, else as many as keep one [rows,
+/// intermediate] f32 buffer within `MLP_CHUNK_BYTES`, split evenly. The MLP works row by row, and its
+/// intermediate activations and their gradients are a block's largest buffers (86 MiB each at LLaMA-7B's 11008
+/// for 2048 rows), so running it in chunks bounds the working set of the recompute and backward.
+pub(crate) fn mlp_chunk(rows: usize, ff: usize, limit: Option<usize>) -> usize {
+    const MLP_CHUNK_BYTES: usize = 32 << 20;
+    let most = limit.unwrap_or(MLP_CHUNK_BYTES / (4 * ff)).max(1);
+    rows.div_ceil(rows.div_ceil(most).max(1)).max(1)
 }
 
 /// Widths of the activations.
@@ -156,10 +180,30 @@ impl<B: Backend> Decoder<B> {
         adapters: Option<&AdapterSet<B>>,
         observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<()> {
+        let be = &self.backend;
+        self.attention_forward(l, x, &mut a.attn, kv, ctx, adapters, observe)?;
+        if let Some(m) = &mut a.x_mid {
+            be.copy(x, 0, m, 0, be.len(x))?;
+        }
+        self.mlp_hidden(l, x, &mut a.mlp, ctx, adapters, observe)?;
+        self.linear(l, Proj::Down, &a.mlp.act, x, true, ctx, adapters)
+    }
+
+    /// x += o(attn(…)) of block `l`, leaving the attention half's activations in `a`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        l: usize,
+        x: &mut B::Buf,
+        a: &mut AttnActs<B>,
+        kv: KvTarget<B>,
+        ctx: &Ctx<B>,
+        adapters: Option<&AdapterSet<B>>,
+        observe: &mut LinearInputObserver<'_, B>,
+    ) -> Result<()> {
         let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
-        let h = s.hidden_size;
         let lin = |p: Proj, x: &B::Buf, out: &mut B::Buf, acc: bool| self.linear(l, p, x, out, acc, ctx, adapters);
-        be.rmsnorm(x, &blk.attn_norm, h, s.rms_norm_eps, s.norm_plus_one, &mut a.n1)?;
+        be.rmsnorm(x, &blk.attn_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut a.n1)?;
         observe(l, InputSite::Attention, &a.n1)?;
         lin(Proj::Q, &a.n1, &mut a.q, false)?;
         lin(Proj::K, &a.n1, &mut a.k, false)?;
@@ -175,49 +219,135 @@ impl<B: Backend> Decoder<B> {
             KvTarget::Own => be.attention(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &mut a.att)?,
         }
         observe(l, InputSite::AttentionOutput, &a.att)?;
-        lin(Proj::O, &a.att, x, true)?;
-        if let Some(m) = &mut a.x_mid {
-            be.copy(x, 0, m, 0, be.len(x))?;
-        }
+        lin(Proj::O, &a.att, x, true)
+    }
 
-        be.rmsnorm(x, &blk.mlp_norm, h, s.rms_norm_eps, s.norm_plus_one, &mut a.n2)?;
-        observe(l, InputSite::Mlp, &a.n2)?;
-        lin(Proj::Gate, &a.n2, &mut a.gate, false)?;
-        lin(Proj::Up, &a.n2, &mut a.up, false)?;
-        be.glu(&a.gate, &a.up, ctx.glu, &mut a.act)?;
-        observe(l, InputSite::MlpOutput, &a.act)?;
-        lin(Proj::Down, &a.act, x, true)
+    /// The MLP of block `l` up to the down projection's input: n2 = norm2(x), act = glu(gate(n2), up(n2)).
+    fn mlp_hidden(&self, l: usize, x: &B::Buf, m: &mut MlpActs<B>, ctx: &Ctx<B>, adapters: Option<&AdapterSet<B>>, observe: &mut LinearInputObserver<'_, B>) -> Result<()> {
+        let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
+        be.rmsnorm(x, &blk.mlp_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut m.n2)?;
+        observe(l, InputSite::Mlp, &m.n2)?;
+        self.linear(l, Proj::Gate, &m.n2, &mut m.gate, false, ctx, adapters)?;
+        self.linear(l, Proj::Up, &m.n2, &mut m.up, false, ctx, adapters)?;
+        be.glu(&m.gate, &m.up, ctx.glu, &mut m.act)?;
+        observe(l, InputSite::MlpOutput, &m.act)
     }
 
     /// Given dx = ∂L/∂x_out of block `l` and its forward activations (with x_in and x_mid saved), replaces dx
     /// by ∂L/∂x_in and accumulates the block's adapter gradients.
     pub(crate) fn block_backward(&self, l: usize, dx: &mut B::Buf, a: &Acts<B>, ctx: &Ctx<B>, adapters: &mut AdapterSet<B>) -> Result<()> {
+        let missing = || crate::Error::Invalid("block_backward needs the activations of a training forward".into());
+        let (x_in, x_mid) = (a.x_in.as_ref().ok_or_else(missing)?, a.x_mid.as_ref().ok_or_else(missing)?);
+        self.mlp_backward(l, dx, x_mid, &a.mlp, ctx, adapters)?;
+        self.attention_backward(l, dx, x_in, &a.attn, ctx, adapters)
+    }
+
+    /// The training forward of block `l` with checkpointing: the attention half whole (its activations in the
+    /// reused `a`), the MLP `chunk` rows at a time.
+    pub(crate) fn block_forward_chunked(&self, l: usize, x: &mut B::Buf, a: &mut AttnActs<B>, ctx: &Ctx<B>, adapters: &AdapterSet<B>, chunk: usize) -> Result<()> {
+        let (be, h) = (&self.backend, self.spec.hidden_size);
+        self.attention_forward(l, x, a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+        for_row_chunks(be, x, h, ctx, chunk, |xc, cctx| {
+            let mut m = MlpActs::new(be, cctx.rows, &self.dims())?;
+            self.mlp_hidden(l, xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+            self.linear(l, Proj::Down, &m.act, xc, true, cctx, Some(adapters))
+        })
+    }
+
+    /// Backward of block `l` from its checkpointed input: recomputes the attention half (keeping its
+    /// activations), then recomputes and differentiates the MLP `chunk` rows at a time (its output, x_out, is
+    /// never needed), then differentiates the attention half. Replaces dx = ∂L/∂x_out by ∂L/∂x_in.
+    pub(crate) fn block_recompute_backward(&self, l: usize, x_in: &B::Buf, dx: &mut B::Buf, ctx: &Ctx<B>, adapters: &mut AdapterSet<B>, chunk: usize) -> Result<()> {
+        let (be, h) = (&self.backend, self.spec.hidden_size);
+        let mut a = AttnActs::new(be, ctx.rows, &self.dims())?;
+        let mut x_mid = copy_of(be, x_in)?;
+        self.attention_forward(l, &mut x_mid, &mut a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+        for_row_pairs(be, &x_mid, dx, h, ctx, chunk, |xc, dxc, cctx| {
+            let mut m = MlpActs::new(be, cctx.rows, &self.dims())?;
+            self.mlp_hidden(l, xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+            self.mlp_backward(l, dxc, xc, &m, cctx, adapters)
+        })?;
+        drop(x_mid);
+        self.attention_backward(l, dx, x_in, &a, ctx, adapters)
+    }
+
+    /// dx (= ∂L/∂x_out) += ∂/∂x_mid of the MLP half, x_out = x_mid + down(act); adapter gradients accumulate.
+    fn mlp_backward(&self, l: usize, dx: &mut B::Buf, x_mid: &B::Buf, m: &MlpActs<B>, ctx: &Ctx<B>, adapters: &mut AdapterSet<B>) -> Result<()> {
+        let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
+        let (h, rows, ff) = (s.hidden_size, ctx.rows, s.intermediate_size);
+        let mut d_act = be.zeros(rows * ff)?;
+        self.linear_backward(l, Proj::Down, &m.act, dx, &mut d_act, false, ctx, adapters)?;
+        let (mut d_gate, mut d_up) = (be.zeros(rows * ff)?, be.zeros(rows * ff)?);
+        be.glu_backward(&m.gate, &m.up, &d_act, ctx.glu, &mut d_gate, &mut d_up)?;
+        drop(d_act);
+        let mut dn = be.zeros(rows * h)?;
+        self.linear_backward(l, Proj::Gate, &m.n2, &d_gate, &mut dn, false, ctx, adapters)?;
+        drop(d_gate);
+        self.linear_backward(l, Proj::Up, &m.n2, &d_up, &mut dn, true, ctx, adapters)?;
+        drop(d_up);
+        be.rmsnorm_backward(x_mid, &blk.mlp_norm, &dn, h, s.rms_norm_eps, s.norm_plus_one, dx, true)
+    }
+
+    /// dx (= ∂L/∂x_mid) += ∂/∂x_in of the attention half, x_mid = x_in + o(att); adapter gradients accumulate.
+    fn attention_backward(&self, l: usize, dx: &mut B::Buf, x_in: &B::Buf, a: &AttnActs<B>, ctx: &Ctx<B>, adapters: &mut AdapterSet<B>) -> Result<()> {
         let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
         let (h, rows) = (s.hidden_size, ctx.rows);
         let d = self.dims();
-        let missing = || crate::Error::Invalid("block_backward needs the activations of a training forward".into());
-        let (x_in, x_mid) = (a.x_in.as_ref().ok_or_else(missing)?, a.x_mid.as_ref().ok_or_else(missing)?);
-
-        // MLP half: x_out = x_mid + down(act), act = glu(gate(n2), up(n2)).
-        let mut d_act = be.zeros(rows * d.ff)?;
-        self.linear_backward(l, Proj::Down, &a.act, dx, &mut d_act, false, ctx, adapters)?;
-        let (mut d_gate, mut d_up) = (be.zeros(rows * d.ff)?, be.zeros(rows * d.ff)?);
-        be.glu_backward(&a.gate, &a.up, &d_act, ctx.glu, &mut d_gate, &mut d_up)?;
-        let mut dn = be.zeros(rows * h)?;
-        self.linear_backward(l, Proj::Gate, &a.n2, &d_gate, &mut dn, false, ctx, adapters)?;
-        self.linear_backward(l, Proj::Up, &a.n2, &d_up, &mut dn, true, ctx, adapters)?;
-        be.rmsnorm_backward(x_mid, &blk.mlp_norm, &dn, h, s.rms_norm_eps, s.norm_plus_one, dx, true)?;
-
-        // Attention half: x_mid = x_in + o(att).
         let mut d_att = be.zeros(rows * d.q)?;
         self.linear_backward(l, Proj::O, &a.att, dx, &mut d_att, false, ctx, adapters)?;
         let (mut dq, mut dk, mut dv) = (be.zeros(rows * d.q)?, be.zeros(rows * d.kv)?, be.zeros(rows * d.kv)?);
         be.attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &d_att, &mut dq, &mut dk, &mut dv)?;
+        drop(d_att);
         be.rope_backward(&mut dq, ctx.positions, &self.inv_freq, s.num_heads, s.head_dim)?;
         be.rope_backward(&mut dk, ctx.positions, &self.inv_freq, s.num_kv_heads, s.head_dim)?;
+        let mut dn = be.zeros(rows * h)?;
         self.linear_backward(l, Proj::Q, &a.n1, &dq, &mut dn, false, ctx, adapters)?;
+        drop(dq);
         self.linear_backward(l, Proj::K, &a.n1, &dk, &mut dn, true, ctx, adapters)?;
         self.linear_backward(l, Proj::V, &a.n1, &dv, &mut dn, true, ctx, adapters)?;
         be.rmsnorm_backward(x_in, &blk.attn_norm, &dn, h, s.rms_norm_eps, s.norm_plus_one, dx, true)
     }
+}
+
+pub(crate) fn copy_of<B: Backend>(be: &B, x: &B::Buf) -> Result<B::Buf> {
+    let mut y = be.zeros(be.len(x))?;
+    be.copy(x, 0, &mut y, 0, be.len(x))?;
+    Ok(y)
+}
+
+/// Rows r0..r0 + n of the [rows, width] x, as a buffer of their own.
+fn rows_of<B: Backend>(be: &B, x: &B::Buf, r0: usize, n: usize, width: usize) -> Result<B::Buf> {
+    let mut y = be.zeros(n * width)?;
+    be.copy(x, r0 * width, &mut y, 0, n * width)?;
+    Ok(y)
+}
+
+/// Runs `f` on `chunk` rows of x ([ctx.rows, width]) at a time, with the chunk's context; f updates the chunk,
+/// which is written back. One chunk covering every row works on x itself.
+fn for_row_chunks<B: Backend>(be: &B, x: &mut B::Buf, width: usize, ctx: &Ctx<B>, chunk: usize, mut f: impl FnMut(&mut B::Buf, &Ctx<B>) -> Result<()>) -> Result<()> {
+    if chunk >= ctx.rows {
+        return f(x, ctx);
+    }
+    for r0 in (0..ctx.rows).step_by(chunk) {
+        let n = chunk.min(ctx.rows - r0);
+        let mut xc = rows_of(be, x, r0, n, width)?;
+        f(&mut xc, &ctx.rows_from(r0, n))?;
+        be.copy(&xc, 0, x, r0 * width, n * width)?;
+    }
+    Ok(())
+}
+
+/// Runs `f` on `chunk` rows of x and of dy (both [ctx.rows, width]) at a time; f updates dy's chunk, which is
+/// written back. One chunk covering every row works on the buffers themselves.
+fn for_row_pairs<B: Backend>(be: &B, x: &B::Buf, dy: &mut B::Buf, width: usize, ctx: &Ctx<B>, chunk: usize, mut f: impl FnMut(&B::Buf, &mut B::Buf, &Ctx<B>) -> Result<()>) -> Result<()> {
+    if chunk >= ctx.rows {
+        return f(x, dy, ctx);
+    }
+    for r0 in (0..ctx.rows).step_by(chunk) {
+        let n = chunk.min(ctx.rows - r0);
+        let mut dyc = rows_of(be, dy, r0, n, width)?;
+        f(&rows_of(be, x, r0, n, width)?, &mut dyc, &ctx.rows_from(r0, n))?;
+        be.copy(&dyc, 0, dy, r0 * width, n * width)?;
+    }
+    Ok(())
 }

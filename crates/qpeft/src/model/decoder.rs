@@ -231,7 +231,7 @@ impl<B: Backend> Decoder<B> {
             key_mask: &key_mask,
             shape: self.attention_shape(input.batch, input.seq, start + input.seq, cache.capacity),
             glu: self.glu(),
-            pass: Pass { training: false, seed: 0 },
+            pass: Pass { training: false, seed: 0, first_row: 0 },
         };
         let mut acts = Acts::new(be, rows, &self.dims())?;
         let at = RowWrite { batch: input.batch, rows: input.seq, capacity: cache.capacity, start, width: self.spec.kv_dim() };

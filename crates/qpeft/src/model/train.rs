@@ -6,7 +6,7 @@
 //! the mean over the kept targets. The LM head and the loss run over chunks of rows so that the [rows, vocab]
 //! logits never exist at once.
 
-use super::block::{Acts, Ctx, KvTarget};
+use super::block::{copy_of, mlp_chunk, Acts, AttnActs, Ctx, KvTarget};
 use super::decoder::{Decoder, Input};
 use crate::adapters::set::AdapterSet;
 use crate::adapters::Pass;
@@ -34,11 +34,14 @@ pub struct StepOptions {
     pub grad_scale: f32,
     /// Rows per LM-head chunk.
     pub loss_chunk: usize,
+    /// Most rows per MLP chunk with checkpointing; None: as many as keep a chunk's activations small
+    /// (`block::mlp_chunk`).
+    pub mlp_chunk: Option<usize>,
 }
 
 impl Default for StepOptions {
     fn default() -> Self {
-        StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk: 256 }
+        StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk: 256, mlp_chunk: None }
     }
 }
 
@@ -108,37 +111,41 @@ impl<B: Backend> Decoder<B> {
             key_mask: &key_mask,
             shape: self.attention_shape(nb, seq, seq, seq),
             glu: self.glu(),
-            pass: Pass { training: opts.dropout, seed: opts.seed },
+            pass: Pass { training: opts.dropout, seed: opts.seed, first_row: 0 },
         };
         let backward = matches!(adapters, Some(Adapters::Training(_)));
-        let keep_all = backward && !opts.checkpointing;
         let dims = self.dims();
 
         // Forward, keeping per block either all activations or (checkpointing) only the input.
         let mut x = self.embed(&batch.input)?;
         let mut saved: Vec<Acts<B>> = Vec::new();
         let mut inputs: Vec<B::Saved> = Vec::new();
-        let mut scratch = Acts::new(be, rows, &dims)?;
+        let checkpointed = backward && opts.checkpointing;
+        let chunk = mlp_chunk(rows, dims.ff, opts.mlp_chunk);
+        let mut attn_scratch = if checkpointed { Some(AttnActs::new(be, rows, &dims)?) } else { None };
+        let mut scratch = if backward { None } else { Some(Acts::new(be, rows, &dims)?) };
         for l in 0..self.blocks.len() {
-            let shared = adapters.as_ref().map(Adapters::shared);
-            if keep_all {
-                let mut a = Acts::new(be, rows, &dims)?;
-                a.x_in = Some(copy_of(be, &x)?);
-                a.x_mid = Some(be.zeros(be.len(&x))?);
-                self.block_forward(l, &mut x, &mut a, KvTarget::Own, &ctx, shared, &mut |_, _, _| Ok(()))?;
-                saved.push(a);
-            } else {
-                if backward {
+            match (adapters.as_ref(), attn_scratch.as_mut(), scratch.as_mut()) {
+                (Some(set), Some(a), _) => {
                     inputs.push(be.save(&x)?);
+                    self.block_forward_chunked(l, &mut x, a, &ctx, set.shared(), chunk)?;
                 }
-                self.block_forward(l, &mut x, &mut scratch, KvTarget::Own, &ctx, shared, &mut |_, _, _| Ok(()))?;
+                (set, _, Some(a)) => self.block_forward(l, &mut x, a, KvTarget::Own, &ctx, set.map(Adapters::shared), &mut |_, _, _| Ok(()))?,
+                (set, _, None) => {
+                    let mut a = Acts::new(be, rows, &dims)?;
+                    a.x_in = Some(copy_of(be, &x)?);
+                    a.x_mid = Some(be.zeros(be.len(&x))?);
+                    self.block_forward(l, &mut x, &mut a, KvTarget::Own, &ctx, set.map(Adapters::shared), &mut |_, _, _| Ok(()))?;
+                    saved.push(a);
+                }
             }
         }
-        drop(scratch);
+        drop((attn_scratch, scratch));
         let hidden = self.final_norm(&x, rows)?;
         let kept = targets.iter().filter(|&&t| t != IGNORE).count();
         let scale = if kept == 0 { 0.0 } else { opts.grad_scale / kept as f32 };
         let (loss_sum, d_hidden) = self.head_loss(&hidden, &targets, rows, backward.then_some(scale), opts.loss_chunk)?;
+        drop(hidden);
         let result = StepResult { loss: if kept == 0 { 0.0 } else { loss_sum / kept as f64 }, tokens: kept };
         let (Some(Adapters::Training(set)), Some(d_hidden)) = (adapters.as_mut(), d_hidden) else {
             return Ok(result);
@@ -148,19 +155,15 @@ impl<B: Backend> Decoder<B> {
         let s = &self.spec;
         let mut dx = be.zeros(rows * s.hidden_size)?;
         be.rmsnorm_backward(&x, &self.norm, &d_hidden, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut dx, false)?;
+        drop((x, d_hidden));
         for l in (0..self.blocks.len()).rev() {
-            if keep_all {
-                self.block_backward(l, &mut dx, &saved[l], &ctx, set)?;
-                saved.pop();
-            } else {
+            if checkpointed {
                 // Recompute the block from its saved input with the same dropout masks.
                 let x_in = be.restore(&inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?)?;
-                let mut a = Acts::new(be, rows, &dims)?;
-                let mut x = copy_of(be, &x_in)?;
-                a.x_in = Some(x_in);
-                a.x_mid = Some(be.zeros(be.len(&x))?);
-                self.block_forward(l, &mut x, &mut a, KvTarget::Own, &ctx, Some(set), &mut |_, _, _| Ok(()))?;
-                self.block_backward(l, &mut dx, &a, &ctx, set)?;
+                self.block_recompute_backward(l, &x_in, &mut dx, &ctx, set, chunk)?;
+            } else {
+                self.block_backward(l, &mut dx, &saved[l], &ctx, set)?;
+                saved.pop();
             }
         }
         Ok(result)
@@ -216,10 +219,4 @@ impl<B: Backend> Adapters<'_, B> {
             Adapters::Training(s) => s,
         }
     }
-}
-
-fn copy_of<B: Backend>(be: &B, x: &B::Buf) -> Result<B::Buf> {
-    let mut y = be.zeros(be.len(x))?;
-    be.copy(x, 0, &mut y, 0, be.len(x))?;
-    Ok(y)
 }

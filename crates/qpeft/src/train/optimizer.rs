@@ -197,11 +197,12 @@ impl AdamW {
                         return Err(Error::Invalid(format!("optimizer state of `{name}` has {} elements, the parameter {n}", be.len(m))));
                     }
                     let s = self.adam_step(lr, c1, c2, grad_coef);
+                    p.grad_mut(be)?;
                     be.adamw(&mut p.value, &p.grad, m, v, s)?;
                 }
                 Moments::Q8 { m, m_absmax, v, v_absmax } => {
                     let mut value = be.download(&p.value)?;
-                    let mut grad = be.download(&p.grad)?;
+                    let mut grad = be.download(p.grad_mut(be)?)?;
                     if grad_coef != 1.0 {
                         grad.iter_mut().for_each(|g| *g *= grad_coef);
                     }

@@ -183,7 +183,7 @@ pub fn load_data(cfg: &RunConfig, tok: &Tokenizer) -> Result<(Vec<Example>, Vec<
 
 /// The target-token-weighted mean loss over `examples` (batches of `batch`) and the number of target tokens.
 fn loss_over<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, collator: &Collator<'_>, examples: &[Example], batch: usize, loss_chunk: usize) -> Result<(f64, usize)> {
-    let opts = StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk };
+    let opts = StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk, mlp_chunk: None };
     let items: Vec<Tokenized> = examples.iter().map(|x| collator.tokenize(x)).collect::<Result<_>>()?;
     let (mut sum, mut tokens) = (0f64, 0usize);
     for chunk in items.chunks(batch.max(1)) {
@@ -366,6 +366,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                     seed: micro_seed(t.seed, step, micro),
                     grad_scale: 1.0 / t.grad_accum as f32,
                     loss_chunk: t.loss_chunk,
+                    mlp_chunk: None,
                 };
                 let r = self.model.loss_and_backward(&batch, &mut self.set, &opts)?;
                 if !r.loss.is_finite() {

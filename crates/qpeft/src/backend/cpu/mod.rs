@@ -347,12 +347,12 @@ impl<T: Real> Backend for Cpu<T> {
         Ok(())
     }
 
-    fn dropout(&self, x: &Vec<T>, p: f32, seed: u64, out: &mut Vec<T>) -> Result<()> {
+    fn dropout(&self, x: &Vec<T>, p: f32, seed: u64, first: u64, out: &mut Vec<T>) -> Result<()> {
         check(x.len() == out.len() && (0.0..1.0).contains(&p), "dropout", || format!("x {}, out {}, p {p}", x.len(), out.len()))?;
         let keep = T::one() / (T::one() - T::of(p));
         out.par_chunks_mut(ELEM_CHUNK).zip(x.par_chunks(ELEM_CHUNK)).enumerate().for_each(|(c, (o, x))| {
             for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                *o = if dropout_keeps(seed, (c * ELEM_CHUNK + i) as u64, p) { x * keep } else { T::zero() };
+                *o = if dropout_keeps(seed, first + (c * ELEM_CHUNK + i) as u64, p) { x * keep } else { T::zero() };
             }
         });
         Ok(())

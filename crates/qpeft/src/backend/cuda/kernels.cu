@@ -233,10 +233,10 @@ extern "C" __global__ void group_expand(const float* h, long long rows, int widt
 }
 
 // The CPU's dropout_keeps: SplitMix64 of (seed, i), 24 bits to a uniform in [0, 1).
-extern "C" __global__ void dropout(const float* x, float p, u64 seed, float* out, long long n) {
+extern "C" __global__ void dropout(const float* x, float p, u64 seed, u64 first, float* out, long long n) {
     float keep = 1.0f / (1.0f - p);
     GRID_STRIDE(i, n) {
-        u64 z = seed ^ ((u64)i * 0x9E3779B97F4A7C15ull);
+        u64 z = seed ^ ((first + (u64)i) * 0x9E3779B97F4A7C15ull);
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
         z ^= z >> 31;

@@ -451,10 +451,10 @@ impl Backend for Cuda {
         launch!(self, "group_expand", grid(rows * g.width), h, &r, &w, &gs, &m, &scale, y, &acc)
     }
 
-    fn dropout(&self, x: &Self::Buf, p: f32, seed: u64, out: &mut Self::Buf) -> Result<()> {
+    fn dropout(&self, x: &Self::Buf, p: f32, seed: u64, first: u64, out: &mut Self::Buf) -> Result<()> {
         check(x.len() == out.len() && (0.0..1.0).contains(&p), "dropout", || format!("x {}, out {}, p {p}", x.len(), out.len()))?;
         let n = x.len() as i64;
-        launch!(self, "dropout", grid(x.len()), x, &p, &seed, out, &n)
+        launch!(self, "dropout", grid(x.len()), x, &p, &seed, &first, out, &n)
     }
 
     fn sum_squares(&self, x: &Self::Buf) -> Result<f64> {
