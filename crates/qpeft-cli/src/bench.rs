@@ -69,7 +69,7 @@ fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
         seq: args.seq,
         steps: args.steps,
         warmup: args.warmup,
-        step: StepOptions { checkpointing: t.checkpointing, dropout: true, seed: t.seed, grad_scale: 1.0, loss_chunk: t.loss_chunk, mlp_chunk: None },
+        step: StepOptions { checkpointing: t.checkpointing, dropout: true, seed: t.seed, grad_scale: 1.0, loss_chunk: t.loss_chunk, mlp_chunk: t.mlp_chunk },
         optimizer: AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, bits: cfg.state_bits(), min_8bit_size: t.min_8bit_size },
         lr: t.lr as f32,
         max_grad_norm: t.max_grad_norm,

@@ -78,14 +78,20 @@ impl<B: Backend> Acts<B> {
     }
 }
 
-/// Rows per MLP chunk in a checkpointed training pass: at most `limit`, else as many as keep one [rows,
-/// intermediate] f32 buffer within `MLP_CHUNK_BYTES`, split evenly. The MLP works row by row, and its
-/// intermediate activations and their gradients are a block's largest buffers (86 MiB each at LLaMA-7B's 11008
-/// for 2048 rows), so running it in chunks bounds the working set of the recompute and backward.
+/// Rows per MLP chunk in a checkpointed training pass. The MLP works row by row, and its intermediate
+/// activations and their gradients are a block's largest buffers (86 MiB each at LLaMA-7B's 11008 for 2048 rows),
+/// so running it in chunks bounds the working set of the recompute and backward. `limit` sets the most rows;
+/// by default the rows are split evenly into chunks of about `MLP_CHUNK_BYTES` of f32 [rows, intermediate], rounded
+/// up to a multiple of 128 rows (GEMM tiles).
 pub(crate) fn mlp_chunk(rows: usize, ff: usize, limit: Option<usize>) -> usize {
     const MLP_CHUNK_BYTES: usize = 32 << 20;
-    let most = limit.unwrap_or(MLP_CHUNK_BYTES / (4 * ff)).max(1);
-    rows.div_ceil(rows.div_ceil(most).max(1)).max(1)
+    const TILE: usize = 128;
+    if let Some(most) = limit {
+        return most.clamp(1, rows.max(1));
+    }
+    let most = (MLP_CHUNK_BYTES / (4 * ff)).max(1);
+    let even = rows.div_ceil(rows.div_ceil(most).max(1));
+    even.div_ceil(TILE).saturating_mul(TILE).clamp(1, rows.max(1))
 }
 
 /// Widths of the activations.

@@ -117,6 +117,10 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     /// Rows per LM-head chunk of the loss.
     pub loss_chunk: usize,
+    /// Most rows per MLP chunk with checkpointing (unset: chunks of about 32 MiB of f32 intermediate
+    /// activations, `model::block::mlp_chunk`). Larger chunks use more memory and re-dequantize the MLP weights
+    /// less often.
+    pub mlp_chunk: Option<usize>,
 }
 
 impl Default for TrainSection {
@@ -142,6 +146,7 @@ impl Default for TrainSection {
             checkpoint_every: 100,
             keep_checkpoints: 2,
             loss_chunk: 256,
+            mlp_chunk: None,
         }
     }
 }
@@ -307,7 +312,7 @@ impl RunConfig {
                 return bad(field, "must be at least 1".into());
             }
         }
-        for (field, v) in [("data.source_max_len", d.source_max_len), ("data.target_max_len", d.target_max_len), ("train.loss_chunk", t.loss_chunk), ("eval.batch_size", e.batch_size)] {
+        for (field, v) in [("data.source_max_len", d.source_max_len), ("data.target_max_len", d.target_max_len), ("train.loss_chunk", t.loss_chunk), ("train.mlp_chunk", t.mlp_chunk.unwrap_or(1)), ("eval.batch_size", e.batch_size)] {
             if v == 0 {
                 return bad(field, "must be at least 1".into());
             }

@@ -366,7 +366,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                     seed: micro_seed(t.seed, step, micro),
                     grad_scale: 1.0 / t.grad_accum as f32,
                     loss_chunk: t.loss_chunk,
-                    mlp_chunk: None,
+                    mlp_chunk: t.mlp_chunk,
                 };
                 let r = self.model.loss_and_backward(&batch, &mut self.set, &opts)?;
                 if !r.loss.is_finite() {
