@@ -7,6 +7,8 @@
 //! Backward tasks own one (sequence, KV head) so that the dK/dV sums over the query heads sharing it
 //! (GQA) need no synchronisation.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use super::gemm::{gemm_strided, Strided};
@@ -60,7 +62,18 @@ fn blocks(s: &AttentionShape) -> usize {
     s.q_len.div_ceil(QUERY_BLOCK)
 }
 
-pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: AttentionShape, out: &mut [T]) {
+/// Products' operands as the GPU's TF32 products see them (`tf32`), or as they are.
+fn operand<T: Real>(x: &[T], tf32: bool) -> Cow<'_, [T]> {
+    if tf32 {
+        Cow::Owned(x.iter().map(|&v| T::of(super::tf32_rna(v.to_f32().unwrap_or(f32::NAN)))).collect())
+    } else {
+        Cow::Borrowed(x)
+    }
+}
+
+/// With `tf32`, every product takes TF32-rounded operands (the CUDA bf16 mode's attention GEMMs).
+pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: AttentionShape, out: &mut [T], tf32: bool) {
+    let (q, k, v) = (&operand(q, tf32)[..], &operand(k, tf32)[..], &operand(v, tf32)[..]);
     let d = s.head_dim;
     let tasks: Vec<Block> = (0..s.batch)
         .flat_map(|b| (0..s.heads).flat_map(move |h| (0..blocks(&s)).map(move |qb| (b, h, qb))))
@@ -71,7 +84,7 @@ pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: Attentio
         .map(|blk| {
             let p = blk.probabilities(q, k, key_mask, &s);
             let mut o = vec![T::zero(); blk.rows * d];
-            gemm_strided((blk.rows, d, blk.keys), &mut o, Strided::rows(d), &p, Strided::rows(blk.keys), v, blk.kv_view(&s), T::one(), false, false);
+            gemm_strided((blk.rows, d, blk.keys), &mut o, Strided::rows(d), &operand(&p, tf32), Strided::rows(blk.keys), v, blk.kv_view(&s), T::one(), false, false);
             o
         })
         .collect();
@@ -91,7 +104,9 @@ pub fn backward<T: Real>(
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
+    tf32: bool,
 ) {
+    let (q, k, v, dout) = (&operand(q, tf32)[..], &operand(k, tf32)[..], &operand(v, tf32)[..], &operand(dout, tf32)[..]);
     let d = s.head_dim;
     let group = s.heads / s.kv_heads;
     let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..s.kv_heads).map(move |kh| (b, kh))).collect();
@@ -111,7 +126,7 @@ pub fn backward<T: Real>(
                     let (qv, kvv) = (blk.q_view(&s), blk.kv_view(&s));
                     let scale = T::of(s.scale);
                     // dV[keys] += Pᵀ·dO.
-                    gemm_strided((keys, d, rows), &mut dv_t, Strided::rows(d), &p, Strided::rows(keys).t(), dout, qv, T::one(), true, false);
+                    gemm_strided((keys, d, rows), &mut dv_t, Strided::rows(d), &operand(&p, tf32), Strided::rows(keys).t(), dout, qv, T::one(), true, false);
                     // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
                     let mut ds = vec![T::zero(); rows * keys];
                     gemm_strided((rows, keys, d), &mut ds, Strided::rows(keys), dout, qv, v, kvv.t(), T::one(), false, false);
@@ -121,6 +136,7 @@ pub fn backward<T: Real>(
                             *x = pj * (*x - dot);
                         }
                     }
+                    let ds = operand(&ds, tf32);
                     let mut dq_b = vec![T::zero(); rows * d];
                     gemm_strided((rows, d, keys), &mut dq_b, Strided::rows(d), &ds, Strided::rows(keys), k, kvv, scale, false, false);
                     gemm_strided((keys, d, rows), &mut dk_t, Strided::rows(d), &ds, Strided::rows(keys).t(), q, qv, scale, true, false);

@@ -1,10 +1,12 @@
 //! The CPU backend: rayon over rows, the `gemm` crate for matrix products. It is the reference every other
 //! backend is checked against. It computes in f32 (`Cpu::new()`) or, for finite-difference checks of the
-//! backward pass, in f64 (`Cpu::f64()`): the same kernels, instantiated twice.
+//! backward pass, in f64 (`Cpu::f64()`): the same kernels, instantiated twice. `Cpu::bf16()` is the f32 backend
+//! with the CUDA bf16 mode's roundings, so that the GPU's bf16 numerics can be checked at their own precision.
 
 mod attention;
 pub mod gemm;
 
+use std::borrow::Cow;
 use std::fmt::Debug;
 use std::marker::PhantomData;
 
@@ -46,18 +48,63 @@ impl Real for f64 {
 }
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu<T = f32>(PhantomData<T>);
+pub struct Cpu<T = f32> {
+    bf16: bool,
+    _t: PhantomData<T>,
+}
 
 impl Cpu<f32> {
     pub const fn new() -> Self {
-        Cpu(PhantomData)
+        Cpu { bf16: false, _t: PhantomData }
+    }
+
+    /// f32 kernels rounding where the CUDA backend's bf16 mode (`Precision::Bf16`) rounds: base weights and
+    /// embedding tables are stored as bf16, base products take bf16 inputs (output gradients in backward),
+    /// checkpointed block inputs are saved as bf16, and the other products (adapters, attention) take TF32 inputs.
+    /// Products accumulate in f32 as on the tensor cores. Attention rounds its inputs only, where the GPU also
+    /// rounds the probabilities and their gradients inside, so agreement is close rather than exact.
+    pub const fn bf16() -> Self {
+        Cpu { bf16: true, _t: PhantomData }
     }
 }
 
 impl Cpu<f64> {
     /// The f64 instance, for finite-difference checks.
     pub const fn f64() -> Self {
-        Cpu(PhantomData)
+        Cpu { bf16: false, _t: PhantomData }
+    }
+}
+
+/// The nearest bf16 (ties to even), as `__float2bfloat16_rn`.
+fn bf16_rne(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// The nearest TF32 (10 explicit mantissa bits, ties away from zero), as `cvt.rna.tf32.f32`.
+fn tf32_rna(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    f32::from_bits((x.to_bits() + 0x1000) & !0x1fff)
+}
+
+impl<T: Real> Cpu<T> {
+    /// x with `round` applied to every value in the bf16 emulation; x itself otherwise.
+    fn rounded<'a>(&self, x: &'a [T], round: fn(f32) -> f32) -> Cow<'a, [T]> {
+        if !self.bf16 {
+            return Cow::Borrowed(x);
+        }
+        Cow::Owned(x.par_iter().map(|v| T::of(round(v.to_f32().unwrap_or(f32::NAN)))).collect())
+    }
+
+    fn gemm(&self, a: &[T], b: &[T], out: &mut [T], s: MatMul) -> Result<()> {
+        check(a.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || {
+            format!("sizes {}, {}, {} do not fit {s:?}", a.len(), b.len(), out.len())
+        })?;
+        let lhs = if s.a_transposed { Strided::rows(s.m).t() } else { Strided::rows(s.k) };
+        let rhs = if s.b_transposed { Strided::rows(s.k).t() } else { Strided::rows(s.n) };
+        gemm_strided((s.m, s.n, s.k), out, Strided::rows(s.n), a, lhs, b, rhs, T::of(s.alpha), s.accumulate, true);
+        Ok(())
     }
 }
 
@@ -68,7 +115,12 @@ impl<T: Real> Backend for Cpu<T> {
     type Saved = Vec<T>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads{})", rayon::current_num_threads(), if size_of::<T>() == 8 { ", f64" } else { "" })
+        let kind = match (size_of::<T>(), self.bf16) {
+            (8, _) => ", f64",
+            (_, true) => ", bf16 emulation",
+            _ => "",
+        };
+        format!("cpu ({} threads{kind})", rayon::current_num_threads())
     }
     fn upload(&self, data: &[f32]) -> Result<Vec<T>> {
         Ok(data.iter().map(|&x| T::of(x)).collect())
@@ -87,7 +139,7 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn save(&self, x: &Vec<T>) -> Result<Vec<T>> {
-        Ok(x.clone())
+        Ok(self.rounded(x, bf16_rne).into_owned())
     }
     fn restore(&self, saved: &Vec<T>) -> Result<Vec<T>> {
         Ok(saved.clone())
@@ -95,18 +147,18 @@ impl<T: Real> Backend for Cpu<T> {
 
     fn upload_weight(&self, dense: &[f32], _base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<Vec<T>> {
         check(dense.len() == out_dim * in_dim, "upload_weight", || format!("{} values for a {out_dim} × {in_dim} weight", dense.len()))?;
-        self.upload(dense)
+        Ok(self.rounded(&self.upload(dense)?, bf16_rne).into_owned())
     }
     fn weight_values(&self, w: &Vec<T>) -> Result<Vec<T>> {
         Ok(w.clone())
     }
     fn linear(&self, x: &Vec<T>, w: &Vec<T>, rows: usize, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
         let (in_dim, out_dim) = (x.len() / rows.max(1), out.len() / rows.max(1));
-        self.matmul(x, w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
+        self.gemm(&self.rounded(x, bf16_rne), w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
     }
     fn linear_backward(&self, dy: &Vec<T>, w: &Vec<T>, rows: usize, dx: &mut Vec<T>, accumulate: bool) -> Result<()> {
         let (out_dim, in_dim) = (dy.len() / rows.max(1), dx.len() / rows.max(1));
-        self.matmul(dy, w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
+        self.gemm(&self.rounded(dy, bf16_rne), w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
     }
 
     fn embedding(&self, table: &Vec<T>, ids: &Vec<u32>, dim: usize, scale: f32, out: &mut Vec<T>) -> Result<()> {
@@ -126,13 +178,7 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn matmul(&self, a: &Vec<T>, b: &Vec<T>, out: &mut Vec<T>, s: MatMul) -> Result<()> {
-        check(a.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || {
-            format!("sizes {}, {}, {} do not fit {s:?}", a.len(), b.len(), out.len())
-        })?;
-        let lhs = if s.a_transposed { Strided::rows(s.m).t() } else { Strided::rows(s.k) };
-        let rhs = if s.b_transposed { Strided::rows(s.k).t() } else { Strided::rows(s.n) };
-        gemm_strided((s.m, s.n, s.k), out, Strided::rows(s.n), a, lhs, b, rhs, T::of(s.alpha), s.accumulate, true);
-        Ok(())
+        self.gemm(&self.rounded(a, tf32_rna), &self.rounded(b, tf32_rna), out, s)
     }
 
     fn add_bias(&self, x: &mut Vec<T>, bias: &Vec<T>) -> Result<()> {
@@ -189,7 +235,7 @@ impl<T: Real> Backend for Cpu<T> {
 
     fn attention(&self, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, key_mask: &Vec<u32>, s: AttentionShape, out: &mut Vec<T>) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len()])?;
-        attention::forward(q, k, v, key_mask, s, out);
+        attention::forward(q, k, v, key_mask, s, out, self.bf16);
         Ok(())
     }
 
@@ -296,7 +342,7 @@ impl<T: Real> Backend for Cpu<T> {
     ) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[dout.len(), dq.len()])?;
         check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len()))?;
-        attention::backward(q, k, v, key_mask, s, dout, dq, dk, dv);
+        attention::backward(q, k, v, key_mask, s, dout, dq, dk, dv, self.bf16);
         Ok(())
     }
 

@@ -1,0 +1,81 @@
+//! `Cpu::bf16()`, the CPU reference for the CUDA backend's bf16 mode: it rounds exactly where that mode rounds —
+//! bf16 (nearest, ties to even) for base weights, embedding tables, base-product inputs, their output gradients
+//! and checkpoints; TF32 (nearest, ties away) for the other products' operands — and nowhere else. Expected values
+//! are hand-derived from the formats (bf16: 8 significant bits, TF32: 11).
+
+mod common;
+
+use common::{batch, fixtures};
+use qpeft::backend::cpu::Cpu;
+use qpeft::backend::{Backend, MatMul};
+use qpeft::model::{Checkpoint, Decoder};
+use qpeft::quant::base::BaseWeight;
+
+const BE: Cpu = Cpu::bf16();
+
+/// 1 + k·2^-e.
+fn one_plus(k: f32, e: i32) -> f32 {
+    1.0 + k * 2f32.powi(-e)
+}
+
+#[test]
+fn weights_and_checkpoints_round_to_bf16_nearest_even() {
+    // bf16 steps are 2^-7 in [1, 2) and 4 in [512, 1024): halfway goes to the even neighbour (1 and 1000 = 250·4
+    // are even, 1004 odd), anything past halfway up.
+    let dense = [one_plus(1.0, 8), one_plus(3.0, 8), one_plus(1.0, 8) + 2f32.powi(-20), -one_plus(1.0, 9), 1002.0, 1006.0, 1000.3];
+    let want = vec![1.0, one_plus(2.0, 7), one_plus(1.0, 7), -1.0, 1000.0, 1008.0, 1000.0];
+    let w = BE.upload_weight(&dense, &BaseWeight::Dense, 1, dense.len()).unwrap();
+    let got = BE.weight_values(&w).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(BE.restore(&BE.save(&dense.to_vec()).unwrap()).unwrap(), got);
+    // The plain f32 backend keeps every bit.
+    let cpu = Cpu::new();
+    assert_eq!(cpu.restore(&cpu.save(&dense.to_vec()).unwrap()).unwrap(), dense.to_vec());
+}
+
+#[test]
+fn base_products_round_their_inputs_and_output_gradients_to_bf16() {
+    // y = x·w with x = 1 + 2^-8 + 2^-10 (bf16: 1 + 2^-7) and w = 1 + 2^-9 (bf16: 1): exactly 1 + 2^-7.
+    let w = BE.upload_weight(&[one_plus(1.0, 9)], &BaseWeight::Dense, 1, 1).unwrap();
+    let mut y = vec![0.0];
+    BE.linear(&vec![one_plus(1.0, 8) + 2f32.powi(-10)], &w, 1, &mut y, false).unwrap();
+    assert_eq!(y, vec![one_plus(1.0, 7)]);
+    // Accumulation stays in f32: 0.25 + that product keeps all its bits.
+    let mut y = vec![0.25];
+    BE.linear(&vec![one_plus(1.0, 8) + 2f32.powi(-10)], &w, 1, &mut y, true).unwrap();
+    assert_eq!(y, vec![1.25 + 2f32.powi(-7)]);
+    // Backward rounds dy the same way.
+    let mut dx = vec![0.0];
+    BE.linear_backward(&vec![one_plus(3.0, 9)], &w, 1, &mut dx, false).unwrap();
+    assert_eq!(dx, vec![one_plus(1.0, 7)]);
+}
+
+#[test]
+fn other_products_round_their_operands_to_tf32_nearest_away() {
+    // TF32 steps are 2^-10 in [1, 2): 1 + 2^-11 is halfway and goes away from zero; less than halfway goes down.
+    let cases = [(one_plus(1.0, 11), one_plus(1.0, 10)), (-one_plus(1.0, 11), -one_plus(1.0, 10)), (one_plus(1.0, 12), 1.0), (one_plus(3.0, 12), one_plus(1.0, 10))];
+    for (x, want) in cases {
+        let mut out = vec![0.0];
+        BE.matmul(&vec![x], &vec![1.0], &mut out, MatMul::new(1, 1, 1)).unwrap();
+        assert_eq!(out[0], want, "tf32({x})");
+    }
+    let mut out = vec![0.0];
+    Cpu::new().matmul(&vec![one_plus(1.0, 12)], &vec![1.0], &mut out, MatMul::new(1, 1, 1)).unwrap();
+    assert_eq!(out[0], one_plus(1.0, 12), "the f32 backend does not round");
+}
+
+/// A whole model in the emulation stays close to f32 (bf16 noise, not a different function) but not equal to it.
+#[test]
+fn the_emulated_model_is_f32_up_to_bf16_noise() {
+    let ckpt = Checkpoint::open(&fixtures().join("tiny-llama")).unwrap();
+    let logits = |be: Cpu| {
+        let m = Decoder::load(&ckpt, be).unwrap();
+        let b = batch(m.spec.vocab_size);
+        let mut cache = m.new_cache(2, 7).unwrap();
+        let h = m.forward(&b.input, &mut cache).unwrap();
+        m.logits(&h, 14).unwrap()
+    };
+    let (a, b) = (logits(Cpu::bf16()), logits(Cpu::new()));
+    let err = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f32>().sqrt() / b.iter().map(|y| y * y).sum::<f32>().sqrt();
+    assert!(err > 1e-4 && err < 2e-2, "relative logit distance {err:e}");
+}
