@@ -344,17 +344,21 @@ fn smollm2_matches_the_cpu_for_every_method() {
 }
 
 /// Every case on the CPU and on CUDA in both precisions, each against the CPU at its own precision (F32: f32; Bf16:
-/// `Cpu::bf16()`, the same roundings), errors as ‖Δ‖₂/‖ref‖₂ per tensor.
-/// - F32, with every adapter parameter uniform in ±`f32_init`: ≤ 1e-4, except single-value gradients (IR-QLoRA's IEC
-///   β), long sums whose terms cancel, where f32 summation-order noise alone reaches ~5e-3 on SmolLM2: ≤ 1e-2. The
-///   tiny models use ±0.2 (adapters that dominate the base, so every path carries weight); SmolLM2 uses ±0.02, as at
-///   ±0.2 its 30 adapted blocks are chaotic enough to lift f32 summation noise to 1–8e-4.
-/// - Bf16, with adapter parameters uniform in ±0.02 (the scale of trained adapters; at ±0.2 the adapted network is
-///   chaotic and amplifies any rounding): logits, loss and every gradient tensor ≤ 1e-2. Single-value gradients
-///   (sums that cancel) are checked in F32 only.
+/// `Cpu::bf16()`, the same roundings), errors as ‖Δ‖₂/‖ref‖₂.
+/// - F32, with every adapter parameter uniform in ±`f32_init`: every tensor ≤ 1e-4, except single-value gradients
+///   (IR-QLoRA's IEC β), long sums whose terms cancel, where f32 summation-order noise alone reaches ~5e-3 on SmolLM2:
+///   ≤ 1e-2. The tiny models use ±0.2 (adapters that dominate the base, so every path carries weight); SmolLM2 uses
+///   ±0.02, as at ±0.2 its 30 adapted blocks are chaotic enough to lift f32 summation noise to 1–8e-4.
+/// - Bf16, with adapter parameters uniform in ±0.02 (the scale of trained adapters): logits and loss ≤ 1e-2; each
+///   pass's adapter gradients, as one vector, ≤ `BF16_VECTOR`; every gradient tensor ≤ `BF16_TENSOR` (a wrong
+///   gradient is off by ~1). Two bf16 computations cannot agree more closely than bf16 itself resolves: rounding to
+///   bf16 turns a difference δ (f32 summation order, TF32 details) into about √(δ·2⁻⁸) at every rounding point, so
+///   through the depth of a model any two of them drift toward the precision's own noise. Measured on an H100: ≤ 1e-2
+///   on the tiny models and SmolLM2's first 6 blocks, 1.5–2.3e-2 on all 30 (2.1–2.5e-2 from f32). Single-value
+///   gradients (sums that cancel) are checked in F32 only.
 ///
-/// The Bf16 results' distance from f32 — the precision itself, not the implementation — is printed beside them
-/// (`Cpu::bf16()` against f32 is checked in CI by tests/bf16_emulation.rs).
+/// The Bf16 results' distance from f32 is printed beside them: the precision itself, as large for the CPU emulation
+/// (tests/bf16_emulation.rs checks the emulation's roundings in CI).
 fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32) {
     let mut failures = Vec::new();
     for precision in [Precision::F32, Precision::Bf16] {
@@ -363,54 +367,79 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32)
         }
         for (model, cfg, nf4) in cases {
             let family = model.file_name().unwrap().to_string_lossy();
+            let case = format!("{precision:?} {family} {} {:?}", if *nf4 { "nf4" } else { "dense" }, cfg.method);
             let init = if precision == Precision::F32 { f32_init } else { 0.02 };
             let reference = if precision == Precision::F32 { Cpu::new() } else { Cpu::bf16() };
             let want = model_outputs(model, reference, cfg, *nf4, init);
             let got = model_outputs(model, Cuda::new(0, precision).unwrap(), cfg, *nf4, init);
-            let (mut worst_out, mut grads) = (0f32, Vec::new());
-            for ((name, a), (_, b)) in got.iter().zip(&want) {
-                let output = name.starts_with("logits") || name.starts_with("loss");
-                let (e, tol) = match precision {
-                    Precision::F32 if a.len() == 1 && !output => (rel_l2(a, b), 1e-2),
-                    Precision::F32 => (rel_l2(a, b), 1e-4),
-                    Precision::Bf16 if a.len() == 1 && !output => continue,
-                    Precision::Bf16 => (rel_l2(a, b), 1e-2),
-                };
-                if output {
-                    worst_out = worst_out.max(e);
-                } else {
-                    grads.push(e);
-                }
-                if e > tol {
-                    failures.push(format!("{precision:?} {family} nf4={nf4} {:?}: {name}: relative error {e:.3e} > {tol:.0e} (max-norm {:.3e})", cfg.method, rel(a, b)));
-                }
-            }
-            let base = if *nf4 { "nf4" } else { "dense" };
-            let method = format!("{:?}", cfg.method).chars().take(28).collect::<String>();
-            eprintln!("{precision:?} {family:<16} {base:<5} {method:<28} {}", summary(worst_out, grads));
-            if precision == Precision::Bf16 {
-                let f32_ref = model_outputs(model, Cpu::new(), cfg, *nf4, init);
-                let (mut out_gap, mut grad_gap) = (0f32, Vec::new());
-                for ((name, a), (_, b)) in got.iter().zip(&f32_ref).filter(|(g, _)| g.1.len() > 1 || g.0.starts_with("loss")) {
-                    let e = rel_l2(a, b);
-                    if name.starts_with("logits") || name.starts_with("loss") {
-                        out_gap = out_gap.max(e);
-                    } else {
-                        grad_gap.push(e);
+            let c = Comparison::of(&got, &want);
+            let mut fail = |what: String| failures.push(format!("{case}: {what}"));
+            match precision {
+                Precision::F32 => {
+                    for (name, e, single) in &c.tensors {
+                        let tol = if *single { 1e-2 } else { 1e-4 };
+                        if *e > tol {
+                            fail(format!("{name}: relative error {e:.3e} > {tol:.0e}"));
+                        }
                     }
                 }
-                eprintln!("     ... distance from f32 {:>45} {}", "", summary(out_gap, grad_gap));
+                Precision::Bf16 => {
+                    for (name, e, single) in &c.tensors {
+                        let output = name.starts_with("logits") || name.starts_with("loss");
+                        let tol = if output { 1e-2 } else { BF16_TENSOR };
+                        if !single && *e > tol {
+                            fail(format!("{name}: relative error {e:.3e} > {tol:.0e}"));
+                        }
+                    }
+                    if c.vector > BF16_VECTOR {
+                        fail(format!("gradients as one vector: relative error {:.3e} > {BF16_VECTOR:.0e}", c.vector));
+                    }
+                }
+            }
+            eprintln!("{case:<60.60} {}", c.summary());
+            if precision == Precision::Bf16 {
+                let f32_ref = model_outputs(model, Cpu::new(), cfg, *nf4, init);
+                eprintln!("{:<60} {}", "     ... the same against f32", Comparison::of(&got, &f32_ref).summary());
             }
         }
     }
     assert!(failures.is_empty(), "{} tensors out of tolerance:\n{}", failures.len(), failures.join("\n"));
 }
 
-/// The worst logits/loss error and the median and largest gradient errors.
-fn summary(outputs: f32, mut grads: Vec<f32>) -> String {
-    grads.sort_by(f32::total_cmp);
-    let median = grads.get(grads.len() / 2).copied().unwrap_or(0.0);
-    format!("logits/loss {outputs:.2e}; {} gradients: median {median:.2e}, max {:.2e}", grads.len(), grads.last().copied().unwrap_or(0.0))
+/// Bf16 gradient tolerances (see `models_match_the_cpu`): all of a pass's gradients as one vector, and any one tensor.
+const BF16_VECTOR: f32 = 3e-2;
+const BF16_TENSOR: f32 = 0.1;
+
+/// One case's errors: (name, ‖Δ‖₂/‖ref‖₂, single value) per output, and the larger of the two passes' gradient
+/// errors with all of a pass's gradient tensors as one vector.
+struct Comparison {
+    tensors: Vec<(String, f32, bool)>,
+    vector: f32,
+}
+
+impl Comparison {
+    fn of(got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)]) -> Self {
+        let tensors = got.iter().zip(want).map(|((name, a), (_, b))| (name.clone(), rel_l2(a, b), a.len() == 1 && name.contains("grad"))).collect();
+        let pass = |v: &[(String, Vec<f32>)], ckpt: bool| {
+            let tag = format!("grad ckpt={ckpt}");
+            v.iter().filter(|(n, g)| n.ends_with(&tag) && g.len() > 1).flat_map(|(_, g)| g.iter().copied()).collect::<Vec<f32>>()
+        };
+        let vector = [false, true].map(|ckpt| rel_l2(&pass(got, ckpt), &pass(want, ckpt))).into_iter().fold(0f32, f32::max);
+        Comparison { tensors, vector }
+    }
+
+    fn summary(&self) -> String {
+        let outputs = self.tensors.iter().filter(|(n, ..)| !n.contains("grad")).fold(0f32, |m, t| m.max(t.1));
+        let mut grads: Vec<f32> = self.tensors.iter().filter(|(n, _, single)| n.contains("grad") && !single).map(|t| t.1).collect();
+        grads.sort_by(f32::total_cmp);
+        let median = grads.get(grads.len() / 2).copied().unwrap_or(0.0);
+        format!(
+            "logits/loss {outputs:.2e}; {} gradients: median {median:.2e}, max {:.2e}, as one vector {:.2e}",
+            grads.len(),
+            grads.last().copied().unwrap_or(0.0),
+            self.vector
+        )
+    }
 }
 
 #[test]

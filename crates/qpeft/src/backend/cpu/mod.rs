@@ -80,7 +80,8 @@ fn bf16_rne(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
-/// The nearest TF32 (10 explicit mantissa bits, ties away from zero), as `cvt.rna.tf32.f32`.
+/// The nearest TF32 (10 explicit mantissa bits, ties away from zero), as `cvt.rna.tf32.f32`. (Truncation, the other
+/// candidate, measured 10× further from cuBLAS's TF32 products on an H100.)
 fn tf32_rna(x: f32) -> f32 {
     if !x.is_finite() {
         return x;
