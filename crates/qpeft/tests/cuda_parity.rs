@@ -443,6 +443,16 @@ impl Comparison {
 }
 
 #[test]
+fn an_out_of_vocabulary_label_is_an_error() {
+    let Some(cuda) = gpu(Precision::Bf16) else { return };
+    let m = Decoder::load(&Checkpoint::open(&fixtures().join("tiny-llama")).unwrap(), cuda).unwrap();
+    let mut b = batch(m.spec.vocab_size);
+    b.labels[5] = m.spec.vocab_size as u32;
+    let e = m.loss(&b, None, &StepOptions::default()).map(|_| ()).expect_err("a label past the vocabulary").to_string();
+    assert!(e.contains(&format!("label id {} is outside the vocabulary", m.spec.vocab_size)), "{e}");
+}
+
+#[test]
 fn an_allocation_beyond_the_device_is_an_error() {
     let Some(cuda) = gpu(Precision::Bf16) else { return };
     let total = cuda.device_memory().unwrap().expect("the GPU reports its memory").total;

@@ -151,3 +151,15 @@ fn lora_matches_peft() {
         assert!(e < 1e-5, "{name}: gradient error {e:e}");
     }
 }
+
+#[test]
+fn an_out_of_vocabulary_label_is_refused_before_any_kernel() {
+    let m = model("tiny-llama", Cpu::new());
+    let mut b = batch(m.spec.vocab_size);
+    b.labels[5] = m.spec.vocab_size as u32;
+    let e = m.loss(&b, None, &TRAIN).map(|_| ()).expect_err("a label past the vocabulary").to_string();
+    assert!(e.contains(&format!("label id {} is outside the vocabulary (size {})", m.spec.vocab_size, m.spec.vocab_size)), "{e}");
+    // IGNORE is not a token id.
+    b.labels[5] = IGNORE;
+    m.loss(&b, None, &TRAIN).unwrap();
+}

@@ -54,8 +54,9 @@ pub struct StepResult {
 }
 
 impl Batch {
-    /// The shifted targets, one per row: position t of a sequence is scored on labels[t + 1].
-    fn targets(&self) -> Result<Vec<u32>> {
+    /// The shifted targets, one per row: position t of a sequence is scored on labels[t + 1]. Every kept label must
+    /// be a token id of the vocabulary: checked here, on the host, as a GPU kernel would read out of bounds.
+    fn targets(&self, vocab: usize) -> Result<Vec<u32>> {
         let Input { batch, seq, .. } = self.input;
         if self.labels.len() != batch * seq || self.input.tokens.len() != batch * seq || self.input.mask.len() != batch * seq {
             return Err(Error::Invalid(format!(
@@ -64,6 +65,9 @@ impl Batch {
                 self.input.mask.len(),
                 self.labels.len()
             )));
+        }
+        if let Some(&bad) = self.labels.iter().find(|&&t| t != IGNORE && t as usize >= vocab) {
+            return Err(Error::Invalid(format!("label id {bad} is outside the vocabulary (size {vocab})")));
         }
         Ok((0..batch * seq).map(|r| if r % seq + 1 < seq { self.labels[r + 1] } else { IGNORE }).collect())
     }
@@ -100,7 +104,7 @@ impl<B: Backend> Decoder<B> {
 
     fn pass(&self, batch: &Batch, mut adapters: Option<Adapters<'_, B>>, opts: &StepOptions) -> Result<StepResult> {
         let be = &self.backend;
-        let targets = batch.targets()?;
+        let targets = batch.targets(self.spec.vocab_size)?;
         let Input { batch: nb, seq, .. } = batch.input;
         let rows = nb * seq;
         let positions = be.upload_ints(&batch.positions())?;

@@ -41,7 +41,7 @@ pub struct BenchReport {
     /// device memory.
     pub peak_allocated_mib: Option<f64>,
     pub peak_reserved_mib: Option<f64>,
-    /// Device memory allocated before the first step: the model, the adapters and their gradients.
+    /// Device memory allocated before the first step: the model and the adapters (gradients are allocated by backward).
     pub loaded_allocated_mib: Option<f64>,
     pub peak_rss_mib: Option<f64>,
     /// GPU time per kernel over the timed steps (QPEFT_CUDA_PROFILE set; profiling slows the steps).
