@@ -219,6 +219,8 @@ pub trait Backend: Send + Sync {
     /// An activation kept for a later recomputation (a checkpointed block input): exact on the CPU and in the CUDA
     /// backend's f32 mode, bf16 in its bf16 mode (as a bf16 model keeps its hidden states).
     type Saved: Send + Sync;
+    /// A u8 device buffer (8-bit optimizer states).
+    type Bytes: Send + Sync;
 
     fn name(&self) -> String;
     /// Waits until every queued op has run (timing; a no-op where ops run synchronously).
@@ -239,6 +241,8 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
+    fn upload_bytes(&self, data: &[u8]) -> Result<Self::Bytes>;
+    fn download_bytes(&self, buf: &Self::Bytes) -> Result<Vec<u8>>;
 
     /// Keeps a copy of x for a recomputation (`Saved`), and gives it back as a new buffer.
     fn save(&self, x: &Self::Buf) -> Result<Self::Saved>;
@@ -355,6 +359,24 @@ pub trait Backend: Send + Sync {
     /// One AdamW step on parameter p with gradient g and moments m, v, all in place: g̃ = grad_coef·g,
     /// m ← β1·m + (1 − β1)·g̃, v ← β2·v + (1 − β2)·g̃², p ← p − lr·(c2/c1)·m/(√v + eps·c2), then p ← p·(1 − lr·wd).
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, s: AdamStep) -> Result<()>;
+    /// bitsandbytes' block-wise 8-bit AdamW step (methods.md §8), in place: m and v are 8-bit codes of the signed and
+    /// unsigned dynamic maps with one absmax per `ADAM8_BLOCK` elements. Per block: dequantize both moments, update
+    /// them in f32 from g̃ = grad_coef·g (a non-finite g̃ zeroes them and leaves p alone), step p with the unquantized
+    /// moments as `adamw` does, then re-quantize against the block's new absmax (nearest code, ties to the even index;
+    /// an m code whose sign differs from m moves one step toward m's sign).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_8bit(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Bytes, m_absmax: &mut Self::Buf, v: &mut Self::Bytes, v_absmax: &mut Self::Buf, s: AdamStep) -> Result<()>;
+}
+
+/// Elements per absmax block of the 8-bit optimizer states.
+pub const ADAM8_BLOCK: usize = 256;
+
+/// The size checks of `adamw_8bit`.
+pub(crate) fn check_adamw_8bit(n: usize, g: usize, m: usize, m_absmax: usize, v: usize, v_absmax: usize) -> Result<()> {
+    let blocks = n.div_ceil(ADAM8_BLOCK);
+    check(g == n && m == n && v == n && m_absmax == blocks && v_absmax == blocks, "adamw_8bit", || {
+        format!("p {n}, g {g}, m {m}, v {v}, absmax {m_absmax} and {v_absmax} (need {blocks})")
+    })
 }
 
 /// `Error::Invalid("op: what")` unless `cond`: the size checks every backend makes before touching buffers.

@@ -1,19 +1,15 @@
 //! AdamW as bitsandbytes computes it (methods.md §8): the 32-bit update, and the 8-bit block-wise variant whose
 //! two moments are stored as 8-bit codes of the dynamic maps with one absmax per 256 elements. Gradients are
-//! clipped to a global L2 norm first (HF `clip_grad_norm_`). The 32-bit update runs on the backend (`Backend::adamw`)
-//! with its moments in device buffers; the 8-bit update runs on the host over each parameter's downloaded value and
-//! gradient, with its codes on the host. Checkpoints read both.
+//! clipped to a global L2 norm first (HF `clip_grad_norm_`). Both updates run on the backend (`Backend::adamw`,
+//! `Backend::adamw_8bit`) with their moments in device buffers. Checkpoints read both.
 
 use std::collections::BTreeMap;
 
 use crate::adapters::Param;
-use crate::backend::{AdamStep, Backend};
+use crate::backend::{AdamStep, Backend, ADAM8_BLOCK as BLOCK};
 use crate::error::{Error, Result};
 use crate::formats::safetensors::OwnedTensor;
-use crate::quant::maps::{signed_dynamic, unsigned_dynamic};
 
-/// Elements per absmax block of the 8-bit states.
-pub const BLOCK: usize = 256;
 /// bitsandbytes' default `min_8bit_size`: smaller tensors keep 32-bit states even in 8-bit mode.
 pub const MIN_8BIT_SIZE: usize = 4096;
 
@@ -38,29 +34,13 @@ pub struct AdamW {
 enum Moments<B: Backend> {
     F32 { m: B::Buf, v: B::Buf },
     /// Codes of m (signed map) and v (unsigned map), with per-block absmax.
-    Q8 { m: Vec<u8>, m_absmax: Vec<f32>, v: Vec<u8>, v_absmax: Vec<f32> },
+    Q8 { m: B::Bytes, m_absmax: B::Buf, v: B::Bytes, v_absmax: B::Buf },
 }
 
 /// Optimizer state: the step count and the moments of every parameter, keyed by the parameter's name.
 pub struct OptimizerState<B: Backend> {
     pub step: u64,
     moments: BTreeMap<String, Moments<B>>,
-}
-
-/// Nearest entry of the sorted `code` to `y`, a tie going to the even index (the CUDA kernel's binary search).
-fn nearest(code: &[f32; 256], y: f32) -> u8 {
-    let i = code.partition_point(|&c| c <= y);
-    if i == 0 {
-        return 0;
-    }
-    if i == 256 {
-        return 255;
-    }
-    let (lo, hi) = (i - 1, i);
-    let mid = (code[lo] + code[hi]) * 0.5;
-    // Below the midpoint, or on it with an even lower index: the lower entry.
-    let pick = if y < mid || (y == mid && lo % 2 == 0) { lo } else { hi };
-    pick as u8
 }
 
 impl<B: Backend> OptimizerState<B> {
@@ -79,10 +59,11 @@ impl<B: Backend> OptimizerState<B> {
                     out.insert(format!("{name}.v"), OwnedTensor::f32(vec![v.len()], &v));
                 }
                 Moments::Q8 { m, m_absmax, v, v_absmax } => {
-                    out.insert(format!("{name}.m.codes"), OwnedTensor::u8(vec![m.len()], m.clone()));
-                    out.insert(format!("{name}.m.absmax"), OwnedTensor::f32(vec![m_absmax.len()], m_absmax));
-                    out.insert(format!("{name}.v.codes"), OwnedTensor::u8(vec![v.len()], v.clone()));
-                    out.insert(format!("{name}.v.absmax"), OwnedTensor::f32(vec![v_absmax.len()], v_absmax));
+                    for (suffix, codes, absmax) in [("m", m, m_absmax), ("v", v, v_absmax)] {
+                        let (codes, absmax) = (be.download_bytes(codes)?, be.download(absmax)?);
+                        out.insert(format!("{name}.{suffix}.codes"), OwnedTensor::u8(vec![codes.len()], codes));
+                        out.insert(format!("{name}.{suffix}.absmax"), OwnedTensor::f32(vec![absmax.len()], &absmax));
+                    }
                 }
             }
         }
@@ -101,16 +82,15 @@ impl<B: Backend> OptimizerState<B> {
                 Ok(t)
             };
             let blocks = n.div_ceil(BLOCK);
+            let up = |v: Vec<f32>| be.upload(&v).map_err(|e| e.to_string());
+            let up_bytes = |v: Vec<u8>| be.upload_bytes(&v).map_err(|e| e.to_string());
             let mo = match get(&format!("{name}.m")) {
-                Some(_) => {
-                    let up = |v: Vec<f32>| be.upload(&v).map_err(|e| e.to_string());
-                    Moments::F32 { m: up(want(".m", *n)?.f32()?)?, v: up(want(".v", *n)?.f32()?)? }
-                }
+                Some(_) => Moments::F32 { m: up(want(".m", *n)?.f32()?)?, v: up(want(".v", *n)?.f32()?)? },
                 None => Moments::Q8 {
-                    m: want(".m.codes", *n)?.u8()?,
-                    m_absmax: want(".m.absmax", blocks)?.f32()?,
-                    v: want(".v.codes", *n)?.u8()?,
-                    v_absmax: want(".v.absmax", blocks)?.f32()?,
+                    m: up_bytes(want(".m.codes", *n)?.u8()?)?,
+                    m_absmax: up(want(".m.absmax", blocks)?.f32()?)?,
+                    v: up_bytes(want(".v.codes", *n)?.u8()?)?,
+                    v_absmax: up(want(".v.absmax", blocks)?.f32()?)?,
                 },
             };
             moments.insert(name.clone(), mo);
@@ -184,31 +164,22 @@ impl AdamW {
             if !state.moments.contains_key(&name) {
                 let mo = if eight {
                     let blocks = n.div_ceil(BLOCK);
-                    Moments::Q8 { m: vec![127; n], m_absmax: vec![0.0; blocks], v: vec![0; n], v_absmax: vec![0.0; blocks] }
+                    Moments::Q8 { m: be.upload_bytes(&vec![127; n])?, m_absmax: be.zeros(blocks)?, v: be.upload_bytes(&vec![0; n])?, v_absmax: be.zeros(blocks)? }
                 } else {
                     Moments::F32 { m: be.zeros(n)?, v: be.zeros(n)? }
                 };
                 state.moments.insert(name.clone(), mo);
             }
-            let lr = lr * p.lr_scale;
+            let s = self.adam_step(lr * p.lr_scale, c1, c2, grad_coef);
+            p.grad_mut(be)?;
             match state.moments.get_mut(&name).expect("inserted above") {
                 Moments::F32 { m, v } => {
                     if be.len(m) != n {
                         return Err(Error::Invalid(format!("optimizer state of `{name}` has {} elements, the parameter {n}", be.len(m))));
                     }
-                    let s = self.adam_step(lr, c1, c2, grad_coef);
-                    p.grad_mut(be)?;
                     be.adamw(&mut p.value, &p.grad, m, v, s)?;
                 }
-                Moments::Q8 { m, m_absmax, v, v_absmax } => {
-                    let mut value = be.download(&p.value)?;
-                    let mut grad = be.download(p.grad_mut(be)?)?;
-                    if grad_coef != 1.0 {
-                        grad.iter_mut().for_each(|g| *g *= grad_coef);
-                    }
-                    self.update_8bit(&mut value, &grad, m, m_absmax, v, v_absmax, lr, c1, c2);
-                    p.value = be.upload(&value)?;
-                }
+                Moments::Q8 { m, m_absmax, v, v_absmax } => be.adamw_8bit(&mut p.value, &p.grad, m, m_absmax, v, v_absmax, s)?,
             }
         }
         Ok(())
@@ -217,68 +188,12 @@ impl AdamW {
     fn adam_step(&self, lr: f32, c1: f32, c2: f32, grad_coef: f32) -> AdamStep {
         AdamStep { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, lr, c1, c2, grad_coef }
     }
-
-    /// bitsandbytes' 8-bit block-wise kernel: dequantize both moments of a block, update them in f32 (a non-finite
-    /// gradient zeroes them and leaves p alone), step p with the unquantized moments, re-quantize against the new
-    /// block absmax; an m code whose sign differs from m moves one step toward m's sign.
-    #[allow(clippy::too_many_arguments)]
-    fn update_8bit(&self, p: &mut [f32], g: &[f32], mc: &mut [u8], ma: &mut [f32], vc: &mut [u8], va: &mut [f32], lr: f32, c1: f32, c2: f32) {
-        let (ds, du) = (signed_dynamic(), unsigned_dynamic());
-        let step_size = -lr * c2 / c1;
-        let mut m = [0f32; BLOCK];
-        let mut v = [0f32; BLOCK];
-        for (b, start) in (0..p.len()).step_by(BLOCK).enumerate() {
-            let end = (start + BLOCK).min(p.len());
-            let (mut m_max, mut v_max) = (0f32, 0f32);
-            for i in start..end {
-                let j = i - start;
-                if g[i].is_finite() {
-                    m[j] = self.beta1 * (ds[mc[i] as usize] * ma[b]) + (1.0 - self.beta1) * g[i];
-                    v[j] = self.beta2 * (du[vc[i] as usize] * va[b]) + (1.0 - self.beta2) * g[i] * g[i];
-                    p[i] += step_size * (m[j] / (v[j].sqrt() + c2 * self.eps));
-                    if self.weight_decay > 0.0 {
-                        p[i] *= 1.0 - lr * self.weight_decay;
-                    }
-                } else {
-                    m[j] = 0.0;
-                    v[j] = 0.0;
-                }
-                m_max = m_max.max(m[j].abs());
-                v_max = v_max.max(v[j].abs());
-            }
-            ma[b] = m_max;
-            va[b] = v_max;
-            for i in start..end {
-                let j = i - start;
-                let mut c = if m_max > 0.0 { nearest(&ds, m[j] / m_max) } else { 127 };
-                if ds[c as usize].is_sign_negative() != m[j].is_sign_negative() {
-                    c = if m[j] > 0.0 { c.saturating_add(1) } else { c.saturating_sub(1) };
-                }
-                mc[i] = c;
-                vc[i] = if v_max > 0.0 { nearest(&du, v[j] / v_max) } else { 0 };
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::cpu::Cpu;
-
-    #[test]
-    fn nearest_rounds_to_the_closer_code_and_ties_to_even() {
-        let d = signed_dynamic();
-        assert_eq!(nearest(&d, 1.0), 255);
-        assert_eq!(nearest(&d, -1.0), 0);
-        assert_eq!(nearest(&d, 0.0), 127);
-        assert_eq!(nearest(&d, d[200]), 200);
-        let mid = (d[200] + d[201]) * 0.5;
-        assert_eq!(nearest(&d, mid), 200, "a tie goes to the even index");
-        let mid = (d[201] + d[202]) * 0.5;
-        assert_eq!(nearest(&d, mid), 202);
-        assert_eq!(nearest(&d, f32::from_bits(mid.to_bits() - 1)), 201);
-    }
 
     /// Adam in its textbook form, in f64: m̂ = m/(1−β1^t), v̂ = v/(1−β2^t), p −= lr·m̂/(√v̂ + eps).
     fn textbook(p: &mut [f64], grads: &[Vec<f64>], lr: f64, b1: f64, b2: f64, eps: f64) {
@@ -333,13 +248,14 @@ mod tests {
         let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
         let blocks = n.div_ceil(BLOCK);
         let (mut mc, mut ma, mut vc, mut va) = (vec![127u8; n], vec![0.0; blocks], vec![0u8; n], vec![0.0; blocks]);
+        let be = Cpu::new();
         for t in 1..=20 {
             // Gradients of ½‖p − target‖² with a per-element target.
             let g32: Vec<f32> = p32.iter().enumerate().map(|(i, &x)| x - (i as f32 * 0.11).cos()).collect();
             let g8: Vec<f32> = p8.iter().enumerate().map(|(i, &x)| x - (i as f32 * 0.11).cos()).collect();
             let (c1, c2) = (1.0 - 0.9f32.powi(t), (1.0 - 0.999f32.powi(t)).sqrt());
             Cpu::new().adamw(&mut p32, &g32, &mut m, &mut v, o32.adam_step(0.01, c1, c2, 1.0)).unwrap();
-            o8.update_8bit(&mut p8, &g8, &mut mc, &mut ma, &mut vc, &mut va, 0.01, c1, c2);
+            be.adamw_8bit(&mut p8, &g8, &mut mc, &mut ma, &mut vc, &mut va, o8.adam_step(0.01, c1, c2, 1.0)).unwrap();
         }
         let moved: f32 = p32.iter().zip((0..n).map(|i| (i as f32 * 0.37).sin())).map(|(a, b)| (a - b).abs()).sum::<f32>() / n as f32;
         let diff: f32 = p32.iter().zip(&p8).map(|(a, b)| (a - b).abs()).sum::<f32>() / n as f32;
@@ -357,7 +273,7 @@ mod tests {
         let o8 = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits: StateBits::B8, min_8bit_size: MIN_8BIT_SIZE };
         let mut p = vec![0.5f32; 4];
         let (mut mc, mut ma, mut vc, mut va) = (vec![127u8; 4], vec![0.0; 1], vec![0u8; 4], vec![0.0; 1]);
-        o8.update_8bit(&mut p, &[1.0, f32::NAN, -1.0, f32::INFINITY], &mut mc, &mut ma, &mut vc, &mut va, 0.1, 0.1, 0.0316);
+        Cpu::new().adamw_8bit(&mut p, &vec![1.0, f32::NAN, -1.0, f32::INFINITY], &mut mc, &mut ma, &mut vc, &mut va, o8.adam_step(0.1, 0.1, 0.0316, 1.0)).unwrap();
         assert_eq!((p[1], p[3]), (0.5, 0.5));
         assert!(p[0] < 0.5 && p[2] > 0.5);
         assert_eq!((vc[1], vc[3]), (0, 0));

@@ -3,6 +3,7 @@
 //! backward pass, in f64 (`Cpu::f64()`): the same kernels, instantiated twice. `Cpu::bf16()` is the f32 backend
 //! with the CUDA bf16 mode's roundings, so that the GPU's bf16 numerics can be checked at their own precision.
 
+mod adam8;
 mod attention;
 pub mod gemm;
 
@@ -14,7 +15,7 @@ use num_traits::{Float, FromPrimitive};
 use rayon::prelude::*;
 
 use self::gemm::{gemm_strided, Strided};
-use super::{check, check_attention, check_groups, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
+use super::{check, check_adamw_8bit, check_attention, check_groups, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
 use crate::error::{Error, Result};
 use crate::quant::base::BaseWeight;
 
@@ -114,6 +115,7 @@ impl<T: Real> Backend for Cpu<T> {
     type Ints = Vec<u32>;
     type Weight = Vec<T>;
     type Saved = Vec<T>;
+    type Bytes = Vec<u8>;
 
     fn name(&self) -> String {
         let kind = match (size_of::<T>(), self.bf16) {
@@ -137,6 +139,12 @@ impl<T: Real> Backend for Cpu<T> {
     }
     fn len(&self, buf: &Vec<T>) -> usize {
         buf.len()
+    }
+    fn upload_bytes(&self, data: &[u8]) -> Result<Vec<u8>> {
+        Ok(data.to_vec())
+    }
+    fn download_bytes(&self, buf: &Vec<u8>) -> Result<Vec<u8>> {
+        Ok(buf.clone())
     }
 
     fn save(&self, x: &Vec<T>) -> Result<Vec<T>> {
@@ -428,6 +436,18 @@ impl<T: Real> Backend for Cpu<T> {
                 }
             }
         });
+        Ok(())
+    }
+
+    fn adamw_8bit(&self, p: &mut Vec<T>, g: &Vec<T>, m: &mut Vec<u8>, m_absmax: &mut Vec<T>, v: &mut Vec<u8>, v_absmax: &mut Vec<T>, s: AdamStep) -> Result<()> {
+        check_adamw_8bit(p.len(), g.len(), m.len(), m_absmax.len(), v.len(), v_absmax.len())?;
+        // The update is defined in f32 (the f64 backend, for finite differences, has no use for it but runs it in f32).
+        let f32s = |x: &[T]| x.iter().map(|v| v.to_f32().unwrap_or(f32::NAN)).collect::<Vec<f32>>();
+        let (mut pf, mut ma, mut va) = (f32s(p), f32s(m_absmax), f32s(v_absmax));
+        adam8::step(&mut pf, &f32s(g), m, &mut ma, v, &mut va, s);
+        for (dst, src) in [(p, pf), (m_absmax, ma), (v_absmax, va)] {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d = T::of(s));
+        }
         Ok(())
     }
 }

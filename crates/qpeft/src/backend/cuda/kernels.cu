@@ -253,7 +253,7 @@ struct AdamStep {
 
 // bitsandbytes' 32-bit AdamW, rounded step by step like the CPU's (no FMA contraction).
 extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, AdamStep s, long long n) {
-    float step_size = -s.lr * s.c2 / s.c1, eps_c2 = s.eps * s.c2, decay = 1.0f - s.lr * s.weight_decay;
+    float step_size = -s.lr * s.c2 / s.c1, eps_c2 = s.eps * s.c2, decay = __fsub_rn(1.0f, __fmul_rn(s.lr, s.weight_decay));
     float one_b1 = 1.0f - s.beta1, one_b2 = 1.0f - s.beta2;
     GRID_STRIDE(i, n) {
         float gi = __fmul_rn(g[i], s.grad_coef);
@@ -264,6 +264,65 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, A
         m[i] = mi;
         v[i] = vi;
         p[i] = pi;
+    }
+}
+
+// Nearest entry of the sorted 256-entry `code` to y, a tie going to the even index (the CPU's adam8::nearest).
+__device__ unsigned char nearest_code(const float* code, float y) {
+    int lo = 0, hi = 256;  // first index whose entry is > y
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (code[mid] <= y) lo = mid + 1; else hi = mid;
+    }
+    if (lo == 0) return 0;
+    if (lo == 256) return 255;
+    int a = lo - 1;
+    float mid = __fmul_rn(__fadd_rn(code[a], code[lo]), 0.5f);
+    return (y < mid || (y == mid && a % 2 == 0)) ? a : lo;
+}
+
+// bitsandbytes' block-wise 8-bit AdamW, one thread block per 256-element absmax block, rounded step by step like the
+// CPU's (backend/cpu/adam8.rs). `ds`, `du`: the signed and unsigned dynamic maps.
+extern "C" __global__ void adamw_8bit(float* p, const float* g, unsigned char* mc, float* ma, unsigned char* vc, float* va,
+                                      const float* ds_g, const float* du_g, AdamStep s, long long n) {
+    __shared__ float ds[256], du[256], m_red[256], v_red[256];
+    int t = threadIdx.x;
+    long long b = blockIdx.x, i = b * 256 + t;
+    ds[t] = ds_g[t];
+    du[t] = du_g[t];
+    __syncthreads();
+    float step_size = -s.lr * s.c2 / s.c1, eps_c2 = s.eps * s.c2, decay = __fsub_rn(1.0f, __fmul_rn(s.lr, s.weight_decay));
+    float m = 0.0f, v = 0.0f;
+    if (i < n) {
+        float gi = __fmul_rn(g[i], s.grad_coef);
+        if (isfinite(gi)) {
+            m = __fadd_rn(__fmul_rn(s.beta1, __fmul_rn(ds[mc[i]], ma[b])), __fmul_rn(1.0f - s.beta1, gi));
+            v = __fadd_rn(__fmul_rn(s.beta2, __fmul_rn(du[vc[i]], va[b])), __fmul_rn(__fmul_rn(1.0f - s.beta2, gi), gi));
+            float pi = __fadd_rn(p[i], __fmul_rn(step_size, __fdiv_rn(m, __fadd_rn(__fsqrt_rn(v), eps_c2))));
+            if (s.weight_decay > 0.0f) pi = __fmul_rn(pi, decay);
+            p[i] = pi;
+        }
+    }
+    m_red[t] = fabsf(m);
+    v_red[t] = fabsf(v);
+    __syncthreads();
+    for (int w = 128; w > 0; w >>= 1) {
+        if (t < w) {
+            m_red[t] = fmaxf(m_red[t], m_red[t + w]);
+            v_red[t] = fmaxf(v_red[t], v_red[t + w]);
+        }
+        __syncthreads();
+    }
+    float m_max = m_red[0], v_max = v_red[0];
+    if (i < n) {
+        int c = m_max > 0.0f ? nearest_code(ds, __fdiv_rn(m, m_max)) : 127;
+        if ((signbit(ds[c]) != 0) != (signbit(m) != 0)) c = m > 0.0f ? min(c + 1, 255) : max(c - 1, 0);
+        mc[i] = (unsigned char)c;
+        vc[i] = v_max > 0.0f ? nearest_code(du, __fdiv_rn(v, v_max)) : 0;
+    }
+    if (t == 0) {
+        ma[b] = m_max;
+        va[b] = v_max;
     }
 }
 

@@ -38,11 +38,11 @@ use self::gemm::{Gemm, Operand};
 use self::profile::Profile;
 use self::weight::{addr, Scratch};
 pub use self::weight::CudaWeight;
-use super::{check, check_attention, check_groups, AdamStep, AttentionShape, Backend, DeviceMemory, KernelTime, GluKind, MatMul, Precision, RowWrite};
+use super::{check, check_adamw_8bit, check_attention, check_groups, AdamStep, ADAM8_BLOCK, AttentionShape, Backend, DeviceMemory, KernelTime, GluKind, MatMul, Precision, RowWrite};
 use super::Groups;
 use crate::error::{Error, Result};
 use crate::quant::base::BaseWeight;
-use crate::quant::maps::signed_dynamic;
+use crate::quant::maps::{signed_dynamic, unsigned_dynamic};
 
 const SOURCE: &str = include_str!("kernels.cu");
 /// Threads per block of the element-wise kernels and the row reductions.
@@ -60,8 +60,10 @@ pub struct Cuda {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     module: Arc<CudaModule>,
-    /// bitsandbytes' signed dynamic 8-bit map (double-quantized scales, ICQ τ).
+    /// bitsandbytes' signed dynamic 8-bit map (double-quantized scales, ICQ τ, 8-bit AdamW's m) and its unsigned one
+    /// (8-bit AdamW's v).
     dyn_map: CudaSlice<f32>,
+    udyn_map: CudaSlice<f32>,
     /// The dequantized weight of the current product (f32 or bf16 bits), and its bf16 input.
     w_f32: Scratch<f32>,
     w_bf16: Scratch<u16>,
@@ -177,8 +179,9 @@ impl Cuda {
         let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| Error::Invalid(format!("CUDA: compiling the kernels with NVRTC failed: {e}")))?;
         let module = ctx.load_module(ptx).map_err(|e| device_err("loading the compiled kernels", e))?;
         let dyn_map = stream.clone_htod(&signed_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
+        let udyn_map = stream.clone_htod(&unsigned_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
         let (w_f32, w_bf16, x_bf16, scores_a, scores_b) = (Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new());
-        Ok(Cuda { ordinal, precision, stream, blas, module, dyn_map, w_f32, w_bf16, x_bf16, scores_a, scores_b, profile: Profile::from_env() })
+        Ok(Cuda { ordinal, precision, stream, blas, module, dyn_map, udyn_map, w_f32, w_bf16, x_bf16, scores_a, scores_b, profile: Profile::from_env() })
     }
 
     /// Per-block f64 partial sums of a ⊙ b over a fixed grid (`dot`, `sum_squares`).
@@ -220,6 +223,7 @@ impl Backend for Cuda {
     type Ints = CudaSlice<u32>;
     type Weight = CudaWeight;
     type Saved = Saved;
+    type Bytes = CudaSlice<u8>;
 
     fn name(&self) -> String {
         let ctx = self.stream.context();
@@ -268,6 +272,15 @@ impl Backend for Cuda {
     }
     fn len(&self, buf: &Self::Buf) -> usize {
         buf.len()
+    }
+    fn upload_bytes(&self, data: &[u8]) -> Result<Self::Bytes> {
+        self.upload_any(data)
+    }
+    fn download_bytes(&self, buf: &Self::Bytes) -> Result<Vec<u8>> {
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.stream.clone_dtoh(buf).map_err(|e| device_err("download", e))
     }
 
     fn save(&self, x: &Self::Buf) -> Result<Saved> {
@@ -467,6 +480,17 @@ impl Backend for Cuda {
         check(g.len() == n && m.len() == n && v.len() == n, "adamw", || format!("p {n}, g {}, m {}, v {}", g.len(), m.len(), v.len()))?;
         let (args, n64) = (AdamArgs(s), n as i64);
         launch!(self, "adamw", grid(n), p, g, m, v, &args, &n64)
+    }
+
+    fn adamw_8bit(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Bytes, m_absmax: &mut Self::Buf, v: &mut Self::Bytes, v_absmax: &mut Self::Buf, s: AdamStep) -> Result<()> {
+        let n = p.len();
+        check_adamw_8bit(n, g.len(), m.len(), m_absmax.len(), v.len(), v_absmax.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (args, n64) = (AdamArgs(s), n as i64);
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(ADAM8_BLOCK) as u32, 1, 1), block_dim: (ADAM8_BLOCK as u32, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "adamw_8bit", cfg, p, g, m, m_absmax, v, v_absmax, &self.dyn_map, &self.udyn_map, &args, &n64)
     }
 }
 
