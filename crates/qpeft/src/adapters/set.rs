@@ -81,6 +81,11 @@ impl<B: Backend> AdapterSet<B> {
         self.slots.iter().flatten().flatten().map(|a| a.trainable()).sum()
     }
 
+    /// Whether any parameter holds a gradient (allocated since the last `zero_grads`).
+    pub fn holds_gradients(&self, be: &B) -> bool {
+        self.slots.iter().flatten().flatten().flat_map(|a| a.params()).any(|p| be.len(&p.grad) > 0)
+    }
+
     /// Frees every gradient: the next backward allocates each as it reaches it.
     pub fn zero_grads(&mut self, be: &B) -> Result<()> {
         for p in self.params_mut() {

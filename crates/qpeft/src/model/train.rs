@@ -35,7 +35,8 @@ pub struct StepOptions {
     /// Rows per LM-head chunk.
     pub loss_chunk: usize,
     /// Most rows per MLP chunk with checkpointing; None: as many as keep a chunk's activations small
-    /// (`block::mlp_chunk`).
+    /// (`block::mlp_chunk`). The recompute in backward always runs in chunks; the forward does only while the adapters
+    /// hold gradients (after the first micro-batch of a step), as only then does its working set meet theirs.
     pub mlp_chunk: Option<usize>,
 }
 
@@ -126,13 +127,17 @@ impl<B: Backend> Decoder<B> {
         let mut inputs: Vec<B::Saved> = Vec::new();
         let checkpointed = backward && opts.checkpointing;
         let chunk = mlp_chunk(rows, dims.ff, opts.mlp_chunk);
+        let forward_chunk = match &adapters {
+            Some(Adapters::Training(set)) if !set.holds_gradients(be) => rows,
+            _ => chunk,
+        };
         let mut attn_scratch = if checkpointed { Some(AttnActs::new(be, rows, &dims)?) } else { None };
         let mut scratch = if backward { None } else { Some(Acts::new(be, rows, &dims)?) };
         for l in 0..self.blocks.len() {
             match (adapters.as_ref(), attn_scratch.as_mut(), scratch.as_mut()) {
                 (Some(set), Some(a), _) => {
                     inputs.push(be.save(&x)?);
-                    self.block_forward_chunked(l, &mut x, a, &ctx, set.shared(), chunk)?;
+                    self.block_forward_chunked(l, &mut x, a, &ctx, set.shared(), forward_chunk)?;
                 }
                 (set, _, Some(a)) => self.block_forward(l, &mut x, a, KvTarget::Own, &ctx, set.map(Adapters::shared), &mut |_, _, _| Ok(()))?,
                 (set, _, None) => {
