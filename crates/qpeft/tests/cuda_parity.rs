@@ -370,7 +370,7 @@ fn smollm2_matches_the_cpu_for_every_method() {
 ///   gradient is off by ~1). Two bf16 computations cannot agree more closely than bf16 itself resolves: rounding to
 ///   bf16 turns a difference δ (f32 summation order, TF32 details) into about √(δ·2⁻⁸) at every rounding point, so
 ///   through the depth of a model any two of them drift toward the precision's own noise. Measured on an H100: ≤ 1e-2
-///   on the tiny models and SmolLM2's first 6 blocks, 1.5–2.3e-2 on all 30 (2.1–2.5e-2 from f32). Single-value
+///   on the tiny models and SmolLM2's first 6 blocks, 1.5–2.5e-2 on all 30 (2.1–2.5e-2 from f32). Single-value
 ///   gradients (sums that cancel) are checked in F32 only.
 ///
 /// The Bf16 results' distance from f32 is printed beside them: the precision itself, as large for the CPU emulation
