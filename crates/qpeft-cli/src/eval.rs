@@ -41,7 +41,7 @@ pub struct EvalArgs {
     /// Run config whose [data] section defines the held-out split (task `heldout`).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Write the report with every item's prediction here (JSON).
+    /// Write the report with every item's prediction here (JSON), rewritten as each task finishes.
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -69,6 +69,13 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
     };
     let opts = suite::Options { data_dir: args.data_dir.clone(), limit: args.limit, mmlu_split: args.split.clone(), mmlu_max_len: args.max_len, batch: args.batch };
     let mut reports = serde_json::Map::new();
+    // The report is rewritten after every task, so that a run stopped (or failing) part-way keeps what finished.
+    let save = |reports: &serde_json::Map<String, serde_json::Value>| -> Result<()> {
+        if let Some(path) = &args.json {
+            qpeft::formats::write_atomic(path, &serde_json::to_vec_pretty(reports)?)?;
+        }
+        Ok(())
+    };
     let mut table: Vec<Row> = Vec::new();
     for name in &names {
         let bar = indicatif::ProgressBar::new(0);
@@ -91,6 +98,7 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
         let mut v = serde_json::to_value(&r)?;
         v["seconds"] = json!(secs);
         reports.insert(name.clone(), v);
+        save(&reports)?;
     }
     if heldout {
         let path = args.config.as_ref().expect("checked above");
@@ -102,14 +110,12 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
         let secs = start.elapsed().as_secs_f64();
         table.push(("heldout".into(), held.len(), vec![("loss", loss), ("perplexity", loss.exp())], secs));
         reports.insert("heldout".into(), json!({"examples": held.len(), "target_tokens": tokens, "loss": loss, "perplexity": loss.exp(), "seconds": secs}));
+        save(&reports)?;
     }
     println!("{:<14} {:>6}  {:<40} {:>8}", "task", "items", "metrics", "seconds");
     for (name, n, metrics, secs) in &table {
         let m: Vec<String> = metrics.iter().map(|(k, v)| if k.starts_with("acc") { format!("{k} {:.2}%", 100.0 * v) } else { format!("{k} {v:.4}") }).collect();
         println!("{name:<14} {n:>6}  {:<40} {secs:>8.1}", m.join("  "));
-    }
-    if let Some(path) = &args.json {
-        qpeft::formats::write_atomic(path, &serde_json::to_vec_pretty(&serde_json::Value::Object(reports))?)?;
     }
     Ok(())
 }

@@ -113,6 +113,18 @@ fn bad_task_lists_and_missing_data_are_clear_errors() {
     let e = err(&["eval", MODEL, "--tasks", "piqa", "--data-dir", "/nonexistent/datasets"]);
     assert!(e.contains("/nonexistent/datasets/piqa/valid.jsonl"), "{e}");
     let d = tempfile::tempdir().unwrap();
+
+    // A run that fails at its second task keeps the first task's report.
+    let data = d.path().join("datasets");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::symlink(common::root().join("../shared/datasets/arc_easy"), data.join("arc_easy")).unwrap();
+    let report = d.path().join("partial.json");
+    let e = err(&["eval", MODEL, "--tasks", "arc_easy,piqa", "--limit", "3", "--data-dir", data.to_str().unwrap(), "--json", report.to_str().unwrap()]);
+    assert!(e.contains("piqa/valid.jsonl"), "{e}");
+    let kept = read_json(&report);
+    assert_eq!(kept["arc_easy"]["items"].as_array().map(Vec::len), Some(3), "{kept}");
+    assert!(kept.get("piqa").is_none());
+
     let cfg = config(d.path());
     let text = std::fs::read_to_string(&cfg).unwrap().replace("\"winogrande\"]", "\"winogrand\"]");
     std::fs::write(&cfg, text).unwrap();
