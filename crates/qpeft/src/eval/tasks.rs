@@ -171,15 +171,16 @@ fn hellaswag(path: &Path) -> Result<Vec<Item>> {
         .collect()
 }
 
+/// The index of `label` among a two-choice task's label spellings.
+fn gold_of(label: &str, spellings: [&str; 2], labels_path: &Path, line: usize) -> Result<usize> {
+    spellings.iter().position(|s| *s == label).ok_or_else(|| Error::format(labels_path, format!("line {line}: label `{label}` is not {} or {}", spellings[0], spellings[1])))
+}
+
 fn piqa(path: &Path, labels_path: &Path) -> Result<Vec<Item>> {
     let (rows, labels) = (read_jsonl(path)?, read_labels(labels_path)?);
     let items = paired(&rows, &labels, path, labels_path)?
         .map(|((line, v), (label_line, label))| {
-            let gold = match label.as_str() {
-                "0" => 0,
-                "1" => 1,
-                _ => return Err(Error::format(labels_path, format!("line {label_line}: label `{label}` is not 0 or 1"))),
-            };
+            let gold = gold_of(label, ["0", "1"], labels_path, *label_line)?;
             let goal = text(v, "goal", path, *line)?;
             Ok(choices_item(format!("Question: {goal}\nAnswer:"), vec![text(v, "sol1", path, *line)?, text(v, "sol2", path, *line)?], gold, true))
         })
@@ -192,11 +193,7 @@ fn winogrande(path: &Path, labels_path: &Path) -> Result<Vec<Item>> {
     let (rows, labels) = (read_jsonl(path)?, read_labels(labels_path)?);
     let items = paired(&rows, &labels, path, labels_path)?
         .map(|((line, v), (label_line, label))| {
-            let gold = match label.as_str() {
-                "1" => 0,
-                "2" => 1,
-                _ => return Err(Error::format(labels_path, format!("line {label_line}: label `{label}` is not 1 or 2"))),
-            };
+            let gold = gold_of(label, ["1", "2"], labels_path, *label_line)?;
             let sentence = text(v, "sentence", path, *line)?;
             let blank = sentence.find('_').ok_or_else(|| Error::format(path, format!("line {line}: the sentence has no `_`")))?;
             let rest = format!(" {}", sentence[blank + 1..].trim());
