@@ -39,15 +39,17 @@ fn randomise(a: &mut dyn Adapter<Cpu<f64>>, seed: u64) {
     }
 }
 
+/// In training (dropout active) and at inference, where an unpooled input view is the identity and the input gradient
+/// accumulates straight into dx.
 #[test]
 fn gradients_match_finite_differences() {
     let rows = 5;
-    for (c, n_in, n_out) in cases(0.3) {
+    for ((c, n_in, n_out), training) in cases(0.3).into_iter().flat_map(|c| [(c.clone(), true), (c, false)]) {
         let mut a = build(&BE, &c, n_in, n_out, 7).unwrap();
         randomise(a.as_mut(), 100);
         let x = uniform(rows * n_in, 1);
         let r = uniform(rows * n_out, 2);
-        let pass = Pass { training: true, seed: 99, first_row: 0 };
+        let pass = Pass { training, seed: 99, first_row: 0 };
         let base_dx = uniform(x.len(), 3);
         let mut dx = base_dx.clone();
         a.backward(&BE, &x, &r, rows, pass, &mut dx).unwrap();

@@ -61,8 +61,7 @@ impl<B: Backend> Adapter<B> for Hierarchical<B> {
             let p = level_pass(pass, i);
             let u = view.forward(be, x, rows, p)?;
             let h = lr.hidden(be, &u, rows)?;
-            let du = lr.backward(be, &u, &h, dy, rows)?;
-            view.backward(be, du, rows, p, dx)?;
+            lr.backward(be, &u, &h, dy, rows, &view, p, dx)?;
         }
         Ok(())
     }

@@ -76,8 +76,7 @@ impl<B: Backend> Adapter<B> for IrQlora<B> {
         let mut spread = be.zeros(rows * self.view.in_dim)?;
         be.group_expand(&dh, rows, self.in_groups(), true, 1.0, &mut spread, false)?;
         be.add_scaled_by(dx, &spread, &self.beta_a.value, 1.0)?;
-        let du = self.lr.backward_a(be, &u, &dh, rows)?;
-        self.view.backward(be, du, rows, pass, dx)
+        self.lr.backward_a(be, &u, &dh, rows, &self.view, pass, dx)
     }
 
     fn params(&self) -> Vec<&Param<B>> {

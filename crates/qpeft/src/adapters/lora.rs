@@ -34,8 +34,7 @@ impl<B: Backend> Adapter<B> for Lora<B> {
     fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
         let u = self.view.forward(be, x, rows, pass)?;
         let h = self.lr.hidden(be, &u, rows)?;
-        let du = self.lr.backward(be, &u, &h, dy, rows)?;
-        self.view.backward(be, du, rows, pass, dx)
+        self.lr.backward(be, &u, &h, dy, rows, &self.view, pass, dx)
     }
 
     fn params(&self) -> Vec<&Param<B>> {

@@ -255,8 +255,22 @@ impl InputView {
         Ok(Viewed::Owned(d))
     }
 
+    /// dx += viewᵀ(dh·W) for dh [rows, k] and W [k, width]. When the view is the identity in this pass (no pooling,
+    /// no active dropout, as in LoRA without dropout) the product accumulates straight into dx, with no [rows, in]
+    /// temporary and no separate add.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_product<B: Backend>(&self, be: &B, dh: &B::Buf, w: &B::Buf, k: usize, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+        let product = MatMul::new(rows, self.width(), k);
+        if self.pool.is_none() && !(pass.training && self.dropout > 0.0) {
+            return be.matmul(dh, w, dx, product.acc(true));
+        }
+        let mut du = be.zeros(rows * self.width())?;
+        be.matmul(dh, w, &mut du, product)?;
+        self.backward(be, du, rows, pass, dx)
+    }
+
     /// dx += viewᵀ(du): the same dropout mask, then the pooling's adjoint.
-    pub fn backward<B: Backend>(&self, be: &B, du: B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+    fn backward<B: Backend>(&self, be: &B, du: B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
         let du = if pass.training && self.dropout > 0.0 {
             let mut d = be.zeros(rows * self.width())?;
             be.dropout(&du, self.dropout, pass.seed, self.mask_start(pass), &mut d)?;
@@ -328,18 +342,18 @@ impl<B: Backend> LowRank<B> {
         Ok(dh)
     }
 
-    /// Given dh: dA += dhᵀ·u, returns du = dh·A.
-    pub fn backward_a(&mut self, be: &B, u: &B::Buf, dh: &B::Buf, rows: usize) -> Result<B::Buf> {
+    /// Given dh: dA += dhᵀ·u, and dx += viewᵀ(dh·A) for the input view u = view(x).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_a(&mut self, be: &B, u: &B::Buf, dh: &B::Buf, rows: usize, view: &InputView, pass: Pass, dx: &mut B::Buf) -> Result<()> {
         be.matmul(dh, u, self.a.grad_mut(be)?, MatMul::new(self.rank, self.n_in, rows).at().acc(true))?;
-        let mut du = be.zeros(rows * self.n_in)?;
-        be.matmul(dh, &self.a.value, &mut du, MatMul::new(rows, self.n_in, self.rank))?;
-        Ok(du)
+        view.backward_product(be, dh, &self.a.value, self.rank, rows, pass, dx)
     }
 
-    /// Both steps: dB, dA accumulate; returns du.
-    pub fn backward(&mut self, be: &B, u: &B::Buf, h: &B::Buf, dz: &B::Buf, rows: usize) -> Result<B::Buf> {
+    /// Both steps: dB, dA accumulate, dx += viewᵀ(du).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&mut self, be: &B, u: &B::Buf, h: &B::Buf, dz: &B::Buf, rows: usize, view: &InputView, pass: Pass, dx: &mut B::Buf) -> Result<()> {
         let dh = self.backward_b(be, h, dz, rows)?;
-        self.backward_a(be, u, &dh, rows)
+        self.backward_a(be, u, &dh, rows, view, pass, dx)
     }
 
     pub fn params(&self) -> Vec<&Param<B>> {

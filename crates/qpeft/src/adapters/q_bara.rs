@@ -46,8 +46,7 @@ impl<B: Backend> Adapter<B> for QBara<B> {
         // The repeat's adjoint sums each run of λ output gradients.
         let mut dz = be.zeros(rows * self.lr.n_out)?;
         be.group_reduce(dy, rows, self.repeat(), false, 1.0, &mut dz, false)?;
-        let du = self.lr.backward(be, &u, &h, &dz, rows)?;
-        self.view.backward(be, du, rows, pass, dx)
+        self.lr.backward(be, &u, &h, &dz, rows, &self.view, pass, dx)
     }
 
     fn params(&self) -> Vec<&Param<B>> {

@@ -61,9 +61,7 @@ impl<B: Backend> Adapter<B> for QaHira<B> {
         be.group_reduce(dy, rows, self.repeat(), false, self.scaling, &mut dz, false)?;
         let n_in = self.view.width();
         be.matmul(&dz, &u, self.c.grad_mut(be)?, MatMul::new(self.n_out, n_in, rows).at().acc(true))?;
-        let mut du = be.zeros(rows * n_in)?;
-        be.matmul(&dz, &self.c.value, &mut du, MatMul::new(rows, n_in, self.n_out))?;
-        self.view.backward(be, du, rows, pass, dx)
+        self.view.backward_product(be, &dz, &self.c.value, self.n_out, rows, pass, dx)
     }
 
     fn params(&self) -> Vec<&Param<B>> {
