@@ -423,8 +423,10 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32)
 }
 
 /// Bf16 gradient tolerances (see `models_match_the_cpu`): all of a pass's gradients as one vector, and any one tensor.
+/// Single tensors of the full SmolLM2 reach 9.1e-2 from the emulation (0.11 from f32) by bf16 noise alone; a wrong
+/// gradient is off by ~1.
 const BF16_VECTOR: f32 = 3e-2;
-const BF16_TENSOR: f32 = 0.1;
+const BF16_TENSOR: f32 = 0.15;
 
 /// One case's errors: (name, ‖Δ‖₂/‖ref‖₂, single value) per output, and the larger of the two passes' gradient
 /// errors with all of a pass's gradient tensors as one vector.
