@@ -253,7 +253,8 @@ impl<B: Backend> Decoder<B> {
     pub(crate) fn block_forward_chunked(&self, l: usize, x: &mut B::Buf, a: &mut AttnActs<B>, ctx: &Ctx<B>, adapters: &AdapterSet<B>, chunk: usize) -> Result<()> {
         let (be, h) = (&self.backend, self.spec.hidden_size);
         self.attention_forward(l, x, a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
-        for_row_chunks(be, x, h, ctx, chunk, |xc, cctx| {
+        // The MLP reads and updates the residual stream in place.
+        for_row_chunks(be, None, x, h, ctx, chunk, |_, xc, cctx| {
             let mut m = MlpActs::new(be, cctx.rows, &self.dims())?;
             self.mlp_hidden(l, xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
             self.linear(l, Proj::Down, &m.act, xc, true, cctx, Some(adapters))
@@ -268,7 +269,8 @@ impl<B: Backend> Decoder<B> {
         let mut a = AttnActs::new(be, ctx.rows, &self.dims())?;
         let mut x_mid = copy_of(be, x_in)?;
         self.attention_forward(l, &mut x_mid, &mut a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
-        for_row_pairs(be, &x_mid, dx, h, ctx, chunk, |xc, dxc, cctx| {
+        for_row_chunks(be, Some(&x_mid), dx, h, ctx, chunk, |xc, dxc, cctx| {
+            let xc = xc.expect("x_mid is given");
             let mut m = MlpActs::new(be, cctx.rows, &self.dims())?;
             self.mlp_hidden(l, xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
             self.mlp_backward(l, dxc, xc, &m, cctx, adapters)
@@ -328,32 +330,26 @@ fn rows_of<B: Backend>(be: &B, x: &B::Buf, r0: usize, n: usize, width: usize) ->
     Ok(y)
 }
 
-/// Runs `f` on `chunk` rows of x ([ctx.rows, width]) at a time, with the chunk's context; f updates the chunk,
-/// which is written back. One chunk covering every row works on x itself.
-fn for_row_chunks<B: Backend>(be: &B, x: &mut B::Buf, width: usize, ctx: &Ctx<B>, chunk: usize, mut f: impl FnMut(&mut B::Buf, &Ctx<B>) -> Result<()>) -> Result<()> {
+/// Runs `f` on `chunk` rows at a time of `input` (read, if given) and `out` (updated, then written back), both
+/// [ctx.rows, width], with the chunk's context. One chunk covering every row works on the buffers themselves.
+fn for_row_chunks<B: Backend>(
+    be: &B,
+    input: Option<&B::Buf>,
+    out: &mut B::Buf,
+    width: usize,
+    ctx: &Ctx<B>,
+    chunk: usize,
+    mut f: impl FnMut(Option<&B::Buf>, &mut B::Buf, &Ctx<B>) -> Result<()>,
+) -> Result<()> {
     if chunk >= ctx.rows {
-        return f(x, ctx);
+        return f(input, out, ctx);
     }
     for r0 in (0..ctx.rows).step_by(chunk) {
         let n = chunk.min(ctx.rows - r0);
-        let mut xc = rows_of(be, x, r0, n, width)?;
-        f(&mut xc, &ctx.rows_from(r0, n))?;
-        be.copy(&xc, 0, x, r0 * width, n * width)?;
-    }
-    Ok(())
-}
-
-/// Runs `f` on `chunk` rows of x and of dy (both [ctx.rows, width]) at a time; f updates dy's chunk, which is
-/// written back. One chunk covering every row works on the buffers themselves.
-fn for_row_pairs<B: Backend>(be: &B, x: &B::Buf, dy: &mut B::Buf, width: usize, ctx: &Ctx<B>, chunk: usize, mut f: impl FnMut(&B::Buf, &mut B::Buf, &Ctx<B>) -> Result<()>) -> Result<()> {
-    if chunk >= ctx.rows {
-        return f(x, dy, ctx);
-    }
-    for r0 in (0..ctx.rows).step_by(chunk) {
-        let n = chunk.min(ctx.rows - r0);
-        let mut dyc = rows_of(be, dy, r0, n, width)?;
-        f(&rows_of(be, x, r0, n, width)?, &mut dyc, &ctx.rows_from(r0, n))?;
-        be.copy(&dyc, 0, dy, r0 * width, n * width)?;
+        let input_rows = input.map(|x| rows_of(be, x, r0, n, width)).transpose()?;
+        let mut out_rows = rows_of(be, out, r0, n, width)?;
+        f(input_rows.as_ref(), &mut out_rows, &ctx.rows_from(r0, n))?;
+        be.copy(&out_rows, 0, out, r0 * width, n * width)?;
     }
     Ok(())
 }
