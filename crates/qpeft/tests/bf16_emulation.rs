@@ -1,13 +1,15 @@
 //! `Cpu::bf16()`, the CPU reference for the CUDA backend's bf16 mode: it rounds exactly where that mode rounds —
 //! bf16 (nearest, ties to even) for base weights, embedding tables, base-product inputs, their output gradients
-//! and checkpoints; TF32 (nearest, ties away) for the other products' operands — and nowhere else. Expected values
+//! and checkpoints; inside attention, bf16 for q, k, v, dO, the probabilities and the score gradients (the fused kernels,
+//! heads up to 128) or TF32 (the GEMM path, larger heads); TF32 (nearest, ties away) for the other products' operands —
+//! and nowhere else. Expected values
 //! are hand-derived from the formats (bf16: 8 significant bits, TF32: 11).
 
 mod common;
 
 use common::{batch, fixtures};
 use qpeft::backend::cpu::Cpu;
-use qpeft::backend::{Backend, MatMul};
+use qpeft::backend::{AttentionShape, Backend, MatMul};
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::quant::base::BaseWeight;
 
@@ -62,6 +64,31 @@ fn other_products_round_their_operands_to_tf32_nearest_away() {
     let mut out = vec![0.0];
     Cpu::new().matmul(&vec![one_plus(1.0, 12)], &vec![1.0], &mut out, MatMul::new(1, 1, 1)).unwrap();
     assert_eq!(out[0], one_plus(1.0, 12), "the f32 backend does not round");
+}
+
+#[test]
+fn attention_rounds_like_the_path_the_gpu_takes() {
+    // One query that sees three keys with equal scores (q = 0): P = 1/3 each; v = (1 + 2^-10, 0, 0) in every column.
+    // Fused kernels (head_dim ≤ 128): v → bf16 1, P → bf16 1/3 = 0.333984375 (1.0101011·2^-2, rounded up), out =
+    // 0.333984375. GEMM path (head_dim 256): TF32 keeps v, P → 1.0101010101·2^-2 (rounded down): out = that·v.
+    // Backward with dO = (1, 0, …): dV[0] = P[0]·dO, rounded as P.
+    const BF16_THIRD: f32 = 171.0 / 512.0; // 1.0101011b · 2^-2
+    let tf32_third = (1.0 + 1.0 / 4.0 + 1.0 / 16.0 + 1.0 / 64.0 + 1.0 / 256.0 + 1.0 / 1024.0) / 4.0;
+    for (head_dim, want_out, want_dv) in [(64, BF16_THIRD, BF16_THIRD), (256, tf32_third * one_plus(1.0, 10), tf32_third)] {
+        let s = AttentionShape { batch: 1, q_len: 1, kv_len: 3, kv_capacity: 3, heads: 1, kv_heads: 1, head_dim, scale: 1.0, window: None };
+        let q = vec![0.0; head_dim];
+        let mut v = vec![0.0; 3 * head_dim];
+        v[..head_dim].fill(one_plus(1.0, 10));
+        let mask = vec![1u32; 3];
+        let mut out = vec![0.0; head_dim];
+        BE.attention(&q, &q.repeat(3), &v, &mask, s, &mut out).unwrap();
+        assert_eq!(out[0], want_out, "attention output, head_dim {head_dim}");
+        let mut dout = vec![0.0; head_dim];
+        dout[0] = 1.0;
+        let (mut dq, mut dk, mut dv) = (vec![0.0; head_dim], vec![0.0; 3 * head_dim], vec![0.0; 3 * head_dim]);
+        BE.attention_backward(&q, &q.repeat(3), &v, &mask, s, &out, &dout, &mut dq, &mut dk, &mut dv).unwrap();
+        assert_eq!(dv[0], want_dv, "dV, head_dim {head_dim}");
+    }
 }
 
 /// A whole model in the emulation stays close to f32 (bf16 noise, not a different function) but not equal to it.

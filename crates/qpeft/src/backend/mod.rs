@@ -156,6 +156,11 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
+/// The largest head the CUDA bf16 mode runs through its fused, flash-style attention kernels (on GPUs of compute
+/// capability 8.0 and up); larger heads (Gemma's 256) take its GEMM path. The CPU's bf16 emulation rounds inside
+/// attention as the path taken for the same shape does.
+pub const FLASH_MAX_HEAD_DIM: usize = 128;
+
 /// Where `write_rows` puts a [batch, rows, width] block inside a [batch, capacity, width] buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct RowWrite {
@@ -324,7 +329,8 @@ pub trait Backend: Send + Sync {
         dgate: &mut Self::Buf,
         dup: &mut Self::Buf,
     ) -> Result<()>;
-    /// dq, dk, dv of `attention` (recomputing the probabilities); dk and dv have the cache layout.
+    /// dq, dk, dv of `attention` (recomputing the probabilities); `out` is its output; dk and dv have the cache
+    /// layout.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -333,6 +339,7 @@ pub trait Backend: Send + Sync {
         v: &Self::Buf,
         key_mask: &Self::Ints,
         shape: AttentionShape,
+        out: &Self::Buf,
         dout: &Self::Buf,
         dq: &mut Self::Buf,
         dk: &mut Self::Buf,

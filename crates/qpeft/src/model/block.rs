@@ -304,7 +304,7 @@ impl<B: Backend> Decoder<B> {
         let mut d_att = be.zeros(rows * d.q)?;
         self.linear_backward(l, Proj::O, &a.att, dx, &mut d_att, false, ctx, adapters)?;
         let (mut dq, mut dk, mut dv) = (be.zeros(rows * d.q)?, be.zeros(rows * d.kv)?, be.zeros(rows * d.kv)?);
-        be.attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &d_att, &mut dq, &mut dk, &mut dv)?;
+        be.attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &a.att, &d_att, &mut dq, &mut dk, &mut dv)?;
         drop(d_att);
         be.rope_backward(&mut dq, ctx.positions, &self.inv_freq, s.num_heads, s.head_dim)?;
         be.rope_backward(&mut dk, ctx.positions, &self.inv_freq, s.num_kv_heads, s.head_dim)?;

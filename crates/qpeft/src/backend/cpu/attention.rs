@@ -2,8 +2,9 @@
 //!
 //! Forward: per (sequence, head, block of queries) one score GEMM, a masked softmax, one value GEMM.
 //! Backward recomputes the probabilities P of a block instead of storing them (as flash attention does), then
-//! with dO the output gradient:
-//!   dV += Pᵀ·dO,   dP = dO·Vᵀ,   dS = P ⊙ (dP − rowsum(P ⊙ dP)),   dQ = scale·dS·K,   dK += scale·dSᵀ·Q.
+//! with dO the output gradient and O the forward's output:
+//!   dV += Pᵀ·dO,   dP = dO·Vᵀ,   dS = P ⊙ (dP − rowsum(dO ⊙ O)),   dQ = scale·dS·K,   dK += scale·dSᵀ·Q.
+//! (rowsum(dO ⊙ O) = rowsum(P ⊙ dP), one pass over the head instead of one over the keys, as flash attention does.)
 //! Backward tasks own one (sequence, KV head) so that the dK/dV sums over the query heads sharing it
 //! (GQA) need no synchronisation.
 
@@ -62,18 +63,30 @@ fn blocks(s: &AttentionShape) -> usize {
     s.q_len.div_ceil(QUERY_BLOCK)
 }
 
-/// Products' operands as the GPU's TF32 products see them (`tf32`), or as they are.
-fn operand<T: Real>(x: &[T], tf32: bool) -> Cow<'_, [T]> {
-    if tf32 {
-        Cow::Owned(x.iter().map(|&v| T::of(super::tf32_rna(v.to_f32().unwrap_or(f32::NAN)))).collect())
-    } else {
-        Cow::Borrowed(x)
-    }
+/// How the products inside attention see their operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operands {
+    /// As they are.
+    Exact,
+    /// TF32-rounded: the CUDA bf16 mode's GEMM path (heads over `FLASH_MAX_HEAD_DIM`).
+    Tf32,
+    /// bf16-rounded: the CUDA bf16 mode's fused kernels, which round q, k, v and dO as they load them and the
+    /// probabilities and score gradients before their products.
+    Bf16,
 }
 
-/// With `tf32`, every product takes TF32-rounded operands (the CUDA bf16 mode's attention GEMMs).
-pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: AttentionShape, out: &mut [T], tf32: bool) {
-    let (q, k, v) = (&operand(q, tf32)[..], &operand(k, tf32)[..], &operand(v, tf32)[..]);
+/// x as the products of `mode` see it.
+fn operand<T: Real>(x: &[T], mode: Operands) -> Cow<'_, [T]> {
+    let round: fn(f32) -> f32 = match mode {
+        Operands::Exact => return Cow::Borrowed(x),
+        Operands::Tf32 => super::tf32_rna,
+        Operands::Bf16 => super::bf16_rne,
+    };
+    Cow::Owned(x.iter().map(|&v| T::of(round(v.to_f32().unwrap_or(f32::NAN)))).collect())
+}
+
+pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: AttentionShape, out: &mut [T], mode: Operands) {
+    let (q, k, v) = (&operand(q, mode)[..], &operand(k, mode)[..], &operand(v, mode)[..]);
     let d = s.head_dim;
     let tasks: Vec<Block> = (0..s.batch)
         .flat_map(|b| (0..s.heads).flat_map(move |h| (0..blocks(&s)).map(move |qb| (b, h, qb))))
@@ -84,7 +97,7 @@ pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: Attentio
         .map(|blk| {
             let p = blk.probabilities(q, k, key_mask, &s);
             let mut o = vec![T::zero(); blk.rows * d];
-            gemm_strided((blk.rows, d, blk.keys), &mut o, Strided::rows(d), &operand(&p, tf32), Strided::rows(blk.keys), v, blk.kv_view(&s), T::one(), false, false);
+            gemm_strided((blk.rows, d, blk.keys), &mut o, Strided::rows(d), &operand(&p, mode), Strided::rows(blk.keys), v, blk.kv_view(&s), T::one(), false, false);
             o
         })
         .collect();
@@ -100,14 +113,17 @@ pub fn backward<T: Real>(
     v: &[T],
     key_mask: &[u32],
     s: AttentionShape,
+    out: &[T],
     dout: &[T],
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
-    tf32: bool,
+    mode: Operands,
 ) {
-    let (q, k, v, dout) = (&operand(q, tf32)[..], &operand(k, tf32)[..], &operand(v, tf32)[..], &operand(dout, tf32)[..]);
     let d = s.head_dim;
+    // rowsum(dO ⊙ O) per query row and head, from the unrounded values.
+    let dots: Vec<T> = dout.chunks_exact(d).zip(out.chunks_exact(d)).map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x * y).sum()).collect();
+    let (q, k, v, dout) = (&operand(q, mode)[..], &operand(k, mode)[..], &operand(v, mode)[..], &operand(dout, mode)[..]);
     let group = s.heads / s.kv_heads;
     let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..s.kv_heads).map(move |kh| (b, kh))).collect();
     // Each task returns its dK, dV ([kv_len, d]) and the dQ blocks of its query heads.
@@ -126,17 +142,17 @@ pub fn backward<T: Real>(
                     let (qv, kvv) = (blk.q_view(&s), blk.kv_view(&s));
                     let scale = T::of(s.scale);
                     // dV[keys] += Pᵀ·dO.
-                    gemm_strided((keys, d, rows), &mut dv_t, Strided::rows(d), &operand(&p, tf32), Strided::rows(keys).t(), dout, qv, T::one(), true, false);
-                    // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place.
+                    gemm_strided((keys, d, rows), &mut dv_t, Strided::rows(d), &operand(&p, mode), Strided::rows(keys).t(), dout, qv, T::one(), true, false);
+                    // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)), in place.
                     let mut ds = vec![T::zero(); rows * keys];
                     gemm_strided((rows, keys, d), &mut ds, Strided::rows(keys), dout, qv, v, kvv.t(), T::one(), false, false);
-                    for (ds, p) in ds.chunks_exact_mut(keys).zip(p.chunks_exact(keys)) {
-                        let dot: T = ds.iter().zip(p).map(|(&a, &b)| a * b).sum();
+                    for (i, (ds, p)) in ds.chunks_exact_mut(keys).zip(p.chunks_exact(keys)).enumerate() {
+                        let dot = dots[qv.offset / d + i * s.heads];
                         for (x, &pj) in ds.iter_mut().zip(p) {
                             *x = pj * (*x - dot);
                         }
                     }
-                    let ds = operand(&ds, tf32);
+                    let ds = operand(&ds, mode);
                     let mut dq_b = vec![T::zero(); rows * d];
                     gemm_strided((rows, d, keys), &mut dq_b, Strided::rows(d), &ds, Strided::rows(keys), k, kvv, scale, false, false);
                     gemm_strided((keys, d, rows), &mut dk_t, Strided::rows(d), &ds, Strided::rows(keys).t(), q, qv, scale, true, false);

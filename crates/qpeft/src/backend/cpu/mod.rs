@@ -15,7 +15,7 @@ use num_traits::{Float, FromPrimitive};
 use rayon::prelude::*;
 
 use self::gemm::{gemm_strided, Strided};
-use super::{check, check_adamw_8bit, check_attention, check_groups, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
+use super::{check, check_adamw_8bit, check_attention, check_groups, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite, FLASH_MAX_HEAD_DIM};
 use crate::error::{Error, Result};
 use crate::quant::base::BaseWeight;
 
@@ -91,6 +91,15 @@ fn tf32_rna(x: f32) -> f32 {
 }
 
 impl<T: Real> Cpu<T> {
+    /// Attention's rounding: the CUDA bf16 mode's fused kernels up to `FLASH_MAX_HEAD_DIM`, its TF32 GEMMs above.
+    fn attention_operands(&self, s: &AttentionShape) -> attention::Operands {
+        match (self.bf16, s.head_dim <= FLASH_MAX_HEAD_DIM) {
+            (false, _) => attention::Operands::Exact,
+            (true, true) => attention::Operands::Bf16,
+            (true, false) => attention::Operands::Tf32,
+        }
+    }
+
     /// x with `round` applied to every value in the bf16 emulation; x itself otherwise.
     fn rounded<'a>(&self, x: &'a [T], round: fn(f32) -> f32) -> Cow<'a, [T]> {
         if !self.bf16 {
@@ -244,7 +253,7 @@ impl<T: Real> Backend for Cpu<T> {
 
     fn attention(&self, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, key_mask: &Vec<u32>, s: AttentionShape, out: &mut Vec<T>) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len()])?;
-        attention::forward(q, k, v, key_mask, s, out, self.bf16);
+        attention::forward(q, k, v, key_mask, s, out, self.attention_operands(&s));
         Ok(())
     }
 
@@ -344,14 +353,15 @@ impl<T: Real> Backend for Cpu<T> {
         v: &Vec<T>,
         key_mask: &Vec<u32>,
         s: AttentionShape,
+        out: &Vec<T>,
         dout: &Vec<T>,
         dq: &mut Vec<T>,
         dk: &mut Vec<T>,
         dv: &mut Vec<T>,
     ) -> Result<()> {
-        check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[dout.len(), dq.len()])?;
+        check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len(), dout.len(), dq.len()])?;
         check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len()))?;
-        attention::backward(q, k, v, key_mask, s, dout, dq, dk, dv, self.bf16);
+        attention::backward(q, k, v, key_mask, s, out, dout, dq, dk, dv, self.attention_operands(&s));
         Ok(())
     }
 

@@ -23,6 +23,7 @@ macro_rules! launch {
 }
 
 mod attention;
+mod flash;
 mod gemm;
 mod profile;
 mod weight;
@@ -44,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::quant::base::BaseWeight;
 use crate::quant::maps::{signed_dynamic, unsigned_dynamic};
 
-const SOURCE: &str = include_str!("kernels.cu");
+const SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("flash.cu"));
 /// Threads per block of the element-wise kernels and the row reductions.
 const THREADS: u32 = 256;
 
@@ -60,6 +61,8 @@ pub struct Cuda {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     module: Arc<CudaModule>,
+    /// Compute capability 8.0 or later: bf16 tensor-core instructions for the fused attention kernels.
+    bf16_tensor_cores: bool,
     /// bitsandbytes' signed dynamic 8-bit map (double-quantized scales, ICQ τ, 8-bit AdamW's m) and its unsigned one
     /// (8-bit AdamW's v).
     dyn_map: CudaSlice<f32>,
@@ -181,7 +184,7 @@ impl Cuda {
         let dyn_map = stream.clone_htod(&signed_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
         let udyn_map = stream.clone_htod(&unsigned_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
         let (w_f32, w_bf16, x_bf16, scores_a, scores_b) = (Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new());
-        Ok(Cuda { ordinal, precision, stream, blas, module, dyn_map, udyn_map, w_f32, w_bf16, x_bf16, scores_a, scores_b, profile: Profile::from_env() })
+        Ok(Cuda { ordinal, precision, stream, blas, module, bf16_tensor_cores: major >= 8, dyn_map, udyn_map, w_f32, w_bf16, x_bf16, scores_a, scores_b, profile: Profile::from_env() })
     }
 
     /// Per-block f64 partial sums of a ⊙ b over a fixed grid (`dot`, `sum_squares`).
@@ -380,6 +383,9 @@ impl Backend for Cuda {
 
     fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, key_mask: &Self::Ints, s: AttentionShape, out: &mut Self::Buf) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len()])?;
+        if self.flash(&s) {
+            return self.flash_forward(q, k, v, key_mask, s, out);
+        }
         self.attention_gemm(q, k, v, key_mask, s, out)
     }
 
@@ -437,9 +443,25 @@ impl Backend for Cuda {
         launch!(self, "glu_backward", grid(n), gate, up, dy, &k, dgate, dup, &n64)
     }
 
-    fn attention_backward(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, key_mask: &Self::Ints, s: AttentionShape, dout: &Self::Buf, dq: &mut Self::Buf, dk: &mut Self::Buf, dv: &mut Self::Buf) -> Result<()> {
-        check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[dout.len(), dq.len()])?;
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        key_mask: &Self::Ints,
+        s: AttentionShape,
+        out: &Self::Buf,
+        dout: &Self::Buf,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    ) -> Result<()> {
+        check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len(), dout.len(), dq.len()])?;
         check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len()))?;
+        if self.flash(&s) {
+            return self.flash_backward(q, k, v, key_mask, s, out, dout, dq, dk, dv);
+        }
         self.stream.memset_zeros(dk).map_err(|e| device_err("memset", e))?;
         self.stream.memset_zeros(dv).map_err(|e| device_err("memset", e))?;
         self.attention_gemm_backward(q, k, v, key_mask, s, dout, dq, dk, dv)

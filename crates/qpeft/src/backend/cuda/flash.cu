@@ -1,0 +1,444 @@
+// Fused (flash-style) causal GQA attention for the bf16 mode (flash.rs): scores never reach global memory. One block
+// of 4 warps owns 64 queries (forward, dQ) or 64 keys (dK, dV) of one head and walks the other side in tiles of 64,
+// converting f32 activations to bf16 in shared memory and multiplying on the tensor cores (mma.sync m16n8k16, f32
+// accumulation); each warp owns 16 of the block's rows. D is the head size rounded up to 16, 32, 64 or 128 (the
+// padding is zeros). Appended to kernels.cu (it uses `Attn`, `bf16` and `to_bf16_bits` from there).
+//
+// Numerics, mirrored by the CPU's bf16 emulation (backend/cpu/attention.rs, `Operands::Bf16`): q, k, v and dO are
+// rounded to bf16 as they are loaded, the probabilities before P·V and Pᵀ·dO, the score gradients before dS·K and
+// dSᵀ·Q; softmax statistics, rowsum(dO ⊙ O) and every sum are f32.
+//
+// Backward runs in two kernels, neither needing atomics: `flash_dq` walks keys per query tile, writes dQ and each
+// query's log-sum-exp and rowsum(dO ⊙ O); `flash_dkv` walks queries (of every head sharing the KV head) per key tile.
+
+#if __CUDA_ARCH__ >= 800
+
+#define TILE 64
+
+extern __shared__ float4 flash_smem[];
+
+// c += a·b on the tensor cores. Fragment layouts (PTX ISA, m16n8k16 with .bf16), g = lane / 4, t = lane % 4, two bf16
+// per register, the lower index in the low half:
+//   a (16×16, row-major): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
+//   b (16×8):             b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g];
+//   c (16×8, f32):        c0, c1 = C[g][2t..2t+1], c2, c3 = C[g+8][2t..2t+1].
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) { return (u32)to_bf16_bits(lo) | ((u32)to_bf16_bits(hi) << 16); }
+
+// Shared-memory address of p, for ldmatrix.
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// The a fragment of rows r0..r0+15, columns k0..k0+15 of the row-major tile x (row stride ld elements; rows 16-byte
+// aligned): ldmatrix.x4's lanes 0-15 address rows r0.. at column k0, lanes 16-31 the same rows at k0 + 8.
+__device__ __forceinline__ void frag_a(u32* a, const bf16* x, int ld, int r0, int k0, int lane) {
+    u32 at = smem_addr(x + (r0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(at));
+}
+
+// c0 += A·B[:, n0..n0+8] and c1 += A·B[:, n0+8..n0+16] for B[k][n] = y[n][k0 + k] (B stored transposed, as K in
+// Q·Kᵀ): lanes 0-7 address rows n0.. at k0, 8-15 the same at k0 + 8, 16-31 rows n0+8.. likewise.
+__device__ __forceinline__ void mma_bt2(float* c0, float* c1, const u32* a, const bf16* y, int ld, int n0, int k0, int lane) {
+    u32 b[4], at = smem_addr(y + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(at));
+    mma_bf16(c0, a, b[0], b[1]);
+    mma_bf16(c1, a, b[2], b[3]);
+}
+
+// The same for B[k][n] = x[k0 + k][n] (B stored row-major, as V in P·V), through transposing loads: lanes 0-15
+// address rows k0.. at column n0, lanes 16-31 at n0 + 8.
+__device__ __forceinline__ void mma_b2(float* c0, float* c1, const u32* a, const bf16* x, int ld, int k0, int n0, int lane) {
+    u32 b[4], at = smem_addr(x + (k0 + (lane & 15)) * ld + n0 + (lane >> 4) * 8);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(at));
+    mma_bf16(c0, a, b[0], b[1]);
+    mma_bf16(c1, a, b[2], b[3]);
+}
+
+// The a fragment of 16 rows × keys 16j..16j+15 from accumulator tiles s[2j], s[2j+1] (the c layout of a 16×64 block),
+// rounded to bf16: how P and dS feed the next product without leaving registers.
+__device__ __forceinline__ void frag_from_acc(u32* a, float (*s)[4], int j) {
+    a[0] = pack_bf16(s[2 * j][0], s[2 * j][1]);
+    a[1] = pack_bf16(s[2 * j][2], s[2 * j][3]);
+    a[2] = pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]);
+    a[3] = pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3]);
+}
+
+// Rows row0..row0+63 of a [rows, hd] f32 view (row i at src + i·stride) as bf16 into a row-major tile (stride ld);
+// rows at or past `valid` and columns past hd are zeros. Each thread issues a batch of loads (16-byte ones when hd is
+// a multiple of 4, which keeps every row 16-byte aligned) before it stores any, so that many are in flight at once;
+// batches of 8 keep the registers for the accumulators.
+template <int D>
+__device__ void load_tile(bf16* tile, int ld, const float* src, long long stride, int row0, int valid, int hd) {
+    constexpr int PER_THREAD = TILE * D / 4 / 128, BATCH = PER_THREAD < 8 ? PER_THREAD : 8;
+    bool vec = (hd & 3) == 0;
+#pragma unroll
+    for (int u0 = 0; u0 < PER_THREAD; u0 += BATCH) {
+        float4 x[BATCH];
+#pragma unroll
+        for (int u = 0; u < BATCH; u++) {
+            int e = (threadIdx.x + (u0 + u) * 128) * 4, i = e / D, d = e % D;
+            const float* p = src + (long long)(row0 + i) * stride + d;
+            bool row = row0 + i < valid;
+            if (row && vec && d < hd) {
+                x[u] = *(const float4*)p;
+            } else {
+                x[u].x = row && d < hd ? p[0] : 0.0f;
+                x[u].y = row && d + 1 < hd ? p[1] : 0.0f;
+                x[u].z = row && d + 2 < hd ? p[2] : 0.0f;
+                x[u].w = row && d + 3 < hd ? p[3] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < BATCH; u++) {
+            int e = (threadIdx.x + (u0 + u) * 128) * 4, i = e / D, d = e % D;
+            *(uint2*)(tile + i * ld + d) = make_uint2(pack_bf16(x[u].x, x[u].y), pack_bf16(x[u].z, x[u].w));
+        }
+    }
+}
+
+// Whether the query at cache index ci sees key j (causality, the sliding window, the cache length and the key mask).
+__device__ __forceinline__ bool sees(const Attn& s, int ci, int j, u32 real) {
+    return real && j <= ci && j < s.kv_len && (s.window <= 0 || j > ci - s.window);
+}
+
+// The maximum and the sum over the 4 threads (t = 0..3) that share a row of a c fragment.
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Where one (sequence, query head) lives: its query-side rows (q, out, dq, dout) and its KV head's cache rows.
+struct Head {
+    long long q_at, q_stride, kv_at, kv_stride;
+    const u32* mask;
+    int first;  // cache index of query 0
+    __device__ Head(const Attn& s, const u32* key_mask, int b, int h) {
+        int kvh = h / (s.heads / s.kv_heads);
+        q_at = ((long long)b * s.q_len * s.heads + h) * s.head_dim;
+        q_stride = (long long)s.heads * s.head_dim;
+        kv_at = ((long long)b * s.kv_capacity * s.kv_heads + kvh) * s.head_dim;
+        kv_stride = (long long)s.kv_heads * s.head_dim;
+        mask = key_mask + (long long)b * s.kv_capacity;
+        first = s.kv_len - s.q_len;
+    }
+};
+
+// sc (this warp's 16 query rows × 64 keys from k0) = scale·Q·Kᵀ with invisible keys at −∞; rows ci and ci + 8 are
+// this thread's (cache indices).
+template <int D>
+__device__ void masked_scores(float (*sc)[4], const bf16* qs, const bf16* ks, const u32* km, const Attn& s, int k0, int ci, int warp, int lane) {
+    const int LD = D + 8, t = lane & 3;
+#pragma unroll
+    for (int n = 0; n < 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+        u32 a[4];
+        frag_a(a, qs, LD, warp * 16, kk, lane);
+#pragma unroll
+        for (int n = 0; n < 8; n += 2) mma_bt2(sc[n], sc[n + 1], a, ks, LD, n * 8, kk, lane);
+    }
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int j = k0 + n * 8 + 2 * t + (e & 1);
+            sc[n][e] = sees(s, ci + (e >> 1) * 8, j, km[j - k0]) ? sc[n][e] * s.scale : -INFINITY;
+        }
+}
+
+// Keys k0 of the tiles queries q0..q0+63 (q0 < q_len) can see: from the first query's window start to the last query.
+__device__ __forceinline__ int key_start(const Attn& s, const Head& hd, int q0) {
+    int lo = s.window > 0 ? max(0, hd.first + q0 + 1 - s.window) : 0;
+    return lo / TILE * TILE;
+}
+__device__ __forceinline__ int key_end(const Attn& s, const Head& hd, int q0) {
+    return min(hd.first + min(q0 + TILE, s.q_len), s.kv_len);
+}
+
+// Loads key tile k0 (k into `ks`, v into `vs` unless null) and its key mask.
+template <int D>
+__device__ void load_keys(const Attn& s, const Head& hd, const float* k, const float* v, int k0, bf16* ks, bf16* vs, u32* km) {
+    const int LD = D + 8;
+    __syncthreads();
+    load_tile<D>(ks, LD, k + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
+    if (vs) load_tile<D>(vs, LD, v + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
+    for (int i = threadIdx.x; i < TILE; i += blockDim.x) km[i] = k0 + i < s.kv_len ? hd.mask[k0 + i] : 0u;
+    __syncthreads();
+}
+
+// acc (16 rows × D) += A·X for A = the 16×64 block `p` (c layout, rounded to bf16) and X = the row-major 64 × D tile x.
+template <int D>
+__device__ __forceinline__ void mma_acc_rows(float (*acc)[4], float (*p)[4], const bf16* x, int lane) {
+    const int LD = D + 8;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        u32 a[4];
+        frag_from_acc(a, p, j);
+#pragma unroll
+        for (int n = 0; n < D / 8; n += 2) mma_b2(acc[n], acc[n + 1], a, x, LD, j * 16, n * 8, lane);
+    }
+}
+
+// Writes rows (of 16 per warp, two per thread) of a [16, D] accumulator times `scale` to rows `row0 + r` of a
+// [rows, hd] view (row at dst + i·stride) for r < valid.
+template <int D>
+__device__ void store_rows(float (*acc)[4], float scale, float* dst, long long stride, int row0, int valid, int hd, int lane) {
+    int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int i = row0 + g + 8 * r;
+        if (i >= valid) continue;
+        float* row = dst + i * stride;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int d = n * 8 + 2 * t + e;
+                if (d < hd) row[d] = scale * acc[n][2 * r + e];
+            }
+    }
+}
+
+// Forward. Grid (query tiles, heads, batch), 128 threads.
+template <int D>
+__device__ void flash_forward(const float* q, const float* k, const float* v, const u32* key_mask, Attn s, float* out) {
+    const int LD = D + 8;
+    bf16* qs = (bf16*)flash_smem;
+    bf16* ks = qs + TILE * LD;
+    bf16* vs = ks + TILE * LD;
+    u32* km = (u32*)(vs + TILE * LD);
+    int q0 = blockIdx.x * TILE, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
+    Head hd(s, key_mask, blockIdx.z, blockIdx.y);
+    load_tile<D>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+    int ci = hd.first + q0 + warp * 16 + g;
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    for (int k0 = key_start(s, hd, q0); k0 < key_end(s, hd, q0); k0 += TILE) {
+        load_keys<D>(s, hd, k, v, k0, ks, vs, km);
+        float sc[8][4];
+        masked_scores<D>(sc, qs, ks, km, s, k0, ci, warp, lane);
+        // Online softmax: rescale what was summed under the old row maximum.
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < 8; n++) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
+            float mn = fmaxf(m[r], quad_max(mx));
+            float alpha = mn == -INFINITY ? 1.0f : expf(m[r] - mn);
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 2 * r; e < 2 * r + 2; e++) {
+                    sc[n][e] = mn == -INFINITY ? 0.0f : expf(sc[n][e] - mn);
+                    sum += sc[n][e];
+                }
+            l[r] = l[r] * alpha + sum;
+            m[r] = mn;
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                o[n][2 * r] *= alpha;
+                o[n][2 * r + 1] *= alpha;
+            }
+        }
+        mma_acc_rows<D>(o, sc, vs, lane);
+    }
+    // 1/l per row (0 for a query that sees no key), as a scale per accumulator half.
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float total = quad_sum(l[r]), inv = total > 0.0f ? 1.0f / total : 0.0f;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            o[n][2 * r] *= inv;
+            o[n][2 * r + 1] *= inv;
+        }
+    }
+    store_rows<D>(o, 1.0f, out + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
+}
+
+// dQ = scale·dS·K per query tile, with dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)); first a pass over the keys for each query's
+// log-sum-exp (∞ when it sees no key), which goes to stats[2·row] with rowsum(dO ⊙ O) at stats[2·row + 1], row =
+// (b·heads + h)·q_len + qi. Grid (query tiles, heads, batch), 128 threads.
+template <int D>
+__device__ void flash_dq(const float* q, const float* k, const float* v, const u32* key_mask, Attn s, const float* out, const float* dout, float* dq, float* stats) {
+    const int LD = D + 8;
+    bf16* qs = (bf16*)flash_smem;
+    bf16* dos = qs + TILE * LD;
+    bf16* ks = dos + TILE * LD;
+    bf16* vs = ks + TILE * LD;
+    u32* km = (u32*)(vs + TILE * LD);
+    int q0 = blockIdx.x * TILE, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    Head hd(s, key_mask, blockIdx.z, blockIdx.y);
+    load_tile<D>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+    load_tile<D>(dos, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+    int ci = hd.first + q0 + warp * 16 + g;
+    int k_lo = key_start(s, hd, q0), k_hi = key_end(s, hd, q0);
+    // Pass 1: each row's maximum and sum of exponentials.
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    for (int k0 = k_lo; k0 < k_hi; k0 += TILE) {
+        load_keys<D>(s, hd, k, v, k0, ks, nullptr, km);
+        float sc[8][4];
+        masked_scores<D>(sc, qs, ks, km, s, k0, ci, warp, lane);
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < 8; n++) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
+            float mn = fmaxf(m[r], quad_max(mx));
+            if (mn == -INFINITY) continue;
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < 8; n++) sum += expf(sc[n][2 * r] - mn) + expf(sc[n][2 * r + 1] - mn);
+            l[r] = l[r] * expf(m[r] - mn) + sum;
+            m[r] = mn;
+        }
+    }
+    float lse[2], dot[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float total = quad_sum(l[r]);
+        lse[r] = total > 0.0f ? m[r] + logf(total) : INFINITY;
+        int qi = q0 + warp * 16 + g + 8 * r;
+        // rowsum(dO ⊙ O) in f32 from the unrounded rows, split over the row's 4 threads.
+        float part = 0.0f;
+        if (qi < s.q_len)
+            for (int d = t; d < s.head_dim; d += 4) part += dout[hd.q_at + qi * hd.q_stride + d] * out[hd.q_at + qi * hd.q_stride + d];
+        dot[r] = quad_sum(part);
+        if (t == 0 && qi < s.q_len) {
+            long long row = ((long long)blockIdx.z * s.heads + blockIdx.y) * s.q_len + qi;
+            stats[2 * row] = lse[r];
+            stats[2 * row + 1] = dot[r];
+        }
+    }
+    // Pass 2: dS and dQ.
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    for (int k0 = k_lo; k0 < k_hi; k0 += TILE) {
+        load_keys<D>(s, hd, k, v, k0, ks, vs, km);
+        float p[8][4], dp[8][4];
+        masked_scores<D>(p, qs, ks, km, s, k0, ci, warp, lane);
+#pragma unroll
+        for (int n = 0; n < 8; n++) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D; kk += 16) {
+            u32 a[4];
+            frag_a(a, dos, LD, warp * 16, kk, lane);
+#pragma unroll
+            for (int n = 0; n < 8; n += 2) mma_bt2(dp[n], dp[n + 1], a, vs, LD, n * 8, kk, lane);
+        }
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dp[n][e] = expf(p[n][e] - lse[e >> 1]) * (dp[n][e] - dot[e >> 1]);
+        mma_acc_rows<D>(acc, dp, ks, lane);
+    }
+    store_rows<D>(acc, s.scale, dq + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
+}
+
+// dV = Σ Pᵀ·dO and dK = scale·Σ dSᵀ·Q per key tile, over every query head of the KV head and every query tile that
+// sees the keys; `stats` from `flash_dq`. Works on Sᵀ = K·Qᵀ (keys as rows) so that Pᵀ and dSᵀ feed the products
+// from registers. Grid (key tiles, KV heads, batch), 128 threads.
+template <int D>
+__device__ void flash_dkv(const float* q, const float* k, const float* v, const u32* key_mask, Attn s, const float* dout, const float* stats, float* dk, float* dv) {
+    const int LD = D + 8;
+    bf16* ks = (bf16*)flash_smem;
+    bf16* vs = ks + TILE * LD;
+    bf16* qs = vs + TILE * LD;
+    bf16* dos = qs + TILE * LD;
+    float* lse = (float*)(dos + TILE * LD);
+    float* dots = lse + TILE;
+    int k0 = blockIdx.x * TILE, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int rep = s.heads / s.kv_heads, b = blockIdx.z;
+    Head hk(s, key_mask, b, blockIdx.y * rep);
+    load_tile<D>(ks, LD, k + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
+    load_tile<D>(vs, LD, v + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
+    int key = k0 + warp * 16 + g;  // this thread's rows: keys key and key + 8
+    u32 real[2] = {key < s.kv_len ? hk.mask[key] : 0u, key + 8 < s.kv_len ? hk.mask[key + 8] : 0u};
+    // Queries whose cache index ci satisfies k0 <= ci < k0 + 63 + window see some of the tile's keys.
+    int q_lo = max(0, k0 - hk.first);
+    int q_hi = s.window > 0 ? min(s.q_len, k0 + TILE - 1 + s.window - hk.first) : s.q_len;
+    float ak[D / 8][4], av[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) ak[n][e] = av[n][e] = 0.0f;
+    for (int h = blockIdx.y * rep; h < (blockIdx.y + 1) * rep; h++) {
+        Head hd(s, key_mask, b, h);
+        for (int q0 = q_lo; q0 < q_hi; q0 += TILE) {
+            __syncthreads();
+            load_tile<D>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+            load_tile<D>(dos, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+            for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
+                long long row = ((long long)b * s.heads + h) * s.q_len + q0 + i;
+                bool ok = q0 + i < s.q_len;
+                lse[i] = ok ? stats[2 * row] : INFINITY;
+                dots[i] = ok ? stats[2 * row + 1] : 0.0f;
+            }
+            __syncthreads();
+            // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
+            float p[8][4], dp[8][4];
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) p[n][e] = dp[n][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D; kk += 16) {
+                u32 a[4], c[4];
+                frag_a(a, ks, LD, warp * 16, kk, lane);
+                frag_a(c, vs, LD, warp * 16, kk, lane);
+#pragma unroll
+                for (int n = 0; n < 8; n += 2) {
+                    mma_bt2(p[n], p[n + 1], a, qs, LD, n * 8, kk, lane);
+                    mma_bt2(dp[n], dp[n + 1], c, dos, LD, n * 8, kk, lane);
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int c = n * 8 + 2 * t + (e & 1);
+                    float pe = q0 + c < s.q_len && sees(s, hk.first + q0 + c, key + (e >> 1) * 8, real[e >> 1]) ? expf(p[n][e] * s.scale - lse[c]) : 0.0f;
+                    p[n][e] = pe;
+                    dp[n][e] = pe * (dp[n][e] - dots[c]);
+                }
+            mma_acc_rows<D>(av, p, dos, lane);
+            mma_acc_rows<D>(ak, dp, qs, lane);
+        }
+    }
+    store_rows<D>(ak, s.scale, dk + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
+    store_rows<D>(av, 1.0f, dv + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
+}
+
+#define FLASH_KERNELS(D)                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) flash_forward_##D(const float* q, const float* k, const float* v,    \
+                                                                         const u32* m, Attn s, float* out) {              \
+        flash_forward<D>(q, k, v, m, s, out);                                                                              \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) flash_dq_##D(const float* q, const float* k, const float* v,         \
+                                                                    const u32* m, Attn s, const float* out,                \
+                                                                    const float* dout, float* dq, float* stats) {          \
+        flash_dq<D>(q, k, v, m, s, out, dout, dq, stats);                                                                  \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) flash_dkv_##D(const float* q, const float* k, const float* v,        \
+                                                                     const u32* m, Attn s, const float* dout,              \
+                                                                     const float* stats, float* dk, float* dv) {           \
+        flash_dkv<D>(q, k, v, m, s, dout, stats, dk, dv);                                                                  \
+    }
+
+FLASH_KERNELS(16)
+FLASH_KERNELS(32)
+FLASH_KERNELS(64)
+FLASH_KERNELS(128)
+
+#endif

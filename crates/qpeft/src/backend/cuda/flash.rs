@@ -1,0 +1,79 @@
+//! Launchers of the fused attention kernels (flash.cu): the bf16 mode's attention for heads up to
+//! `FLASH_MAX_HEAD_DIM` on GPUs with bf16 tensor cores (compute capability 8.0 and up). Scores stay on chip, so
+//! attention needs no score scratch and reads q, k, v once per tile instead of materialising [queries, keys] planes.
+
+use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+use super::{device_err, Attn, Cuda};
+use crate::backend::{AttentionShape, Precision, FLASH_MAX_HEAD_DIM};
+use crate::error::Result;
+
+/// Rows per tile on either side, and threads per block (4 warps of 16 rows), as in flash.cu.
+const TILE: usize = 64;
+const THREADS: u32 = 128;
+
+/// The kernels' head size: head_dim rounded up to an instantiated one.
+fn padded(head_dim: usize) -> usize {
+    [16, 32, 64, 128].into_iter().find(|&d| d >= head_dim).expect("head_dim checked against FLASH_MAX_HEAD_DIM")
+}
+
+/// Bytes of dynamic shared memory: `tiles` bf16 tiles of [TILE, d + 8] (rows padded by 16 bytes against bank
+/// conflicts) and `vectors` f32/u32 vectors of TILE.
+fn smem(d: usize, tiles: usize, vectors: usize) -> usize {
+    2 * tiles * TILE * (d + 8) + 4 * TILE * vectors
+}
+
+impl Cuda {
+    /// Whether attention of shape `s` runs through the fused kernels.
+    pub(super) fn flash(&self, s: &AttentionShape) -> bool {
+        self.precision == Precision::Bf16 && self.bf16_tensor_cores && s.head_dim <= FLASH_MAX_HEAD_DIM
+    }
+
+    /// The launch of kernel `name` for head size `d` over `grid`, with `bytes` of dynamic shared memory allowed.
+    fn flash_config(&self, name: &str, grid: (usize, usize, usize), bytes: usize) -> Result<LaunchConfig> {
+        self.func(name)?
+            .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+            .map_err(|e| device_err(&format!("allowing `{name}` {bytes} bytes of shared memory"), e))?;
+        Ok(LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: bytes as u32 })
+    }
+
+    pub(super) fn flash_forward(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, key_mask: &CudaSlice<u32>, s: AttentionShape, out: &mut CudaSlice<f32>) -> Result<()> {
+        let d = padded(s.head_dim);
+        let name = format!("flash_forward_{d}");
+        let cfg = self.flash_config(&name, (s.q_len.div_ceil(TILE), s.heads, s.batch), smem(d, 3, 1))?;
+        let a = Attn::of(s);
+        launch!(self, &name, cfg, q, k, v, key_mask, &a, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn flash_backward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        key_mask: &CudaSlice<u32>,
+        s: AttentionShape,
+        out: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = padded(s.head_dim);
+        let a = Attn::of(s);
+        // Per query row: its log-sum-exp and rowsum(dO ⊙ O).
+        let mut stats = self.alloc::<f32>(2 * s.batch * s.heads * s.q_len)?;
+        let name = format!("flash_dq_{d}");
+        let cfg = self.flash_config(&name, (s.q_len.div_ceil(TILE), s.heads, s.batch), smem(d, 4, 1))?;
+        launch!(self, &name, cfg, q, k, v, key_mask, &a, out, dout, dq, &mut stats)?;
+        if s.kv_capacity > s.kv_len {
+            // The kernel writes the kv_len rows of each sequence; the rest of the cache layout is zero.
+            self.stream.memset_zeros(dk).map_err(|e| device_err("clearing dk", e))?;
+            self.stream.memset_zeros(dv).map_err(|e| device_err("clearing dv", e))?;
+        }
+        let name = format!("flash_dkv_{d}");
+        let cfg = self.flash_config(&name, (s.kv_len.div_ceil(TILE), s.kv_heads, s.batch), smem(d, 4, 2))?;
+        launch!(self, &name, cfg, q, k, v, key_mask, &a, dout, &stats, dk, dv)
+    }
+}
