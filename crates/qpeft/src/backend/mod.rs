@@ -156,10 +156,12 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
-/// The largest head the CUDA bf16 mode runs through its fused, flash-style attention kernels (on GPUs of compute
-/// capability 8.0 and up); larger heads (Gemma's 256) take its GEMM path. The CPU's bf16 emulation rounds inside
-/// attention as the path taken for the same shape does.
-pub const FLASH_MAX_HEAD_DIM: usize = 128;
+/// Whether the CUDA bf16 mode runs attention with heads of `head_dim` through its fused, flash-style kernels (on GPUs
+/// of compute capability 8.0 and up): multiples of 8 (16-byte rows of bf16) up to 128. Other heads (Gemma's 256) take
+/// its GEMM path. The CPU's bf16 emulation rounds inside attention as the path taken for the same shape does.
+pub fn flash_head(head_dim: usize) -> bool {
+    head_dim <= 128 && head_dim.is_multiple_of(8)
+}
 
 /// Where `write_rows` puts a [batch, rows, width] block inside a [batch, capacity, width] buffer.
 #[derive(Clone, Copy, Debug)]

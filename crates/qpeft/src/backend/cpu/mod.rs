@@ -15,7 +15,7 @@ use num_traits::{Float, FromPrimitive};
 use rayon::prelude::*;
 
 use self::gemm::{gemm_strided, Strided};
-use super::{check, check_adamw_8bit, check_attention, check_groups, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite, FLASH_MAX_HEAD_DIM};
+use super::{check, check_adamw_8bit, check_attention, check_groups, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite, flash_head};
 use crate::error::{Error, Result};
 use crate::quant::base::BaseWeight;
 
@@ -91,9 +91,9 @@ fn tf32_rna(x: f32) -> f32 {
 }
 
 impl<T: Real> Cpu<T> {
-    /// Attention's rounding: the CUDA bf16 mode's fused kernels up to `FLASH_MAX_HEAD_DIM`, its TF32 GEMMs above.
+    /// Attention's rounding: the CUDA bf16 mode's fused kernels where `flash_head`, its TF32 GEMMs elsewhere.
     fn attention_operands(&self, s: &AttentionShape) -> attention::Operands {
-        match (self.bf16, s.head_dim <= FLASH_MAX_HEAD_DIM) {
+        match (self.bf16, flash_head(s.head_dim)) {
             (false, _) => attention::Operands::Exact,
             (true, true) => attention::Operands::Bf16,
             (true, false) => attention::Operands::Tf32,

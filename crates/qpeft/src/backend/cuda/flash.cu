@@ -1,8 +1,8 @@
 // Fused (flash-style) causal GQA attention for the bf16 mode (flash.rs): scores never reach global memory. One block
-// of 4 warps owns 64 queries (forward, dQ) or 64 keys (dK, dV) of one head and walks the other side in tiles of 64,
+// of 8 warps owns 128 queries (forward, dQ) or 128 keys (dK, dV) of one head and walks the other side in tiles of 64,
 // converting f32 activations to bf16 in shared memory and multiplying on the tensor cores (mma.sync m16n8k16, f32
 // accumulation); each warp owns 16 of the block's rows. D is the head size rounded up to 16, 32, 64 or 128 (the
-// padding is zeros). Appended to kernels.cu (it uses `Attn`, `bf16` and `to_bf16_bits` from there).
+// padding is zeros). Appended to kernels.cu (it uses `Attn`, `bf16` and `bf16_pair` from there).
 //
 // Numerics, mirrored by the CPU's bf16 emulation (backend/cpu/attention.rs, `Operands::Bf16`): q, k, v and dO are
 // rounded to bf16 as they are loaded, the probabilities before P·V and Pᵀ·dO, the score gradients before dS·K and
@@ -14,6 +14,8 @@
 #if __CUDA_ARCH__ >= 800
 
 #define TILE 64
+#define ROWS 128
+#define THREADS 256
 
 extern __shared__ float4 flash_smem[];
 
@@ -27,8 +29,6 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) { return (u32)to_bf16_bits(lo) | ((u32)to_bf16_bits(hi) << 16); }
 
 // Shared-memory address of p, for ldmatrix.
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -61,42 +61,31 @@ __device__ __forceinline__ void mma_b2(float* c0, float* c1, const u32* a, const
 // The a fragment of 16 rows × keys 16j..16j+15 from accumulator tiles s[2j], s[2j+1] (the c layout of a 16×64 block),
 // rounded to bf16: how P and dS feed the next product without leaving registers.
 __device__ __forceinline__ void frag_from_acc(u32* a, float (*s)[4], int j) {
-    a[0] = pack_bf16(s[2 * j][0], s[2 * j][1]);
-    a[1] = pack_bf16(s[2 * j][2], s[2 * j][3]);
-    a[2] = pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]);
-    a[3] = pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3]);
+    a[0] = bf16_pair(s[2 * j][0], s[2 * j][1]);
+    a[1] = bf16_pair(s[2 * j][2], s[2 * j][3]);
+    a[2] = bf16_pair(s[2 * j + 1][0], s[2 * j + 1][1]);
+    a[3] = bf16_pair(s[2 * j + 1][2], s[2 * j + 1][3]);
 }
 
-// Rows row0..row0+63 of a [rows, hd] f32 view (row i at src + i·stride) as bf16 into a row-major tile (stride ld);
-// rows at or past `valid` and columns past hd are zeros. Each thread issues a batch of loads (16-byte ones when hd is
-// a multiple of 4, which keeps every row 16-byte aligned) before it stores any, so that many are in flight at once;
-// batches of 8 keep the registers for the accumulators.
-template <int D>
-__device__ void load_tile(bf16* tile, int ld, const float* src, long long stride, int row0, int valid, int hd) {
-    constexpr int PER_THREAD = TILE * D / 4 / 128, BATCH = PER_THREAD < 8 ? PER_THREAD : 8;
-    bool vec = (hd & 3) == 0;
+// Asynchronous 16-byte copies global → shared (cp.async, compute capability 8.0+); a copy with `valid` false writes
+// zeros and reads nothing.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Starts copying rows row0..row0+N-1 of a [rows, hd] bf16 view (row i at src + i·stride; hd a multiple of 8, so rows
+// are 16-byte aligned) into a row-major tile (stride ld); rows at or past `valid` and columns past hd become zeros.
+template <int D, int N>
+__device__ void load_rows(bf16* tile, int ld, const bf16* src, long long stride, int row0, int valid, int hd) {
 #pragma unroll
-    for (int u0 = 0; u0 < PER_THREAD; u0 += BATCH) {
-        float4 x[BATCH];
-#pragma unroll
-        for (int u = 0; u < BATCH; u++) {
-            int e = (threadIdx.x + (u0 + u) * 128) * 4, i = e / D, d = e % D;
-            const float* p = src + (long long)(row0 + i) * stride + d;
-            bool row = row0 + i < valid;
-            if (row && vec && d < hd) {
-                x[u] = *(const float4*)p;
-            } else {
-                x[u].x = row && d < hd ? p[0] : 0.0f;
-                x[u].y = row && d + 1 < hd ? p[1] : 0.0f;
-                x[u].z = row && d + 2 < hd ? p[2] : 0.0f;
-                x[u].w = row && d + 3 < hd ? p[3] : 0.0f;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < BATCH; u++) {
-            int e = (threadIdx.x + (u0 + u) * 128) * 4, i = e / D, d = e % D;
-            *(uint2*)(tile + i * ld + d) = make_uint2(pack_bf16(x[u].x, x[u].y), pack_bf16(x[u].z, x[u].w));
-        }
+    for (int c = threadIdx.x; c < N * D / 8; c += THREADS) {
+        int i = c / (D / 8), d = c % (D / 8) * 8;
+        bool ok = row0 + i < valid && d < hd;
+        copy16_async(tile + i * ld + d, ok ? src + (row0 + i) * stride + d : src, ok);
     }
 }
 
@@ -154,24 +143,43 @@ __device__ void masked_scores(float (*sc)[4], const bf16* qs, const bf16* ks, co
         }
 }
 
-// Keys k0 of the tiles queries q0..q0+63 (q0 < q_len) can see: from the first query's window start to the last query.
+// Keys k0 of the tiles queries q0..q0+ROWS-1 (q0 < q_len) can see: from the first query's window start to the last query.
 __device__ __forceinline__ int key_start(const Attn& s, const Head& hd, int q0) {
     int lo = s.window > 0 ? max(0, hd.first + q0 + 1 - s.window) : 0;
     return lo / TILE * TILE;
 }
 __device__ __forceinline__ int key_end(const Attn& s, const Head& hd, int q0) {
-    return min(hd.first + min(q0 + TILE, s.q_len), s.kv_len);
+    return min(hd.first + min(q0 + ROWS, s.q_len), s.kv_len);
 }
 
-// Loads key tile k0 (k into `ks`, v into `vs` unless null) and its key mask.
+// Starts loading key tile k0 into stage buffers: k into `ks`, v into `vs` unless null, and the key mask into `km`.
 template <int D>
-__device__ void load_keys(const Attn& s, const Head& hd, const float* k, const float* v, int k0, bf16* ks, bf16* vs, u32* km) {
+__device__ void load_keys(const Attn& s, const Head& hd, const bf16* k, const bf16* v, int k0, bf16* ks, bf16* vs, u32* km) {
     const int LD = D + 8;
-    __syncthreads();
-    load_tile<D>(ks, LD, k + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
-    if (vs) load_tile<D>(vs, LD, v + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
-    for (int i = threadIdx.x; i < TILE; i += blockDim.x) km[i] = k0 + i < s.kv_len ? hd.mask[k0 + i] : 0u;
-    __syncthreads();
+    load_rows<D, TILE>(ks, LD, k + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
+    if (vs) load_rows<D, TILE>(vs, LD, v + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
+    for (int i = threadIdx.x; i < TILE; i += THREADS) km[i] = k0 + i < s.kv_len ? hd.mask[k0 + i] : 0u;
+    copies_commit();
+}
+
+// The walk over key tiles k_lo..k_hi with two stages: tile i + 1 loads while tile i is used. `body(k0, ks, vs, km)`
+// sees a complete tile; `v` null loads keys only.
+template <int D, typename F>
+__device__ void walk_keys(const Attn& s, const Head& hd, const bf16* k, const bf16* v, int k_lo, int k_hi, bf16* kbuf, bf16* vbuf, u32* kmbuf, F body) {
+    const int TS = TILE * (D + 8);
+    if (k_lo < k_hi) load_keys<D>(s, hd, k, v, k_lo, kbuf, v ? vbuf : nullptr, kmbuf);
+    for (int k0 = k_lo, st = 0; k0 < k_hi; k0 += TILE, st ^= 1) {
+        if (k0 + TILE < k_hi) {
+            load_keys<D>(s, hd, k, v, k0 + TILE, kbuf + (st ^ 1) * TS, v ? vbuf + (st ^ 1) * TS : nullptr, kmbuf + (st ^ 1) * TILE);
+            copies_wait<1>();
+        } else {
+            copies_wait<0>();
+        }
+        __syncthreads();
+        body(k0, kbuf + st * TS, vbuf + st * TS, kmbuf + st * TILE);
+        // The next iteration's loads overwrite this stage.
+        __syncthreads();
+    }
 }
 
 // acc (16 rows × D) += A·X for A = the 16×64 block `p` (c layout, rounded to bf16) and X = the row-major 64 × D tile x.
@@ -187,8 +195,8 @@ __device__ __forceinline__ void mma_acc_rows(float (*acc)[4], float (*p)[4], con
     }
 }
 
-// Writes rows (of 16 per warp, two per thread) of a [16, D] accumulator times `scale` to rows `row0 + r` of a
-// [rows, hd] view (row at dst + i·stride) for r < valid.
+// Writes rows (16 per warp, two per thread) of a [16, D] accumulator times `scale` to rows `row0 + r` of a [rows, hd]
+// view (row at dst + i·stride) for r < valid.
 template <int D>
 __device__ void store_rows(float (*acc)[4], float scale, float* dst, long long stride, int row0, int valid, int hd, int lane) {
     int g = lane >> 2, t = lane & 3;
@@ -207,24 +215,24 @@ __device__ void store_rows(float (*acc)[4], float scale, float* dst, long long s
     }
 }
 
-// Forward. Grid (query tiles, heads, batch), 128 threads.
+// Forward. Grid (query blocks of ROWS, heads, batch), THREADS threads; q, k, v as bf16.
 template <int D>
-__device__ void flash_forward(const float* q, const float* k, const float* v, const u32* key_mask, Attn s, float* out) {
+__device__ void flash_forward(const bf16* q, const bf16* k, const bf16* v, const u32* key_mask, Attn s, float* out) {
     const int LD = D + 8;
     bf16* qs = (bf16*)flash_smem;
-    bf16* ks = qs + TILE * LD;
-    bf16* vs = ks + TILE * LD;
-    u32* km = (u32*)(vs + TILE * LD);
-    int q0 = blockIdx.x * TILE, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
+    bf16* kbuf = qs + ROWS * LD;
+    bf16* vbuf = kbuf + 2 * TILE * LD;
+    u32* kmbuf = (u32*)(vbuf + 2 * TILE * LD);
+    int q0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
     Head hd(s, key_mask, blockIdx.z, blockIdx.y);
-    load_tile<D>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+    load_rows<D, ROWS>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+    copies_commit();
     int ci = hd.first + q0 + warp * 16 + g;
     float o[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    for (int k0 = key_start(s, hd, q0); k0 < key_end(s, hd, q0); k0 += TILE) {
-        load_keys<D>(s, hd, k, v, k0, ks, vs, km);
+    walk_keys<D>(s, hd, k, v, key_start(s, hd, q0), key_end(s, hd, q0), kbuf, vbuf, kmbuf, [&](int k0, const bf16* ks, const bf16* vs, const u32* km) {
         float sc[8][4];
         masked_scores<D>(sc, qs, ks, km, s, k0, ci, warp, lane);
         // Online softmax: rescale what was summed under the old row maximum.
@@ -252,8 +260,8 @@ __device__ void flash_forward(const float* q, const float* k, const float* v, co
             }
         }
         mma_acc_rows<D>(o, sc, vs, lane);
-    }
-    // 1/l per row (0 for a query that sees no key), as a scale per accumulator half.
+    });
+    // 1/l per row (0 for a query that sees no key).
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         float total = quad_sum(l[r]), inv = total > 0.0f ? 1.0f / total : 0.0f;
@@ -266,27 +274,28 @@ __device__ void flash_forward(const float* q, const float* k, const float* v, co
     store_rows<D>(o, 1.0f, out + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
 }
 
-// dQ = scale·dS·K per query tile, with dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)); first a pass over the keys for each query's
+// dQ = scale·dS·K per query block, with dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)); first a pass over the keys for each query's
 // log-sum-exp (∞ when it sees no key), which goes to stats[2·row] with rowsum(dO ⊙ O) at stats[2·row + 1], row =
-// (b·heads + h)·q_len + qi. Grid (query tiles, heads, batch), 128 threads.
+// (b·heads + h)·q_len + qi. Grid (query blocks of ROWS, heads, batch), THREADS threads; q, k, v, dout as bf16, and
+// out and dout32 (the f32 dO) for the row sums.
 template <int D>
-__device__ void flash_dq(const float* q, const float* k, const float* v, const u32* key_mask, Attn s, const float* out, const float* dout, float* dq, float* stats) {
+__device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const u32* key_mask, Attn s, const float* out, const float* dout32, const bf16* dout, float* dq, float* stats) {
     const int LD = D + 8;
     bf16* qs = (bf16*)flash_smem;
-    bf16* dos = qs + TILE * LD;
-    bf16* ks = dos + TILE * LD;
-    bf16* vs = ks + TILE * LD;
-    u32* km = (u32*)(vs + TILE * LD);
-    int q0 = blockIdx.x * TILE, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    bf16* dos = qs + ROWS * LD;
+    bf16* kbuf = dos + ROWS * LD;
+    bf16* vbuf = kbuf + 2 * TILE * LD;
+    u32* kmbuf = (u32*)(vbuf + 2 * TILE * LD);
+    int q0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     Head hd(s, key_mask, blockIdx.z, blockIdx.y);
-    load_tile<D>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
-    load_tile<D>(dos, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+    load_rows<D, ROWS>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+    load_rows<D, ROWS>(dos, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+    copies_commit();
     int ci = hd.first + q0 + warp * 16 + g;
     int k_lo = key_start(s, hd, q0), k_hi = key_end(s, hd, q0);
     // Pass 1: each row's maximum and sum of exponentials.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    for (int k0 = k_lo; k0 < k_hi; k0 += TILE) {
-        load_keys<D>(s, hd, k, v, k0, ks, nullptr, km);
+    walk_keys<D>(s, hd, k, nullptr, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const bf16* ks, const bf16*, const u32* km) {
         float sc[8][4];
         masked_scores<D>(sc, qs, ks, km, s, k0, ci, warp, lane);
 #pragma unroll
@@ -302,7 +311,7 @@ __device__ void flash_dq(const float* q, const float* k, const float* v, const u
             l[r] = l[r] * expf(m[r] - mn) + sum;
             m[r] = mn;
         }
-    }
+    });
     float lse[2], dot[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -312,7 +321,7 @@ __device__ void flash_dq(const float* q, const float* k, const float* v, const u
         // rowsum(dO ⊙ O) in f32 from the unrounded rows, split over the row's 4 threads.
         float part = 0.0f;
         if (qi < s.q_len)
-            for (int d = t; d < s.head_dim; d += 4) part += dout[hd.q_at + qi * hd.q_stride + d] * out[hd.q_at + qi * hd.q_stride + d];
+            for (int d = t; d < s.head_dim; d += 4) part += dout32[hd.q_at + qi * hd.q_stride + d] * out[hd.q_at + qi * hd.q_stride + d];
         dot[r] = quad_sum(part);
         if (t == 0 && qi < s.q_len) {
             long long row = ((long long)blockIdx.z * s.heads + blockIdx.y) * s.q_len + qi;
@@ -324,8 +333,7 @@ __device__ void flash_dq(const float* q, const float* k, const float* v, const u
     float acc[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    for (int k0 = k_lo; k0 < k_hi; k0 += TILE) {
-        load_keys<D>(s, hd, k, v, k0, ks, vs, km);
+    walk_keys<D>(s, hd, k, v, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const bf16* ks, const bf16* vs, const u32* km) {
         float p[8][4], dp[8][4];
         masked_scores<D>(p, qs, ks, km, s, k0, ci, warp, lane);
 #pragma unroll
@@ -342,97 +350,114 @@ __device__ void flash_dq(const float* q, const float* k, const float* v, const u
 #pragma unroll
             for (int e = 0; e < 4; e++) dp[n][e] = expf(p[n][e] - lse[e >> 1]) * (dp[n][e] - dot[e >> 1]);
         mma_acc_rows<D>(acc, dp, ks, lane);
-    }
+    });
     store_rows<D>(acc, s.scale, dq + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
 }
 
-// dV = Σ Pᵀ·dO and dK = scale·Σ dSᵀ·Q per key tile, over every query head of the KV head and every query tile that
+// dV = Σ Pᵀ·dO and dK = scale·Σ dSᵀ·Q per key block, over every query head of the KV head and every query tile that
 // sees the keys; `stats` from `flash_dq`. Works on Sᵀ = K·Qᵀ (keys as rows) so that Pᵀ and dSᵀ feed the products
-// from registers. Grid (key tiles, KV heads, batch), 128 threads.
+// from registers. Grid (key blocks of ROWS, KV heads, batch), THREADS threads; q, k, v, dout as bf16.
 template <int D>
-__device__ void flash_dkv(const float* q, const float* k, const float* v, const u32* key_mask, Attn s, const float* dout, const float* stats, float* dk, float* dv) {
-    const int LD = D + 8;
+__device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const u32* key_mask, Attn s, const bf16* dout, const float* stats, float* dk, float* dv) {
+    const int LD = D + 8, TS = TILE * LD;
     bf16* ks = (bf16*)flash_smem;
-    bf16* vs = ks + TILE * LD;
-    bf16* qs = vs + TILE * LD;
-    bf16* dos = qs + TILE * LD;
-    float* lse = (float*)(dos + TILE * LD);
-    float* dots = lse + TILE;
-    int k0 = blockIdx.x * TILE, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    bf16* vs = ks + ROWS * LD;
+    bf16* qbuf = vs + ROWS * LD;
+    bf16* dobuf = qbuf + 2 * TS;
+    float* lsebuf = (float*)(dobuf + 2 * TS);
+    float* dotbuf = lsebuf + 2 * TILE;
+    int k0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int rep = s.heads / s.kv_heads, b = blockIdx.z;
     Head hk(s, key_mask, b, blockIdx.y * rep);
-    load_tile<D>(ks, LD, k + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
-    load_tile<D>(vs, LD, v + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
+    load_rows<D, ROWS>(ks, LD, k + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
+    load_rows<D, ROWS>(vs, LD, v + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
+    copies_commit();
     int key = k0 + warp * 16 + g;  // this thread's rows: keys key and key + 8
     u32 real[2] = {key < s.kv_len ? hk.mask[key] : 0u, key + 8 < s.kv_len ? hk.mask[key + 8] : 0u};
-    // Queries whose cache index ci satisfies k0 <= ci < k0 + 63 + window see some of the tile's keys.
+    // Queries whose cache index ci satisfies k0 <= ci < k0 + ROWS - 1 + window see some of the block's keys.
     int q_lo = max(0, k0 - hk.first);
-    int q_hi = s.window > 0 ? min(s.q_len, k0 + TILE - 1 + s.window - hk.first) : s.q_len;
+    int q_hi = s.window > 0 ? min(s.q_len, k0 + ROWS - 1 + s.window - hk.first) : s.q_len;
+    int tiles = q_lo < q_hi ? (q_hi - q_lo + TILE - 1) / TILE : 0, steps = rep * tiles;
+    // Step i: query head blockIdx.y·rep + i / tiles, query tile q_lo + (i % tiles)·TILE, into stage i % 2.
+    auto load = [&](int i) {
+        int h = blockIdx.y * rep + i / tiles, q0 = q_lo + i % tiles * TILE, st = i & 1;
+        Head hd(s, key_mask, b, h);
+        load_rows<D, TILE>(qbuf + st * TS, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+        load_rows<D, TILE>(dobuf + st * TS, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+        for (int j = threadIdx.x; j < TILE; j += THREADS) {
+            long long row = ((long long)b * s.heads + h) * s.q_len + q0 + j;
+            bool ok = q0 + j < s.q_len;
+            lsebuf[st * TILE + j] = ok ? stats[2 * row] : INFINITY;
+            dotbuf[st * TILE + j] = ok ? stats[2 * row + 1] : 0.0f;
+        }
+        copies_commit();
+    };
     float ak[D / 8][4], av[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) ak[n][e] = av[n][e] = 0.0f;
-    for (int h = blockIdx.y * rep; h < (blockIdx.y + 1) * rep; h++) {
-        Head hd(s, key_mask, b, h);
-        for (int q0 = q_lo; q0 < q_hi; q0 += TILE) {
-            __syncthreads();
-            load_tile<D>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
-            load_tile<D>(dos, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
-            for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
-                long long row = ((long long)b * s.heads + h) * s.q_len + q0 + i;
-                bool ok = q0 + i < s.q_len;
-                lse[i] = ok ? stats[2 * row] : INFINITY;
-                dots[i] = ok ? stats[2 * row + 1] : 0.0f;
-            }
-            __syncthreads();
-            // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
-            float p[8][4], dp[8][4];
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) p[n][e] = dp[n][e] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D; kk += 16) {
-                u32 a[4], c[4];
-                frag_a(a, ks, LD, warp * 16, kk, lane);
-                frag_a(c, vs, LD, warp * 16, kk, lane);
-#pragma unroll
-                for (int n = 0; n < 8; n += 2) {
-                    mma_bt2(p[n], p[n + 1], a, qs, LD, n * 8, kk, lane);
-                    mma_bt2(dp[n], dp[n + 1], c, dos, LD, n * 8, kk, lane);
-                }
-            }
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int c = n * 8 + 2 * t + (e & 1);
-                    float pe = q0 + c < s.q_len && sees(s, hk.first + q0 + c, key + (e >> 1) * 8, real[e >> 1]) ? expf(p[n][e] * s.scale - lse[c]) : 0.0f;
-                    p[n][e] = pe;
-                    dp[n][e] = pe * (dp[n][e] - dots[c]);
-                }
-            mma_acc_rows<D>(av, p, dos, lane);
-            mma_acc_rows<D>(ak, dp, qs, lane);
+    if (steps > 0) load(0);
+    for (int i = 0; i < steps; i++) {
+        if (i + 1 < steps) {
+            load(i + 1);
+            copies_wait<1>();
+        } else {
+            copies_wait<0>();
         }
+        __syncthreads();
+        int q0 = q_lo + i % tiles * TILE, st = i & 1;
+        const bf16 *qs = qbuf + st * TS, *dos = dobuf + st * TS;
+        const float *lse = lsebuf + st * TILE, *dots = dotbuf + st * TILE;
+        // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
+        float p[8][4], dp[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) p[n][e] = dp[n][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D; kk += 16) {
+            u32 a[4], c[4];
+            frag_a(a, ks, LD, warp * 16, kk, lane);
+            frag_a(c, vs, LD, warp * 16, kk, lane);
+#pragma unroll
+            for (int n = 0; n < 8; n += 2) {
+                mma_bt2(p[n], p[n + 1], a, qs, LD, n * 8, kk, lane);
+                mma_bt2(dp[n], dp[n + 1], c, dos, LD, n * 8, kk, lane);
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int c = n * 8 + 2 * t + (e & 1);
+                float pe = q0 + c < s.q_len && sees(s, hk.first + q0 + c, key + (e >> 1) * 8, real[e >> 1]) ? expf(p[n][e] * s.scale - lse[c]) : 0.0f;
+                p[n][e] = pe;
+                dp[n][e] = pe * (dp[n][e] - dots[c]);
+            }
+        mma_acc_rows<D>(av, p, dos, lane);
+        mma_acc_rows<D>(ak, dp, qs, lane);
+        // The next step's loads overwrite this stage.
+        __syncthreads();
     }
     store_rows<D>(ak, s.scale, dk + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
     store_rows<D>(av, 1.0f, dv + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
 }
 
 #define FLASH_KERNELS(D)                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(128) flash_forward_##D(const float* q, const float* k, const float* v,    \
-                                                                         const u32* m, Attn s, float* out) {              \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_forward_##D(const bf16* q, const bf16* k, const bf16* v,   \
+                                                                             const u32* m, Attn s, float* out) {          \
         flash_forward<D>(q, k, v, m, s, out);                                                                              \
     }                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) flash_dq_##D(const float* q, const float* k, const float* v,         \
-                                                                    const u32* m, Attn s, const float* out,                \
-                                                                    const float* dout, float* dq, float* stats) {          \
-        flash_dq<D>(q, k, v, m, s, out, dout, dq, stats);                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_dq_##D(const bf16* q, const bf16* k, const bf16* v,        \
+                                                                        const u32* m, Attn s, const float* out,            \
+                                                                        const float* dout32, const bf16* dout, float* dq,  \
+                                                                        float* stats) {                                    \
+        flash_dq<D>(q, k, v, m, s, out, dout32, dout, dq, stats);                                                          \
     }                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) flash_dkv_##D(const float* q, const float* k, const float* v,        \
-                                                                     const u32* m, Attn s, const float* dout,              \
-                                                                     const float* stats, float* dk, float* dv) {           \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_dkv_##D(const bf16* q, const bf16* k, const bf16* v,       \
+                                                                         const u32* m, Attn s, const bf16* dout,           \
+                                                                         const float* stats, float* dk, float* dv) {       \
         flash_dkv<D>(q, k, v, m, s, dout, stats, dk, dv);                                                                  \
     }
 

@@ -1,33 +1,44 @@
-//! Launchers of the fused attention kernels (flash.cu): the bf16 mode's attention for heads up to
-//! `FLASH_MAX_HEAD_DIM` on GPUs with bf16 tensor cores (compute capability 8.0 and up). Scores stay on chip, so
-//! attention needs no score scratch and reads q, k, v once per tile instead of materialising [queries, keys] planes.
+//! Launchers of the fused attention kernels (flash.cu): the bf16 mode's attention for `flash_head` heads on GPUs with
+//! bf16 tensor cores (compute capability 8.0 and up). Scores stay on chip, so attention needs no score scratch. The
+//! inputs are converted to bf16 once per call (the rounding the kernels apply anyway), which halves what the tiles
+//! re-read and lets them stream in asynchronously.
 
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
+use super::weight::addr;
 use super::{device_err, Attn, Cuda};
-use crate::backend::{AttentionShape, Precision, FLASH_MAX_HEAD_DIM};
+use crate::backend::{flash_head, AttentionShape, Precision};
 use crate::error::Result;
 
-/// Rows per tile on either side, and threads per block (4 warps of 16 rows), as in flash.cu.
+/// Rows a block owns (queries forward and for dQ, keys for dK and dV), rows per tile of the side it walks, and
+/// threads per block (8 warps of 16 rows), as in flash.cu.
+const ROWS: usize = 128;
 const TILE: usize = 64;
-const THREADS: u32 = 128;
+const THREADS: u32 = 256;
 
 /// The kernels' head size: head_dim rounded up to an instantiated one.
 fn padded(head_dim: usize) -> usize {
-    [16, 32, 64, 128].into_iter().find(|&d| d >= head_dim).expect("head_dim checked against FLASH_MAX_HEAD_DIM")
+    [16, 32, 64, 128].into_iter().find(|&d| d >= head_dim).expect("a flash_head")
 }
 
-/// Bytes of dynamic shared memory: `tiles` bf16 tiles of [TILE, d + 8] (rows padded by 16 bytes against bank
-/// conflicts) and `vectors` f32/u32 vectors of TILE.
-fn smem(d: usize, tiles: usize, vectors: usize) -> usize {
-    2 * tiles * TILE * (d + 8) + 4 * TILE * vectors
+/// Bytes of dynamic shared memory: `owned` bf16 tiles of [ROWS, d + 8] and `walked` ones of [TILE, d + 8] (rows padded
+/// by 16 bytes against bank conflicts), and `vectors` f32/u32 vectors of TILE.
+fn smem(d: usize, owned: usize, walked: usize, vectors: usize) -> usize {
+    2 * (owned * ROWS + walked * TILE) * (d + 8) + 4 * TILE * vectors
 }
 
 impl Cuda {
     /// Whether attention of shape `s` runs through the fused kernels.
     pub(super) fn flash(&self, s: &AttentionShape) -> bool {
-        self.precision == Precision::Bf16 && self.bf16_tensor_cores && s.head_dim <= FLASH_MAX_HEAD_DIM
+        self.precision == Precision::Bf16 && self.bf16_tensor_cores && flash_head(s.head_dim)
+    }
+
+    /// x rounded to bf16 (the kernels' operands).
+    fn bf16_copy(&self, x: &CudaSlice<f32>) -> Result<CudaSlice<u16>> {
+        let y = self.alloc::<u16>(x.len())?;
+        self.round_to_bf16(x, addr(self, &y))?;
+        Ok(y)
     }
 
     /// The launch of kernel `name` for head size `d` over `grid`, with `bytes` of dynamic shared memory allowed.
@@ -41,9 +52,9 @@ impl Cuda {
     pub(super) fn flash_forward(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, key_mask: &CudaSlice<u32>, s: AttentionShape, out: &mut CudaSlice<f32>) -> Result<()> {
         let d = padded(s.head_dim);
         let name = format!("flash_forward_{d}");
-        let cfg = self.flash_config(&name, (s.q_len.div_ceil(TILE), s.heads, s.batch), smem(d, 3, 1))?;
-        let a = Attn::of(s);
-        launch!(self, &name, cfg, q, k, v, key_mask, &a, out)
+        let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), smem(d, 1, 4, 2))?;
+        let (a, q, k, v) = (Attn::of(s), self.bf16_copy(q)?, self.bf16_copy(k)?, self.bf16_copy(v)?);
+        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -62,18 +73,19 @@ impl Cuda {
     ) -> Result<()> {
         let d = padded(s.head_dim);
         let a = Attn::of(s);
+        let (q, k, v, dout16) = (self.bf16_copy(q)?, self.bf16_copy(k)?, self.bf16_copy(v)?, self.bf16_copy(dout)?);
         // Per query row: its log-sum-exp and rowsum(dO ⊙ O).
         let mut stats = self.alloc::<f32>(2 * s.batch * s.heads * s.q_len)?;
         let name = format!("flash_dq_{d}");
-        let cfg = self.flash_config(&name, (s.q_len.div_ceil(TILE), s.heads, s.batch), smem(d, 4, 1))?;
-        launch!(self, &name, cfg, q, k, v, key_mask, &a, out, dout, dq, &mut stats)?;
+        let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), smem(d, 2, 4, 2))?;
+        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out, dout, &dout16, dq, &mut stats)?;
         if s.kv_capacity > s.kv_len {
             // The kernel writes the kv_len rows of each sequence; the rest of the cache layout is zero.
             self.stream.memset_zeros(dk).map_err(|e| device_err("clearing dk", e))?;
             self.stream.memset_zeros(dv).map_err(|e| device_err("clearing dv", e))?;
         }
         let name = format!("flash_dkv_{d}");
-        let cfg = self.flash_config(&name, (s.kv_len.div_ceil(TILE), s.kv_heads, s.batch), smem(d, 4, 2))?;
-        launch!(self, &name, cfg, q, k, v, key_mask, &a, dout, &stats, dk, dv)
+        let cfg = self.flash_config(&name, (s.kv_len.div_ceil(ROWS), s.kv_heads, s.batch), smem(d, 2, 4, 4))?;
+        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, &dout16, &stats, dk, dv)
     }
 }
