@@ -377,15 +377,17 @@ fn smollm2_matches_the_cpu_for_every_method() {
 ///   ≤ 1e-2. The tiny models use ±0.2 (adapters that dominate the base, so every path carries weight); SmolLM2 uses
 ///   ±0.02, as at ±0.2 its 30 adapted blocks are chaotic enough to lift f32 summation noise to 1–8e-4.
 /// - Bf16, with adapter parameters uniform in ±0.02 (the scale of trained adapters): logits and loss ≤ 1e-2; each
-///   pass's adapter gradients, as one vector, ≤ `BF16_VECTOR`; every gradient tensor ≤ `BF16_TENSOR` (a wrong
+///   pass's adapter gradients, as one vector, ≤ `BF16_VECTOR`; every gradient tensor ≤ `BF16_TENSOR` or, if larger,
+///   `BF16_TENSOR_NOISE` × bf16's own effect on it, the emulation's distance from f32 (a wrong
 ///   gradient is off by ~1). Two bf16 computations cannot agree more closely than bf16 itself resolves: rounding to
 ///   bf16 turns a difference δ (f32 summation order, TF32 details) into about √(δ·2⁻⁸) at every rounding point, so
-///   through the depth of a model any two of them drift toward the precision's own noise. Measured on an H100: ≤ 1e-2
-///   on the tiny models and SmolLM2's first 6 blocks, 1.5–2.5e-2 on all 30 (2.1–2.5e-2 from f32). Single-value
-///   gradients (sums that cancel) are checked in F32 only.
+///   through the depth of a model any two of them drift toward the precision's own noise (on the CPU, changing the
+///   emulated SmolLM2's norm weights by one f32 ulp moves its gradients by 1.1e-2 as one vector). Measured on an H100
+///   with the fused attention: 0.8–2.3e-2 on the tiny models and SmolLM2's first 6 blocks, 1.9–2.7e-2 on all 30.
+///   Single-value gradients (sums that cancel) are checked in F32 only.
 ///
-/// The Bf16 results' distance from f32 is printed beside them: the precision itself, as large for the CPU emulation
-/// (tests/bf16_emulation.rs checks the emulation's roundings in CI).
+/// The emulation's own distance from f32 is printed beside the Bf16 results: the precision itself (tests/
+/// bf16_emulation.rs checks the emulation's roundings in CI).
 fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32) {
     let mut failures = Vec::new();
     for precision in [Precision::F32, Precision::Bf16] {
@@ -400,6 +402,8 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32)
             let want = model_outputs(model, reference, cfg, *nf4, init);
             let got = model_outputs(model, Cuda::new(0, precision).unwrap(), cfg, *nf4, init);
             let c = Comparison::of(&got, &want);
+            // bf16's own effect on each output: the emulation against f32.
+            let noise = (precision == Precision::Bf16).then(|| Comparison::of(&want, &model_outputs(model, Cpu::new(), cfg, *nf4, init)));
             let mut fail = |what: String| failures.push(format!("{case}: {what}"));
             match precision {
                 Precision::F32 => {
@@ -411,11 +415,12 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32)
                     }
                 }
                 Precision::Bf16 => {
-                    for (name, e, single) in &c.tensors {
+                    let noise = noise.as_ref().expect("computed for Bf16");
+                    for ((name, e, single), (_, own, _)) in c.tensors.iter().zip(&noise.tensors) {
                         let output = name.starts_with("logits") || name.starts_with("loss");
-                        let tol = if output { 1e-2 } else { BF16_TENSOR };
+                        let tol = if output { 1e-2 } else { BF16_TENSOR.max(BF16_TENSOR_NOISE * own) };
                         if !single && *e > tol {
-                            fail(format!("{name}: relative error {e:.3e} > {tol:.0e}"));
+                            fail(format!("{name}: relative error {e:.3e} > {tol:.3e} (bf16 alone moves it {own:.3e})"));
                         }
                     }
                     if c.vector > BF16_VECTOR {
@@ -424,20 +429,23 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32)
                 }
             }
             eprintln!("{case:<60.60} {}", c.summary());
-            if precision == Precision::Bf16 {
-                let f32_ref = model_outputs(model, Cpu::new(), cfg, *nf4, init);
-                eprintln!("{:<60} {}", "     ... the same against f32", Comparison::of(&got, &f32_ref).summary());
+            if let Some(noise) = &noise {
+                eprintln!("{:<60} {}", "     ... the emulation against f32", noise.summary());
             }
         }
     }
     assert!(failures.is_empty(), "{} tensors out of tolerance:\n{}", failures.len(), failures.join("\n"));
 }
 
-/// Bf16 gradient tolerances (see `models_match_the_cpu`): all of a pass's gradients as one vector, and any one tensor.
-/// Single tensors of the full SmolLM2 reach 9.1e-2 from the emulation (0.11 from f32) by bf16 noise alone; a wrong
-/// gradient is off by ~1.
+/// Bf16 gradient tolerances (see `models_match_the_cpu`): all of a pass's gradients as one vector; any one tensor
+/// within `BF16_TENSOR`, or within `BF16_TENSOR_NOISE` times bf16's own effect on it (the emulation against f32) where
+/// that is larger. Single tensors are noisy samples: over the 2,520 gradient tensors of the full SmolLM2 with a
+/// hierarchical adapter the largest is 0.18 from the emulation (the emulation's own largest distance from f32 is
+/// 0.15), and one at 0.10 is 4× the emulation's distance from f32 for that tensor. A wrong gradient is off by ~1; the
+/// kernels' logic is checked op by op and in F32 at 1e-4.
 const BF16_VECTOR: f32 = 3e-2;
-const BF16_TENSOR: f32 = 0.15;
+const BF16_TENSOR: f32 = 0.2;
+const BF16_TENSOR_NOISE: f32 = 3.0;
 
 /// One case's errors: (name, ‖Δ‖₂/‖ref‖₂, single value) per output, and the larger of the two passes' gradient
 /// errors with all of a pass's gradient tensors as one vector.
