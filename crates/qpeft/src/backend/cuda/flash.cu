@@ -120,20 +120,27 @@ struct Head {
     }
 };
 
+// c (16 × 64, the c layout) = X[r0..r0+16]·Yᵀ for the row-major tiles x (≥ r0 + 16 rows) and y (64 rows), both D wide.
+template <int D>
+__device__ __forceinline__ void rows_times_tile_t(float (*c)[4], const bf16* x, const bf16* y, int r0, int lane) {
+    const int LD = D + 8;
+#pragma unroll
+    for (int n = 0; n < 8; n++) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+        u32 a[4];
+        frag_a(a, x, LD, r0, kk, lane);
+#pragma unroll
+        for (int n = 0; n < 8; n += 2) mma_bt2(c[n], c[n + 1], a, y, LD, n * 8, kk, lane);
+    }
+}
+
 // sc (this warp's 16 query rows × 64 keys from k0) = scale·Q·Kᵀ with invisible keys at −∞; rows ci and ci + 8 are
 // this thread's (cache indices).
 template <int D>
 __device__ void masked_scores(float (*sc)[4], const bf16* qs, const bf16* ks, const u32* km, const Attn& s, int k0, int ci, int warp, int lane) {
-    const int LD = D + 8, t = lane & 3;
-#pragma unroll
-    for (int n = 0; n < 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < D; kk += 16) {
-        u32 a[4];
-        frag_a(a, qs, LD, warp * 16, kk, lane);
-#pragma unroll
-        for (int n = 0; n < 8; n += 2) mma_bt2(sc[n], sc[n + 1], a, ks, LD, n * 8, kk, lane);
-    }
+    int t = lane & 3;
+    rows_times_tile_t<D>(sc, qs, ks, warp * 16, lane);
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
@@ -336,15 +343,7 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const u32*
     walk_keys<D>(s, hd, k, v, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const bf16* ks, const bf16* vs, const u32* km) {
         float p[8][4], dp[8][4];
         masked_scores<D>(p, qs, ks, km, s, k0, ci, warp, lane);
-#pragma unroll
-        for (int n = 0; n < 8; n++) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < D; kk += 16) {
-            u32 a[4];
-            frag_a(a, dos, LD, warp * 16, kk, lane);
-#pragma unroll
-            for (int n = 0; n < 8; n += 2) mma_bt2(dp[n], dp[n + 1], a, vs, LD, n * 8, kk, lane);
-        }
+        rows_times_tile_t<D>(dp, dos, vs, warp * 16, lane);
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
@@ -411,21 +410,8 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const u32
         const float *lse = lsebuf + st * TILE, *dots = dotbuf + st * TILE;
         // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
         float p[8][4], dp[8][4];
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) p[n][e] = dp[n][e] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < D; kk += 16) {
-            u32 a[4], c[4];
-            frag_a(a, ks, LD, warp * 16, kk, lane);
-            frag_a(c, vs, LD, warp * 16, kk, lane);
-#pragma unroll
-            for (int n = 0; n < 8; n += 2) {
-                mma_bt2(p[n], p[n + 1], a, qs, LD, n * 8, kk, lane);
-                mma_bt2(dp[n], dp[n + 1], c, dos, LD, n * 8, kk, lane);
-            }
-        }
+        rows_times_tile_t<D>(p, ks, qs, warp * 16, lane);
+        rows_times_tile_t<D>(dp, vs, dos, warp * 16, lane);
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
