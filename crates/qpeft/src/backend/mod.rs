@@ -19,7 +19,8 @@ pub enum Device {
 }
 
 /// How a GPU computes. `Bf16` is bitsandbytes' QLoRA setting: base weights and their inputs in bf16 on the tensor
-/// cores, the other products in TF32, all accumulating in f32, with f32 activations, adapters, gradients and
+/// cores, attention in bf16 (fused kernels, `flash_head`), the other products in TF32, all accumulating in f32, with
+/// f32 activations, adapters, gradients and
 /// optimizer state. `F32` runs every product in true FP32 (parity checks, debugging).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {

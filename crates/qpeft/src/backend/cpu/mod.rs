@@ -61,9 +61,10 @@ impl Cpu<f32> {
 
     /// f32 kernels rounding where the CUDA backend's bf16 mode (`Precision::Bf16`) rounds: base weights and
     /// embedding tables are stored as bf16, base products take bf16 inputs (output gradients in backward),
-    /// checkpointed block inputs are saved as bf16, and the other products (adapters, attention) take TF32 inputs.
-    /// Products accumulate in f32 as on the tensor cores. Attention rounds its inputs only, where the GPU also
-    /// rounds the probabilities and their gradients inside, so agreement is close rather than exact.
+    /// checkpointed block inputs are saved as bf16, attention rounds as the GPU's path for its head size does
+    /// (`attention_operands`), and the other products (adapters) take TF32 inputs. Products accumulate in f32 as on
+    /// the tensor cores. The fused attention kernels round unnormalised probabilities, the emulation normalised
+    /// ones, so agreement there is close rather than exact.
     pub const fn bf16() -> Self {
         Cpu { bf16: true, _t: PhantomData }
     }

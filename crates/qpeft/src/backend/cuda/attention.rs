@@ -1,5 +1,5 @@
-//! Causal grouped-query attention as strided-batched GEMMs around a masked-softmax kernel, the structure of the
-//! CPU version (backend/cpu/attention.rs): scores S = scale·Q·Kᵀ, P = softmax(S) over the visible keys, O = P·V.
+//! Causal grouped-query attention as strided-batched GEMMs around a masked-softmax kernel (the f32 mode, and heads
+//! the fused kernels of flash.rs do not take), the structure of the CPU version (backend/cpu/attention.rs): scores S = scale·Q·Kᵀ, P = softmax(S) over the visible keys, O = P·V.
 //! Backward recomputes P, then dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = scale·dS·K,
 //! dK += scale·dSᵀ·Q. Work goes in chunks: one sequence, a run of KV heads (with their query heads) and a block of
 //! `QUERY_BLOCK` queries, whose scores cover only the keys the block's last query can see (causality) and fit in a

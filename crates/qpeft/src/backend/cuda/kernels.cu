@@ -1,7 +1,7 @@
 // The CUDA backend's kernels: one thread per element for the element-wise ops, one block per row for the row
 // reductions (rmsnorm, cross-entropy, attention softmax), and the frozen weights' dequantization and bf16
-// conversion. Activations are f32; matrix products are cuBLAS (gemm.rs). Compiled at run time by NVRTC; no
-// headers needed. Semantics mirror the CPU
+// conversion. Activations are f32; matrix products are cuBLAS (gemm.rs); the fused attention kernels are in
+// flash.cu, appended to this file. Compiled at run time by NVRTC; no headers needed. Semantics mirror the CPU
 // backend (backend/cpu/mod.rs), which the parity tests compare against.
 
 // NVRTC has no math.h: +∞ from its bit pattern.

@@ -1,10 +1,12 @@
 //! The CUDA backend (feature `cuda`): cudarc with dynamic loading, so nothing CUDA is needed to build; the
 //! driver, NVRTC and cuBLAS are found at run time, and their absence is an error, not a panic. Activations,
 //! adapters and gradients are f32 device buffers; frozen base weights stay packed and are dequantized per use
-//! (weight.rs); matrix products go through cuBLAS (gemm.rs), attention is GEMMs around a softmax kernel
-//! (attention.rs), and the other ops are the kernels of `kernels.cu`, compiled by NVRTC when the backend is created.
+//! (weight.rs); matrix products go through cuBLAS (gemm.rs); attention runs in fused flash-style kernels in the bf16
+//! mode (flash.rs, flash.cu) and as GEMMs around a softmax kernel otherwise (attention.rs); the other ops are the
+//! kernels of `kernels.cu`. All kernels are compiled by NVRTC when the backend is created.
 //! Two precisions: `F32` (true FP32 products, within summation-order noise of the CPU) and `Bf16` (base weights and
-//! their inputs in bf16 on the tensor cores, other products in TF32, all accumulating in f32). Both are checked
+//! their inputs in bf16 on the tensor cores, attention on bf16 tensor cores, other products in TF32, all accumulating
+//! in f32). Both are checked
 //! op by op and on whole models against the CPU backend (tests/cuda_parity.rs, run by scripts/gpu/test.sh).
 
 /// Launches `kernel` with `cfg` and the arguments pushed by `args`.
