@@ -7,14 +7,12 @@
 
 mod common;
 
-use common::{batch, fixtures, methods, smollm2_gguf, uniform};
+use common::{batch, fixtures, methods, parity_step, qlora_nf4, randomize_adapters, rel_l2, smollm2_gguf, uniform};
 use qpeft::adapters::set::AdapterSet;
 use qpeft::backend::cpu::Cpu;
 use qpeft::backend::{AttentionShape, Backend, MatMul};
-use qpeft::model::train::StepOptions;
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::quant::base::BaseWeight;
-use qpeft::quant::model::{Format, QuantizeOptions, WeightDtype};
 
 const BE: Cpu = Cpu::bf16();
 
@@ -117,8 +115,7 @@ fn the_emulated_model_is_f32_up_to_bf16_noise() {
 #[test]
 fn a_one_ulp_change_moves_the_emulated_smollm2_gradients_by_bf16_noise() {
     let gradients = |be: Cpu, ulps: f32| {
-        let opts = QuantizeOptions { format: Format::Nf4, double_quant: true, block: 64, group: 32, sym: false, icq: false, calibration: None, dtype: WeightDtype::F32 };
-        let mut m = Decoder::load_quantized(&Checkpoint::open(&smollm2_gguf()).unwrap(), be, Some(&opts), &mut |_| ()).unwrap();
+        let mut m = Decoder::load_quantized(&Checkpoint::open(&smollm2_gguf()).unwrap(), be, Some(&qlora_nf4()), &mut |_| ()).unwrap();
         for (i, blk) in m.blocks.iter_mut().enumerate() {
             for (j, w) in [&mut blk.attn_norm, &mut blk.mlp_norm].into_iter().enumerate() {
                 let shifts = uniform(w.len(), 500 + 2 * i as u64 + j as u64);
@@ -128,18 +125,11 @@ fn a_one_ulp_change_moves_the_emulated_smollm2_gradients_by_bf16_noise() {
             }
         }
         let mut set = AdapterSet::build(&m.backend, &m.spec, 5, |_, _| Some(methods()[0].clone())).unwrap();
-        for (i, p) in set.params_mut().into_iter().enumerate() {
-            p.value = uniform(p.value.len(), 1000 + i as u64).iter().map(|x| *x as f32 * 0.02).collect();
-        }
-        let opts = StepOptions { checkpointing: true, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5, mlp_chunk: Some(3) };
-        m.loss_and_backward(&batch(m.spec.vocab_size), &mut set, &opts).unwrap();
+        randomize_adapters(&m.backend, &mut set, 0.02);
+        m.loss_and_backward(&batch(m.spec.vocab_size), &mut set, &parity_step(true)).unwrap();
         set.named_params().into_iter().flat_map(|(_, p)| p.grad.clone()).collect::<Vec<f32>>()
     };
-    let moved = |be: Cpu| {
-        let (a, b) = (gradients(be, 0.0), gradients(be, 1.0));
-        let sq = |it: &mut dyn Iterator<Item = f64>| it.map(|x| x * x).sum::<f64>();
-        (sq(&mut a.iter().zip(&b).map(|(x, y)| (x - y) as f64)) / sq(&mut a.iter().map(|&x| x as f64))).sqrt()
-    };
+    let moved = |be: Cpu| rel_l2(&gradients(be, 1.0), &gradients(be, 0.0));
     let (f32_moved, bf16_moved) = (moved(Cpu::new()), moved(Cpu::bf16()));
     eprintln!("one ulp moves the gradients by {f32_moved:.2e} in f32, {bf16_moved:.2e} in the bf16 emulation");
     assert!(f32_moved < 1e-4, "f32: {f32_moved:e}");

@@ -10,7 +10,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{batch, fixtures, methods, uniform};
+use common::{batch, fixtures, methods, parity_step, qlora_nf4, randomize_adapters, rel_l2, uniform};
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::AdapterConfig;
 use qpeft::backend::cpu::Cpu;
@@ -21,7 +21,6 @@ use qpeft::model::{Checkpoint, Decoder};
 use qpeft::quant::base::BaseWeight;
 use qpeft::quant::icq::{self, TauSearch};
 use qpeft::quant::int4::{quantize_rtn, GptqInt4};
-use qpeft::quant::model::{Format, QuantizeOptions, WeightDtype};
 use qpeft::quant::nf4::{Bnb4, FourBit};
 
 fn gpu(precision: Precision) -> Option<Cuda> {
@@ -46,14 +45,6 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(1e-20f32, |m, v| m.max(v.abs()));
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-}
-
-/// ‖a − b‖₂ / ‖b‖₂: the usual measure for bf16 results, where single elements carry rounding noise.
-fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let sq = |it: &mut dyn Iterator<Item = f64>| it.map(|x| x * x).sum::<f64>();
-    let err = sq(&mut a.iter().zip(b).map(|(x, y)| (x - y) as f64));
-    (err / sq(&mut b.iter().map(|&y| y as f64)).max(1e-40)).sqrt() as f32
 }
 
 /// Runs every op once on `be` and returns (name, output) pairs.
@@ -322,23 +313,18 @@ fn every_op_matches_the_cpu() {
 /// Logits of a padded forward pass, then for `cfg`: the loss and every adapter gradient, with and without
 /// checkpointing.
 fn model_outputs<B: Backend + 'static>(model: &Path, be: B, cfg: &AdapterConfig, nf4: bool, init: f32) -> Vec<(String, Vec<f32>)> {
-    let opts = QuantizeOptions { format: Format::Nf4, double_quant: true, block: 64, group: 32, sym: false, icq: false, calibration: None, dtype: WeightDtype::F32 };
     let ckpt = Checkpoint::open(model).unwrap();
-    let m = Decoder::load_quantized(&ckpt, be, nf4.then_some(&opts), &mut |_| ()).unwrap();
+    let m = Decoder::load_quantized(&ckpt, be, nf4.then_some(&qlora_nf4()), &mut |_| ()).unwrap();
     let b = batch(m.spec.vocab_size);
     let mut out = Vec::new();
     let mut cache = m.new_cache(2, 7).unwrap();
     let hidden = m.forward(&b.input, &mut cache).unwrap();
     out.push(("logits".to_string(), m.backend.download(&m.logits(&hidden, 14).unwrap()).unwrap()));
     let mut set = AdapterSet::build(&m.backend, &m.spec, 5, |_, _| Some(cfg.clone())).unwrap();
-    for (i, p) in set.params_mut().into_iter().enumerate() {
-        let n = m.backend.len(&p.value);
-        p.value = m.backend.upload(&rand(n, 1000 + i as u64).iter().map(|x| x * init).collect::<Vec<_>>()).unwrap();
-    }
+    randomize_adapters(&m.backend, &mut set, init);
     for checkpointing in [false, true] {
-        let opts = StepOptions { checkpointing, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5, mlp_chunk: Some(3) };
         set.zero_grads(&m.backend).unwrap();
-        let r = m.loss_and_backward(&b, &mut set, &opts).unwrap();
+        let r = m.loss_and_backward(&b, &mut set, &parity_step(checkpointing)).unwrap();
         out.push((format!("loss ckpt={checkpointing}"), vec![r.loss as f32]));
         for (name, p) in set.named_params() {
             out.push((format!("{name} grad ckpt={checkpointing}"), m.backend.download(&p.grad).unwrap()));

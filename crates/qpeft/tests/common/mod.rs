@@ -3,10 +3,13 @@
 
 use std::path::PathBuf;
 
+use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
+use qpeft::backend::Backend;
 use qpeft::formats::safetensors::SafetensorsStore;
-use qpeft::model::train::{Batch, IGNORE};
+use qpeft::model::train::{Batch, StepOptions, IGNORE};
 use qpeft::model::Input;
+use qpeft::quant::model::{Format, QuantizeOptions, WeightDtype};
 use qpeft::tensor::HostTensor;
 
 /// The repository's `tests/fixtures` directory.
@@ -115,4 +118,30 @@ pub fn batch(vocab: usize) -> Batch {
         labels[i] = IGNORE;
     }
     Batch { input: Input { batch: 2, seq: 7, tokens, mask }, labels }
+}
+
+/// QLoRA's base: NF4 with double-quantized scales, blocks of 64.
+pub fn qlora_nf4() -> QuantizeOptions {
+    QuantizeOptions { format: Format::Nf4, double_quant: true, block: 64, group: 32, sym: false, icq: false, calibration: None, dtype: WeightDtype::F32 }
+}
+
+/// Every adapter parameter uniform in ±scale (seeded by its position), so that every path carries weight.
+pub fn randomize_adapters<B: Backend>(be: &B, set: &mut AdapterSet<B>, scale: f32) {
+    for (i, p) in set.params_mut().into_iter().enumerate() {
+        let values: Vec<f32> = uniform(be.len(&p.value), 1000 + i as u64).iter().map(|&x| x as f32 * scale).collect();
+        p.value = be.upload(&values).unwrap();
+    }
+}
+
+/// The training step the model-level parity checks take on `batch`: dropout on, loss and MLP in small chunks.
+pub fn parity_step(checkpointing: bool) -> StepOptions {
+    StepOptions { checkpointing, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5, mlp_chunk: Some(3) }
+}
+
+/// ‖a − b‖₂ / ‖b‖₂: the usual measure for bf16 results, where single elements carry rounding noise.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let sq = |it: &mut dyn Iterator<Item = f64>| it.map(|x| x * x).sum::<f64>();
+    let err = sq(&mut a.iter().zip(b).map(|(x, y)| (x - y) as f64));
+    (err / sq(&mut b.iter().map(|&y| y as f64)).max(1e-40)).sqrt() as f32
 }

@@ -150,6 +150,31 @@ __device__ void masked_scores(float (*sc)[4], const bf16* qs, const bf16* ks, co
         }
 }
 
+// One tile of the online softmax for this thread's two rows (c layout): raises the running maxima m to include the
+// tile's scores sc, replaces sc by exp(sc − m), sets alpha = exp(m_old − m) (what earlier sums must be scaled by) and
+// updates the running sums l (this thread's share of each row; `quad_sum` completes them). A row that has seen no
+// visible key yet keeps m = −∞, l = 0 and gets zeros.
+__device__ __forceinline__ void online_softmax(float (*sc)[4], float* m, float* l, float* alpha) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < 8; n++) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
+        float mn = fmaxf(m[r], quad_max(mx));
+        alpha[r] = mn == -INFINITY ? 1.0f : expf(m[r] - mn);
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 2 * r; e < 2 * r + 2; e++) {
+                sc[n][e] = mn == -INFINITY ? 0.0f : expf(sc[n][e] - mn);
+                sum += sc[n][e];
+            }
+        l[r] = l[r] * alpha[r] + sum;
+        m[r] = mn;
+    }
+}
+
 // Keys k0 of the tiles queries q0..q0+ROWS-1 (q0 < q_len) can see: from the first query's window start to the last query.
 __device__ __forceinline__ int key_start(const Attn& s, const Head& hd, int q0) {
     int lo = s.window > 0 ? max(0, hd.first + q0 + 1 - s.window) : 0;
@@ -242,30 +267,13 @@ __device__ void flash_forward(const bf16* q, const bf16* k, const bf16* v, const
     walk_keys<D>(s, hd, k, v, key_start(s, hd, q0), key_end(s, hd, q0), kbuf, vbuf, kmbuf, [&](int k0, const bf16* ks, const bf16* vs, const u32* km) {
         float sc[8][4];
         masked_scores<D>(sc, qs, ks, km, s, k0, ci, warp, lane);
-        // Online softmax: rescale what was summed under the old row maximum.
+        float alpha[2];
+        online_softmax(sc, m, l, alpha);
+        // Rescale what was summed under the old row maximum.
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            float mx = -INFINITY;
+        for (int n = 0; n < D / 8; n++)
 #pragma unroll
-            for (int n = 0; n < 8; n++) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-            float mn = fmaxf(m[r], quad_max(mx));
-            float alpha = mn == -INFINITY ? 1.0f : expf(m[r] - mn);
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 2 * r; e < 2 * r + 2; e++) {
-                    sc[n][e] = mn == -INFINITY ? 0.0f : expf(sc[n][e] - mn);
-                    sum += sc[n][e];
-                }
-            l[r] = l[r] * alpha + sum;
-            m[r] = mn;
-#pragma unroll
-            for (int n = 0; n < D / 8; n++) {
-                o[n][2 * r] *= alpha;
-                o[n][2 * r + 1] *= alpha;
-            }
-        }
+            for (int e = 0; e < 4; e++) o[n][e] *= alpha[e >> 1];
         mma_acc_rows<D>(o, sc, vs, lane);
     });
     // 1/l per row (0 for a query that sees no key).
@@ -303,21 +311,9 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const u32*
     // Pass 1: each row's maximum and sum of exponentials.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     walk_keys<D>(s, hd, k, nullptr, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const bf16* ks, const bf16*, const u32* km) {
-        float sc[8][4];
+        float sc[8][4], alpha[2];
         masked_scores<D>(sc, qs, ks, km, s, k0, ci, warp, lane);
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int n = 0; n < 8; n++) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-            float mn = fmaxf(m[r], quad_max(mx));
-            if (mn == -INFINITY) continue;
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < 8; n++) sum += expf(sc[n][2 * r] - mn) + expf(sc[n][2 * r + 1] - mn);
-            l[r] = l[r] * expf(m[r] - mn) + sum;
-            m[r] = mn;
-        }
+        online_softmax(sc, m, l, alpha);
     });
     float lse[2], dot[2];
 #pragma unroll
