@@ -35,7 +35,7 @@ checkpoint_every = 0
 every = 10
 max_samples = 32
 TOML
-devices="cpu cuda:f32 cuda:bf16"
+devices="cpu cuda:f32 cuda:f16 cuda:bf16"
 for dev in $devices; do
   start=$(date +%s%N)
   .devbin/qpeft --device $dev train --config "$out/run.toml" --set train.out_dir=\"$out/run-$dev\" --overwrite | tail -2

@@ -1,4 +1,4 @@
-//! `--device cpu|cuda[:N][:f32|:bf16]`: runs a command body with the chosen backend. The body is written once, generic over
+//! `--device cpu|cuda[:N][:f16|:bf16|:f32]`: runs a command body with the chosen backend. The body is written once, generic over
 //! `Backend`, and instantiated per backend by `on_device!`.
 
 /// `on_device!(device, be => body)`: evaluates `body` with `be` bound to the backend of `device`.

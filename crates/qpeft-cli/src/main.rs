@@ -32,8 +32,8 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Where models run: cpu, or cuda[:N][:f32|:bf16] (GPU N, default 0; bf16 tensor-core products unless f32;
-    /// `train` defaults to the config's [device]).
+    /// Where models run: cpu, or cuda[:N][:f16|:bf16|:f32] (GPU N, default 0; scaled fp16 tensor-core products
+    /// unless bf16 or f32 is asked for; `train` defaults to the config's [device]).
     #[arg(long, global = true)]
     device: Option<String>,
     #[command(subcommand)]

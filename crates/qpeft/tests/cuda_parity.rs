@@ -1,8 +1,9 @@
 //! CUDA ↔ CPU parity (feature `cuda`): every backend op on random inputs, the packed 4-bit bases' dequantization
 //! (bit-exact), then whole tiny models — logits, and the loss and adapter gradients of every method with and without
 //! activation checkpointing, on dense and NF4 bases. In `Precision::F32` (true FP32 products) results agree with the
-//! CPU to summation-order noise (≤ 1e-4 relative); in `Precision::Bf16` (bf16 base products, TF32 elsewhere) with the
-//! CPU's bf16 emulation (`Cpu::bf16()`) within bf16 tolerance (≤ 1e-2). Without a GPU (CI) only the missing-driver error is checked; on the GPU machine
+//! CPU to summation-order noise (≤ 1e-4 relative); in `Precision::F16` (scaled fp16 base products and attention, TF32
+//! elsewhere) with the CPU's f16 emulation (`Cpu::f16()`) within 1e-2, and in `Precision::Bf16` with `Cpu::bf16()`
+//! within bf16's own noise (see `models_match_the_cpu`). Without a GPU (CI) only the missing-driver error is checked; on the GPU machine
 //! scripts/gpu/test.sh sets QPEFT_REQUIRE_GPU=1 so that a missing GPU fails instead of skipping.
 #![cfg(feature = "cuda")]
 
@@ -176,6 +177,15 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
         be.linear_backward(&up(&rand(rows * out_dim, 33)), &w, rows, &mut dx, false).unwrap();
         push(&format!("linear_backward {name}"), &dx);
     }
+    // Inputs far outside fp16's range either way (the f16 mode scales them): x·10⁶ and dy·10⁻⁹.
+    let (_, dense, base) = bases(out_dim, in_dim, 30).swap_remove(1);
+    let w = be.upload_weight(&dense, &base, out_dim, in_dim).unwrap();
+    let mut y = be.zeros(rows * out_dim).unwrap();
+    be.linear(&up(&rand(rows * in_dim, 36).iter().map(|x| x * 1e6).collect::<Vec<_>>()), &w, rows, &mut y, false).unwrap();
+    push("linear nf4+dq x·1e6", &y);
+    let mut dx = be.zeros(rows * in_dim).unwrap();
+    be.linear_backward(&up(&rand(rows * out_dim, 37).iter().map(|x| x * 1e-9).collect::<Vec<_>>()), &w, rows, &mut dx, false).unwrap();
+    push("linear_backward nf4+dq dy·1e-9", &dx);
     // Odd sizes: the vectorised bf16 conversion's tail.
     let w = be.upload_weight(&rand(5 * 13, 34), &BaseWeight::Dense, 5, 13).unwrap();
     let mut y = be.zeros(3 * 5).unwrap();
@@ -189,11 +199,11 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
         mask[1] = 0; // padding inside the first sequence
         mask[10] = 0;
         mask[11] = 0; // left padding of the second
-        attention_case(be, &format!("window={window:?}"), s, &mask, 15, &mut push);
+        attention_case(be, &format!("window={window:?}"), s, &mask, 15, [1.0; 4], &mut push);
     }
     // More queries than one block of the GPU's causal blocking (512), after 3 cached positions.
     let s = AttentionShape { batch: 1, q_len: 600, kv_len: 603, kv_capacity: 605, heads: 4, kv_heads: 2, head_dim: 8, scale: 0.35, window: None };
-    attention_case(be, "600 queries", s, &[1u32; 605], 25, &mut push);
+    attention_case(be, "600 queries", s, &[1u32; 605], 25, [1.0; 4], &mut push);
     // Training shapes of the fused kernels' head sizes (72 is padded inside them; 256 takes the GEMM path), over
     // several 64-row tiles, with GQA, right padding, and left padding whose queries see no key.
     for (hd, heads, kv_heads, len, window) in [(64, 6, 2, 150, None), (128, 4, 1, 97, Some(40)), (72, 2, 2, 70, None), (256, 2, 1, 20, None)] {
@@ -201,16 +211,22 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
         let mut mask = vec![1u32; 2 * len];
         mask[len - 7..len].fill(0);
         mask[len..len + 3].fill(0);
-        attention_case(be, &format!("head_dim={hd} len={len} window={window:?}"), s, &mask, 30 + hd as u64, &mut push);
+        attention_case(be, &format!("head_dim={hd} len={len} window={window:?}"), s, &mask, 30 + hd as u64, [1.0; 4], &mut push);
     }
+    // Magnitudes fp16 cannot hold unscaled (the f16 mode scales q, k, v, dO and dS): v·10³ with dO·10⁻⁹, and q, k of
+    // 10⁻³ (tiny scores).
+    let s = AttentionShape { batch: 1, q_len: 80, kv_len: 80, kv_capacity: 80, heads: 4, kv_heads: 2, head_dim: 64, scale: 0.125, window: None };
+    attention_case(be, "head_dim=64 scaled magnitudes", s, &[1u32; 80], 90, [1e-3, 1e-3, 1e3, 1e-9], &mut push);
     out
 }
 
-/// The forward output and the three input gradients of attention of shape `s` on random inputs.
-fn attention_case<B: Backend>(be: &B, name: &str, s: AttentionShape, mask: &[u32], seed: u64, push: &mut impl FnMut(&str, &B::Buf)) {
+/// The forward output and the three input gradients of attention of shape `s` on random inputs (q, k, v and dO times
+/// `mags`).
+fn attention_case<B: Backend>(be: &B, name: &str, s: AttentionShape, mask: &[u32], seed: u64, mags: [f32; 4], push: &mut impl FnMut(&str, &B::Buf)) {
     let up = |v: &[f32]| be.upload(v).unwrap();
     let (nq, nkv) = (s.batch * s.q_len * s.heads * s.head_dim, s.batch * s.kv_capacity * s.kv_heads * s.head_dim);
-    let (q, k, v, dout) = (up(&rand(nq, seed)), up(&rand(nkv, seed + 1)), up(&rand(nkv, seed + 2)), up(&rand(nq, seed + 3)));
+    let r = |n: usize, i: usize| up(&rand(n, seed + i as u64).iter().map(|x| x * mags[i]).collect::<Vec<_>>());
+    let (q, k, v, dout) = (r(nq, 0), r(nkv, 1), r(nkv, 2), r(nq, 3));
     let mask = be.upload_ints(mask).unwrap();
     let mut o = be.zeros(nq).unwrap();
     be.attention(&q, &k, &v, &mask, s, &mut o).unwrap();
@@ -247,7 +263,7 @@ fn bases(out_dim: usize, in_dim: usize, seed: u64) -> Vec<(String, Vec<f32>, Bas
 
 #[test]
 fn packed_bases_dequantize_bit_exactly() {
-    for precision in [Precision::F32, Precision::Bf16] {
+    for precision in [Precision::F32, Precision::F16, Precision::Bf16] {
         let Some(cuda) = gpu(precision) else { return };
         // 320 × 256: 1,280 blocks of 64, so the double-quantized scales span five nested blocks of 256.
         // And an odd-length NF4 tensor: the vectorised kernel's tail.
@@ -259,9 +275,10 @@ fn packed_bases_dequantize_bit_exactly() {
             let w = cuda.upload_weight(&want, &base, out_dim, in_dim).unwrap();
             let got = cuda.download(&cuda.weight_values(&w).unwrap()).unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            if name == "dense" && precision == Precision::Bf16 {
-                // A dense weight is stored in the GEMM dtype: its values come back rounded to bf16.
-                let rounded: Vec<f32> = want.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+            if name == "dense" && precision != Precision::F32 {
+                // A dense weight is stored in the GEMM dtype: its values come back rounded to fp16 or bf16.
+                let round = |x: f32| if precision == Precision::F16 { half::f16::from_f32(x).to_f32() } else { half::bf16::from_f32(x).to_f32() };
+                let rounded: Vec<f32> = want.iter().map(|&x| round(x)).collect();
                 assert_eq!(bits(&got), bits(&rounded), "{name} ({precision:?})");
             } else {
                 assert_eq!(bits(&got), bits(&want), "{name} ({precision:?})");
@@ -284,11 +301,12 @@ impl<B: Backend> CloneBuf<B> for B::Buf {
     }
 }
 
-/// Each precision against the CPU computing at the same precision: F32 against f32, Bf16 against `Cpu::bf16()`, the
-/// f32 kernels with the same bf16 and TF32 roundings, which leaves f32 summation order (and rounding ties it moves).
+/// Each precision against the CPU computing at the same precision: F32 against f32, F16 and Bf16 against `Cpu::f16()`
+/// and `Cpu::bf16()`, the f32 kernels with the same 16-bit (and scales) and TF32 roundings, which leaves f32 summation
+/// order (and rounding ties it moves).
 #[test]
 fn every_op_matches_the_cpu() {
-    for (precision, reference, tol) in [(Precision::F32, Cpu::new(), 1e-5), (Precision::Bf16, Cpu::bf16(), 1e-3)] {
+    for (precision, reference, tol) in [(Precision::F32, Cpu::new(), 1e-5), (Precision::F16, Cpu::f16(), 1e-3), (Precision::Bf16, Cpu::bf16(), 1e-3)] {
         let Some(cuda) = gpu(precision) else { return };
         let want = ops(&reference);
         let got = ops(&cuda);
@@ -298,10 +316,11 @@ fn every_op_matches_the_cpu() {
             eprintln!("{precision:?} {name:<40} rel err {e:.2e}");
             worst = worst.max(e);
             // The fused attention kernels round the probabilities before normalising them (by the running row
-            // maximum), the emulation after: one bf16 rounding (2⁻⁹ relative) apart.
+            // maximum), the emulation after: one 16-bit rounding (bf16 2⁻⁹, fp16 2⁻¹² relative) apart.
             let tol = match precision {
                 _ if name.starts_with("dropout") || name.starts_with("adamw") => 0.0,
                 Precision::Bf16 if name.starts_with("attention") => 1e-2,
+                Precision::F16 if name.starts_with("attention") => 2e-3,
                 _ => tol,
             };
             assert!(e <= tol, "{precision:?} {name}: relative error {e} > {tol}");
@@ -356,8 +375,8 @@ fn smollm2_matches_the_cpu_for_every_method() {
     models_match_the_cpu(&cases, 0.02);
 }
 
-/// Every case on the CPU and on CUDA in both precisions, each against the CPU at its own precision (F32: f32; Bf16:
-/// `Cpu::bf16()`, the same roundings), errors as ‖Δ‖₂/‖ref‖₂.
+/// Every case on the CPU and on CUDA in every precision, each against the CPU at its own precision (F32: f32; F16 and
+/// Bf16: `Cpu::f16()` and `Cpu::bf16()`, the same roundings), errors as ‖Δ‖₂/‖ref‖₂.
 /// - F32, with every adapter parameter uniform in ±`f32_init`: every tensor ≤ 1e-4, except single-value gradients
 ///   (IR-QLoRA's IEC β), long sums whose terms cancel, where f32 summation-order noise alone reaches ~5e-3 on SmolLM2:
 ///   ≤ 1e-2. The tiny models use ±0.2 (adapters that dominate the base, so every path carries weight); SmolLM2 uses
@@ -368,15 +387,18 @@ fn smollm2_matches_the_cpu_for_every_method() {
 ///   gradient is off by ~1). Two bf16 computations cannot agree more closely than bf16 itself resolves: rounding to
 ///   bf16 turns a difference δ (f32 summation order, TF32 details) into about √(δ·2⁻⁸) at every rounding point, so
 ///   through the depth of a model any two of them drift toward the precision's own noise (on the CPU, changing the
-///   emulated SmolLM2's norm weights by one f32 ulp moves its gradients by 8.7e-3 as one vector: tests/bf16_emulation.rs). Measured on an H100
+///   emulated SmolLM2's norm weights by one f32 ulp moves its gradients by 8.7e-3 as one vector: tests/half_emulation.rs). Measured on an H100
 ///   with the fused attention: 0.8–2.3e-2 on the tiny models and SmolLM2's first 6 blocks, 1.9–2.7e-2 on all 30.
 ///   Single-value gradients (sums that cancel) are checked in F32 only.
+/// - F16, as Bf16 but with 1e-2 for the gradients as one vector (`F16_VECTOR`) and `F16_TENSOR` per tensor: fp16's 11
+///   significant bits put its own noise 8× below bf16's (the one-ulp change moves the f16 emulation's gradients by
+///   2.4e-3), so the bf16 argument leaves room for the bound the issue asks for.
 ///
-/// The emulation's own distance from f32 is printed beside the Bf16 results: the precision itself (tests/
-/// bf16_emulation.rs checks the emulation's roundings in CI).
+/// The emulation's own distance from f32 is printed beside the 16-bit results: the precision itself (tests/
+/// half_emulation.rs checks the emulations' roundings in CI); so is the GPU's distance from f32.
 fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32) {
     let mut failures = Vec::new();
-    for precision in [Precision::F32, Precision::Bf16] {
+    for precision in [Precision::F32, Precision::F16, Precision::Bf16] {
         if gpu(precision).is_none() {
             return;
         }
@@ -384,12 +406,17 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32)
             let family = model.file_name().unwrap().to_string_lossy();
             let case = format!("{precision:?} {family} {} {:?}", if *nf4 { "nf4" } else { "dense" }, cfg.method);
             let init = if precision == Precision::F32 { f32_init } else { 0.02 };
-            let reference = if precision == Precision::F32 { Cpu::new() } else { Cpu::bf16() };
+            let reference = match precision {
+                Precision::F32 => Cpu::new(),
+                Precision::F16 => Cpu::f16(),
+                Precision::Bf16 => Cpu::bf16(),
+            };
             let want = model_outputs(model, reference, cfg, *nf4, init);
             let got = model_outputs(model, Cuda::new(0, precision).unwrap(), cfg, *nf4, init);
             let c = Comparison::of(&got, &want);
-            // bf16's own effect on each output: the emulation against f32.
-            let noise = (precision == Precision::Bf16).then(|| Comparison::of(&want, &model_outputs(model, Cpu::new(), cfg, *nf4, init)));
+            // The precision's own effect on each output: the emulation against f32; and the GPU against f32.
+            let exact = (precision != Precision::F32).then(|| model_outputs(model, Cpu::new(), cfg, *nf4, init));
+            let noise = exact.as_ref().map(|f| Comparison::of(&want, f));
             let mut fail = |what: String| failures.push(format!("{case}: {what}"));
             match precision {
                 Precision::F32 => {
@@ -400,23 +427,25 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32)
                         }
                     }
                 }
-                Precision::Bf16 => {
-                    let noise = noise.as_ref().expect("computed for Bf16");
+                Precision::F16 | Precision::Bf16 => {
+                    let noise = noise.as_ref().expect("computed for 16-bit precisions");
+                    let (vector, tensor) = if precision == Precision::F16 { (F16_VECTOR, F16_TENSOR) } else { (BF16_VECTOR, BF16_TENSOR) };
                     for ((name, e, single), (_, own, _)) in c.tensors.iter().zip(&noise.tensors) {
                         let output = name.starts_with("logits") || name.starts_with("loss");
-                        let tol = if output { 1e-2 } else { BF16_TENSOR.max(BF16_TENSOR_NOISE * own) };
+                        let tol = if output { 1e-2 } else { tensor.max(TENSOR_NOISE * own) };
                         if !single && *e > tol {
-                            fail(format!("{name}: relative error {e:.3e} > {tol:.3e} (bf16 alone moves it {own:.3e})"));
+                            fail(format!("{name}: relative error {e:.3e} > {tol:.3e} (the precision alone moves it {own:.3e})"));
                         }
                     }
-                    if c.vector > BF16_VECTOR {
-                        fail(format!("gradients as one vector: relative error {:.3e} > {BF16_VECTOR:.0e}", c.vector));
+                    if c.vector > vector {
+                        fail(format!("gradients as one vector: relative error {:.3e} > {vector:.0e}", c.vector));
                     }
                 }
             }
             eprintln!("{case:<60.60} {}", c.summary());
-            if let Some(noise) = &noise {
+            if let (Some(noise), Some(exact)) = (&noise, &exact) {
                 eprintln!("{:<60} {}", "     ... the emulation against f32", noise.summary());
+                eprintln!("{:<60} {}", "     ... the GPU against f32", Comparison::of(&got, exact).summary());
             }
         }
     }
@@ -424,14 +453,17 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32)
 }
 
 /// Bf16 gradient tolerances (see `models_match_the_cpu`): all of a pass's gradients as one vector; any one tensor
-/// within `BF16_TENSOR`, or within `BF16_TENSOR_NOISE` times bf16's own effect on it (the emulation against f32) where
+/// within `BF16_TENSOR`, or within `TENSOR_NOISE` times bf16's own effect on it (the emulation against f32) where
 /// that is larger. Single tensors are noisy samples: over the 2,520 gradient tensors of the full SmolLM2 with a
 /// hierarchical adapter the largest is 0.18 from the emulation (the emulation's own largest distance from f32 is
 /// 0.15), and one at 0.10 is 4× the emulation's distance from f32 for that tensor. A wrong gradient is off by ~1; the
 /// kernels' logic is checked op by op and in F32 at 1e-4.
 const BF16_VECTOR: f32 = 3e-2;
 const BF16_TENSOR: f32 = 0.2;
-const BF16_TENSOR_NOISE: f32 = 3.0;
+const TENSOR_NOISE: f32 = 3.0;
+/// F16 gradient tolerances, likewise.
+const F16_VECTOR: f32 = 1e-2;
+const F16_TENSOR: f32 = 0.05;
 
 /// One case's errors: (name, ‖Δ‖₂/‖ref‖₂, single value) per output, and the larger of the two passes' gradient
 /// errors with all of a pass's gradient tensors as one vector.

@@ -11,20 +11,26 @@ pub mod cuda;
 use crate::error::Result;
 use crate::quant::base::BaseWeight;
 
-/// Where a model runs: `cpu`, or `cuda[:N][:f32|:bf16]` (GPU N, default 0, in bf16 unless `f32` is asked for).
+/// Where a model runs: `cpu`, or `cuda[:N][:f16|:bf16|:f32]` (GPU N, default 0, in `Precision::F16` unless another
+/// precision is asked for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     Cpu,
     Cuda(usize, Precision),
 }
 
-/// How a GPU computes. `Bf16` is bitsandbytes' QLoRA setting: base weights and their inputs in bf16 on the tensor
-/// cores, attention in bf16 (fused kernels, `flash_head`), the other products in TF32, all accumulating in f32, with
-/// f32 activations, adapters, gradients and
-/// optimizer state. `F32` runs every product in true FP32 (parity checks, debugging).
+/// How a GPU computes. In both 16-bit modes the base weights and their inputs (output gradients in backward) are
+/// 16-bit tensor-core operands, attention runs in 16-bit (fused kernels, `flash_head`), the other products in TF32,
+/// everything accumulates in f32, and activations, adapters, gradients and optimizer state stay f32.
+/// - `F16`: fp16 operands (11 significant bits) with a power-of-two scale per tensor (`f16_shift`), so that no
+///   activation or gradient leaves fp16's range. 8× finer than bf16 at the same speed: the gradients stay within
+///   ≈ 1e-2 of f32 through SmolLM2's 30 blocks, where bf16 rounding noise reaches 2–3e-2.
+/// - `Bf16`: bitsandbytes' QLoRA setting (bf16 compute dtype), no scales.
+/// - `F32`: every product in true FP32 (parity checks, debugging).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
     #[default]
+    F16,
     Bf16,
     F32,
 }
@@ -32,16 +38,41 @@ pub enum Precision {
 impl Precision {
     pub fn name(self) -> &'static str {
         match self {
+            Precision::F16 => "f16",
             Precision::Bf16 => "bf16",
             Precision::F32 => "f32",
         }
     }
 }
 
+/// The power-of-two exponent s that brings a tensor whose largest magnitude is `amax` into fp16's range: amax·2^s <
+/// 2^15 (≤ 2^15 after rounding, below fp16's largest finite 65504), from amax's binary exponent alone, so that the
+/// GPU's kernels and the CPU's emulation pick the same s. Zero and non-finite maxima give s for the smallest normal
+/// float and 0 (a NaN or ∞ stays one); s is clamped to ±120 so that 2^s is a finite f32.
+pub fn f16_shift(amax: f32) -> i32 {
+    f16_shift_for(binary_exponent(amax))
+}
+
+/// s for a bound 2^e on a tensor's magnitudes: amax < 2^e.
+pub fn f16_shift_for(e: i32) -> i32 {
+    (15 - e).clamp(-120, 120)
+}
+
+/// The e with |x| < 2^e and |x| ≥ 2^(e−1) for a normal x (frexp's exponent); −126 for zero and subnormals; 15 (s = 0)
+/// for ∞ and NaN.
+pub fn binary_exponent(x: f32) -> i32 {
+    let biased = ((x.to_bits() >> 23) & 0xff) as i32;
+    match biased {
+        0xff => 15,
+        0 => -126,
+        b => b - 126,
+    }
+}
+
 impl std::str::FromStr for Device {
     type Err = crate::error::Error;
     fn from_str(s: &str) -> Result<Device> {
-        let bad = || crate::error::Error::Invalid(format!("device `{s}` is not cpu or cuda[:N][:f32|:bf16]"));
+        let bad = || crate::error::Error::Invalid(format!("device `{s}` is not cpu or cuda[:N][:f16|:bf16|:f32]"));
         if s == "cpu" {
             return Ok(Device::Cpu);
         }
@@ -54,6 +85,7 @@ impl std::str::FromStr for Device {
             match part {
                 "f32" if precision.is_none() => precision = Some(Precision::F32),
                 "bf16" if precision.is_none() => precision = Some(Precision::Bf16),
+                "f16" if precision.is_none() => precision = Some(Precision::F16),
                 n if ordinal.is_none() && precision.is_none() => ordinal = Some(n.parse().map_err(|_| bad())?),
                 _ => return Err(bad()),
             }
@@ -70,8 +102,9 @@ mod tests {
     fn device_names_parse() {
         let ok = [
             ("cpu", Device::Cpu),
-            ("cuda", Device::Cuda(0, Precision::Bf16)),
-            ("cuda:1", Device::Cuda(1, Precision::Bf16)),
+            ("cuda", Device::Cuda(0, Precision::F16)),
+            ("cuda:1", Device::Cuda(1, Precision::F16)),
+            ("cuda:f16", Device::Cuda(0, Precision::F16)),
             ("cuda:f32", Device::Cuda(0, Precision::F32)),
             ("cuda:2:f32", Device::Cuda(2, Precision::F32)),
             ("cuda:3:bf16", Device::Cuda(3, Precision::Bf16)),
@@ -395,6 +428,16 @@ pub(crate) fn check(cond: bool, op: &str, what: impl FnOnce() -> String) -> Resu
         Ok(())
     } else {
         Err(crate::error::Error::Invalid(format!("{op}: {}", what())))
+    }
+}
+
+/// A frozen weight's values must be finite in fp16 (`Precision::F16` stores them unscaled).
+pub(crate) fn check_f16_range(values: &[f32]) -> Result<()> {
+    match values.iter().find(|v| v.abs() > 65504.0) {
+        Some(v) => Err(crate::error::Error::Invalid(format!(
+            "upload_weight: a weight value {v:e} exceeds fp16's largest finite value (65504); use the bf16 precision (cuda:bf16)"
+        ))),
+        None => Ok(()),
     }
 }
 

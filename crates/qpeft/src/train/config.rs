@@ -192,7 +192,7 @@ impl Default for EvalSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeviceSection {
-    /// `cpu` or `cuda[:N][:f32|:bf16]` (`qpeft train --device` overrides it).
+    /// `cpu` or `cuda[:N][:f16|:bf16|:f32]` (`qpeft train --device` overrides it).
     pub name: String,
 }
 

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::gemm::{gemm_strided, Strided};
 use super::Real;
-use crate::backend::AttentionShape;
+use crate::backend::{binary_exponent, f16_shift, f16_shift_for, AttentionShape};
 
 const QUERY_BLOCK: usize = 128;
 
@@ -73,16 +73,51 @@ pub enum Operands {
     /// bf16-rounded: the CUDA bf16 mode's fused kernels, which round q, k, v and dO as they load them and the
     /// probabilities and score gradients before their products.
     Bf16,
+    /// fp16-rounded at the same places: the CUDA f16 mode's fused kernels. q, k, v and dO are scaled by 2^s per tensor
+    /// (`f16_shift` of the tensor's largest magnitude), the probabilities (≤ 1) not at all, and the score gradients dS
+    /// by the s of their bound: |dS| ≤ |dP| + |rowsum(dO ⊙ O)| ≤ 2·head_dim·max|dO|·max|V| < 2^(1 + ⌈log2 head_dim⌉ +
+    /// e(dO) + e(V)), e the binary exponent (`dscore_shift`).
+    F16,
 }
 
-/// x as the products of `mode` see it.
-fn operand<T: Real>(x: &[T], mode: Operands) -> Cow<'_, [T]> {
-    let round: fn(f32) -> f32 = match mode {
-        Operands::Exact => return Cow::Borrowed(x),
-        Operands::Tf32 => super::tf32_rna,
-        Operands::Bf16 => super::bf16_rne,
-    };
+/// x rounded by `round` to the values the products see.
+fn each<T: Real>(x: &[T], round: impl Fn(f32) -> f32) -> Cow<'_, [T]> {
     Cow::Owned(x.iter().map(|&v| T::of(round(v.to_f32().unwrap_or(f32::NAN)))).collect())
+}
+
+/// A tensor operand (q, k, v, dO) as the products of `mode` see it.
+fn operand<T: Real>(x: &[T], mode: Operands) -> Cow<'_, [T]> {
+    match mode {
+        Operands::Exact => Cow::Borrowed(x),
+        Operands::Tf32 => each(x, super::tf32_rna),
+        Operands::Bf16 => each(x, super::bf16_rne),
+        Operands::F16 => {
+            let s = f16_shift(super::amax(x));
+            each(x, |v| super::f16_scaled(v, s))
+        }
+    }
+}
+
+/// Probabilities (in [0, 1]) as the products of `mode` see them.
+fn probabilities<T: Real>(p: &[T], mode: Operands) -> Cow<'_, [T]> {
+    match mode {
+        Operands::F16 => each(p, super::f16_rne),
+        _ => operand(p, mode),
+    }
+}
+
+/// Score gradients as the products of `mode` see them; `shift` is `dscore_shift`'s.
+fn score_gradients<T: Real>(ds: &[T], mode: Operands, shift: i32) -> Cow<'_, [T]> {
+    match mode {
+        Operands::F16 => each(ds, |v| super::f16_scaled(v, shift)),
+        _ => operand(ds, mode),
+    }
+}
+
+/// The f16 mode's scale exponent for dS (see `Operands::F16`), from the unrounded dO and V.
+pub fn dscore_shift(dout_amax: f32, v_amax: f32, head_dim: usize) -> i32 {
+    let log2_d = head_dim.next_power_of_two().trailing_zeros() as i32;
+    f16_shift_for((1 + log2_d).saturating_add(binary_exponent(dout_amax)).saturating_add(binary_exponent(v_amax)))
 }
 
 pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: AttentionShape, out: &mut [T], mode: Operands) {
@@ -97,7 +132,7 @@ pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: Attentio
         .map(|blk| {
             let p = blk.probabilities(q, k, key_mask, &s);
             let mut o = vec![T::zero(); blk.rows * d];
-            gemm_strided((blk.rows, d, blk.keys), &mut o, Strided::rows(d), &operand(&p, mode), Strided::rows(blk.keys), v, blk.kv_view(&s), T::one(), false, false);
+            gemm_strided((blk.rows, d, blk.keys), &mut o, Strided::rows(d), &probabilities(&p, mode), Strided::rows(blk.keys), v, blk.kv_view(&s), T::one(), false, false);
             o
         })
         .collect();
@@ -123,6 +158,7 @@ pub fn backward<T: Real>(
     let d = s.head_dim;
     // rowsum(dO ⊙ O) per query row and head, from the unrounded values.
     let dots: Vec<T> = dout.chunks_exact(d).zip(out.chunks_exact(d)).map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x * y).sum()).collect();
+    let ds_shift = dscore_shift(super::amax(dout), super::amax(v), d);
     let (q, k, v, dout) = (&operand(q, mode)[..], &operand(k, mode)[..], &operand(v, mode)[..], &operand(dout, mode)[..]);
     let group = s.heads / s.kv_heads;
     let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..s.kv_heads).map(move |kh| (b, kh))).collect();
@@ -142,7 +178,7 @@ pub fn backward<T: Real>(
                     let (qv, kvv) = (blk.q_view(&s), blk.kv_view(&s));
                     let scale = T::of(s.scale);
                     // dV[keys] += Pᵀ·dO.
-                    gemm_strided((keys, d, rows), &mut dv_t, Strided::rows(d), &operand(&p, mode), Strided::rows(keys).t(), dout, qv, T::one(), true, false);
+                    gemm_strided((keys, d, rows), &mut dv_t, Strided::rows(d), &probabilities(&p, mode), Strided::rows(keys).t(), dout, qv, T::one(), true, false);
                     // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)), in place.
                     let mut ds = vec![T::zero(); rows * keys];
                     gemm_strided((rows, keys, d), &mut ds, Strided::rows(keys), dout, qv, v, kvv.t(), T::one(), false, false);
@@ -152,7 +188,7 @@ pub fn backward<T: Real>(
                             *x = pj * (*x - dot);
                         }
                     }
-                    let ds = operand(&ds, mode);
+                    let ds = score_gradients(&ds, mode, ds_shift);
                     let mut dq_b = vec![T::zero(); rows * d];
                     gemm_strided((rows, d, keys), &mut dq_b, Strided::rows(d), &ds, Strided::rows(keys), k, kvv, scale, false, false);
                     gemm_strided((keys, d, rows), &mut dk_t, Strided::rows(d), &ds, Strided::rows(keys).t(), q, qv, scale, true, false);

@@ -1,7 +1,8 @@
 //! The CPU backend: rayon over rows, the `gemm` crate for matrix products. It is the reference every other
 //! backend is checked against. It computes in f32 (`Cpu::new()`) or, for finite-difference checks of the
-//! backward pass, in f64 (`Cpu::f64()`): the same kernels, instantiated twice. `Cpu::bf16()` is the f32 backend
-//! with the CUDA bf16 mode's roundings, so that the GPU's bf16 numerics can be checked at their own precision.
+//! backward pass, in f64 (`Cpu::f64()`): the same kernels, instantiated twice. `Cpu::f16()` and `Cpu::bf16()` are
+//! the f32 backend with the roundings of the CUDA backend's 16-bit modes, so that the GPU's numerics can be checked at
+//! their own precision.
 
 mod adam8;
 mod attention;
@@ -15,7 +16,7 @@ use num_traits::{Float, FromPrimitive};
 use rayon::prelude::*;
 
 use self::gemm::{gemm_strided, Strided};
-use super::{check, check_adamw_8bit, check_attention, check_groups, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite, flash_head};
+use super::{check, check_adamw_8bit, check_attention, check_f16_range, check_groups, f16_shift, flash_head, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
 use crate::error::{Error, Result};
 use crate::quant::base::BaseWeight;
 
@@ -50,36 +51,73 @@ impl Real for f64 {
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu<T = f32> {
-    bf16: bool,
+    half: Option<Half>,
     _t: PhantomData<T>,
+}
+
+/// The 16-bit format of the GPU mode an f32 `Cpu` emulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Half {
+    Bf16,
+    F16,
 }
 
 impl Cpu<f32> {
     pub const fn new() -> Self {
-        Cpu { bf16: false, _t: PhantomData }
+        Cpu { half: None, _t: PhantomData }
     }
 
-    /// f32 kernels rounding where the CUDA backend's bf16 mode (`Precision::Bf16`) rounds: base weights and
-    /// embedding tables are stored as bf16, base products take bf16 inputs (output gradients in backward),
-    /// checkpointed block inputs are saved as bf16, attention rounds as the GPU's path for its head size does
-    /// (`attention_operands`), and the other products (adapters) take TF32 inputs. Products accumulate in f32 as on
-    /// the tensor cores. The fused attention kernels round unnormalised probabilities, the emulation normalised
-    /// ones, so agreement there is close rather than exact.
+    /// f32 kernels rounding where the CUDA backend's f16 mode (`Precision::F16`) rounds: base weights and embedding
+    /// tables are stored as fp16, base products take fp16 inputs (output gradients in backward) scaled by a power of
+    /// two per tensor (`f16_shift`), checkpointed block inputs are saved as bf16, attention rounds as the GPU's path
+    /// for its head size does (`attention_operands`), and the other products (adapters) take TF32 inputs. Products
+    /// accumulate in f32 as on the tensor cores. A power-of-two scale only moves exponents, so rounding x·2^s and
+    /// multiplying by 2^−s afterwards, as the GPU does, gives the values this emulation rounds x to. The fused attention
+    /// kernels round unnormalised probabilities, the emulation normalised ones, so agreement there is close rather
+    /// than exact.
+    pub const fn f16() -> Self {
+        Cpu { half: Some(Half::F16), _t: PhantomData }
+    }
+
+    /// The same for the bf16 mode (`Precision::Bf16`): bf16 in place of fp16, and no scales (bf16 has f32's range).
     pub const fn bf16() -> Self {
-        Cpu { bf16: true, _t: PhantomData }
+        Cpu { half: Some(Half::Bf16), _t: PhantomData }
     }
 }
 
 impl Cpu<f64> {
     /// The f64 instance, for finite-difference checks.
     pub const fn f64() -> Self {
-        Cpu { bf16: false, _t: PhantomData }
+        Cpu { half: None, _t: PhantomData }
     }
 }
 
 /// The nearest bf16 (ties to even), as `__float2bfloat16_rn`.
 fn bf16_rne(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
+}
+
+/// The nearest fp16 (ties to even, subnormals kept, beyond 65504 infinite), as `cvt.rn.f16.f32`.
+fn f16_rne(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// 2^s for |s| ≤ 126, exactly.
+fn pow2(s: i32) -> f32 {
+    f32::from_bits(((127 + s) as u32) << 23)
+}
+
+/// The largest magnitude in x (NaN if x holds one).
+fn amax<T: Real>(x: &[T]) -> f32 {
+    x.iter().fold(0f32, |m, v| {
+        let a = v.to_f32().unwrap_or(f32::NAN).abs();
+        if a > m || a.is_nan() { a } else { m }
+    })
+}
+
+/// x as the f16 mode's GPU sees it after scaling by 2^s: fp16(x·2^s)·2^−s.
+fn f16_scaled(x: f32, s: i32) -> f32 {
+    f16_rne(x * pow2(s)) * pow2(-s)
 }
 
 /// The nearest TF32 (10 explicit mantissa bits, ties away from zero), as `cvt.rna.tf32.f32`. (Truncation, the other
@@ -92,21 +130,34 @@ fn tf32_rna(x: f32) -> f32 {
 }
 
 impl<T: Real> Cpu<T> {
-    /// Attention's rounding: the CUDA bf16 mode's fused kernels where `flash_head`, its TF32 GEMMs elsewhere.
+    /// Attention's rounding: the CUDA 16-bit modes' fused kernels where `flash_head`, their TF32 GEMMs elsewhere.
     fn attention_operands(&self, s: &AttentionShape) -> attention::Operands {
-        match (self.bf16, flash_head(s.head_dim)) {
-            (false, _) => attention::Operands::Exact,
-            (true, true) => attention::Operands::Bf16,
-            (true, false) => attention::Operands::Tf32,
+        match (self.half, flash_head(s.head_dim)) {
+            (None, _) => attention::Operands::Exact,
+            (Some(_), false) => attention::Operands::Tf32,
+            (Some(Half::Bf16), true) => attention::Operands::Bf16,
+            (Some(Half::F16), true) => attention::Operands::F16,
         }
     }
 
-    /// x with `round` applied to every value in the bf16 emulation; x itself otherwise.
-    fn rounded<'a>(&self, x: &'a [T], round: fn(f32) -> f32) -> Cow<'a, [T]> {
-        if !self.bf16 {
+    /// x with `round` applied to every value in the 16-bit emulations; x itself otherwise.
+    fn rounded<'a>(&self, x: &'a [T], round: impl Fn(f32) -> f32 + Sync) -> Cow<'a, [T]> {
+        if self.half.is_none() {
             return Cow::Borrowed(x);
         }
         Cow::Owned(x.par_iter().map(|v| T::of(round(v.to_f32().unwrap_or(f32::NAN)))).collect())
+    }
+
+    /// A base product's input (output gradient in backward) as the tensor cores see it: bf16, or fp16 under the
+    /// tensor's power-of-two scale.
+    fn product_input<'a>(&self, x: &'a [T]) -> Cow<'a, [T]> {
+        match self.half {
+            Some(Half::F16) => {
+                let s = f16_shift(amax(x));
+                self.rounded(x, move |v| f16_scaled(v, s))
+            }
+            _ => self.rounded(x, bf16_rne),
+        }
     }
 
     fn gemm(&self, a: &[T], b: &[T], out: &mut [T], s: MatMul) -> Result<()> {
@@ -128,9 +179,10 @@ impl<T: Real> Backend for Cpu<T> {
     type Bytes = Vec<u8>;
 
     fn name(&self) -> String {
-        let kind = match (size_of::<T>(), self.bf16) {
+        let kind = match (size_of::<T>(), self.half) {
             (8, _) => ", f64",
-            (_, true) => ", bf16 emulation",
+            (_, Some(Half::Bf16)) => ", bf16 emulation",
+            (_, Some(Half::F16)) => ", f16 emulation",
             _ => "",
         };
         format!("cpu ({} threads{kind})", rayon::current_num_threads())
@@ -166,18 +218,25 @@ impl<T: Real> Backend for Cpu<T> {
 
     fn upload_weight(&self, dense: &[f32], _base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<Vec<T>> {
         check(dense.len() == out_dim * in_dim, "upload_weight", || format!("{} values for a {out_dim} × {in_dim} weight", dense.len()))?;
-        Ok(self.rounded(&self.upload(dense)?, bf16_rne).into_owned())
+        let values = self.upload(dense)?;
+        Ok(match self.half {
+            Some(Half::F16) => {
+                check_f16_range(dense)?;
+                self.rounded(&values, f16_rne).into_owned()
+            }
+            _ => self.rounded(&values, bf16_rne).into_owned(),
+        })
     }
     fn weight_values(&self, w: &Vec<T>) -> Result<Vec<T>> {
         Ok(w.clone())
     }
     fn linear(&self, x: &Vec<T>, w: &Vec<T>, rows: usize, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
         let (in_dim, out_dim) = (x.len() / rows.max(1), out.len() / rows.max(1));
-        self.gemm(&self.rounded(x, bf16_rne), w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
+        self.gemm(&self.product_input(x), w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
     }
     fn linear_backward(&self, dy: &Vec<T>, w: &Vec<T>, rows: usize, dx: &mut Vec<T>, accumulate: bool) -> Result<()> {
         let (out_dim, in_dim) = (dy.len() / rows.max(1), dx.len() / rows.max(1));
-        self.gemm(&self.rounded(dy, bf16_rne), w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
+        self.gemm(&self.product_input(dy), w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
     }
 
     fn embedding(&self, table: &Vec<T>, ids: &Vec<u32>, dim: usize, scale: f32, out: &mut Vec<T>) -> Result<()> {

@@ -1,12 +1,14 @@
-// Fused (flash-style) causal GQA attention for the bf16 mode (flash.rs): scores never reach global memory. One block
-// of 8 warps owns 128 queries (forward, dQ) or 128 keys (dK, dV) of one head and walks the other side in tiles of 64,
-// converting f32 activations to bf16 in shared memory and multiplying on the tensor cores (mma.sync m16n8k16, f32
-// accumulation); each warp owns 16 of the block's rows. D is the head size rounded up to 16, 32, 64 or 128 (the
-// padding is zeros). Appended to kernels.cu (it uses `Attn`, `bf16` and `bf16_pair` from there).
+// Fused (flash-style) causal GQA attention for the 16-bit modes (flash.rs): scores never reach global memory. One
+// block of 8 warps owns 128 queries (forward, dQ) or 128 keys (dK, dV) of one head and walks the other side in tiles
+// of 64, multiplying 16-bit operands on the tensor cores (mma.sync m16n8k16, f32 accumulation); each warp owns 16 of
+// the block's rows. D is the head size rounded up to 16, 32, 64 or 128 (the padding is zeros). Appended to kernels.cu
+// (it uses `Attn`, the conversions and the f16 scale helpers from there).
 //
-// Numerics, mirrored by the CPU's bf16 emulation (backend/cpu/attention.rs, `Operands::Bf16`): q, k, v and dO are
-// rounded to bf16 as they are loaded, the probabilities before P·V and Pᵀ·dO, the score gradients before dS·K and
-// dSᵀ·Q; softmax statistics, rowsum(dO ⊙ O) and every sum are f32.
+// The operand format is the backend's: bf16, or fp16 when compiled with QPEFT_F16 (the f16 mode). Numerics, mirrored
+// by the CPU's emulations (backend/cpu/attention.rs, `Operands::Bf16` / `Operands::F16`): q, k, v and dO arrive
+// rounded (flash.rs converts them once per call; in the f16 mode scaled by 2^s per tensor, `Shifts`), the
+// probabilities are rounded before P·V and Pᵀ·dO, the score gradients (f16: scaled by 2^ds) before dS·K and dSᵀ·Q;
+// softmax statistics, rowsum(dO ⊙ O) and every sum are f32, in the tensors' own units.
 //
 // Backward runs in two kernels, neither needing atomics: `flash_dq` walks keys per query tile, writes dQ and each
 // query's log-sum-exp and rowsum(dO ⊙ O); `flash_dkv` walks queries (of every head sharing the KV head) per key tile.
@@ -17,15 +19,44 @@
 #define ROWS 128
 #define THREADS 256
 
+typedef unsigned short h16;  // a 16-bit operand's bits: bf16, or fp16 with QPEFT_F16
+#ifdef QPEFT_F16
+#define MMA_HALF "f16"
+#define half_pair f16_pair
+#else
+#define MMA_HALF "bf16"
+#define half_pair bf16_pair
+#endif
+
+// The power-of-two exponents the f16 mode scaled the operands by (kernels.cu, to_f16_scaled): q, k, v and dO by the
+// f16_shift of their tensors' largest magnitudes (amax[0..4], f32 bits), dS by that of its bound
+// 2^(1 + ⌈log2 head_dim⌉ + e(dO) + e(V)) (backend/cpu/attention.rs, `dscore_shift`). All 0 when amax is null (bf16).
+struct Shifts {
+    int q, k, v, dout, ds;
+    __device__ Shifts(const u32* amax, int head_dim) {
+        if (!amax) {
+            q = k = v = dout = ds = 0;
+            return;
+        }
+        int e[4];
+        for (int i = 0; i < 4; i++) e[i] = binary_exponent(__uint_as_float(amax[i]));
+        q = f16_shift_for(e[0]);
+        k = f16_shift_for(e[1]);
+        v = f16_shift_for(e[2]);
+        dout = f16_shift_for(e[3]);
+        ds = f16_shift_for(1 + (32 - __clz(head_dim - 1)) + e[3] + e[2]);
+    }
+};
+
 extern __shared__ float4 flash_smem[];
 
-// c += a·b on the tensor cores. Fragment layouts (PTX ISA, m16n8k16 with .bf16), g = lane / 4, t = lane % 4, two bf16
-// per register, the lower index in the low half:
+// c += a·b on the tensor cores. Fragment layouts (PTX ISA, m16n8k16 with .bf16/.f16), g = lane / 4, t = lane % 4, two
+// 16-bit values per register, the lower index in the low half:
 //   a (16×16, row-major): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
 //   b (16×8):             b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g];
 //   c (16×8, f32):        c0, c1 = C[g][2t..2t+1], c2, c3 = C[g+8][2t..2t+1].
-__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+__device__ __forceinline__ void mma_half(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_HALF "." MMA_HALF ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
@@ -35,36 +66,36 @@ __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_gen
 
 // The a fragment of rows r0..r0+15, columns k0..k0+15 of the row-major tile x (row stride ld elements; rows 16-byte
 // aligned): ldmatrix.x4's lanes 0-15 address rows r0.. at column k0, lanes 16-31 the same rows at k0 + 8.
-__device__ __forceinline__ void frag_a(u32* a, const bf16* x, int ld, int r0, int k0, int lane) {
+__device__ __forceinline__ void frag_a(u32* a, const h16* x, int ld, int r0, int k0, int lane) {
     u32 at = smem_addr(x + (r0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(at));
 }
 
 // c0 += A·B[:, n0..n0+8] and c1 += A·B[:, n0+8..n0+16] for B[k][n] = y[n][k0 + k] (B stored transposed, as K in
 // Q·Kᵀ): lanes 0-7 address rows n0.. at k0, 8-15 the same at k0 + 8, 16-31 rows n0+8.. likewise.
-__device__ __forceinline__ void mma_bt2(float* c0, float* c1, const u32* a, const bf16* y, int ld, int n0, int k0, int lane) {
+__device__ __forceinline__ void mma_bt2(float* c0, float* c1, const u32* a, const h16* y, int ld, int n0, int k0, int lane) {
     u32 b[4], at = smem_addr(y + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(at));
-    mma_bf16(c0, a, b[0], b[1]);
-    mma_bf16(c1, a, b[2], b[3]);
+    mma_half(c0, a, b[0], b[1]);
+    mma_half(c1, a, b[2], b[3]);
 }
 
 // The same for B[k][n] = x[k0 + k][n] (B stored row-major, as V in P·V), through transposing loads: lanes 0-15
 // address rows k0.. at column n0, lanes 16-31 at n0 + 8.
-__device__ __forceinline__ void mma_b2(float* c0, float* c1, const u32* a, const bf16* x, int ld, int k0, int n0, int lane) {
+__device__ __forceinline__ void mma_b2(float* c0, float* c1, const u32* a, const h16* x, int ld, int k0, int n0, int lane) {
     u32 b[4], at = smem_addr(x + (k0 + (lane & 15)) * ld + n0 + (lane >> 4) * 8);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(at));
-    mma_bf16(c0, a, b[0], b[1]);
-    mma_bf16(c1, a, b[2], b[3]);
+    mma_half(c0, a, b[0], b[1]);
+    mma_half(c1, a, b[2], b[3]);
 }
 
 // The a fragment of 16 rows × keys 16j..16j+15 from accumulator tiles s[2j], s[2j+1] (the c layout of a 16×64 block),
-// rounded to bf16: how P and dS feed the next product without leaving registers.
+// rounded to 16 bits: how P and dS feed the next product without leaving registers.
 __device__ __forceinline__ void frag_from_acc(u32* a, float (*s)[4], int j) {
-    a[0] = bf16_pair(s[2 * j][0], s[2 * j][1]);
-    a[1] = bf16_pair(s[2 * j][2], s[2 * j][3]);
-    a[2] = bf16_pair(s[2 * j + 1][0], s[2 * j + 1][1]);
-    a[3] = bf16_pair(s[2 * j + 1][2], s[2 * j + 1][3]);
+    a[0] = half_pair(s[2 * j][0], s[2 * j][1]);
+    a[1] = half_pair(s[2 * j][2], s[2 * j][3]);
+    a[2] = half_pair(s[2 * j + 1][0], s[2 * j + 1][1]);
+    a[3] = half_pair(s[2 * j + 1][2], s[2 * j + 1][3]);
 }
 
 // Asynchronous 16-byte copies global → shared (cp.async, compute capability 8.0+); a copy with `valid` false writes
@@ -77,10 +108,10 @@ __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_
 template <int N>
 __device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Starts copying rows row0..row0+N-1 of a [rows, hd] bf16 view (row i at src + i·stride; hd a multiple of 8, so rows
+// Starts copying rows row0..row0+N-1 of a [rows, hd] 16-bit view (row i at src + i·stride; hd a multiple of 8, so rows
 // are 16-byte aligned) into a row-major tile (stride ld); rows at or past `valid` and columns past hd become zeros.
 template <int D, int N>
-__device__ void load_rows(bf16* tile, int ld, const bf16* src, long long stride, int row0, int valid, int hd) {
+__device__ void load_rows(h16* tile, int ld, const h16* src, long long stride, int row0, int valid, int hd) {
 #pragma unroll
     for (int c = threadIdx.x; c < N * D / 8; c += THREADS) {
         int i = c / (D / 8), d = c % (D / 8) * 8;
@@ -122,7 +153,7 @@ struct Head {
 
 // c (16 × 64, the c layout) = X[r0..r0+16]·Yᵀ for the row-major tiles x (≥ r0 + 16 rows) and y (64 rows), both D wide.
 template <int D>
-__device__ __forceinline__ void rows_times_tile_t(float (*c)[4], const bf16* x, const bf16* y, int r0, int lane) {
+__device__ __forceinline__ void rows_times_tile_t(float (*c)[4], const h16* x, const h16* y, int r0, int lane) {
     const int LD = D + 8;
 #pragma unroll
     for (int n = 0; n < 8; n++) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
@@ -138,7 +169,7 @@ __device__ __forceinline__ void rows_times_tile_t(float (*c)[4], const bf16* x, 
 // sc (this warp's 16 query rows × 64 keys from k0) = scale·Q·Kᵀ with invisible keys at −∞; rows ci and ci + 8 are
 // this thread's (cache indices).
 template <int D>
-__device__ void masked_scores(float (*sc)[4], const bf16* qs, const bf16* ks, const u32* km, const Attn& s, int k0, int ci, int warp, int lane) {
+__device__ void masked_scores(float (*sc)[4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, int warp, int lane) {
     int t = lane & 3;
     rows_times_tile_t<D>(sc, qs, ks, warp * 16, lane);
 #pragma unroll
@@ -186,7 +217,7 @@ __device__ __forceinline__ int key_end(const Attn& s, const Head& hd, int q0) {
 
 // Starts loading key tile k0 into stage buffers: k into `ks`, v into `vs` unless null, and the key mask into `km`.
 template <int D>
-__device__ void load_keys(const Attn& s, const Head& hd, const bf16* k, const bf16* v, int k0, bf16* ks, bf16* vs, u32* km) {
+__device__ void load_keys(const Attn& s, const Head& hd, const h16* k, const h16* v, int k0, h16* ks, h16* vs, u32* km) {
     const int LD = D + 8;
     load_rows<D, TILE>(ks, LD, k + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
     if (vs) load_rows<D, TILE>(vs, LD, v + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
@@ -197,7 +228,7 @@ __device__ void load_keys(const Attn& s, const Head& hd, const bf16* k, const bf
 // The walk over key tiles k_lo..k_hi with two stages: tile i + 1 loads while tile i is used. `body(k0, ks, vs, km)`
 // sees a complete tile; `v` null loads keys only.
 template <int D, typename F>
-__device__ void walk_keys(const Attn& s, const Head& hd, const bf16* k, const bf16* v, int k_lo, int k_hi, bf16* kbuf, bf16* vbuf, u32* kmbuf, F body) {
+__device__ void walk_keys(const Attn& s, const Head& hd, const h16* k, const h16* v, int k_lo, int k_hi, h16* kbuf, h16* vbuf, u32* kmbuf, F body) {
     const int TS = TILE * (D + 8);
     if (k_lo < k_hi) load_keys<D>(s, hd, k, v, k_lo, kbuf, v ? vbuf : nullptr, kmbuf);
     for (int k0 = k_lo, st = 0; k0 < k_hi; k0 += TILE, st ^= 1) {
@@ -214,9 +245,9 @@ __device__ void walk_keys(const Attn& s, const Head& hd, const bf16* k, const bf
     }
 }
 
-// acc (16 rows × D) += A·X for A = the 16×64 block `p` (c layout, rounded to bf16) and X = the row-major 64 × D tile x.
+// acc (16 rows × D) += A·X for A = the 16×64 block `p` (c layout, rounded to 16 bits) and X = the row-major 64 × D tile x.
 template <int D>
-__device__ __forceinline__ void mma_acc_rows(float (*acc)[4], float (*p)[4], const bf16* x, int lane) {
+__device__ __forceinline__ void mma_acc_rows(float (*acc)[4], float (*p)[4], const h16* x, int lane) {
     const int LD = D + 8;
 #pragma unroll
     for (int j = 0; j < 4; j++) {
@@ -247,13 +278,15 @@ __device__ void store_rows(float (*acc)[4], float scale, float* dst, long long s
     }
 }
 
-// Forward. Grid (query blocks of ROWS, heads, batch), THREADS threads; q, k, v as bf16.
+// Forward. Grid (query blocks of ROWS, heads, batch), THREADS threads; q, k, v as 16-bit operands.
 template <int D>
-__device__ void flash_forward(const bf16* q, const bf16* k, const bf16* v, const u32* key_mask, Attn s, float* out) {
+__device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, float* out, const u32* amax) {
+    Shifts sh(amax, s.head_dim);
+    s.scale *= pow2(-(sh.q + sh.k));  // scores from the scaled q and k
     const int LD = D + 8;
-    bf16* qs = (bf16*)flash_smem;
-    bf16* kbuf = qs + ROWS * LD;
-    bf16* vbuf = kbuf + 2 * TILE * LD;
+    h16* qs = (h16*)flash_smem;
+    h16* kbuf = qs + ROWS * LD;
+    h16* vbuf = kbuf + 2 * TILE * LD;
     u32* kmbuf = (u32*)(vbuf + 2 * TILE * LD);
     int q0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
     Head hd(s, key_mask, blockIdx.z, blockIdx.y);
@@ -264,7 +297,7 @@ __device__ void flash_forward(const bf16* q, const bf16* k, const bf16* v, const
 #pragma unroll
     for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    walk_keys<D>(s, hd, k, v, key_start(s, hd, q0), key_end(s, hd, q0), kbuf, vbuf, kmbuf, [&](int k0, const bf16* ks, const bf16* vs, const u32* km) {
+    walk_keys<D>(s, hd, k, v, key_start(s, hd, q0), key_end(s, hd, q0), kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16* vs, const u32* km) {
         float sc[8][4];
         masked_scores<D>(sc, qs, ks, km, s, k0, ci, warp, lane);
         float alpha[2];
@@ -286,20 +319,23 @@ __device__ void flash_forward(const bf16* q, const bf16* k, const bf16* v, const
             o[n][2 * r + 1] *= inv;
         }
     }
-    store_rows<D>(o, 1.0f, out + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
+    store_rows<D>(o, pow2(-sh.v), out + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
 }
 
 // dQ = scale·dS·K per query block, with dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)); first a pass over the keys for each query's
 // log-sum-exp (∞ when it sees no key), which goes to stats[2·row] with rowsum(dO ⊙ O) at stats[2·row + 1], row =
-// (b·heads + h)·q_len + qi. Grid (query blocks of ROWS, heads, batch), THREADS threads; q, k, v, dout as bf16, and
+// (b·heads + h)·q_len + qi. Grid (query blocks of ROWS, heads, batch), THREADS threads; q, k, v, dout as 16-bit operands, and
 // out and dout32 (the f32 dO) for the row sums.
 template <int D>
-__device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const u32* key_mask, Attn s, const float* out, const float* dout32, const bf16* dout, float* dq, float* stats) {
+__device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, const float* out, const float* dout32, const h16* dout, float* dq, float* stats, const u32* amax) {
+    Shifts sh(amax, s.head_dim);
+    const float scale = s.scale, dp_unscale = pow2(-(sh.dout + sh.v)), ds_scale = pow2(sh.ds);
+    s.scale *= pow2(-(sh.q + sh.k));
     const int LD = D + 8;
-    bf16* qs = (bf16*)flash_smem;
-    bf16* dos = qs + ROWS * LD;
-    bf16* kbuf = dos + ROWS * LD;
-    bf16* vbuf = kbuf + 2 * TILE * LD;
+    h16* qs = (h16*)flash_smem;
+    h16* dos = qs + ROWS * LD;
+    h16* kbuf = dos + ROWS * LD;
+    h16* vbuf = kbuf + 2 * TILE * LD;
     u32* kmbuf = (u32*)(vbuf + 2 * TILE * LD);
     int q0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     Head hd(s, key_mask, blockIdx.z, blockIdx.y);
@@ -310,7 +346,7 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const u32*
     int k_lo = key_start(s, hd, q0), k_hi = key_end(s, hd, q0);
     // Pass 1: each row's maximum and sum of exponentials.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    walk_keys<D>(s, hd, k, nullptr, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const bf16* ks, const bf16*, const u32* km) {
+    walk_keys<D>(s, hd, k, nullptr, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16*, const u32* km) {
         float sc[8][4], alpha[2];
         masked_scores<D>(sc, qs, ks, km, s, k0, ci, warp, lane);
         online_softmax(sc, m, l, alpha);
@@ -336,29 +372,31 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const u32*
     float acc[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    walk_keys<D>(s, hd, k, v, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const bf16* ks, const bf16* vs, const u32* km) {
+    walk_keys<D>(s, hd, k, v, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16* vs, const u32* km) {
         float p[8][4], dp[8][4];
         masked_scores<D>(p, qs, ks, km, s, k0, ci, warp, lane);
         rows_times_tile_t<D>(dp, dos, vs, warp * 16, lane);
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) dp[n][e] = expf(p[n][e] - lse[e >> 1]) * (dp[n][e] - dot[e >> 1]);
+            for (int e = 0; e < 4; e++) dp[n][e] = expf(p[n][e] - lse[e >> 1]) * (dp[n][e] * dp_unscale - dot[e >> 1]) * ds_scale;
         mma_acc_rows<D>(acc, dp, ks, lane);
     });
-    store_rows<D>(acc, s.scale, dq + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
+    store_rows<D>(acc, scale * pow2(-(sh.ds + sh.k)), dq + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
 }
 
 // dV = Σ Pᵀ·dO and dK = scale·Σ dSᵀ·Q per key block, over every query head of the KV head and every query tile that
 // sees the keys; `stats` from `flash_dq`. Works on Sᵀ = K·Qᵀ (keys as rows) so that Pᵀ and dSᵀ feed the products
-// from registers. Grid (key blocks of ROWS, KV heads, batch), THREADS threads; q, k, v, dout as bf16.
+// from registers. Grid (key blocks of ROWS, KV heads, batch), THREADS threads; q, k, v, dout as 16-bit operands.
 template <int D>
-__device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const u32* key_mask, Attn s, const bf16* dout, const float* stats, float* dk, float* dv) {
+__device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, const h16* dout, const float* stats, float* dk, float* dv, const u32* amax) {
+    Shifts sh(amax, s.head_dim);
+    const float score_scale = s.scale * pow2(-(sh.q + sh.k)), dp_unscale = pow2(-(sh.dout + sh.v)), ds_scale = pow2(sh.ds);
     const int LD = D + 8, TS = TILE * LD;
-    bf16* ks = (bf16*)flash_smem;
-    bf16* vs = ks + ROWS * LD;
-    bf16* qbuf = vs + ROWS * LD;
-    bf16* dobuf = qbuf + 2 * TS;
+    h16* ks = (h16*)flash_smem;
+    h16* vs = ks + ROWS * LD;
+    h16* qbuf = vs + ROWS * LD;
+    h16* dobuf = qbuf + 2 * TS;
     float* lsebuf = (float*)(dobuf + 2 * TS);
     float* dotbuf = lsebuf + 2 * TILE;
     int k0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -402,7 +440,7 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const u32
         }
         __syncthreads();
         int q0 = q_lo + i % tiles * TILE, st = i & 1;
-        const bf16 *qs = qbuf + st * TS, *dos = dobuf + st * TS;
+        const h16 *qs = qbuf + st * TS, *dos = dobuf + st * TS;
         const float *lse = lsebuf + st * TILE, *dots = dotbuf + st * TILE;
         // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
         float p[8][4], dp[8][4];
@@ -413,34 +451,36 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const u32
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int c = n * 8 + 2 * t + (e & 1);
-                float pe = q0 + c < s.q_len && sees(s, hk.first + q0 + c, key + (e >> 1) * 8, real[e >> 1]) ? expf(p[n][e] * s.scale - lse[c]) : 0.0f;
+                float pe = q0 + c < s.q_len && sees(s, hk.first + q0 + c, key + (e >> 1) * 8, real[e >> 1]) ? expf(p[n][e] * score_scale - lse[c]) : 0.0f;
                 p[n][e] = pe;
-                dp[n][e] = pe * (dp[n][e] - dots[c]);
+                dp[n][e] = pe * (dp[n][e] * dp_unscale - dots[c]) * ds_scale;
             }
         mma_acc_rows<D>(av, p, dos, lane);
         mma_acc_rows<D>(ak, dp, qs, lane);
         // The next step's loads overwrite this stage.
         __syncthreads();
     }
-    store_rows<D>(ak, s.scale, dk + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
-    store_rows<D>(av, 1.0f, dv + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
+    store_rows<D>(ak, s.scale * pow2(-(sh.ds + sh.q)), dk + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
+    store_rows<D>(av, pow2(-sh.dout), dv + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
 }
 
-#define FLASH_KERNELS(D)                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(THREADS) flash_forward_##D(const bf16* q, const bf16* k, const bf16* v,   \
-                                                                             const u32* m, Attn s, float* out) {          \
-        flash_forward<D>(q, k, v, m, s, out);                                                                              \
-    }                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS) flash_dq_##D(const bf16* q, const bf16* k, const bf16* v,        \
-                                                                        const u32* m, Attn s, const float* out,            \
-                                                                        const float* dout32, const bf16* dout, float* dq,  \
-                                                                        float* stats) {                                    \
-        flash_dq<D>(q, k, v, m, s, out, dout32, dout, dq, stats);                                                          \
-    }                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS) flash_dkv_##D(const bf16* q, const bf16* k, const bf16* v,       \
-                                                                         const u32* m, Attn s, const bf16* dout,           \
-                                                                         const float* stats, float* dk, float* dv) {       \
-        flash_dkv<D>(q, k, v, m, s, dout, stats, dk, dv);                                                                  \
+#define FLASH_KERNELS(D)                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_forward_##D(const h16* q, const h16* k, const h16* v,     \
+                                                                             const u32* m, Attn s, float* out,            \
+                                                                             const u32* amax) {                           \
+        flash_forward<D>(q, k, v, m, s, out, amax);                                                                       \
+    }                                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_dq_##D(const h16* q, const h16* k, const h16* v,          \
+                                                                        const u32* m, Attn s, const float* out,           \
+                                                                        const float* dout32, const h16* dout, float* dq,  \
+                                                                        float* stats, const u32* amax) {                  \
+        flash_dq<D>(q, k, v, m, s, out, dout32, dout, dq, stats, amax);                                                   \
+    }                                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_dkv_##D(const h16* q, const h16* k, const h16* v,         \
+                                                                         const u32* m, Attn s, const h16* dout,           \
+                                                                         const float* stats, float* dk, float* dv,        \
+                                                                         const u32* amax) {                               \
+        flash_dkv<D>(q, k, v, m, s, dout, stats, dk, dv, amax);                                                           \
     }
 
 FLASH_KERNELS(16)

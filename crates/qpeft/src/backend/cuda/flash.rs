@@ -1,7 +1,8 @@
-//! Launchers of the fused attention kernels (flash.cu): the bf16 mode's attention for `flash_head` heads on GPUs with
-//! bf16 tensor cores (compute capability 8.0 and up). Scores stay on chip, so attention needs no score scratch. The
-//! inputs are converted to bf16 once per call (the rounding the kernels apply anyway), which halves what the tiles
-//! re-read and lets them stream in asynchronously.
+//! Launchers of the fused attention kernels (flash.cu): the 16-bit modes' attention for `flash_head` heads on GPUs
+//! with bf16/fp16 tensor cores (compute capability 8.0 and up). Scores stay on chip, so attention needs no score
+//! scratch. The inputs are converted to 16-bit operands once per call (`Cuda::to_operand`; in the f16 mode scaled per
+//! tensor, their maxima passed on so that the kernels undo the scales), which halves what the tiles re-read and lets
+//! them stream in asynchronously.
 
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use cudarc::driver::{CudaSlice, LaunchConfig};
@@ -22,7 +23,7 @@ fn padded(head_dim: usize) -> usize {
     [16, 32, 64, 128].into_iter().find(|&d| d >= head_dim).expect("a flash_head")
 }
 
-/// Bytes of dynamic shared memory: `owned` bf16 tiles of [ROWS, d + 8] and `walked` ones of [TILE, d + 8] (rows padded
+/// Bytes of dynamic shared memory: `owned` 16-bit tiles of [ROWS, d + 8] and `walked` ones of [TILE, d + 8] (rows padded
 /// by 16 bytes against bank conflicts), and `vectors` f32/u32 vectors of TILE.
 fn smem(d: usize, owned: usize, walked: usize, vectors: usize) -> usize {
     2 * (owned * ROWS + walked * TILE) * (d + 8) + 4 * TILE * vectors
@@ -31,14 +32,19 @@ fn smem(d: usize, owned: usize, walked: usize, vectors: usize) -> usize {
 impl Cuda {
     /// Whether attention of shape `s` runs through the fused kernels.
     pub(super) fn flash(&self, s: &AttentionShape) -> bool {
-        self.precision == Precision::Bf16 && self.bf16_tensor_cores && flash_head(s.head_dim)
+        self.precision != Precision::F32 && self.bf16_tensor_cores && flash_head(s.head_dim)
     }
 
-    /// x rounded to bf16 (the kernels' operands).
-    fn bf16_copy(&self, x: &CudaSlice<f32>) -> Result<CudaSlice<u16>> {
+    /// x as a 16-bit operand (`to_operand`), its largest magnitude going to slot `i` of `amax`.
+    fn operand_copy(&self, x: &CudaSlice<f32>, amax: &CudaSlice<u32>, i: usize) -> Result<CudaSlice<u16>> {
         let y = self.alloc::<u16>(x.len())?;
-        self.round_to_bf16(x, addr(self, &y))?;
+        self.to_operand(x, addr(self, &y), addr(self, amax) + 4 * i as u64, 0)?;
         Ok(y)
+    }
+
+    /// The maxima the kernels read (q, k, v, dO), or a null pointer where nothing is scaled (bf16).
+    fn scales_arg(&self, amax: &CudaSlice<u32>) -> u64 {
+        if self.precision == Precision::F16 { addr(self, amax) } else { 0 }
     }
 
     /// The launch of kernel `name` for head size `d` over `grid`, with `bytes` of dynamic shared memory allowed.
@@ -53,8 +59,10 @@ impl Cuda {
         let d = padded(s.head_dim);
         let name = format!("flash_forward_{d}");
         let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), smem(d, 1, 4, 2))?;
-        let (a, q, k, v) = (Attn::of(s), self.bf16_copy(q)?, self.bf16_copy(k)?, self.bf16_copy(v)?);
-        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out)
+        let amax = self.alloc::<u32>(4)?;
+        let (a, q, k, v) = (Attn::of(s), self.operand_copy(q, &amax, 0)?, self.operand_copy(k, &amax, 1)?, self.operand_copy(v, &amax, 2)?);
+        let scales = self.scales_arg(&amax);
+        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out, &scales)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -73,12 +81,14 @@ impl Cuda {
     ) -> Result<()> {
         let d = padded(s.head_dim);
         let a = Attn::of(s);
-        let (q, k, v, dout16) = (self.bf16_copy(q)?, self.bf16_copy(k)?, self.bf16_copy(v)?, self.bf16_copy(dout)?);
+        let amax = self.alloc::<u32>(4)?;
+        let (q, k, v, dout16) = (self.operand_copy(q, &amax, 0)?, self.operand_copy(k, &amax, 1)?, self.operand_copy(v, &amax, 2)?, self.operand_copy(dout, &amax, 3)?);
+        let scales = self.scales_arg(&amax);
         // Per query row: its log-sum-exp and rowsum(dO ⊙ O).
         let mut stats = self.alloc::<f32>(2 * s.batch * s.heads * s.q_len)?;
         let name = format!("flash_dq_{d}");
         let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), smem(d, 2, 4, 2))?;
-        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out, dout, &dout16, dq, &mut stats)?;
+        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out, dout, &dout16, dq, &mut stats, &scales)?;
         if s.kv_capacity > s.kv_len {
             // The kernel writes the kv_len rows of each sequence; the rest of the cache layout is zero.
             self.stream.memset_zeros(dk).map_err(|e| device_err("clearing dk", e))?;
@@ -86,6 +96,6 @@ impl Cuda {
         }
         let name = format!("flash_dkv_{d}");
         let cfg = self.flash_config(&name, (s.kv_len.div_ceil(ROWS), s.kv_heads, s.batch), smem(d, 2, 4, 4))?;
-        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, &dout16, &stats, dk, dv)
+        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, &dout16, &stats, dk, dv, &scales)
     }
 }

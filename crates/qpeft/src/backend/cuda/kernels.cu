@@ -39,11 +39,19 @@ __device__ T block_sum(T v, T* scratch) { return block_reduce(v, scratch, (T)0, 
 
 __device__ float block_max(float v, float* scratch) { return block_reduce(v, scratch, -INFINITY, Max()); }
 
-// A table of f32 (bf16 == 0) or bf16 bits (bf16 == 1).
-extern "C" __global__ void embedding(const void* table, int bf16, const u32* ids, long long rows, int dim, float scale, float* out) {
+// fp16 bits → f32 (exact).
+__device__ float f16_bits_to_float(unsigned short h) {
+    float y;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(y) : "h"(h));
+    return y;
+}
+
+// A table of f32 (format 0), bf16 bits (1) or fp16 bits (2).
+extern "C" __global__ void embedding(const void* table, int format, const u32* ids, long long rows, int dim, float scale, float* out) {
+    const unsigned short* h = (const unsigned short*)table;
     GRID_STRIDE(i, rows * dim) {
         long long at = (long long)ids[i / dim] * dim + i % dim;
-        float w = bf16 ? __uint_as_float((u32)((const unsigned short*)table)[at] << 16) : ((const float*)table)[at];
+        float w = format == 0 ? ((const float*)table)[at] : format == 1 ? __uint_as_float((u32)h[at] << 16) : f16_bits_to_float(h[at]);
         out[i] = w * scale;
     }
 }
@@ -366,9 +374,13 @@ extern "C" __global__ void attention_softmax_backward(const float* p, float* dp,
     for (int j = threadIdx.x; j < cols; j += blockDim.x) dp[at + j] = p[at + j] * (dp[at + j] - rowdot);
 }
 
-// ---- frozen weights: bf16 conversion and 4-bit dequantization ----
+// ---- 16-bit operands: bf16 and fp16 conversion, 4-bit dequantization ----
 
 typedef unsigned short bf16;
+// fp16 bits, as a type of its own so that `put` and `store16` overload on it.
+struct f16 {
+    unsigned short bits;
+};
 
 // f32 → bf16 bits, round to nearest even (NaN stays NaN).
 __device__ bf16 to_bf16_bits(float x) {
@@ -386,11 +398,67 @@ __device__ float f16_round(float x) {
     return y;
 }
 
+// f32 → fp16 bits, round to nearest even (subnormals kept, beyond 65504 infinite).
+__device__ unsigned short to_f16_bits(float x) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+
 __device__ void put(float* out, long long i, float v) { out[i] = v; }
 __device__ void put(bf16* out, long long i, float v) { out[i] = to_bf16_bits(v); }
+__device__ void put(f16* out, long long i, float v) { out[i].bits = to_f16_bits(v); }
 
-// Two bf16 values in one word, the first at the lower address.
+// Two bf16 (fp16) values in one word, the first at the lower address.
 __device__ u32 bf16_pair(float lo, float hi) { return (u32)to_bf16_bits(lo) | ((u32)to_bf16_bits(hi) << 16); }
+__device__ u32 f16_pair(float lo, float hi) { return (u32)to_f16_bits(lo) | ((u32)to_f16_bits(hi) << 16); }
+
+// backend::binary_exponent, f16_shift_for and 2^s (|s| ≤ 126): the f16 mode's power-of-two scales, chosen from a
+// tensor's largest magnitude exactly as the CPU's emulation chooses them.
+__device__ int binary_exponent(float x) {
+    int b = (int)((__float_as_uint(x) >> 23) & 255u);
+    return b == 255 ? 15 : b == 0 ? -126 : b - 126;
+}
+__device__ int f16_shift_for(int e) { return min(120, max(-120, 15 - e)); }
+__device__ float pow2(int s) { return __uint_as_float((u32)(127 + s) << 23); }
+
+struct MaxBits {
+    __device__ u32 operator()(u32 a, u32 b) const { return max(a, b); }
+};
+
+// The largest |x| into *amax as f32 bits (non-negative floats order like their bits; a NaN beats every number).
+// *amax must start at 0. Four values per 16-byte load (buffers are 256-byte aligned), then the tail.
+extern "C" __global__ void absmax(const float* x, long long n, u32* amax) {
+    __shared__ u32 scratch[32];
+    u32 m = 0;
+    long long quads = n >> 2;
+    GRID_STRIDE(t, quads) {
+        float4 a = reinterpret_cast<const float4*>(x)[t];
+        m = max(max(m, max(__float_as_uint(fabsf(a.x)), __float_as_uint(fabsf(a.y)))), max(__float_as_uint(fabsf(a.z)), __float_as_uint(fabsf(a.w))));
+    }
+    GRID_STRIDE(i, n - (quads << 2)) m = max(m, __float_as_uint(fabsf(x[(quads << 2) + i])));
+    m = block_reduce(m, scratch, 0u, MaxBits());
+    if (threadIdx.x == 0) atomicMax(amax, m);
+}
+
+// fp16 of x·2^s with s = f16_shift_for(binary_exponent(*amax)), eight values per thread like to_bf16; 2^−s goes to
+// *inv_scale unless it is null (a product's alpha).
+extern "C" __global__ void to_f16_scaled(const float* x, f16* out, long long n, const u32* amax, float* inv_scale) {
+    int s = f16_shift_for(binary_exponent(__uint_as_float(*amax)));
+    float k = pow2(s);
+    if (inv_scale && blockIdx.x == 0 && threadIdx.x == 0) *inv_scale = pow2(-s);
+    long long octets = n >> 3;
+    GRID_STRIDE(t, octets) {
+        float4 a = reinterpret_cast<const float4*>(x)[2 * t], b = reinterpret_cast<const float4*>(x)[2 * t + 1];
+        reinterpret_cast<uint4*>(out)[t] = make_uint4(f16_pair(__fmul_rn(a.x, k), __fmul_rn(a.y, k)), f16_pair(__fmul_rn(a.z, k), __fmul_rn(a.w, k)),
+                                                      f16_pair(__fmul_rn(b.x, k), __fmul_rn(b.y, k)), f16_pair(__fmul_rn(b.z, k), __fmul_rn(b.w, k)));
+    }
+    GRID_STRIDE(i, n - (octets << 3)) put(out, (octets << 3) + i, __fmul_rn(x[(octets << 3) + i], k));
+}
+
+extern "C" __global__ void from_f16(const f16* x, float* out, long long n) {
+    GRID_STRIDE(i, n) out[i] = f16_bits_to_float(x[i].bits);
+}
 
 // Eight values per thread (two 16-byte loads, one 16-byte store), then the tail one by one. Buffers come from the
 // allocator, so they are 256-byte aligned.
@@ -444,10 +512,13 @@ __device__ void store16(float* out, long long i, const float* v) {
     float4* o = reinterpret_cast<float4*>(out + i);
     for (int k = 0; k < 4; k++) o[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
 }
-__device__ void store16(bf16* out, long long i, const float* v) {
-    uint4* o = reinterpret_cast<uint4*>(out + i);
-    for (int k = 0; k < 2; k++) o[k] = make_uint4(bf16_pair(v[8 * k], v[8 * k + 1]), bf16_pair(v[8 * k + 2], v[8 * k + 3]), bf16_pair(v[8 * k + 4], v[8 * k + 5]), bf16_pair(v[8 * k + 6], v[8 * k + 7]));
+template <u32 (*PAIR)(float, float)>
+__device__ void store16_pairs(void* out, const float* v) {
+    uint4* o = reinterpret_cast<uint4*>(out);
+    for (int k = 0; k < 2; k++) o[k] = make_uint4(PAIR(v[8 * k], v[8 * k + 1]), PAIR(v[8 * k + 2], v[8 * k + 3]), PAIR(v[8 * k + 4], v[8 * k + 5]), PAIR(v[8 * k + 6], v[8 * k + 7]));
 }
+__device__ void store16(bf16* out, long long i, const float* v) { store16_pairs<bf16_pair>(out + i, v); }
+__device__ void store16(f16* out, long long i, const float* v) { store16_pairs<f16_pair>(out + i, v); }
 
 // Sixteen values (eight packed bytes, one 8-byte load) per thread: blocks are powers of two of at least 32 and τ
 // blocks 64, so the sixteen share one absmax and one τ. Then the tail one by one.
@@ -474,6 +545,7 @@ __device__ void dequantize_bnb4(Bnb4 q, T* out) {
 }
 extern "C" __global__ void dequantize_bnb4_f32(Bnb4 q, float* out) { dequantize_bnb4(q, out); }
 extern "C" __global__ void dequantize_bnb4_bf16(Bnb4 q, bf16* out) { dequantize_bnb4(q, out); }
+extern "C" __global__ void dequantize_bnb4_f16(Bnb4 q, f16* out) { dequantize_bnb4(q, out); }
 
 // GPTQ int4 [out, in]: fp16(scale[g, j] · (code − zero[g, j])) with g = g_idx[i]; codes packed 8 per u32 along the
 // input dimension ([in / 8, out]).
@@ -497,3 +569,4 @@ __device__ void dequantize_int4(Int4 q, T* out) {
 }
 extern "C" __global__ void dequantize_int4_f32(Int4 q, float* out) { dequantize_int4(q, out); }
 extern "C" __global__ void dequantize_int4_bf16(Int4 q, bf16* out) { dequantize_int4(q, out); }
+extern "C" __global__ void dequantize_int4_f16(Int4 q, f16* out) { dequantize_int4(q, out); }

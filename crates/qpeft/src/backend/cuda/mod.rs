@@ -1,13 +1,14 @@
 //! The CUDA backend (feature `cuda`): cudarc with dynamic loading, so nothing CUDA is needed to build; the
 //! driver, NVRTC and cuBLAS are found at run time, and their absence is an error, not a panic. Activations,
 //! adapters and gradients are f32 device buffers; frozen base weights stay packed and are dequantized per use
-//! (weight.rs); matrix products go through cuBLAS (gemm.rs); attention runs in fused flash-style kernels in the bf16
-//! mode (flash.rs, flash.cu) and as GEMMs around a softmax kernel otherwise (attention.rs); the other ops are the
+//! (weight.rs); matrix products go through cuBLAS (gemm.rs); attention runs in fused flash-style kernels in the 16-bit
+//! modes (flash.rs, flash.cu) and as GEMMs around a softmax kernel otherwise (attention.rs); the other ops are the
 //! kernels of `kernels.cu`. All kernels are compiled by NVRTC when the backend is created.
-//! Two precisions: `F32` (true FP32 products, within summation-order noise of the CPU) and `Bf16` (base weights and
-//! their inputs in bf16 on the tensor cores, attention on bf16 tensor cores, other products in TF32, all accumulating
-//! in f32). Both are checked
-//! op by op and on whole models against the CPU backend (tests/cuda_parity.rs, run by scripts/gpu/test.sh).
+//! Three precisions (`Precision`): `F32` (true FP32 products, within summation-order noise of the CPU), and `F16` and
+//! `Bf16` (base weights and their inputs as 16-bit tensor-core operands — fp16 under a power-of-two scale per tensor,
+//! or bf16 —, attention on 16-bit tensor cores, other products in TF32, all accumulating in f32). Each is checked op
+//! by op and on whole models against the CPU backend at the same precision (tests/cuda_parity.rs, run by
+//! scripts/gpu/test.sh).
 
 /// Launches `kernel` with `cfg` and the arguments pushed by `args`.
 macro_rules! launch {
@@ -51,7 +52,7 @@ const SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("flash.cu"
 /// Threads per block of the element-wise kernels and the row reductions.
 const THREADS: u32 = 256;
 
-/// A saved activation: f32, or bf16 bits in the bf16 mode.
+/// A saved activation: f32, or bf16 bits in the 16-bit modes (bf16's range: the residual stream is not scaled).
 pub enum Saved {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<u16>),
@@ -69,10 +70,14 @@ pub struct Cuda {
     /// (8-bit AdamW's v).
     dyn_map: CudaSlice<f32>,
     udyn_map: CudaSlice<f32>,
-    /// The dequantized weight of the current product (f32 or bf16 bits), and its bf16 input.
+    /// The dequantized weight of the current product (f32 or 16-bit), and its 16-bit input.
     w_f32: Scratch<f32>,
-    w_bf16: Scratch<u16>,
-    x_bf16: Scratch<u16>,
+    w_half: Scratch<u16>,
+    x_half: Scratch<u16>,
+    /// The 16-bit input's largest magnitude (f32 bits) and, in the f16 mode, the product's alpha (f32 bits of 2^−s).
+    input_scalars: CudaSlice<u32>,
+    /// 0.0 and 1.0: the betas of products whose alpha is on the device.
+    unit_scalars: CudaSlice<f32>,
     /// Attention scores and their gradients.
     scores_a: Scratch<f32>,
     scores_b: Scratch<f32>,
@@ -180,13 +185,34 @@ impl Cuda {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("creating the cuBLAS handle", e))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| device_err("reading the compute capability", e))?;
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-        let opts = CompileOptions { include_paths: include_dirs().iter().map(|d| d.display().to_string()).collect(), arch: Some(arch), ..Default::default() };
+        // The fused attention's operand type is fixed at compile time (flash.cu).
+        let options = if precision == Precision::F16 { vec!["-DQPEFT_F16".to_string()] } else { Vec::new() };
+        let opts = CompileOptions { include_paths: include_dirs().iter().map(|d| d.display().to_string()).collect(), arch: Some(arch), options, ..Default::default() };
         let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| Error::Invalid(format!("CUDA: compiling the kernels with NVRTC failed: {e}")))?;
         let module = ctx.load_module(ptx).map_err(|e| device_err("loading the compiled kernels", e))?;
         let dyn_map = stream.clone_htod(&signed_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
         let udyn_map = stream.clone_htod(&unsigned_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
-        let (w_f32, w_bf16, x_bf16, scores_a, scores_b) = (Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new());
-        Ok(Cuda { ordinal, precision, stream, blas, module, bf16_tensor_cores: major >= 8, dyn_map, udyn_map, w_f32, w_bf16, x_bf16, scores_a, scores_b, profile: Profile::from_env() })
+        let input_scalars = stream.alloc_zeros::<u32>(2).map_err(|e| device_err("allocating scalars", e))?;
+        let unit_scalars = stream.clone_htod(&[0.0f32, 1.0]).map_err(|e| device_err("uploading scalars", e))?;
+        let (w_f32, w_half, x_half, scores_a, scores_b) = (Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new());
+        Ok(Cuda {
+            ordinal,
+            precision,
+            stream,
+            blas,
+            module,
+            bf16_tensor_cores: major >= 8,
+            dyn_map,
+            udyn_map,
+            w_f32,
+            w_half,
+            x_half,
+            input_scalars,
+            unit_scalars,
+            scores_a,
+            scores_b,
+            profile: Profile::from_env(),
+        })
     }
 
     /// Per-block f64 partial sums of a ⊙ b over a fixed grid (`dot`, `sum_squares`).
@@ -296,7 +322,7 @@ impl Backend for Cuda {
                 self.copy(x, 0, &mut y, 0, n)?;
                 Ok(Saved::F32(y))
             }
-            Precision::Bf16 => {
+            Precision::Bf16 | Precision::F16 => {
                 let y = self.alloc::<u16>(n)?;
                 self.round_to_bf16(x, addr(self, &y))?;
                 Ok(Saved::Bf16(y))
@@ -334,10 +360,10 @@ impl Backend for Cuda {
     fn embedding(&self, table: &CudaWeight, ids: &Self::Ints, dim: usize, scale: f32, out: &mut Self::Buf) -> Result<()> {
         let rows = out.len() / dim.max(1);
         check(out.len() == rows * dim && ids.len() >= rows, "embedding", || format!("output holds {} values for {} ids × {dim}", out.len(), ids.len()))?;
-        let (ptr, bf16) = self.dense_table(table, dim)?;
+        let (ptr, format) = self.dense_table(table, dim)?;
         // Token ids are checked on the host before they reach the device (Decoder::embed uploads them).
-        let (rows_i, dim_i, bf16) = (rows as i64, dim as i32, bf16 as i32);
-        launch!(self, "embedding", grid(rows * dim), &ptr, &bf16, ids, &rows_i, &dim_i, &scale, out)
+        let (rows_i, dim_i) = (rows as i64, dim as i32);
+        launch!(self, "embedding", grid(rows * dim), &ptr, &format, ids, &rows_i, &dim_i, &scale, out)
     }
 
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf, s: MatMul) -> Result<()> {

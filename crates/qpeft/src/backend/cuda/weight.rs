@@ -1,17 +1,18 @@
 //! Frozen linear weights on the GPU. A quantized base stays packed in device memory (bitsandbytes NF4/FP4 with
 //! plain or double-quantized scales and IR-QLoRA's τ, or GPTQ int4) and is dequantized at every use into one
-//! buffer shared by all layers, in the GEMM's dtype: bf16 (`Precision::Bf16`, rounded to nearest even from the
-//! exact f32 value, as bitsandbytes returns it for a bf16 compute dtype) or f32. The f32 values are bit-exact with
-//! the CPU's `BaseWeight::dequantize`. A dense base is stored in the GEMM dtype.
+//! buffer shared by all layers, in the GEMM's dtype: fp16 or bf16 (the 16-bit precisions, rounded to nearest even
+//! from the exact f32 value, as bitsandbytes returns it for an fp16 or bf16 compute dtype) or f32. The f32 values are
+//! bit-exact with the CPU's `BaseWeight::dequantize`. A dense base is stored in the GEMM dtype.
 
 use std::sync::{Mutex, MutexGuard};
 
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
-use half::bf16;
+use cudarc::driver::LaunchConfig;
+use half::{bf16, f16};
 
-use super::gemm::{Gemm, Operand};
-use super::{device_err, grid, Cuda, Precision};
-use crate::backend::check;
+use super::gemm::{Dtype, Gemm, Operand};
+use super::{device_err, grid, Cuda, Precision, THREADS};
+use crate::backend::{check, check_f16_range};
 use crate::error::Result;
 use crate::quant::base::BaseWeight;
 use crate::quant::icq::{ICQ_BLOCK, SUPER_BLOCK};
@@ -25,8 +26,8 @@ pub struct CudaWeight {
 
 enum Form {
     DenseF32(CudaSlice<f32>),
-    /// bf16 bits.
-    DenseBf16(CudaSlice<u16>),
+    /// The 16-bit precisions' bits (`Cuda::half`).
+    DenseHalf(CudaSlice<u16>),
     Bnb4(PackedBnb4),
     Int4(PackedInt4),
 }
@@ -122,6 +123,10 @@ pub(super) fn addr<T>(cuda: &Cuda, buf: &CudaSlice<T>) -> u64 {
 impl Cuda {
     pub(super) fn upload_weight_form(&self, dense: &[f32], base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<CudaWeight> {
         check(dense.len() == out_dim * in_dim, "upload_weight", || format!("{} values for a {out_dim} × {in_dim} weight", dense.len()))?;
+        if self.precision == Precision::F16 {
+            // Packed bases dequantize to values no larger than the dense ones.
+            check_f16_range(dense)?;
+        }
         let form = match base {
             BaseWeight::Bnb4(q) => Form::Bnb4(self.pack_bnb4(q, None)?),
             BaseWeight::IcqNf4(q) => Form::Bnb4(self.pack_bnb4(&q.nf4, Some((&q.tau_codes, &q.tau_scales)))?),
@@ -136,7 +141,11 @@ impl Cuda {
             }
             BaseWeight::Dense => match self.precision {
                 Precision::F32 => Form::DenseF32(self.upload_any(dense)?),
-                Precision::Bf16 => Form::DenseBf16(self.upload_any(&dense.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>())?),
+                Precision::Bf16 => Form::DenseHalf(self.upload_any(&dense.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>())?),
+                Precision::F16 => {
+                    check_f16_range(dense)?;
+                    Form::DenseHalf(self.upload_any(&dense.iter().map(|&x| f16::from_f32(x).to_bits()).collect::<Vec<u16>>())?)
+                }
             },
         };
         Ok(CudaWeight { out_dim, in_dim, form })
@@ -156,10 +165,14 @@ impl Cuda {
         Ok(PackedBnb4 { packed: self.upload_any(&q.packed)?, table: self.upload_any(&q.kind.table())?, n: q.numel(), block: q.block, scales, tau })
     }
 
-    /// Ŵ into `out` (f32 or bf16 bits, by `bf16`); `out` must hold out_dim · in_dim values.
-    fn dequantize_into(&self, w: &CudaWeight, out: u64, bf16: bool) -> Result<()> {
+    /// Ŵ into `out` as `dtype`; `out` must hold out_dim · in_dim values.
+    fn dequantize_into(&self, w: &CudaWeight, out: u64, dtype: Dtype) -> Result<()> {
         let n = w.out_dim * w.in_dim;
-        let suffix = if bf16 { "bf16" } else { "f32" };
+        let suffix = match dtype {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        };
         match &w.form {
             Form::Bnb4(q) => {
                 let (absmax, absmax_codes, nested, nested_shift, offset) = match &q.scales {
@@ -196,16 +209,17 @@ impl Cuda {
                 };
                 launch!(self, &format!("dequantize_int4_{suffix}"), grid(n), &args, &out)
             }
-            Form::DenseF32(_) | Form::DenseBf16(_) => unreachable!("dense weights are not dequantized"),
+            Form::DenseF32(_) | Form::DenseHalf(_) => unreachable!("dense weights are not dequantized"),
         }
     }
 
-    /// The address of a dense table with rows of `dim` values, and whether they are bf16 (embeddings).
-    pub(super) fn dense_table(&self, w: &CudaWeight, dim: usize) -> Result<(u64, bool)> {
+    /// The address of a dense table with rows of `dim` values, and its format as the `embedding` kernel numbers them
+    /// (0 f32, 1 bf16, 2 fp16).
+    pub(super) fn dense_table(&self, w: &CudaWeight, dim: usize) -> Result<(u64, i32)> {
         check(w.in_dim == dim, "embedding", || format!("a table with rows of {} values, not {dim}", w.in_dim))?;
         match &w.form {
-            Form::DenseF32(d) => Ok((addr(self, d), false)),
-            Form::DenseBf16(d) => Ok((addr(self, d), true)),
+            Form::DenseF32(d) => Ok((addr(self, d), 0)),
+            Form::DenseHalf(d) => Ok((addr(self, d), if self.half() == Some(Dtype::F16) { 2 } else { 1 })),
             _ => Err(crate::error::Error::Invalid("embedding: the table is quantized; embeddings stay dense".into())),
         }
     }
@@ -216,8 +230,8 @@ impl Cuda {
         let mut out = self.alloc::<f32>(n)?;
         match &w.form {
             Form::DenseF32(d) => self.stream.memcpy_dtod(d, &mut out).map_err(|e| device_err("copy", e))?,
-            Form::DenseBf16(d) => self.widen_bf16(d, &mut out)?,
-            _ => self.dequantize_into(w, addr(self, &out), false)?,
+            Form::DenseHalf(d) => self.widen_half(d, &mut out)?,
+            _ => self.dequantize_into(w, addr(self, &out), Dtype::F32)?,
         }
         Ok(out)
     }
@@ -234,9 +248,52 @@ impl Cuda {
         launch!(self, "from_bf16", grid(x.len()), x, out, &n64)
     }
 
+    /// The 16-bit precisions' bits (`half`) widened to f32 (exact).
+    fn widen_half(&self, x: &CudaSlice<u16>, out: &mut CudaSlice<f32>) -> Result<()> {
+        if self.half() == Some(Dtype::F16) {
+            let n64 = x.len() as i64;
+            launch!(self, "from_f16", grid(x.len()), x, out, &n64)
+        } else {
+            self.widen_bf16(x, out)
+        }
+    }
+
+    /// The largest |x| into the u32 at `amax` (f32 bits), which is cleared first.
+    pub(super) fn absmax_into(&self, x: &CudaSlice<f32>, amax: u64) -> Result<()> {
+        // SAFETY: `amax` is a live device u32 of this context; the memset is queued on the backend's stream.
+        unsafe { cudarc::driver::result::memset_d8_async(amax, 0, 4, self.stream.cu_stream()) }.map_err(|e| device_err("clearing a maximum", e))?;
+        let n64 = x.len() as i64;
+        // Enough blocks to fill the GPU with 16-byte loads, few enough that their atomicMax on one word stays cheap.
+        let blocks = x.len().div_ceil(THREADS as usize * 16).clamp(1, 2048) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "absmax", cfg, x, &n64, &amax)
+    }
+
+    /// x as a 16-bit tensor-core operand at `out` (`x.len()` values): bf16, or in the f16 mode fp16 of x·2^s with s
+    /// the f16_shift of x's largest magnitude, which goes to the u32 at `amax`; 2^−s goes to the f32 at `inv_scale`
+    /// unless it is 0.
+    pub(super) fn to_operand(&self, x: &CudaSlice<f32>, out: u64, amax: u64, inv_scale: u64) -> Result<()> {
+        if self.half() != Some(Dtype::F16) {
+            return self.round_to_bf16(x, out);
+        }
+        self.absmax_into(x, amax)?;
+        let n64 = x.len() as i64;
+        launch!(self, "to_f16_scaled", grid(x.len().div_ceil(8)), x, &out, &n64, &amax, &inv_scale)
+    }
+
+    /// The 16-bit operand type of this precision; None in f32.
+    pub(super) fn half(&self) -> Option<Dtype> {
+        match self.precision {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(Dtype::Bf16),
+            Precision::F16 => Some(Dtype::F16),
+        }
+    }
+
     /// x·Ŵᵀ (forward, `transpose_weight`) or dy·Ŵ (input gradient) into `out`, with Ŵ in the GEMM dtype: packed
-    /// bases dequantize into the shared weight buffer first; with bf16 weights the activations are rounded to bf16
-    /// too (f32 accumulation and output).
+    /// bases dequantize into the shared weight buffer first; with 16-bit weights the activations become 16-bit
+    /// operands too (`to_operand`; in the f16 mode the product's alpha undoes their scale), f32 accumulation and
+    /// output.
     pub(super) fn weight_product(&self, x: &CudaSlice<f32>, w: &CudaWeight, rows: usize, out: &mut CudaSlice<f32>, accumulate: bool, transpose_weight: bool) -> Result<()> {
         let (x_cols, out_cols) = if transpose_weight { (w.in_dim, w.out_dim) } else { (w.out_dim, w.in_dim) };
         let op = if transpose_weight { "linear" } else { "linear_backward" };
@@ -244,35 +301,40 @@ impl Cuda {
             format!("{} inputs and {} outputs for {rows} rows of a {} × {} weight", x.len(), out.len(), w.out_dim, w.in_dim)
         })?;
         // Only packed bases need the shared buffer (a dense head would otherwise grow it to the vocabulary's size).
-        let bf16 = self.precision == Precision::Bf16;
-        let packed = !matches!(w.form, Form::DenseF32(_) | Form::DenseBf16(_));
+        let half = self.half();
+        let packed = !matches!(w.form, Form::DenseF32(_) | Form::DenseHalf(_));
         let n = if packed { w.out_dim * w.in_dim } else { 0 };
-        let w_f32 = self.w_f32.get(self, if bf16 { 0 } else { n })?;
-        let w_bf16 = self.w_bf16.get(self, if bf16 { n } else { 0 })?;
-        let weight = match &w.form {
-            Form::DenseF32(d) => Operand::f32(addr(self, d)),
-            Form::DenseBf16(d) => Operand::bf16(addr(self, d)),
-            _ if bf16 => {
-                let at = addr(self, w_bf16.as_ref().expect("allocated"));
-                self.dequantize_into(w, at, true)?;
-                Operand::bf16(at)
+        let w_f32 = self.w_f32.get(self, if half.is_some() { 0 } else { n })?;
+        let w_half = self.w_half.get(self, if half.is_some() { n } else { 0 })?;
+        let weight = match (&w.form, half) {
+            (Form::DenseF32(d), _) => Operand::f32(addr(self, d)),
+            (Form::DenseHalf(d), Some(h)) => Operand::half(addr(self, d), h),
+            (_, Some(h)) => {
+                let at = addr(self, w_half.as_ref().expect("allocated"));
+                self.dequantize_into(w, at, h)?;
+                Operand::half(at, h)
             }
-            _ => {
+            (_, None) => {
                 let at = addr(self, w_f32.as_ref().expect("allocated"));
-                self.dequantize_into(w, at, false)?;
+                self.dequantize_into(w, at, Dtype::F32)?;
                 Operand::f32(at)
             }
         };
-        let x_bf16 = self.x_bf16.get(self, if weight.bf16 { x.len() } else { 0 })?;
-        let input = if weight.bf16 {
-            let at = addr(self, x_bf16.as_ref().expect("allocated"));
-            self.round_to_bf16(x, at)?;
-            Operand::bf16(at)
+        let mut g = Gemm::new(rows, out_cols, x_cols, false, transpose_weight);
+        g.beta = if accumulate { 1.0 } else { 0.0 };
+        let x_half = self.x_half.get(self, if weight.is_half() { x.len() } else { 0 })?;
+        let input = if weight.is_half() {
+            let at = addr(self, x_half.as_ref().expect("allocated"));
+            // [amax, alpha] of the scaled input.
+            let scalars = addr(self, &self.input_scalars);
+            self.to_operand(x, at, scalars, scalars + 4)?;
+            if weight.dtype == Dtype::F16 {
+                g.alpha_at = scalars + 4;
+            }
+            Operand::half(at, weight.dtype)
         } else {
             Operand::f32(addr(self, x))
         };
-        let mut g = Gemm::new(rows, out_cols, x_cols, false, transpose_weight);
-        g.beta = if accumulate { 1.0 } else { 0.0 };
         // SAFETY: sizes checked above; the weight operand holds out_dim · in_dim values, the scratch buffers at least
         // what was asked of them.
         unsafe { self.gemm(g, input, weight, addr(self, out)) }
