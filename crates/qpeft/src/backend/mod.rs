@@ -190,9 +190,10 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
-/// Whether the CUDA bf16 mode runs attention with heads of `head_dim` through its fused, flash-style kernels (on GPUs
-/// of compute capability 8.0 and up): multiples of 8 (16-byte rows of bf16) up to 128. Other heads (Gemma's 256) take
-/// its GEMM path. The CPU's bf16 emulation rounds inside attention as the path taken for the same shape does.
+/// Whether the CUDA 16-bit modes run attention with heads of `head_dim` through their fused, flash-style kernels (on
+/// GPUs of compute capability 8.0 and up): multiples of 8 (16-byte rows of 16-bit values) up to 128. Other heads
+/// (Gemma's 256) take their GEMM path. The CPU's emulations round inside attention as the path taken for the same shape
+/// does.
 pub fn flash_head(head_dim: usize) -> bool {
     head_dim <= 128 && head_dim.is_multiple_of(8)
 }
@@ -258,7 +259,7 @@ pub trait Backend: Send + Sync {
     /// the packed 4-bit base, dequantized per use.
     type Weight: Send + Sync;
     /// An activation kept for a later recomputation (a checkpointed block input): exact on the CPU and in the CUDA
-    /// backend's f32 mode, bf16 in its bf16 mode (as a bf16 model keeps its hidden states).
+    /// backend's f32 mode, bf16 in its 16-bit modes (as a bf16 model keeps its hidden states; bf16 keeps f32's range).
     type Saved: Send + Sync;
     /// A u8 device buffer (8-bit optimizer states).
     type Bytes: Send + Sync;

@@ -68,7 +68,7 @@ fn blocks(s: &AttentionShape) -> usize {
 pub enum Operands {
     /// As they are.
     Exact,
-    /// TF32-rounded: the CUDA bf16 mode's GEMM path (heads that are not `flash_head`).
+    /// TF32-rounded: the CUDA 16-bit modes' GEMM path (heads that are not `flash_head`).
     Tf32,
     /// bf16-rounded: the CUDA bf16 mode's fused kernels, which round q, k, v and dO as they load them and the
     /// probabilities and score gradients before their products.
