@@ -126,43 +126,32 @@ fn other_products_round_their_operands_to_tf32_nearest_away() {
 #[test]
 fn attention_rounds_like_the_path_the_gpu_takes() {
     // One query that sees three keys with equal scores (q = 0): P = 1/3 each; v = (1 + 2^-10, 0, 0) in every column.
-    // Fused kernels (head_dim ≤ 128): v → bf16 1, P → bf16 1/3 = 0.333984375 (1.0101011·2^-2, rounded up), out =
-    // 0.333984375. GEMM path (head_dim 256): TF32 keeps v, P → 1.0101010101·2^-2 (rounded down): out = that·v.
-    // Backward with dO = (1, 0, …): dV[0] = P[0]·dO, rounded as P.
+    // bf16 fused kernels (head_dim ≤ 128): v → bf16 1, P → bf16 1/3 = 0.333984375 (1.0101011·2^-2, rounded up), out =
+    // 0.333984375. GEMM path (head_dim 256): TF32 keeps v, P → 1.0101010101·2^-2 (rounded down): out = that·v. f16
+    // fused kernels: v scales by 2^14 exactly, P (unscaled) rounds to fp16 1.0101010101·2^-2 as TF32 does here.
+    // Backward with dO = (1, 0, …) (exact in every format): dV[0] = P[0]·dO, rounded as P.
     const BF16_THIRD: f32 = 171.0 / 512.0; // 1.0101011b · 2^-2
     let tf32_third = (1.0 + 1.0 / 4.0 + 1.0 / 16.0 + 1.0 / 64.0 + 1.0 / 256.0 + 1.0 / 1024.0) / 4.0;
-    for (head_dim, want_out, want_dv) in [(64, BF16_THIRD, BF16_THIRD), (256, tf32_third * one_plus(1.0, 10), tf32_third)] {
+    let cases = [
+        ("bf16", BE, 64, BF16_THIRD, BF16_THIRD),
+        ("bf16", BE, 256, tf32_third * one_plus(1.0, 10), tf32_third),
+        ("f16", Cpu::f16(), 64, tf32_third * one_plus(1.0, 10), tf32_third),
+    ];
+    for (mode, be, head_dim, want_out, want_dv) in cases {
         let s = AttentionShape { batch: 1, q_len: 1, kv_len: 3, kv_capacity: 3, heads: 1, kv_heads: 1, head_dim, scale: 1.0, window: None };
         let q = vec![0.0; head_dim];
         let mut v = vec![0.0; 3 * head_dim];
         v[..head_dim].fill(one_plus(1.0, 10));
         let mask = vec![1u32; 3];
         let mut out = vec![0.0; head_dim];
-        BE.attention(&q, &q.repeat(3), &v, &mask, s, &mut out).unwrap();
-        assert_eq!(out[0], want_out, "attention output, head_dim {head_dim}");
+        be.attention(&q, &q.repeat(3), &v, &mask, s, &mut out).unwrap();
+        assert_eq!(out[0], want_out, "{mode} attention output, head_dim {head_dim}");
         let mut dout = vec![0.0; head_dim];
         dout[0] = 1.0;
         let (mut dq, mut dk, mut dv) = (vec![0.0; head_dim], vec![0.0; 3 * head_dim], vec![0.0; 3 * head_dim]);
-        BE.attention_backward(&q, &q.repeat(3), &v, &mask, s, &out, &dout, &mut dq, &mut dk, &mut dv).unwrap();
-        assert_eq!(dv[0], want_dv, "dV, head_dim {head_dim}");
+        be.attention_backward(&q, &q.repeat(3), &v, &mask, s, &out, &dout, &mut dq, &mut dk, &mut dv).unwrap();
+        assert_eq!(dv[0], want_dv, "{mode} dV, head_dim {head_dim}");
     }
-    // The f16 mode's fused kernels: v = 1 + 2^-10 scales by 2^14 exactly, P = 1/3 rounds to fp16 1.0101010101·2^-2
-    // (down, as TF32 here), so out = that·v, and dV[0] = P·dO with dO = (1, 0, …) exact.
-    let f16 = Cpu::f16();
-    let head_dim = 64;
-    let s = AttentionShape { batch: 1, q_len: 1, kv_len: 3, kv_capacity: 3, heads: 1, kv_heads: 1, head_dim, scale: 1.0, window: None };
-    let q = vec![0.0; head_dim];
-    let mut v = vec![0.0; 3 * head_dim];
-    v[..head_dim].fill(one_plus(1.0, 10));
-    let mask = vec![1u32; 3];
-    let mut out = vec![0.0; head_dim];
-    f16.attention(&q, &q.repeat(3), &v, &mask, s, &mut out).unwrap();
-    assert_eq!(out[0], tf32_third * one_plus(1.0, 10), "f16 attention output");
-    let mut dout = vec![0.0; head_dim];
-    dout[0] = 1.0;
-    let (mut dq, mut dk, mut dv) = (vec![0.0; head_dim], vec![0.0; 3 * head_dim], vec![0.0; 3 * head_dim]);
-    f16.attention_backward(&q, &q.repeat(3), &v, &mask, s, &out, &dout, &mut dq, &mut dk, &mut dv).unwrap();
-    assert_eq!(dv[0], tf32_third, "f16 dV");
 }
 
 /// A whole model in either emulation stays close to f32 (16-bit noise, not a different function) but not equal to it,
