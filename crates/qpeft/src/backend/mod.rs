@@ -434,7 +434,8 @@ pub(crate) fn check(cond: bool, op: &str, what: impl FnOnce() -> String) -> Resu
 
 /// A frozen weight's values must be finite in fp16 (`Precision::F16` stores them unscaled).
 pub(crate) fn check_f16_range(values: &[f32]) -> Result<()> {
-    match values.iter().find(|v| v.abs() > 65504.0) {
+    use rayon::prelude::*;
+    match values.par_iter().find_any(|v| v.abs() > 65504.0) {
         Some(v) => Err(crate::error::Error::Invalid(format!(
             "upload_weight: a weight value {v:e} exceeds fp16's largest finite value (65504); use the bf16 precision (cuda:bf16)"
         ))),
