@@ -158,7 +158,7 @@ pub fn backward<T: Real>(
     let d = s.head_dim;
     // rowsum(dO ⊙ O) per query row and head, from the unrounded values.
     let dots: Vec<T> = dout.chunks_exact(d).zip(out.chunks_exact(d)).map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x * y).sum()).collect();
-    let ds_shift = dscore_shift(super::amax(dout), super::amax(v), d);
+    let ds_shift = if mode == Operands::F16 { dscore_shift(super::amax(dout), super::amax(v), d) } else { 0 };
     let (q, k, v, dout) = (&operand(q, mode)[..], &operand(k, mode)[..], &operand(v, mode)[..], &operand(dout, mode)[..]);
     let group = s.heads / s.kv_heads;
     let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..s.kv_heads).map(move |kh| (b, kh))).collect();

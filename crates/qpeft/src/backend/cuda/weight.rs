@@ -124,7 +124,8 @@ impl Cuda {
     pub(super) fn upload_weight_form(&self, dense: &[f32], base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<CudaWeight> {
         check(dense.len() == out_dim * in_dim, "upload_weight", || format!("{} values for a {out_dim} × {in_dim} weight", dense.len()))?;
         if self.precision == Precision::F16 {
-            // Packed bases dequantize to values no larger than the dense ones.
+            // Stored (dense) or dequantized (packed: no larger than the dense values, up to double quantization's
+            // rounding of the scales) as fp16.
             check_f16_range(dense)?;
         }
         let form = match base {
@@ -142,10 +143,7 @@ impl Cuda {
             BaseWeight::Dense => match self.precision {
                 Precision::F32 => Form::DenseF32(self.upload_any(dense)?),
                 Precision::Bf16 => Form::DenseHalf(self.upload_any(&dense.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>())?),
-                Precision::F16 => {
-                    check_f16_range(dense)?;
-                    Form::DenseHalf(self.upload_any(&dense.iter().map(|&x| f16::from_f32(x).to_bits()).collect::<Vec<u16>>())?)
-                }
+                Precision::F16 => Form::DenseHalf(self.upload_any(&dense.iter().map(|&x| f16::from_f32(x).to_bits()).collect::<Vec<u16>>())?),
             },
         };
         Ok(CudaWeight { out_dim, in_dim, form })
