@@ -61,7 +61,8 @@ fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
     let start = std::time::Instant::now();
     let model = Decoder::load_quantized(&ckpt, be, quantize_options(&cfg, &ckpt)?.as_ref(), &mut |_| {})?;
     let modules = resolve_modules(&cfg, &model)?;
-    let mut set = AdapterSet::build(&model.backend, &model.spec, cfg.train.seed, |l, p| modules[l][p as usize].clone())?;
+    let mut set =
+        AdapterSet::build(&model.backend, &model.spec, cfg.train.seed, |l, p| modules[l][p as usize].clone())?;
     let load_s = start.elapsed().as_secs_f64();
     let t = &cfg.train;
     let opts = BenchOptions {
@@ -69,8 +70,22 @@ fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
         seq: args.seq,
         steps: args.steps,
         warmup: args.warmup,
-        step: StepOptions { checkpointing: t.checkpointing, dropout: true, seed: t.seed, grad_scale: 1.0, loss_chunk: t.loss_chunk, mlp_chunk: t.mlp_chunk },
-        optimizer: AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, bits: cfg.state_bits(), min_8bit_size: t.min_8bit_size },
+        step: StepOptions {
+            checkpointing: t.checkpointing,
+            dropout: true,
+            seed: t.seed,
+            grad_scale: 1.0,
+            loss_chunk: t.loss_chunk,
+            mlp_chunk: t.mlp_chunk,
+        },
+        optimizer: AdamW {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+            bits: cfg.state_bits(),
+            min_8bit_size: t.min_8bit_size,
+        },
         lr: t.lr as f32,
         max_grad_norm: t.max_grad_norm,
     };
@@ -102,7 +117,12 @@ fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
             r.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0} MiB"))
         );
         for k in &r.kernels {
-            println!("  {:<40} {:>7} calls {:>10.2} ms per step", k.name, k.calls / args.steps.max(1), k.ms / args.steps.max(1) as f64);
+            println!(
+                "  {:<40} {:>7} calls {:>10.2} ms per step",
+                k.name,
+                k.calls / args.steps.max(1),
+                k.ms / args.steps.max(1) as f64
+            );
         }
     }
     Ok(())

@@ -16,7 +16,9 @@ macro_rules! on_device {
             }
             #[cfg(not(feature = "cuda"))]
             qpeft::backend::Device::Cuda(..) => {
-                anyhow::bail!("this qpeft was built without CUDA support: rebuild with `cargo build --release --features cuda`")
+                anyhow::bail!(
+                    "this qpeft was built without CUDA support: rebuild with `cargo build --release --features cuda`"
+                )
             }
         }
     };

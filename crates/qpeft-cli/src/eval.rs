@@ -67,7 +67,13 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
         Some(d) => Some(read_adapter(d, &model.backend, &model.spec)?.0),
         None => None,
     };
-    let opts = suite::Options { data_dir: args.data_dir.clone(), limit: args.limit, mmlu_split: args.split.clone(), mmlu_max_len: args.max_len, batch: args.batch };
+    let opts = suite::Options {
+        data_dir: args.data_dir.clone(),
+        limit: args.limit,
+        mmlu_split: args.split.clone(),
+        mmlu_max_len: args.max_len,
+        batch: args.batch,
+    };
     let mut reports = serde_json::Map::new();
     // The report is rewritten after every task, so that a run stopped (or failing) part-way keeps what finished.
     let save = |reports: &serde_json::Map<String, serde_json::Value>| -> Result<()> {
@@ -80,7 +86,12 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
     for name in &names {
         let bar = indicatif::ProgressBar::new(0);
         let unit = if name == "mmlu" { "questions" } else { "choices" };
-        bar.set_style(indicatif::ProgressStyle::with_template(&format!("{name:<13} {{bar:30}} {{pos}}/{{len}} {unit} {{per_sec}} eta {{eta}}")).expect("valid template"));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{name:<13} {{bar:30}} {{pos}}/{{len}} {unit} {{per_sec}} eta {{eta}}"
+            ))
+            .expect("valid template"),
+        );
         let start = Instant::now();
         let r = suite::run(&model, set.as_ref(), &tok, name, &opts, |done, total| {
             bar.set_length(total as u64);
@@ -114,7 +125,10 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
     }
     println!("{:<14} {:>6}  {:<40} {:>8}", "task", "items", "metrics", "seconds");
     for (name, n, metrics, secs) in &table {
-        let m: Vec<String> = metrics.iter().map(|(k, v)| if k.starts_with("acc") { format!("{k} {:.2}%", 100.0 * v) } else { format!("{k} {v:.4}") }).collect();
+        let m: Vec<String> = metrics
+            .iter()
+            .map(|(k, v)| if k.starts_with("acc") { format!("{k} {:.2}%", 100.0 * v) } else { format!("{k} {v:.4}") })
+            .collect();
         println!("{name:<14} {n:>6}  {:<40} {secs:>8.1}", m.join("  "));
     }
     Ok(())

@@ -21,7 +21,9 @@ pub fn run(path: &Path, list_tensors: bool, as_json: bool) -> Result<()> {
         slot.1 += numel(&e.shape);
     }
     let embed = s.vocab_size * s.hidden_size;
-    let per_block = s.hidden_size * (s.q_dim() + 2 * s.kv_dim()) + s.q_dim() * s.hidden_size + 3 * s.hidden_size * s.intermediate_size;
+    let per_block = s.hidden_size * (s.q_dim() + 2 * s.kv_dim())
+        + s.q_dim() * s.hidden_size
+        + 3 * s.hidden_size * s.intermediate_size;
     if as_json {
         let doc = json!({
             "path": path, "format": ckpt.format_name(), "architecture": s.arch.name(),

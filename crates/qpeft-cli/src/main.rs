@@ -6,16 +6,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use qpeft::adapters::set::AdapterSet;
+use qpeft::adapters::Method;
 use qpeft::backend::cpu::Cpu;
 use qpeft::backend::{Backend, Device};
 use qpeft::eval::perplexity::perplexity;
 use qpeft::formats::peft::read_adapter;
-use qpeft::adapters::Method;
+use qpeft::generate::{generate, GenerateOptions};
 use qpeft::model::decoder::Proj;
 use qpeft::model::merge::MergedDtype;
-use qpeft::quant::base::BaseWeight;
-use qpeft::generate::{generate, GenerateOptions};
 use qpeft::model::{Checkpoint, Decoder};
+use qpeft::quant::base::BaseWeight;
 use qpeft::tokenizer::Message;
 
 mod bench;
@@ -27,7 +27,11 @@ mod quantize;
 mod train;
 
 #[derive(Parser)]
-#[command(name = "qpeft", version, about = "Fine-tune 4-bit-quantized LLMs with LoRA-family adapters, and evaluate them")]
+#[command(
+    name = "qpeft",
+    version,
+    about = "Fine-tune 4-bit-quantized LLMs with LoRA-family adapters, and evaluate them"
+)]
 struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
@@ -164,7 +168,8 @@ fn run(command: Command, device: Option<Device>) -> Result<()> {
             let mut m = Decoder::load(&ckpt, Cpu::new())?;
             let (set, modules) = read_adapter(&adapter, &m.backend, &m.spec)?;
             // QA-LoRA on a GPTQ base folds exactly into the zero points and stays 4-bit; the rest goes to 16 bits.
-            let int4_base = m.blocks.iter().all(|b| Proj::ALL.iter().all(|&p| matches!(b.proj(p).base, BaseWeight::Int4(_))));
+            let int4_base =
+                m.blocks.iter().all(|b| Proj::ALL.iter().all(|&p| matches!(b.proj(p).base, BaseWeight::Int4(_))));
             let qa_lora = modules.iter().flatten().flatten().all(|c| matches!(c.method, Method::QaLora { .. }));
             let keep_int4 = int4_base && qa_lora && !to_16bit;
             if keep_int4 {
@@ -173,16 +178,24 @@ fn run(command: Command, device: Option<Device>) -> Result<()> {
                 m.merge_adapters(&set)?;
             }
             m.write_hf_dir(&ckpt, dtype, keep_int4, &out)?;
-            let kind = if keep_int4 { "GPTQ int4 with merged fp16 zero points".to_string() } else { dtype.torch_name().to_string() };
+            let kind = if keep_int4 {
+                "GPTQ int4 with merged fp16 zero points".to_string()
+            } else {
+                dtype.torch_name().to_string()
+            };
             eprintln!("merged {} ({} parameters) into {} ({kind})", adapter.display(), set.trainable(), out.display());
             Ok(())
         }
-        Command::Logits { model, adapter, prompt, out } => device::on_device!(on, be => logits(be, &model, adapter.as_deref(), &prompt, &out)),
+        Command::Logits { model, adapter, prompt, out } => {
+            device::on_device!(on, be => logits(be, &model, adapter.as_deref(), &prompt, &out))
+        }
         Command::Generate { model, adapter, prompt, chat, system, max_new_tokens, temperature, top_p, seed } => {
             let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop_tokens: Vec::new() };
             device::on_device!(on, be => generate_cmd(be, &model, adapter.as_deref(), prompt, chat, system, opts))
         }
-        Command::Perplexity { model, file, adapter, window, json } => device::on_device!(on, be => perplexity_cmd(be, &model, &file, adapter.as_deref(), window, json)),
+        Command::Perplexity { model, file, adapter, window, json } => {
+            device::on_device!(on, be => perplexity_cmd(be, &model, &file, adapter.as_deref(), window, json))
+        }
     }
 }
 
@@ -213,7 +226,15 @@ fn logits<B: Backend + 'static>(be: B, model: &Path, adapter: Option<&Path>, pro
     Ok(())
 }
 
-fn generate_cmd<B: Backend + 'static>(be: B, model: &Path, adapter: Option<&Path>, prompt: String, chat: bool, system: Option<String>, mut opts: GenerateOptions) -> Result<()> {
+fn generate_cmd<B: Backend + 'static>(
+    be: B,
+    model: &Path,
+    adapter: Option<&Path>,
+    prompt: String,
+    chat: bool,
+    system: Option<String>,
+    mut opts: GenerateOptions,
+) -> Result<()> {
     let ckpt = Checkpoint::open(model)?;
     let tok = ckpt.tokenizer()?;
     let text = if chat {
@@ -249,11 +270,23 @@ fn generate_cmd<B: Backend + 'static>(be: B, model: &Path, adapter: Option<&Path
     })?;
     let secs = start.elapsed().as_secs_f64();
     println!();
-    eprintln!("[{} prompt tokens, {} generated, {:.1} tokens/s]", ids.len(), generated.len(), generated.len() as f64 / secs);
+    eprintln!(
+        "[{} prompt tokens, {} generated, {:.1} tokens/s]",
+        ids.len(),
+        generated.len(),
+        generated.len() as f64 / secs
+    );
     Ok(())
 }
 
-fn perplexity_cmd<B: Backend + 'static>(be: B, model: &Path, file: &Path, adapter: Option<&Path>, window: Option<usize>, json: bool) -> Result<()> {
+fn perplexity_cmd<B: Backend + 'static>(
+    be: B,
+    model: &Path,
+    file: &Path,
+    adapter: Option<&Path>,
+    window: Option<usize>,
+    json: bool,
+) -> Result<()> {
     let ckpt = Checkpoint::open(model)?;
     let tok = ckpt.tokenizer()?;
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -264,13 +297,24 @@ fn perplexity_cmd<B: Backend + 'static>(be: B, model: &Path, file: &Path, adapte
         model.merge_adapters(&set)?;
     }
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}")
+            .expect("valid template"),
+    );
     let p = perplexity(&model, &ids, window, |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string_pretty(&p)?);
     } else {
-        println!("{}: {} tokens, {} predicted in {} window(s): mean NLL {:.6}, perplexity {:.4}", file.display(), p.tokens, p.predicted, p.windows, p.mean_nll, p.perplexity);
+        println!(
+            "{}: {} tokens, {} predicted in {} window(s): mean NLL {:.6}, perplexity {:.4}",
+            file.display(),
+            p.tokens,
+            p.predicted,
+            p.windows,
+            p.mean_nll,
+            p.perplexity
+        );
     }
     Ok(())
 }

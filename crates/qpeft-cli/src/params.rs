@@ -41,11 +41,17 @@ pub fn run(args: ParamsArgs) -> Result<()> {
         None => plan.baseline(),
     };
     let (this, base) = (count(&plan, &spec)?, count(&base_plan, &spec)?);
-    let rows = groups(&this).into_iter().zip(groups(&base)).map(|((name, a), (_, b))| (name, a, b, change(a, b))).collect::<Vec<_>>();
+    let rows = groups(&this)
+        .into_iter()
+        .zip(groups(&base))
+        .map(|((name, a), (_, b))| (name, a, b, change(a, b)))
+        .collect::<Vec<_>>();
     if args.json {
         let groups: serde_json::Map<String, serde_json::Value> = rows
             .iter()
-            .map(|(name, a, b, c)| (name.to_string(), serde_json::json!({"params": a, "baseline": b, "change_percent": c})))
+            .map(|(name, a, b, c)| {
+                (name.to_string(), serde_json::json!({"params": a, "baseline": b, "change_percent": c}))
+            })
             .collect();
         let out = serde_json::json!({"model": model_name, "config": args.config, "counts": this, "baseline_counts": base, "groups": groups});
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -102,7 +102,9 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     opts.validate(&ckpt)?;
     let layers = (ckpt.spec.num_layers * 7) as u64;
     let bar = indicatif::ProgressBar::new(layers);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} eta {eta}").expect("valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} eta {eta}").expect("valid template"),
+    );
     let q = quantize_model(&ckpt, &opts, &mut |msg| {
         if !msg.starts_with("calibration") {
             bar.inc(1);
@@ -112,7 +114,10 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     bar.finish_and_clear();
     write_model_dir(&ckpt, &q, opts.dtype, &a.output)?;
 
-    println!("{:<36} {:>11} {:>12} {:>9} {:>8} {:>6} {:>9}", "layer", "shape", "format", "rel err", "entropy", "bits", "bytes");
+    println!(
+        "{:<36} {:>11} {:>12} {:>9} {:>8} {:>6} {:>9}",
+        "layer", "shape", "format", "rel err", "entropy", "bits", "bytes"
+    );
     for r in &q.reports {
         let mut line = format!(
             "{:<36} {:>11} {:>12} {:>9.5} {:>8.4} {:>6.3} {:>9}",

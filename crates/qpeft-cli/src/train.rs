@@ -85,7 +85,10 @@ fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir
         if trainer.state.step > 0 { format!(", resuming after step {}", trainer.state.step) } else { String::new() }
     );
     let bar = indicatif::ProgressBar::new(cfg.train.steps);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}").expect("valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+            .expect("valid template"),
+    );
     bar.set_position(trainer.state.step);
     bar.reset_eta();
     let summary = trainer.run(&mut |p| {

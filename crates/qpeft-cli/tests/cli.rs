@@ -19,7 +19,10 @@ fn info_reports_the_architecture_and_parameter_count() {
     assert_eq!(doc["architecture"], "qwen2");
     assert_eq!(doc["kv_heads"], 2);
     // Sum of the tensor shapes as listed, computed independently of `parameters`.
-    let listed: u64 = doc["tensors"].as_array().unwrap().iter()
+    let listed: u64 = doc["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
         .map(|t| t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).product::<u64>())
         .sum();
     assert_eq!(doc["parameters"].as_u64().unwrap(), listed);
@@ -28,11 +31,13 @@ fn info_reports_the_architecture_and_parameter_count() {
 
 #[test]
 fn perplexity_json_matches_the_transformers_reference() {
-    let out = qpeft(&["perplexity", "models/SmolLM2-135M-Instruct.Q4_1.gguf", "tests/fixtures/smollm2/prose.txt", "--json"]);
+    let out =
+        qpeft(&["perplexity", "models/SmolLM2-135M-Instruct.Q4_1.gguf", "tests/fixtures/smollm2/prose.txt", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/smollm2/reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/smollm2/reference.json")).unwrap())
+            .unwrap();
     let want = reference["perplexity"].as_array().unwrap().iter().find(|c| c["file"] == "prose.txt").unwrap();
     let (g, w) = (got["perplexity"].as_f64().unwrap(), want["perplexity"].as_f64().unwrap());
     assert!((g - w).abs() / w < 1e-3, "{g} vs {w}");
@@ -40,7 +45,15 @@ fn perplexity_json_matches_the_transformers_reference() {
 
 #[test]
 fn chat_generation_answers() {
-    let out = qpeft(&["generate", "models/SmolLM2-135M-Instruct.Q4_1.gguf", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "16"]);
+    let out = qpeft(&[
+        "generate",
+        "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "16",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "The capital of France is Paris.");
 }
@@ -66,10 +79,15 @@ fn quantize_writes_a_loadable_directory_with_a_report() {
     let out = qpeft(&["quantize", "tests/fixtures/tiny-llama", "--format", "nf4", "--double-quant", "-o", o]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("layers.1.mlp.down_proj") && stdout.contains("nf4+dq") && stdout.contains("14 linear layers"), "{stdout}");
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("quantize_report.json")).unwrap()).unwrap();
+    assert!(
+        stdout.contains("layers.1.mlp.down_proj") && stdout.contains("nf4+dq") && stdout.contains("14 linear layers"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("quantize_report.json")).unwrap()).unwrap();
     assert_eq!(report.as_array().unwrap().len(), 14);
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["quantization_config"]["bnb_4bit_quant_type"], "nf4");
     // The quantized directory is a model qpeft can inspect and run.
     let info = qpeft(&["info", o, "--json"]);
@@ -78,7 +96,16 @@ fn quantize_writes_a_loadable_directory_with_a_report() {
     let again = qpeft(&["quantize", "tests/fixtures/tiny-llama", "--format", "nf4", "-o", o]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already contains a model"));
-    let bad = qpeft(&["quantize", "tests/fixtures/tiny-llama", "--format", "int4", "--group", "48", "-o", dir.join("x").to_str().unwrap()]);
+    let bad = qpeft(&[
+        "quantize",
+        "tests/fixtures/tiny-llama",
+        "--format",
+        "int4",
+        "--group",
+        "48",
+        "-o",
+        dir.join("x").to_str().unwrap(),
+    ]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("group size 48"), "{}", String::from_utf8_lossy(&bad.stderr));
     let _ = std::fs::remove_dir_all(&dir);
@@ -96,9 +123,20 @@ fn params_reports_groups_and_change_against_the_baseline() {
     let pct = doc["groups"]["total"]["change_percent"].as_f64().unwrap();
     assert!((pct + 29.016).abs() < 0.01, "{pct}");
     // An explicit baseline file is honoured: QA-HiRA (4, 8) has 202,375,168.
-    let out = qpeft(&["params", "--arch", "llama-7b", "--config", "configs/qlora.toml", "--baseline", "configs/qa-hira.toml"]);
+    let out = qpeft(&[
+        "params",
+        "--arch",
+        "llama-7b",
+        "--config",
+        "configs/qlora.toml",
+        "--baseline",
+        "configs/qa-hira.toml",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.lines().any(|l| l.starts_with("total") && l.contains("159,907,840") && l.contains("202,375,168")), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("total") && l.contains("159,907,840") && l.contains("202,375,168")),
+        "{text}"
+    );
     // A model directory: tiny-llama's k/v are 64 → 32, so rank 64 is refused, naming the module.
     let out = qpeft(&["params", "tests/fixtures/tiny-llama", "--config", "configs/qlora.toml"]);
     assert!(!out.status.success());

@@ -50,7 +50,12 @@ fn read_json(p: &Path) -> Value {
 
 /// Per-item log-likelihoods of a task in a report.
 fn lls(report: &Value, task: &str) -> Vec<Vec<f64>> {
-    report[task]["items"].as_array().unwrap().iter().map(|it| it["ll"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()).collect()
+    report[task]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|it| it["ll"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
+        .collect()
 }
 
 #[test]
@@ -60,7 +65,11 @@ fn tasks_run_during_training_and_the_trained_adapter_changes_the_scores() {
     let out = ok(&qpeft(&["--threads", "2", "train", "--config", cfg.to_str().unwrap()]));
     assert!(out.contains("arc_easy_acc"), "{out}");
     let run = d.path().join("run");
-    let metrics: Vec<Value> = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let metrics: Vec<Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let evals: Vec<&Value> = metrics.iter().filter(|r| r.get("tasks").is_some()).collect();
     assert_eq!(evals.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 3, 6]);
     for r in &evals {
@@ -78,12 +87,34 @@ fn tasks_run_during_training_and_the_trained_adapter_changes_the_scores() {
     // The base model alone scores exactly what the untrained adapter (B = 0) scored at step 0 …
     let base_json = d.path().join("base.json");
     let tuned_json = d.path().join("tuned.json");
-    ok(&qpeft(&["eval", MODEL, "--tasks", "arc_easy,winogrande", "--limit", "5", "--json", base_json.to_str().unwrap()]));
+    ok(&qpeft(&[
+        "eval",
+        MODEL,
+        "--tasks",
+        "arc_easy,winogrande",
+        "--limit",
+        "5",
+        "--json",
+        base_json.to_str().unwrap(),
+    ]));
     let adapter = run.join("adapter");
-    let table = ok(&qpeft(&["eval", MODEL, "--adapter", adapter.to_str().unwrap(), "--tasks", "arc_easy,winogrande", "--limit", "5", "--json", tuned_json.to_str().unwrap()]));
+    let table = ok(&qpeft(&[
+        "eval",
+        MODEL,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--tasks",
+        "arc_easy,winogrande",
+        "--limit",
+        "5",
+        "--json",
+        tuned_json.to_str().unwrap(),
+    ]));
     assert!(table.contains("arc_easy") && table.contains("acc_norm"), "{table}");
     let (base, tuned) = (read_json(&base_json), read_json(&tuned_json));
-    let close = |a: &[Vec<f64>], b: &[Vec<f64>]| a.iter().flatten().zip(b.iter().flatten()).all(|(x, y)| (x - y).abs() <= 1e-3 * x.abs().max(1.0));
+    let close = |a: &[Vec<f64>], b: &[Vec<f64>]| {
+        a.iter().flatten().zip(b.iter().flatten()).all(|(x, y)| (x - y).abs() <= 1e-3 * x.abs().max(1.0))
+    };
     for task in ["arc_easy", "winogrande"] {
         assert!(close(&lls(&base, task), &lls(&at_start, task)), "{task}: base ≠ step 0");
         // … and the trained adapter scores what training's final evaluation scored, which is not the base's.
@@ -92,9 +123,19 @@ fn tasks_run_during_training_and_the_trained_adapter_changes_the_scores() {
     }
 
     // The run's held-out split as a task: the loss training logged at step 0 (the adapter starts as the identity).
-    let held = ok(&qpeft(&["eval", MODEL, "--tasks", "heldout", "--config", cfg.to_str().unwrap(), "--json", base_json.to_str().unwrap()]));
+    let held = ok(&qpeft(&[
+        "eval",
+        MODEL,
+        "--tasks",
+        "heldout",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+        base_json.to_str().unwrap(),
+    ]));
     assert!(held.contains("perplexity"), "{held}");
-    let logged = metrics.iter().find(|r| r["step"] == 0 && r.get("eval_loss").is_some()).unwrap()["eval_loss"].as_f64().unwrap();
+    let logged =
+        metrics.iter().find(|r| r["step"] == 0 && r.get("eval_loss").is_some()).unwrap()["eval_loss"].as_f64().unwrap();
     let measured = read_json(&base_json)["heldout"]["loss"].as_f64().unwrap();
     assert!((logged - measured).abs() < 1e-4, "held-out loss {measured} vs logged {logged}");
 }
@@ -119,7 +160,18 @@ fn bad_task_lists_and_missing_data_are_clear_errors() {
     std::fs::create_dir(&data).unwrap();
     std::os::unix::fs::symlink(common::root().join("../shared/datasets/arc_easy"), data.join("arc_easy")).unwrap();
     let report = d.path().join("partial.json");
-    let e = err(&["eval", MODEL, "--tasks", "arc_easy,piqa", "--limit", "3", "--data-dir", data.to_str().unwrap(), "--json", report.to_str().unwrap()]);
+    let e = err(&[
+        "eval",
+        MODEL,
+        "--tasks",
+        "arc_easy,piqa",
+        "--limit",
+        "3",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--json",
+        report.to_str().unwrap(),
+    ]);
     assert!(e.contains("piqa/valid.jsonl"), "{e}");
     let kept = read_json(&report);
     assert_eq!(kept["arc_easy"]["items"].as_array().map(Vec::len), Some(3), "{kept}");

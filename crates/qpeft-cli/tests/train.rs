@@ -101,18 +101,50 @@ fn a_killed_run_resumes_to_a_bit_identical_adapter() {
     assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("already exists"));
     let adapter = run.join("adapter");
     let model = "tests/fixtures/gguf/tiny-llama-spm.gguf";
-    ok(&qpeft(&["generate", model, "--adapter", adapter.to_str().unwrap(), "--prompt", "Date: May 1, 2000", "--max-new-tokens", "4"]));
+    ok(&qpeft(&[
+        "generate",
+        model,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--prompt",
+        "Date: May 1, 2000",
+        "--max-new-tokens",
+        "4",
+    ]));
     let logits = killed.path().join("logits.safetensors");
-    ok(&qpeft(&["logits", model, "--adapter", adapter.to_str().unwrap(), "--prompt", "Date", "-o", logits.to_str().unwrap()]));
+    ok(&qpeft(&[
+        "logits",
+        model,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--prompt",
+        "Date",
+        "-o",
+        logits.to_str().unwrap(),
+    ]));
     let merged = killed.path().join("merged");
-    ok(&qpeft(&["merge", model, "--adapter", adapter.to_str().unwrap(), "-o", merged.to_str().unwrap(), "--dtype", "f32"]));
+    ok(&qpeft(&[
+        "merge",
+        model,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]));
     let merged_logits = killed.path().join("merged.safetensors");
     ok(&qpeft(&["logits", merged.to_str().unwrap(), "--prompt", "Date", "-o", merged_logits.to_str().unwrap()]));
     // The NF4 base is dequantized into the merged weights: adapter-on-NF4 and merged agree to f32 rounding.
     let read = |p: &Path| {
         let bytes = std::fs::read(p).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        st.tensor("logits").unwrap().data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>()
+        st.tensor("logits")
+            .unwrap()
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<f32>>()
     };
     let (a, b) = (read(&logits), read(&merged_logits));
     let max = a.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -139,15 +171,26 @@ fn a_full_disk_during_a_checkpoint_keeps_the_earlier_ones() {
     // checkpoint fails with EFBIG, as a full disk fails with ENOSPC. SIGXFSZ is ignored so the write returns
     // the error instead of killing the process.
     let bin = env!("CARGO_BIN_EXE_qpeft");
-    let script = format!("ulimit -f 64; trap '' XFSZ; exec {bin} --threads 1 train --resume {} --set train.steps=16", run.display());
+    let script = format!(
+        "ulimit -f 64; trap '' XFSZ; exec {bin} --threads 1 train --resume {} --set train.steps=16",
+        run.display()
+    );
     let out = Command::new("sh").args(["-c", &script]).current_dir(root()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the run should fail");
-    assert!(err.contains("checkpoint of step 12") && err.contains("earlier checkpoints are intact") && err.contains("File too large"), "{err}");
+    assert!(
+        err.contains("checkpoint of step 12")
+            && err.contains("earlier checkpoints are intact")
+            && err.contains("File too large"),
+        "{err}"
+    );
     for (p, bytes) in &before {
         assert_eq!(&std::fs::read(p).unwrap(), bytes, "{} changed", p.display());
     }
-    let names: Vec<String> = std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(sorted, vec!["step-0000004", "step-0000008"], "no partial checkpoint is left behind");
@@ -160,7 +203,16 @@ fn a_full_disk_during_a_checkpoint_keeps_the_earlier_ones() {
 fn qa_lora_merges_into_gptq_zero_points_and_stays_int4() {
     let d = tempfile::tempdir().unwrap();
     let int4 = d.path().join("int4");
-    ok(&qpeft(&["quantize", "tests/fixtures/gguf/tiny-llama-spm.gguf", "--format", "int4", "--group", "16", "-o", int4.to_str().unwrap()]));
+    ok(&qpeft(&[
+        "quantize",
+        "tests/fixtures/gguf/tiny-llama-spm.gguf",
+        "--format",
+        "int4",
+        "--group",
+        "16",
+        "-o",
+        int4.to_str().unwrap(),
+    ]));
     let cfg = d.path().join("qa.toml");
     std::fs::write(
         &cfg,
@@ -174,28 +226,47 @@ fn qa_lora_merges_into_gptq_zero_points_and_stays_int4() {
     ok(&qpeft(&["--threads", "1", "train", "--config", cfg.to_str().unwrap()]));
     let adapter = d.path().join("run/adapter");
     let merged = d.path().join("merged");
-    let out = qpeft(&["merge", int4.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "-o", merged.to_str().unwrap(), "--dtype", "f32"]);
+    let out = qpeft(&[
+        "merge",
+        int4.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("GPTQ int4 with merged fp16 zero points"));
     // The merged directory holds int4 codes with fp16 zeros, and reproduces base + adapter.
     let bytes = std::fs::read(merged.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert!(st.tensor("model.layers.0.self_attn.q_proj.zeros").is_ok() && st.tensor("model.layers.0.self_attn.q_proj.qzeros").is_err());
+    assert!(
+        st.tensor("model.layers.0.self_attn.q_proj.zeros").is_ok()
+            && st.tensor("model.layers.0.self_attn.q_proj.qzeros").is_err()
+    );
     assert_eq!(st.tensor("model.layers.0.self_attn.q_proj.qweight").unwrap().dtype(), safetensors::Dtype::I32);
     let read = |p: &Path| {
         let bytes = std::fs::read(p).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        st.tensor("logits").unwrap().data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>()
+        st.tensor("logits")
+            .unwrap()
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<f32>>()
     };
     let logits = |model: &Path, adapter: Option<&Path>, name: &str| {
         let out = d.path().join(name);
-        let mut args = vec!["logits", model.to_str().unwrap(), "--prompt", "Date: 4 July 1976", "-o", out.to_str().unwrap()];
+        let mut args =
+            vec!["logits", model.to_str().unwrap(), "--prompt", "Date: 4 July 1976", "-o", out.to_str().unwrap()];
         if let Some(a) = adapter {
             args.extend(["--adapter", a.to_str().unwrap()]);
         }
         ok(&qpeft(&args));
         read(&out)
     };
-    let (adapted, merged, base) = (logits(&int4, Some(&adapter), "a"), logits(&merged, None, "m"), logits(&int4, None, "b"));
+    let (adapted, merged, base) =
+        (logits(&int4, Some(&adapter), "a"), logits(&merged, None, "m"), logits(&int4, None, "b"));
     let max = adapted.iter().fold(0f32, |m, v| m.max(v.abs()));
     let diff = |x: &[f32], y: &[f32]| x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     // The only loss is fp16 rounding of the new zero points (and of the dequantized fp16 weights).
@@ -208,9 +279,25 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), 12);
     // Adam moves every weight by about lr per step: 1e30 overflows the activations at once.
-    let out = qpeft(&["--threads", "1", "train", "--config", cfg.to_str().unwrap(), "--set", "train.lr=1e30", "--set", "train.warmup_steps=0", "--set", "train.checkpoint_every=1"]);
+    let out = qpeft(&[
+        "--threads",
+        "1",
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.checkpoint_every=1",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!((err.contains("the loss is NaN") || err.contains("the loss is inf") || err.contains("the gradient norm is")) && err.contains("step 2"), "{err}");
+    assert!(
+        (err.contains("the loss is NaN") || err.contains("the loss is inf") || err.contains("the gradient norm is"))
+            && err.contains("step 2"),
+        "{err}"
+    );
     assert!(d.path().join("run/checkpoints/step-0000001").is_dir(), "the checkpoint before the divergence stays");
 }

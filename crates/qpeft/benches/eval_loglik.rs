@@ -17,8 +17,12 @@ use qpeft::model::{Checkpoint, Decoder};
 fn main() -> qpeft::Result<()> {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let model_path = args.first().map(Into::into).unwrap_or_else(|| root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    let task = args.get(1).map_or(Some(Task::ArcEasy), |s| Task::parse(s)).expect("TASK: hellaswag, piqa, winogrande, arc_easy, arc_challenge, boolq or openbookqa");
+    let model_path =
+        args.first().map(Into::into).unwrap_or_else(|| root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let task = args
+        .get(1)
+        .map_or(Some(Task::ArcEasy), |s| Task::parse(s))
+        .expect("TASK: hellaswag, piqa, winogrande, arc_easy, arc_challenge, boolq or openbookqa");
     let n: usize = args.get(2).map_or(200, |s| s.parse().expect("N"));
     let batch: usize = args.get(3).map_or(8, |s| s.parse().expect("BATCH"));
     let ckpt = Checkpoint::open(&model_path)?;

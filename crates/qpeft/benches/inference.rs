@@ -22,7 +22,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> qpeft::Result<()> {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let model_path = args.first().map(Into::into).unwrap_or_else(|| root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let model_path =
+        args.first().map(Into::into).unwrap_or_else(|| root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     let n_prompt: usize = args.get(1).map_or(512, |s| s.parse().expect("PROMPT_TOKENS"));
     let n_gen: usize = args.get(2).map_or(128, |s| s.parse().expect("GEN_TOKENS"));
     let ckpt = Checkpoint::open(&model_path)?;

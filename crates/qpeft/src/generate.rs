@@ -41,7 +41,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// tokens whose probability reaches `top_p`.
 fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut ChaCha8Rng) -> u32 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut probs: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &x)| (i as u32, (((x - max) / temperature) as f64).exp())).collect();
+    let mut probs: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &x)| (i as u32, (((x - max) / temperature) as f64).exp())).collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut kept = 0;
@@ -96,7 +97,11 @@ pub fn generate<B: Backend>(
         let h = model.spec.hidden_size;
         let last = be.upload(&last[last.len() - h..])?;
         let logits = be.download(&model.logits(&last, 1)?)?;
-        let next = if opts.temperature == 0.0 { argmax(&logits) } else { sample(&logits, opts.temperature, opts.top_p, &mut rng) };
+        let next = if opts.temperature == 0.0 {
+            argmax(&logits)
+        } else {
+            sample(&logits, opts.temperature, opts.top_p, &mut rng)
+        };
         out.push(next);
         on_token(next)?;
         if opts.stop_tokens.contains(&next) {

@@ -54,8 +54,21 @@ pub struct Keys {
 }
 
 /// The names of `Keys`' fields: serde cannot refuse unknown keys through `flatten`, so `Plan` checks them.
-const KEY_NAMES: [&str; 13] =
-    ["method", "rank", "alpha", "dropout", "lambda", "l1", "l2", "hira_init", "group_size", "ranks", "level_alpha", "level_lr_scale", "target"];
+const KEY_NAMES: [&str; 13] = [
+    "method",
+    "rank",
+    "alpha",
+    "dropout",
+    "lambda",
+    "l1",
+    "l2",
+    "hira_init",
+    "group_size",
+    "ranks",
+    "level_alpha",
+    "level_lr_scale",
+    "target",
+];
 
 impl Keys {
     /// `over`'s keys on top of these.
@@ -63,7 +76,21 @@ impl Keys {
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f.clone(); } )* };
         }
-        take!(method, rank, alpha, dropout, lambda, l1, l2, hira_init, group_size, ranks, level_alpha, level_lr_scale, target);
+        take!(
+            method,
+            rank,
+            alpha,
+            dropout,
+            lambda,
+            l1,
+            l2,
+            hira_init,
+            group_size,
+            ranks,
+            level_alpha,
+            level_lr_scale,
+            target
+        );
     }
 }
 
@@ -149,12 +176,15 @@ pub enum BaseKind {
     Any,
     Dense,
     Nf4,
-    Int4 { group: usize },
+    Int4 {
+        group: usize,
+    },
 }
 
 impl Plan {
     pub fn from_toml(file: &Path, text: &str) -> Result<Plan> {
-        let run: RunFile = toml::from_str(text).map_err(|e| Error::config(file, "adapter", e.to_string().trim_end()))?;
+        let run: RunFile =
+            toml::from_str(text).map_err(|e| Error::config(file, "adapter", e.to_string().trim_end()))?;
         check_unknown_keys(file, text)?;
         let plan = Plan { file: file.to_path_buf(), adapter: run.adapter };
         plan.check_rules()?;
@@ -175,7 +205,11 @@ impl Plan {
     fn check_rules(&self) -> Result<()> {
         for name in &self.adapter.targets {
             if !Proj::ALL.iter().any(|&p| short_name(p) == name) {
-                return Err(Error::config(&self.file, "adapter.targets", format!("unknown module `{name}` (known: {})", default_targets().join(", "))));
+                return Err(Error::config(
+                    &self.file,
+                    "adapter.targets",
+                    format!("unknown module `{name}` (known: {})", default_targets().join(", ")),
+                ));
             }
         }
         for (i, o) in self.adapter.overrides.iter().enumerate() {
@@ -183,12 +217,20 @@ impl Plan {
             let w = &o.selector;
             if let Some(k) = &w.kind {
                 if k != "attn" && k != "mlp" {
-                    return Err(Error::config(&self.file, format!("{field}.kind"), format!("`{k}` is not `attn` or `mlp`")));
+                    return Err(Error::config(
+                        &self.file,
+                        format!("{field}.kind"),
+                        format!("`{k}` is not `attn` or `mlp`"),
+                    ));
                 }
             }
             if let Some(d) = &w.depth {
                 if !["first-half", "second-half", "all"].contains(&d.as_str()) {
-                    return Err(Error::config(&self.file, format!("{field}.depth"), format!("`{d}` is not `first-half`, `second-half` or `all`")));
+                    return Err(Error::config(
+                        &self.file,
+                        format!("{field}.depth"),
+                        format!("`{d}` is not `first-half`, `second-half` or `all`"),
+                    ));
                 }
             }
             for n in names(&w.name) {
@@ -227,26 +269,41 @@ impl Plan {
             match base {
                 BaseKind::Any => {}
                 BaseKind::Int4 { group: g } if g == group => {}
-                BaseKind::Int4 { group: g } => return Err(fail(format!("group_size = {group} but the int4 base uses groups of {g}"))),
-                other => return Err(fail(format!("qa-lora needs an int4 (GPTQ) base, this module's base is {other:?}"))),
+                BaseKind::Int4 { group: g } => {
+                    return Err(fail(format!("group_size = {group} but the int4 base uses groups of {g}")))
+                }
+                other => {
+                    return Err(fail(format!("qa-lora needs an int4 (GPTQ) base, this module's base is {other:?}")))
+                }
             }
         }
         Ok(Some(cfg))
     }
 
     /// Every module's resolved adapter, layer by layer in `Proj::ALL` order.
-    pub fn resolve_all(&self, spec: &ModelSpec, base: impl Fn(usize, Proj) -> BaseKind) -> Result<Vec<Vec<Option<AdapterConfig>>>> {
-        (0..spec.num_layers).map(|l| Proj::ALL.iter().map(|&p| self.resolve(spec, l, p, base(l, p))).collect()).collect()
+    pub fn resolve_all(
+        &self,
+        spec: &ModelSpec,
+        base: impl Fn(usize, Proj) -> BaseKind,
+    ) -> Result<Vec<Vec<Option<AdapterConfig>>>> {
+        (0..spec.num_layers)
+            .map(|l| Proj::ALL.iter().map(|&p| self.resolve(spec, l, p, base(l, p))).collect())
+            .collect()
     }
 }
 
 /// Refuses keys of `[adapter]` and its overrides that no rule knows (a typo would otherwise be ignored).
 fn check_unknown_keys(file: &Path, text: &str) -> Result<()> {
-    let doc: toml::Table = toml::from_str(text).map_err(|e| Error::config(file, "adapter", e.to_string().trim_end()))?;
+    let doc: toml::Table =
+        toml::from_str(text).map_err(|e| Error::config(file, "adapter", e.to_string().trim_end()))?;
     let Some(toml::Value::Table(adapter)) = doc.get("adapter") else { return Ok(()) };
     let unknown = |t: &toml::Table, extra: &[&str], field: &str| -> Result<()> {
         match t.keys().find(|k| !KEY_NAMES.contains(&k.as_str()) && !extra.contains(&k.as_str())) {
-            Some(k) => Err(Error::config(file, format!("{field}.{k}"), format!("unknown key (known: {}, {})", extra.join(", "), KEY_NAMES.join(", ")))),
+            Some(k) => Err(Error::config(
+                file,
+                format!("{field}.{k}"),
+                format!("unknown key (known: {}, {})", extra.join(", "), KEY_NAMES.join(", ")),
+            )),
             None => Ok(()),
         }
     };
@@ -330,7 +387,11 @@ fn to_config(k: &Keys) -> std::result::Result<AdapterConfig, String> {
             let lr_scales = k.level_lr_scale.clone().unwrap_or_else(|| vec![1.0; ranks.len()]);
             Method::Hierarchical { ranks, alphas, lr_scales }
         }
-        other => return Err(format!("method = `{other}` is not one of lora, ir-qlora, qa-lora, q-bara, qa-hira, hierarchical")),
+        other => {
+            return Err(format!(
+                "method = `{other}` is not one of lora, ir-qlora, qa-lora, q-bara, qa-hira, hierarchical"
+            ))
+        }
     };
     // A hierarchical adapter's rank is the sum of its levels' (only used for reporting).
     let rank = match &method {

@@ -29,7 +29,8 @@ pub struct Message {
 
 // Pre-tokenizer split patterns by GGUF `tokenizer.ggml.pre`, as transformers maps them.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn split_regex(pre: &str) -> Option<&'static str> {
     match pre {
@@ -59,7 +60,9 @@ fn strings(g: &GgufFile, key: &str) -> Result<Option<Vec<String>>> {
     let Some(v) = g.get(key) else { return Ok(None) };
     let arr = v.as_array().ok_or_else(|| Error::config(&g.path, key, "expected an array"))?;
     arr.iter()
-        .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| Error::config(&g.path, key, "expected an array of strings")))
+        .map(|x| {
+            x.as_str().map(str::to_owned).ok_or_else(|| Error::config(&g.path, key, "expected an array of strings"))
+        })
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }
@@ -125,7 +128,8 @@ impl Tokenizer {
         if !file.exists() {
             return Err(Error::format(dir, "no tokenizer.json in this model directory"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::format(&file, format!("cannot load tokenizer: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| Error::format(&file, format!("cannot load tokenizer: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
             Ok(t) => serde_json::from_str(&t).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?,
@@ -140,7 +144,13 @@ impl Tokenizer {
             Some(t) => Some(t.to_owned()),
             None => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
         };
-        Ok(Tokenizer { inner, bos_token: token("bos_token"), eos_token: token("eos_token"), chat_template, source: file })
+        Ok(Tokenizer {
+            inner,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+            chat_template,
+            source: file,
+        })
     }
 
     pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
@@ -148,7 +158,8 @@ impl Tokenizer {
         let kind = g.get("tokenizer.ggml.model").and_then(MetaValue::as_str).ok_or_else(|| {
             Error::config(path, "tokenizer.ggml.model", "missing: this GGUF file carries no tokenizer")
         })?;
-        let tokens = strings(g, "tokenizer.ggml.tokens")?.ok_or_else(|| Error::config(path, "tokenizer.ggml.tokens", "missing"))?;
+        let tokens = strings(g, "tokenizer.ggml.tokens")?
+            .ok_or_else(|| Error::config(path, "tokenizer.ggml.tokens", "missing"))?;
         let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
             Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
@@ -157,7 +168,14 @@ impl Tokenizer {
         let bos = id_of("tokenizer.ggml.bos_token_id");
         let eos = id_of("tokenizer.ggml.eos_token_id");
         let flag = |k: &str| g.get(k).and_then(MetaValue::as_bool);
-        let (model, normalizer, pre_tokenizer, decoder, add_bos, spelled): (Value, Value, Value, Value, bool, Option<Vec<char>>) = match kind {
+        let (model, normalizer, pre_tokenizer, decoder, add_bos, spelled): (
+            Value,
+            Value,
+            Value,
+            Value,
+            bool,
+            Option<Vec<char>>,
+        ) = match kind {
             "gpt2" => {
                 let alphabet = bytes_to_unicode();
                 let spelled: Vec<char> = alphabet.to_vec();
@@ -175,7 +193,9 @@ impl Tokenizer {
                     })
                     .collect();
                 let merges: Vec<Value> = strings(g, "tokenizer.ggml.merges")?
-                    .ok_or_else(|| Error::config(path, "tokenizer.ggml.merges", "missing (required for a gpt2 tokenizer)"))?
+                    .ok_or_else(|| {
+                        Error::config(path, "tokenizer.ggml.merges", "missing (required for a gpt2 tokenizer)")
+                    })?
                     .iter()
                     .map(|m| {
                         let (l, r) = m.split_once(' ').unwrap_or((m, ""));
@@ -185,7 +205,8 @@ impl Tokenizer {
                 let model = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
                     "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                     "vocab": vocab, "merges": merges});
-                let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+                let byte_level =
+                    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
                 let pre = g.get("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("default");
                 let pre_tokenizer = match split_regex(pre) {
                     Some(re) => json!({"type": "Sequence", "pretokenizers": [
@@ -193,33 +214,52 @@ impl Tokenizer {
                         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
                     None => byte_level,
                 };
-                let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
-                (model, Value::Null, pre_tokenizer, decoder, flag("tokenizer.ggml.add_bos_token").unwrap_or(false), Some(spelled))
+                let decoder =
+                    json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+                (
+                    model,
+                    Value::Null,
+                    pre_tokenizer,
+                    decoder,
+                    flag("tokenizer.ggml.add_bos_token").unwrap_or(false),
+                    Some(spelled),
+                )
             }
             "llama" => {
-                let scores = numbers(g, "tokenizer.ggml.scores")?
-                    .ok_or_else(|| Error::config(path, "tokenizer.ggml.scores", "missing (required for a llama tokenizer)"))?;
+                let scores = numbers(g, "tokenizer.ggml.scores")?.ok_or_else(|| {
+                    Error::config(path, "tokenizer.ggml.scores", "missing (required for a llama tokenizer)")
+                })?;
                 if scores.len() != tokens.len() {
-                    return Err(Error::config(path, "tokenizer.ggml.scores", format!("{} scores for {} tokens", scores.len(), tokens.len())));
+                    return Err(Error::config(
+                        path,
+                        "tokenizer.ggml.scores",
+                        format!("{} scores for {} tokens", scores.len(), tokens.len()),
+                    ));
                 }
                 let merges: Vec<Value> = match strings(g, "tokenizer.ggml.merges")? {
-                    Some(m) => m.iter().map(|m| json!(m.split_once(' ').map(|(l, r)| [l, r]).unwrap_or([m, ""]))).collect(),
+                    Some(m) => {
+                        m.iter().map(|m| json!(m.split_once(' ').map(|(l, r)| [l, r]).unwrap_or([m, ""]))).collect()
+                    }
                     None => merges_from_scores(&tokens, &scores).into_iter().map(|(l, r)| json!([l, r])).collect(),
                 };
-                let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+                let vocab: serde_json::Map<String, Value> =
+                    tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
                 // As transformers builds it: no unk token in the model, byte fallback covers unknown text.
                 let model = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                     "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                     "vocab": vocab, "merges": merges});
                 let prepend = if flag("tokenizer.ggml.add_space_prefix").unwrap_or(true) { "first" } else { "never" };
-                let pre_tokenizer = json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": prepend, "split": false});
+                let pre_tokenizer =
+                    json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": prepend, "split": false});
                 let decoder = json!({"type": "Sequence", "decoders": [
                     {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
                     {"type": "ByteFallback"}, {"type": "Fuse"},
                     {"type": "Strip", "content": " ", "start": 1, "stop": 0}]});
                 (model, Value::Null, pre_tokenizer, decoder, flag("tokenizer.ggml.add_bos_token").unwrap_or(true), None)
             }
-            other => return Err(Error::unsupported(path, format!("tokenizer model `{other}` (supported: gpt2, llama)"))),
+            other => {
+                return Err(Error::unsupported(path, format!("tokenizer model `{other}` (supported: gpt2, llama)")))
+            }
         };
         // Control tokens (type 3) and the named bos/eos/unk/pad tokens are special; user-defined ones
         // (type 4) are matched whole but not special.
@@ -254,7 +294,10 @@ impl Tokenizer {
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's defaults (e.g. BOS for llama).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Invalid(format!("tokenizing failed: {e}")))?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Invalid(format!("tokenizing failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -301,7 +344,10 @@ impl Tokenizer {
     /// `tokenizer.json` and `tokenizer_config.json` documents that transformers and qpeft load back (for
     /// writing a model directory, e.g. from a GGUF source).
     pub fn hf_files(&self) -> Result<(String, Value)> {
-        let json = self.inner.to_string(true).map_err(|e| Error::Invalid(format!("cannot serialize the tokenizer of {}: {e}", self.source.display())))?;
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| Error::Invalid(format!("cannot serialize the tokenizer of {}: {e}", self.source.display())))?;
         let config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token, "eos_token": self.eos_token,

@@ -22,7 +22,19 @@ fn cases(dropout: f32) -> Vec<(AdapterConfig, usize, usize)> {
         (cfg(Method::QaLora { group: 4 }, 2, dropout), 12, 8),
         (cfg(Method::QBara { lambda: 2 }, 2, dropout), 12, 8),
         (cfg(Method::QaHira { l1: 4, l2: 2, zero_init: false }, 4, dropout), 12, 8),
-        (cfg(Method::Hierarchical { ranks: vec![2, 1, 1], alphas: vec![3.0, 1.0, 2.0], lr_scales: vec![1.0, 0.5, 0.5] }, 4, dropout), 12, 8),
+        (
+            cfg(
+                Method::Hierarchical {
+                    ranks: vec![2, 1, 1],
+                    alphas: vec![3.0, 1.0, 2.0],
+                    lr_scales: vec![1.0, 0.5, 0.5],
+                },
+                4,
+                dropout,
+            ),
+            12,
+            8,
+        ),
     ]
 }
 
@@ -76,7 +88,11 @@ fn gradients_match_finite_differences() {
         let first: Vec<Vec<f64>> = a.params().iter().map(|p| p.grad.clone()).collect();
         a.backward(&BE, &x, &r, rows, pass, &mut vec![0.0; x.len()]).unwrap();
         for (p, g) in a.params().iter().zip(first) {
-            assert!(p.grad.iter().zip(&g).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-12 * b.abs().max(1.0)), "{name}: {} accumulates", p.name);
+            assert!(
+                p.grad.iter().zip(&g).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-12 * b.abs().max(1.0)),
+                "{name}: {} accumulates",
+                p.name
+            );
         }
     }
 }
@@ -95,7 +111,11 @@ fn delta_weight_reproduces_the_forward_pass() {
             for j in 0..n_out {
                 let merged: f64 = (0..n_in).map(|i| x[r * n_in + i] * dw[j * n_in + i] as f64).sum();
                 let got = y[r * n_out + j];
-                assert!((merged - got).abs() < 1e-5 * got.abs().max(1.0), "{} row {r} out {j}: {merged} vs {got}", c.method.name());
+                assert!(
+                    (merged - got).abs() < 1e-5 * got.abs().max(1.0),
+                    "{} row {r} out {j}: {merged} vs {got}",
+                    c.method.name()
+                );
             }
         }
     }
@@ -116,7 +136,8 @@ fn parameter_counts_match_the_formulas() {
 #[test]
 fn initialisation_follows_each_method() {
     let (n_in, n_out) = (64, 32);
-    let values = |a: &dyn Adapter<Cpu<f64>>, name: &str| a.params().iter().find(|p| p.name == name).unwrap().value.clone();
+    let values =
+        |a: &dyn Adapter<Cpu<f64>>, name: &str| a.params().iter().find(|p| p.name == name).unwrap().value.clone();
     let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
     // LoRA: A ~ U(±1/√in), B = 0, so ΔW = 0.
     let lora = build(&BE, &cfg(Method::Lora, 8, 0.0), n_in, n_out, 3).unwrap();
@@ -137,7 +158,8 @@ fn initialisation_follows_each_method() {
     assert_eq!(a.len(), 4 * 4);
     assert!(max_abs(&a) <= (6.0f64 / 8.0).sqrt() && max_abs(&a) > 0.5);
     // QA-HiRA: kaiming on C [32/2, 64/4] as published (Δ ≠ 0 at step 0), or zero.
-    let hira = |zero_init| build(&BE, &cfg(Method::QaHira { l1: 4, l2: 2, zero_init }, 8, 0.0), n_in, n_out, 3).unwrap();
+    let hira =
+        |zero_init| build(&BE, &cfg(Method::QaHira { l1: 4, l2: 2, zero_init }, 8, 0.0), n_in, n_out, 3).unwrap();
     let c = values(hira(false).as_ref(), "lora_A.weight");
     assert_eq!(c.len(), 16 * 16);
     assert!(max_abs(&c) <= 0.25 && max_abs(&c) > 0.2);
@@ -150,7 +172,8 @@ fn invalid_configurations_are_refused_with_the_value() {
     assert!(err(cfg(Method::Lora, 9, 0.0), 12, 8).contains("rank = 9"));
     assert!(err(cfg(Method::QBara { lambda: 5 }, 1, 0.0), 12, 8).contains("lambda = 5"));
     assert!(err(cfg(Method::QaHira { l1: 5, l2: 2, zero_init: true }, 1, 0.0), 12, 8).contains("l1 = 5"));
-    assert!(err(cfg(Method::QaHira { l1: 4, l2: 3, zero_init: true }, 1, 0.0), 12, 8).contains("l2 = 3 does not divide the output"));
+    assert!(err(cfg(Method::QaHira { l1: 4, l2: 3, zero_init: true }, 1, 0.0), 12, 8)
+        .contains("l2 = 3 does not divide the output"));
     assert!(err(cfg(Method::QaLora { group: 5 }, 1, 0.0), 12, 8).contains("group_size = 5"));
     assert!(err(cfg(Method::Lora, 2, 1.0), 12, 8).contains("dropout"));
     let h = Method::Hierarchical { ranks: vec![4, 9], alphas: vec![1.0, 1.0], lr_scales: vec![1.0, 1.0] };

@@ -166,7 +166,8 @@ fn group_reduce_and_expand_are_adjoint_and_pool_as_specified() {
         BE.group_reduce(&x, rows, g, true, 1.0, &mut pooled, false).unwrap();
         for r in 0..rows {
             for k in 0..g.groups {
-                let members: Vec<f64> = (0..g.width).filter(|i| i * g.groups / g.width == k).map(|i| x[r * g.width + i]).collect();
+                let members: Vec<f64> =
+                    (0..g.width).filter(|i| i * g.groups / g.width == k).map(|i| x[r * g.width + i]).collect();
                 assert!(!members.is_empty());
                 let mean = members.iter().sum::<f64>() / members.len() as f64;
                 assert!((pooled[r * g.groups + k] - mean).abs() < 1e-12);
@@ -176,7 +177,9 @@ fn group_reduce_and_expand_are_adjoint_and_pool_as_specified() {
     // width 10 in 4 groups: runs of 3, 2, 3, 2 (i·4/10 = 0,0,0,1,1,2,2,2,3,3).
     let g = Groups { width: 10, groups: 4 };
     assert_eq!((0..4).map(|k| g.range(k)).collect::<Vec<_>>(), vec![(0, 3), (3, 5), (5, 8), (8, 10)]);
-    assert!(BE.group_reduce(&vec![0.0; 10], 1, Groups { width: 10, groups: 11 }, true, 1.0, &mut vec![0.0; 11], false).is_err());
+    assert!(BE
+        .group_reduce(&vec![0.0; 10], 1, Groups { width: 10, groups: 11 }, true, 1.0, &mut vec![0.0; 11], false)
+        .is_err());
 }
 
 #[test]

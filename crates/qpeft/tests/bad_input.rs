@@ -82,7 +82,9 @@ fn unknown_architecture_is_named() {
 
     let dir = tmp.path().join("neox");
     std::fs::create_dir(&dir).unwrap();
-    let cfg = std::fs::read_to_string(fixtures().join("tiny-llama/config.json")).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    let cfg = std::fs::read_to_string(fixtures().join("tiny-llama/config.json"))
+        .unwrap()
+        .replace("\"llama\"", "\"gpt_neox\"");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let e = err_of(&dir);
     assert!(e.contains("config.json") && e.contains("architecture `gpt_neox`"), "{e}");
@@ -92,7 +94,8 @@ fn unknown_architecture_is_named() {
 fn missing_or_invalid_config_keys_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let src = fixtures().join("tiny-llama");
-    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     let cases: [(&str, Option<serde_json::Value>, &str); 4] = [
         ("hidden_size", None, "missing"),
         ("num_key_value_heads", Some(serde_json::json!(3)), "does not divide"),

@@ -106,7 +106,12 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
         push(&format!("glu_backward dup {kind:?}"), &du);
     }
     let mut cache = up(&rand(2 * 9 * 5, 9));
-    be.write_rows(&up(&rand(2 * 3 * 5, 10)), &mut cache, RowWrite { batch: 2, rows: 3, capacity: 9, start: 4, width: 5 }).unwrap();
+    be.write_rows(
+        &up(&rand(2 * 3 * 5, 10)),
+        &mut cache,
+        RowWrite { batch: 2, rows: 3, capacity: 9, start: 4, width: 5 },
+    )
+    .unwrap();
     push("write_rows", &cache);
     let mut c2 = up(&rand(30, 11));
     be.copy(&x, 7, &mut c2, 3, 20).unwrap();
@@ -143,8 +148,18 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     let sq = be.sum_squares(&x).unwrap();
     push("sum_squares", &up(&[sq as f32]));
     let n = 3000;
-    let (mut p, mut m1, mut m2) = (up(&rand(n, 21)), up(&rand(n, 22)), up(&rand(n, 23).iter().map(|x| x * x).collect::<Vec<_>>()));
-    let step = AdamStep { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, lr: 2e-4, c1: 0.271, c2: 0.0632, grad_coef: 0.7 };
+    let (mut p, mut m1, mut m2) =
+        (up(&rand(n, 21)), up(&rand(n, 22)), up(&rand(n, 23).iter().map(|x| x * x).collect::<Vec<_>>()));
+    let step = AdamStep {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        lr: 2e-4,
+        c1: 0.271,
+        c2: 0.0632,
+        grad_coef: 0.7,
+    };
     be.adamw(&mut p, &up(&rand(n, 24)), &mut m1, &mut m2, step).unwrap();
     for (name, buf) in [("adamw p", &p), ("adamw m", &m1), ("adamw v", &m2)] {
         push(name, buf);
@@ -153,16 +168,34 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     let bytes = |seed: u64| rand(n, seed).iter().map(|x| ((x + 1.0) * 127.5) as u8).collect::<Vec<u8>>();
     let (mut mc, mut vc) = (be.upload_bytes(&bytes(25)).unwrap(), be.upload_bytes(&bytes(26)).unwrap());
     let blocks = n.div_ceil(256);
-    let (mut ma, mut va) = (up(&rand(blocks, 27).iter().map(|x| x.abs() * 0.1).collect::<Vec<_>>()), up(&rand(blocks, 28).iter().map(|x| x * x * 0.01).collect::<Vec<_>>()));
+    let (mut ma, mut va) = (
+        up(&rand(blocks, 27).iter().map(|x| x.abs() * 0.1).collect::<Vec<_>>()),
+        up(&rand(blocks, 28).iter().map(|x| x * x * 0.01).collect::<Vec<_>>()),
+    );
     let mut g = rand(n, 29);
     g[7] = f32::NAN;
     g[300] = f32::INFINITY;
     let (mut p8, g) = (up(&rand(n, 30)), up(&g));
     for t in 1..=2 {
-        be.adamw_8bit(&mut p8, &g, &mut mc, &mut ma, &mut vc, &mut va, AdamStep { c1: 1.0 - 0.9f32.powi(t), c2: (1.0 - 0.999f32.powi(t)).sqrt(), ..step }).unwrap();
+        be.adamw_8bit(
+            &mut p8,
+            &g,
+            &mut mc,
+            &mut ma,
+            &mut vc,
+            &mut va,
+            AdamStep { c1: 1.0 - 0.9f32.powi(t), c2: (1.0 - 0.999f32.powi(t)).sqrt(), ..step },
+        )
+        .unwrap();
     }
     let codes = |b: &B::Bytes| up(&be.download_bytes(b).unwrap().iter().map(|&c| c as f32).collect::<Vec<_>>());
-    for (name, buf) in [("adamw_8bit p", &p8), ("adamw_8bit m absmax", &ma), ("adamw_8bit v absmax", &va), ("adamw_8bit m codes", &codes(&mc)), ("adamw_8bit v codes", &codes(&vc))] {
+    for (name, buf) in [
+        ("adamw_8bit p", &p8),
+        ("adamw_8bit m absmax", &ma),
+        ("adamw_8bit v absmax", &va),
+        ("adamw_8bit m codes", &codes(&mc)),
+        ("adamw_8bit v codes", &codes(&vc)),
+    ] {
         push(name, buf);
     }
 
@@ -181,10 +214,18 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     let (_, dense, base) = bases(out_dim, in_dim, 30).swap_remove(1);
     let w = be.upload_weight(&dense, &base, out_dim, in_dim).unwrap();
     let mut y = be.zeros(rows * out_dim).unwrap();
-    be.linear(&up(&rand(rows * in_dim, 36).iter().map(|x| x * 1e6).collect::<Vec<_>>()), &w, rows, &mut y, false).unwrap();
+    be.linear(&up(&rand(rows * in_dim, 36).iter().map(|x| x * 1e6).collect::<Vec<_>>()), &w, rows, &mut y, false)
+        .unwrap();
     push("linear nf4+dq x·1e6", &y);
     let mut dx = be.zeros(rows * in_dim).unwrap();
-    be.linear_backward(&up(&rand(rows * out_dim, 37).iter().map(|x| x * 1e-9).collect::<Vec<_>>()), &w, rows, &mut dx, false).unwrap();
+    be.linear_backward(
+        &up(&rand(rows * out_dim, 37).iter().map(|x| x * 1e-9).collect::<Vec<_>>()),
+        &w,
+        rows,
+        &mut dx,
+        false,
+    )
+    .unwrap();
     push("linear_backward nf4+dq dy·1e-9", &dx);
     // Odd sizes: the vectorised bf16 conversion's tail.
     let w = be.upload_weight(&rand(5 * 13, 34), &BaseWeight::Dense, 5, 13).unwrap();
@@ -194,7 +235,17 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
 
     // Attention: GQA (4 heads on 2 KV heads), a cache with 3 earlier positions, padding, with and without window.
     for window in [None, Some(3)] {
-        let s = AttentionShape { batch: 2, q_len: 5, kv_len: 8, kv_capacity: 10, heads: 4, kv_heads: 2, head_dim: 8, scale: 0.35, window };
+        let s = AttentionShape {
+            batch: 2,
+            q_len: 5,
+            kv_len: 8,
+            kv_capacity: 10,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            scale: 0.35,
+            window,
+        };
         let mut mask = vec![1u32; 20];
         mask[1] = 0; // padding inside the first sequence
         mask[10] = 0;
@@ -202,27 +253,75 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
         attention_case(be, &format!("window={window:?}"), s, &mask, 15, [1.0; 4], &mut push);
     }
     // More queries than one block of the GPU's causal blocking (512), after 3 cached positions.
-    let s = AttentionShape { batch: 1, q_len: 600, kv_len: 603, kv_capacity: 605, heads: 4, kv_heads: 2, head_dim: 8, scale: 0.35, window: None };
+    let s = AttentionShape {
+        batch: 1,
+        q_len: 600,
+        kv_len: 603,
+        kv_capacity: 605,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        scale: 0.35,
+        window: None,
+    };
     attention_case(be, "600 queries", s, &[1u32; 605], 25, [1.0; 4], &mut push);
     // Training shapes of the fused kernels' head sizes (72 is padded inside them; 256 takes the GEMM path), over
     // several 64-row tiles, with GQA, right padding, and left padding whose queries see no key.
-    for (hd, heads, kv_heads, len, window) in [(64, 6, 2, 150, None), (128, 4, 1, 97, Some(40)), (72, 2, 2, 70, None), (256, 2, 1, 20, None)] {
-        let s = AttentionShape { batch: 2, q_len: len, kv_len: len, kv_capacity: len, heads, kv_heads, head_dim: hd, scale: 1.0 / (hd as f32).sqrt(), window };
+    for (hd, heads, kv_heads, len, window) in
+        [(64, 6, 2, 150, None), (128, 4, 1, 97, Some(40)), (72, 2, 2, 70, None), (256, 2, 1, 20, None)]
+    {
+        let s = AttentionShape {
+            batch: 2,
+            q_len: len,
+            kv_len: len,
+            kv_capacity: len,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window,
+        };
         let mut mask = vec![1u32; 2 * len];
         mask[len - 7..len].fill(0);
         mask[len..len + 3].fill(0);
-        attention_case(be, &format!("head_dim={hd} len={len} window={window:?}"), s, &mask, 30 + hd as u64, [1.0; 4], &mut push);
+        attention_case(
+            be,
+            &format!("head_dim={hd} len={len} window={window:?}"),
+            s,
+            &mask,
+            30 + hd as u64,
+            [1.0; 4],
+            &mut push,
+        );
     }
     // Magnitudes fp16 cannot hold unscaled (the f16 mode scales q, k, v, dO and dS): v·10³ with dO·10⁻⁹, and q, k of
     // 10⁻³ (tiny scores).
-    let s = AttentionShape { batch: 1, q_len: 80, kv_len: 80, kv_capacity: 80, heads: 4, kv_heads: 2, head_dim: 64, scale: 0.125, window: None };
+    let s = AttentionShape {
+        batch: 1,
+        q_len: 80,
+        kv_len: 80,
+        kv_capacity: 80,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        scale: 0.125,
+        window: None,
+    };
     attention_case(be, "head_dim=64 scaled magnitudes", s, &[1u32; 80], 90, [1e-3, 1e-3, 1e3, 1e-9], &mut push);
     out
 }
 
 /// The forward output and the three input gradients of attention of shape `s` on random inputs (q, k, v and dO times
 /// `mags`).
-fn attention_case<B: Backend>(be: &B, name: &str, s: AttentionShape, mask: &[u32], seed: u64, mags: [f32; 4], push: &mut impl FnMut(&str, &B::Buf)) {
+fn attention_case<B: Backend>(
+    be: &B,
+    name: &str,
+    s: AttentionShape,
+    mask: &[u32],
+    seed: u64,
+    mags: [f32; 4],
+    push: &mut impl FnMut(&str, &B::Buf),
+) {
     let up = |v: &[f32]| be.upload(v).unwrap();
     let (nq, nkv) = (s.batch * s.q_len * s.heads * s.head_dim, s.batch * s.kv_capacity * s.kv_heads * s.head_dim);
     let r = |n: usize, i: usize| up(&rand(n, seed + i as u64).iter().map(|x| x * mags[i]).collect::<Vec<_>>());
@@ -251,11 +350,18 @@ fn bases(out_dim: usize, in_dim: usize, seed: u64) -> Vec<(String, Vec<f32>, Bas
     // An act-order-like group map and merged fp16 zero points exercise the general int4 path.
     let mut merged = int4.clone();
     merged.g_idx = (0..in_dim).map(|i| ((i * 7) % merged.groups()) as i32).collect();
-    merged.float_zeros = Some((0..merged.groups() * out_dim).map(|i| half::f16::from_f32(7.25 + 0.01 * i as f32)).collect());
+    merged.float_zeros =
+        Some((0..merged.groups() * out_dim).map(|i| half::f16::from_f32(7.25 + 0.01 * i as f32)).collect());
     merged.qzeros.clear();
     int4.validate().unwrap();
     let mut out = vec![("dense".to_string(), w.clone(), BaseWeight::Dense)];
-    for (name, base) in [("nf4+dq", BaseWeight::Bnb4(nf4)), ("fp4", BaseWeight::Bnb4(fp4)), ("nf4+icq", BaseWeight::IcqNf4(icq)), ("int4", BaseWeight::Int4(int4)), ("int4 merged", BaseWeight::Int4(merged))] {
+    for (name, base) in [
+        ("nf4+dq", BaseWeight::Bnb4(nf4)),
+        ("fp4", BaseWeight::Bnb4(fp4)),
+        ("nf4+icq", BaseWeight::IcqNf4(icq)),
+        ("int4", BaseWeight::Int4(int4)),
+        ("int4 merged", BaseWeight::Int4(merged)),
+    ] {
         out.push((name.to_string(), base.dequantize().unwrap(), base));
     }
     out
@@ -277,7 +383,13 @@ fn packed_bases_dequantize_bit_exactly() {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             if name == "dense" && precision != Precision::F32 {
                 // A dense weight is stored in the GEMM dtype: its values come back rounded to fp16 or bf16.
-                let round = |x: f32| if precision == Precision::F16 { half::f16::from_f32(x).to_f32() } else { half::bf16::from_f32(x).to_f32() };
+                let round = |x: f32| {
+                    if precision == Precision::F16 {
+                        half::f16::from_f32(x).to_f32()
+                    } else {
+                        half::bf16::from_f32(x).to_f32()
+                    }
+                };
                 let rounded: Vec<f32> = want.iter().map(|&x| round(x)).collect();
                 assert_eq!(bits(&got), bits(&rounded), "{name} ({precision:?})");
             } else {
@@ -306,7 +418,9 @@ impl<B: Backend> CloneBuf<B> for B::Buf {
 /// order (and rounding ties it moves).
 #[test]
 fn every_op_matches_the_cpu() {
-    for (precision, reference, tol) in [(Precision::F32, Cpu::new(), 1e-5), (Precision::F16, Cpu::f16(), 1e-3), (Precision::Bf16, Cpu::bf16(), 1e-3)] {
+    for (precision, reference, tol) in
+        [(Precision::F32, Cpu::new(), 1e-5), (Precision::F16, Cpu::f16(), 1e-3), (Precision::Bf16, Cpu::bf16(), 1e-3)]
+    {
         let Some(cuda) = gpu(precision) else { return };
         let want = ops(&reference);
         let got = ops(&cuda);
@@ -331,7 +445,13 @@ fn every_op_matches_the_cpu() {
 
 /// Logits of a padded forward pass, then for `cfg`: the loss and every adapter gradient, with and without
 /// checkpointing.
-fn model_outputs<B: Backend + 'static>(model: &Path, be: B, cfg: &AdapterConfig, nf4: bool, init: f32) -> Vec<(String, Vec<f32>)> {
+fn model_outputs<B: Backend + 'static>(
+    model: &Path,
+    be: B,
+    cfg: &AdapterConfig,
+    nf4: bool,
+    init: f32,
+) -> Vec<(String, Vec<f32>)> {
     let ckpt = Checkpoint::open(model).unwrap();
     let m = Decoder::load_quantized(&ckpt, be, nf4.then_some(&qlora_nf4()), &mut |_| ()).unwrap();
     let b = batch(m.spec.vocab_size);
@@ -357,7 +477,10 @@ fn tiny_models_match_the_cpu_for_every_method() {
     let cases: Vec<(PathBuf, AdapterConfig, bool)> = methods()
         .into_iter()
         .flat_map(|c| [(fixtures().join("tiny-llama"), c.clone(), false), (fixtures().join("tiny-llama"), c, true)])
-        .chain(["tiny-gemma", "tiny-llama3", "tiny-mistral", "tiny-qwen2"].map(|f| (fixtures().join(f), methods()[0].clone(), true)))
+        .chain(
+            ["tiny-gemma", "tiny-llama3", "tiny-mistral", "tiny-qwen2"]
+                .map(|f| (fixtures().join(f), methods()[0].clone(), true)),
+        )
         .collect();
     models_match_the_cpu(&cases, 0.2);
 }
@@ -371,7 +494,8 @@ fn smollm2_matches_the_cpu_for_every_method() {
         eprintln!("skipped: QPEFT_SMOLLM2 names no model");
         return;
     };
-    let cases: Vec<(PathBuf, AdapterConfig, bool)> = methods().into_iter().map(|c| (PathBuf::from(&path), c, true)).collect();
+    let cases: Vec<(PathBuf, AdapterConfig, bool)> =
+        methods().into_iter().map(|c| (PathBuf::from(&path), c, true)).collect();
     models_match_the_cpu(&cases, 0.02);
 }
 
@@ -429,12 +553,15 @@ fn models_match_the_cpu(cases: &[(PathBuf, AdapterConfig, bool)], f32_init: f32)
                 }
                 Precision::F16 | Precision::Bf16 => {
                     let noise = noise.as_ref().expect("computed for 16-bit precisions");
-                    let (vector, tensor) = if precision == Precision::F16 { (F16_VECTOR, F16_TENSOR) } else { (BF16_VECTOR, BF16_TENSOR) };
+                    let (vector, tensor) =
+                        if precision == Precision::F16 { (F16_VECTOR, F16_TENSOR) } else { (BF16_VECTOR, BF16_TENSOR) };
                     for ((name, e, single), (_, own, _)) in c.tensors.iter().zip(&noise.tensors) {
                         let output = name.starts_with("logits") || name.starts_with("loss");
                         let tol = if output { 1e-2 } else { tensor.max(TENSOR_NOISE * own) };
                         if !single && *e > tol {
-                            fail(format!("{name}: relative error {e:.3e} > {tol:.3e} (the precision alone moves it {own:.3e})"));
+                            fail(format!(
+                                "{name}: relative error {e:.3e} > {tol:.3e} (the precision alone moves it {own:.3e})"
+                            ));
                         }
                     }
                     if c.vector > vector {
@@ -474,18 +601,27 @@ struct Comparison {
 
 impl Comparison {
     fn of(got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)]) -> Self {
-        let tensors = got.iter().zip(want).map(|((name, a), (_, b))| (name.clone(), rel_l2(a, b), a.len() == 1 && name.contains("grad"))).collect();
+        let tensors = got
+            .iter()
+            .zip(want)
+            .map(|((name, a), (_, b))| (name.clone(), rel_l2(a, b), a.len() == 1 && name.contains("grad")))
+            .collect();
         let pass = |v: &[(String, Vec<f32>)], ckpt: bool| {
             let tag = format!("grad ckpt={ckpt}");
-            v.iter().filter(|(n, g)| n.ends_with(&tag) && g.len() > 1).flat_map(|(_, g)| g.iter().copied()).collect::<Vec<f32>>()
+            v.iter()
+                .filter(|(n, g)| n.ends_with(&tag) && g.len() > 1)
+                .flat_map(|(_, g)| g.iter().copied())
+                .collect::<Vec<f32>>()
         };
-        let vector = [false, true].map(|ckpt| rel_l2(&pass(got, ckpt), &pass(want, ckpt))).into_iter().fold(0f32, f32::max);
+        let vector =
+            [false, true].map(|ckpt| rel_l2(&pass(got, ckpt), &pass(want, ckpt))).into_iter().fold(0f32, f32::max);
         Comparison { tensors, vector }
     }
 
     fn summary(&self) -> String {
         let outputs = self.tensors.iter().filter(|(n, ..)| !n.contains("grad")).fold(0f32, |m, t| m.max(t.1));
-        let mut grads: Vec<f32> = self.tensors.iter().filter(|(n, _, single)| n.contains("grad") && !single).map(|t| t.1).collect();
+        let mut grads: Vec<f32> =
+            self.tensors.iter().filter(|(n, _, single)| n.contains("grad") && !single).map(|t| t.1).collect();
         grads.sort_by(f32::total_cmp);
         let median = grads.get(grads.len() / 2).copied().unwrap_or(0.0);
         format!(

@@ -66,23 +66,62 @@ fn malformed_task_files_name_the_file_and_line() {
     expect(&task_error(Task::Piqa, &[]), &["valid.jsonl"]);
     // Broken JSON on line 2.
     let good = r#"{"goal": "g", "sol1": "a", "sol2": "b"}"#;
-    expect(&task_error(Task::Piqa, &[("valid.jsonl", &format!("{good}\n{{\"goal\": \n")), ("valid-labels.lst", "0\n1\n")]), &["valid.jsonl", "line 2"]);
+    expect(
+        &task_error(Task::Piqa, &[("valid.jsonl", &format!("{good}\n{{\"goal\": \n")), ("valid-labels.lst", "0\n1\n")]),
+        &["valid.jsonl", "line 2"],
+    );
     // Missing field, label count mismatch, bad label.
-    expect(&task_error(Task::Piqa, &[("valid.jsonl", "{\"goal\": \"g\", \"sol1\": \"a\"}\n"), ("valid-labels.lst", "0\n")]), &["valid.jsonl", "line 1", "sol2"]);
-    expect(&task_error(Task::Piqa, &[("valid.jsonl", &format!("{good}\n{good}\n")), ("valid-labels.lst", "0\n")]), &["valid-labels.lst", "1 labels for the 2 items"]);
-    expect(&task_error(Task::Piqa, &[("valid.jsonl", &format!("{good}\n{good}\n")), ("valid-labels.lst", "0\n7\n")]), &["valid-labels.lst", "line 2", "`7`"]);
+    expect(
+        &task_error(
+            Task::Piqa,
+            &[("valid.jsonl", "{\"goal\": \"g\", \"sol1\": \"a\"}\n"), ("valid-labels.lst", "0\n")],
+        ),
+        &["valid.jsonl", "line 1", "sol2"],
+    );
+    expect(
+        &task_error(Task::Piqa, &[("valid.jsonl", &format!("{good}\n{good}\n")), ("valid-labels.lst", "0\n")]),
+        &["valid-labels.lst", "1 labels for the 2 items"],
+    );
+    expect(
+        &task_error(Task::Piqa, &[("valid.jsonl", &format!("{good}\n{good}\n")), ("valid-labels.lst", "0\n7\n")]),
+        &["valid-labels.lst", "line 2", "`7`"],
+    );
     // HellaSwag: truncated (not 6 lines per item), gold out of range.
-    expect(&task_error(Task::HellaSwag, &[("hellaswag_val_full.txt", "Label: ctx\n1\na\nb\n")]), &["hellaswag_val_full.txt", "4 lines"]);
-    expect(&task_error(Task::HellaSwag, &[("hellaswag_val_full.txt", "Label: ctx\n1\na\nb\nc\nd\nLabel: ctx\n9\na\nb\nc\nd\n")]), &["hellaswag_val_full.txt", "line 8", "`9`"]);
+    expect(
+        &task_error(Task::HellaSwag, &[("hellaswag_val_full.txt", "Label: ctx\n1\na\nb\n")]),
+        &["hellaswag_val_full.txt", "4 lines"],
+    );
+    expect(
+        &task_error(
+            Task::HellaSwag,
+            &[("hellaswag_val_full.txt", "Label: ctx\n1\na\nb\nc\nd\nLabel: ctx\n9\na\nb\nc\nd\n")],
+        ),
+        &["hellaswag_val_full.txt", "line 8", "`9`"],
+    );
     // WinoGrande: no blank.
     let wg = r#"{"sentence": "no blank here", "option1": "a", "option2": "b", "answer": "1"}"#;
-    expect(&task_error(Task::WinoGrande, &[("dev.reconstructed.jsonl", wg), ("dev-labels.lst", "1\n")]), &["dev.reconstructed.jsonl", "line 1", "`_`"]);
+    expect(
+        &task_error(Task::WinoGrande, &[("dev.reconstructed.jsonl", wg), ("dev-labels.lst", "1\n")]),
+        &["dev.reconstructed.jsonl", "line 1", "`_`"],
+    );
     // ARC: answer key not among the labels; choices missing.
     let arc = r#"{"question": {"stem": "s", "choices": [{"text": "x", "label": "A"}, {"text": "y", "label": "B"}]}, "answerKey": "E"}"#;
-    expect(&task_error(Task::ArcEasy, &[("ARC-Easy-Test.jsonl", &format!("{arc}\n"))]), &["ARC-Easy-Test.jsonl", "line 1", "answerKey `E`"]);
-    expect(&task_error(Task::ArcChallenge, &[("ARC-Challenge-Test.jsonl", "{\"question\": {\"stem\": \"s\"}, \"answerKey\": \"A\"}\n")]), &["line 1", "question.choices"]);
+    expect(
+        &task_error(Task::ArcEasy, &[("ARC-Easy-Test.jsonl", &format!("{arc}\n"))]),
+        &["ARC-Easy-Test.jsonl", "line 1", "answerKey `E`"],
+    );
+    expect(
+        &task_error(
+            Task::ArcChallenge,
+            &[("ARC-Challenge-Test.jsonl", "{\"question\": {\"stem\": \"s\"}, \"answerKey\": \"A\"}\n")],
+        ),
+        &["line 1", "question.choices"],
+    );
     // BoolQ: label neither true nor false.
-    expect(&task_error(Task::BoolQ, &[("val.jsonl", "{\"passage\": \"p\", \"question\": \"q\", \"label\": \"maybe\"}\n")]), &["val.jsonl", "line 1", "maybe"]);
+    expect(
+        &task_error(Task::BoolQ, &[("val.jsonl", "{\"passage\": \"p\", \"question\": \"q\", \"label\": \"maybe\"}\n")]),
+        &["val.jsonl", "line 1", "maybe"],
+    );
 }
 
 #[test]
@@ -99,7 +138,15 @@ fn mmlu_files_missing_or_malformed_name_the_file_and_row() {
 #[test]
 fn the_shared_datasets_load_with_their_documented_sizes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets");
-    let sizes = [(Task::HellaSwag, 10042), (Task::Piqa, 1838), (Task::WinoGrande, 1267), (Task::ArcEasy, 2376), (Task::ArcChallenge, 1172), (Task::BoolQ, 3270), (Task::OpenBookQa, 500)];
+    let sizes = [
+        (Task::HellaSwag, 10042),
+        (Task::Piqa, 1838),
+        (Task::WinoGrande, 1267),
+        (Task::ArcEasy, 2376),
+        (Task::ArcChallenge, 1172),
+        (Task::BoolQ, 3270),
+        (Task::OpenBookQa, 500),
+    ];
     for (task, n) in sizes {
         let items = task.load(&dir).unwrap();
         assert_eq!(items.len(), n, "{}", task.name());

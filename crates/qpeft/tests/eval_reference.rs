@@ -38,20 +38,44 @@ fn prompts_are_built_and_encoded_as_the_reference_does() {
     let first = |t: Task| t.load(&dir).unwrap().swap_remove(0);
     let pair = |c: &str, x: &str| (c.to_string(), x.to_string());
     // HellaSwag (ActivityNet item): ctx_b "he" capitalised after ctx_a.
-    assert_eq!(first(Task::HellaSwag).pairs[3], pair("Roof shingle removal: A man is sitting on a roof. He", " starts pulling up roofing on a roof."));
-    assert_eq!(first(Task::Piqa).pairs[0].0, "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:");
+    assert_eq!(
+        first(Task::HellaSwag).pairs[3],
+        pair("Roof shingle removal: A man is sitting on a roof. He", " starts pulling up roofing on a roof.")
+    );
+    assert_eq!(
+        first(Task::Piqa).pairs[0].0,
+        "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    );
     // WinoGrande partial scoring: the option ends the context, the rest of the sentence is the continuation.
     let wg = first(Task::WinoGrande);
-    assert_eq!(wg.pairs, [pair("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."), pair("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.")]);
+    assert_eq!(
+        wg.pairs,
+        [
+            pair("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
+            pair("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.")
+        ]
+    );
     assert_eq!(wg.lens, None);
     let arc = first(Task::ArcEasy);
-    assert_eq!(arc.pairs[0], pair("Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:", " Sunlight is the source of energy for nearly all ecosystems."));
+    assert_eq!(
+        arc.pairs[0],
+        pair(
+            "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:",
+            " Sunlight is the source of energy for nearly all ecosystems."
+        )
+    );
     assert_eq!(arc.lens.as_ref().unwrap()[0], "Sunlight is the source of energy for nearly all ecosystems.".len());
     let boolq = first(Task::BoolQ);
-    assert!(boolq.pairs[0].0.starts_with("Ethanol fuel -- All biomass goes through") && boolq.pairs[0].0.ends_with("\nQuestion: does ethanol take more energy make that produces?\nAnswer:"));
+    assert!(
+        boolq.pairs[0].0.starts_with("Ethanol fuel -- All biomass goes through")
+            && boolq.pairs[0].0.ends_with("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
+    );
     assert_eq!((boolq.pairs[0].1.as_str(), boolq.pairs[1].1.as_str()), (" no", " yes"));
     let obqa = first(Task::OpenBookQa);
-    assert!(obqa.pairs[1].0.starts_with("A person wants to start saving money") && obqa.pairs[1].0.ends_with("the best way to save money is to"));
+    assert!(
+        obqa.pairs[1].0.starts_with("A person wants to start saving money")
+            && obqa.pairs[1].0.ends_with("the best way to save money is to")
+    );
     assert_eq!(obqa.pairs[1].1, " quit eating lunch out");
 
     // Every recorded example (including HellaSwag's first WikiHow item) matches the reference's strings and tokens.
@@ -63,9 +87,21 @@ fn prompts_are_built_and_encoded_as_the_reference_does() {
             let it = &items[p["index"].as_u64().unwrap() as usize];
             assert_eq!(it.gold as u64, p["gold"].as_u64().unwrap());
             for (k, (c, x)) in it.pairs.iter().enumerate() {
-                assert_eq!([c.as_str(), x.as_str()], [p["pairs"][k][0].as_str().unwrap(), p["pairs"][k][1].as_str().unwrap()], "{} item {}", task.name(), p["index"]);
+                assert_eq!(
+                    [c.as_str(), x.as_str()],
+                    [p["pairs"][k][0].as_str().unwrap(), p["pairs"][k][1].as_str().unwrap()],
+                    "{} item {}",
+                    task.name(),
+                    p["index"]
+                );
                 let req = loglik::encode(&tok, c, x).unwrap();
-                assert_eq!((req.context, req.continuation), (ids(&p["ctx_ids"][k]), ids(&p["cont_ids"][k])), "{} item {} choice {k}", task.name(), p["index"]);
+                assert_eq!(
+                    (req.context, req.continuation),
+                    (ids(&p["ctx_ids"][k]), ids(&p["cont_ids"][k])),
+                    "{} item {} choice {k}",
+                    task.name(),
+                    p["index"]
+                );
             }
         }
     }
@@ -74,7 +110,9 @@ fn prompts_are_built_and_encoded_as_the_reference_does() {
     let dev = mmlu::load_split(&dir.join("mmlu"), "dev").unwrap();
     let test = mmlu::load_split(&dir.join("mmlu"), "test").unwrap();
     let prompt = mmlu::prompt("abstract_algebra", &dev["abstract_algebra"][..5], &test["abstract_algebra"][0]);
-    assert!(prompt.starts_with("The following are multiple choice questions (with answers) about  abstract algebra.\n\nFind all c in Z_3"));
+    assert!(prompt.starts_with(
+        "The following are multiple choice questions (with answers) about  abstract algebra.\n\nFind all c in Z_3"
+    ));
     assert!(prompt.ends_with("\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:"), "{prompt}");
     assert_eq!(prompt, m["prompt"].as_str().unwrap());
     assert_eq!(tok.encode(&prompt, true).unwrap(), ids(&m["ids"]));
@@ -94,9 +132,14 @@ fn smollm2_scores_agree_with_the_reference_item_by_item() {
     let check = |task: &str, pairs: Vec<(usize, usize, usize, usize)>, max_dll: f64, report: &mut Vec<String>| {
         // (pred, ref pred, gold, ref gold)
         let same = pairs.iter().filter(|p| p.0 == p.1).count();
-        let acc = |f: fn(&(usize, usize, usize, usize)) -> bool| pairs.iter().filter(|p| f(p)).count() as f64 / pairs.len() as f64;
+        let acc = |f: fn(&(usize, usize, usize, usize)) -> bool| {
+            pairs.iter().filter(|p| f(p)).count() as f64 / pairs.len() as f64
+        };
         let (ours, theirs) = (acc(|p| p.0 == p.2), acc(|p| p.1 == p.3));
-        report.push(format!("{task:<20} {same}/{} identical, acc {ours:.4} vs {theirs:.4}, max |Δ| {max_dll:.1e}", pairs.len()));
+        report.push(format!(
+            "{task:<20} {same}/{} identical, acc {ours:.4} vs {theirs:.4}, max |Δ| {max_dll:.1e}",
+            pairs.len()
+        ));
         assert!(pairs.iter().all(|p| p.2 == p.3), "{task}: gold labels differ");
         assert!(same as f64 >= 0.99 * pairs.len() as f64, "{task}: only {same}/{} identical predictions", pairs.len());
         assert!((ours - theirs).abs() <= 0.005, "{task}: accuracy {ours} vs {theirs}");
@@ -106,7 +149,12 @@ fn smollm2_scores_agree_with_the_reference_item_by_item() {
         let mut items = task.load(&dir).unwrap();
         items.truncate(n);
         let ours = zero_shot::evaluate(&model, None, &tok, task, &items, 8, |_| {}).unwrap();
-        let theirs: BTreeMap<usize, &Value> = r["items"][task.name()].as_array().unwrap().iter().map(|v| (v["index"].as_u64().unwrap() as usize, v)).collect();
+        let theirs: BTreeMap<usize, &Value> = r["items"][task.name()]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["index"].as_u64().unwrap() as usize, v))
+            .collect();
         assert_eq!(theirs.len(), n);
         let mut max_dll = 0f64;
         let (mut acc, mut norm) = (Vec::new(), Vec::new());
@@ -129,7 +177,12 @@ fn smollm2_scores_agree_with_the_reference_item_by_item() {
     let rows = r["mmlu_rows"].as_u64().unwrap() as usize;
     let opts = mmlu::Options { split: "test".into(), limit: Some(rows), shots: 5, max_len: 2048, batch: 8 };
     let ours = mmlu::evaluate(&model, None, &tok, &dir.join("mmlu"), &opts, |_, _| {}).unwrap();
-    let theirs: BTreeMap<(String, usize), &Value> = r["items"]["mmlu"].as_array().unwrap().iter().map(|v| ((v["subject"].as_str().unwrap().to_string(), v["row"].as_u64().unwrap() as usize), v)).collect();
+    let theirs: BTreeMap<(String, usize), &Value> = r["items"]["mmlu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| ((v["subject"].as_str().unwrap().to_string(), v["row"].as_u64().unwrap() as usize), v))
+        .collect();
     assert_eq!((ours.items.len(), theirs.len()), (57 * rows, 57 * rows));
     let mut max_dl = 0f64;
     let mut pairs = Vec::new();

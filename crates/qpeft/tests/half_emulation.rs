@@ -26,7 +26,15 @@ fn one_plus(k: f32, e: i32) -> f32 {
 fn weights_and_checkpoints_round_to_bf16_nearest_even() {
     // bf16 steps are 2^-7 in [1, 2) and 4 in [512, 1024): halfway goes to the even neighbour (1 and 1000 = 250·4
     // are even, 1004 odd), anything past halfway up.
-    let dense = [one_plus(1.0, 8), one_plus(3.0, 8), one_plus(1.0, 8) + 2f32.powi(-20), -one_plus(1.0, 9), 1002.0, 1006.0, 1000.3];
+    let dense = [
+        one_plus(1.0, 8),
+        one_plus(3.0, 8),
+        one_plus(1.0, 8) + 2f32.powi(-20),
+        -one_plus(1.0, 9),
+        1002.0,
+        1006.0,
+        1000.3,
+    ];
     let want = vec![1.0, one_plus(2.0, 7), one_plus(1.0, 7), -1.0, 1000.0, 1008.0, 1000.0];
     let w = BE.upload_weight(&dense, &BaseWeight::Dense, 1, dense.len()).unwrap();
     let got = BE.weight_values(&w).unwrap();
@@ -59,7 +67,16 @@ fn f16_weights_round_to_nearest_even_and_checkpoints_stay_bf16() {
     // fp16 steps are 2^-10 in [1, 2), 1 in [1024, 2048) and 2^-24 below 2^-14 (subnormals): halfway goes to the even
     // neighbour, past halfway up; 0.75·2^-24 rounds to the smallest subnormal.
     let f16 = Cpu::f16();
-    let dense = [one_plus(1.0, 11), one_plus(3.0, 11), one_plus(1.0, 11) + 2f32.powi(-20), -one_plus(1.0, 12), 1024.5, 1025.5, 2f32.powi(-20), 3.0 * 2f32.powi(-26)];
+    let dense = [
+        one_plus(1.0, 11),
+        one_plus(3.0, 11),
+        one_plus(1.0, 11) + 2f32.powi(-20),
+        -one_plus(1.0, 12),
+        1024.5,
+        1025.5,
+        2f32.powi(-20),
+        3.0 * 2f32.powi(-26),
+    ];
     let want = vec![1.0, one_plus(1.0, 9), one_plus(1.0, 10), -1.0, 1024.0, 1026.0, 2f32.powi(-20), 2f32.powi(-24)];
     let w = f16.upload_weight(&dense, &BaseWeight::Dense, 1, dense.len()).unwrap();
     assert_eq!(f16.weight_values(&w).unwrap(), want);
@@ -67,7 +84,11 @@ fn f16_weights_round_to_nearest_even_and_checkpoints_stay_bf16() {
     let saved = f16.restore(&f16.save(&vec![one_plus(1.0, 8), one_plus(3.0, 8), 1e30]).unwrap()).unwrap();
     assert_eq!(saved, vec![1.0, one_plus(1.0, 6), half::bf16::from_f32(1e30).to_f32()]);
     // A weight beyond fp16's largest finite value would become ∞: refused.
-    let e = f16.upload_weight(&[1.0, 70000.0], &BaseWeight::Dense, 1, 2).map(|_| ()).expect_err("70000 exceeds fp16").to_string();
+    let e = f16
+        .upload_weight(&[1.0, 70000.0], &BaseWeight::Dense, 1, 2)
+        .map(|_| ())
+        .expect_err("70000 exceeds fp16")
+        .to_string();
     assert!(e.contains("65504") && e.contains("cuda:bf16"), "{e}");
 }
 
@@ -112,7 +133,12 @@ fn f16_base_products_scale_their_inputs_and_output_gradients() {
 #[test]
 fn other_products_round_their_operands_to_tf32_nearest_away() {
     // TF32 steps are 2^-10 in [1, 2): 1 + 2^-11 is halfway and goes away from zero; less than halfway goes down.
-    let cases = [(one_plus(1.0, 11), one_plus(1.0, 10)), (-one_plus(1.0, 11), -one_plus(1.0, 10)), (one_plus(1.0, 12), 1.0), (one_plus(3.0, 12), one_plus(1.0, 10))];
+    let cases = [
+        (one_plus(1.0, 11), one_plus(1.0, 10)),
+        (-one_plus(1.0, 11), -one_plus(1.0, 10)),
+        (one_plus(1.0, 12), 1.0),
+        (one_plus(3.0, 12), one_plus(1.0, 10)),
+    ];
     for (x, want) in cases {
         let mut out = vec![0.0];
         BE.matmul(&vec![x], &vec![1.0], &mut out, MatMul::new(1, 1, 1)).unwrap();
@@ -138,7 +164,17 @@ fn attention_rounds_like_the_path_the_gpu_takes() {
         ("f16", Cpu::f16(), 64, tf32_third * one_plus(1.0, 10), tf32_third),
     ];
     for (mode, be, head_dim, want_out, want_dv) in cases {
-        let s = AttentionShape { batch: 1, q_len: 1, kv_len: 3, kv_capacity: 3, heads: 1, kv_heads: 1, head_dim, scale: 1.0, window: None };
+        let s = AttentionShape {
+            batch: 1,
+            q_len: 1,
+            kv_len: 3,
+            kv_capacity: 3,
+            heads: 1,
+            kv_heads: 1,
+            head_dim,
+            scale: 1.0,
+            window: None,
+        };
         let q = vec![0.0; head_dim];
         let mut v = vec![0.0; 3 * head_dim];
         v[..head_dim].fill(one_plus(1.0, 10));
@@ -181,7 +217,9 @@ fn the_emulated_models_are_f32_up_to_16_bit_noise() {
 #[test]
 fn a_one_ulp_change_moves_the_emulated_smollm2_gradients_by_16_bit_noise() {
     let gradients = |be: Cpu, ulps: f32| {
-        let mut m = Decoder::load_quantized(&Checkpoint::open(&smollm2_gguf()).unwrap(), be, Some(&qlora_nf4()), &mut |_| ()).unwrap();
+        let mut m =
+            Decoder::load_quantized(&Checkpoint::open(&smollm2_gguf()).unwrap(), be, Some(&qlora_nf4()), &mut |_| ())
+                .unwrap();
         for (i, blk) in m.blocks.iter_mut().enumerate() {
             for (j, w) in [&mut blk.attn_norm, &mut blk.mlp_norm].into_iter().enumerate() {
                 let shifts = uniform(w.len(), 500 + 2 * i as u64 + j as u64);

@@ -60,7 +60,16 @@ fn merged_weights_give_the_adapted_logits_for_every_method() {
 #[test]
 fn qa_lora_folds_into_int4_zero_points() {
     let src = Checkpoint::open(&fixtures().join("tiny-llama")).unwrap();
-    let o = QuantizeOptions { format: Format::Int4, double_quant: false, block: 64, group: 16, sym: false, icq: false, calibration: None, dtype: WeightDtype::F32 };
+    let o = QuantizeOptions {
+        format: Format::Int4,
+        double_quant: false,
+        block: 64,
+        group: 16,
+        sym: false,
+        icq: false,
+        calibration: None,
+        dtype: WeightDtype::F32,
+    };
     let q = quantize_model(&src, &o, &mut |_| {}).unwrap();
     let dir = tempfile::tempdir().unwrap();
     write_model_dir(&src, &q, o.dtype, &dir.path().join("q")).unwrap();

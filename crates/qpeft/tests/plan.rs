@@ -39,13 +39,23 @@ fn study_reductions_are_exact() {
     let full = attn(64, 32) + mlp(64, 32);
     assert_eq!(full, 159_907_840);
     let rule = |selector: &str, rank: usize| {
-        total(&format!("[adapter]\nrank = 64\nalpha = 16\n[[adapter.override]]\nwhere = {{ {selector} }}\nrank = {rank}\n"))
+        total(&format!(
+            "[adapter]\nrank = 64\nalpha = 16\n[[adapter.override]]\nwhere = {{ {selector} }}\nrank = {rank}\n"
+        ))
     };
     for (div, r) in [(2, 32), (4, 16)] {
         assert_eq!(rule("kind = \"attn\"", r), attn(r, 32) + mlp(64, 32), "rank_att = r/{div}");
         assert_eq!(rule("kind = \"mlp\"", r), attn(64, 32) + mlp(r, 32), "rank_mlp = r/{div}");
-        assert_eq!(rule("depth = \"first-half\"", r), attn(r, 16) + mlp(r, 16) + attn(64, 16) + mlp(64, 16), "rank_1 = r/{div}");
-        assert_eq!(rule("depth = \"second-half\"", r), attn(64, 16) + mlp(64, 16) + attn(r, 16) + mlp(r, 16), "rank_2 = r/{div}");
+        assert_eq!(
+            rule("depth = \"first-half\"", r),
+            attn(r, 16) + mlp(r, 16) + attn(64, 16) + mlp(64, 16),
+            "rank_1 = r/{div}"
+        );
+        assert_eq!(
+            rule("depth = \"second-half\"", r),
+            attn(64, 16) + mlp(64, 16) + attn(r, 16) + mlp(r, 16),
+            "rank_2 = r/{div}"
+        );
     }
     // The percentages: MLP share 45312/78080 = 58.03%, so −29.02% / −43.52%; attention −20.98% / −31.47%.
     let pct = |n: usize| 100.0 * (full as f64 - n as f64) / full as f64;
@@ -110,11 +120,23 @@ fn invalid_rules_name_the_rule_and_the_module() {
     let s = llama7b();
     let first_error = |text: &str, base: BaseKind| plan(text).resolve_all(&s, |_, _| base).unwrap_err().to_string();
     let e = first_error("[adapter]\nmethod = \"q-bara\"\nrank = 8\nlambda = 2\n[[adapter.override]]\nwhere = { kind = \"mlp\" }\nlambda = 3\n", BaseKind::Any);
-    assert!(e.contains("adapter + adapter.override[0]") && e.contains("model.layers.0.mlp.gate_proj") && e.contains("lambda = 3"), "{e}");
-    let e = first_error("[adapter]\nrank = 8\n[[adapter.override]]\nwhere = { name = \"k_proj\", layers = \"3-4\" }\nrank = 5000\n", BaseKind::Any);
+    assert!(
+        e.contains("adapter + adapter.override[0]")
+            && e.contains("model.layers.0.mlp.gate_proj")
+            && e.contains("lambda = 3"),
+        "{e}"
+    );
+    let e = first_error(
+        "[adapter]\nrank = 8\n[[adapter.override]]\nwhere = { name = \"k_proj\", layers = \"3-4\" }\nrank = 5000\n",
+        BaseKind::Any,
+    );
     assert!(e.contains("model.layers.3.self_attn.k_proj") && e.contains("rank = 5000"), "{e}");
     let e = first_error("[adapter]\nmethod = \"qa-lora\"\nrank = 8\ngroup_size = 32\n", BaseKind::Int4 { group: 128 });
-    assert!(e.contains("group_size = 32 but the int4 base uses groups of 128") && e.contains("model.layers.0.self_attn.q_proj"), "{e}");
+    assert!(
+        e.contains("group_size = 32 but the int4 base uses groups of 128")
+            && e.contains("model.layers.0.self_attn.q_proj"),
+        "{e}"
+    );
     let e = first_error("[adapter]\nmethod = \"qa-lora\"\nrank = 8\ngroup_size = 32\n", BaseKind::Nf4);
     assert!(e.contains("needs an int4"), "{e}");
     let e = first_error("[adapter]\nmethod = \"qa-hira\"\nl1 = 4\n", BaseKind::Any);

@@ -15,7 +15,8 @@ fn bit_exact_with_bitsandbytes() {
     for case in &cases {
         let i = case["case"].as_u64().unwrap();
         let get = |k: &str| &t[&format!("case{i}.{k}")].data;
-        let shape: Vec<usize> = case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> =
+            case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         let kind = if case["quant_type"] == "nf4" { FourBit::Nf4 } else { FourBit::Fp4 };
         let block = case["block"].as_u64().unwrap() as usize;
         let double = case["double_quant"].as_bool().unwrap();

@@ -34,8 +34,9 @@ fn rtn_matches_autogptq_quantizer() {
         assert_eq!(&scales, &t[&format!("{key}.scale")].data, "{key} scales");
         assert_eq!(&zeros, &t[&format!("{key}.zero")].data, "{key} zeros");
         let groups = in_dim / group;
-        let w_hat: Vec<f32> =
-            (0..out_dim * in_dim).map(|k| params[k / in_dim * groups + k % in_dim / group].dequantize(codes[k])).collect();
+        let w_hat: Vec<f32> = (0..out_dim * in_dim)
+            .map(|k| params[k / in_dim * groups + k % in_dim / group].dequantize(codes[k]))
+            .collect();
         assert_eq!(&w_hat, &t[&format!("{key}.W_hat")].data, "{key} dequantized");
         println!("{key}: {out_dim}x{in_dim} group {group} sym {sym}: codes, scales, zeros, W_hat identical");
     }
@@ -59,7 +60,8 @@ fn gptq_matches_autogptq_and_beats_rtn() {
         // AutoGPTQ's codes, recovered from its W_hat = scale · (q − zero).
         let (ref_hat, ref_scale, ref_zero) =
             (&t[&format!("{key}.W_hat")].data, &t[&format!("{key}.scale")].data, &t[&format!("{key}.zero")].data);
-        let ref_codes: Vec<u8> = (0..out_dim * in_dim).map(|k| ((ref_hat[k] / ref_scale[at(k)]).round() + ref_zero[at(k)]) as u8).collect();
+        let ref_codes: Vec<u8> =
+            (0..out_dim * in_dim).map(|k| ((ref_hat[k] / ref_scale[at(k)]).round() + ref_zero[at(k)]) as u8).collect();
         let same = codes.iter().zip(&ref_codes).filter(|(a, b)| a == b).count();
         let zeros_same = params.iter().zip(ref_zero).filter(|(p, z)| p.zero == **z).count();
         let scale_err = params.iter().zip(ref_scale).map(|(p, s)| ((p.scale - s) / s).abs()).fold(0.0f32, f32::max);
@@ -103,7 +105,8 @@ fn autogptq_packed_layout() {
     let params: Vec<GroupParams> = scale.iter().zip(zero).map(|(&s, &z)| GroupParams { scale: s, zero: z }).collect();
     let w_hat = &t["asym.W_hat"].data;
     let at = |k: usize| k / 256 * 8 + k % 256 / 32;
-    let codes: Vec<u8> = (0..64 * 256).map(|k| ((w_hat[k] / params[at(k)].scale).round() + params[at(k)].zero) as u8).collect();
+    let codes: Vec<u8> =
+        (0..64 * 256).map(|k| ((w_hat[k] / params[at(k)].scale).round() + params[at(k)].zero) as u8).collect();
     let packed = GptqInt4::pack(&codes, &params, 64, 256, 32, false).unwrap();
     assert_eq!(packed.qzeros, reference.qzeros);
     assert_eq!(packed.scales, reference.scales);

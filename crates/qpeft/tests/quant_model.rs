@@ -15,11 +15,27 @@ use qpeft::quant::int4::{quantize_rtn, GptqInt4};
 use qpeft::quant::model::{quantize_model, write_model_dir, Format, QuantizeOptions, WeightDtype};
 use qpeft::quant::nf4::{Bnb4, FourBit};
 
-const PROJS: [&str; 7] =
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+const PROJS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 
 fn opts(format: Format) -> QuantizeOptions {
-    QuantizeOptions { format, double_quant: false, block: 64, group: 32, sym: false, icq: false, calibration: None, dtype: WeightDtype::F32 }
+    QuantizeOptions {
+        format,
+        double_quant: false,
+        block: 64,
+        group: 32,
+        sym: false,
+        icq: false,
+        calibration: None,
+        dtype: WeightDtype::F32,
+    }
 }
 
 fn tiny() -> Checkpoint {
@@ -88,7 +104,9 @@ fn nf4_icq_roundtrip() {
     let mut o = opts(Format::Nf4);
     o.icq = true;
     o.double_quant = true;
-    roundtrip(o, |w, out, inp| BaseWeight::IcqNf4(icq::quantize_nf4(w, &[out, inp], true, TauSearch::default()).unwrap().0));
+    roundtrip(o, |w, out, inp| {
+        BaseWeight::IcqNf4(icq::quantize_nf4(w, &[out, inp], true, TauSearch::default()).unwrap().0)
+    });
 }
 
 #[test]
@@ -169,7 +187,10 @@ fn bad_options_and_weights_are_refused() {
     write_file(&dir.path().join("model.safetensors"), &tensors).unwrap();
     let bad = Checkpoint::open(dir.path()).unwrap();
     let e = quantize_model(&bad, &opts(Format::Nf4), &mut |_| {}).err().unwrap().to_string();
-    assert!(e.contains("model.layers.1.mlp.up_proj") && e.contains("row 2, column 5") && e.contains("not finite"), "{e}");
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj") && e.contains("row 2, column 5") && e.contains("not finite"),
+        "{e}"
+    );
 
     // A quantized directory with a missing or ill-shaped quantized tensor names the file and tensor.
     let qdir = tempfile::tempdir().unwrap();
@@ -242,9 +263,11 @@ fn smollm2_gptq_beats_rtn_on_every_layer() {
 fn smollm2_icq_entropy_gain() {
     let ckpt = smollm2();
     let s = ckpt.spec.clone();
-    for (layer, proj, out_dim, in_dim) in
-        [(0, "self_attn.q_proj", s.hidden_size, s.hidden_size), (15, "mlp.up_proj", s.intermediate_size, s.hidden_size), (29, "mlp.down_proj", s.hidden_size, s.intermediate_size)]
-    {
+    for (layer, proj, out_dim, in_dim) in [
+        (0, "self_attn.q_proj", s.hidden_size, s.hidden_size),
+        (15, "mlp.up_proj", s.intermediate_size, s.hidden_size),
+        (29, "mlp.down_proj", s.hidden_size, s.intermediate_size),
+    ] {
         let name = format!("model.layers.{layer}.{proj}");
         let (w, _) = ckpt.linear(&name, out_dim, in_dim).unwrap();
         let (q, stats) = icq::quantize_nf4(&w.data, &[out_dim, in_dim], true, TauSearch::default()).unwrap();

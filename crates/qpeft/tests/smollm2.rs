@@ -44,7 +44,8 @@ fn chat_template_and_greedy_generation_match_transformers() {
         let prompt_ids = tok.encode(&chat, false).unwrap();
         assert_eq!(prompt_ids, ids(&g["prompt_ids"]), "prompt ids of {prompt:?}");
         let want = ids(&g["generated_ids"]);
-        let opts = GenerateOptions { max_new_tokens: 48, stop_tokens: ckpt.spec.eos_token_ids.clone(), ..Default::default() };
+        let opts =
+            GenerateOptions { max_new_tokens: 48, stop_tokens: ckpt.spec.eos_token_ids.clone(), ..Default::default() };
         let got = generate(&model, None, &prompt_ids, &opts, |_| Ok(())).unwrap();
         assert_eq!(got, want, "greedy generation for {prompt:?}: got {:?}", tok.decode(&got, true));
         assert_eq!(tok.decode(&got, true).unwrap(), g["text"].as_str().unwrap());
@@ -72,11 +73,16 @@ fn perplexity_matches_transformers_within_0_1_percent() {
 #[test]
 fn hf_directory_converted_from_the_gguf_gives_the_same_logits() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-hf");
-    assert!(dir.join("model.safetensors").exists(), "{} is missing: run scripts/reference/gguf_to_hf.py", dir.display());
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run scripts/reference/gguf_to_hf.py",
+        dir.display()
+    );
     let gguf = open();
     let hf = Checkpoint::open(&dir).unwrap();
     assert_eq!(gguf.spec, hf.spec);
-    let tokens: Vec<u32> = reference()["perplexity"][2]["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let tokens: Vec<u32> =
+        reference()["perplexity"][2]["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let logits = |ckpt: &Checkpoint| {
         let m = Decoder::load(ckpt, Cpu::new()).unwrap();
         let mut cache = m.new_cache(1, tokens.len()).unwrap();

@@ -26,7 +26,8 @@ fn adapters<T: Real>(m: &Decoder<Cpu<T>>, cfg: &AdapterConfig) -> AdapterSet<Cpu
     set
 }
 
-const TRAIN: StepOptions = StepOptions { checkpointing: false, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5, mlp_chunk: Some(3) };
+const TRAIN: StepOptions =
+    StepOptions { checkpointing: false, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5, mlp_chunk: Some(3) };
 
 #[test]
 fn decoder_gradients_match_finite_differences_for_every_method() {
@@ -64,7 +65,13 @@ fn decoder_gradients_match_finite_differences_for_every_method() {
                 let fd = (eval(value[j] + h) - eval(value[j] - h)) / (2.0 * h);
                 set.named_params_mut()[i].1.value[j] = value[j];
                 let err = (fd - grad[j]).abs() / scale;
-                assert!(err < 1e-6, "{family} {}: {}[{j}] fd {fd:e} vs {:e} (err {err:e})", cfg.method.name(), names[i], grad[j]);
+                assert!(
+                    err < 1e-6,
+                    "{family} {}: {}[{j}] fd {fd:e} vs {:e} (err {err:e})",
+                    cfg.method.name(),
+                    names[i],
+                    grad[j]
+                );
             }
         }
     }
@@ -77,7 +84,8 @@ fn checkpointing_gives_identical_gradients() {
         let b = batch(m.spec.vocab_size);
         let run = |checkpointing: bool| {
             let mut set = adapters(&m, &cfg);
-            let r = m.loss_and_backward(&b, &mut set, &StepOptions { checkpointing, mlp_chunk: None, ..TRAIN }).unwrap();
+            let r =
+                m.loss_and_backward(&b, &mut set, &StepOptions { checkpointing, mlp_chunk: None, ..TRAIN }).unwrap();
             let grads: Vec<Vec<f32>> = set.named_params().iter().map(|(_, p)| p.grad.clone()).collect();
             (r, grads)
         };
@@ -127,7 +135,12 @@ fn lora_matches_peft() {
     assert!(modules.iter().flatten().all(|c| c.as_ref() == Some(&lora)), "r 8, α 16 on every linear");
     let ints = |k: &str| want[k].data.iter().map(|&v| v as i64).collect::<Vec<_>>();
     let (tokens, mask, labels) = (ints("input_ids"), ints("attention_mask"), ints("labels"));
-    let input = Input { batch: 2, seq: 12, tokens: tokens.iter().map(|&t| t as u32).collect(), mask: mask.iter().map(|&t| t as u32).collect() };
+    let input = Input {
+        batch: 2,
+        seq: 12,
+        tokens: tokens.iter().map(|&t| t as u32).collect(),
+        mask: mask.iter().map(|&t| t as u32).collect(),
+    };
     let b = Batch { input, labels: labels.iter().map(|&l| if l < 0 { IGNORE } else { l as u32 }).collect() };
 
     // The adapter alone on layer 0's q_proj input.
@@ -162,7 +175,10 @@ fn an_out_of_vocabulary_label_is_refused_before_any_kernel() {
     let mut b = batch(m.spec.vocab_size);
     b.labels[5] = m.spec.vocab_size as u32;
     let e = m.loss(&b, None, &TRAIN).map(|_| ()).expect_err("a label past the vocabulary").to_string();
-    assert!(e.contains(&format!("label id {} is outside the vocabulary (size {})", m.spec.vocab_size, m.spec.vocab_size)), "{e}");
+    assert!(
+        e.contains(&format!("label id {} is outside the vocabulary (size {})", m.spec.vocab_size, m.spec.vocab_size)),
+        "{e}"
+    );
     // IGNORE is not a token id.
     b.labels[5] = IGNORE;
     m.loss(&b, None, &TRAIN).unwrap();

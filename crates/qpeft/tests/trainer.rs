@@ -19,8 +19,8 @@ use qpeft::model::merge::MergedDtype;
 use qpeft::model::train::IGNORE;
 use qpeft::model::{Checkpoint, Decoder, Input};
 use qpeft::train::config::RunConfig;
-use qpeft::train::trainer::{load_model, Trainer};
 use qpeft::train::run_dir::RunDir;
+use qpeft::train::trainer::{load_model, Trainer};
 
 fn tiny_gguf() -> PathBuf {
     fixtures().join("gguf/tiny-llama-spm.gguf")
@@ -55,12 +55,20 @@ fn data_files_load_and_malformed_records_name_file_and_line() {
     let e = load(&bad, DataFormat::Alpaca, &tok).unwrap_err().to_string();
     assert!(e.contains("bad.json") && e.contains("missing field `output`") && e.contains("line 4"), "{e}");
 
-    let oasst = write(d.path(), "o.jsonl", "{\"text\": \"### Human: hi### Assistant: hello\"}\n\n{\"text\": \"### Human: a### Assistant: b\"}\n");
+    let oasst = write(
+        d.path(),
+        "o.jsonl",
+        "{\"text\": \"### Human: hi### Assistant: hello\"}\n\n{\"text\": \"### Human: a### Assistant: b\"}\n",
+    );
     let ex = load(&oasst, DataFormat::Oasst, &tok).unwrap();
     assert_eq!(ex.len(), 2);
     assert_eq!(ex[0], Example { source: String::new(), target: "### Human: hi### Assistant: hello".into() });
 
-    let jsonl = write(d.path(), "g.jsonl", "{\"prompt\": \"p\", \"response\": \"r\"}\n{\"prompt\": \"p\", \"response\": \"r\"}\n{\"prompt\": \"p\"}\n");
+    let jsonl = write(
+        d.path(),
+        "g.jsonl",
+        "{\"prompt\": \"p\", \"response\": \"r\"}\n{\"prompt\": \"p\", \"response\": \"r\"}\n{\"prompt\": \"p\"}\n",
+    );
     let e = load(&jsonl, DataFormat::Jsonl, &tok).unwrap_err().to_string();
     assert!(e.contains("g.jsonl") && e.contains("line 3"), "{e}");
     let chat = write(d.path(), "c.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n");
@@ -117,7 +125,12 @@ fn run_configs_refuse_unknown_keys_and_bad_values() {
     let d = tempfile::tempdir().unwrap();
     let file = Path::new("run.toml");
     let ok = tiny_config(d.path(), "");
-    let cfg = RunConfig::parse(file, &ok, &["train.steps=7".into(), "train.optimizer=adamw-8bit".into(), "data.eval_size = 4".into()]).unwrap();
+    let cfg = RunConfig::parse(
+        file,
+        &ok,
+        &["train.steps=7".into(), "train.optimizer=adamw-8bit".into(), "data.eval_size = 4".into()],
+    )
+    .unwrap();
     assert_eq!((cfg.train.steps, cfg.data.eval_size), (7, 4));
     assert_eq!(cfg.state_bits(), qpeft::train::optimizer::StateBits::B8);
     assert!(cfg.text.contains("steps = 7"), "the snapshot holds the edits");
@@ -196,12 +209,26 @@ fn adapters_written_read_back_identically_for_every_method() {
             _ => Some(lora(8, 16.0)),
         }),
         Box::new(|_, _| Some(AdapterConfig { method: Method::IrQlora, rank: 4, alpha: 16.0, dropout: 0.0 })),
-        Box::new(|_, _| Some(AdapterConfig { method: Method::QBara { lambda: 2 }, rank: 4, alpha: 16.0, dropout: 0.0 })),
-        Box::new(|_, _| Some(AdapterConfig { method: Method::QaHira { l1: 4, l2: 8, zero_init: false }, rank: 1, alpha: 16.0, dropout: 0.0 })),
+        Box::new(|_, _| {
+            Some(AdapterConfig { method: Method::QBara { lambda: 2 }, rank: 4, alpha: 16.0, dropout: 0.0 })
+        }),
+        Box::new(|_, _| {
+            Some(AdapterConfig {
+                method: Method::QaHira { l1: 4, l2: 8, zero_init: false },
+                rank: 1,
+                alpha: 16.0,
+                dropout: 0.0,
+            })
+        }),
         Box::new(|_, p| {
             let ranks = if p == Proj::V { vec![4] } else { vec![4, 2, 2] };
             let n = ranks.len();
-            Some(AdapterConfig { method: Method::Hierarchical { ranks, alphas: vec![16.0; n], lr_scales: vec![1.0; n] }, rank: 8, alpha: 16.0, dropout: 0.0 })
+            Some(AdapterConfig {
+                method: Method::Hierarchical { ranks, alphas: vec![16.0; n], lr_scales: vec![1.0; n] },
+                rank: 8,
+                alpha: 16.0,
+                dropout: 0.0,
+            })
         }),
     ];
     let tokens: Vec<u32> = (0..10).map(|i| (i * 37 % 200) as u32).collect();
@@ -211,7 +238,8 @@ fn adapters_written_read_back_identically_for_every_method() {
         m.logits(&h, tokens.len()).unwrap()
     };
     for (k, resolve) in methods.iter().enumerate() {
-        let modules: Vec<Vec<Option<AdapterConfig>>> = (0..m.spec.num_layers).map(|l| Proj::ALL.iter().map(|&p| resolve(l, p)).collect()).collect();
+        let modules: Vec<Vec<Option<AdapterConfig>>> =
+            (0..m.spec.num_layers).map(|l| Proj::ALL.iter().map(|&p| resolve(l, p)).collect()).collect();
         let mut set = AdapterSet::build(&m.backend, &m.spec, 5, |l, p| modules[l][p as usize].clone()).unwrap();
         random_values(&mut set, 100 * k as u64);
         let d = tempfile::tempdir().unwrap();
@@ -224,11 +252,15 @@ fn adapters_written_read_back_identically_for_every_method() {
             assert_eq!((na, &pa.value), (nb, &pb.value), "method {k}");
         }
         assert_eq!(logits(&set), logits(&back));
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("adapter_config.json")).unwrap()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.path().join("adapter_config.json")).unwrap()).unwrap();
         match k {
             0 => {
                 // A plain PEFT LoRA config: the common r/α, exceptions as patterns, modules listed one by one.
-                assert_eq!((config["peft_type"].as_str(), config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some("LORA"), Some(8), Some(16.0)));
+                assert_eq!(
+                    (config["peft_type"].as_str(), config["r"].as_u64(), config["lora_alpha"].as_f64()),
+                    (Some("LORA"), Some(8), Some(16.0))
+                );
                 assert_eq!(config["rank_pattern"]["model.layers.1.mlp.down_proj"], 2);
                 assert_eq!(config["alpha_pattern"]["model.layers.0.self_attn.q_proj"], 32.0);
                 let targets = config["target_modules"].as_array().unwrap();
@@ -243,7 +275,10 @@ fn adapters_written_read_back_identically_for_every_method() {
             }
             4 => {
                 // Hierarchical: one PEFT LoRA per level; level 1 only where there are three levels.
-                let l1: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("level_1/adapter_config.json")).unwrap()).unwrap();
+                let l1: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(d.path().join("level_1/adapter_config.json")).unwrap(),
+                )
+                .unwrap();
                 assert_eq!(l1["r"], 2);
                 assert!(!l1["target_modules"].as_array().unwrap().iter().any(|t| t == "v_proj"));
             }
@@ -302,7 +337,8 @@ fn a_merged_directory_reproduces_the_adapted_model() {
         // f32: rounding of W + ΔW only; bf16: 8-bit mantissas (2^-9 relative per weight).
         let bound = if dtype == MergedDtype::F32 { 1e-5 } else { 2e-2 };
         assert!(e < bound && moved > 10.0 * e, "{dtype:?}: error {e:e}, adapter effect {moved:e}");
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["torch_dtype"], dtype.torch_name());
         assert!(cfg.get("quantization_config").is_none());
         let e = m.write_hf_dir(&ckpt, dtype, false, &out).unwrap_err().to_string();

@@ -103,6 +103,8 @@ impl<B: Backend> Adapter<B> for IrQlora<B> {
             b[j * r + go.of(j)] += beta_b;
         }
         let s = self.lr.scaling as f64;
-        Ok((0..n_out * n_in).map(|ji| (s * (0..r).map(|k| b[(ji / n_in) * r + k] * a[k * n_in + ji % n_in]).sum::<f64>()) as f32).collect())
+        Ok((0..n_out * n_in)
+            .map(|ji| (s * (0..r).map(|k| b[(ji / n_in) * r + k] * a[k * n_in + ji % n_in]).sum::<f64>()) as f32)
+            .collect())
     }
 }

@@ -102,7 +102,10 @@ impl AdapterConfig {
             Method::QaLora { group } => {
                 divides("group_size", *group, in_dim, "input")?;
                 if r > in_dim / group {
-                    return Err(format!("rank = {r} exceeds the {} pooled inputs (in {in_dim} / group_size {group})", in_dim / group));
+                    return Err(format!(
+                        "rank = {r} exceeds the {} pooled inputs (in {in_dim} / group_size {group})",
+                        in_dim / group
+                    ));
                 }
                 Ok(())
             }
@@ -111,7 +114,10 @@ impl AdapterConfig {
                 divides("lambda", *lambda, out_dim, "output")?;
                 let (n_in, n_out) = (in_dim / lambda, out_dim / lambda);
                 if lambda * r > n_in.min(n_out) {
-                    return Err(format!("lambda·rank = {} exceeds min(in/lambda {n_in}, out/lambda {n_out})", lambda * r));
+                    return Err(format!(
+                        "lambda·rank = {} exceeds min(in/lambda {n_in}, out/lambda {n_out})",
+                        lambda * r
+                    ));
                 }
                 Ok(())
             }
@@ -127,7 +133,12 @@ impl AdapterConfig {
                     return Err(format!("ranks entry {bad} must be in 1..={min} (min(in {in_dim}, out {out_dim}))"));
                 }
                 if alphas.len() != ranks.len() || lr_scales.len() != ranks.len() {
-                    return Err(format!("{} ranks but {} level alphas and {} lr scales", ranks.len(), alphas.len(), lr_scales.len()));
+                    return Err(format!(
+                        "{} ranks but {} level alphas and {} lr scales",
+                        ranks.len(),
+                        alphas.len(),
+                        lr_scales.len()
+                    ));
                 }
                 Ok(())
             }
@@ -192,7 +203,13 @@ pub trait Adapter<B: Backend>: Send + Sync {
 }
 
 /// Builds the adapter `cfg` describes on a linear `in → out`, initialised from `seed`.
-pub fn build<B: Backend + 'static>(be: &B, cfg: &AdapterConfig, in_dim: usize, out_dim: usize, seed: u64) -> Result<Box<dyn Adapter<B>>> {
+pub fn build<B: Backend + 'static>(
+    be: &B,
+    cfg: &AdapterConfig,
+    in_dim: usize,
+    out_dim: usize,
+    seed: u64,
+) -> Result<Box<dyn Adapter<B>>> {
     cfg.check(in_dim, out_dim).map_err(crate::Error::Invalid)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     Ok(match &cfg.method {
@@ -200,10 +217,19 @@ pub fn build<B: Backend + 'static>(be: &B, cfg: &AdapterConfig, in_dim: usize, o
         Method::IrQlora => Box::new(ir_qlora::IrQlora::new(be, cfg, in_dim, out_dim, &mut rng)?),
         Method::QaLora { group } => Box::new(qa_lora::new(be, cfg, *group, in_dim, out_dim, &mut rng)?),
         Method::QBara { lambda } => Box::new(q_bara::QBara::new(be, cfg, *lambda, in_dim, out_dim, &mut rng)?),
-        Method::QaHira { l1, l2, zero_init } => Box::new(qa_hira::QaHira::new(be, cfg, (*l1, *l2), *zero_init, in_dim, out_dim, &mut rng)?),
-        Method::Hierarchical { ranks, alphas, lr_scales } => {
-            Box::new(hierarchical::Hierarchical::new(be, cfg.dropout, ranks, alphas, lr_scales, in_dim, out_dim, &mut rng)?)
+        Method::QaHira { l1, l2, zero_init } => {
+            Box::new(qa_hira::QaHira::new(be, cfg, (*l1, *l2), *zero_init, in_dim, out_dim, &mut rng)?)
         }
+        Method::Hierarchical { ranks, alphas, lr_scales } => Box::new(hierarchical::Hierarchical::new(
+            be,
+            cfg.dropout,
+            ranks,
+            alphas,
+            lr_scales,
+            in_dim,
+            out_dim,
+            &mut rng,
+        )?),
     })
 }
 
@@ -259,7 +285,16 @@ impl InputView {
     /// no active dropout, as in LoRA without dropout) the product accumulates straight into dx, with no [rows, in]
     /// temporary and no separate add.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_product<B: Backend>(&self, be: &B, dh: &B::Buf, w: &B::Buf, k: usize, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+    pub fn backward_product<B: Backend>(
+        &self,
+        be: &B,
+        dh: &B::Buf,
+        w: &B::Buf,
+        k: usize,
+        rows: usize,
+        pass: Pass,
+        dx: &mut B::Buf,
+    ) -> Result<()> {
         let product = MatMul::new(rows, self.width(), k);
         if self.pool.is_none() && !(pass.training && self.dropout > 0.0) {
             return be.matmul(dh, w, dx, product.acc(true));
@@ -315,9 +350,19 @@ pub(crate) struct LowRank<B: Backend> {
 impl<B: Backend> LowRank<B> {
     /// A from `a_init`, B zero (PEFT), names prefixed by `prefix`.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(be: &B, prefix: &str, rank: usize, n_in: usize, n_out: usize, scaling: f32, a_init: &[f32], lr_scale: f32) -> Result<Self> {
+    pub fn new(
+        be: &B,
+        prefix: &str,
+        rank: usize,
+        n_in: usize,
+        n_out: usize,
+        scaling: f32,
+        a_init: &[f32],
+        lr_scale: f32,
+    ) -> Result<Self> {
         let a = Param::new(be, format!("{prefix}lora_A.weight"), vec![rank, n_in], a_init, lr_scale)?;
-        let b = Param::new(be, format!("{prefix}lora_B.weight"), vec![n_out, rank], &vec![0.0; n_out * rank], lr_scale)?;
+        let b =
+            Param::new(be, format!("{prefix}lora_B.weight"), vec![n_out, rank], &vec![0.0; n_out * rank], lr_scale)?;
         Ok(LowRank { a, b, rank, n_in, n_out, scaling })
     }
 
@@ -330,7 +375,12 @@ impl<B: Backend> LowRank<B> {
 
     /// z (+)= s·h·Bᵀ [rows, n_out].
     pub fn project(&self, be: &B, h: &B::Buf, rows: usize, z: &mut B::Buf, accumulate: bool) -> Result<()> {
-        be.matmul(h, &self.b.value, z, MatMul::new(rows, self.n_out, self.rank).bt().scaled(self.scaling).acc(accumulate))
+        be.matmul(
+            h,
+            &self.b.value,
+            z,
+            MatMul::new(rows, self.n_out, self.rank).bt().scaled(self.scaling).acc(accumulate),
+        )
     }
 
     /// Given dz = ∂L/∂z: dB += s·dzᵀ·h, returns dh = s·dz·B.
@@ -344,14 +394,33 @@ impl<B: Backend> LowRank<B> {
 
     /// Given dh: dA += dhᵀ·u, and dx += viewᵀ(dh·A) for the input view u = view(x).
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_a(&mut self, be: &B, u: &B::Buf, dh: &B::Buf, rows: usize, view: &InputView, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+    pub fn backward_a(
+        &mut self,
+        be: &B,
+        u: &B::Buf,
+        dh: &B::Buf,
+        rows: usize,
+        view: &InputView,
+        pass: Pass,
+        dx: &mut B::Buf,
+    ) -> Result<()> {
         be.matmul(dh, u, self.a.grad_mut(be)?, MatMul::new(self.rank, self.n_in, rows).at().acc(true))?;
         view.backward_product(be, dh, &self.a.value, self.rank, rows, pass, dx)
     }
 
     /// Both steps: dB, dA accumulate, dx += viewᵀ(du).
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&mut self, be: &B, u: &B::Buf, h: &B::Buf, dz: &B::Buf, rows: usize, view: &InputView, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+    pub fn backward(
+        &mut self,
+        be: &B,
+        u: &B::Buf,
+        h: &B::Buf,
+        dz: &B::Buf,
+        rows: usize,
+        view: &InputView,
+        pass: Pass,
+        dx: &mut B::Buf,
+    ) -> Result<()> {
         let dh = self.backward_b(be, h, dz, rows)?;
         self.backward_a(be, u, &dh, rows, view, pass, dx)
     }
@@ -372,7 +441,9 @@ impl<B: Backend> LowRank<B> {
             for k in 0..self.rank {
                 let bjk = s * b[j * self.rank + k] as f64;
                 if bjk != 0.0 {
-                    for (o, &aki) in out[j * self.n_in..(j + 1) * self.n_in].iter_mut().zip(&a[k * self.n_in..(k + 1) * self.n_in]) {
+                    for (o, &aki) in
+                        out[j * self.n_in..(j + 1) * self.n_in].iter_mut().zip(&a[k * self.n_in..(k + 1) * self.n_in])
+                    {
                         *o += bjk * aki as f64;
                     }
                 }

@@ -15,7 +15,14 @@ pub struct QBara<B: Backend> {
 }
 
 impl<B: Backend> QBara<B> {
-    pub fn new(be: &B, cfg: &AdapterConfig, lambda: usize, in_dim: usize, out_dim: usize, rng: &mut ChaCha8Rng) -> Result<Self> {
+    pub fn new(
+        be: &B,
+        cfg: &AdapterConfig,
+        lambda: usize,
+        in_dim: usize,
+        out_dim: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
         let (n_in, n_out, rank) = (in_dim / lambda, out_dim / lambda, lambda * cfg.rank);
         let a = kaiming(rng, rank, n_in);
         Ok(QBara {

@@ -9,7 +9,14 @@ use super::{uniform, AdapterConfig, InputView};
 use crate::backend::{Backend, Groups};
 use crate::error::Result;
 
-pub fn new<B: Backend>(be: &B, cfg: &AdapterConfig, group: usize, in_dim: usize, out_dim: usize, rng: &mut ChaCha8Rng) -> Result<Lora<B>> {
+pub fn new<B: Backend>(
+    be: &B,
+    cfg: &AdapterConfig,
+    group: usize,
+    in_dim: usize,
+    out_dim: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<Lora<B>> {
     let pooled = in_dim / group;
     // xavier_uniform on A [r, in/L]: U(±√(6 / (fan_in + fan_out))).
     let a = uniform(rng, cfg.rank * pooled, (6.0 / (pooled + cfg.rank) as f64).sqrt());

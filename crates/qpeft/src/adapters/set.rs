@@ -21,16 +21,22 @@ pub fn module_seed(seed: u64, layer: usize, proj: Proj) -> u64 {
 
 impl<B: Backend + 'static> AdapterSet<B> {
     /// Builds the adapter `resolve(layer, proj)` asks for on each linear (None leaves it frozen).
-    pub fn build(be: &B, spec: &ModelSpec, seed: u64, resolve: impl Fn(usize, Proj) -> Option<AdapterConfig>) -> Result<Self> {
+    pub fn build(
+        be: &B,
+        spec: &ModelSpec,
+        seed: u64,
+        resolve: impl Fn(usize, Proj) -> Option<AdapterConfig>,
+    ) -> Result<Self> {
         let mut slots = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let mut row = Vec::with_capacity(Proj::ALL.len());
             for p in Proj::ALL {
                 let (out_dim, in_dim) = p.dims(spec);
                 row.push(match resolve(l, p) {
-                    Some(cfg) => Some(build(be, &cfg, in_dim, out_dim, module_seed(seed, l, p)).map_err(|e| {
-                        crate::Error::Invalid(format!("model.layers.{l}.{}: {e}", p.module()))
-                    })?),
+                    Some(cfg) => Some(
+                        build(be, &cfg, in_dim, out_dim, module_seed(seed, l, p))
+                            .map_err(|e| crate::Error::Invalid(format!("model.layers.{l}.{}: {e}", p.module())))?,
+                    ),
                     None => None,
                 });
             }
@@ -54,7 +60,9 @@ impl<B: Backend> AdapterSet<B> {
         for (l, row) in self.slots.iter().enumerate() {
             for (p, slot) in Proj::ALL.iter().zip(row) {
                 if let Some(a) = slot {
-                    out.extend(a.params().into_iter().map(|q| (format!("model.layers.{l}.{}.{}", p.module(), q.name), q)));
+                    out.extend(
+                        a.params().into_iter().map(|q| (format!("model.layers.{l}.{}.{}", p.module(), q.name), q)),
+                    );
                 }
             }
         }
@@ -66,7 +74,9 @@ impl<B: Backend> AdapterSet<B> {
         for (l, row) in self.slots.iter_mut().enumerate() {
             for (p, slot) in Proj::ALL.iter().zip(row) {
                 if let Some(a) = slot {
-                    out.extend(a.params_mut().into_iter().map(|q| (format!("model.layers.{l}.{}.{}", p.module(), q.name), q)));
+                    out.extend(
+                        a.params_mut().into_iter().map(|q| (format!("model.layers.{l}.{}.{}", p.module(), q.name), q)),
+                    );
                 }
             }
         }

@@ -296,21 +296,51 @@ pub trait Backend: Send + Sync {
     /// Ŵ in f32, [out, in] (merging, saving, checks): bit-exact with `base.dequantize()`.
     fn weight_values(&self, w: &Self::Weight) -> Result<Self::Buf>;
     /// out [rows, out] (+)= x·Ŵᵀ for x [rows, in].
-    fn linear(&self, x: &Self::Buf, w: &Self::Weight, rows: usize, out: &mut Self::Buf, accumulate: bool) -> Result<()>;
+    fn linear(&self, x: &Self::Buf, w: &Self::Weight, rows: usize, out: &mut Self::Buf, accumulate: bool)
+        -> Result<()>;
     /// dx [rows, in] (+)= dy·Ŵ for dy [rows, out]: a frozen weight's only gradient.
-    fn linear_backward(&self, dy: &Self::Buf, w: &Self::Weight, rows: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<()>;
+    fn linear_backward(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Weight,
+        rows: usize,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
 
     /// out[r, :] = table[ids[r], :] · scale; the table is a dense weight [vocab, dim] (the tied LM head too).
-    fn embedding(&self, table: &Self::Weight, ids: &Self::Ints, dim: usize, scale: f32, out: &mut Self::Buf) -> Result<()>;
+    fn embedding(
+        &self,
+        table: &Self::Weight,
+        ids: &Self::Ints,
+        dim: usize,
+        scale: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf, shape: MatMul) -> Result<()>;
     /// x[r, :] += bias for every row.
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf) -> Result<()>;
     /// x += y.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf) -> Result<()>;
     /// out = w ⊙ x / rms(x) (or (1 + w) ⊙ … when `plus_one`), per row of `dim`.
-    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f32, plus_one: bool, out: &mut Self::Buf) -> Result<()>;
+    fn rmsnorm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        plus_one: bool,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// Rotates x ([rows, heads, head_dim]) in place by angle positions[r] · inv_freq[j].
-    fn rope(&self, x: &mut Self::Buf, positions: &Self::Ints, inv_freq: &Self::Buf, heads: usize, head_dim: usize) -> Result<()>;
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        positions: &Self::Ints,
+        inv_freq: &Self::Buf,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
     /// out = act(gate) ⊙ up.
     fn glu(&self, gate: &Self::Buf, up: &Self::Buf, kind: GluKind, out: &mut Self::Buf) -> Result<()>;
     /// Writes `src` ([batch, rows, width]) into `dst` ([batch, capacity, width]) at row `start`.
@@ -326,7 +356,14 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Buf,
     ) -> Result<()>;
     /// Per-row −log softmax(logits)[target]; rows whose target is `ignore` give 0.
-    fn cross_entropy(&self, logits: &Self::Buf, targets: &Self::Ints, vocab: usize, ignore: u32, out: &mut Self::Buf) -> Result<()>;
+    fn cross_entropy(
+        &self,
+        logits: &Self::Buf,
+        targets: &Self::Ints,
+        vocab: usize,
+        ignore: u32,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
 
     // ---- backward and adapter ops ----
 
@@ -354,7 +391,14 @@ pub trait Backend: Send + Sync {
         accumulate: bool,
     ) -> Result<()>;
     /// The inverse rotation of `rope` (its transpose, hence also its backward).
-    fn rope_backward(&self, dx: &mut Self::Buf, positions: &Self::Ints, inv_freq: &Self::Buf, heads: usize, head_dim: usize) -> Result<()>;
+    fn rope_backward(
+        &self,
+        dx: &mut Self::Buf,
+        positions: &Self::Ints,
+        inv_freq: &Self::Buf,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
     /// dgate, dup of out = act(gate) ⊙ up.
     #[allow(clippy::too_many_arguments)]
     fn glu_backward(
@@ -383,14 +427,40 @@ pub trait Backend: Send + Sync {
         dv: &mut Self::Buf,
     ) -> Result<()>;
     /// dlogits = scale · (softmax(logits) − onehot(target)) per row; rows whose target is `ignore` get 0.
-    fn cross_entropy_backward(&self, logits: &Self::Buf, targets: &Self::Ints, vocab: usize, ignore: u32, scale: f32, dlogits: &mut Self::Buf) -> Result<()>;
+    fn cross_entropy_backward(
+        &self,
+        logits: &Self::Buf,
+        targets: &Self::Ints,
+        vocab: usize,
+        ignore: u32,
+        scale: f32,
+        dlogits: &mut Self::Buf,
+    ) -> Result<()>;
     /// out[r, g] (+)= scale · Σ_{i ∈ g} x[r, i] (divided by |g| when `mean`): average pooling and group means.
     #[allow(clippy::too_many_arguments)]
-    fn group_reduce(&self, x: &Self::Buf, rows: usize, g: Groups, mean: bool, scale: f32, out: &mut Self::Buf, accumulate: bool) -> Result<()>;
+    fn group_reduce(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        g: Groups,
+        mean: bool,
+        scale: f32,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
     /// y[r, i] (+)= scale · h[r, group(i)] (divided by |group(i)| when `mean`): repeat-interleave, and the
     /// adjoint of `group_reduce`.
     #[allow(clippy::too_many_arguments)]
-    fn group_expand(&self, h: &Self::Buf, rows: usize, g: Groups, mean: bool, scale: f32, y: &mut Self::Buf, accumulate: bool) -> Result<()>;
+    fn group_expand(
+        &self,
+        h: &Self::Buf,
+        rows: usize,
+        g: Groups,
+        mean: bool,
+        scale: f32,
+        y: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
     /// out = x ⊙ mask / (1 − p), the mask drawn from a counter-based RNG keyed by `seed` (the same seed gives
     /// the same mask, so backward and recomputation reuse it without storing it). x[i] takes the mask's element
     /// `first + i`, so that a range of rows run on its own draws the rows' part of the whole mask.
@@ -409,7 +479,16 @@ pub trait Backend: Send + Sync {
     /// moments as `adamw` does, then re-quantize against the block's new absmax (nearest code, ties to the even index;
     /// an m code whose sign differs from m moves one step toward m's sign).
     #[allow(clippy::too_many_arguments)]
-    fn adamw_8bit(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Bytes, m_absmax: &mut Self::Buf, v: &mut Self::Bytes, v_absmax: &mut Self::Buf, s: AdamStep) -> Result<()>;
+    fn adamw_8bit(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Bytes,
+        m_absmax: &mut Self::Buf,
+        v: &mut Self::Bytes,
+        v_absmax: &mut Self::Buf,
+        s: AdamStep,
+    ) -> Result<()>;
 }
 
 /// Elements per absmax block of the 8-bit optimizer states.
@@ -450,7 +529,14 @@ pub(crate) fn check_groups(op: &str, g: Groups, rows: usize, wide: usize, narrow
 }
 
 /// Buffer lengths of an attention call (q, k cache, v cache, key mask, and the buffers shaped like q).
-pub(crate) fn check_attention(q: usize, k: usize, v: usize, key_mask: usize, s: AttentionShape, q_like: &[usize]) -> Result<()> {
+pub(crate) fn check_attention(
+    q: usize,
+    k: usize,
+    v: usize,
+    key_mask: usize,
+    s: AttentionShape,
+    q_like: &[usize],
+) -> Result<()> {
     let q_size = s.batch * s.q_len * s.heads * s.head_dim;
     let kv_size = s.batch * s.kv_capacity * s.kv_heads * s.head_dim;
     check(

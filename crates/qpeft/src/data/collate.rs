@@ -27,16 +27,33 @@ pub struct Collator<'a> {
 }
 
 impl<'a> Collator<'a> {
-    pub fn new(tok: &'a Tokenizer, source_max_len: usize, target_max_len: usize, train_on_source: bool) -> Result<Self> {
-        let eos = tok.eos_token.clone().ok_or_else(|| Error::Invalid("the tokenizer has no EOS token; training needs one to end targets".into()))?;
-        let pad = tok.token_id(&eos).ok_or_else(|| Error::Invalid(format!("EOS token `{eos}` is not in the vocabulary")))?;
-        Ok(Collator { tok, source_max_len, target_max_len, train_on_source, bos: tok.bos_token.clone().unwrap_or_default(), eos, pad })
+    pub fn new(
+        tok: &'a Tokenizer,
+        source_max_len: usize,
+        target_max_len: usize,
+        train_on_source: bool,
+    ) -> Result<Self> {
+        let eos = tok.eos_token.clone().ok_or_else(|| {
+            Error::Invalid("the tokenizer has no EOS token; training needs one to end targets".into())
+        })?;
+        let pad =
+            tok.token_id(&eos).ok_or_else(|| Error::Invalid(format!("EOS token `{eos}` is not in the vocabulary")))?;
+        Ok(Collator {
+            tok,
+            source_max_len,
+            target_max_len,
+            train_on_source,
+            bos: tok.bos_token.clone().unwrap_or_default(),
+            eos,
+            pad,
+        })
     }
 
     /// The source tokens: BOS + source, truncated to `source_max_len` (also the prompt for generation).
     pub fn prompt(&self, ex: &Example) -> Result<Vec<u32>> {
         // A chat-template source may already begin with BOS.
-        let source = if ex.source.starts_with(&self.bos) { ex.source.clone() } else { format!("{}{}", self.bos, ex.source) };
+        let source =
+            if ex.source.starts_with(&self.bos) { ex.source.clone() } else { format!("{}{}", self.bos, ex.source) };
         let mut src = self.tok.encode(&source, false)?;
         src.truncate(self.source_max_len);
         Ok(src)
@@ -46,7 +63,8 @@ impl<'a> Collator<'a> {
         let mut src = self.prompt(ex)?;
         let mut tgt = self.tok.encode(&format!("{}{}", ex.target, self.eos), false)?;
         tgt.truncate(self.target_max_len);
-        let labels = src.iter().map(|&t| if self.train_on_source { t } else { IGNORE }).chain(tgt.iter().copied()).collect();
+        let labels =
+            src.iter().map(|&t| if self.train_on_source { t } else { IGNORE }).chain(tgt.iter().copied()).collect();
         src.extend(tgt);
         Ok(Tokenized { ids: src, labels })
     }

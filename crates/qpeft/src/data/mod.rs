@@ -91,12 +91,15 @@ fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bytes = if path.extension().is_some_and(|e| e == "gz") {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut out).map_err(|e| Error::format(path, format!("not a valid gzip file: {e}")))?;
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut out)
+            .map_err(|e| Error::format(path, format!("not a valid gzip file: {e}")))?;
         out
     } else {
         bytes
     };
-    String::from_utf8(bytes).map_err(|e| Error::format(path, format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))
+    String::from_utf8(bytes)
+        .map_err(|e| Error::format(path, format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))
 }
 
 /// Parses one JSON object per non-empty line; errors name the line.
@@ -117,11 +120,15 @@ pub fn load(path: &Path, format: DataFormat, tok: &Tokenizer) -> Result<Vec<Exam
     let examples = match format {
         DataFormat::Alpaca if text.trim_start().starts_with('[') => {
             // serde_json's messages carry the line and column of the offending record.
-            let records: Vec<AlpacaRecord> = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+            let records: Vec<AlpacaRecord> =
+                serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
             records.into_iter().map(AlpacaRecord::example).collect()
         }
         DataFormat::Alpaca => jsonl::<AlpacaRecord>(path, &text)?.into_iter().map(AlpacaRecord::example).collect(),
-        DataFormat::Oasst => jsonl::<OasstRecord>(path, &text)?.into_iter().map(|r| Example { source: String::new(), target: r.text }).collect(),
+        DataFormat::Oasst => jsonl::<OasstRecord>(path, &text)?
+            .into_iter()
+            .map(|r| Example { source: String::new(), target: r.text })
+            .collect(),
         DataFormat::Jsonl => {
             let mut out = Vec::new();
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

@@ -52,7 +52,14 @@ fn log_prob(row: &[f32], target: u32) -> (f64, bool) {
 
 /// Scores `requests`, at most `batch` sequences per forward pass, each input left-truncated to `max_len` tokens.
 /// Requests with the same context run it once (see `prefix`); `progress(n)` follows the scored requests.
-pub fn score<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, requests: &[Request], batch: usize, max_len: usize, mut progress: impl FnMut(usize)) -> Result<Vec<Score>> {
+pub fn score<B: Backend>(
+    model: &Decoder<B>,
+    adapters: Option<&AdapterSet<B>>,
+    requests: &[Request],
+    batch: usize,
+    max_len: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Score>> {
     let be = &model.backend;
     let (h, v) = (model.spec.hidden_size, model.spec.vocab_size);
     // The model input (ctx ++ cont)[:-1], left-truncated, splits into a prefix and the suffix whose k positions

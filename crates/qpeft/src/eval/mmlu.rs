@@ -30,20 +30,38 @@ pub struct Question {
 /// Subject → hendrycks' subcategory (the 17 of categories.py).
 pub fn subcategory(subject: &str) -> Option<&'static str> {
     Some(match subject {
-        "abstract_algebra" | "college_mathematics" | "elementary_mathematics" | "high_school_mathematics" | "high_school_statistics" => "math",
-        "anatomy" | "clinical_knowledge" | "college_medicine" | "human_aging" | "medical_genetics" | "nutrition" | "professional_medicine" | "virology" => "health",
+        "abstract_algebra"
+        | "college_mathematics"
+        | "elementary_mathematics"
+        | "high_school_mathematics"
+        | "high_school_statistics" => "math",
+        "anatomy"
+        | "clinical_knowledge"
+        | "college_medicine"
+        | "human_aging"
+        | "medical_genetics"
+        | "nutrition"
+        | "professional_medicine"
+        | "virology" => "health",
         "astronomy" | "college_physics" | "conceptual_physics" | "high_school_physics" => "physics",
         "business_ethics" | "management" | "marketing" => "business",
         "college_biology" | "high_school_biology" => "biology",
         "college_chemistry" | "high_school_chemistry" => "chemistry",
-        "college_computer_science" | "computer_security" | "high_school_computer_science" | "machine_learning" => "computer science",
+        "college_computer_science" | "computer_security" | "high_school_computer_science" | "machine_learning" => {
+            "computer science"
+        }
         "econometrics" | "high_school_macroeconomics" | "high_school_microeconomics" => "economics",
         "electrical_engineering" => "engineering",
-        "formal_logic" | "logical_fallacies" | "moral_disputes" | "moral_scenarios" | "philosophy" | "world_religions" => "philosophy",
+        "formal_logic" | "logical_fallacies" | "moral_disputes" | "moral_scenarios" | "philosophy"
+        | "world_religions" => "philosophy",
         "global_facts" | "miscellaneous" | "professional_accounting" => "other",
-        "high_school_european_history" | "high_school_us_history" | "high_school_world_history" | "prehistory" => "history",
+        "high_school_european_history" | "high_school_us_history" | "high_school_world_history" | "prehistory" => {
+            "history"
+        }
         "high_school_geography" => "geography",
-        "high_school_government_and_politics" | "public_relations" | "security_studies" | "us_foreign_policy" => "politics",
+        "high_school_government_and_politics" | "public_relations" | "security_studies" | "us_foreign_policy" => {
+            "politics"
+        }
         "high_school_psychology" | "professional_psychology" => "psychology",
         "human_sexuality" | "sociology" => "culture",
         "international_law" | "jurisprudence" | "professional_law" => "law",
@@ -79,15 +97,25 @@ pub fn load_split(dir: &Path, split: &str) -> Result<BTreeMap<String, Vec<Questi
 }
 
 fn read_csv(path: &Path) -> Result<Vec<Question>> {
-    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_path(path).map_err(|e| Error::format(path, e.to_string()))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_path(path)
+        .map_err(|e| Error::format(path, e.to_string()))?;
     let mut out = Vec::new();
     for (i, record) in reader.records().enumerate() {
         let row = i + 1;
         let r = record.map_err(|e| Error::format(path, format!("row {row}: {e}")))?;
         if r.len() != 6 {
-            return Err(Error::format(path, format!("row {row}: {} columns, expected 6 (question, A, B, C, D, answer)", r.len())));
+            return Err(Error::format(
+                path,
+                format!("row {row}: {} columns, expected 6 (question, A, B, C, D, answer)", r.len()),
+            ));
         }
-        let answer = LETTERS.iter().position(|&l| l == r[5].trim()).ok_or_else(|| Error::format(path, format!("row {row}: answer `{}` is not A, B, C or D", &r[5])))?;
+        let answer = LETTERS
+            .iter()
+            .position(|&l| l == r[5].trim())
+            .ok_or_else(|| Error::format(path, format!("row {row}: answer `{}` is not A, B, C or D", &r[5])))?;
         out.push(Question { question: r[0].to_string(), choices: [1, 2, 3, 4].map(|c| r[c].to_string()), answer });
     }
     if out.is_empty() {
@@ -111,7 +139,8 @@ fn format_question(q: &Question) -> String {
 /// The k-shot prompt for `q` of `subject`.
 pub fn prompt(subject: &str, shots: &[Question], q: &Question) -> String {
     // S = " " + subject with spaces: two spaces after "about", as the original code builds it.
-    let mut s = format!("The following are multiple choice questions (with answers) about  {}.\n\n", subject.replace('_', " "));
+    let mut s =
+        format!("The following are multiple choice questions (with answers) about  {}.\n\n", subject.replace('_', " "));
     for shot in shots {
         s += &format!("{} {}\n\n", format_question(shot), LETTERS[shot.answer]);
     }
@@ -126,7 +155,9 @@ pub fn answer_tokens(tok: &Tokenizer) -> Result<[u32; 4]> {
     for (i, l) in LETTERS.iter().enumerate() {
         let with = tok.encode(&format!("Answer: {l}"), false)?;
         if with.len() != base.len() + 1 || with[..base.len()] != base[..] {
-            return Err(Error::Invalid(format!("this tokenizer does not encode \" {l}\" after \"Answer:\" as one token ({with:?} vs {base:?})")));
+            return Err(Error::Invalid(format!(
+                "this tokenizer does not encode \" {l}\" after \"Answer:\" as one token ({with:?} vs {base:?})"
+            )));
         }
         ids[i] = with[base.len()];
     }
@@ -180,14 +211,23 @@ pub struct Options {
 }
 
 /// Runs MMLU on `model` (with `adapters`) from the CSVs in `dir`.
-pub fn evaluate<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, tok: &Tokenizer, dir: &Path, opts: &Options, mut progress: impl FnMut(usize, usize)) -> Result<Report> {
+pub fn evaluate<B: Backend>(
+    model: &Decoder<B>,
+    adapters: Option<&AdapterSet<B>>,
+    tok: &Tokenizer,
+    dir: &Path,
+    opts: &Options,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Report> {
     let dev = load_split(dir, "dev")?;
     let test = load_split(dir, &opts.split)?;
     let letters = answer_tokens(tok)?;
     // (subject, index, k, tokens)
     let mut prompts: Vec<(String, usize, usize, Vec<u32>)> = Vec::new();
     for (subject, questions) in &test {
-        let shots = dev.get(subject).ok_or_else(|| Error::format(&dir.join("dev"), format!("no dev file for subject `{subject}`")))?;
+        let shots = dev
+            .get(subject)
+            .ok_or_else(|| Error::format(&dir.join("dev"), format!("no dev file for subject `{subject}`")))?;
         for (i, q) in questions.iter().enumerate().take(opts.limit.unwrap_or(usize::MAX)) {
             let mut k = opts.shots.min(shots.len());
             let mut ids = tok.encode(&prompt(subject, &shots[..k], q), true)?;
@@ -217,8 +257,12 @@ pub fn evaluate<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>
         .iter()
         .map(|m| {
             let first = &prompts[m[0]].3;
-            let common = m.iter().map(|&i| common_prefix(first, &prompts[i].3).min(prompts[i].3.len() - 1)).min().unwrap_or(0);
-            Group { prefix: first[..common].to_vec(), suffixes: m.iter().map(|&i| prompts[i].3[common..].to_vec()).collect() }
+            let common =
+                m.iter().map(|&i| common_prefix(first, &prompts[i].3).min(prompts[i].3.len() - 1)).min().unwrap_or(0);
+            Group {
+                prefix: first[..common].to_vec(),
+                suffixes: m.iter().map(|&i| prompts[i].3[common..].to_vec()).collect(),
+            }
         })
         .collect();
     let be = &model.backend;
@@ -244,7 +288,11 @@ pub fn evaluate<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>
         let gold = test[&subject][index].answer;
         let ok = (pred == gold) as usize;
         let sub = subcategory(&subject).unwrap_or("other");
-        for (map, key) in [(&mut subjects, subject.clone()), (&mut subcategories, sub.to_string()), (&mut categories, category(sub).to_string())] {
+        for (map, key) in [
+            (&mut subjects, subject.clone()),
+            (&mut subcategories, sub.to_string()),
+            (&mut categories, category(sub).to_string()),
+        ] {
             let a = map.entry(key).or_default();
             a.correct += ok;
             a.total += 1;
@@ -262,7 +310,11 @@ mod tests {
 
     #[test]
     fn the_prompt_follows_hendrycks() {
-        let q = |t: &str, a| Question { question: t.into(), choices: ["w".into(), "x".into(), "y".into(), "z".into()], answer: a };
+        let q = |t: &str, a| Question {
+            question: t.into(),
+            choices: ["w".into(), "x".into(), "y".into(), "z".into()],
+            answer: a,
+        };
         let p = prompt("abstract_algebra", &[q("S1?", 1)], &q("Q?", 0));
         assert_eq!(
             p,
@@ -275,17 +327,63 @@ mod tests {
     #[test]
     fn every_subject_has_a_category() {
         let subs: std::collections::BTreeSet<&str> = [
-            "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology", "college_chemistry",
-            "college_computer_science", "college_mathematics", "college_medicine", "college_physics", "computer_security",
-            "conceptual_physics", "econometrics", "electrical_engineering", "elementary_mathematics", "formal_logic", "global_facts",
-            "high_school_biology", "high_school_chemistry", "high_school_computer_science", "high_school_european_history",
-            "high_school_geography", "high_school_government_and_politics", "high_school_macroeconomics", "high_school_mathematics",
-            "high_school_microeconomics", "high_school_physics", "high_school_psychology", "high_school_statistics",
-            "high_school_us_history", "high_school_world_history", "human_aging", "human_sexuality", "international_law",
-            "jurisprudence", "logical_fallacies", "machine_learning", "management", "marketing", "medical_genetics", "miscellaneous",
-            "moral_disputes", "moral_scenarios", "nutrition", "philosophy", "prehistory", "professional_accounting", "professional_law",
-            "professional_medicine", "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy",
-            "virology", "world_religions",
+            "abstract_algebra",
+            "anatomy",
+            "astronomy",
+            "business_ethics",
+            "clinical_knowledge",
+            "college_biology",
+            "college_chemistry",
+            "college_computer_science",
+            "college_mathematics",
+            "college_medicine",
+            "college_physics",
+            "computer_security",
+            "conceptual_physics",
+            "econometrics",
+            "electrical_engineering",
+            "elementary_mathematics",
+            "formal_logic",
+            "global_facts",
+            "high_school_biology",
+            "high_school_chemistry",
+            "high_school_computer_science",
+            "high_school_european_history",
+            "high_school_geography",
+            "high_school_government_and_politics",
+            "high_school_macroeconomics",
+            "high_school_mathematics",
+            "high_school_microeconomics",
+            "high_school_physics",
+            "high_school_psychology",
+            "high_school_statistics",
+            "high_school_us_history",
+            "high_school_world_history",
+            "human_aging",
+            "human_sexuality",
+            "international_law",
+            "jurisprudence",
+            "logical_fallacies",
+            "machine_learning",
+            "management",
+            "marketing",
+            "medical_genetics",
+            "miscellaneous",
+            "moral_disputes",
+            "moral_scenarios",
+            "nutrition",
+            "philosophy",
+            "prehistory",
+            "professional_accounting",
+            "professional_law",
+            "professional_medicine",
+            "professional_psychology",
+            "public_relations",
+            "security_studies",
+            "sociology",
+            "us_foreign_policy",
+            "virology",
+            "world_religions",
         ]
         .into_iter()
         .map(|s| subcategory(s).unwrap_or_else(|| panic!("{s}")))

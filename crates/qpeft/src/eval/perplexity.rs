@@ -38,7 +38,12 @@ pub fn window_nll<B: Backend>(model: &Decoder<B>, tokens: &[u32]) -> Result<Vec<
 
 /// Splits `tokens` into consecutive non-overlapping windows of at most `window` tokens; each window
 /// is scored independently (its first token is context only).
-pub fn perplexity<B: Backend>(model: &Decoder<B>, tokens: &[u32], window: usize, mut progress: impl FnMut(usize)) -> Result<Perplexity> {
+pub fn perplexity<B: Backend>(
+    model: &Decoder<B>,
+    tokens: &[u32],
+    window: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Perplexity> {
     if window < 2 {
         return Err(Error::Invalid(format!("window must be at least 2 tokens, got {window}")));
     }

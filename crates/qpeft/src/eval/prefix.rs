@@ -42,7 +42,8 @@ pub fn run<B: Backend>(
         if prefix_len > 0 {
             model.forward_with(&Input::right_padded(&prefixes, 0), &mut cache, adapters, &mut |_, _, _| Ok(()))?;
         }
-        let rows: Vec<(usize, usize)> = unit.iter().enumerate().flat_map(|(i, g)| (0..g.suffixes.len()).map(move |s| (i, s))).collect();
+        let rows: Vec<(usize, usize)> =
+            unit.iter().enumerate().flat_map(|(i, g)| (0..g.suffixes.len()).map(move |s| (i, s))).collect();
         for chunk in rows.chunks(batch) {
             let suffixes: Vec<&[u32]> = chunk.iter().map(|&(i, s)| &unit[i].suffixes[s][..]).collect();
             if let Some(&(i, s)) = chunk.iter().find(|&&(i, s)| unit[i].suffixes[s].is_empty()) {

@@ -13,7 +13,8 @@ use crate::model::Decoder;
 use crate::tokenizer::Tokenizer;
 
 /// Every task name, in the papers' order.
-pub const NAMES: [&str; 8] = ["mmlu", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"];
+pub const NAMES: [&str; 8] =
+    ["mmlu", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"];
 
 /// Splits a comma-separated task list ("all" = every task), refusing unknown names.
 pub fn parse_tasks(list: &str) -> Result<Vec<String>> {
@@ -57,7 +58,9 @@ impl TaskReport {
     pub fn metrics(&self) -> Vec<(&'static str, f64)> {
         match self {
             TaskReport::Mmlu(r) => vec![("acc", r.micro), ("acc_macro", r.macro_avg)],
-            TaskReport::ZeroShot(r) => std::iter::once(("acc", r.acc)).chain(r.acc_norm.map(|a| ("acc_norm", a))).collect(),
+            TaskReport::ZeroShot(r) => {
+                std::iter::once(("acc", r.acc)).chain(r.acc_norm.map(|a| ("acc_norm", a))).collect()
+            }
         }
     }
 
@@ -70,12 +73,26 @@ impl TaskReport {
 }
 
 /// Runs task `name`; `progress(done, total)` counts MMLU questions or zero-shot choices.
-pub fn run<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, tok: &Tokenizer, name: &str, opts: &Options, mut progress: impl FnMut(usize, usize)) -> Result<TaskReport> {
+pub fn run<B: Backend>(
+    model: &Decoder<B>,
+    adapters: Option<&AdapterSet<B>>,
+    tok: &Tokenizer,
+    name: &str,
+    opts: &Options,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<TaskReport> {
     if name == "mmlu" {
-        let o = mmlu::Options { split: opts.mmlu_split.clone(), limit: opts.limit, shots: 5, max_len: opts.mmlu_max_len, batch: opts.batch };
+        let o = mmlu::Options {
+            split: opts.mmlu_split.clone(),
+            limit: opts.limit,
+            shots: 5,
+            max_len: opts.mmlu_max_len,
+            batch: opts.batch,
+        };
         return Ok(TaskReport::Mmlu(mmlu::evaluate(model, adapters, tok, &opts.data_dir.join("mmlu"), &o, progress)?));
     }
-    let task = Task::parse(name).ok_or_else(|| Error::Invalid(format!("unknown task `{name}` (tasks: {})", NAMES.join(", "))))?;
+    let task = Task::parse(name)
+        .ok_or_else(|| Error::Invalid(format!("unknown task `{name}` (tasks: {})", NAMES.join(", "))))?;
     let mut items = task.load(&opts.data_dir)?;
     items.truncate(opts.limit.unwrap_or(usize::MAX));
     let total = items.iter().map(|it| it.pairs.len()).sum();

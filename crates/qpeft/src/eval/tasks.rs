@@ -19,7 +19,8 @@ pub enum Task {
     OpenBookQa,
 }
 
-pub const ALL: [Task; 7] = [Task::HellaSwag, Task::Piqa, Task::WinoGrande, Task::ArcEasy, Task::ArcChallenge, Task::BoolQ, Task::OpenBookQa];
+pub const ALL: [Task; 7] =
+    [Task::HellaSwag, Task::Piqa, Task::WinoGrande, Task::ArcEasy, Task::ArcChallenge, Task::BoolQ, Task::OpenBookQa];
 
 /// One multiple-choice item: a (context, continuation) pair per choice.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,12 +84,19 @@ fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>> {
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map(|v| (i + 1, v)).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1))))
+        .map(|(i, l)| {
+            serde_json::from_str(l).map(|v| (i + 1, v)).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))
+        })
         .collect()
 }
 
 fn read_labels(path: &Path) -> Result<Vec<(usize, String)>> {
-    Ok(read(path)?.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l.trim().to_string())).collect())
+    Ok(read(path)?
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, l.trim().to_string()))
+        .collect())
 }
 
 /// The string at `field` (dot-separated) of the record on `line`.
@@ -97,16 +105,26 @@ fn text(v: &Value, field: &str, path: &Path, line: usize) -> Result<String> {
     for key in field.split('.') {
         at = at.get(key).ok_or_else(|| Error::format(path, format!("line {line}: missing field `{field}`")))?;
     }
-    at.as_str().map(str::to_string).ok_or_else(|| Error::format(path, format!("line {line}: field `{field}` is not a string")))
+    at.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::format(path, format!("line {line}: field `{field}` is not a string")))
 }
 
 /// (line, record) and (line, label).
 type Record = (usize, Value);
 type Label = (usize, String);
 
-fn paired<'a>(rows: &'a [Record], labels: &'a [Label], path: &Path, labels_path: &Path) -> Result<impl Iterator<Item = (&'a Record, &'a Label)>> {
+fn paired<'a>(
+    rows: &'a [Record],
+    labels: &'a [Label],
+    path: &Path,
+    labels_path: &Path,
+) -> Result<impl Iterator<Item = (&'a Record, &'a Label)>> {
     if rows.len() != labels.len() {
-        return Err(Error::format(labels_path, format!("{} labels for the {} items of {}", labels.len(), rows.len(), path.display())));
+        return Err(Error::format(
+            labels_path,
+            format!("{} labels for the {} items of {}", labels.len(), rows.len(), path.display()),
+        ));
     }
     Ok(rows.iter().zip(labels))
 }
@@ -139,10 +157,27 @@ fn capitalize(s: &str) -> String {
 /// WikiHow activity labels of HellaSwag val: their items have an empty ctx_b. Every other item comes from
 /// ActivityNet, whose ctx_b is the incomplete phrase after the context's last ". ".
 const WIKIHOW_LABELS: [&str; 21] = [
-    "Personal Care and Style", "Family Life", "Food and Entertaining", "Computers and Electronics", "Health", "Home and Garden",
-    "Finance and Business", "Pets and Animals", "Education and Communications", "Youth", "Sports and Fitness", "Relationships",
-    "Work World", "Cars & Other Vehicles", "Travel", "Holidays and Traditions", "Philosophy and Religion", "Home,Categories",
-    "Uncategorized", "Arts and Entertainment", "Hobbies and Crafts",
+    "Personal Care and Style",
+    "Family Life",
+    "Food and Entertaining",
+    "Computers and Electronics",
+    "Health",
+    "Home and Garden",
+    "Finance and Business",
+    "Pets and Animals",
+    "Education and Communications",
+    "Youth",
+    "Sports and Fitness",
+    "Relationships",
+    "Work World",
+    "Cars & Other Vehicles",
+    "Travel",
+    "Holidays and Traditions",
+    "Philosophy and Religion",
+    "Home,Categories",
+    "Uncategorized",
+    "Arts and Entertainment",
+    "Hobbies and Crafts",
 ];
 
 /// The llama.cpp text form: per item "label: ctx", the gold index, four endings. lm-eval's query
@@ -158,8 +193,15 @@ fn hellaswag(path: &Path) -> Result<Vec<Item>> {
         .enumerate()
         .map(|(i, c)| {
             let line = 6 * i + 1;
-            let (label, ctx) = c[0].split_once(": ").ok_or_else(|| Error::format(path, format!("line {line}: no \"label: context\"")))?;
-            let gold: usize = c[1].trim().parse().ok().filter(|&g| g < 4).ok_or_else(|| Error::format(path, format!("line {}: gold `{}` is not 0..3", line + 1, c[1])))?;
+            let (label, ctx) = c[0]
+                .split_once(": ")
+                .ok_or_else(|| Error::format(path, format!("line {line}: no \"label: context\"")))?;
+            let gold: usize = c[1]
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&g| g < 4)
+                .ok_or_else(|| Error::format(path, format!("line {}: gold `{}` is not 0..3", line + 1, c[1])))?;
             let (a, b) = if WIKIHOW_LABELS.contains(&label) {
                 (ctx, "")
             } else {
@@ -173,7 +215,9 @@ fn hellaswag(path: &Path) -> Result<Vec<Item>> {
 
 /// The index of `label` among a two-choice task's label spellings.
 fn gold_of(label: &str, spellings: [&str; 2], labels_path: &Path, line: usize) -> Result<usize> {
-    spellings.iter().position(|s| *s == label).ok_or_else(|| Error::format(labels_path, format!("line {line}: label `{label}` is not {} or {}", spellings[0], spellings[1])))
+    spellings.iter().position(|s| *s == label).ok_or_else(|| {
+        Error::format(labels_path, format!("line {line}: label `{label}` is not {} or {}", spellings[0], spellings[1]))
+    })
 }
 
 fn piqa(path: &Path, labels_path: &Path) -> Result<Vec<Item>> {
@@ -182,7 +226,12 @@ fn piqa(path: &Path, labels_path: &Path) -> Result<Vec<Item>> {
         .map(|((line, v), (label_line, label))| {
             let gold = gold_of(label, ["0", "1"], labels_path, *label_line)?;
             let goal = text(v, "goal", path, *line)?;
-            Ok(choices_item(format!("Question: {goal}\nAnswer:"), vec![text(v, "sol1", path, *line)?, text(v, "sol2", path, *line)?], gold, true))
+            Ok(choices_item(
+                format!("Question: {goal}\nAnswer:"),
+                vec![text(v, "sol1", path, *line)?, text(v, "sol2", path, *line)?],
+                gold,
+                true,
+            ))
         })
         .collect();
     items
@@ -195,9 +244,14 @@ fn winogrande(path: &Path, labels_path: &Path) -> Result<Vec<Item>> {
         .map(|((line, v), (label_line, label))| {
             let gold = gold_of(label, ["1", "2"], labels_path, *label_line)?;
             let sentence = text(v, "sentence", path, *line)?;
-            let blank = sentence.find('_').ok_or_else(|| Error::format(path, format!("line {line}: the sentence has no `_`")))?;
+            let blank = sentence
+                .find('_')
+                .ok_or_else(|| Error::format(path, format!("line {line}: the sentence has no `_`")))?;
             let rest = format!(" {}", sentence[blank + 1..].trim());
-            let pairs = ["option1", "option2"].iter().map(|o| Ok((format!("{}{}", &sentence[..blank], text(v, o, path, *line)?), rest.clone()))).collect::<Result<_>>()?;
+            let pairs = ["option1", "option2"]
+                .iter()
+                .map(|o| Ok((format!("{}{}", &sentence[..blank], text(v, o, path, *line)?), rest.clone())))
+                .collect::<Result<_>>()?;
             Ok(Item { pairs, gold, lens: None })
         })
         .collect();
@@ -210,7 +264,10 @@ fn arc(path: &Path, before: &str, after: &str) -> Result<Vec<Item>> {
         .iter()
         .map(|(line, v)| {
             let stem = text(v, "question.stem", path, *line)?;
-            let choices = v.pointer("/question/choices").and_then(Value::as_array).ok_or_else(|| Error::format(path, format!("line {line}: missing array `question.choices`")))?;
+            let choices = v
+                .pointer("/question/choices")
+                .and_then(Value::as_array)
+                .ok_or_else(|| Error::format(path, format!("line {line}: missing array `question.choices`")))?;
             let mut texts = Vec::with_capacity(choices.len());
             let mut labels = Vec::with_capacity(choices.len());
             for c in choices {
@@ -218,7 +275,9 @@ fn arc(path: &Path, before: &str, after: &str) -> Result<Vec<Item>> {
                 labels.push(text(c, "label", path, *line)?);
             }
             let key = text(v, "answerKey", path, *line)?;
-            let gold = labels.iter().position(|l| l == key.trim_start()).ok_or_else(|| Error::format(path, format!("line {line}: answerKey `{key}` is not one of the labels {labels:?}")))?;
+            let gold = labels.iter().position(|l| l == key.trim_start()).ok_or_else(|| {
+                Error::format(path, format!("line {line}: answerKey `{key}` is not one of the labels {labels:?}"))
+            })?;
             Ok(choices_item(format!("{before}{stem}{after}"), texts, gold, true))
         })
         .collect()
@@ -233,7 +292,11 @@ fn boolq(path: &Path) -> Result<Vec<Item>> {
                 Some(Value::String(s)) if s == "true" || s == "false" => (s == "true") as usize,
                 other => return Err(Error::format(path, format!("line {line}: label {other:?} is not true or false"))),
             };
-            let context = format!("{}\nQuestion: {}?\nAnswer:", text(v, "passage", path, *line)?, text(v, "question", path, *line)?);
+            let context = format!(
+                "{}\nQuestion: {}?\nAnswer:",
+                text(v, "passage", path, *line)?,
+                text(v, "question", path, *line)?
+            );
             Ok(choices_item(context, vec!["no".into(), "yes".into()], gold, false))
         })
         .collect()

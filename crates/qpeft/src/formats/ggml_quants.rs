@@ -33,13 +33,11 @@ pub fn dequantize(dtype: GgmlType, bytes: &[u8], numel: usize) -> Option<Vec<f32
     let mut out = vec![0f32; numel];
     // Chunks of many blocks keep rayon's per-task overhead small for the 1-element types.
     let per_task = (4096 / block).max(1);
-    out.par_chunks_mut(block * per_task)
-        .zip(bytes.par_chunks(block_bytes * per_task))
-        .for_each(|(o, b)| {
-            for (ob, bb) in o.chunks_exact_mut(block).zip(b.chunks_exact(block_bytes)) {
-                kernel(bb, ob);
-            }
-        });
+    out.par_chunks_mut(block * per_task).zip(bytes.par_chunks(block_bytes * per_task)).for_each(|(o, b)| {
+        for (ob, bb) in o.chunks_exact_mut(block).zip(b.chunks_exact(block_bytes)) {
+            kernel(bb, ob);
+        }
+    });
     Some(out)
 }
 

@@ -241,7 +241,9 @@ impl<'a> Cursor<'a> {
                     4..=6 => 4,
                     8 | 10..=12 => 8,
                     9 => 12,
-                    t => return Err(Error::format(self.path, format!("metadata `{key}`: unknown array item type {t}"))),
+                    t => {
+                        return Err(Error::format(self.path, format!("metadata `{key}`: unknown array item type {t}")))
+                    }
                 };
                 let n = self.count(min, key)?;
                 let mut items = Vec::with_capacity(n);
@@ -289,13 +291,21 @@ impl GgufFile {
         }
         let remaining = (buf.len() - c.pos) as u64;
         if n_tensors.saturating_mul(24) > remaining {
-            return Err(Error::format(path, format!("truncated or corrupt GGUF: tensor count {n_tensors} exceeds what the file can hold")));
+            return Err(Error::format(
+                path,
+                format!("truncated or corrupt GGUF: tensor count {n_tensors} exceeds what the file can hold"),
+            ));
         }
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() => a,
-                _ => return Err(Error::format(path, format!("general.alignment = {} is not a power of two", v.summary()))),
+                _ => {
+                    return Err(Error::format(
+                        path,
+                        format!("general.alignment = {} is not a power of two", v.summary()),
+                    ))
+                }
             },
         };
         let mut raw = Vec::with_capacity(n_tensors as usize);
@@ -303,7 +313,10 @@ impl GgufFile {
             let name = c.string("tensor name")?;
             let n_dims = c.u32(&name)?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(Error::format(path, format!("tensor `{name}`: {n_dims} dimensions (expected 1 to {MAX_DIMS})")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}`: {n_dims} dimensions (expected 1 to {MAX_DIMS})"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -316,18 +329,25 @@ impl GgufFile {
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         let mut tensors = Vec::with_capacity(raw.len());
         for (name, dims, dtype, offset) in raw {
-            let (block, block_bytes) =
-                dtype.layout().ok_or_else(|| Error::unsupported(path, format!("tensor type {dtype:?} of tensor `{name}`")))?;
+            let (block, block_bytes) = dtype
+                .layout()
+                .ok_or_else(|| Error::unsupported(path, format!("tensor type {dtype:?} of tensor `{name}`")))?;
             let numel = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let row = dims[0];
             let len = numel
                 .filter(|_| row % block as u64 == 0)
                 .and_then(|n| (n / block as u64).checked_mul(block_bytes as u64));
             let Some(len) = len else {
-                return Err(Error::format(path, format!("tensor `{name}`: dimensions {dims:?} invalid for type {dtype:?}")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}`: dimensions {dims:?} invalid for type {dtype:?}"),
+                ));
             };
             if offset % alignment != 0 {
-                return Err(Error::format(path, format!("tensor `{name}`: data offset {offset} is not aligned to {alignment}")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}`: data offset {offset} is not aligned to {alignment}"),
+                ));
             }
             let start = data_start.checked_add(offset);
             let end = start.and_then(|s| s.checked_add(len));
@@ -364,8 +384,9 @@ impl GgufFile {
 
     /// Reads and dequantizes a tensor to f32, in PyTorch shape order.
     pub fn read_f32(&self, info: &TensorInfo) -> Result<HostTensor> {
-        let data = ggml_quants::dequantize(info.dtype, self.tensor_bytes(info), info.numel())
-            .ok_or_else(|| Error::unsupported(&self.path, format!("tensor type {:?} of `{}`", info.dtype, info.name)))?;
+        let data = ggml_quants::dequantize(info.dtype, self.tensor_bytes(info), info.numel()).ok_or_else(|| {
+            Error::unsupported(&self.path, format!("tensor type {:?} of `{}`", info.dtype, info.name))
+        })?;
         Ok(HostTensor::new(info.shape.clone(), data))
     }
 }

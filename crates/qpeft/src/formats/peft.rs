@@ -68,14 +68,21 @@ pub fn config_from_json(v: &Value) -> std::result::Result<AdapterConfig, String>
     let num = |k: &str| v.get(k).and_then(Value::as_f64).ok_or_else(|| format!("missing number `{k}`"));
     let int = |k: &str| num(k).map(|x| x as usize);
     let list = |k: &str| -> std::result::Result<Vec<f64>, String> {
-        v.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_f64).collect()).ok_or_else(|| format!("missing list `{k}`"))
+        v.get(k)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .ok_or_else(|| format!("missing list `{k}`"))
     };
     let method = match v.get("method").and_then(Value::as_str).unwrap_or_default() {
         "lora" => Method::Lora,
         "ir-qlora" => Method::IrQlora,
         "qa-lora" => Method::QaLora { group: int("group_size")? },
         "q-bara" => Method::QBara { lambda: int("lambda")? },
-        "qa-hira" => Method::QaHira { l1: int("l1")?, l2: int("l2")?, zero_init: v.get("hira_init").and_then(Value::as_str) == Some("zero") },
+        "qa-hira" => Method::QaHira {
+            l1: int("l1")?,
+            l2: int("l2")?,
+            zero_init: v.get("hira_init").and_then(Value::as_str) == Some("zero"),
+        },
         "hierarchical" => Method::Hierarchical {
             ranks: list("ranks")?.into_iter().map(|x| x as usize).collect(),
             alphas: list("level_alpha")?.into_iter().map(|x| x as f32).collect(),
@@ -83,7 +90,12 @@ pub fn config_from_json(v: &Value) -> std::result::Result<AdapterConfig, String>
         },
         other => return Err(format!("unknown method `{other}`")),
     };
-    Ok(AdapterConfig { method, rank: int("rank")?, alpha: num("alpha")? as f32, dropout: num("dropout").unwrap_or(0.0) as f32 })
+    Ok(AdapterConfig {
+        method,
+        rank: int("rank")?,
+        alpha: num("alpha")? as f32,
+        dropout: num("dropout").unwrap_or(0.0) as f32,
+    })
 }
 
 /// The most frequent value (ties: the smallest), for PEFT's defaults with per-module patterns for the rest.
@@ -99,7 +111,12 @@ fn most_common<T: Clone + PartialOrd>(values: &[T]) -> Option<T> {
 }
 
 /// PEFT LoRA config fields for modules with (rank, alpha) each: defaults plus patterns and the target list.
-fn peft_lora_config(spec: &ModelSpec, modules: &[(usize, Proj, usize, f32)], dropout: f32, base_model: &str) -> Map<String, Value> {
+fn peft_lora_config(
+    spec: &ModelSpec,
+    modules: &[(usize, Proj, usize, f32)],
+    dropout: f32,
+    base_model: &str,
+) -> Map<String, Value> {
     let r = most_common(&modules.iter().map(|m| m.2).collect::<Vec<_>>()).unwrap_or(0);
     let alpha = most_common(&modules.iter().map(|m| m.3).collect::<Vec<_>>()).unwrap_or(0.0);
     let mut rank_pattern = Map::new();
@@ -139,7 +156,14 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 
 /// Writes the adapters of `set` (configured by `modules`) into `dir` (created if needed). `base_model` goes to
 /// `base_model_name_or_path`.
-pub fn write_adapter<B: Backend>(dir: &Path, be: &B, spec: &ModelSpec, set: &AdapterSet<B>, modules: &Modules, base_model: &str) -> Result<()> {
+pub fn write_adapter<B: Backend>(
+    dir: &Path,
+    be: &B,
+    spec: &ModelSpec,
+    set: &AdapterSet<B>,
+    modules: &Modules,
+    base_model: &str,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let adapted: Vec<(usize, Proj, &AdapterConfig)> = modules
         .iter()
@@ -156,9 +180,14 @@ pub fn write_adapter<B: Backend>(dir: &Path, be: &B, spec: &ModelSpec, set: &Ada
         tensors.insert(format!("{PREFIX}{name}"), OwnedTensor::f32(p.shape.clone(), &be.download(&p.value)?));
     }
     let dropout = adapted.first().map_or(0.0, |a| a.2.dropout);
-    let all_hierarchical = !adapted.is_empty() && adapted.iter().all(|a| matches!(a.2.method, Method::Hierarchical { .. }));
+    let all_hierarchical =
+        !adapted.is_empty() && adapted.iter().all(|a| matches!(a.2.method, Method::Hierarchical { .. }));
     if all_hierarchical {
-        let levels = adapted.iter().map(|a| if let Method::Hierarchical { ranks, .. } = &a.2.method { ranks.len() } else { 0 }).max().unwrap_or(0);
+        let levels = adapted
+            .iter()
+            .map(|a| if let Method::Hierarchical { ranks, .. } = &a.2.method { ranks.len() } else { 0 })
+            .max()
+            .unwrap_or(0);
         for i in 0..levels {
             let mut members = Vec::new();
             for &(l, p, c) in &adapted {
@@ -172,7 +201,12 @@ pub fn write_adapter<B: Backend>(dir: &Path, be: &B, spec: &ModelSpec, set: &Ada
             let level_tensors: BTreeMap<String, OwnedTensor> = tensors
                 .iter()
                 .filter(|(k, _)| k.contains(&format!(".{level}")))
-                .map(|(k, t)| (k.replace(&format!(".{level}"), "."), OwnedTensor { dtype: t.dtype, shape: t.shape.clone(), bytes: t.bytes.clone() }))
+                .map(|(k, t)| {
+                    (
+                        k.replace(&format!(".{level}"), "."),
+                        OwnedTensor { dtype: t.dtype, shape: t.shape.clone(), bytes: t.bytes.clone() },
+                    )
+                })
                 .collect();
             let sub = dir.join(format!("level_{i}"));
             std::fs::create_dir_all(&sub).map_err(|e| Error::io(&sub, e))?;
@@ -210,11 +244,17 @@ fn modules_from_peft(path: &Path, c: &Value, spec: &ModelSpec) -> Result<Modules
             return Err(Error::unsupported(path, format!("`{flag}: true`")));
         }
     }
-    let r = field("r").and_then(Value::as_u64).ok_or_else(|| Error::config(path, "r", "missing or not an integer"))? as usize;
+    let r = field("r").and_then(Value::as_u64).ok_or_else(|| Error::config(path, "r", "missing or not an integer"))?
+        as usize;
     let alpha = field("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0) as f32;
     let targets: Vec<String> = match field("target_modules") {
         Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
-        Some(Value::String(s)) => return Err(Error::unsupported(path, format!("a regular-expression `target_modules` (`{s}`); list the modules"))),
+        Some(Value::String(s)) => {
+            return Err(Error::unsupported(
+                path,
+                format!("a regular-expression `target_modules` (`{s}`); list the modules"),
+            ))
+        }
         _ => return Err(Error::config(path, "target_modules", "missing")),
     };
     let layers: Option<Vec<usize>> = match field("layers_to_transform") {
@@ -225,7 +265,10 @@ fn modules_from_peft(path: &Path, c: &Value, spec: &ModelSpec) -> Result<Modules
     let pattern = |k: &str, name: &str| -> Option<f64> {
         let map = field(k)?.as_object()?;
         // PEFT matches a pattern key against the module name's suffix; the longest matching key wins here.
-        map.iter().filter(|(key, _)| name == key.as_str() || name.ends_with(&format!(".{key}"))).max_by_key(|(key, _)| key.len()).and_then(|(_, v)| v.as_f64())
+        map.iter()
+            .filter(|(key, _)| name == key.as_str() || name.ends_with(&format!(".{key}")))
+            .max_by_key(|(key, _)| key.len())
+            .and_then(|(_, v)| v.as_f64())
     };
     Ok((0..spec.num_layers)
         .map(|l| {
@@ -248,13 +291,20 @@ fn modules_from_peft(path: &Path, c: &Value, spec: &ModelSpec) -> Result<Modules
 }
 
 fn modules_from_qpeft(path: &Path, q: &Value, spec: &ModelSpec) -> Result<Modules> {
-    let map = q.get("modules").and_then(Value::as_object).ok_or_else(|| Error::config(path, "qpeft.modules", "missing"))?;
+    let map =
+        q.get("modules").and_then(Value::as_object).ok_or_else(|| Error::config(path, "qpeft.modules", "missing"))?;
     let mut modules: Modules = vec![vec![None; Proj::ALL.len()]; spec.num_layers];
     for (name, v) in map {
         let slot = (0..spec.num_layers)
             .flat_map(|l| Proj::ALL.iter().map(move |&p| (l, p)))
             .find(|&(l, p)| module_name(l, p) == *name)
-            .ok_or_else(|| Error::config(path, format!("qpeft.modules.{name}"), format!("no such module in a {}-layer model", spec.num_layers)))?;
+            .ok_or_else(|| {
+                Error::config(
+                    path,
+                    format!("qpeft.modules.{name}"),
+                    format!("no such module in a {}-layer model", spec.num_layers),
+                )
+            })?;
         let cfg = config_from_json(v).map_err(|e| Error::config(path, format!("qpeft.modules.{name}"), e))?;
         modules[slot.0][slot.1 as usize] = Some(cfg);
     }
@@ -284,7 +334,8 @@ pub fn read_adapter<B: Backend + 'static>(dir: &Path, be: &B, spec: &ModelSpec) 
 /// an error naming the file and the tensor.
 pub fn load_values<B: Backend>(dir: &Path, be: &B, set: &mut AdapterSet<B>) -> Result<()> {
     let config = read_json(&dir.join(CONFIG))?;
-    let files: Vec<(PathBuf, String)> = match config.get("qpeft").and_then(|q| q.get("levels")).and_then(Value::as_u64) {
+    let files: Vec<(PathBuf, String)> = match config.get("qpeft").and_then(|q| q.get("levels")).and_then(Value::as_u64)
+    {
         Some(n) => (0..n).map(|i| (dir.join(format!("level_{i}")).join(WEIGHTS), format!("level_{i}."))).collect(),
         None => vec![(dir.join(WEIGHTS), String::new())],
     };
@@ -293,7 +344,11 @@ pub fn load_values<B: Backend>(dir: &Path, be: &B, set: &mut AdapterSet<B>) -> R
     let mut stores = Vec::new();
     for (i, (file, level)) in files.iter().enumerate() {
         if !file.exists() {
-            let hint = if dir.join("adapter_model.bin").exists() { " (adapter_model.bin is a torch pickle: re-save it with safe_serialization=True)" } else { "" };
+            let hint = if dir.join("adapter_model.bin").exists() {
+                " (adapter_model.bin is a torch pickle: re-save it with safe_serialization=True)"
+            } else {
+                ""
+            };
             return Err(Error::format(file, format!("missing{hint}")));
         }
         let store = SafetensorsStore::open_files(std::slice::from_ref(file))?;
@@ -309,15 +364,22 @@ pub fn load_values<B: Backend>(dir: &Path, be: &B, set: &mut AdapterSet<B>) -> R
         stores.push(store);
     }
     for (name, p) in set.named_params_mut() {
-        let (i, key) = stored.remove(&name).ok_or_else(|| Error::format(&files[0].0, format!("missing tensor for `{name}`")))?;
+        let (i, key) =
+            stored.remove(&name).ok_or_else(|| Error::format(&files[0].0, format!("missing tensor for `{name}`")))?;
         let t = stores[i].read_f32(&key)?.ok_or_else(|| Error::format(&files[i].0, format!("cannot read `{key}`")))?;
         if t.shape != p.shape {
-            return Err(Error::format(&files[i].0, format!("`{key}` has shape {:?}, the configuration gives {:?}", t.shape, p.shape)));
+            return Err(Error::format(
+                &files[i].0,
+                format!("`{key}` has shape {:?}, the configuration gives {:?}", t.shape, p.shape),
+            ));
         }
         p.value = be.upload(&t.data)?;
     }
     if let Some((_, (i, key))) = stored.iter().min_by_key(|(k, _)| k.as_str()) {
-        return Err(Error::format(&files[*i].0, format!("unexpected tensor `{key}` (does this adapter belong to this model?)")));
+        return Err(Error::format(
+            &files[*i].0,
+            format!("unexpected tensor `{key}` (does this adapter belong to this model?)"),
+        ));
     }
     Ok(())
 }

@@ -54,7 +54,10 @@ impl SafetensorsStore {
         } else {
             let single = dir.join("model.safetensors");
             if !single.exists() {
-                return Err(Error::format(dir, "no model.safetensors or model.safetensors.index.json in this directory"));
+                return Err(Error::format(
+                    dir,
+                    "no model.safetensors or model.safetensors.index.json in this directory",
+                ));
             }
             vec![single]
         };
@@ -117,7 +120,10 @@ impl SafetensorsStore {
             Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             other => {
-                return Err(Error::unsupported(&shard.path, format!("dtype {other:?} of tensor `{name}` (expected f32, bf16 or f16)")))
+                return Err(Error::unsupported(
+                    &shard.path,
+                    format!("dtype {other:?} of tensor `{name}` (expected f32, bf16 or f16)"),
+                ))
             }
         };
         Ok(Some(HostTensor::new(info.shape.clone(), data)))
@@ -139,7 +145,10 @@ pub struct RawTensor<'a> {
 impl RawTensor<'_> {
     fn expect(&self, name: &str, dtype: Dtype) -> Result<()> {
         if self.dtype != dtype {
-            return Err(Error::format(self.path, format!("tensor `{name}` has dtype {:?}, expected {dtype:?}", self.dtype)));
+            return Err(Error::format(
+                self.path,
+                format!("tensor `{name}` has dtype {:?}, expected {dtype:?}", self.dtype),
+            ));
         }
         Ok(())
     }
@@ -172,7 +181,11 @@ impl OwnedTensor {
         OwnedTensor { dtype: Dtype::F32, shape, bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect() }
     }
     pub fn bf16(shape: Vec<usize>, data: &[f32]) -> Self {
-        OwnedTensor { dtype: Dtype::BF16, shape, bytes: data.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect() }
+        OwnedTensor {
+            dtype: Dtype::BF16,
+            shape,
+            bytes: data.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
+        }
     }
     pub fn f16(shape: Vec<usize>, data: &[f16]) -> Self {
         OwnedTensor { dtype: Dtype::F16, shape, bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect() }

@@ -45,7 +45,13 @@ pub(crate) struct AttnActs<B: Backend> {
 
 impl<B: Backend> AttnActs<B> {
     pub fn new(be: &B, rows: usize, d: &Dims) -> Result<Self> {
-        Ok(AttnActs { n1: be.zeros(rows * d.h)?, q: be.zeros(rows * d.q)?, k: be.zeros(rows * d.kv)?, v: be.zeros(rows * d.kv)?, att: be.zeros(rows * d.q)? })
+        Ok(AttnActs {
+            n1: be.zeros(rows * d.h)?,
+            q: be.zeros(rows * d.q)?,
+            k: be.zeros(rows * d.kv)?,
+            v: be.zeros(rows * d.kv)?,
+            att: be.zeros(rows * d.q)?,
+        })
     }
 }
 
@@ -59,7 +65,12 @@ pub(crate) struct MlpActs<B: Backend> {
 
 impl<B: Backend> MlpActs<B> {
     pub fn new(be: &B, rows: usize, d: &Dims) -> Result<Self> {
-        Ok(MlpActs { n2: be.zeros(rows * d.h)?, gate: be.zeros(rows * d.ff)?, up: be.zeros(rows * d.ff)?, act: be.zeros(rows * d.ff)? })
+        Ok(MlpActs {
+            n2: be.zeros(rows * d.h)?,
+            gate: be.zeros(rows * d.ff)?,
+            up: be.zeros(rows * d.ff)?,
+            act: be.zeros(rows * d.ff)?,
+        })
     }
 }
 
@@ -144,7 +155,16 @@ impl<B: Backend> Decoder<B> {
 
     /// out (+)= base(x) + Δ(x) for linear `p` of layer `l`.
     #[allow(clippy::too_many_arguments)]
-    fn linear(&self, l: usize, p: Proj, x: &B::Buf, out: &mut B::Buf, accumulate: bool, ctx: &Ctx<B>, adapters: Option<&AdapterSet<B>>) -> Result<()> {
+    fn linear(
+        &self,
+        l: usize,
+        p: Proj,
+        x: &B::Buf,
+        out: &mut B::Buf,
+        accumulate: bool,
+        ctx: &Ctx<B>,
+        adapters: Option<&AdapterSet<B>>,
+    ) -> Result<()> {
         let be = &self.backend;
         self.blocks[l].proj(p).forward(be, x, ctx.rows, out, accumulate)?;
         match adapters.and_then(|a| a.get(l, p)) {
@@ -229,7 +249,15 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// The MLP of block `l` up to the down projection's input: n2 = norm2(x), act = glu(gate(n2), up(n2)).
-    fn mlp_hidden(&self, l: usize, x: &B::Buf, m: &mut MlpActs<B>, ctx: &Ctx<B>, adapters: Option<&AdapterSet<B>>, observe: &mut LinearInputObserver<'_, B>) -> Result<()> {
+    fn mlp_hidden(
+        &self,
+        l: usize,
+        x: &B::Buf,
+        m: &mut MlpActs<B>,
+        ctx: &Ctx<B>,
+        adapters: Option<&AdapterSet<B>>,
+        observe: &mut LinearInputObserver<'_, B>,
+    ) -> Result<()> {
         let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
         be.rmsnorm(x, &blk.mlp_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut m.n2)?;
         observe(l, InputSite::Mlp, &m.n2)?;
@@ -241,7 +269,14 @@ impl<B: Backend> Decoder<B> {
 
     /// Given dx = ∂L/∂x_out of block `l` and its forward activations (with x_in and x_mid saved), replaces dx
     /// by ∂L/∂x_in and accumulates the block's adapter gradients.
-    pub(crate) fn block_backward(&self, l: usize, dx: &mut B::Buf, a: &Acts<B>, ctx: &Ctx<B>, adapters: &mut AdapterSet<B>) -> Result<()> {
+    pub(crate) fn block_backward(
+        &self,
+        l: usize,
+        dx: &mut B::Buf,
+        a: &Acts<B>,
+        ctx: &Ctx<B>,
+        adapters: &mut AdapterSet<B>,
+    ) -> Result<()> {
         let missing = || crate::Error::Invalid("block_backward needs the activations of a training forward".into());
         let (x_in, x_mid) = (a.x_in.as_ref().ok_or_else(missing)?, a.x_mid.as_ref().ok_or_else(missing)?);
         self.mlp_backward(l, dx, x_mid, &a.mlp, ctx, adapters)?;
@@ -250,7 +285,15 @@ impl<B: Backend> Decoder<B> {
 
     /// The training forward of block `l` with checkpointing: the attention half whole (its activations in the
     /// reused `a`), the MLP `chunk` rows at a time.
-    pub(crate) fn block_forward_chunked(&self, l: usize, x: &mut B::Buf, a: &mut AttnActs<B>, ctx: &Ctx<B>, adapters: &AdapterSet<B>, chunk: usize) -> Result<()> {
+    pub(crate) fn block_forward_chunked(
+        &self,
+        l: usize,
+        x: &mut B::Buf,
+        a: &mut AttnActs<B>,
+        ctx: &Ctx<B>,
+        adapters: &AdapterSet<B>,
+        chunk: usize,
+    ) -> Result<()> {
         let (be, h) = (&self.backend, self.spec.hidden_size);
         self.attention_forward(l, x, a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
         // The MLP reads and updates the residual stream in place.
@@ -264,7 +307,15 @@ impl<B: Backend> Decoder<B> {
     /// Backward of block `l` from its checkpointed input: recomputes the attention half (keeping its
     /// activations), then recomputes and differentiates the MLP `chunk` rows at a time (its output, x_out, is
     /// never needed), then differentiates the attention half. Replaces dx = ∂L/∂x_out by ∂L/∂x_in.
-    pub(crate) fn block_recompute_backward(&self, l: usize, x_in: &B::Buf, dx: &mut B::Buf, ctx: &Ctx<B>, adapters: &mut AdapterSet<B>, chunk: usize) -> Result<()> {
+    pub(crate) fn block_recompute_backward(
+        &self,
+        l: usize,
+        x_in: &B::Buf,
+        dx: &mut B::Buf,
+        ctx: &Ctx<B>,
+        adapters: &mut AdapterSet<B>,
+        chunk: usize,
+    ) -> Result<()> {
         let (be, h) = (&self.backend, self.spec.hidden_size);
         let mut a = AttnActs::new(be, ctx.rows, &self.dims())?;
         let mut x_mid = copy_of(be, x_in)?;
@@ -280,7 +331,15 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// dx (= ∂L/∂x_out) += ∂/∂x_mid of the MLP half, x_out = x_mid + down(act); adapter gradients accumulate.
-    fn mlp_backward(&self, l: usize, dx: &mut B::Buf, x_mid: &B::Buf, m: &MlpActs<B>, ctx: &Ctx<B>, adapters: &mut AdapterSet<B>) -> Result<()> {
+    fn mlp_backward(
+        &self,
+        l: usize,
+        dx: &mut B::Buf,
+        x_mid: &B::Buf,
+        m: &MlpActs<B>,
+        ctx: &Ctx<B>,
+        adapters: &mut AdapterSet<B>,
+    ) -> Result<()> {
         let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
         let (h, rows, ff) = (s.hidden_size, ctx.rows, s.intermediate_size);
         let mut d_act = be.zeros(rows * ff)?;
@@ -297,7 +356,15 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// dx (= ∂L/∂x_mid) += ∂/∂x_in of the attention half, x_mid = x_in + o(att); adapter gradients accumulate.
-    fn attention_backward(&self, l: usize, dx: &mut B::Buf, x_in: &B::Buf, a: &AttnActs<B>, ctx: &Ctx<B>, adapters: &mut AdapterSet<B>) -> Result<()> {
+    fn attention_backward(
+        &self,
+        l: usize,
+        dx: &mut B::Buf,
+        x_in: &B::Buf,
+        a: &AttnActs<B>,
+        ctx: &Ctx<B>,
+        adapters: &mut AdapterSet<B>,
+    ) -> Result<()> {
         let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
         let (h, rows) = (s.hidden_size, ctx.rows);
         let d = self.dims();

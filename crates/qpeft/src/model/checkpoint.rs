@@ -13,10 +13,15 @@ use crate::tokenizer::Tokenizer;
 
 pub enum Source {
     Gguf(GgufFile),
-    Hf { dir: PathBuf, store: SafetensorsStore },
+    Hf {
+        dir: PathBuf,
+        store: SafetensorsStore,
+    },
     /// `random:ARCH[:SEED]`: a built-in shape (`ModelSpec::builtin`) with seeded random weights, for benchmarks
     /// and device tests at real sizes without the weights.
-    Random { seed: u64 },
+    Random {
+        seed: u64,
+    },
 }
 
 pub struct Checkpoint {
@@ -87,7 +92,12 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint> {
         if let Some(rest) = path.to_str().and_then(|p| p.strip_prefix("random:")) {
             let (arch, seed) = rest.split_once(':').unwrap_or((rest, "0"));
-            let spec = ModelSpec::builtin(arch).ok_or_else(|| Error::unsupported(path, format!("architecture `{arch}` (built-in: {})", crate::model::spec::BUILTIN.join(", "))))?;
+            let spec = ModelSpec::builtin(arch).ok_or_else(|| {
+                Error::unsupported(
+                    path,
+                    format!("architecture `{arch}` (built-in: {})", crate::model::spec::BUILTIN.join(", ")),
+                )
+            })?;
             let seed = seed.parse().map_err(|_| Error::format(path, format!("seed `{seed}` is not an integer")))?;
             return Ok(Checkpoint { path: path.to_path_buf(), spec, source: Source::Random { seed }, quant: None });
         }
@@ -102,7 +112,12 @@ impl Checkpoint {
                 serde_json::from_str(&text).map_err(|e| Error::format(&config, format!("invalid JSON: {e}")))?;
             let quant = QuantizationConfig::from_config(&json, &config)?;
             let store = SafetensorsStore::open_dir(path)?;
-            Ok(Checkpoint { path: path.to_path_buf(), spec, source: Source::Hf { dir: path.to_path_buf(), store }, quant })
+            Ok(Checkpoint {
+                path: path.to_path_buf(),
+                spec,
+                source: Source::Hf { dir: path.to_path_buf(), store },
+                quant,
+            })
         } else if path.exists() {
             let g = GgufFile::open(path)?;
             let spec = ModelSpec::from_gguf(&g)?;
@@ -146,7 +161,8 @@ impl Checkpoint {
 
     /// Reads a tensor that must exist with exactly `shape`.
     pub fn require(&self, hf_name: &str, shape: &[usize]) -> Result<HostTensor> {
-        let t = self.read(hf_name)?.ok_or_else(|| Error::format(&self.path, format!("tensor `{hf_name}` is missing")))?;
+        let t =
+            self.read(hf_name)?.ok_or_else(|| Error::format(&self.path, format!("tensor `{hf_name}` is missing")))?;
         if t.shape != shape {
             return Err(Error::format(
                 &self.path,
@@ -177,7 +193,11 @@ impl Checkpoint {
             Source::Gguf(g) => g
                 .tensors
                 .iter()
-                .map(|t| TensorEntry { name: t.name.clone(), shape: t.shape.clone(), dtype: StoredDtype::Ggml(t.dtype) })
+                .map(|t| TensorEntry {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    dtype: StoredDtype::Ggml(t.dtype),
+                })
                 .collect(),
             Source::Random { .. } => Vec::new(),
         }
@@ -199,17 +219,18 @@ fn random_tensor(spec: &ModelSpec, hf_name: &str, seed: u64) -> Option<HostTenso
     use crate::model::decoder::Proj;
     use rayon::prelude::*;
     let h = spec.hidden_size;
-    let (shape, bound) = if hf_name == "model.embed_tokens.weight" || (hf_name == "lm_head.weight" && !spec.tie_word_embeddings) {
-        (vec![spec.vocab_size, h], 0.02)
-    } else if hf_name.ends_with("norm.weight") {
-        let one = if spec.norm_plus_one { 0.0 } else { 1.0 };
-        return Some(HostTensor::new(vec![h], vec![one; h]));
-    } else {
-        let module = hf_name.strip_prefix("model.layers.")?.split_once('.')?.1.strip_suffix(".weight")?;
-        let p = Proj::ALL.into_iter().find(|p| p.module() == module)?;
-        let (out_dim, in_dim) = p.dims(spec);
-        (vec![out_dim, in_dim], 1.0 / (in_dim as f64).sqrt())
-    };
+    let (shape, bound) =
+        if hf_name == "model.embed_tokens.weight" || (hf_name == "lm_head.weight" && !spec.tie_word_embeddings) {
+            (vec![spec.vocab_size, h], 0.02)
+        } else if hf_name.ends_with("norm.weight") {
+            let one = if spec.norm_plus_one { 0.0 } else { 1.0 };
+            return Some(HostTensor::new(vec![h], vec![one; h]));
+        } else {
+            let module = hf_name.strip_prefix("model.layers.")?.split_once('.')?.1.strip_suffix(".weight")?;
+            let p = Proj::ALL.into_iter().find(|p| p.module() == module)?;
+            let (out_dim, in_dim) = p.dims(spec);
+            (vec![out_dim, in_dim], 1.0 / (in_dim as f64).sqrt())
+        };
     let key = hf_name.bytes().fold(seed ^ 0xCBF2_9CE4_8422_2325, |k, b| (k ^ b as u64).wrapping_mul(0x100_0000_01B3));
     let n: usize = shape.iter().product();
     let data = (0..n)
@@ -233,7 +254,10 @@ mod tests {
     fn gguf_names_follow_llama_cpp() {
         assert_eq!(gguf_name("model.layers.3.self_attn.o_proj.weight").as_deref(), Some("blk.3.attn_output.weight"));
         assert_eq!(gguf_name("model.layers.0.self_attn.q_proj.bias").as_deref(), Some("blk.0.attn_q.bias"));
-        assert_eq!(gguf_name("model.layers.12.post_attention_layernorm.weight").as_deref(), Some("blk.12.ffn_norm.weight"));
+        assert_eq!(
+            gguf_name("model.layers.12.post_attention_layernorm.weight").as_deref(),
+            Some("blk.12.ffn_norm.weight")
+        );
         assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
         assert_eq!(gguf_name("model.layers.1.mlp.experts.weight"), None);
     }

@@ -148,22 +148,29 @@ impl<B: Backend> Decoder<B> {
     /// `load`, with the block linears that are stored unquantized quantized (round to nearest) as `quantize` says, on
     /// the host before they reach the backend: a GPU never holds the dense model. `progress` gets each quantized
     /// linear's name.
-    pub fn load_quantized(ckpt: &Checkpoint, backend: B, quantize: Option<&QuantizeOptions>, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+    pub fn load_quantized(
+        ckpt: &Checkpoint,
+        backend: B,
+        quantize: Option<&QuantizeOptions>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
         let s = ckpt.spec.clone();
         let be = &backend;
         let h = s.hidden_size;
         let vec = |name: &str, len: usize| -> Result<B::Buf> { be.upload(&ckpt.require(name, &[len])?.data) };
-        let mut linear = |name: &str, in_dim: usize, out_dim: usize, bias: bool, quantizable: bool| -> Result<QuantLinear<B>> {
-            let (mut w, mut base) = ckpt.linear(name, out_dim, in_dim)?;
-            if let (Some(opts), true, BaseWeight::Dense) = (quantize, quantizable, &base) {
-                base = quantize_weight(&w.data, out_dim, in_dim, opts).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
-                w.data = base.dequantize().expect("a quantized base");
-                progress(name);
-            }
-            let weight = be.upload_weight(&w.data, &base, out_dim, in_dim)?;
-            let bias = if bias { Some(vec(&format!("{name}.bias"), out_dim)?) } else { None };
-            Ok(QuantLinear { weight, bias, in_dim, out_dim, base })
-        };
+        let mut linear =
+            |name: &str, in_dim: usize, out_dim: usize, bias: bool, quantizable: bool| -> Result<QuantLinear<B>> {
+                let (mut w, mut base) = ckpt.linear(name, out_dim, in_dim)?;
+                if let (Some(opts), true, BaseWeight::Dense) = (quantize, quantizable, &base) {
+                    base = quantize_weight(&w.data, out_dim, in_dim, opts)
+                        .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+                    w.data = base.dequantize().expect("a quantized base");
+                    progress(name);
+                }
+                let weight = be.upload_weight(&w.data, &base, out_dim, in_dim)?;
+                let bias = if bias { Some(vec(&format!("{name}.bias"), out_dim)?) } else { None };
+                Ok(QuantLinear { weight, bias, in_dim, out_dim, base })
+            };
         // No with_capacity: num_layers is untrusted until every block's tensors are found.
         let mut blocks = Vec::new();
         for i in 0..s.num_layers {
@@ -184,8 +191,14 @@ impl<B: Backend> Decoder<B> {
                 down: proj(Proj::Down)?,
             });
         }
-        let embed = be.upload_weight(&ckpt.require("model.embed_tokens.weight", &[s.vocab_size, h])?.data, &BaseWeight::Dense, s.vocab_size, h)?;
-        let lm_head = if s.tie_word_embeddings { None } else { Some(linear("lm_head", h, s.vocab_size, false, false)?) };
+        let embed = be.upload_weight(
+            &ckpt.require("model.embed_tokens.weight", &[s.vocab_size, h])?.data,
+            &BaseWeight::Dense,
+            s.vocab_size,
+            h,
+        )?;
+        let lm_head =
+            if s.tie_word_embeddings { None } else { Some(linear("lm_head", h, s.vocab_size, false, false)?) };
         let norm = vec("model.norm.weight", h)?;
         let inv_freq = be.upload(&rope::inv_freq(&s))?;
         Ok(Decoder { spec: s, embed, blocks, norm, lm_head, inv_freq, backend })
@@ -211,7 +224,10 @@ impl<B: Backend> Decoder<B> {
         observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<B::Buf> {
         let be = &self.backend;
-        if input.batch != cache.batch || input.tokens.len() != input.batch * input.seq || input.mask.len() != input.tokens.len() {
+        if input.batch != cache.batch
+            || input.tokens.len() != input.batch * input.seq
+            || input.mask.len() != input.tokens.len()
+        {
             return Err(Error::Invalid(format!(
                 "input of {} tokens ({} × {}) does not fit a cache for batch {}",
                 input.tokens.len(),
@@ -234,7 +250,13 @@ impl<B: Backend> Decoder<B> {
             pass: Pass { training: false, seed: 0, first_row: 0 },
         };
         let mut acts = Acts::new(be, rows, &self.dims())?;
-        let at = RowWrite { batch: input.batch, rows: input.seq, capacity: cache.capacity, start, width: self.spec.kv_dim() };
+        let at = RowWrite {
+            batch: input.batch,
+            rows: input.seq,
+            capacity: cache.capacity,
+            start,
+            width: self.spec.kv_dim(),
+        };
         for l in 0..self.blocks.len() {
             let kv = KvTarget::Cache { k: &mut cache.k[l], v: &mut cache.v[l], at };
             self.block_forward(l, &mut x, &mut acts, kv, &ctx, adapters, observe)?;
@@ -248,7 +270,10 @@ impl<B: Backend> Decoder<B> {
         let (be, h) = (&self.backend, self.spec.hidden_size);
         // Checked here, on the host: a GPU kernel would read out of bounds instead of failing.
         if let Some(&bad) = input.tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
-            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary (size {})", self.spec.vocab_size)));
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.spec.vocab_size
+            )));
         }
         let ids = be.upload_ints(&input.tokens)?;
         // Gemma scales embeddings by √hidden rounded to the activation dtype (f32 here).
@@ -265,7 +290,13 @@ impl<B: Backend> Decoder<B> {
         Ok(n)
     }
 
-    pub(crate) fn attention_shape(&self, batch: usize, q_len: usize, kv_len: usize, kv_capacity: usize) -> AttentionShape {
+    pub(crate) fn attention_shape(
+        &self,
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        kv_capacity: usize,
+    ) -> AttentionShape {
         let s = &self.spec;
         AttentionShape {
             batch,
@@ -293,9 +324,7 @@ impl<B: Backend> Decoder<B> {
         let mut out = be.zeros(rows * self.spec.vocab_size)?;
         match &self.lm_head {
             Some(head) => head.forward(be, hidden, rows, &mut out, false)?,
-            None => {
-                be.linear(hidden, &self.embed, rows, &mut out, false)?
-            }
+            None => be.linear(hidden, &self.embed, rows, &mut out, false)?,
         }
         Ok(out)
     }

@@ -69,7 +69,8 @@ impl<B: Backend> KvCache<B> {
                 be.copy(&self.k[l], r * self.capacity * width, &mut out.k[l], j * capacity * width, self.len * width)?;
                 be.copy(&self.v[l], r * self.capacity * width, &mut out.v[l], j * capacity * width, self.len * width)?;
             }
-            out.key_mask[j * capacity..j * capacity + self.len].copy_from_slice(&self.key_mask[r * self.capacity..r * self.capacity + self.len]);
+            out.key_mask[j * capacity..j * capacity + self.len]
+                .copy_from_slice(&self.key_mask[r * self.capacity..r * self.capacity + self.len]);
             out.seen[j] = self.seen[r];
         }
         out.len = self.len;

@@ -46,7 +46,10 @@ impl<B: Backend> Decoder<B> {
                 let name = format!("model.layers.{l}.{}", p.module());
                 let lin = self.blocks[l].proj_mut(p);
                 let BaseWeight::Int4(q) = &mut lin.base else {
-                    return Err(Error::Invalid(format!("{name}: its base is {}, not GPTQ int4: merge into 16-bit weights instead", lin.base.name())));
+                    return Err(Error::Invalid(format!(
+                        "{name}: its base is {}, not GPTQ int4: merge into 16-bit weights instead",
+                        lin.base.name()
+                    )));
                 };
                 let zeros = q.merge_into_zeros(&delta).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
                 q.float_zeros = Some(zeros);
@@ -78,7 +81,9 @@ impl MergedDtype {
     fn tensor(self, shape: Vec<usize>, data: &[f32]) -> OwnedTensor {
         match self {
             MergedDtype::Bf16 => OwnedTensor::bf16(shape, data),
-            MergedDtype::F16 => OwnedTensor::f16(shape, &data.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>()),
+            MergedDtype::F16 => {
+                OwnedTensor::f16(shape, &data.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>())
+            }
             MergedDtype::F32 => OwnedTensor::f32(shape, data),
         }
     }
@@ -92,13 +97,20 @@ impl<B: Backend> Decoder<B> {
     /// holds a model.
     pub fn write_hf_dir(&self, ckpt: &Checkpoint, dtype: MergedDtype, keep_int4: bool, out: &Path) -> Result<()> {
         if out.join("model.safetensors").exists() || out.join("config.json").exists() {
-            return Err(Error::Invalid(format!("{} already contains a model; choose a new output directory", out.display())));
+            return Err(Error::Invalid(format!(
+                "{} already contains a model; choose a new output directory",
+                out.display()
+            )));
         }
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         let (be, s) = (&self.backend, &self.spec);
         let h = s.hidden_size;
         let mut tensors = BTreeMap::new();
-        let put = |tensors: &mut BTreeMap<String, OwnedTensor>, name: String, shape: Vec<usize>, buf: &B::Buf| -> Result<()> {
+        let put = |tensors: &mut BTreeMap<String, OwnedTensor>,
+                   name: String,
+                   shape: Vec<usize>,
+                   buf: &B::Buf|
+         -> Result<()> {
             tensors.insert(name, dtype.tensor(shape, &be.download(buf)?));
             Ok(())
         };
@@ -115,9 +127,18 @@ impl<B: Backend> Decoder<B> {
                 let lin = block.proj(pr);
                 let name = format!("{p}.{}", pr.module());
                 match &lin.base {
-                    BaseWeight::Int4(_) if keep_int4 => write_linear(&mut tensors, &name, &lin.base, dtype.torch_name()),
-                    _ if keep_int4 => return Err(Error::Invalid(format!("{name}: base {} is not GPTQ int4", lin.base.name()))),
-                    _ => put(&mut tensors, format!("{name}.weight"), vec![lin.out_dim, lin.in_dim], &be.weight_values(&lin.weight)?)?,
+                    BaseWeight::Int4(_) if keep_int4 => {
+                        write_linear(&mut tensors, &name, &lin.base, dtype.torch_name())
+                    }
+                    _ if keep_int4 => {
+                        return Err(Error::Invalid(format!("{name}: base {} is not GPTQ int4", lin.base.name())))
+                    }
+                    _ => put(
+                        &mut tensors,
+                        format!("{name}.weight"),
+                        vec![lin.out_dim, lin.in_dim],
+                        &be.weight_values(&lin.weight)?,
+                    )?,
                 }
                 if let Some(b) = &lin.bias {
                     put(&mut tensors, format!("{name}.bias"), vec![lin.out_dim], b)?;

@@ -23,7 +23,8 @@ pub fn inv_freq(spec: &ModelSpec) -> Vec<f32> {
                     if wavelen < high_wavelen || wavelen > low_wavelen {
                         scaled
                     } else {
-                        let t = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let t =
+                            (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - t) * scaled / factor + t * scaled
                     }
                 })

@@ -51,9 +51,16 @@ pub enum Activation {
 pub enum RopeScaling {
     None,
     /// Llama-3.1 style frequency-dependent scaling (`rope_type = "llama3"`).
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position: f32,
+    },
     /// Linear position interpolation: every frequency divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Per-frequency divisors stored in a GGUF `rope_freqs.weight` tensor (llama.cpp convention).
     FreqFactors(Vec<f32>),
 }
@@ -90,13 +97,24 @@ pub struct ModelSpec {
 }
 
 /// Shapes of well-known checkpoints, for parameter accounting without the weights (`qpeft params --arch`).
-pub const BUILTIN: [&str; 8] = ["llama-7b", "llama-13b", "llama2-7b", "llama2-13b", "llama3-8b", "gemma-2b", "gemma-7b", "smollm2-135m"];
+pub const BUILTIN: [&str; 8] =
+    ["llama-7b", "llama-13b", "llama2-7b", "llama2-13b", "llama3-8b", "gemma-2b", "gemma-7b", "smollm2-135m"];
 
 impl ModelSpec {
     /// The shape of a built-in architecture (see `BUILTIN`), from its published config.json.
     pub fn builtin(name: &str) -> Option<ModelSpec> {
         // (arch, vocab, hidden, intermediate, layers, heads, kv heads, head_dim, rope θ)
-        let (arch, vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, rope_theta) = match name {
+        let (
+            arch,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rope_theta,
+        ) = match name {
             "llama-7b" | "llama2-7b" => (Arch::Llama, 32000, 4096, 11008, 32, 32, 32, 128, 10000.0),
             "llama-13b" | "llama2-13b" => (Arch::Llama, 32000, 5120, 13824, 40, 40, 40, 128, 10000.0),
             "llama3-8b" => (Arch::Llama, 128256, 4096, 14336, 32, 32, 8, 128, 500000.0),
@@ -150,12 +168,17 @@ impl ModelSpec {
         let rope_scaling = match &self.rope_scaling {
             RopeScaling::None => Value::Null,
             RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => serde_json::json!({
-                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position,
-            }),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                serde_json::json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position,
+                })
+            }
             RopeScaling::FreqFactors(_) => {
-                return Err(Error::unsupported(file, "writing an HF config for per-frequency rope factors (rope_freqs)"))
+                return Err(Error::unsupported(
+                    file,
+                    "writing an HF config for per-frequency rope factors (rope_freqs)",
+                ))
             }
         };
         let mut c = serde_json::json!({
@@ -214,11 +237,18 @@ impl ModelSpec {
             ));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(Error::config(file, "head_dim", format!("{} is odd; rotary embeddings need an even head_dim", self.head_dim)));
+            return Err(Error::config(
+                file,
+                "head_dim",
+                format!("{} is odd; rotary embeddings need an even head_dim", self.head_dim),
+            ));
         }
         if let RopeScaling::FreqFactors(f) = &self.rope_scaling {
             if f.len() != self.head_dim / 2 {
-                return Err(Error::format(file, format!("rope_freqs has {} entries, expected head_dim/2 = {}", f.len(), self.head_dim / 2)));
+                return Err(Error::format(
+                    file,
+                    format!("rope_freqs has {} entries, expected head_dim/2 = {}", f.len(), self.head_dim / 2),
+                ));
             }
         }
         Ok(())
@@ -231,22 +261,34 @@ impl ModelSpec {
         let get = |k: &str| cfg.get(k).filter(|v| !v.is_null());
         let usize_of = |k: &str| -> Result<usize> {
             let v = get(k).ok_or_else(|| Error::config(path, k, "missing"))?;
-            v.as_u64().map(|v| v as usize).ok_or_else(|| Error::config(path, k, format!("expected a non-negative integer, got {v}")))
+            v.as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::config(path, k, format!("expected a non-negative integer, got {v}")))
         };
         let f32_or = |k: &str, default: f32| -> Result<f32> {
             match get(k) {
                 None => Ok(default),
-                Some(v) => v.as_f64().map(|v| v as f32).ok_or_else(|| Error::config(path, k, format!("expected a number, got {v}"))),
+                Some(v) => v
+                    .as_f64()
+                    .map(|v| v as f32)
+                    .ok_or_else(|| Error::config(path, k, format!("expected a number, got {v}"))),
             }
         };
-        let model_type = get("model_type").and_then(Value::as_str).ok_or_else(|| Error::config(path, "model_type", "missing"))?;
-        let arch = Arch::parse(model_type)
-            .ok_or_else(|| Error::unsupported(path, format!("architecture `{model_type}` (supported: {})", Arch::SUPPORTED)))?;
+        let model_type =
+            get("model_type").and_then(Value::as_str).ok_or_else(|| Error::config(path, "model_type", "missing"))?;
+        let arch = Arch::parse(model_type).ok_or_else(|| {
+            Error::unsupported(path, format!("architecture `{model_type}` (supported: {})", Arch::SUPPORTED))
+        })?;
         let hidden_size = usize_of("hidden_size")?;
         let num_heads = usize_of("num_attention_heads")?;
-        let num_kv_heads = if get("num_key_value_heads").is_some() { usize_of("num_key_value_heads")? } else { num_heads };
+        let num_kv_heads =
+            if get("num_key_value_heads").is_some() { usize_of("num_key_value_heads")? } else { num_heads };
         // A zero head count leaves head_dim 0, which validate() reports.
-        let head_dim = if get("head_dim").is_some() { usize_of("head_dim")? } else { hidden_size.checked_div(num_heads).unwrap_or(0) };
+        let head_dim = if get("head_dim").is_some() {
+            usize_of("head_dim")?
+        } else {
+            hidden_size.checked_div(num_heads).unwrap_or(0)
+        };
         // transformers ≥ 5 folds rope_theta and rope_scaling into `rope_parameters`.
         let rope_params = get("rope_parameters");
         let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
@@ -255,13 +297,19 @@ impl ModelSpec {
         };
         let scaling = get("rope_scaling").or(rope_params);
         let rope_scaling = parse_rope_scaling(path, scaling)?;
-        let activation_name = get("hidden_activation").or_else(|| get("hidden_act")).and_then(Value::as_str).unwrap_or("silu");
+        let activation_name =
+            get("hidden_activation").or_else(|| get("hidden_act")).and_then(Value::as_str).unwrap_or("silu");
         let activation = match (arch, activation_name) {
             (_, "silu" | "swish") => Activation::Silu,
             (_, "gelu_pytorch_tanh" | "gelu_tanh") => Activation::GeluTanh,
             // transformers runs Gemma v1 with the tanh approximation even when the config says "gelu".
             (Arch::Gemma, "gelu") => Activation::GeluTanh,
-            (_, other) => return Err(Error::unsupported(path, format!("activation `{other}` (supported: silu, gelu_pytorch_tanh)"))),
+            (_, other) => {
+                return Err(Error::unsupported(
+                    path,
+                    format!("activation `{other}` (supported: silu, gelu_pytorch_tanh)"),
+                ))
+            }
         };
         let bool_or = |k: &str, default: bool| get(k).and_then(Value::as_bool).unwrap_or(default);
         let attention_bias = bool_or("attention_bias", false);
@@ -321,18 +369,26 @@ impl ModelSpec {
             .get("general.architecture")
             .and_then(|v| v.as_str())
             .ok_or_else(|| Error::config(path, "general.architecture", "missing"))?;
-        let arch = Arch::parse(arch_name)
-            .ok_or_else(|| Error::unsupported(path, format!("architecture `{arch_name}` (supported: {})", Arch::SUPPORTED)))?;
+        let arch = Arch::parse(arch_name).ok_or_else(|| {
+            Error::unsupported(path, format!("architecture `{arch_name}` (supported: {})", Arch::SUPPORTED))
+        })?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let usize_of = |k: &str| -> Result<usize> {
             let full = key(k);
             let v = g.get(&full).ok_or_else(|| Error::config(path, &full, "missing"))?;
-            v.as_u64().map(|v| v as usize).ok_or_else(|| Error::config(path, &full, format!("expected an integer, got {}", v.summary())))
+            v.as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::config(path, &full, format!("expected an integer, got {}", v.summary())))
         };
-        let f32_or = |k: &str, default: f32| g.get(&key(k)).and_then(|v| v.as_f64()).map(|v| v as f32).unwrap_or(default);
+        let f32_or =
+            |k: &str, default: f32| g.get(&key(k)).and_then(|v| v.as_f64()).map(|v| v as f32).unwrap_or(default);
         let hidden_size = usize_of("embedding_length")?;
         let num_heads = usize_of("attention.head_count")?;
-        let num_kv_heads = if g.get(&key("attention.head_count_kv")).is_some() { usize_of("attention.head_count_kv")? } else { num_heads };
+        let num_kv_heads = if g.get(&key("attention.head_count_kv")).is_some() {
+            usize_of("attention.head_count_kv")?
+        } else {
+            num_heads
+        };
         let head_dim = match g.get(&key("attention.key_length")) {
             Some(_) => usize_of("attention.key_length")?,
             None => hidden_size.checked_div(num_heads).unwrap_or(0),
@@ -401,6 +457,11 @@ fn parse_rope_scaling(path: &Path, v: Option<&Value>) -> Result<RopeScaling> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position: num("original_max_position_embeddings")?,
         },
-        other => return Err(Error::unsupported(path, format!("rope scaling type `{other}` (supported: default, linear, llama3)"))),
+        other => {
+            return Err(Error::unsupported(
+                path,
+                format!("rope scaling type `{other}` (supported: default, linear, llama3)"),
+            ))
+        }
     })
 }

@@ -59,7 +59,10 @@ impl Batch {
     /// be a token id of the vocabulary: checked here, on the host, as a GPU kernel would read out of bounds.
     fn targets(&self, vocab: usize) -> Result<Vec<u32>> {
         let Input { batch, seq, .. } = self.input;
-        if self.labels.len() != batch * seq || self.input.tokens.len() != batch * seq || self.input.mask.len() != batch * seq {
+        if self.labels.len() != batch * seq
+            || self.input.tokens.len() != batch * seq
+            || self.input.mask.len() != batch * seq
+        {
             return Err(Error::Invalid(format!(
                 "batch of {batch} × {seq}: {} tokens, {} mask values, {} labels",
                 self.input.tokens.len(),
@@ -99,7 +102,12 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// The loss of `batch`, and its gradient (× `grad_scale`) added to every adapter parameter's `grad`.
-    pub fn loss_and_backward(&self, batch: &Batch, adapters: &mut AdapterSet<B>, opts: &StepOptions) -> Result<StepResult> {
+    pub fn loss_and_backward(
+        &self,
+        batch: &Batch,
+        adapters: &mut AdapterSet<B>,
+        opts: &StepOptions,
+    ) -> Result<StepResult> {
         self.pass(batch, Some(Adapters::Training(adapters)), opts)
     }
 
@@ -139,12 +147,24 @@ impl<B: Backend> Decoder<B> {
                     inputs.push(be.save(&x)?);
                     self.block_forward_chunked(l, &mut x, a, &ctx, set.shared(), forward_chunk)?;
                 }
-                (set, _, Some(a)) => self.block_forward(l, &mut x, a, KvTarget::Own, &ctx, set.map(Adapters::shared), &mut |_, _, _| Ok(()))?,
+                (set, _, Some(a)) => {
+                    self.block_forward(l, &mut x, a, KvTarget::Own, &ctx, set.map(Adapters::shared), &mut |_, _, _| {
+                        Ok(())
+                    })?
+                }
                 (set, _, None) => {
                     let mut a = Acts::new(be, rows, &dims)?;
                     a.x_in = Some(copy_of(be, &x)?);
                     a.x_mid = Some(be.zeros(be.len(&x))?);
-                    self.block_forward(l, &mut x, &mut a, KvTarget::Own, &ctx, set.map(Adapters::shared), &mut |_, _, _| Ok(()))?;
+                    self.block_forward(
+                        l,
+                        &mut x,
+                        &mut a,
+                        KvTarget::Own,
+                        &ctx,
+                        set.map(Adapters::shared),
+                        &mut |_, _, _| Ok(()),
+                    )?;
                     saved.push(a);
                 }
             }
@@ -153,7 +173,8 @@ impl<B: Backend> Decoder<B> {
         let hidden = self.final_norm(&x, rows)?;
         let kept = targets.iter().filter(|&&t| t != IGNORE).count();
         let scale = if kept == 0 { 0.0 } else { opts.grad_scale / kept as f32 };
-        let (loss_sum, d_hidden) = self.head_loss(&hidden, &targets, rows, backward.then_some(scale), opts.loss_chunk)?;
+        let (loss_sum, d_hidden) =
+            self.head_loss(&hidden, &targets, rows, backward.then_some(scale), opts.loss_chunk)?;
         drop(hidden);
         let result = StepResult { loss: if kept == 0 { 0.0 } else { loss_sum / kept as f64 }, tokens: kept };
         let (Some(Adapters::Training(set)), Some(d_hidden)) = (adapters.as_mut(), d_hidden) else {
@@ -168,7 +189,8 @@ impl<B: Backend> Decoder<B> {
         for l in (0..self.blocks.len()).rev() {
             if checkpointed {
                 // Recompute the block from its saved input with the same dropout masks.
-                let x_in = be.restore(&inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?)?;
+                let x_in =
+                    be.restore(&inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?)?;
                 self.block_recompute_backward(l, &x_in, &mut dx, &ctx, set, chunk)?;
             } else {
                 self.block_backward(l, &mut dx, &saved[l], &ctx, set)?;
@@ -180,7 +202,14 @@ impl<B: Backend> Decoder<B> {
 
     /// Σ cross-entropy of the LM head over the kept targets, and with `grad_scale` Some(c) also
     /// ∂(c · Σ loss)/∂hidden — computed `chunk` rows at a time.
-    fn head_loss(&self, hidden: &B::Buf, targets: &[u32], rows: usize, grad_scale: Option<f32>, chunk: usize) -> Result<(f64, Option<B::Buf>)> {
+    fn head_loss(
+        &self,
+        hidden: &B::Buf,
+        targets: &[u32],
+        rows: usize,
+        grad_scale: Option<f32>,
+        chunk: usize,
+    ) -> Result<(f64, Option<B::Buf>)> {
         let (be, h, vocab) = (&self.backend, self.spec.hidden_size, self.spec.vocab_size);
         let chunk = chunk.max(1);
         let mut d_hidden = match grad_scale {

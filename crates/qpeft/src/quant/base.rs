@@ -29,7 +29,11 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense => "dense".into(),
             BaseWeight::Bnb4(q) => {
-                format!("{}{}", q.kind.name(), if matches!(q.absmax, super::nf4::Absmax::Double { .. }) { "+dq" } else { "" })
+                format!(
+                    "{}{}",
+                    q.kind.name(),
+                    if matches!(q.absmax, super::nf4::Absmax::Double { .. }) { "+dq" } else { "" }
+                )
             }
             BaseWeight::IcqNf4(_) => "nf4+icq".into(),
             BaseWeight::Int4(q) => format!("int4-g{}{}", q.group, if q.sym { "-sym" } else { "" }),

@@ -32,7 +32,18 @@ impl Hessian {
         let rows = x.len() / self.dim;
         let d = self.dim;
         // h[d×d] += xᵀ[d×rows] · x[rows×d]
-        gemm_strided((d, d, rows), &mut self.h, Strided::rows(d), x, Strided::rows(d).t(), x, Strided::rows(d), 1.0, true, true);
+        gemm_strided(
+            (d, d, rows),
+            &mut self.h,
+            Strided::rows(d),
+            x,
+            Strided::rows(d).t(),
+            x,
+            Strided::rows(d),
+            1.0,
+            true,
+            true,
+        );
         self.rows += rows;
     }
 
@@ -41,7 +52,18 @@ impl Hessian {
         let n = self.dim;
         let out = d.len() / n;
         let mut dh = vec![0.0f32; d.len()];
-        gemm_strided((out, n, n), &mut dh, Strided::rows(n), d, Strided::rows(n), &self.h, Strided::rows(n), 1.0, false, true);
+        gemm_strided(
+            (out, n, n),
+            &mut dh,
+            Strided::rows(n),
+            d,
+            Strided::rows(n),
+            &self.h,
+            Strided::rows(n),
+            1.0,
+            false,
+            true,
+        );
         dh.par_iter().zip(d).map(|(&a, &b)| a as f64 * b as f64).sum()
     }
 }
@@ -100,7 +122,11 @@ pub fn quantize(
 ) -> Result<(Vec<u8>, Vec<GroupParams>)> {
     let n = factor.dim;
     if cfg.group == 0 || !n.is_multiple_of(cfg.group) || w.len() != out_dim * n {
-        return Err(Error::Invalid(format!("GPTQ: group {} and weight of {} values do not fit in_dim {n}", cfg.group, w.len())));
+        return Err(Error::Invalid(format!(
+            "GPTQ: group {} and weight of {} values do not fit in_dim {n}",
+            cfg.group,
+            w.len()
+        )));
     }
     let (g, groups) = (cfg.group, n / cfg.group);
     let u = &factor.u;

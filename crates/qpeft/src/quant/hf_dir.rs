@@ -63,17 +63,28 @@ impl QuantizationConfig {
                 let kind = match q.get("bnb_4bit_quant_type").and_then(Value::as_str) {
                     Some("nf4") => FourBit::Nf4,
                     Some("fp4") | None => FourBit::Fp4,
-                    Some(other) => return Err(Error::config(file, field("bnb_4bit_quant_type"), format!("unknown value `{other}`"))),
+                    Some(other) => {
+                        return Err(Error::config(
+                            file,
+                            field("bnb_4bit_quant_type"),
+                            format!("unknown value `{other}`"),
+                        ))
+                    }
                 };
                 let double = q.get("bnb_4bit_use_double_quant").and_then(Value::as_bool).unwrap_or(false);
-                let compute_dtype = q.get("bnb_4bit_compute_dtype").and_then(Value::as_str).unwrap_or("float32").to_string();
+                let compute_dtype =
+                    q.get("bnb_4bit_compute_dtype").and_then(Value::as_str).unwrap_or("float32").to_string();
                 let icq = q.get("qpeft_icq").and_then(Value::as_bool).unwrap_or(false);
                 Ok(Some(QuantizationConfig::Bnb4 { kind, double, compute_dtype, icq }))
             }
             "gptq" => {
                 let bits = q.get("bits").and_then(Value::as_u64).unwrap_or(0);
                 if bits != 4 {
-                    return Err(Error::config(file, field("bits"), format!("only 4-bit GPTQ is supported, got {bits}")));
+                    return Err(Error::config(
+                        file,
+                        field("bits"),
+                        format!("only 4-bit GPTQ is supported, got {bits}"),
+                    ));
                 }
                 let group = q.get("group_size").and_then(Value::as_i64).unwrap_or(-1);
                 if group <= 0 {
@@ -83,7 +94,10 @@ impl QuantizationConfig {
                 let desc_act = q.get("desc_act").and_then(Value::as_bool).unwrap_or(false);
                 Ok(Some(QuantizationConfig::Gptq { group: group as usize, sym, desc_act }))
             }
-            other => Err(Error::unsupported(file, format!("quantization method `{other}` (supported: bitsandbytes 4-bit, gptq)"))),
+            other => Err(Error::unsupported(
+                file,
+                format!("quantization method `{other}` (supported: bitsandbytes 4-bit, gptq)"),
+            )),
         }
     }
 
@@ -138,7 +152,10 @@ pub fn write_linear(out: &mut BTreeMap<String, OwnedTensor>, m: &str, base: &Bas
         BaseWeight::Bnb4(q) => write_bnb4(out, m, q, dtype),
         BaseWeight::IcqNf4(q) => {
             write_bnb4(out, m, &q.nf4, dtype);
-            out.insert(format!("{m}.weight.icq_tau_codes"), OwnedTensor::u8(vec![q.tau_codes.len()], q.tau_codes.clone()));
+            out.insert(
+                format!("{m}.weight.icq_tau_codes"),
+                OwnedTensor::u8(vec![q.tau_codes.len()], q.tau_codes.clone()),
+            );
             out.insert(format!("{m}.weight.icq_tau_scales"), OwnedTensor::f32(vec![q.tau_scales.len()], &q.tau_scales));
         }
         BaseWeight::Int4(q) => {
@@ -160,14 +177,21 @@ fn write_bnb4(out: &mut BTreeMap<String, OwnedTensor>, m: &str, q: &Bnb4, dtype:
     // The quant state is written exactly as bitsandbytes' Python `json.dumps` writes it: this key order,
     // ", " and ": " separators, and the offset as Python's repr of the f32 value widened to a double.
     let shape = q.shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ");
-    let mut state = format!(r#"{{"quant_type": "{}", "blocksize": {}, "dtype": "{dtype}", "shape": [{shape}]"#, q.kind.name(), q.block);
+    let mut state = format!(
+        r#"{{"quant_type": "{}", "blocksize": {}, "dtype": "{dtype}", "shape": [{shape}]"#,
+        q.kind.name(),
+        q.block
+    );
     match &q.absmax {
         Absmax::Plain(a) => {
             out.insert(format!("{m}.weight.absmax"), OwnedTensor::f32(vec![a.len()], a));
         }
         Absmax::Double { nested, offset } => {
             out.insert(format!("{m}.weight.absmax"), OwnedTensor::u8(vec![nested.codes.len()], nested.codes.clone()));
-            out.insert(format!("{m}.weight.nested_absmax"), OwnedTensor::f32(vec![nested.absmax.len()], &nested.absmax));
+            out.insert(
+                format!("{m}.weight.nested_absmax"),
+                OwnedTensor::f32(vec![nested.absmax.len()], &nested.absmax),
+            );
             out.insert(format!("{m}.weight.nested_quant_map"), OwnedTensor::f32(vec![256], &signed_dynamic()));
             state += &format!(
                 r#", "nested_blocksize": {}, "nested_dtype": "float32", "nested_offset": {}"#,
@@ -218,7 +242,9 @@ pub fn read_linear(
 ) -> Result<BaseWeight> {
     let file = |k: &str| store.path_of(k).map(Path::to_path_buf).unwrap_or_default();
     let raw = |k: &str| {
-        store.read_raw(k).ok_or_else(|| Error::format(&file(&format!("{m}.weight")), format!("quantized tensor `{k}` is missing")))
+        store
+            .read_raw(k)
+            .ok_or_else(|| Error::format(&file(&format!("{m}.weight")), format!("quantized tensor `{k}` is missing")))
     };
     match qc {
         QuantizationConfig::Bnb4 { kind, icq, .. } => {
@@ -232,7 +258,10 @@ pub fn read_linear(
             let tau_scales = store.read_f32(&scales_key)?.map(|t| t.data).unwrap_or_default();
             let blocks = q.numel() / super::icq::ICQ_BLOCK;
             if tau_codes.len() != blocks || tau_scales.len() != blocks.div_ceil(super::icq::SUPER_BLOCK) {
-                return Err(Error::format(&file(&codes_key), format!("ICQ τ tensors of `{m}` do not fit {blocks} blocks")));
+                return Err(Error::format(
+                    &file(&codes_key),
+                    format!("ICQ τ tensors of `{m}` do not fit {blocks} blocks"),
+                ));
             }
             Ok(BaseWeight::IcqNf4(IcqNf4 { nf4: q, tau_codes, tau_scales }))
         }
@@ -267,7 +296,8 @@ fn read_bnb4(store: &SafetensorsStore, m: &str, kind: FourBit, out_dim: usize, i
     let bad = |msg: String| Error::format(&path, format!("`{m}`: {msg}"));
     let skey = state_key(m, kind);
     let state_bytes = store.read_raw(&skey).ok_or_else(|| bad(format!("`{skey}` is missing")))?.to_u8(&skey)?;
-    let state: Value = serde_json::from_slice(&state_bytes).map_err(|e| bad(format!("quant state is not JSON: {e}")))?;
+    let state: Value =
+        serde_json::from_slice(&state_bytes).map_err(|e| bad(format!("quant state is not JSON: {e}")))?;
     let get_u = |k: &str| state.get(k).and_then(Value::as_u64).map(|v| v as usize);
     let block = get_u("blocksize").ok_or_else(|| bad("quant state has no blocksize".into()))?;
     super::nf4::check_block(block).map_err(|e| bad(e.to_string()))?;
@@ -306,7 +336,10 @@ fn read_bnb4(store: &SafetensorsStore, m: &str, kind: FourBit, out_dim: usize, i
         if codes.len() != blocks || nested_absmax.len() != blocks.div_ceil(nested_block) {
             return Err(bad(format!("double-quantized absmax does not fit {blocks} blocks")));
         }
-        Absmax::Double { nested: Blockwise8 { codes, absmax: nested_absmax, block: nested_block }, offset: offset as f32 }
+        Absmax::Double {
+            nested: Blockwise8 { codes, absmax: nested_absmax, block: nested_block },
+            offset: offset as f32,
+        }
     } else {
         let plain = store.read_f32(&akey)?.ok_or_else(|| bad("absmax missing".into()))?.data;
         if plain.len() != blocks {

@@ -31,7 +31,9 @@ impl Default for TauSearch {
 impl TauSearch {
     fn factors(&self) -> Vec<f32> {
         let (lo, steps) = (-self.lambda * SIGMA, 2 * self.n);
-        (0..=steps).map(|j| if steps == 0 { 0.0 } else { (lo + 2.0 * self.lambda * SIGMA * j as f64 / steps as f64) as f32 }).collect()
+        (0..=steps)
+            .map(|j| if steps == 0 { 0.0 } else { (lo + 2.0 * self.lambda * SIGMA * j as f64 / steps as f64) as f32 })
+            .collect()
     }
 }
 
@@ -169,7 +171,8 @@ impl IcqNf4 {
     }
 
     pub fn bits_per_param(&self) -> f64 {
-        self.nf4.bits_per_param() + 8.0 * (self.tau_codes.len() + 4 * self.tau_scales.len()) as f64 / self.nf4.numel() as f64
+        self.nf4.bits_per_param()
+            + 8.0 * (self.tau_codes.len() + 4 * self.tau_scales.len()) as f64 / self.nf4.numel() as f64
     }
 }
 

@@ -89,10 +89,19 @@ pub struct GptqInt4 {
 
 impl GptqInt4 {
     /// Packs codes [out, in] and per-(row, group) parameters [out, groups] with contiguous groups.
-    pub fn pack(codes: &[u8], params: &[GroupParams], out_dim: usize, in_dim: usize, group: usize, sym: bool) -> Result<Self> {
+    pub fn pack(
+        codes: &[u8],
+        params: &[GroupParams],
+        out_dim: usize,
+        in_dim: usize,
+        group: usize,
+        sym: bool,
+    ) -> Result<Self> {
         check_group(group, in_dim)?;
         if !out_dim.is_multiple_of(8) {
-            return Err(Error::Invalid(format!("int4 packing needs an output dimension divisible by 8, got {out_dim}")));
+            return Err(Error::Invalid(format!(
+                "int4 packing needs an output dimension divisible by 8, got {out_dim}"
+            )));
         }
         let groups = in_dim / group;
         let mut qweight = vec![0i32; in_dim / 8 * out_dim];
@@ -221,7 +230,8 @@ impl GptqInt4 {
     /// Storage bits per parameter (codes, zeros, fp16 scales, g_idx).
     pub fn bits_per_param(&self) -> f64 {
         let float_zeros = self.float_zeros.as_ref().map_or(0, Vec::len);
-        let bytes = 4 * (self.qweight.len() + self.qzeros.len() + self.g_idx.len()) + 2 * (self.scales.len() + float_zeros);
+        let bytes =
+            4 * (self.qweight.len() + self.qzeros.len() + self.g_idx.len()) + 2 * (self.scales.len() + float_zeros);
         8.0 * bytes as f64 / (self.in_dim * self.out_dim) as f64
     }
 }

@@ -20,7 +20,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{write_file, OwnedTensor};
 use crate::model::checkpoint::{Checkpoint, Source};
-use crate::model::decoder::{Decoder, InputSite, Input, Proj};
+use crate::model::decoder::{Decoder, Input, InputSite, Proj};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -108,7 +108,10 @@ impl QuantizeOptions {
                     check_group(self.group, in_dim).map_err(|e| Error::Invalid(format!("{}: {e}", p.module())))?;
                     let (out_dim, _) = p.dims(s);
                     if out_dim % 8 != 0 {
-                        return Err(Error::Invalid(format!("{}: int4 packing needs out_features divisible by 8, got {out_dim}", p.module())));
+                        return Err(Error::Invalid(format!(
+                            "{}: int4 packing needs out_features divisible by 8, got {out_dim}",
+                            p.module()
+                        )));
                     }
                 }
             }
@@ -123,7 +126,10 @@ impl QuantizeOptions {
             return Err(Error::Invalid("calibration data (GPTQ) applies to --format int4 only".into()));
         }
         if ckpt.quant.is_some() {
-            return Err(Error::Invalid(format!("{} is already quantized; quantize the original model", ckpt.path.display())));
+            return Err(Error::Invalid(format!(
+                "{} is already quantized; quantize the original model",
+                ckpt.path.display()
+            )));
         }
         Ok(())
     }
@@ -144,7 +150,11 @@ impl QuantizeOptions {
 /// Runs the calibration sequences through the full-precision model and accumulates the Hessian of every
 /// linear layer's input (one per layer and input site). The inputs come from the unquantized model, not
 /// from already-quantized earlier layers as in AutoGPTQ's sequential mode.
-fn calibrate(ckpt: &Checkpoint, sequences: &[Vec<u32>], progress: &mut dyn FnMut(&str)) -> Result<HashMap<(usize, InputSite), Hessian>> {
+fn calibrate(
+    ckpt: &Checkpoint,
+    sequences: &[Vec<u32>],
+    progress: &mut dyn FnMut(&str),
+) -> Result<HashMap<(usize, InputSite), Hessian>> {
     let model = Decoder::load(ckpt, Cpu::new())?;
     let s = &model.spec;
     let mut hessians: HashMap<(usize, InputSite), Hessian> = HashMap::new();
@@ -182,7 +192,11 @@ fn packed_bytes(base: &BaseWeight) -> usize {
 }
 
 /// Quantizes every block linear of `ckpt`. `progress` receives a line per step.
-pub fn quantize_model(ckpt: &Checkpoint, opts: &QuantizeOptions, progress: &mut dyn FnMut(&str)) -> Result<QuantizedModel> {
+pub fn quantize_model(
+    ckpt: &Checkpoint,
+    opts: &QuantizeOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<QuantizedModel> {
     opts.validate(ckpt)?;
     let s = ckpt.spec.clone();
     let hessians = match &opts.calibration {
@@ -219,7 +233,8 @@ pub fn quantize_model(ckpt: &Checkpoint, opts: &QuantizeOptions, progress: &mut 
             };
             let base = match opts.format {
                 Format::Nf4 | Format::Fp4 if opts.icq => {
-                    let (q, stats) = icq::quantize_nf4(&w, &[out_dim, in_dim], opts.double_quant, TauSearch::default())?;
+                    let (q, stats) =
+                        icq::quantize_nf4(&w, &[out_dim, in_dim], opts.double_quant, TauSearch::default())?;
                     report.icq_entropy_before = Some(stats.entropy_plain);
                     report.icq_entropy_after = Some(stats.entropy_icq);
                     report.code_entropy = histogram_entropy((0..w.len()).map(|i| q.nf4.code(i)));
@@ -267,8 +282,9 @@ pub fn quantize_model(ckpt: &Checkpoint, opts: &QuantizeOptions, progress: &mut 
                 report.output_error = Some(h.quadratic(&diff) / reference);
                 let (rc, rp) = quantize_rtn(&w, out_dim, in_dim, opts.group, opts.sym);
                 let groups = in_dim / opts.group;
-                let rtn_diff: Vec<f32> =
-                    (0..w.len()).map(|k| w[k] - rp[k / in_dim * groups + k % in_dim / opts.group].dequantize(rc[k])).collect();
+                let rtn_diff: Vec<f32> = (0..w.len())
+                    .map(|k| w[k] - rp[k / in_dim * groups + k % in_dim / opts.group].dequantize(rc[k]))
+                    .collect();
                 report.rtn_output_error = Some(h.quadratic(&rtn_diff) / reference);
             }
             report.format = base.name();
@@ -281,7 +297,8 @@ pub fn quantize_model(ckpt: &Checkpoint, opts: &QuantizeOptions, progress: &mut 
     }
     // Everything else stays in floating point.
     let h = s.hidden_size;
-    let mut dense = vec![("model.embed_tokens.weight".to_string(), vec![s.vocab_size, h]), ("model.norm.weight".into(), vec![h])];
+    let mut dense =
+        vec![("model.embed_tokens.weight".to_string(), vec![s.vocab_size, h]), ("model.norm.weight".into(), vec![h])];
     if !s.tie_word_embeddings {
         dense.push(("lm_head.weight".into(), vec![s.vocab_size, h]));
     }
@@ -330,7 +347,10 @@ pub(crate) fn write_tokenizer(ckpt: &Checkpoint, out: &Path) -> Result<()> {
         Source::Gguf(_) | Source::Random { .. } => {
             let (json, config) = ckpt.tokenizer()?.hf_files()?;
             crate::formats::write_atomic(&out.join("tokenizer.json"), json.as_bytes())?;
-            crate::formats::write_atomic(&out.join("tokenizer_config.json"), &serde_json::to_vec_pretty(&config).expect("JSON serializes"))?;
+            crate::formats::write_atomic(
+                &out.join("tokenizer_config.json"),
+                &serde_json::to_vec_pretty(&config).expect("JSON serializes"),
+            )?;
         }
     }
     Ok(())
@@ -341,7 +361,10 @@ pub(crate) fn write_tokenizer(ckpt: &Checkpoint, out: &Path) -> Result<()> {
 /// model, so nothing of the user's is overwritten.
 pub fn write_model_dir(ckpt: &Checkpoint, q: &QuantizedModel, dtype: WeightDtype, out: &Path) -> Result<()> {
     if out.join("model.safetensors").exists() || out.join("config.json").exists() {
-        return Err(Error::Invalid(format!("{} already contains a model; choose a new output directory", out.display())));
+        return Err(Error::Invalid(format!(
+            "{} already contains a model; choose a new output directory",
+            out.display()
+        )));
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut config: Value = match &ckpt.source {
@@ -369,7 +392,9 @@ pub fn write_model_dir(ckpt: &Checkpoint, q: &QuantizedModel, dtype: WeightDtype
 pub fn quantize_weight(w: &[f32], out_dim: usize, in_dim: usize, opts: &QuantizeOptions) -> Result<BaseWeight> {
     check_finite(w, &[out_dim, in_dim])?;
     Ok(match opts.format {
-        Format::Nf4 if opts.icq => BaseWeight::IcqNf4(icq::quantize_nf4(w, &[out_dim, in_dim], opts.double_quant, TauSearch::default())?.0),
+        Format::Nf4 if opts.icq => {
+            BaseWeight::IcqNf4(icq::quantize_nf4(w, &[out_dim, in_dim], opts.double_quant, TauSearch::default())?.0)
+        }
         Format::Nf4 | Format::Fp4 => {
             let kind = if opts.format == Format::Nf4 { FourBit::Nf4 } else { FourBit::Fp4 };
             BaseWeight::Bnb4(Bnb4::quantize(w, &[out_dim, in_dim], kind, opts.block, opts.double_quant)?)
@@ -377,10 +402,15 @@ pub fn quantize_weight(w: &[f32], out_dim: usize, in_dim: usize, opts: &Quantize
         Format::Int4 => {
             check_group(opts.group, in_dim)?;
             let multipliers = range_multipliers(0.1, 50);
-            let find = |row: &[f32]| if opts.icq { find_int4_params(row, opts.sym, &multipliers) } else { GroupParams::find(row, opts.sym, 1.0) };
+            let find = |row: &[f32]| {
+                if opts.icq {
+                    find_int4_params(row, opts.sym, &multipliers)
+                } else {
+                    GroupParams::find(row, opts.sym, 1.0)
+                }
+            };
             let (codes, params) = quantize_rtn_with(w, in_dim, opts.group, &find);
             BaseWeight::Int4(GptqInt4::pack(&codes, &params, out_dim, in_dim, opts.group, opts.sym)?)
         }
     })
 }
-

@@ -116,7 +116,10 @@ impl CodeRounder {
 pub enum Absmax {
     Plain(Vec<f32>),
     /// absmax_b = dynamic[q_b] * nested_absmax[b / 256] + offset.
-    Double { nested: Blockwise8, offset: f32 },
+    Double {
+        nested: Blockwise8,
+        offset: f32,
+    },
 }
 
 impl Absmax {
@@ -257,10 +260,21 @@ mod tests {
     fn nf4_midpoints_are_the_documented_thresholds() {
         // methods.md §1.1 lists the thresholds as decimal literals; they must round to our f32 midpoints.
         let documented = [
-            -0.8480964004993439f64, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-            -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-            0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683, 0.5016634166240692,
-            0.6427869200706482, 0.8614784181118011,
+            -0.8480964004993439f64,
+            -0.6106329262256622,
+            -0.4599952697753906,
+            -0.33967943489551544,
+            -0.23460740596055984,
+            -0.13791173323988914,
+            -0.045525018125772476,
+            0.03979014977812767,
+            0.1202552504837513,
+            0.2035212516784668,
+            0.2920137718319893,
+            0.3893125355243683,
+            0.5016634166240692,
+            0.6427869200706482,
+            0.8614784181118011,
         ];
         let r = CodeRounder::new(FourBit::Nf4);
         for (m, d) in r.midpoints.iter().zip(documented) {

@@ -55,7 +55,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs `opts.warmup + opts.steps` optimizer steps of `set` on `model`.
-pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSet<B>, opts: &BenchOptions) -> Result<BenchReport> {
+pub fn train_steps<B: Backend + 'static>(
+    model: &Decoder<B>,
+    set: &mut AdapterSet<B>,
+    opts: &BenchOptions,
+) -> Result<BenchReport> {
     let be = &model.backend;
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     let loaded = be.device_memory()?.map(|m| mib(m.peak_allocated));
@@ -69,7 +73,10 @@ pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSe
             (s % model.spec.vocab_size as u64) as u32
         })
         .collect();
-    let batch = Batch { input: Input { batch: opts.batch, seq: opts.seq, tokens: tokens.clone(), mask: vec![1; n] }, labels: tokens };
+    let batch = Batch {
+        input: Input { batch: opts.batch, seq: opts.seq, tokens: tokens.clone(), mask: vec![1; n] },
+        labels: tokens,
+    };
     let mut state = OptimizerState::new();
     let (mut steps, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());
     let mut loss = f64::NAN;
@@ -85,7 +92,13 @@ pub fn train_steps<B: Backend + 'static>(model: &Decoder<B>, set: &mut AdapterSe
         be.synchronize()?;
         let t1 = Instant::now();
         let norm = grad_norm(be, set.named_params().into_iter().map(|(_, p)| p))?;
-        opts.optimizer.step(be, &mut state, set.named_params_mut(), opts.lr, clip_coefficient(norm, opts.max_grad_norm))?;
+        opts.optimizer.step(
+            be,
+            &mut state,
+            set.named_params_mut(),
+            opts.lr,
+            clip_coefficient(norm, opts.max_grad_norm),
+        )?;
         be.synchronize()?;
         let t2 = Instant::now();
         if i >= opts.warmup {

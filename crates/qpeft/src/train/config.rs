@@ -209,7 +209,9 @@ const SECTIONS: [&str; 7] = ["model", "quant", "adapter", "data", "train", "eval
 fn section<T: for<'de> Deserialize<'de> + Default>(file: &Path, doc: &toml::Table, name: &str) -> Result<T> {
     match doc.get(name) {
         None => Ok(T::default()),
-        Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| Error::config(file, name, e.message().to_string())),
+        Some(v) => {
+            v.clone().try_into().map_err(|e: toml::de::Error| Error::config(file, name, e.message().to_string()))
+        }
     }
 }
 
@@ -231,7 +233,8 @@ pub struct RunConfig {
 /// Applies `key.path=value` edits to a TOML document; a value that is not valid TOML is taken as a string.
 pub fn apply_sets(file: &Path, doc: &mut toml::Table, sets: &[String]) -> Result<()> {
     for set in sets {
-        let (key, raw) = set.split_once('=').ok_or_else(|| Error::config(file, set.clone(), "--set needs key=value"))?;
+        let (key, raw) =
+            set.split_once('=').ok_or_else(|| Error::config(file, set.clone(), "--set needs key=value"))?;
         let key = key.trim();
         let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
             Ok(mut t) => t.remove("v").expect("parsed key"),
@@ -242,7 +245,9 @@ pub fn apply_sets(file: &Path, doc: &mut toml::Table, sets: &[String]) -> Result
         let mut table = &mut *doc;
         for (i, part) in sections.iter().enumerate() {
             let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table = entry.as_table_mut().ok_or_else(|| Error::config(file, parts[..=i].join("."), format!("--set {set}: not a table")))?;
+            table = entry
+                .as_table_mut()
+                .ok_or_else(|| Error::config(file, parts[..=i].join("."), format!("--set {set}: not a table")))?;
         }
         table.insert(last.to_string(), value);
     }
@@ -268,7 +273,10 @@ impl RunConfig {
                 return Err(Error::config(file, required, "missing section"));
             }
         }
-        let model: ModelSection = doc["model"].clone().try_into().map_err(|e: toml::de::Error| Error::config(file, "model", e.message().to_string()))?;
+        let model: ModelSection = doc["model"]
+            .clone()
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::config(file, "model", e.message().to_string()))?;
         let cfg = RunConfig {
             file: file.to_path_buf(),
             plan: Plan::from_toml(file, &text)?,
@@ -293,7 +301,9 @@ impl RunConfig {
     }
 
     pub fn warmup(&self) -> u64 {
-        self.train.warmup_steps.unwrap_or_else(|| super::schedule::warmup_from_ratio(self.train.steps, self.train.warmup_ratio))
+        self.train
+            .warmup_steps
+            .unwrap_or_else(|| super::schedule::warmup_from_ratio(self.train.steps, self.train.warmup_ratio))
     }
 
     /// Values that are wrong whatever the model.
@@ -307,12 +317,20 @@ impl RunConfig {
         if !optimizers.contains(&t.optimizer.as_str()) {
             return bad("train.optimizer", format!("`{}` is not one of {}", t.optimizer, optimizers.join(", ")));
         }
-        for (field, v) in [("train.steps", t.steps as usize), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum)] {
+        for (field, v) in
+            [("train.steps", t.steps as usize), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum)]
+        {
             if v == 0 {
                 return bad(field, "must be at least 1".into());
             }
         }
-        for (field, v) in [("data.source_max_len", d.source_max_len), ("data.target_max_len", d.target_max_len), ("train.loss_chunk", t.loss_chunk), ("train.mlp_chunk", t.mlp_chunk.unwrap_or(1)), ("eval.batch_size", e.batch_size)] {
+        for (field, v) in [
+            ("data.source_max_len", d.source_max_len),
+            ("data.target_max_len", d.target_max_len),
+            ("train.loss_chunk", t.loss_chunk),
+            ("train.mlp_chunk", t.mlp_chunk.unwrap_or(1)),
+            ("eval.batch_size", e.batch_size),
+        ] {
             if v == 0 {
                 return bad(field, "must be at least 1".into());
             }
@@ -337,7 +355,8 @@ impl RunConfig {
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
             return bad("train.warmup_ratio", format!("{} is outside [0, 1]", t.warmup_ratio));
         }
-        crate::eval::suite::parse_tasks(&e.tasks.join(",")).map_err(|err| Error::config(&self.file, "eval.tasks", err.to_string()))?;
+        crate::eval::suite::parse_tasks(&e.tasks.join(","))
+            .map_err(|err| Error::config(&self.file, "eval.tasks", err.to_string()))?;
         if !["val", "test"].contains(&e.mmlu_split.as_str()) {
             return bad("eval.mmlu_split", format!("`{}` is not val or test", e.mmlu_split));
         }
@@ -345,7 +364,10 @@ impl RunConfig {
             (None, None) => return bad("data", "set `path` (a data file) or `builtin` (a built-in task)".into()),
             (Some(_), Some(_)) => return bad("data", "set only one of `path` and `builtin`".into()),
             (None, Some(task)) if !crate::data::builtin::TASKS.contains(&task.as_str()) => {
-                return bad("data.builtin", format!("unknown task `{task}` (known: {})", crate::data::builtin::TASKS.join(", ")))
+                return bad(
+                    "data.builtin",
+                    format!("unknown task `{task}` (known: {})", crate::data::builtin::TASKS.join(", ")),
+                )
             }
             _ => {}
         }

@@ -32,9 +32,17 @@ pub struct AdamW {
 
 /// The two moments of one parameter.
 enum Moments<B: Backend> {
-    F32 { m: B::Buf, v: B::Buf },
+    F32 {
+        m: B::Buf,
+        v: B::Buf,
+    },
     /// Codes of m (signed map) and v (unsigned map), with per-block absmax.
-    Q8 { m: B::Bytes, m_absmax: B::Buf, v: B::Bytes, v_absmax: B::Buf },
+    Q8 {
+        m: B::Bytes,
+        m_absmax: B::Buf,
+        v: B::Bytes,
+        v_absmax: B::Buf,
+    },
 }
 
 /// Optimizer state: the step count and the moments of every parameter, keyed by the parameter's name.
@@ -71,11 +79,17 @@ impl<B: Backend> OptimizerState<B> {
     }
 
     /// Rebuilds the state from `tensors` (as written by `tensors`) for the parameters `names` (name, numel).
-    pub fn from_tensors(be: &B, step: u64, names: &[(String, usize)], get: &dyn Fn(&str) -> Option<Tensor>) -> std::result::Result<Self, String> {
+    pub fn from_tensors(
+        be: &B,
+        step: u64,
+        names: &[(String, usize)],
+        get: &dyn Fn(&str) -> Option<Tensor>,
+    ) -> std::result::Result<Self, String> {
         let mut moments = BTreeMap::new();
         for (name, n) in names {
             let want = |suffix: &str, len: usize| -> std::result::Result<Tensor, String> {
-                let t = get(&format!("{name}{suffix}")).ok_or_else(|| format!("missing optimizer tensor `{name}{suffix}`"))?;
+                let t = get(&format!("{name}{suffix}"))
+                    .ok_or_else(|| format!("missing optimizer tensor `{name}{suffix}`"))?;
                 if t.len() != len {
                     return Err(format!("optimizer tensor `{name}{suffix}` has {} elements, expected {len}", t.len()));
                 }
@@ -153,7 +167,14 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
 impl AdamW {
     /// One update of every parameter with learning rate `lr` (× each parameter's `lr_scale`) on gradients
     /// multiplied by `grad_coef` (the clip coefficient). `params` pairs names with parameters.
-    pub fn step<B: Backend>(&self, be: &B, state: &mut OptimizerState<B>, params: Vec<(String, &mut Param<B>)>, lr: f32, grad_coef: f32) -> Result<()> {
+    pub fn step<B: Backend>(
+        &self,
+        be: &B,
+        state: &mut OptimizerState<B>,
+        params: Vec<(String, &mut Param<B>)>,
+        lr: f32,
+        grad_coef: f32,
+    ) -> Result<()> {
         state.step += 1;
         let t = state.step as i32;
         let c1 = 1.0 - self.beta1.powi(t);
@@ -164,7 +185,12 @@ impl AdamW {
             if !state.moments.contains_key(&name) {
                 let mo = if eight {
                     let blocks = n.div_ceil(BLOCK);
-                    Moments::Q8 { m: be.upload_bytes(&vec![127; n])?, m_absmax: be.zeros(blocks)?, v: be.upload_bytes(&vec![0; n])?, v_absmax: be.zeros(blocks)? }
+                    Moments::Q8 {
+                        m: be.upload_bytes(&vec![127; n])?,
+                        m_absmax: be.zeros(blocks)?,
+                        v: be.upload_bytes(&vec![0; n])?,
+                        v_absmax: be.zeros(blocks)?,
+                    }
                 } else {
                     Moments::F32 { m: be.zeros(n)?, v: be.zeros(n)? }
                 };
@@ -175,18 +201,32 @@ impl AdamW {
             match state.moments.get_mut(&name).expect("inserted above") {
                 Moments::F32 { m, v } => {
                     if be.len(m) != n {
-                        return Err(Error::Invalid(format!("optimizer state of `{name}` has {} elements, the parameter {n}", be.len(m))));
+                        return Err(Error::Invalid(format!(
+                            "optimizer state of `{name}` has {} elements, the parameter {n}",
+                            be.len(m)
+                        )));
                     }
                     be.adamw(&mut p.value, &p.grad, m, v, s)?;
                 }
-                Moments::Q8 { m, m_absmax, v, v_absmax } => be.adamw_8bit(&mut p.value, &p.grad, m, m_absmax, v, v_absmax, s)?,
+                Moments::Q8 { m, m_absmax, v, v_absmax } => {
+                    be.adamw_8bit(&mut p.value, &p.grad, m, m_absmax, v, v_absmax, s)?
+                }
             }
         }
         Ok(())
     }
 
     fn adam_step(&self, lr: f32, c1: f32, c2: f32, grad_coef: f32) -> AdamStep {
-        AdamStep { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, lr, c1, c2, grad_coef }
+        AdamStep {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            lr,
+            c1,
+            c2,
+            grad_coef,
+        }
     }
 }
 
@@ -211,9 +251,17 @@ mod tests {
 
     #[test]
     fn the_32bit_update_is_adam_with_bias_correction() {
-        let opt = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits: StateBits::B32, min_8bit_size: MIN_8BIT_SIZE };
+        let opt = AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            bits: StateBits::B32,
+            min_8bit_size: MIN_8BIT_SIZE,
+        };
         let n = 50;
-        let grads: Vec<Vec<f64>> = (0..5).map(|s| (0..n).map(|i| ((i * 7 + s * 13) % 17) as f64 * 0.01 - 0.08).collect()).collect();
+        let grads: Vec<Vec<f64>> =
+            (0..5).map(|s| (0..n).map(|i| ((i * 7 + s * 13) % 17) as f64 * 0.01 - 0.08).collect()).collect();
         let init: Vec<f64> = (0..n).map(|i| i as f64 * 0.02 - 0.5).collect();
         let mut want = init.clone();
         textbook(&mut want, &grads, 1e-3, 0.9, 0.999, 1e-8);
@@ -222,7 +270,15 @@ mod tests {
         for (t, g) in grads.iter().enumerate() {
             let t = t as i32 + 1;
             let g: Vec<f32> = g.iter().map(|&x| x as f32).collect();
-            Cpu::new().adamw(&mut p, &g, &mut m, &mut v, opt.adam_step(1e-3, 1.0 - 0.9f32.powi(t), (1.0 - 0.999f32.powi(t)).sqrt(), 1.0)).unwrap();
+            Cpu::new()
+                .adamw(
+                    &mut p,
+                    &g,
+                    &mut m,
+                    &mut v,
+                    opt.adam_step(1e-3, 1.0 - 0.9f32.powi(t), (1.0 - 0.999f32.powi(t)).sqrt(), 1.0),
+                )
+                .unwrap();
         }
         for i in 0..n {
             assert!((p[i] as f64 - want[i]).abs() < 2e-6, "{i}: {} vs {}", p[i], want[i]);
@@ -231,7 +287,14 @@ mod tests {
 
     #[test]
     fn weight_decay_is_applied_after_the_step() {
-        let opt = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, bits: StateBits::B32, min_8bit_size: MIN_8BIT_SIZE };
+        let opt = AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            bits: StateBits::B32,
+            min_8bit_size: MIN_8BIT_SIZE,
+        };
         let (mut p, mut m, mut v) = (vec![1.0f32], vec![0.0], vec![0.0]);
         Cpu::new().adamw(&mut p, &vec![0.5], &mut m, &mut v, opt.adam_step(0.01, 0.1, (0.001f32).sqrt(), 1.0)).unwrap();
         // Step 1: m̂/√v̂ = sign(g) = 1 (eps negligible) → 1 − 0.01 = 0.99, then × (1 − 0.01·0.1).
@@ -241,7 +304,8 @@ mod tests {
     #[test]
     fn the_8bit_update_tracks_the_32bit_one() {
         let n = 2 * BLOCK + 17;
-        let make = |bits| AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits, min_8bit_size: MIN_8BIT_SIZE };
+        let make =
+            |bits| AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits, min_8bit_size: MIN_8BIT_SIZE };
         let (o32, o8) = (make(StateBits::B32), make(StateBits::B8));
         let mut p32: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut p8 = p32.clone();
@@ -257,7 +321,8 @@ mod tests {
             Cpu::new().adamw(&mut p32, &g32, &mut m, &mut v, o32.adam_step(0.01, c1, c2, 1.0)).unwrap();
             be.adamw_8bit(&mut p8, &g8, &mut mc, &mut ma, &mut vc, &mut va, o8.adam_step(0.01, c1, c2, 1.0)).unwrap();
         }
-        let moved: f32 = p32.iter().zip((0..n).map(|i| (i as f32 * 0.37).sin())).map(|(a, b)| (a - b).abs()).sum::<f32>() / n as f32;
+        let moved: f32 =
+            p32.iter().zip((0..n).map(|i| (i as f32 * 0.37).sin())).map(|(a, b)| (a - b).abs()).sum::<f32>() / n as f32;
         let diff: f32 = p32.iter().zip(&p8).map(|(a, b)| (a - b).abs()).sum::<f32>() / n as f32;
         assert!(moved > 0.05, "the parameters moved {moved}");
         assert!(diff < 0.05 * moved, "8-bit drifted {diff} against a movement of {moved}");
@@ -270,10 +335,27 @@ mod tests {
 
     #[test]
     fn a_non_finite_gradient_zeroes_the_moments_and_keeps_the_parameter() {
-        let o8 = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bits: StateBits::B8, min_8bit_size: MIN_8BIT_SIZE };
+        let o8 = AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            bits: StateBits::B8,
+            min_8bit_size: MIN_8BIT_SIZE,
+        };
         let mut p = vec![0.5f32; 4];
         let (mut mc, mut ma, mut vc, mut va) = (vec![127u8; 4], vec![0.0; 1], vec![0u8; 4], vec![0.0; 1]);
-        Cpu::new().adamw_8bit(&mut p, &vec![1.0, f32::NAN, -1.0, f32::INFINITY], &mut mc, &mut ma, &mut vc, &mut va, o8.adam_step(0.1, 0.1, 0.0316, 1.0)).unwrap();
+        Cpu::new()
+            .adamw_8bit(
+                &mut p,
+                &vec![1.0, f32::NAN, -1.0, f32::INFINITY],
+                &mut mc,
+                &mut ma,
+                &mut vc,
+                &mut va,
+                o8.adam_step(0.1, 0.1, 0.0316, 1.0),
+            )
+            .unwrap();
         assert_eq!((p[1], p[3]), (0.5, 0.5));
         assert!(p[0] < 0.5 && p[2] > 0.5);
         assert_eq!((vc[1], vc[3]), (0, 0));

@@ -39,30 +39,66 @@ pub fn loss_svg(title: &str, train: &[(f64, f64)], eval: &[(f64, f64)]) -> Strin
     let px = |x: f64| LEFT + (x - x0) / (x1 - x0) * (W - LEFT - RIGHT);
     let py = |y: f64| TOP + (y1 - y) / (y1 - y0) * (H - TOP - BOTTOM);
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(s, r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#, W / 2.0, escape(title));
     for t in ticks(y0, y1, 6) {
         let (x2, y, tx, ty, label) = (W - RIGHT, py(t), LEFT - 6.0, py(t) + 4.0, fmt(t));
-        let _ = writeln!(s, r##"<line x1="{LEFT}" x2="{x2}" y1="{y:.1}" y2="{y:.1}" stroke="#e4e4e4"/><text x="{tx}" y="{ty:.1}" text-anchor="end">{label}</text>"##);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{LEFT}" x2="{x2}" y1="{y:.1}" y2="{y:.1}" stroke="#e4e4e4"/><text x="{tx}" y="{ty:.1}" text-anchor="end">{label}</text>"##
+        );
     }
     for t in ticks(x0, x1, 8) {
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, px(t), H - BOTTOM + 16.0, fmt(t));
+        let _ =
+            writeln!(s, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, px(t), H - BOTTOM + 16.0, fmt(t));
     }
-    let _ = writeln!(s, r#"<rect x="{LEFT}" y="{TOP}" width="{}" height="{}" fill="none" stroke="black"/>"#, W - LEFT - RIGHT, H - TOP - BOTTOM);
-    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">optimizer step</text>"#, (W + LEFT - RIGHT) / 2.0, H - 10.0);
-    let _ = writeln!(s, r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {0})">loss</text>"#, (H + TOP - BOTTOM) / 2.0);
-    let points: Vec<String> = train.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+    let _ = writeln!(
+        s,
+        r#"<rect x="{LEFT}" y="{TOP}" width="{}" height="{}" fill="none" stroke="black"/>"#,
+        W - LEFT - RIGHT,
+        H - TOP - BOTTOM
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">optimizer step</text>"#,
+        (W + LEFT - RIGHT) / 2.0,
+        H - 10.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {0})">loss</text>"#,
+        (H + TOP - BOTTOM) / 2.0
+    );
+    let points: Vec<String> =
+        train.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
     if !points.is_empty() {
-        let _ = writeln!(s, r##"<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{}"/>"##, points.join(" "));
+        let _ = writeln!(
+            s,
+            r##"<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{}"/>"##,
+            points.join(" ")
+        );
     }
     for &(x, y) in eval.iter().filter(|p| p.1.is_finite()) {
         let _ = writeln!(s, r##"<circle cx="{:.1}" cy="{:.1}" r="4" fill="#d62728"/>"##, px(x), py(y));
     }
     let lx = W - RIGHT - 150.0;
     let (lx2, ly, tx, ty) = (lx + 20.0, TOP + 14.0, lx + 26.0, TOP + 18.0);
-    let _ = writeln!(s, r##"<line x1="{lx}" x2="{lx2}" y1="{ly}" y2="{ly}" stroke="#1f77b4" stroke-width="2"/><text x="{tx}" y="{ty}">train loss</text>"##);
-    let _ = writeln!(s, r##"<circle cx="{}" cy="{}" r="4" fill="#d62728"/><text x="{}" y="{}">held-out loss</text>"##, lx + 10.0, TOP + 32.0, lx + 26.0, TOP + 36.0);
+    let _ = writeln!(
+        s,
+        r##"<line x1="{lx}" x2="{lx2}" y1="{ly}" y2="{ly}" stroke="#1f77b4" stroke-width="2"/><text x="{tx}" y="{ty}">train loss</text>"##
+    );
+    let _ = writeln!(
+        s,
+        r##"<circle cx="{}" cy="{}" r="4" fill="#d62728"/><text x="{}" y="{}">held-out loss</text>"##,
+        lx + 10.0,
+        TOP + 32.0,
+        lx + 26.0,
+        TOP + 36.0
+    );
     s.push_str("</svg>\n");
     s
 }

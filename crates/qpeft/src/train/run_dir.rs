@@ -40,7 +40,10 @@ impl RunDir {
                 )));
             }
             if !path.join(CONFIG).exists() {
-                return Err(Error::Invalid(format!("{} is not a qpeft run directory (no {CONFIG}); refusing to delete it", path.display())));
+                return Err(Error::Invalid(format!(
+                    "{} is not a qpeft run directory (no {CONFIG}); refusing to delete it",
+                    path.display()
+                )));
             }
             std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
         }
@@ -61,7 +64,8 @@ impl RunDir {
 
     pub fn append_metrics(&self, record: &Value) -> Result<()> {
         let path = self.file(METRICS);
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut f =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
         writeln!(f, "{record}").map_err(|e| Error::io(&path, e))
     }
 
@@ -79,8 +83,12 @@ impl RunDir {
 
     /// Keeps only the records up to and including `step` (a resumed run rewrites what came after).
     pub fn truncate_metrics(&self, step: u64) -> Result<()> {
-        let kept: Vec<String> =
-            self.metrics()?.into_iter().filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s <= step)).map(|r| r.to_string()).collect();
+        let kept: Vec<String> = self
+            .metrics()?
+            .into_iter()
+            .filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s <= step))
+            .map(|r| r.to_string())
+            .collect();
         let mut text = kept.join("\n");
         if !text.is_empty() {
             text.push('\n');
@@ -113,7 +121,9 @@ impl RunDir {
         })();
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(Error::Invalid(format!("writing checkpoint of step {step} failed (earlier checkpoints are intact): {e}")));
+            return Err(Error::Invalid(format!(
+                "writing checkpoint of step {step} failed (earlier checkpoints are intact): {e}"
+            )));
         }
         Ok(done)
     }

@@ -90,12 +90,17 @@ pub struct Summary {
 /// The peak resident memory of this process (Linux), in MiB.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kib: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib / 1024.0)
 }
 
 /// Loads the model and quantizes its base as `[quant]` says.
-pub fn load_model<B: Backend>(cfg: &RunConfig, backend: B, progress: &mut dyn FnMut(&str)) -> Result<(Decoder<B>, Tokenizer, Checkpoint)> {
+pub fn load_model<B: Backend>(
+    cfg: &RunConfig,
+    backend: B,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Decoder<B>, Tokenizer, Checkpoint)> {
     let ckpt = Checkpoint::open(&cfg.model.path)?;
     let tok = ckpt.tokenizer()?;
     let model = Decoder::load_quantized(&ckpt, backend, quantize_options(cfg, &ckpt)?.as_ref(), progress)?;
@@ -113,14 +118,31 @@ pub fn quantize_options(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<Option<Qua
     };
     if let Some(format) = format {
         if ckpt.quant.is_some() {
-            return Err(Error::config(&cfg.file, "quant.format", format!("{} is already quantized; set quant.format = \"none\" to train on its stored base", ckpt.path.display())));
+            return Err(Error::config(
+                &cfg.file,
+                "quant.format",
+                format!(
+                    "{} is already quantized; set quant.format = \"none\" to train on its stored base",
+                    ckpt.path.display()
+                ),
+            ));
         }
         if q.icq && format == Format::Fp4 {
             return Err(Error::config(&cfg.file, "quant.icq", "ICQ is defined for nf4 and int4, not fp4"));
         }
-        let opts = QuantizeOptions { format, double_quant: q.double_quant, block: q.block, group: q.group, sym: q.sym, icq: q.icq, calibration: None, dtype: WeightDtype::F32 };
+        let opts = QuantizeOptions {
+            format,
+            double_quant: q.double_quant,
+            block: q.block,
+            group: q.group,
+            sym: q.sym,
+            icq: q.icq,
+            calibration: None,
+            dtype: WeightDtype::F32,
+        };
         if format != Format::Int4 {
-            crate::quant::nf4::check_block(q.block).map_err(|e| Error::config(&cfg.file, "quant.block", e.to_string()))?;
+            crate::quant::nf4::check_block(q.block)
+                .map_err(|e| Error::config(&cfg.file, "quant.block", e.to_string()))?;
         }
         return Ok(Some(opts));
     }
@@ -148,7 +170,8 @@ fn detect_format(path: &Path) -> Result<DataFormat> {
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
-    let v: Value = serde_json::from_str(first).map_err(|e| Error::format(path, format!("line 1: {e} (set data.format)")))?;
+    let v: Value =
+        serde_json::from_str(first).map_err(|e| Error::format(path, format!("line 1: {e} (set data.format)")))?;
     Ok(if v.get("text").is_some() {
         DataFormat::Oasst
     } else if v.get("instruction").is_some() {
@@ -182,8 +205,16 @@ pub fn load_data(cfg: &RunConfig, tok: &Tokenizer) -> Result<(Vec<Example>, Vec<
 }
 
 /// The target-token-weighted mean loss over `examples` (batches of `batch`) and the number of target tokens.
-fn loss_over<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, collator: &Collator<'_>, examples: &[Example], batch: usize, loss_chunk: usize) -> Result<(f64, usize)> {
-    let opts = StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk, mlp_chunk: None };
+fn loss_over<B: Backend>(
+    model: &Decoder<B>,
+    adapters: Option<&AdapterSet<B>>,
+    collator: &Collator<'_>,
+    examples: &[Example],
+    batch: usize,
+    loss_chunk: usize,
+) -> Result<(f64, usize)> {
+    let opts =
+        StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk, mlp_chunk: None };
     let items: Vec<Tokenized> = examples.iter().map(|x| collator.tokenize(x)).collect::<Result<_>>()?;
     let (mut sum, mut tokens) = (0f64, 0usize);
     for chunk in items.chunks(batch.max(1)) {
@@ -196,14 +227,25 @@ fn loss_over<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, c
 }
 
 /// The held-out loss of `examples` (from `load_data`) as the run `cfg` collates them, and the target tokens.
-pub fn heldout_loss<B: Backend>(model: &Decoder<B>, adapters: Option<&AdapterSet<B>>, tok: &Tokenizer, cfg: &RunConfig, examples: &[Example], batch: usize) -> Result<(f64, usize)> {
+pub fn heldout_loss<B: Backend>(
+    model: &Decoder<B>,
+    adapters: Option<&AdapterSet<B>>,
+    tok: &Tokenizer,
+    cfg: &RunConfig,
+    examples: &[Example],
+    batch: usize,
+) -> Result<(f64, usize)> {
     let collator = Collator::new(tok, cfg.data.source_max_len, cfg.data.target_max_len, cfg.data.train_on_source)?;
     loss_over(model, adapters, &collator, examples, batch, cfg.train.loss_chunk)
 }
 
 /// Seed of the dropout masks of one micro-batch.
 fn micro_seed(seed: u64, step: u64, micro: usize) -> u64 {
-    crate::adapters::set::module_seed(seed ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93), micro, crate::model::decoder::Proj::Q)
+    crate::adapters::set::module_seed(
+        seed ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93),
+        micro,
+        crate::model::decoder::Proj::Q,
+    )
 }
 
 /// A training session: model, adapters, data, optimizer and where it stands.
@@ -225,9 +267,16 @@ pub struct Trainer<'a, B: Backend> {
 
 impl<'a, B: Backend + 'static> Trainer<'a, B> {
     /// A fresh run in `run` (already created), or with `resume` the state of the run's newest checkpoint.
-    pub fn new(cfg: &'a RunConfig, model: &'a Decoder<B>, tok: &'a Tokenizer, run: RunDir, resume: bool) -> Result<Self> {
+    pub fn new(
+        cfg: &'a RunConfig,
+        model: &'a Decoder<B>,
+        tok: &'a Tokenizer,
+        run: RunDir,
+        resume: bool,
+    ) -> Result<Self> {
         let modules = resolve_modules(cfg, model)?;
-        let mut set = AdapterSet::build(&model.backend, &model.spec, cfg.train.seed, |l, p| modules[l][p as usize].clone())?;
+        let mut set =
+            AdapterSet::build(&model.backend, &model.spec, cfg.train.seed, |l, p| modules[l][p as usize].clone())?;
         if set.trainable() == 0 {
             return Err(Error::config(&cfg.file, "adapter", "the rules adapt no module: nothing to train"));
         }
@@ -242,7 +291,10 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
                 state = serde_json::from_str(&text).map_err(|e| Error::format(&state_path, e.to_string()))?;
                 if state.step != step {
-                    return Err(Error::format(&state_path, format!("step {} inside checkpoint step-{step:07}", state.step)));
+                    return Err(Error::format(
+                        &state_path,
+                        format!("step {} inside checkpoint step-{step:07}", state.step),
+                    ));
                 }
                 opt_state = read_optimizer(&model.backend, &dir.join(OPTIMIZER_FILE), step, &set)?;
                 run.truncate_metrics(step)?;
@@ -252,7 +304,21 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             }
         }
         let lengths = train.iter().map(Example::chars).collect();
-        Ok(Trainer { cfg, model, tok, set, modules, train, eval, state, opt_state, run, collator, lengths, order: (u64::MAX, Vec::new()) })
+        Ok(Trainer {
+            cfg,
+            model,
+            tok,
+            set,
+            modules,
+            train,
+            eval,
+            state,
+            opt_state,
+            run,
+            collator,
+            lengths,
+            order: (u64::MAX, Vec::new()),
+        })
     }
 
     fn next_batch(&mut self) -> Result<Vec<Tokenized>> {
@@ -263,7 +329,8 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         }
         if self.order.0 != self.state.epoch {
             let group = self.cfg.data.group_by_length.then_some(self.cfg.train.batch_size * self.cfg.train.grad_accum);
-            self.order = (self.state.epoch, sampler::epoch_order(&self.lengths, self.cfg.data.seed, self.state.epoch, group));
+            self.order =
+                (self.state.epoch, sampler::epoch_order(&self.lengths, self.cfg.data.seed, self.state.epoch, group));
         }
         let end = (self.state.cursor + self.cfg.train.batch_size).min(n);
         let idx = self.order.1[self.state.cursor..end].to_vec();
@@ -279,7 +346,8 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         }
         let e = &self.cfg.eval;
         let held = &self.eval[..e.max_samples.max(1).min(self.eval.len())];
-        let (eval_loss, eval_tokens) = loss_over(self.model, Some(&self.set), &self.collator, held, e.batch_size, self.cfg.train.loss_chunk)?;
+        let (eval_loss, eval_tokens) =
+            loss_over(self.model, Some(&self.set), &self.collator, held, e.batch_size, self.cfg.train.loss_chunk)?;
         let exact_match = if e.exact_match > 0 {
             let judged = &self.eval[..e.exact_match.min(self.eval.len())];
             let answers = exact_match(self.model, Some(&self.set), self.tok, &self.collator, judged, e.max_new_tokens)?;
@@ -297,7 +365,13 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         if e.tasks.is_empty() {
             return Ok(Vec::new());
         }
-        let opts = suite::Options { data_dir: e.data_dir.clone(), limit: e.task_limit, mmlu_split: e.mmlu_split.clone(), mmlu_max_len: 2048, batch: e.batch_size };
+        let opts = suite::Options {
+            data_dir: e.data_dir.clone(),
+            limit: e.task_limit,
+            mmlu_split: e.mmlu_split.clone(),
+            mmlu_max_len: 2048,
+            batch: e.batch_size,
+        };
         let (mut scores, mut reports) = (Vec::new(), serde_json::Map::new());
         for name in suite::parse_tasks(&e.tasks.join(","))? {
             let r = suite::run(self.model, Some(&self.set), self.tok, &name, &opts, |_, _| {})?;
@@ -329,7 +403,10 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         self.run.save_checkpoint(self.state.step, |dir| {
             peft::write_adapter(dir, be, spec, &self.set, &self.modules, &self.cfg.model.path.display().to_string())?;
             write_file(&dir.join(OPTIMIZER_FILE), &self.opt_state.tensors(be)?)?;
-            crate::formats::write_atomic(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(&self.state).expect("state serializes"))
+            crate::formats::write_atomic(
+                &dir.join(STATE_FILE),
+                &serde_json::to_vec_pretty(&self.state).expect("state serializes"),
+            )
         })?;
         self.run.prune(self.cfg.train.keep_checkpoints)
     }
@@ -338,11 +415,24 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
     pub fn run(&mut self, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
         let (cfg, t) = (self.cfg, &self.cfg.train);
         let start = Instant::now();
-        let opt = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, bits: cfg.state_bits(), min_8bit_size: t.min_8bit_size };
+        let opt = AdamW {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+            bits: cfg.state_bits(),
+            min_8bit_size: t.min_8bit_size,
+        };
         let warmup = cfg.warmup();
         let mut first = None;
         if self.state.step == 0 {
-            progress(&Progress { step: 0, steps: t.steps, loss: f64::NAN, tokens_per_s: 0.0, message: Some("evaluating before training".into()) });
+            progress(&Progress {
+                step: 0,
+                steps: t.steps,
+                loss: f64::NAN,
+                tokens_per_s: 0.0,
+                message: Some("evaluating before training".into()),
+            });
             first = self.evaluate()?;
             if let Some(ev) = &first {
                 self.record_eval(ev)?;
@@ -385,7 +475,13 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 return Err(Error::Invalid(format!("the gradient norm is {norm} at step {}; stopping", step + 1)));
             }
             let lr = (t.lr * t.schedule.multiplier(step, warmup, t.steps)) as f32;
-            opt.step(be, &mut self.opt_state, self.set.named_params_mut(), lr, clip_coefficient(norm, t.max_grad_norm))?;
+            opt.step(
+                be,
+                &mut self.opt_state,
+                self.set.named_params_mut(),
+                lr,
+                clip_coefficient(norm, t.max_grad_norm),
+            )?;
             self.state.step += 1;
             self.state.tokens += tokens as u64;
             let secs = step_start.elapsed().as_secs_f64();
@@ -399,7 +495,13 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             progress(&Progress { step: self.state.step, steps: t.steps, loss, tokens_per_s: rate, message: None });
             let at_end = self.state.step == t.steps;
             if (cfg.eval.every > 0 && self.state.step.is_multiple_of(cfg.eval.every)) || at_end {
-                progress(&Progress { step: self.state.step, steps: t.steps, loss, tokens_per_s: rate, message: Some("evaluating".into()) });
+                progress(&Progress {
+                    step: self.state.step,
+                    steps: t.steps,
+                    loss,
+                    tokens_per_s: rate,
+                    message: Some("evaluating".into()),
+                });
                 if let Some(ev) = self.evaluate()? {
                     self.record_eval(&ev)?;
                 }
@@ -417,7 +519,11 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 let n = r["exact_match_n"].as_u64().unwrap_or(0) as usize;
                 ((f * n as f64).round() as usize, n)
             }),
-            tasks: r.get("tasks").and_then(Value::as_object).map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect()).unwrap_or_default(),
+            tasks: r
+                .get("tasks")
+                .and_then(Value::as_object)
+                .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
+                .unwrap_or_default(),
         });
         let steady = if rates.len() > 1 { &rates[1..] } else { &rates[..] };
         Ok(Summary {
@@ -437,13 +543,27 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
     /// The final adapter and the loss plot.
     fn finish(&self) -> Result<()> {
         let dir = self.run.file(FINAL_ADAPTER);
-        peft::write_adapter(&dir, &self.model.backend, &self.model.spec, &self.set, &self.modules, &self.cfg.model.path.display().to_string())?;
+        peft::write_adapter(
+            &dir,
+            &self.model.backend,
+            &self.model.spec,
+            &self.set,
+            &self.modules,
+            &self.cfg.model.path.display().to_string(),
+        )?;
         let metrics = self.run.metrics()?;
         let series = |key: &str| -> Vec<(f64, f64)> {
             metrics.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect()
         };
-        let title = format!("{} — {}", self.run.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), self.cfg.model.path.display());
-        crate::formats::write_atomic(&self.run.file(PLOT), loss_svg(&title, &series("loss"), &series("eval_loss")).as_bytes())
+        let title = format!(
+            "{} — {}",
+            self.run.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            self.cfg.model.path.display()
+        );
+        crate::formats::write_atomic(
+            &self.run.file(PLOT),
+            loss_svg(&title, &series("loss"), &series("eval_loss")).as_bytes(),
+        )
     }
 }
 

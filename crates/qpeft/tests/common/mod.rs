@@ -122,7 +122,16 @@ pub fn batch(vocab: usize) -> Batch {
 
 /// QLoRA's base: NF4 with double-quantized scales, blocks of 64.
 pub fn qlora_nf4() -> QuantizeOptions {
-    QuantizeOptions { format: Format::Nf4, double_quant: true, block: 64, group: 32, sym: false, icq: false, calibration: None, dtype: WeightDtype::F32 }
+    QuantizeOptions {
+        format: Format::Nf4,
+        double_quant: true,
+        block: 64,
+        group: 32,
+        sym: false,
+        icq: false,
+        calibration: None,
+        dtype: WeightDtype::F32,
+    }
 }
 
 /// Every adapter parameter uniform in ±scale (seeded by its position), so that every path carries weight.

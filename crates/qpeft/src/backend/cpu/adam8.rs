@@ -21,7 +21,15 @@ pub(super) fn nearest(code: &[f32; 256], y: f32) -> u8 {
 }
 
 /// One step over every block of p (see `Backend::adamw_8bit`).
-pub(super) fn step(p: &mut [f32], g: &[f32], mc: &mut [u8], ma: &mut [f32], vc: &mut [u8], va: &mut [f32], s: AdamStep) {
+pub(super) fn step(
+    p: &mut [f32],
+    g: &[f32],
+    mc: &mut [u8],
+    ma: &mut [f32],
+    vc: &mut [u8],
+    va: &mut [f32],
+    s: AdamStep,
+) {
     let (ds, du) = (signed_dynamic(), unsigned_dynamic());
     let step_size = -s.lr * s.c2 / s.c1;
     let mut m = [0f32; ADAM8_BLOCK];

@@ -36,18 +36,31 @@ impl Block {
         Block { b, h, q0, rows, keys: s.kv_len - s.q_len + q0 + rows }
     }
     fn q_view(&self, s: &AttentionShape) -> Strided {
-        Strided::rows(s.heads * s.head_dim).at((self.b * s.q_len + self.q0) * s.heads * s.head_dim + self.h * s.head_dim)
+        Strided::rows(s.heads * s.head_dim)
+            .at((self.b * s.q_len + self.q0) * s.heads * s.head_dim + self.h * s.head_dim)
     }
     fn kv_view(&self, s: &AttentionShape) -> Strided {
         let kv_head = self.h / (s.heads / s.kv_heads);
-        Strided::rows(s.kv_heads * s.head_dim).at(self.b * s.kv_capacity * s.kv_heads * s.head_dim + kv_head * s.head_dim)
+        Strided::rows(s.kv_heads * s.head_dim)
+            .at(self.b * s.kv_capacity * s.kv_heads * s.head_dim + kv_head * s.head_dim)
     }
 
     /// The block's attention probabilities [rows, keys].
     fn probabilities<T: Real>(&self, q: &[T], k: &[T], key_mask: &[u32], s: &AttentionShape) -> Vec<T> {
         let mut p = vec![T::zero(); self.rows * self.keys];
         let (rows, keys, d) = (self.rows, self.keys, s.head_dim);
-        gemm_strided((rows, keys, d), &mut p, Strided::rows(keys), q, self.q_view(s), k, self.kv_view(s).t(), T::of(s.scale), false, false);
+        gemm_strided(
+            (rows, keys, d),
+            &mut p,
+            Strided::rows(keys),
+            q,
+            self.q_view(s),
+            k,
+            self.kv_view(s).t(),
+            T::of(s.scale),
+            false,
+            false,
+        );
         let mask = &key_mask[self.b * s.kv_capacity..self.b * s.kv_capacity + keys];
         let first = s.kv_len - s.q_len;
         for (i, row) in p.chunks_exact_mut(keys).enumerate() {
@@ -132,7 +145,18 @@ pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: Attentio
         .map(|blk| {
             let p = blk.probabilities(q, k, key_mask, &s);
             let mut o = vec![T::zero(); blk.rows * d];
-            gemm_strided((blk.rows, d, blk.keys), &mut o, Strided::rows(d), &probabilities(&p, mode), Strided::rows(blk.keys), v, blk.kv_view(&s), T::one(), false, false);
+            gemm_strided(
+                (blk.rows, d, blk.keys),
+                &mut o,
+                Strided::rows(d),
+                &probabilities(&p, mode),
+                Strided::rows(blk.keys),
+                v,
+                blk.kv_view(&s),
+                T::one(),
+                false,
+                false,
+            );
             o
         })
         .collect();
@@ -157,9 +181,14 @@ pub fn backward<T: Real>(
 ) {
     let d = s.head_dim;
     // rowsum(dO ⊙ O) per query row and head, from the unrounded values.
-    let dots: Vec<T> = dout.chunks_exact(d).zip(out.chunks_exact(d)).map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x * y).sum()).collect();
+    let dots: Vec<T> = dout
+        .chunks_exact(d)
+        .zip(out.chunks_exact(d))
+        .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x * y).sum())
+        .collect();
     let ds_shift = if mode == Operands::F16 { dscore_shift(super::amax(dout), super::amax(v), d) } else { 0 };
-    let (q, k, v, dout) = (&operand(q, mode)[..], &operand(k, mode)[..], &operand(v, mode)[..], &operand(dout, mode)[..]);
+    let (q, k, v, dout) =
+        (&operand(q, mode)[..], &operand(k, mode)[..], &operand(v, mode)[..], &operand(dout, mode)[..]);
     let group = s.heads / s.kv_heads;
     let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..s.kv_heads).map(move |kh| (b, kh))).collect();
     // Each task returns its dK, dV ([kv_len, d]) and the dQ blocks of its query heads.
@@ -178,10 +207,32 @@ pub fn backward<T: Real>(
                     let (qv, kvv) = (blk.q_view(&s), blk.kv_view(&s));
                     let scale = T::of(s.scale);
                     // dV[keys] += Pᵀ·dO.
-                    gemm_strided((keys, d, rows), &mut dv_t, Strided::rows(d), &probabilities(&p, mode), Strided::rows(keys).t(), dout, qv, T::one(), true, false);
+                    gemm_strided(
+                        (keys, d, rows),
+                        &mut dv_t,
+                        Strided::rows(d),
+                        &probabilities(&p, mode),
+                        Strided::rows(keys).t(),
+                        dout,
+                        qv,
+                        T::one(),
+                        true,
+                        false,
+                    );
                     // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)), in place.
                     let mut ds = vec![T::zero(); rows * keys];
-                    gemm_strided((rows, keys, d), &mut ds, Strided::rows(keys), dout, qv, v, kvv.t(), T::one(), false, false);
+                    gemm_strided(
+                        (rows, keys, d),
+                        &mut ds,
+                        Strided::rows(keys),
+                        dout,
+                        qv,
+                        v,
+                        kvv.t(),
+                        T::one(),
+                        false,
+                        false,
+                    );
                     for (i, (ds, p)) in ds.chunks_exact_mut(keys).zip(p.chunks_exact(keys)).enumerate() {
                         let dot = dots[qv.offset / d + i * s.heads];
                         for (x, &pj) in ds.iter_mut().zip(p) {
@@ -190,8 +241,30 @@ pub fn backward<T: Real>(
                     }
                     let ds = score_gradients(&ds, mode, ds_shift);
                     let mut dq_b = vec![T::zero(); rows * d];
-                    gemm_strided((rows, d, keys), &mut dq_b, Strided::rows(d), &ds, Strided::rows(keys), k, kvv, scale, false, false);
-                    gemm_strided((keys, d, rows), &mut dk_t, Strided::rows(d), &ds, Strided::rows(keys).t(), q, qv, scale, true, false);
+                    gemm_strided(
+                        (rows, d, keys),
+                        &mut dq_b,
+                        Strided::rows(d),
+                        &ds,
+                        Strided::rows(keys),
+                        k,
+                        kvv,
+                        scale,
+                        false,
+                        false,
+                    );
+                    gemm_strided(
+                        (keys, d, rows),
+                        &mut dk_t,
+                        Strided::rows(d),
+                        &ds,
+                        Strided::rows(keys).t(),
+                        q,
+                        qv,
+                        scale,
+                        true,
+                        false,
+                    );
                     dqs.push((blk, dq_b));
                 }
             }

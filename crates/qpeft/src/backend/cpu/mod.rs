@@ -16,7 +16,10 @@ use num_traits::{Float, FromPrimitive};
 use rayon::prelude::*;
 
 use self::gemm::{gemm_strided, Strided};
-use super::{check, check_adamw_8bit, check_attention, check_f16_range, check_groups, f16_shift, flash_head, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite};
+use super::{
+    check, check_adamw_8bit, check_attention, check_f16_range, check_groups, f16_shift, flash_head, AdamStep,
+    AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite,
+};
 use crate::error::{Error, Result};
 use crate::quant::base::BaseWeight;
 
@@ -111,7 +114,11 @@ fn pow2(s: i32) -> f32 {
 fn amax<T: Real>(x: &[T]) -> f32 {
     x.iter().fold(0f32, |m, v| {
         let a = v.to_f32().unwrap_or(f32::NAN).abs();
-        if a > m || a.is_nan() { a } else { m }
+        if a > m || a.is_nan() {
+            a
+        } else {
+            m
+        }
     })
 }
 
@@ -217,7 +224,9 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn upload_weight(&self, dense: &[f32], _base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<Vec<T>> {
-        check(dense.len() == out_dim * in_dim, "upload_weight", || format!("{} values for a {out_dim} × {in_dim} weight", dense.len()))?;
+        check(dense.len() == out_dim * in_dim, "upload_weight", || {
+            format!("{} values for a {out_dim} × {in_dim} weight", dense.len())
+        })?;
         let values = self.upload(dense)?;
         Ok(match self.half {
             Some(Half::F16) => {
@@ -241,7 +250,9 @@ impl<T: Real> Backend for Cpu<T> {
 
     fn embedding(&self, table: &Vec<T>, ids: &Vec<u32>, dim: usize, scale: f32, out: &mut Vec<T>) -> Result<()> {
         let vocab = table.len() / dim;
-        check(out.len() == ids.len() * dim, "embedding", || format!("output holds {} values, need {}", out.len(), ids.len() * dim))?;
+        check(out.len() == ids.len() * dim, "embedding", || {
+            format!("output holds {} values, need {}", out.len(), ids.len() * dim)
+        })?;
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
@@ -260,7 +271,9 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn add_bias(&self, x: &mut Vec<T>, bias: &Vec<T>) -> Result<()> {
-        check(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "add_bias", || format!("{} values, bias of {}", x.len(), bias.len()))?;
+        check(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "add_bias", || {
+            format!("{} values, bias of {}", x.len(), bias.len())
+        })?;
         x.par_chunks_mut(bias.len()).for_each(|r| r.iter_mut().zip(bias).for_each(|(x, &b)| *x = *x + b));
         Ok(())
     }
@@ -272,7 +285,9 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn rmsnorm(&self, x: &Vec<T>, w: &Vec<T>, dim: usize, eps: f32, plus_one: bool, out: &mut Vec<T>) -> Result<()> {
-        check(w.len() == dim && x.len().is_multiple_of(dim) && out.len() == x.len(), "rmsnorm", || format!("x {}, w {}, dim {dim}", x.len(), w.len()))?;
+        check(w.len() == dim && x.len().is_multiple_of(dim) && out.len() == x.len(), "rmsnorm", || {
+            format!("x {}, w {}, dim {dim}", x.len(), w.len())
+        })?;
         out.par_chunks_mut(dim * ROW_CHUNK).zip(x.par_chunks(dim * ROW_CHUNK)).for_each(|(o, x)| {
             for (o, x) in o.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
                 let r = inv_rms(x, eps);
@@ -285,25 +300,38 @@ impl<T: Real> Backend for Cpu<T> {
         Ok(())
     }
 
-    fn rope(&self, x: &mut Vec<T>, positions: &Vec<u32>, inv_freq: &Vec<T>, heads: usize, head_dim: usize) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut Vec<T>,
+        positions: &Vec<u32>,
+        inv_freq: &Vec<T>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
         rotate(x, positions, inv_freq, heads, head_dim, false)
     }
 
     fn glu(&self, gate: &Vec<T>, up: &Vec<T>, kind: GluKind, out: &mut Vec<T>) -> Result<()> {
-        check(gate.len() == up.len() && out.len() == up.len(), "glu", || format!("gate {}, up {}, out {}", gate.len(), up.len(), out.len()))?;
-        out.par_chunks_mut(ELEM_CHUNK).zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK))).for_each(|(o, (g, u))| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = activation(kind, g).0 * u;
-            }
-        });
+        check(gate.len() == up.len() && out.len() == up.len(), "glu", || {
+            format!("gate {}, up {}, out {}", gate.len(), up.len(), out.len())
+        })?;
+        out.par_chunks_mut(ELEM_CHUNK).zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK))).for_each(
+            |(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = activation(kind, g).0 * u;
+                }
+            },
+        );
         Ok(())
     }
 
     fn write_rows(&self, src: &Vec<T>, dst: &mut Vec<T>, at: RowWrite) -> Result<()> {
         let RowWrite { batch, rows, capacity, start, width } = at;
-        check(src.len() == batch * rows * width && dst.len() == batch * capacity * width && start + rows <= capacity, "write_rows", || {
-            format!("{rows} rows at {start} into capacity {capacity}")
-        })?;
+        check(
+            src.len() == batch * rows * width && dst.len() == batch * capacity * width && start + rows <= capacity,
+            "write_rows",
+            || format!("{rows} rows at {start} into capacity {capacity}"),
+        )?;
         for b in 0..batch {
             let d = (b * capacity + start) * width;
             dst[d..d + rows * width].copy_from_slice(&src[b * rows * width..(b + 1) * rows * width]);
@@ -311,13 +339,28 @@ impl<T: Real> Backend for Cpu<T> {
         Ok(())
     }
 
-    fn attention(&self, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, key_mask: &Vec<u32>, s: AttentionShape, out: &mut Vec<T>) -> Result<()> {
+    fn attention(
+        &self,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        key_mask: &Vec<u32>,
+        s: AttentionShape,
+        out: &mut Vec<T>,
+    ) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len()])?;
         attention::forward(q, k, v, key_mask, s, out, self.attention_operands(&s));
         Ok(())
     }
 
-    fn cross_entropy(&self, logits: &Vec<T>, targets: &Vec<u32>, vocab: usize, ignore: u32, out: &mut Vec<T>) -> Result<()> {
+    fn cross_entropy(
+        &self,
+        logits: &Vec<T>,
+        targets: &Vec<u32>,
+        vocab: usize,
+        ignore: u32,
+        out: &mut Vec<T>,
+    ) -> Result<()> {
         check_targets(logits, targets, vocab, ignore, out.len())?;
         out.par_iter_mut().zip(logits.par_chunks(vocab).zip(targets.par_iter())).for_each(|(o, (row, &t))| {
             *o = if t == ignore {
@@ -349,27 +392,48 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn add_scaled_by(&self, y: &mut Vec<T>, x: &Vec<T>, s: &Vec<T>, factor: f32) -> Result<()> {
-        check(y.len() == x.len() && s.len() == 1, "add_scaled_by", || format!("y {}, x {}, scalar of {}", y.len(), x.len(), s.len()))?;
+        check(y.len() == x.len() && s.len() == 1, "add_scaled_by", || {
+            format!("y {}, x {}, scalar of {}", y.len(), x.len(), s.len())
+        })?;
         let a = T::of(factor) * s[0];
         zip_apply(y, x, |y, x| *y = *y + a * x);
         Ok(())
     }
 
     fn dot(&self, a: &Vec<T>, b: &Vec<T>, factor: f32, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
-        check(a.len() == b.len() && out.len() == 1, "dot", || format!("a {}, b {}, out {}", a.len(), b.len(), out.len()))?;
+        check(a.len() == b.len() && out.len() == 1, "dot", || {
+            format!("a {}, b {}, out {}", a.len(), b.len(), out.len())
+        })?;
         // In f64: a scalar parameter's gradient is a long sum whose terms largely cancel.
-        let d: f64 = a.par_chunks(ELEM_CHUNK).zip(b.par_chunks(ELEM_CHUNK)).map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| a.f64() * b.f64()).sum::<f64>()).sum();
+        let d: f64 = a
+            .par_chunks(ELEM_CHUNK)
+            .zip(b.par_chunks(ELEM_CHUNK))
+            .map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| a.f64() * b.f64()).sum::<f64>())
+            .sum();
         let d = T::from_f64(d).unwrap_or(T::nan());
         out[0] = if accumulate { out[0] } else { T::zero() } + T::of(factor) * d;
         Ok(())
     }
 
-    fn rmsnorm_backward(&self, x: &Vec<T>, w: &Vec<T>, dy: &Vec<T>, dim: usize, eps: f32, plus_one: bool, dx: &mut Vec<T>, accumulate: bool) -> Result<()> {
-        check(w.len() == dim && x.len().is_multiple_of(dim) && dy.len() == x.len() && dx.len() == x.len(), "rmsnorm_backward", || {
-            format!("x {}, w {}, dy {}, dx {}, dim {dim}", x.len(), w.len(), dy.len(), dx.len())
-        })?;
+    fn rmsnorm_backward(
+        &self,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        dy: &Vec<T>,
+        dim: usize,
+        eps: f32,
+        plus_one: bool,
+        dx: &mut Vec<T>,
+        accumulate: bool,
+    ) -> Result<()> {
+        check(
+            w.len() == dim && x.len().is_multiple_of(dim) && dy.len() == x.len() && dx.len() == x.len(),
+            "rmsnorm_backward",
+            || format!("x {}, w {}, dy {}, dx {}, dim {dim}", x.len(), w.len(), dy.len(), dx.len()),
+        )?;
         let n = T::from_usize(dim).unwrap_or(T::one());
-        let rows = dx.par_chunks_mut(dim * ROW_CHUNK).zip(x.par_chunks(dim * ROW_CHUNK).zip(dy.par_chunks(dim * ROW_CHUNK)));
+        let rows =
+            dx.par_chunks_mut(dim * ROW_CHUNK).zip(x.par_chunks(dim * ROW_CHUNK).zip(dy.par_chunks(dim * ROW_CHUNK)));
         rows.for_each(|(dx, (x, dy))| {
             for (dx, (x, dy)) in dx.chunks_exact_mut(dim).zip(x.chunks_exact(dim).zip(dy.chunks_exact(dim))) {
                 // y = g ⊙ x·r with r = (mean x² + eps)^−½ and g = w (or 1 + w):
@@ -387,13 +451,30 @@ impl<T: Real> Backend for Cpu<T> {
         Ok(())
     }
 
-    fn rope_backward(&self, dx: &mut Vec<T>, positions: &Vec<u32>, inv_freq: &Vec<T>, heads: usize, head_dim: usize) -> Result<()> {
+    fn rope_backward(
+        &self,
+        dx: &mut Vec<T>,
+        positions: &Vec<u32>,
+        inv_freq: &Vec<T>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
         rotate(dx, positions, inv_freq, heads, head_dim, true)
     }
 
-    fn glu_backward(&self, gate: &Vec<T>, up: &Vec<T>, dy: &Vec<T>, kind: GluKind, dgate: &mut Vec<T>, dup: &mut Vec<T>) -> Result<()> {
+    fn glu_backward(
+        &self,
+        gate: &Vec<T>,
+        up: &Vec<T>,
+        dy: &Vec<T>,
+        kind: GluKind,
+        dgate: &mut Vec<T>,
+        dup: &mut Vec<T>,
+    ) -> Result<()> {
         let n = gate.len();
-        check(up.len() == n && dy.len() == n && dgate.len() == n && dup.len() == n, "glu_backward", || format!("sizes differ from gate's {n}"))?;
+        check(up.len() == n && dy.len() == n && dgate.len() == n && dup.len() == n, "glu_backward", || {
+            format!("sizes differ from gate's {n}")
+        })?;
         let outs = dgate.par_chunks_mut(ELEM_CHUNK).zip(dup.par_chunks_mut(ELEM_CHUNK));
         let ins = gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK).zip(dy.par_chunks(ELEM_CHUNK)));
         outs.zip(ins).for_each(|((dg, du), (g, (u, dy)))| {
@@ -420,31 +501,54 @@ impl<T: Real> Backend for Cpu<T> {
         dv: &mut Vec<T>,
     ) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len(), dout.len(), dq.len()])?;
-        check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len()))?;
+        check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || {
+            format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len())
+        })?;
         attention::backward(q, k, v, key_mask, s, out, dout, dq, dk, dv, self.attention_operands(&s));
         Ok(())
     }
 
-    fn cross_entropy_backward(&self, logits: &Vec<T>, targets: &Vec<u32>, vocab: usize, ignore: u32, scale: f32, dlogits: &mut Vec<T>) -> Result<()> {
+    fn cross_entropy_backward(
+        &self,
+        logits: &Vec<T>,
+        targets: &Vec<u32>,
+        vocab: usize,
+        ignore: u32,
+        scale: f32,
+        dlogits: &mut Vec<T>,
+    ) -> Result<()> {
         check_targets(logits, targets, vocab, ignore, targets.len())?;
-        check(dlogits.len() == logits.len(), "cross_entropy_backward", || format!("dlogits {} for {} logits", dlogits.len(), logits.len()))?;
+        check(dlogits.len() == logits.len(), "cross_entropy_backward", || {
+            format!("dlogits {} for {} logits", dlogits.len(), logits.len())
+        })?;
         let scale = T::of(scale);
-        dlogits.par_chunks_mut(vocab).zip(logits.par_chunks(vocab).zip(targets.par_iter())).for_each(|(d, (row, &t))| {
-            if t == ignore {
-                d.fill(T::zero());
-                return;
-            }
-            let (max, sum) = softmax_stats(row);
-            let inv = T::from_f64(1.0 / sum).unwrap_or(T::nan());
-            for (d, &x) in d.iter_mut().zip(row) {
-                *d = scale * (x - max).exp() * inv;
-            }
-            d[t as usize] = d[t as usize] - scale;
-        });
+        dlogits.par_chunks_mut(vocab).zip(logits.par_chunks(vocab).zip(targets.par_iter())).for_each(
+            |(d, (row, &t))| {
+                if t == ignore {
+                    d.fill(T::zero());
+                    return;
+                }
+                let (max, sum) = softmax_stats(row);
+                let inv = T::from_f64(1.0 / sum).unwrap_or(T::nan());
+                for (d, &x) in d.iter_mut().zip(row) {
+                    *d = scale * (x - max).exp() * inv;
+                }
+                d[t as usize] = d[t as usize] - scale;
+            },
+        );
         Ok(())
     }
 
-    fn group_reduce(&self, x: &Vec<T>, rows: usize, g: Groups, mean: bool, scale: f32, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
+    fn group_reduce(
+        &self,
+        x: &Vec<T>,
+        rows: usize,
+        g: Groups,
+        mean: bool,
+        scale: f32,
+        out: &mut Vec<T>,
+        accumulate: bool,
+    ) -> Result<()> {
         check_groups("group_reduce", g, rows, x.len(), out.len())?;
         let scale = T::of(scale);
         out.par_chunks_mut(g.groups).zip(x.par_chunks(g.width)).for_each(|(o, x)| {
@@ -457,7 +561,16 @@ impl<T: Real> Backend for Cpu<T> {
         Ok(())
     }
 
-    fn group_expand(&self, h: &Vec<T>, rows: usize, g: Groups, mean: bool, scale: f32, y: &mut Vec<T>, accumulate: bool) -> Result<()> {
+    fn group_expand(
+        &self,
+        h: &Vec<T>,
+        rows: usize,
+        g: Groups,
+        mean: bool,
+        scale: f32,
+        y: &mut Vec<T>,
+        accumulate: bool,
+    ) -> Result<()> {
         check_groups("group_expand", g, rows, y.len(), h.len())?;
         let scale = T::of(scale);
         y.par_chunks_mut(g.width).zip(h.par_chunks(g.groups)).for_each(|(y, h)| {
@@ -473,7 +586,9 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn dropout(&self, x: &Vec<T>, p: f32, seed: u64, first: u64, out: &mut Vec<T>) -> Result<()> {
-        check(x.len() == out.len() && (0.0..1.0).contains(&p), "dropout", || format!("x {}, out {}, p {p}", x.len(), out.len()))?;
+        check(x.len() == out.len() && (0.0..1.0).contains(&p), "dropout", || {
+            format!("x {}, out {}, p {p}", x.len(), out.len())
+        })?;
         let keep = T::one() / (T::one() - T::of(p));
         out.par_chunks_mut(ELEM_CHUNK).zip(x.par_chunks(ELEM_CHUNK)).enumerate().for_each(|(c, (o, x))| {
             for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
@@ -490,26 +605,42 @@ impl<T: Real> Backend for Cpu<T> {
 
     fn adamw(&self, p: &mut Vec<T>, g: &Vec<T>, m: &mut Vec<T>, v: &mut Vec<T>, s: AdamStep) -> Result<()> {
         let n = p.len();
-        check(g.len() == n && m.len() == n && v.len() == n, "adamw", || format!("p {n}, g {}, m {}, v {}", g.len(), m.len(), v.len()))?;
+        check(g.len() == n && m.len() == n && v.len() == n, "adamw", || {
+            format!("p {n}, g {}, m {}, v {}", g.len(), m.len(), v.len())
+        })?;
         // The scalar factors are formed in f32, as the kernel's arguments are.
         let f = |x: f32| T::of(x);
         let (b1, b2, one_b1, one_b2) = (f(s.beta1), f(s.beta2), f(1.0 - s.beta1), f(1.0 - s.beta2));
-        let (step_size, eps_c2, decay, coef) = (f(-s.lr * s.c2 / s.c1), f(s.eps * s.c2), f(1.0 - s.lr * s.weight_decay), f(s.grad_coef));
-        p.par_chunks_mut(ELEM_CHUNK).zip(m.par_chunks_mut(ELEM_CHUNK)).zip(v.par_chunks_mut(ELEM_CHUNK)).zip(g.par_chunks(ELEM_CHUNK)).for_each(|(((p, m), v), g)| {
-            for i in 0..p.len() {
-                let g = g[i] * coef;
-                m[i] = b1 * m[i] + one_b1 * g;
-                v[i] = b2 * v[i] + one_b2 * g * g;
-                p[i] = p[i] + step_size * (m[i] / (v[i].sqrt() + eps_c2));
-                if s.weight_decay > 0.0 {
-                    p[i] = p[i] * decay;
+        let (step_size, eps_c2, decay, coef) =
+            (f(-s.lr * s.c2 / s.c1), f(s.eps * s.c2), f(1.0 - s.lr * s.weight_decay), f(s.grad_coef));
+        p.par_chunks_mut(ELEM_CHUNK)
+            .zip(m.par_chunks_mut(ELEM_CHUNK))
+            .zip(v.par_chunks_mut(ELEM_CHUNK))
+            .zip(g.par_chunks(ELEM_CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    let g = g[i] * coef;
+                    m[i] = b1 * m[i] + one_b1 * g;
+                    v[i] = b2 * v[i] + one_b2 * g * g;
+                    p[i] = p[i] + step_size * (m[i] / (v[i].sqrt() + eps_c2));
+                    if s.weight_decay > 0.0 {
+                        p[i] = p[i] * decay;
+                    }
                 }
-            }
-        });
+            });
         Ok(())
     }
 
-    fn adamw_8bit(&self, p: &mut Vec<T>, g: &Vec<T>, m: &mut Vec<u8>, m_absmax: &mut Vec<T>, v: &mut Vec<u8>, v_absmax: &mut Vec<T>, s: AdamStep) -> Result<()> {
+    fn adamw_8bit(
+        &self,
+        p: &mut Vec<T>,
+        g: &Vec<T>,
+        m: &mut Vec<u8>,
+        m_absmax: &mut Vec<T>,
+        v: &mut Vec<u8>,
+        v_absmax: &mut Vec<T>,
+        s: AdamStep,
+    ) -> Result<()> {
         check_adamw_8bit(p.len(), g.len(), m.len(), m_absmax.len(), v.len(), v_absmax.len())?;
         // The update is defined in f32 (the f64 backend, for finite differences, has no use for it but runs it in f32).
         let f32s = |x: &[T]| x.iter().map(|v| v.to_f32().unwrap_or(f32::NAN)).collect::<Vec<f32>>();
@@ -533,13 +664,16 @@ pub fn dropout_keeps(seed: u64, i: u64, p: f32) -> bool {
 }
 
 fn zip_apply<T: Real>(x: &mut [T], y: &[T], f: impl Fn(&mut T, T) + Sync) {
-    x.par_chunks_mut(ELEM_CHUNK).zip(y.par_chunks(ELEM_CHUNK)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, &y)| f(x, y)));
+    x.par_chunks_mut(ELEM_CHUNK)
+        .zip(y.par_chunks(ELEM_CHUNK))
+        .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, &y)| f(x, y)));
 }
 
 /// (mean x² + eps)^−½ of one row; the mean is taken in f64 whatever the compute type.
 fn inv_rms<T: Real>(x: &[T], eps: f32) -> T {
     let ms = x.iter().map(|&v| v.f64() * v.f64()).sum::<f64>() / x.len() as f64;
-    let r = if size_of::<T>() == 4 { (1.0 / ((ms as f32) + eps).sqrt()) as f64 } else { 1.0 / (ms + eps as f64).sqrt() };
+    let r =
+        if size_of::<T>() == 4 { (1.0 / ((ms as f32) + eps).sqrt()) as f64 } else { 1.0 / (ms + eps as f64).sqrt() };
     T::from_f64(r).unwrap_or(T::nan())
 }
 
@@ -571,7 +705,14 @@ fn softmax_stats<T: Real>(row: &[T]) -> (T, f64) {
 }
 
 /// Rotates each head pair (x1, x2) by +angle (forward) or −angle (the inverse, which is the transpose).
-fn rotate<T: Real>(x: &mut [T], positions: &[u32], inv_freq: &[T], heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
+fn rotate<T: Real>(
+    x: &mut [T],
+    positions: &[u32],
+    inv_freq: &[T],
+    heads: usize,
+    head_dim: usize,
+    inverse: bool,
+) -> Result<()> {
     let half = head_dim / 2;
     let row = heads * head_dim;
     check(inv_freq.len() == half && x.len() == positions.len() * row, "rope", || {

@@ -74,7 +74,14 @@ impl Layout {
         (c.b * self.s.kv_capacity * self.s.kv_heads + c.g0) * self.s.head_dim
     }
     /// A product batched over the chunk's KV heads: `m × n × k`, with row strides `ld` (a, b, out) and batch strides.
-    fn gemm(&self, c: &Chunk, (m, n, k): (usize, usize, usize), (a_t, b_t): (bool, bool), ld: (usize, usize, usize), strides: (usize, usize, usize)) -> Gemm {
+    fn gemm(
+        &self,
+        c: &Chunk,
+        (m, n, k): (usize, usize, usize),
+        (a_t, b_t): (bool, bool),
+        ld: (usize, usize, usize),
+        strides: (usize, usize, usize),
+    ) -> Gemm {
         let mut g = Gemm::new(m, n, k, a_t, b_t);
         (g.lda, g.ldb, g.ldc) = ld;
         (g.stride_a, g.stride_b, g.stride_c) = strides;
@@ -90,11 +97,24 @@ impl Layout {
 }
 
 impl Cuda {
-    pub(super) fn attention_gemm(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, key_mask: &CudaSlice<u32>, s: AttentionShape, out: &mut CudaSlice<f32>) -> Result<()> {
+    pub(super) fn attention_gemm(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        key_mask: &CudaSlice<u32>,
+        s: AttentionShape,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let l = Layout::new(s);
         let scores = self.scores_a.get(self, l.scratch_len())?;
         let p = Operand::f32(addr(self, scores.as_ref().expect("allocated")));
-        let (q, k, v, o) = (Operand::f32(addr(self, q)), Operand::f32(addr(self, k)), Operand::f32(addr(self, v)), Operand::f32(addr(self, out)));
+        let (q, k, v, o) = (
+            Operand::f32(addr(self, q)),
+            Operand::f32(addr(self, k)),
+            Operand::f32(addr(self, v)),
+            Operand::f32(addr(self, out)),
+        );
         let hd = s.head_dim;
         for c in l.chunks() {
             self.probabilities(&l, &c, q, k, key_mask, p)?;
@@ -110,17 +130,30 @@ impl Cuda {
     }
 
     /// P of chunk `c` into `p` ([gn, rep, qn, keys]).
-    fn probabilities(&self, l: &Layout, c: &Chunk, q: Operand, k: Operand, key_mask: &CudaSlice<u32>, p: Operand) -> Result<()> {
+    fn probabilities(
+        &self,
+        l: &Layout,
+        c: &Chunk,
+        q: Operand,
+        k: Operand,
+        key_mask: &CudaSlice<u32>,
+        p: Operand,
+    ) -> Result<()> {
         let s = l.s;
         let (qrow, kvrow, prow, qbatch, pbatch) = l.strides(c);
         for r in 0..l.rep {
-            let mut g = l.gemm(c, (c.qn, c.keys, s.head_dim), (false, true), (qrow, kvrow, prow), (qbatch, s.head_dim, pbatch));
+            let mut g =
+                l.gemm(c, (c.qn, c.keys, s.head_dim), (false, true), (qrow, kvrow, prow), (qbatch, s.head_dim, pbatch));
             g.alpha = s.scale;
             // SAFETY: as in `attention_gemm`.
             unsafe { self.gemm(g, q.at(l.q_at(c, r)), k.at(l.kv_at(c)), p.at(r * c.plane()).ptr)? };
         }
         let (a, b, q0, qn, cols) = (Attn::of(s), c.b as i32, c.q0 as i32, c.qn as i32, c.keys as i32);
-        let cfg = LaunchConfig { grid_dim: ((c.gn * l.rep * c.qn) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: ((c.gn * l.rep * c.qn) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         launch!(self, "attention_softmax", cfg, &p.ptr, key_mask, &a, &b, &q0, &qn, &cols)
     }
 
@@ -139,8 +172,16 @@ impl Cuda {
     ) -> Result<()> {
         let l = Layout::new(s);
         let (scores, grads) = (self.scores_a.get(self, l.scratch_len())?, self.scores_b.get(self, l.scratch_len())?);
-        let (p, dp) = (Operand::f32(addr(self, scores.as_ref().expect("allocated"))), Operand::f32(addr(self, grads.as_ref().expect("allocated"))));
-        let (q, k, v, dout) = (Operand::f32(addr(self, q)), Operand::f32(addr(self, k)), Operand::f32(addr(self, v)), Operand::f32(addr(self, dout)));
+        let (p, dp) = (
+            Operand::f32(addr(self, scores.as_ref().expect("allocated"))),
+            Operand::f32(addr(self, grads.as_ref().expect("allocated"))),
+        );
+        let (q, k, v, dout) = (
+            Operand::f32(addr(self, q)),
+            Operand::f32(addr(self, k)),
+            Operand::f32(addr(self, v)),
+            Operand::f32(addr(self, dout)),
+        );
         let (dq, dk, dv) = (Operand::f32(addr(self, dq)), Operand::f32(addr(self, dk)), Operand::f32(addr(self, dv)));
         let hd = s.head_dim;
         for c in l.chunks() {

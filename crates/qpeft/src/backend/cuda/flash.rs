@@ -44,7 +44,11 @@ impl Cuda {
 
     /// The maxima the kernels read (q, k, v, dO), or a null pointer where nothing is scaled (bf16).
     fn scales_arg(&self, amax: &CudaSlice<u32>) -> u64 {
-        if self.precision == Precision::F16 { addr(self, amax) } else { 0 }
+        if self.precision == Precision::F16 {
+            addr(self, amax)
+        } else {
+            0
+        }
     }
 
     /// The launch of kernel `name` for head size `d` over `grid`, with `bytes` of dynamic shared memory allowed.
@@ -52,15 +56,32 @@ impl Cuda {
         self.func(name)?
             .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
             .map_err(|e| device_err(&format!("allowing `{name}` {bytes} bytes of shared memory"), e))?;
-        Ok(LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: bytes as u32 })
+        Ok(LaunchConfig {
+            grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: bytes as u32,
+        })
     }
 
-    pub(super) fn flash_forward(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, key_mask: &CudaSlice<u32>, s: AttentionShape, out: &mut CudaSlice<f32>) -> Result<()> {
+    pub(super) fn flash_forward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        key_mask: &CudaSlice<u32>,
+        s: AttentionShape,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let d = padded(s.head_dim);
         let name = format!("flash_forward_{d}");
         let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), smem(d, 1, 4, 2))?;
         let amax = self.alloc::<u32>(4)?;
-        let (a, q, k, v) = (Attn::of(s), self.operand_copy(q, &amax, 0)?, self.operand_copy(k, &amax, 1)?, self.operand_copy(v, &amax, 2)?);
+        let (a, q, k, v) = (
+            Attn::of(s),
+            self.operand_copy(q, &amax, 0)?,
+            self.operand_copy(k, &amax, 1)?,
+            self.operand_copy(v, &amax, 2)?,
+        );
         let scales = self.scales_arg(&amax);
         launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out, &scales)
     }
@@ -82,7 +103,12 @@ impl Cuda {
         let d = padded(s.head_dim);
         let a = Attn::of(s);
         let amax = self.alloc::<u32>(4)?;
-        let (q, k, v, dout16) = (self.operand_copy(q, &amax, 0)?, self.operand_copy(k, &amax, 1)?, self.operand_copy(v, &amax, 2)?, self.operand_copy(dout, &amax, 3)?);
+        let (q, k, v, dout16) = (
+            self.operand_copy(q, &amax, 0)?,
+            self.operand_copy(k, &amax, 1)?,
+            self.operand_copy(v, &amax, 2)?,
+            self.operand_copy(dout, &amax, 3)?,
+        );
         let scales = self.scales_arg(&amax);
         // Per query row: its log-sum-exp and rowsum(dO ⊙ O).
         let mut stats = self.alloc::<f32>(2 * s.batch * s.heads * s.q_len)?;

@@ -6,7 +6,10 @@
 //! here yet (the bf16 output conversion and the adapter's += would be the first candidates).
 
 use cudarc::cublas::result::gemm_strided_batched_ex;
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cublasPointerMode_t, cublasSetPointerMode_v2, cublasStatus_t, cudaDataType};
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cublasPointerMode_t, cublasSetPointerMode_v2,
+    cublasStatus_t, cudaDataType,
+};
 
 use super::{device_err, Cuda, Precision};
 use crate::backend::check;
@@ -80,7 +83,23 @@ impl Gemm {
     pub fn new(m: usize, n: usize, k: usize, a_t: bool, b_t: bool) -> Self {
         let lda = if a_t { m } else { k };
         let ldb = if b_t { k } else { n };
-        Gemm { m, n, k, a_t, b_t, alpha: 1.0, alpha_at: 0, beta: 0.0, lda, ldb, ldc: n, batch: 1, stride_a: 0, stride_b: 0, stride_c: 0 }
+        Gemm {
+            m,
+            n,
+            k,
+            a_t,
+            b_t,
+            alpha: 1.0,
+            alpha_at: 0,
+            beta: 0.0,
+            lda,
+            ldb,
+            ldc: n,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
     }
 }
 
@@ -101,13 +120,18 @@ impl Cuda {
             _ => cublasComputeType_t::CUBLAS_COMPUTE_32F,
         };
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        let int = |x: usize| i32::try_from(x).map_err(|_| device_err("GEMM", format!("dimension {x} exceeds cuBLAS's 32-bit range")));
+        let int = |x: usize| {
+            i32::try_from(x).map_err(|_| device_err("GEMM", format!("dimension {x} exceeds cuBLAS's 32-bit range")))
+        };
         let (alpha, beta) = (g.alpha, g.beta);
         // A device alpha needs cuBLAS's device pointer mode, in which beta is read from the device too.
         let device_scalars = g.alpha_at != 0;
         let (alpha_ptr, beta_ptr) = if device_scalars {
             check(beta == 0.0 || beta == 1.0, "GEMM", || format!("beta {beta} with a device alpha"))?;
-            (g.alpha_at as *const f32, (super::weight::addr(self, &self.unit_scalars) + if beta == 1.0 { 4 } else { 0 }) as *const f32)
+            (
+                g.alpha_at as *const f32,
+                (super::weight::addr(self, &self.unit_scalars) + if beta == 1.0 { 4 } else { 0 }) as *const f32,
+            )
         } else {
             (&alpha as *const f32, &beta as *const f32)
         };
@@ -119,36 +143,43 @@ impl Cuda {
                 e => Err(device_err("setting cuBLAS's pointer mode", format!("{e:?}"))),
             }
         };
-        let name = || format!("gemm {}{}", if a.is_half() || b.is_half() { "16-bit" } else { "f32" }, if g.batch > 1 { " batched" } else { "" });
+        let name = || {
+            format!(
+                "gemm {}{}",
+                if a.is_half() || b.is_half() { "16-bit" } else { "f32" },
+                if g.batch > 1 { " batched" } else { "" }
+            )
+        };
         if device_scalars {
             mode(cublasPointerMode_t::CUBLAS_POINTER_MODE_DEVICE)?;
         }
-        let result = self.timed(name, || unsafe { gemm_strided_batched_ex(
-            handle,
-            op(g.b_t),
-            op(g.a_t),
-            int(g.n)?,
-            int(g.m)?,
-            int(g.k)?,
-            alpha_ptr as *const _,
-            b.ptr as *const _,
-            dtype(b),
-            int(g.ldb)?,
-            g.stride_b as i64,
-            a.ptr as *const _,
-            dtype(a),
-            int(g.lda)?,
-            g.stride_a as i64,
-            beta_ptr as *const _,
-            out as *mut _,
-            cudaDataType::CUDA_R_32F,
-            int(g.ldc)?,
-            g.stride_c as i64,
-            int(g.batch)?,
-            compute,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-        .map_err(|e| device_err(&format!("GEMM {g:?}"), e))
+        let result = self.timed(name, || unsafe {
+            gemm_strided_batched_ex(
+                handle,
+                op(g.b_t),
+                op(g.a_t),
+                int(g.n)?,
+                int(g.m)?,
+                int(g.k)?,
+                alpha_ptr as *const _,
+                b.ptr as *const _,
+                dtype(b),
+                int(g.ldb)?,
+                g.stride_b as i64,
+                a.ptr as *const _,
+                dtype(a),
+                int(g.lda)?,
+                g.stride_a as i64,
+                beta_ptr as *const _,
+                out as *mut _,
+                cudaDataType::CUDA_R_32F,
+                int(g.ldc)?,
+                g.stride_c as i64,
+                int(g.batch)?,
+                compute,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .map_err(|e| device_err(&format!("GEMM {g:?}"), e))
         });
         if device_scalars {
             mode(cublasPointerMode_t::CUBLAS_POINTER_MODE_HOST)?;

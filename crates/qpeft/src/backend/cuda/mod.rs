@@ -35,15 +35,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits,
+};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use self::gemm::{Gemm, Operand};
 use self::profile::Profile;
-use self::weight::{addr, Scratch};
 pub use self::weight::CudaWeight;
-use super::{check, check_adamw_8bit, check_attention, check_groups, AdamStep, ADAM8_BLOCK, AttentionShape, Backend, DeviceMemory, KernelTime, GluKind, MatMul, Precision, RowWrite};
+use self::weight::{addr, Scratch};
 use super::Groups;
+use super::{
+    check, check_adamw_8bit, check_attention, check_groups, AdamStep, AttentionShape, Backend, DeviceMemory, GluKind,
+    KernelTime, MatMul, Precision, RowWrite, ADAM8_BLOCK,
+};
 use crate::error::{Error, Result};
 use crate::quant::base::BaseWeight;
 use crate::quant::maps::{signed_dynamic, unsigned_dynamic};
@@ -91,8 +96,15 @@ pub(crate) fn device_err(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// Folders searched for the CUDA headers NVRTC may need: $CUDA_HOME, $CUDA_PATH, the usual install paths.
 pub fn include_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"].iter().filter_map(std::env::var_os).map(|p| PathBuf::from(p).join("include")).collect();
-    dirs.extend(["/usr/local/cuda/include", "/usr/local/cuda-13.0/include", "/opt/cuda/include", "/usr/include"].map(PathBuf::from));
+    let mut dirs: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|p| PathBuf::from(p).join("include"))
+        .collect();
+    dirs.extend(
+        ["/usr/local/cuda/include", "/usr/local/cuda-13.0/include", "/opt/cuda/include", "/usr/include"]
+            .map(PathBuf::from),
+    );
     let mut found: Vec<PathBuf> = Vec::new();
     for d in dirs.into_iter().filter(|d| d.join("cuda_runtime_api.h").exists()).filter_map(|d| d.canonicalize().ok()) {
         if !found.contains(&d) {
@@ -187,14 +199,21 @@ impl Cuda {
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         // The fused attention's operand type is fixed at compile time (flash.cu).
         let options = if precision == Precision::F16 { vec!["-DQPEFT_F16".to_string()] } else { Vec::new() };
-        let opts = CompileOptions { include_paths: include_dirs().iter().map(|d| d.display().to_string()).collect(), arch: Some(arch), options, ..Default::default() };
-        let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| Error::Invalid(format!("CUDA: compiling the kernels with NVRTC failed: {e}")))?;
+        let opts = CompileOptions {
+            include_paths: include_dirs().iter().map(|d| d.display().to_string()).collect(),
+            arch: Some(arch),
+            options,
+            ..Default::default()
+        };
+        let ptx = compile_ptx_with_opts(SOURCE, opts)
+            .map_err(|e| Error::Invalid(format!("CUDA: compiling the kernels with NVRTC failed: {e}")))?;
         let module = ctx.load_module(ptx).map_err(|e| device_err("loading the compiled kernels", e))?;
         let dyn_map = stream.clone_htod(&signed_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
         let udyn_map = stream.clone_htod(&unsigned_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
         let input_scalars = stream.alloc_zeros::<u32>(2).map_err(|e| device_err("allocating scalars", e))?;
         let unit_scalars = stream.clone_htod(&[0.0f32, 1.0]).map_err(|e| device_err("uploading scalars", e))?;
-        let (w_f32, w_half, x_half, scores_a, scores_b) = (Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new());
+        let (w_f32, w_half, x_half, scores_a, scores_b) =
+            (Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new());
         Ok(Cuda {
             ordinal,
             precision,
@@ -232,7 +251,12 @@ impl Cuda {
         }
         self.stream.alloc_zeros(len).map_err(|e| {
             let bytes = len * size_of::<T>();
-            let free = self.stream.context().mem_get_info().map(|(f, _)| format!(", {} MiB free", f >> 20)).unwrap_or_default();
+            let free = self
+                .stream
+                .context()
+                .mem_get_info()
+                .map(|(f, _)| format!(", {} MiB free", f >> 20))
+                .unwrap_or_default();
             device_err(&format!("allocating {} MiB{free}", bytes.div_ceil(1 << 20)), e)
         })
     }
@@ -258,7 +282,12 @@ impl Backend for Cuda {
 
     fn name(&self) -> String {
         let ctx = self.stream.context();
-        format!("cuda:{} ({}, {})", self.ordinal, ctx.name().unwrap_or_else(|_| "unknown GPU".into()), self.precision.name())
+        format!(
+            "cuda:{} ({}, {})",
+            self.ordinal,
+            ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
+            self.precision.name()
+        )
     }
     fn synchronize(&self) -> Result<()> {
         // Errors of earlier kernels surface here.
@@ -275,13 +304,26 @@ impl Backend for Cuda {
         // SAFETY: plain queries of the current device's default pool into u64 out-values, as the driver API documents.
         let ok = unsafe {
             cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == CUresult::CUDA_SUCCESS
-                && cuMemPoolGetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut allocated as *mut u64 as *mut _) == CUresult::CUDA_SUCCESS
-                && cuMemPoolGetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, &mut reserved as *mut u64 as *mut _) == CUresult::CUDA_SUCCESS
+                && cuMemPoolGetAttribute(
+                    pool,
+                    CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut allocated as *mut u64 as *mut _,
+                ) == CUresult::CUDA_SUCCESS
+                && cuMemPoolGetAttribute(
+                    pool,
+                    CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                    &mut reserved as *mut u64 as *mut _,
+                ) == CUresult::CUDA_SUCCESS
         };
         if !ok {
             return Err(Error::Invalid("CUDA: reading the memory pool's peaks failed".into()));
         }
-        Ok(Some(DeviceMemory { peak_allocated: allocated as usize, peak_reserved: reserved as usize, in_use: total - free, total }))
+        Ok(Some(DeviceMemory {
+            peak_allocated: allocated as usize,
+            peak_reserved: reserved as usize,
+            in_use: total - free,
+            total,
+        }))
     }
     fn kernel_times(&self) -> Result<Vec<KernelTime>> {
         self.drain_profile()
@@ -353,13 +395,29 @@ impl Backend for Cuda {
     fn linear(&self, x: &Self::Buf, w: &CudaWeight, rows: usize, out: &mut Self::Buf, accumulate: bool) -> Result<()> {
         self.weight_product(x, w, rows, out, accumulate, true)
     }
-    fn linear_backward(&self, dy: &Self::Buf, w: &CudaWeight, rows: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<()> {
+    fn linear_backward(
+        &self,
+        dy: &Self::Buf,
+        w: &CudaWeight,
+        rows: usize,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
         self.weight_product(dy, w, rows, dx, accumulate, false)
     }
 
-    fn embedding(&self, table: &CudaWeight, ids: &Self::Ints, dim: usize, scale: f32, out: &mut Self::Buf) -> Result<()> {
+    fn embedding(
+        &self,
+        table: &CudaWeight,
+        ids: &Self::Ints,
+        dim: usize,
+        scale: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
         let rows = out.len() / dim.max(1);
-        check(out.len() == rows * dim && ids.len() >= rows, "embedding", || format!("output holds {} values for {} ids × {dim}", out.len(), ids.len()))?;
+        check(out.len() == rows * dim && ids.len() >= rows, "embedding", || {
+            format!("output holds {} values for {} ids × {dim}", out.len(), ids.len())
+        })?;
         let (ptr, format) = self.dense_table(table, dim)?;
         // Token ids are checked on the host before they reach the device (Decoder::embed uploads them).
         let (rows_i, dim_i) = (rows as i64, dim as i32);
@@ -367,7 +425,9 @@ impl Backend for Cuda {
     }
 
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf, s: MatMul) -> Result<()> {
-        check(a.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || format!("sizes {}, {}, {} do not fit {s:?}", a.len(), b.len(), out.len()))?;
+        check(a.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || {
+            format!("sizes {}, {}, {} do not fit {s:?}", a.len(), b.len(), out.len())
+        })?;
         let mut g = Gemm::new(s.m, s.n, s.k, s.a_transposed, s.b_transposed);
         (g.alpha, g.beta) = (s.alpha, if s.accumulate { 1.0 } else { 0.0 });
         // SAFETY: the sizes were checked above against m, n, k; the leading dimensions follow from them.
@@ -375,7 +435,9 @@ impl Backend for Cuda {
     }
 
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf) -> Result<()> {
-        check(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "add_bias", || format!("{} values, bias of {}", x.len(), bias.len()))?;
+        check(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "add_bias", || {
+            format!("{} values, bias of {}", x.len(), bias.len())
+        })?;
         let (n, dim) = (x.len() as i64, bias.len() as i32);
         launch!(self, "add_bias", grid(x.len()), x, bias, &n, &dim)
     }
@@ -386,30 +448,61 @@ impl Backend for Cuda {
         launch!(self, "add", grid(x.len()), x, y, &n)
     }
 
-    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f32, plus_one: bool, out: &mut Self::Buf) -> Result<()> {
-        check(w.len() == dim && x.len().is_multiple_of(dim) && out.len() == x.len(), "rmsnorm", || format!("x {}, w {}, dim {dim}", x.len(), w.len()))?;
+    fn rmsnorm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        plus_one: bool,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        check(w.len() == dim && x.len().is_multiple_of(dim) && out.len() == x.len(), "rmsnorm", || {
+            format!("x {}, w {}, dim {dim}", x.len(), w.len())
+        })?;
         let (d, p) = (dim as i32, plus_one as i32);
         launch!(self, "rmsnorm", rows_grid(x.len() / dim), x, w, &d, &eps, &p, out)
     }
 
-    fn rope(&self, x: &mut Self::Buf, positions: &Self::Ints, inv_freq: &Self::Buf, heads: usize, head_dim: usize) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        positions: &Self::Ints,
+        inv_freq: &Self::Buf,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
         self.rotate(x, positions, inv_freq, heads, head_dim, false)
     }
 
     fn glu(&self, gate: &Self::Buf, up: &Self::Buf, kind: GluKind, out: &mut Self::Buf) -> Result<()> {
-        check(gate.len() == up.len() && out.len() == up.len(), "glu", || format!("gate {}, up {}, out {}", gate.len(), up.len(), out.len()))?;
+        check(gate.len() == up.len() && out.len() == up.len(), "glu", || {
+            format!("gate {}, up {}, out {}", gate.len(), up.len(), out.len())
+        })?;
         let (k, n) = (glu_kind(kind), gate.len() as i64);
         launch!(self, "glu", grid(gate.len()), gate, up, &k, out, &n)
     }
 
     fn write_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, at: RowWrite) -> Result<()> {
         let RowWrite { batch, rows, capacity, start, width } = at;
-        check(src.len() == batch * rows * width && dst.len() == batch * capacity * width && start + rows <= capacity, "write_rows", || format!("{rows} rows at {start} into capacity {capacity}"))?;
+        check(
+            src.len() == batch * rows * width && dst.len() == batch * capacity * width && start + rows <= capacity,
+            "write_rows",
+            || format!("{rows} rows at {start} into capacity {capacity}"),
+        )?;
         let v = [batch, rows, capacity, start, width].map(|x| x as i32);
         launch!(self, "write_rows", grid(src.len()), src, dst, &v[0], &v[1], &v[2], &v[3], &v[4])
     }
 
-    fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, key_mask: &Self::Ints, s: AttentionShape, out: &mut Self::Buf) -> Result<()> {
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        key_mask: &Self::Ints,
+        s: AttentionShape,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len()])?;
         if self.flash(&s) {
             return self.flash_forward(q, k, v, key_mask, s, out);
@@ -417,9 +510,18 @@ impl Backend for Cuda {
         self.attention_gemm(q, k, v, key_mask, s, out)
     }
 
-    fn cross_entropy(&self, logits: &Self::Buf, targets: &Self::Ints, vocab: usize, ignore: u32, out: &mut Self::Buf) -> Result<()> {
+    fn cross_entropy(
+        &self,
+        logits: &Self::Buf,
+        targets: &Self::Ints,
+        vocab: usize,
+        ignore: u32,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
         let rows = out.len();
-        check(logits.len() == rows * vocab && targets.len() >= rows, "cross_entropy", || format!("{} logits for {rows} targets × vocab {vocab}", logits.len()))?;
+        check(logits.len() == rows * vocab && targets.len() >= rows, "cross_entropy", || {
+            format!("{} logits for {rows} targets × vocab {vocab}", logits.len())
+        })?;
         let v = vocab as i32;
         launch!(self, "cross_entropy", rows_grid(rows), logits, targets, &v, &ignore, out)
     }
@@ -429,11 +531,15 @@ impl Backend for Cuda {
     }
 
     fn copy(&self, src: &Self::Buf, src_at: usize, dst: &mut Self::Buf, dst_at: usize, len: usize) -> Result<()> {
-        check(src_at + len <= src.len() && dst_at + len <= dst.len(), "copy", || format!("{len} values from {src_at} of {} to {dst_at} of {}", src.len(), dst.len()))?;
+        check(src_at + len <= src.len() && dst_at + len <= dst.len(), "copy", || {
+            format!("{len} values from {src_at} of {} to {dst_at} of {}", src.len(), dst.len())
+        })?;
         if len == 0 {
             return Ok(());
         }
-        self.stream.memcpy_dtod(&src.slice(src_at..src_at + len), &mut dst.slice_mut(dst_at..dst_at + len)).map_err(|e| device_err("copy", e))
+        self.stream
+            .memcpy_dtod(&src.slice(src_at..src_at + len), &mut dst.slice_mut(dst_at..dst_at + len))
+            .map_err(|e| device_err("copy", e))
     }
 
     fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()> {
@@ -442,31 +548,66 @@ impl Backend for Cuda {
     }
 
     fn add_scaled_by(&self, y: &mut Self::Buf, x: &Self::Buf, s: &Self::Buf, factor: f32) -> Result<()> {
-        check(y.len() == x.len() && s.len() == 1, "add_scaled_by", || format!("y {}, x {}, scalar of {}", y.len(), x.len(), s.len()))?;
+        check(y.len() == x.len() && s.len() == 1, "add_scaled_by", || {
+            format!("y {}, x {}, scalar of {}", y.len(), x.len(), s.len())
+        })?;
         let n = y.len() as i64;
         launch!(self, "add_scaled_by", grid(y.len()), y, x, s, &factor, &n)
     }
 
     fn dot(&self, a: &Self::Buf, b: &Self::Buf, factor: f32, out: &mut Self::Buf, accumulate: bool) -> Result<()> {
-        check(a.len() == b.len() && out.len() == 1, "dot", || format!("a {}, b {}, out {}", a.len(), b.len(), out.len()))?;
+        check(a.len() == b.len() && out.len() == 1, "dot", || {
+            format!("a {}, b {}, out {}", a.len(), b.len(), out.len())
+        })?;
         let partial = self.dot_partials(a, b)?;
         let (blocks, acc) = (partial.len() as i32, accumulate as i32);
         launch!(self, "dot_finish", LaunchConfig::for_num_elems(1), &partial, &blocks, &factor, out, &acc)
     }
 
-    fn rmsnorm_backward(&self, x: &Self::Buf, w: &Self::Buf, dy: &Self::Buf, dim: usize, eps: f32, plus_one: bool, dx: &mut Self::Buf, accumulate: bool) -> Result<()> {
-        check(w.len() == dim && x.len().is_multiple_of(dim) && dy.len() == x.len() && dx.len() == x.len(), "rmsnorm_backward", || format!("x {}, w {}, dy {}, dx {}, dim {dim}", x.len(), w.len(), dy.len(), dx.len()))?;
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        plus_one: bool,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        check(
+            w.len() == dim && x.len().is_multiple_of(dim) && dy.len() == x.len() && dx.len() == x.len(),
+            "rmsnorm_backward",
+            || format!("x {}, w {}, dy {}, dx {}, dim {dim}", x.len(), w.len(), dy.len(), dx.len()),
+        )?;
         let (d, p, acc) = (dim as i32, plus_one as i32, accumulate as i32);
         launch!(self, "rmsnorm_backward", rows_grid(x.len() / dim), x, w, dy, &d, &eps, &p, dx, &acc)
     }
 
-    fn rope_backward(&self, dx: &mut Self::Buf, positions: &Self::Ints, inv_freq: &Self::Buf, heads: usize, head_dim: usize) -> Result<()> {
+    fn rope_backward(
+        &self,
+        dx: &mut Self::Buf,
+        positions: &Self::Ints,
+        inv_freq: &Self::Buf,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
         self.rotate(dx, positions, inv_freq, heads, head_dim, true)
     }
 
-    fn glu_backward(&self, gate: &Self::Buf, up: &Self::Buf, dy: &Self::Buf, kind: GluKind, dgate: &mut Self::Buf, dup: &mut Self::Buf) -> Result<()> {
+    fn glu_backward(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dy: &Self::Buf,
+        kind: GluKind,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+    ) -> Result<()> {
         let n = gate.len();
-        check(up.len() == n && dy.len() == n && dgate.len() == n && dup.len() == n, "glu_backward", || format!("sizes differ from gate's {n}"))?;
+        check(up.len() == n && dy.len() == n && dgate.len() == n && dup.len() == n, "glu_backward", || {
+            format!("sizes differ from gate's {n}")
+        })?;
         let (k, n64) = (glu_kind(kind), n as i64);
         launch!(self, "glu_backward", grid(n), gate, up, dy, &k, dgate, dup, &n64)
     }
@@ -486,7 +627,9 @@ impl Backend for Cuda {
         dv: &mut Self::Buf,
     ) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len(), dout.len(), dq.len()])?;
-        check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len()))?;
+        check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || {
+            format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len())
+        })?;
         if self.flash(&s) {
             return self.flash_backward(q, k, v, key_mask, s, out, dout, dq, dk, dv);
         }
@@ -495,27 +638,59 @@ impl Backend for Cuda {
         self.attention_gemm_backward(q, k, v, key_mask, s, dout, dq, dk, dv)
     }
 
-    fn cross_entropy_backward(&self, logits: &Self::Buf, targets: &Self::Ints, vocab: usize, ignore: u32, scale: f32, dlogits: &mut Self::Buf) -> Result<()> {
+    fn cross_entropy_backward(
+        &self,
+        logits: &Self::Buf,
+        targets: &Self::Ints,
+        vocab: usize,
+        ignore: u32,
+        scale: f32,
+        dlogits: &mut Self::Buf,
+    ) -> Result<()> {
         let rows = logits.len() / vocab.max(1);
-        check(logits.len() == rows * vocab && targets.len() >= rows && dlogits.len() == logits.len(), "cross_entropy_backward", || format!("{} logits, vocab {vocab}, dlogits {}", logits.len(), dlogits.len()))?;
+        check(
+            logits.len() == rows * vocab && targets.len() >= rows && dlogits.len() == logits.len(),
+            "cross_entropy_backward",
+            || format!("{} logits, vocab {vocab}, dlogits {}", logits.len(), dlogits.len()),
+        )?;
         let v = vocab as i32;
         launch!(self, "cross_entropy_backward", rows_grid(rows), logits, targets, &v, &ignore, &scale, dlogits)
     }
 
-    fn group_reduce(&self, x: &Self::Buf, rows: usize, g: Groups, mean: bool, scale: f32, out: &mut Self::Buf, accumulate: bool) -> Result<()> {
+    fn group_reduce(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        g: Groups,
+        mean: bool,
+        scale: f32,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
         check_groups("group_reduce", g, rows, x.len(), out.len())?;
         let (r, w, gs, m, acc) = (rows as i64, g.width as i32, g.groups as i32, mean as i32, accumulate as i32);
         launch!(self, "group_reduce", grid(rows * g.groups), x, &r, &w, &gs, &m, &scale, out, &acc)
     }
 
-    fn group_expand(&self, h: &Self::Buf, rows: usize, g: Groups, mean: bool, scale: f32, y: &mut Self::Buf, accumulate: bool) -> Result<()> {
+    fn group_expand(
+        &self,
+        h: &Self::Buf,
+        rows: usize,
+        g: Groups,
+        mean: bool,
+        scale: f32,
+        y: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
         check_groups("group_expand", g, rows, y.len(), h.len())?;
         let (r, w, gs, m, acc) = (rows as i64, g.width as i32, g.groups as i32, mean as i32, accumulate as i32);
         launch!(self, "group_expand", grid(rows * g.width), h, &r, &w, &gs, &m, &scale, y, &acc)
     }
 
     fn dropout(&self, x: &Self::Buf, p: f32, seed: u64, first: u64, out: &mut Self::Buf) -> Result<()> {
-        check(x.len() == out.len() && (0.0..1.0).contains(&p), "dropout", || format!("x {}, out {}, p {p}", x.len(), out.len()))?;
+        check(x.len() == out.len() && (0.0..1.0).contains(&p), "dropout", || {
+            format!("x {}, out {}, p {p}", x.len(), out.len())
+        })?;
         let n = x.len() as i64;
         launch!(self, "dropout", grid(x.len()), x, &p, &seed, &first, out, &n)
     }
@@ -527,28 +702,53 @@ impl Backend for Cuda {
 
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, s: AdamStep) -> Result<()> {
         let n = p.len();
-        check(g.len() == n && m.len() == n && v.len() == n, "adamw", || format!("p {n}, g {}, m {}, v {}", g.len(), m.len(), v.len()))?;
+        check(g.len() == n && m.len() == n && v.len() == n, "adamw", || {
+            format!("p {n}, g {}, m {}, v {}", g.len(), m.len(), v.len())
+        })?;
         let (args, n64) = (AdamArgs(s), n as i64);
         launch!(self, "adamw", grid(n), p, g, m, v, &args, &n64)
     }
 
-    fn adamw_8bit(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Bytes, m_absmax: &mut Self::Buf, v: &mut Self::Bytes, v_absmax: &mut Self::Buf, s: AdamStep) -> Result<()> {
+    fn adamw_8bit(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Bytes,
+        m_absmax: &mut Self::Buf,
+        v: &mut Self::Bytes,
+        v_absmax: &mut Self::Buf,
+        s: AdamStep,
+    ) -> Result<()> {
         let n = p.len();
         check_adamw_8bit(n, g.len(), m.len(), m_absmax.len(), v.len(), v_absmax.len())?;
         if n == 0 {
             return Ok(());
         }
         let (args, n64) = (AdamArgs(s), n as i64);
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(ADAM8_BLOCK) as u32, 1, 1), block_dim: (ADAM8_BLOCK as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(ADAM8_BLOCK) as u32, 1, 1),
+            block_dim: (ADAM8_BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         launch!(self, "adamw_8bit", cfg, p, g, m, m_absmax, v, v_absmax, &self.dyn_map, &self.udyn_map, &args, &n64)
     }
 }
 
 impl Cuda {
-    fn rotate(&self, x: &mut CudaSlice<f32>, positions: &CudaSlice<u32>, inv_freq: &CudaSlice<f32>, heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
+    fn rotate(
+        &self,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<u32>,
+        inv_freq: &CudaSlice<f32>,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()> {
         let row = heads * head_dim;
         let rows = x.len() / row.max(1);
-        check(inv_freq.len() == head_dim / 2 && x.len() == rows * row && positions.len() >= rows, "rope", || format!("x {} values for {} positions × {heads} heads × {head_dim}", x.len(), positions.len()))?;
+        check(inv_freq.len() == head_dim / 2 && x.len() == rows * row && positions.len() >= rows, "rope", || {
+            format!("x {} values for {} positions × {heads} heads × {head_dim}", x.len(), positions.len())
+        })?;
         let (r, h, d, inv) = (rows as i64, heads as i32, head_dim as i32, inverse as i32);
         launch!(self, "rope", grid(rows * heads * head_dim / 2), x, positions, inv_freq, &r, &h, &d, &inv)
     }

@@ -24,7 +24,11 @@ impl Cuda {
     /// Runs `f` (which queues GPU work), timing it under `name()` when profiling (the name is only built then).
     pub(super) fn timed(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<()>) -> Result<()> {
         let Some(profile) = &self.profile else { return f() };
-        let event = || self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| device_err("recording an event", e));
+        let event = || {
+            self.stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| device_err("recording an event", e))
+        };
         let start = event()?;
         f()?;
         let end = event()?;
@@ -43,7 +47,8 @@ impl Cuda {
             s.0 += 1;
             s.1 += ms;
         }
-        let mut out: Vec<KernelTime> = sums.into_iter().map(|(name, (calls, ms))| KernelTime { name, calls, ms }).collect();
+        let mut out: Vec<KernelTime> =
+            sums.into_iter().map(|(name, (calls, ms))| KernelTime { name, calls, ms }).collect();
         out.sort_by(|a, b| b.ms.total_cmp(&a.ms));
         Ok(out)
     }

@@ -6,8 +6,8 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
 use super::gemm::{Dtype, Gemm, Operand};
@@ -121,8 +121,16 @@ pub(super) fn addr<T>(cuda: &Cuda, buf: &CudaSlice<T>) -> u64 {
 }
 
 impl Cuda {
-    pub(super) fn upload_weight_form(&self, dense: &[f32], base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<CudaWeight> {
-        check(dense.len() == out_dim * in_dim, "upload_weight", || format!("{} values for a {out_dim} × {in_dim} weight", dense.len()))?;
+    pub(super) fn upload_weight_form(
+        &self,
+        dense: &[f32],
+        base: &BaseWeight,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<CudaWeight> {
+        check(dense.len() == out_dim * in_dim, "upload_weight", || {
+            format!("{} values for a {out_dim} × {in_dim} weight", dense.len())
+        })?;
         if self.precision == Precision::F16 {
             // Stored (dense) or dequantized (packed: no larger than the dense values, up to double quantization's
             // rounding of the scales) as fp16.
@@ -132,18 +140,32 @@ impl Cuda {
             BaseWeight::Bnb4(q) => Form::Bnb4(self.pack_bnb4(q, None)?),
             BaseWeight::IcqNf4(q) => Form::Bnb4(self.pack_bnb4(&q.nf4, Some((&q.tau_codes, &q.tau_scales)))?),
             BaseWeight::Int4(q) => {
-                check(out_dim * in_dim < 1 << 32, "upload_weight", || format!("a {out_dim} × {in_dim} int4 weight has 2³² values or more"))?;
+                check(out_dim * in_dim < 1 << 32, "upload_weight", || {
+                    format!("a {out_dim} × {in_dim} int4 weight has 2³² values or more")
+                })?;
                 let groups = q.groups();
-                let zeros: Vec<f32> = (0..groups).flat_map(|g| (0..q.out_dim).map(move |j| (g, j))).map(|(g, j)| q.zero_point(g, j)).collect();
+                let zeros: Vec<f32> = (0..groups)
+                    .flat_map(|g| (0..q.out_dim).map(move |j| (g, j)))
+                    .map(|(g, j)| q.zero_point(g, j))
+                    .collect();
                 let scales: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
                 let qweight: Vec<u32> = q.qweight.iter().map(|&w| w as u32).collect();
                 let g_idx: Vec<u32> = q.g_idx.iter().map(|&g| g as u32).collect();
-                Form::Int4(PackedInt4 { qweight: self.upload_any(&qweight)?, scales: self.upload_any(&scales)?, zeros: self.upload_any(&zeros)?, g_idx: self.upload_any(&g_idx)? })
+                Form::Int4(PackedInt4 {
+                    qweight: self.upload_any(&qweight)?,
+                    scales: self.upload_any(&scales)?,
+                    zeros: self.upload_any(&zeros)?,
+                    g_idx: self.upload_any(&g_idx)?,
+                })
             }
             BaseWeight::Dense => match self.precision {
                 Precision::F32 => Form::DenseF32(self.upload_any(dense)?),
-                Precision::Bf16 => Form::DenseHalf(self.upload_any(&dense.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>())?),
-                Precision::F16 => Form::DenseHalf(self.upload_any(&dense.iter().map(|&x| f16::from_f32(x).to_bits()).collect::<Vec<u16>>())?),
+                Precision::Bf16 => Form::DenseHalf(
+                    self.upload_any(&dense.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>())?,
+                ),
+                Precision::F16 => Form::DenseHalf(
+                    self.upload_any(&dense.iter().map(|&x| f16::from_f32(x).to_bits()).collect::<Vec<u16>>())?,
+                ),
             },
         };
         Ok(CudaWeight { out_dim, in_dim, form })
@@ -152,15 +174,25 @@ impl Cuda {
     fn pack_bnb4(&self, q: &Bnb4, tau: Option<(&Vec<u8>, &Vec<f32>)>) -> Result<PackedBnb4> {
         let scales = match &q.absmax {
             Absmax::Plain(a) => Scales::Plain(self.upload_any(a)?),
-            Absmax::Double { nested, offset } => {
-                Scales::Double { codes: self.upload_any(&nested.codes)?, nested: self.upload_any(&nested.absmax)?, nested_block: nested.block, offset: *offset }
-            }
+            Absmax::Double { nested, offset } => Scales::Double {
+                codes: self.upload_any(&nested.codes)?,
+                nested: self.upload_any(&nested.absmax)?,
+                nested_block: nested.block,
+                offset: *offset,
+            },
         };
         let tau = match tau {
             Some((codes, scales)) => Some((self.upload_any(codes)?, self.upload_any(scales)?)),
             None => None,
         };
-        Ok(PackedBnb4 { packed: self.upload_any(&q.packed)?, table: self.upload_any(&q.kind.table())?, n: q.numel(), block: q.block, scales, tau })
+        Ok(PackedBnb4 {
+            packed: self.upload_any(&q.packed)?,
+            table: self.upload_any(&q.kind.table())?,
+            n: q.numel(),
+            block: q.block,
+            scales,
+            tau,
+        })
     }
 
     /// Ŵ into `out` as `dtype`; `out` must hold out_dim · in_dim values.
@@ -175,7 +207,9 @@ impl Cuda {
             Form::Bnb4(q) => {
                 let (absmax, absmax_codes, nested, nested_shift, offset) = match &q.scales {
                     Scales::Plain(a) => (addr(self, a), 0, 0, 0, 0.0),
-                    Scales::Double { codes, nested, nested_block, offset } => (0, addr(self, codes), addr(self, nested), shift(*nested_block)?, *offset),
+                    Scales::Double { codes, nested, nested_block, offset } => {
+                        (0, addr(self, codes), addr(self, nested), shift(*nested_block)?, *offset)
+                    }
                 };
                 let (tau_codes, tau_scales) = q.tau.as_ref().map_or((0, 0), |(c, s)| (addr(self, c), addr(self, s)));
                 let args = Bnb4Args {
@@ -259,7 +293,8 @@ impl Cuda {
     /// The largest |x| into the u32 at `amax` (f32 bits), which is cleared first.
     pub(super) fn absmax_into(&self, x: &CudaSlice<f32>, amax: u64) -> Result<()> {
         // SAFETY: `amax` is a live device u32 of this context; the memset is queued on the backend's stream.
-        unsafe { cudarc::driver::result::memset_d8_async(amax, 0, 4, self.stream.cu_stream()) }.map_err(|e| device_err("clearing a maximum", e))?;
+        unsafe { cudarc::driver::result::memset_d8_async(amax, 0, 4, self.stream.cu_stream()) }
+            .map_err(|e| device_err("clearing a maximum", e))?;
         let n64 = x.len() as i64;
         // Enough blocks to fill the GPU with 16-byte loads, few enough that their atomicMax on one word stays cheap.
         let blocks = x.len().div_ceil(THREADS as usize * 16).clamp(1, 2048) as u32;
@@ -292,11 +327,25 @@ impl Cuda {
     /// bases dequantize into the shared weight buffer first; with 16-bit weights the activations become 16-bit
     /// operands too (`to_operand`; in the f16 mode the product's alpha undoes their scale), f32 accumulation and
     /// output.
-    pub(super) fn weight_product(&self, x: &CudaSlice<f32>, w: &CudaWeight, rows: usize, out: &mut CudaSlice<f32>, accumulate: bool, transpose_weight: bool) -> Result<()> {
+    pub(super) fn weight_product(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaWeight,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+        accumulate: bool,
+        transpose_weight: bool,
+    ) -> Result<()> {
         let (x_cols, out_cols) = if transpose_weight { (w.in_dim, w.out_dim) } else { (w.out_dim, w.in_dim) };
         let op = if transpose_weight { "linear" } else { "linear_backward" };
         check(x.len() == rows * x_cols && out.len() == rows * out_cols, op, || {
-            format!("{} inputs and {} outputs for {rows} rows of a {} × {} weight", x.len(), out.len(), w.out_dim, w.in_dim)
+            format!(
+                "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
+                x.len(),
+                out.len(),
+                w.out_dim,
+                w.in_dim
+            )
         })?;
         // Only packed bases need the shared buffer (a dense head would otherwise grow it to the vocabulary's size).
         let half = self.half();
