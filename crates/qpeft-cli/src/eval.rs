@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use qpeft::adapters::peft::read_adapter;
 use qpeft::backend::{Backend, Device};
 use qpeft::eval::suite::{self, TaskReport};
-use qpeft::formats::peft::read_adapter;
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::train::config::RunConfig;
 use qpeft::train::trainer::{heldout_loss, load_data};

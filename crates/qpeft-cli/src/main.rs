@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use qpeft::adapters::peft::read_adapter;
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::Method;
+use qpeft::arch::Proj;
 use qpeft::backend::cpu::Cpu;
 use qpeft::backend::{Backend, Device};
 use qpeft::eval::perplexity::perplexity;
-use qpeft::formats::peft::read_adapter;
 use qpeft::generate::{generate, GenerateOptions};
-use qpeft::model::decoder::Proj;
 use qpeft::model::merge::MergedDtype;
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::quant::base::BaseWeight;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use qpeft::model::spec::BUILTIN;
-use qpeft::model::{Checkpoint, ModelSpec};
+use qpeft::arch::ModelSpec;
+use qpeft::arch::BUILTIN;
+use qpeft::model::Checkpoint;
 use qpeft::plan::{count, Counts, Plan};
 
 #[derive(Args)]

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use qpeft::model::Checkpoint;
-use qpeft::quant::model::{quantize_model, write_model_dir, Format, QuantizeOptions, WeightDtype};
+use qpeft::quant::recipe::{Format, QuantizeOptions, WeightDtype};
+use qpeft::quantize::{quantize_model, write_model_dir};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum FormatArg {
@@ -99,7 +100,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             DtypeArg::Bfloat16 => WeightDtype::Bf16,
         },
     };
-    opts.validate(&ckpt)?;
+    qpeft::quantize::validate(&opts, &ckpt)?;
     let layers = (ckpt.spec.num_layers * 7) as u64;
     let bar = indicatif::ProgressBar::new(layers);
     bar.set_style(

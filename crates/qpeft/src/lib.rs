@@ -1,15 +1,18 @@
 //! qpeft: fine-tune 4-bit-quantized LLMs with LoRA-family adapters, and evaluate them.
 
 pub mod adapters;
+pub mod arch;
 pub mod backend;
 pub mod data;
 pub mod error;
 pub mod eval;
 pub mod formats;
 pub mod generate;
+pub mod linalg;
 pub mod model;
 pub mod plan;
 pub mod quant;
+pub mod quantize;
 pub mod tensor;
 pub mod tokenizer;
 pub mod train;

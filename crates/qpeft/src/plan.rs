@@ -24,9 +24,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::adapters::{AdapterConfig, Method};
+use crate::arch::{Kind, ModelSpec, Proj};
 use crate::error::{Error, Result};
-use crate::model::decoder::Proj;
-use crate::model::ModelSpec;
 
 /// The keys every rule may set (the `[adapter]` section sets the defaults).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -144,16 +143,7 @@ pub struct AdapterSection {
 }
 
 fn default_targets() -> Vec<String> {
-    Proj::ALL.iter().map(|p| short_name(*p).to_string()).collect()
-}
-
-/// `q_proj`, …, `down_proj`.
-pub fn short_name(p: Proj) -> &'static str {
-    p.module().rsplit('.').next().unwrap_or_default()
-}
-
-pub fn is_attention(p: Proj) -> bool {
-    matches!(p, Proj::Q | Proj::K | Proj::V | Proj::O)
+    Proj::ALL.iter().map(|p| p.short_name().to_string()).collect()
 }
 
 /// The parts of a run config `plan` reads: `[adapter]` (other sections belong to the trainer).
@@ -204,7 +194,7 @@ impl Plan {
     /// Selector values that are wrong regardless of the model.
     fn check_rules(&self) -> Result<()> {
         for name in &self.adapter.targets {
-            if !Proj::ALL.iter().any(|&p| short_name(p) == name) {
+            if !Proj::ALL.iter().any(|&p| p.short_name() == name) {
                 return Err(Error::config(
                     &self.file,
                     "adapter.targets",
@@ -234,7 +224,7 @@ impl Plan {
                 }
             }
             for n in names(&w.name) {
-                if !Proj::ALL.iter().any(|&p| short_name(p) == n) {
+                if !Proj::ALL.iter().any(|&p| p.short_name() == n) {
                     return Err(Error::config(&self.file, format!("{field}.name"), format!("unknown module `{n}`")));
                 }
             }
@@ -249,7 +239,7 @@ impl Plan {
     /// module's shape and base. Errors name the file, the module and the rules that produced the value.
     pub fn resolve(&self, spec: &ModelSpec, l: usize, p: Proj, base: BaseKind) -> Result<Option<AdapterConfig>> {
         let mut keys = self.adapter.keys.clone();
-        keys.target = Some(self.adapter.targets.iter().any(|t| t == short_name(p)));
+        keys.target = Some(self.adapter.targets.iter().any(|t| t == p.short_name()));
         let mut rules = vec!["adapter".to_string()];
         for (i, o) in self.adapter.overrides.iter().enumerate() {
             if matches(&o.selector, spec.num_layers, l, p) {
@@ -327,8 +317,8 @@ fn names(n: &Option<OneOrMany<String>>) -> Vec<&str> {
 }
 
 fn matches(w: &Where, layers: usize, l: usize, p: Proj) -> bool {
-    let name_ok = w.name.is_none() || names(&w.name).contains(&short_name(p));
-    let kind_ok = w.kind.as_deref().is_none_or(|k| (k == "attn") == is_attention(p));
+    let name_ok = w.name.is_none() || names(&w.name).contains(&p.short_name());
+    let kind_ok = w.kind.as_deref().is_none_or(|k| (k == "attn") == (p.kind() == Kind::Attention));
     let depth_ok = match w.depth.as_deref() {
         Some("first-half") => l < layers / 2,
         Some("second-half") => l >= layers / 2,
@@ -437,7 +427,7 @@ pub fn count(plan: &Plan, spec: &ModelSpec) -> Result<Counts> {
             let (out_dim, in_dim) = p.dims(spec);
             let n = cfg.trainable(in_dim, out_dim);
             let first = l < spec.num_layers / 2;
-            match (is_attention(*p), first) {
+            match (p.kind() == Kind::Attention, first) {
                 (true, true) => c.attn_first += n,
                 (true, false) => c.attn_second += n,
                 (false, true) => c.mlp_first += n,

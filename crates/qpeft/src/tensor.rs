@@ -17,27 +17,3 @@ impl HostTensor {
         self.data.len()
     }
 }
-
-/// Storage dtype of a tensor in a file, reported by `qpeft info`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum StoredDtype {
-    F32,
-    F16,
-    BF16,
-    F64,
-    I8,
-    I16,
-    I32,
-    I64,
-    U8,
-    Ggml(crate::formats::gguf::GgmlType),
-}
-
-impl std::fmt::Display for StoredDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoredDtype::Ggml(t) => write!(f, "{t:?}"),
-            other => write!(f, "{}", format!("{other:?}").to_lowercase()),
-        }
-    }
-}

@@ -6,12 +6,13 @@ mod common;
 use common::{fixtures, rel_err, uniform};
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
+use qpeft::arch::Proj;
 use qpeft::backend::cpu::Cpu;
 use qpeft::backend::Backend;
-use qpeft::model::decoder::Proj;
 use qpeft::model::{Checkpoint, Decoder, Input};
 use qpeft::quant::base::BaseWeight;
-use qpeft::quant::model::{quantize_model, write_model_dir, Format, QuantizeOptions, WeightDtype};
+use qpeft::quant::recipe::{Format, QuantizeOptions, WeightDtype};
+use qpeft::quantize::{quantize_model, write_model_dir};
 
 const TOKENS: [u32; 9] = [1, 17, 42, 99, 5, 250, 7, 3, 300];
 

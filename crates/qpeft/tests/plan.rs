@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use qpeft::adapters::Method;
-use qpeft::model::decoder::Proj;
-use qpeft::model::ModelSpec;
+use qpeft::arch::ModelSpec;
+use qpeft::arch::Proj;
 use qpeft::plan::{count, BaseKind, Plan};
 
 fn plan(text: &str) -> Plan {
@@ -164,7 +164,7 @@ fn every_shipped_config_parses_and_counts() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
                 let p = Plan::read(&path).unwrap();
-                for arch in qpeft::model::spec::BUILTIN {
+                for arch in qpeft::arch::BUILTIN {
                     let spec = ModelSpec::builtin(arch).unwrap();
                     // Every preset fits every built-in shape except where a λ cannot divide (reported, not panicking).
                     let _ = count(&p, &spec);

@@ -12,8 +12,9 @@ use qpeft::model::{Checkpoint, Decoder, Input};
 use qpeft::quant::base::BaseWeight;
 use qpeft::quant::icq::{self, TauSearch};
 use qpeft::quant::int4::{quantize_rtn, GptqInt4};
-use qpeft::quant::model::{quantize_model, write_model_dir, Format, QuantizeOptions, WeightDtype};
 use qpeft::quant::nf4::{Bnb4, FourBit};
+use qpeft::quant::recipe::{Format, QuantizeOptions, WeightDtype};
+use qpeft::quantize::{quantize_model, write_model_dir};
 
 const PROJS: [&str; 7] = [
     "self_attn.q_proj",

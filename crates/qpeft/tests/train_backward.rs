@@ -7,7 +7,8 @@ mod common;
 use common::{batch, fixtures, methods, read_expected, rel_err, uniform};
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
-use qpeft::backend::cpu::{Cpu, Real};
+use qpeft::backend::cpu::Cpu;
+use qpeft::linalg::Real;
 use qpeft::backend::Backend;
 use qpeft::model::train::{Batch, StepOptions, IGNORE};
 use qpeft::model::{Checkpoint, Decoder, Input};
@@ -130,7 +131,7 @@ fn lora_matches_peft() {
     let want = read_expected(&dir.join("expected.safetensors"));
     let m = model("tiny-llama", Cpu::new());
     // PEFT's own adapter directory, through qpeft's adapter reader.
-    let (mut set, modules) = qpeft::formats::peft::read_adapter(&dir.join("adapter"), &m.backend, &m.spec).unwrap();
+    let (mut set, modules) = qpeft::adapters::peft::read_adapter(&dir.join("adapter"), &m.backend, &m.spec).unwrap();
     let lora = AdapterConfig { method: Method::Lora, rank: 8, alpha: 16.0, dropout: 0.0 };
     assert!(modules.iter().flatten().all(|c| c.as_ref() == Some(&lora)), "r 8, α 16 on every linear");
     let ints = |k: &str| want[k].data.iter().map(|&v| v as i64).collect::<Vec<_>>();
@@ -147,7 +148,7 @@ fn lora_matches_peft() {
     let x = &want["layer0_q_input"].data;
     let mut delta = vec![0f32; 24 * 64];
     let pass = qpeft::adapters::Pass { training: false, seed: 0, first_row: 0 };
-    set.get(0, qpeft::model::decoder::Proj::Q).unwrap().forward(&m.backend, x, 24, pass, &mut delta).unwrap();
+    set.get(0, qpeft::arch::Proj::Q).unwrap().forward(&m.backend, x, 24, pass, &mut delta).unwrap();
     let e = rel_err(&delta, &want["layer0_q_lora_delta"].data, |_| true);
     assert!(e < 1e-5, "layer 0 q_proj LoRA output: {e:e}");
 

@@ -7,14 +7,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use common::{fixtures, rel_err};
+use qpeft::adapters::peft::{read_adapter, write_adapter};
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
+use qpeft::arch::Proj;
 use qpeft::backend::cpu::Cpu;
 use qpeft::backend::Backend;
 use qpeft::data::collate::Collator;
 use qpeft::data::{load, DataFormat, Example};
-use qpeft::formats::peft::{read_adapter, write_adapter};
-use qpeft::model::decoder::Proj;
 use qpeft::model::merge::MergedDtype;
 use qpeft::model::train::IGNORE;
 use qpeft::model::{Checkpoint, Decoder, Input};

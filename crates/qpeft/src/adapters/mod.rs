@@ -8,6 +8,7 @@
 pub mod hierarchical;
 pub mod ir_qlora;
 pub mod lora;
+pub mod peft;
 pub mod q_bara;
 pub mod qa_hira;
 pub mod qa_lora;

@@ -1,10 +1,10 @@
 //! The adapters of a whole decoder: at most one per (layer, linear), built from per-module configurations.
 
 use super::{build, Adapter, AdapterConfig, Param};
+use crate::arch::ModelSpec;
+use crate::arch::Proj;
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::model::decoder::Proj;
-use crate::model::ModelSpec;
 
 pub struct AdapterSet<B: Backend> {
     /// [layer][Proj index in `Proj::ALL`].

@@ -1,4 +1,4 @@
-//! Dequantization of ggml tensor types to f32.
+//! ggml's tensor types (their numbering in GGUF files, block layouts) and their dequantization to f32.
 //!
 //! The arithmetic follows gguf-py's reference (float32, one rounding per operation, no fused
 //! multiply-add), which is what transformers uses when it loads a GGUF file; so the weights qpeft
@@ -7,10 +7,67 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::gguf::GgmlType;
-
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Tensor element types of ggml (the numbering is part of the file format).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q8_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Q8K,
+    BF16,
+    Other(u32),
+}
+
+impl GgmlType {
+    pub fn from_u32(v: u32) -> Self {
+        match v {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            9 => Self::Q8_1,
+            10 => Self::Q2K,
+            11 => Self::Q3K,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            15 => Self::Q8K,
+            30 => Self::BF16,
+            other => Self::Other(other),
+        }
+    }
+
+    /// (elements per block, bytes per block), or None for types qpeft cannot read.
+    pub fn layout(self) -> Option<(usize, usize)> {
+        Some(match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q8_0 => (32, 34),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
+            _ => return None,
+        })
+    }
 }
 
 /// Dequantizes `numel` elements stored as `dtype` in `bytes`; None for an unsupported type.

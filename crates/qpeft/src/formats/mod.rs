@@ -4,11 +4,35 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use ggml_quants::GgmlType;
 
 pub mod ggml_quants;
 pub mod gguf;
-pub mod peft;
 pub mod safetensors;
+
+/// Storage dtype of a tensor in a file, reported by `qpeft info`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StoredDtype {
+    F32,
+    F16,
+    BF16,
+    F64,
+    I8,
+    I16,
+    I32,
+    I64,
+    U8,
+    Ggml(GgmlType),
+}
+
+impl std::fmt::Display for StoredDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoredDtype::Ggml(t) => write!(f, "{t:?}"),
+            other => write!(f, "{}", format!("{other:?}").to_lowercase()),
+        }
+    }
+}
 
 /// Writes `bytes` to `path` so that a reader never sees a partial file and an existing file is only replaced
 /// by a complete one: write a temporary file next to it, flush it to disk, then rename it over `path`.

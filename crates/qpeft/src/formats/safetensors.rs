@@ -7,8 +7,9 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use super::StoredDtype;
 use crate::error::{Error, Result};
-use crate::tensor::{HostTensor, StoredDtype};
+use crate::tensor::HostTensor;
 
 struct Shard {
     path: PathBuf,

@@ -4,12 +4,37 @@
 //! Every linear may carry an adapter (y = base(x) + Δ(x)). The base weights, norms and biases are frozen, so
 //! backward produces only the residual-stream gradient and the adapters' parameter gradients.
 
-use super::decoder::{Block, Decoder, InputSite, LinearInputObserver, Proj};
 use super::linear::QuantLinear;
 use crate::adapters::set::{module_seed, AdapterSet};
 use crate::adapters::Pass;
+use crate::arch::{InputSite, ModelSpec, Proj};
 use crate::backend::{AttentionShape, Backend, GluKind, RowWrite};
 use crate::error::Result;
+
+/// Receives (layer, site, input [rows, in_dim]) for every linear input of a forward pass.
+pub type LinearInputObserver<'a, B> = dyn FnMut(usize, InputSite, &<B as Backend>::Buf) -> Result<()> + 'a;
+
+pub struct Block<B: Backend> {
+    pub attn_norm: B::Buf,
+    pub q: QuantLinear<B>,
+    pub k: QuantLinear<B>,
+    pub v: QuantLinear<B>,
+    pub o: QuantLinear<B>,
+    pub mlp_norm: B::Buf,
+    pub gate: QuantLinear<B>,
+    pub up: QuantLinear<B>,
+    pub down: QuantLinear<B>,
+}
+
+/// One block of a decoder with what running it needs: the backend, the model's shape, the RoPE frequencies,
+/// and the block's index (adapters and dropout seeds are keyed by it).
+pub(crate) struct Layer<'a, B: Backend> {
+    pub be: &'a B,
+    pub spec: &'a ModelSpec,
+    pub inv_freq: &'a B::Buf,
+    pub block: &'a Block<B>,
+    pub index: usize,
+}
 
 /// What a block's forward needs besides its input.
 pub(crate) struct Ctx<'a, B: Backend> {
@@ -113,6 +138,12 @@ pub(crate) struct Dims {
     pub ff: usize,
 }
 
+impl Dims {
+    pub fn of(s: &ModelSpec) -> Dims {
+        Dims { h: s.hidden_size, q: s.q_dim(), kv: s.kv_dim(), ff: s.intermediate_size }
+    }
+}
+
 impl<B: Backend> Block<B> {
     pub fn proj(&self, p: Proj) -> &QuantLinear<B> {
         match p {
@@ -147,17 +178,11 @@ pub(crate) enum KvTarget<'a, B: Backend> {
     Own,
 }
 
-impl<B: Backend> Decoder<B> {
-    pub(crate) fn dims(&self) -> Dims {
-        let s = &self.spec;
-        Dims { h: s.hidden_size, q: s.q_dim(), kv: s.kv_dim(), ff: s.intermediate_size }
-    }
-
-    /// out (+)= base(x) + Δ(x) for linear `p` of layer `l`.
+impl<B: Backend> Layer<'_, B> {
+    /// out (+)= base(x) + Δ(x) for linear `p` of this block.
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
-        l: usize,
         p: Proj,
         x: &B::Buf,
         out: &mut B::Buf,
@@ -165,19 +190,18 @@ impl<B: Backend> Decoder<B> {
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
     ) -> Result<()> {
-        let be = &self.backend;
-        self.blocks[l].proj(p).forward(be, x, ctx.rows, out, accumulate)?;
-        match adapters.and_then(|a| a.get(l, p)) {
-            Some(a) => a.forward(be, x, ctx.rows, ctx.pass(l, p), out),
+        let be = self.be;
+        self.block.proj(p).forward(be, x, ctx.rows, out, accumulate)?;
+        match adapters.and_then(|a| a.get(self.index, p)) {
+            Some(a) => a.forward(be, x, ctx.rows, ctx.pass(self.index, p), out),
             None => Ok(()),
         }
     }
 
-    /// dx (+)= ∂/∂x of linear `p` of layer `l` (input x, output gradient dy); its adapter's grads accumulate.
+    /// dx (+)= ∂/∂x of linear `p` of this block (input x, output gradient dy); its adapter's grads accumulate.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
-        l: usize,
         p: Proj,
         x: &B::Buf,
         dy: &B::Buf,
@@ -186,19 +210,18 @@ impl<B: Backend> Decoder<B> {
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
     ) -> Result<()> {
-        let be = &self.backend;
-        self.blocks[l].proj(p).backward_input(be, dy, ctx.rows, dx, accumulate)?;
-        match adapters.get_mut(l, p) {
-            Some(a) => a.backward(be, x, dy, ctx.rows, ctx.pass(l, p), dx),
+        let be = self.be;
+        self.block.proj(p).backward_input(be, dy, ctx.rows, dx, accumulate)?;
+        match adapters.get_mut(self.index, p) {
+            Some(a) => a.backward(be, x, dy, ctx.rows, ctx.pass(self.index, p), dx),
             None => Ok(()),
         }
     }
 
-    /// Runs block `l` on the residual stream `x` in place, leaving its activations in `a`.
+    /// Runs this block on the residual stream `x` in place, leaving its activations in `a`.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn block_forward(
+    pub(crate) fn forward(
         &self,
-        l: usize,
         x: &mut B::Buf,
         a: &mut Acts<B>,
         kv: KvTarget<B>,
@@ -206,20 +229,19 @@ impl<B: Backend> Decoder<B> {
         adapters: Option<&AdapterSet<B>>,
         observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<()> {
-        let be = &self.backend;
-        self.attention_forward(l, x, &mut a.attn, kv, ctx, adapters, observe)?;
+        let be = self.be;
+        self.attention_forward(x, &mut a.attn, kv, ctx, adapters, observe)?;
         if let Some(m) = &mut a.x_mid {
             be.copy(x, 0, m, 0, be.len(x))?;
         }
-        self.mlp_hidden(l, x, &mut a.mlp, ctx, adapters, observe)?;
-        self.linear(l, Proj::Down, &a.mlp.act, x, true, ctx, adapters)
+        self.mlp_hidden(x, &mut a.mlp, ctx, adapters, observe)?;
+        self.linear(Proj::Down, &a.mlp.act, x, true, ctx, adapters)
     }
 
-    /// x += o(attn(…)) of block `l`, leaving the attention half's activations in `a`.
+    /// x += o(attn(…)) of this block, leaving the attention half's activations in `a`.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
-        l: usize,
         x: &mut B::Buf,
         a: &mut AttnActs<B>,
         kv: KvTarget<B>,
@@ -227,15 +249,15 @@ impl<B: Backend> Decoder<B> {
         adapters: Option<&AdapterSet<B>>,
         observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<()> {
-        let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
-        let lin = |p: Proj, x: &B::Buf, out: &mut B::Buf, acc: bool| self.linear(l, p, x, out, acc, ctx, adapters);
+        let (be, s, blk) = (self.be, self.spec, self.block);
+        let lin = |p: Proj, x: &B::Buf, out: &mut B::Buf, acc: bool| self.linear(p, x, out, acc, ctx, adapters);
         be.rmsnorm(x, &blk.attn_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut a.n1)?;
-        observe(l, InputSite::Attention, &a.n1)?;
+        observe(self.index, InputSite::Attention, &a.n1)?;
         lin(Proj::Q, &a.n1, &mut a.q, false)?;
         lin(Proj::K, &a.n1, &mut a.k, false)?;
         lin(Proj::V, &a.n1, &mut a.v, false)?;
-        be.rope(&mut a.q, ctx.positions, &self.inv_freq, s.num_heads, s.head_dim)?;
-        be.rope(&mut a.k, ctx.positions, &self.inv_freq, s.num_kv_heads, s.head_dim)?;
+        be.rope(&mut a.q, ctx.positions, self.inv_freq, s.num_heads, s.head_dim)?;
+        be.rope(&mut a.k, ctx.positions, self.inv_freq, s.num_kv_heads, s.head_dim)?;
         match kv {
             KvTarget::Cache { k, v, at } => {
                 be.write_rows(&a.k, k, at)?;
@@ -244,113 +266,108 @@ impl<B: Backend> Decoder<B> {
             }
             KvTarget::Own => be.attention(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &mut a.att)?,
         }
-        observe(l, InputSite::AttentionOutput, &a.att)?;
+        observe(self.index, InputSite::AttentionOutput, &a.att)?;
         lin(Proj::O, &a.att, x, true)
     }
 
-    /// The MLP of block `l` up to the down projection's input: n2 = norm2(x), act = glu(gate(n2), up(n2)).
+    /// The MLP of this block up to the down projection's input: n2 = norm2(x), act = glu(gate(n2), up(n2)).
     fn mlp_hidden(
         &self,
-        l: usize,
         x: &B::Buf,
         m: &mut MlpActs<B>,
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
         observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<()> {
-        let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
+        let (be, s, blk) = (self.be, self.spec, self.block);
         be.rmsnorm(x, &blk.mlp_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut m.n2)?;
-        observe(l, InputSite::Mlp, &m.n2)?;
-        self.linear(l, Proj::Gate, &m.n2, &mut m.gate, false, ctx, adapters)?;
-        self.linear(l, Proj::Up, &m.n2, &mut m.up, false, ctx, adapters)?;
+        observe(self.index, InputSite::Mlp, &m.n2)?;
+        self.linear(Proj::Gate, &m.n2, &mut m.gate, false, ctx, adapters)?;
+        self.linear(Proj::Up, &m.n2, &mut m.up, false, ctx, adapters)?;
         be.glu(&m.gate, &m.up, ctx.glu, &mut m.act)?;
-        observe(l, InputSite::MlpOutput, &m.act)
+        observe(self.index, InputSite::MlpOutput, &m.act)
     }
 
-    /// Given dx = ∂L/∂x_out of block `l` and its forward activations (with x_in and x_mid saved), replaces dx
+    /// Given dx = ∂L/∂x_out of this block and its forward activations (with x_in and x_mid saved), replaces dx
     /// by ∂L/∂x_in and accumulates the block's adapter gradients.
-    pub(crate) fn block_backward(
+    pub(crate) fn backward(
         &self,
-        l: usize,
         dx: &mut B::Buf,
         a: &Acts<B>,
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
     ) -> Result<()> {
-        let missing = || crate::Error::Invalid("block_backward needs the activations of a training forward".into());
+        let missing = || crate::Error::Invalid("Layer::backward needs the activations of a training forward".into());
         let (x_in, x_mid) = (a.x_in.as_ref().ok_or_else(missing)?, a.x_mid.as_ref().ok_or_else(missing)?);
-        self.mlp_backward(l, dx, x_mid, &a.mlp, ctx, adapters)?;
-        self.attention_backward(l, dx, x_in, &a.attn, ctx, adapters)
+        self.mlp_backward(dx, x_mid, &a.mlp, ctx, adapters)?;
+        self.attention_backward(dx, x_in, &a.attn, ctx, adapters)
     }
 
-    /// The training forward of block `l` with checkpointing: the attention half whole (its activations in the
+    /// The training forward of this block with checkpointing: the attention half whole (its activations in the
     /// reused `a`), the MLP `chunk` rows at a time.
-    pub(crate) fn block_forward_chunked(
+    pub(crate) fn forward_chunked(
         &self,
-        l: usize,
         x: &mut B::Buf,
         a: &mut AttnActs<B>,
         ctx: &Ctx<B>,
         adapters: &AdapterSet<B>,
         chunk: usize,
     ) -> Result<()> {
-        let (be, h) = (&self.backend, self.spec.hidden_size);
-        self.attention_forward(l, x, a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+        let (be, h) = (self.be, self.spec.hidden_size);
+        self.attention_forward(x, a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
         // The MLP reads and updates the residual stream in place.
         for_row_chunks(be, None, x, h, ctx, chunk, |_, xc, cctx| {
-            let mut m = MlpActs::new(be, cctx.rows, &self.dims())?;
-            self.mlp_hidden(l, xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
-            self.linear(l, Proj::Down, &m.act, xc, true, cctx, Some(adapters))
+            let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;
+            self.mlp_hidden(xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+            self.linear(Proj::Down, &m.act, xc, true, cctx, Some(adapters))
         })
     }
 
-    /// Backward of block `l` from its checkpointed input: recomputes the attention half (keeping its
+    /// Backward of this block from its checkpointed input: recomputes the attention half (keeping its
     /// activations), then recomputes and differentiates the MLP `chunk` rows at a time (its output, x_out, is
     /// never needed), then differentiates the attention half. Replaces dx = ∂L/∂x_out by ∂L/∂x_in.
-    pub(crate) fn block_recompute_backward(
+    pub(crate) fn recompute_backward(
         &self,
-        l: usize,
         x_in: &B::Buf,
         dx: &mut B::Buf,
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
         chunk: usize,
     ) -> Result<()> {
-        let (be, h) = (&self.backend, self.spec.hidden_size);
-        let mut a = AttnActs::new(be, ctx.rows, &self.dims())?;
+        let (be, h) = (self.be, self.spec.hidden_size);
+        let mut a = AttnActs::new(be, ctx.rows, &Dims::of(self.spec))?;
         let mut x_mid = copy_of(be, x_in)?;
-        self.attention_forward(l, &mut x_mid, &mut a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+        self.attention_forward(&mut x_mid, &mut a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
         for_row_chunks(be, Some(&x_mid), dx, h, ctx, chunk, |xc, dxc, cctx| {
             let xc = xc.expect("x_mid is given");
-            let mut m = MlpActs::new(be, cctx.rows, &self.dims())?;
-            self.mlp_hidden(l, xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
-            self.mlp_backward(l, dxc, xc, &m, cctx, adapters)
+            let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;
+            self.mlp_hidden(xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+            self.mlp_backward(dxc, xc, &m, cctx, adapters)
         })?;
         drop(x_mid);
-        self.attention_backward(l, dx, x_in, &a, ctx, adapters)
+        self.attention_backward(dx, x_in, &a, ctx, adapters)
     }
 
     /// dx (= ∂L/∂x_out) += ∂/∂x_mid of the MLP half, x_out = x_mid + down(act); adapter gradients accumulate.
     fn mlp_backward(
         &self,
-        l: usize,
         dx: &mut B::Buf,
         x_mid: &B::Buf,
         m: &MlpActs<B>,
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
     ) -> Result<()> {
-        let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
+        let (be, s, blk) = (self.be, self.spec, self.block);
         let (h, rows, ff) = (s.hidden_size, ctx.rows, s.intermediate_size);
         let mut d_act = be.zeros(rows * ff)?;
-        self.linear_backward(l, Proj::Down, &m.act, dx, &mut d_act, false, ctx, adapters)?;
+        self.linear_backward(Proj::Down, &m.act, dx, &mut d_act, false, ctx, adapters)?;
         let (mut d_gate, mut d_up) = (be.zeros(rows * ff)?, be.zeros(rows * ff)?);
         be.glu_backward(&m.gate, &m.up, &d_act, ctx.glu, &mut d_gate, &mut d_up)?;
         drop(d_act);
         let mut dn = be.zeros(rows * h)?;
-        self.linear_backward(l, Proj::Gate, &m.n2, &d_gate, &mut dn, false, ctx, adapters)?;
+        self.linear_backward(Proj::Gate, &m.n2, &d_gate, &mut dn, false, ctx, adapters)?;
         drop(d_gate);
-        self.linear_backward(l, Proj::Up, &m.n2, &d_up, &mut dn, true, ctx, adapters)?;
+        self.linear_backward(Proj::Up, &m.n2, &d_up, &mut dn, true, ctx, adapters)?;
         drop(d_up);
         be.rmsnorm_backward(x_mid, &blk.mlp_norm, &dn, h, s.rms_norm_eps, s.norm_plus_one, dx, true)
     }
@@ -358,28 +375,27 @@ impl<B: Backend> Decoder<B> {
     /// dx (= ∂L/∂x_mid) += ∂/∂x_in of the attention half, x_mid = x_in + o(att); adapter gradients accumulate.
     fn attention_backward(
         &self,
-        l: usize,
         dx: &mut B::Buf,
         x_in: &B::Buf,
         a: &AttnActs<B>,
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
     ) -> Result<()> {
-        let (be, s, blk) = (&self.backend, &self.spec, &self.blocks[l]);
+        let (be, s, blk) = (self.be, self.spec, self.block);
         let (h, rows) = (s.hidden_size, ctx.rows);
-        let d = self.dims();
+        let d = Dims::of(self.spec);
         let mut d_att = be.zeros(rows * d.q)?;
-        self.linear_backward(l, Proj::O, &a.att, dx, &mut d_att, false, ctx, adapters)?;
+        self.linear_backward(Proj::O, &a.att, dx, &mut d_att, false, ctx, adapters)?;
         let (mut dq, mut dk, mut dv) = (be.zeros(rows * d.q)?, be.zeros(rows * d.kv)?, be.zeros(rows * d.kv)?);
         be.attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &a.att, &d_att, &mut dq, &mut dk, &mut dv)?;
         drop(d_att);
-        be.rope_backward(&mut dq, ctx.positions, &self.inv_freq, s.num_heads, s.head_dim)?;
-        be.rope_backward(&mut dk, ctx.positions, &self.inv_freq, s.num_kv_heads, s.head_dim)?;
+        be.rope_backward(&mut dq, ctx.positions, self.inv_freq, s.num_heads, s.head_dim)?;
+        be.rope_backward(&mut dk, ctx.positions, self.inv_freq, s.num_kv_heads, s.head_dim)?;
         let mut dn = be.zeros(rows * h)?;
-        self.linear_backward(l, Proj::Q, &a.n1, &dq, &mut dn, false, ctx, adapters)?;
+        self.linear_backward(Proj::Q, &a.n1, &dq, &mut dn, false, ctx, adapters)?;
         drop(dq);
-        self.linear_backward(l, Proj::K, &a.n1, &dk, &mut dn, true, ctx, adapters)?;
-        self.linear_backward(l, Proj::V, &a.n1, &dv, &mut dn, true, ctx, adapters)?;
+        self.linear_backward(Proj::K, &a.n1, &dk, &mut dn, true, ctx, adapters)?;
+        self.linear_backward(Proj::V, &a.n1, &dv, &mut dn, true, ctx, adapters)?;
         be.rmsnorm_backward(x_in, &blk.attn_norm, &dn, h, s.rms_norm_eps, s.norm_plus_one, dx, true)
     }
 }

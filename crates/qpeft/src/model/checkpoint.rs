@@ -2,13 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use super::spec::{Arch, ModelSpec};
+use crate::arch::{Arch, ModelSpec};
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::SafetensorsStore;
+use crate::formats::StoredDtype;
 use crate::quant::base::BaseWeight;
 use crate::quant::hf_dir::{read_linear, QuantizationConfig};
-use crate::tensor::{HostTensor, StoredDtype};
+use crate::tensor::HostTensor;
 use crate::tokenizer::Tokenizer;
 
 pub enum Source {
@@ -87,7 +88,42 @@ fn unpermute_rows(t: &mut HostTensor, heads: usize) {
     }
 }
 
+/// Files copied from an HF source directory when present.
+const TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "tokenizer.model",
+];
+
 impl Checkpoint {
+    /// Writes this checkpoint's tokenizer into the model directory `out`: the files of an HF source as they are, or for a
+    /// GGUF source the tokenizer.json / tokenizer_config.json documents rebuilt from its metadata.
+    pub fn write_tokenizer(&self, out: &Path) -> Result<()> {
+        match &self.source {
+            Source::Hf { dir, .. } => {
+                for f in TOKENIZER_FILES {
+                    let src = dir.join(f);
+                    if src.exists() {
+                        let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                        crate::formats::write_atomic(&out.join(f), &bytes)?;
+                    }
+                }
+            }
+            Source::Gguf(_) | Source::Random { .. } => {
+                let (json, config) = self.tokenizer()?.hf_files()?;
+                crate::formats::write_atomic(&out.join("tokenizer.json"), json.as_bytes())?;
+                crate::formats::write_atomic(
+                    &out.join("tokenizer_config.json"),
+                    &serde_json::to_vec_pretty(&config).expect("JSON serializes"),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// Opens a `.gguf` file or an HF directory (config.json + safetensors).
     pub fn open(path: &Path) -> Result<Checkpoint> {
         if let Some(rest) = path.to_str().and_then(|p| p.strip_prefix("random:")) {
@@ -95,7 +131,7 @@ impl Checkpoint {
             let spec = ModelSpec::builtin(arch).ok_or_else(|| {
                 Error::unsupported(
                     path,
-                    format!("architecture `{arch}` (built-in: {})", crate::model::spec::BUILTIN.join(", ")),
+                    format!("architecture `{arch}` (built-in: {})", crate::arch::BUILTIN.join(", ")),
                 )
             })?;
             let seed = seed.parse().map_err(|_| Error::format(path, format!("seed `{seed}` is not an integer")))?;
@@ -216,7 +252,7 @@ impl Checkpoint {
 /// ±1/√fan-in (embeddings ±0.02), from a SplitMix64 counter hash of (seed, name, index) — any tensor can be made
 /// alone, in parallel, and the same seed gives the same model.
 fn random_tensor(spec: &ModelSpec, hf_name: &str, seed: u64) -> Option<HostTensor> {
-    use crate::model::decoder::Proj;
+    use crate::arch::Proj;
     use rayon::prelude::*;
     let h = spec.hidden_size;
     let (shape, bound) =

@@ -1,105 +1,18 @@
 //! The decoder: embeddings, pre-norm blocks of attention and gated MLP, final norm, LM head —
 //! one config-driven implementation for every supported family (see `ModelSpec`).
 
-use super::block::{Acts, Ctx, KvTarget};
+use super::block::{Acts, Block, Ctx, Dims, KvTarget, Layer, LinearInputObserver};
 use super::checkpoint::Checkpoint;
 use super::kv_cache::KvCache;
 use super::linear::QuantLinear;
 use super::rope;
-use super::spec::{Activation, ModelSpec};
 use crate::adapters::set::AdapterSet;
 use crate::adapters::Pass;
+use crate::arch::{Activation, ModelSpec, Proj};
 use crate::backend::{AttentionShape, Backend, GluKind, RowWrite};
 use crate::error::{Error, Result};
 use crate::quant::base::BaseWeight;
-use crate::quant::model::{quantize_weight, QuantizeOptions};
-
-/// The seven linear layers of a block, by their HF module names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Proj {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-/// Where a linear layer's input comes from: linears with the same site see the same input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum InputSite {
-    /// The attention norm's output (q, k, v).
-    Attention,
-    /// The attention's output (o).
-    AttentionOutput,
-    /// The MLP norm's output (gate, up).
-    Mlp,
-    /// The gated activation (down).
-    MlpOutput,
-}
-
-impl Proj {
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
-
-    /// The module path inside a layer, e.g. `self_attn.q_proj`.
-    pub fn module(self) -> &'static str {
-        match self {
-            Proj::Q => "self_attn.q_proj",
-            Proj::K => "self_attn.k_proj",
-            Proj::V => "self_attn.v_proj",
-            Proj::O => "self_attn.o_proj",
-            Proj::Gate => "mlp.gate_proj",
-            Proj::Up => "mlp.up_proj",
-            Proj::Down => "mlp.down_proj",
-        }
-    }
-
-    pub fn site(self) -> InputSite {
-        match self {
-            Proj::Q | Proj::K | Proj::V => InputSite::Attention,
-            Proj::O => InputSite::AttentionOutput,
-            Proj::Gate | Proj::Up => InputSite::Mlp,
-            Proj::Down => InputSite::MlpOutput,
-        }
-    }
-
-    /// Whether this linear has a bias in the given architecture.
-    pub fn has_bias(self, s: &ModelSpec) -> bool {
-        match self {
-            Proj::Q | Proj::K | Proj::V => s.qkv_bias,
-            Proj::O => s.o_bias,
-            Proj::Gate | Proj::Up | Proj::Down => s.mlp_bias,
-        }
-    }
-
-    /// (out_dim, in_dim) of this linear.
-    pub fn dims(self, s: &ModelSpec) -> (usize, usize) {
-        let (h, q, kv, ff) = (s.hidden_size, s.q_dim(), s.kv_dim(), s.intermediate_size);
-        match self {
-            Proj::Q => (q, h),
-            Proj::K | Proj::V => (kv, h),
-            Proj::O => (h, q),
-            Proj::Gate | Proj::Up => (ff, h),
-            Proj::Down => (h, ff),
-        }
-    }
-}
-
-/// Receives (layer, site, input [rows, in_dim]) for every linear input of a forward pass.
-pub type LinearInputObserver<'a, B> = dyn FnMut(usize, InputSite, &<B as Backend>::Buf) -> Result<()> + 'a;
-
-pub struct Block<B: Backend> {
-    pub attn_norm: B::Buf,
-    pub q: QuantLinear<B>,
-    pub k: QuantLinear<B>,
-    pub v: QuantLinear<B>,
-    pub o: QuantLinear<B>,
-    pub mlp_norm: B::Buf,
-    pub gate: QuantLinear<B>,
-    pub up: QuantLinear<B>,
-    pub down: QuantLinear<B>,
-}
+use crate::quant::recipe::{quantize_weight, QuantizeOptions};
 
 pub struct Decoder<B: Backend> {
     pub spec: ModelSpec,
@@ -204,6 +117,11 @@ impl<B: Backend> Decoder<B> {
         Ok(Decoder { spec: s, embed, blocks, norm, lm_head, inv_freq, backend })
     }
 
+    /// Block `l` with what running it needs.
+    pub(crate) fn layer(&self, l: usize) -> Layer<'_, B> {
+        Layer { be: &self.backend, spec: &self.spec, inv_freq: &self.inv_freq, block: &self.blocks[l], index: l }
+    }
+
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache<B>> {
         KvCache::new(&self.backend, self.spec.num_layers, batch, capacity, self.spec.kv_dim())
     }
@@ -249,7 +167,7 @@ impl<B: Backend> Decoder<B> {
             glu: self.glu(),
             pass: Pass { training: false, seed: 0, first_row: 0 },
         };
-        let mut acts = Acts::new(be, rows, &self.dims())?;
+        let mut acts = Acts::new(be, rows, &Dims::of(&self.spec))?;
         let at = RowWrite {
             batch: input.batch,
             rows: input.seq,
@@ -259,7 +177,7 @@ impl<B: Backend> Decoder<B> {
         };
         for l in 0..self.blocks.len() {
             let kv = KvTarget::Cache { k: &mut cache.k[l], v: &mut cache.v[l], at };
-            self.block_forward(l, &mut x, &mut acts, kv, &ctx, adapters, observe)?;
+            self.layer(l).forward(&mut x, &mut acts, kv, &ctx, adapters, observe)?;
         }
         cache.len += input.seq;
         self.final_norm(&x, rows)

@@ -8,8 +8,9 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::checkpoint::{Checkpoint, Source};
-use super::decoder::{Decoder, Proj};
+use super::decoder::Decoder;
 use crate::adapters::set::AdapterSet;
+use crate::arch::Proj;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{write_file, OwnedTensor};
@@ -166,7 +167,7 @@ impl<B: Backend> Decoder<B> {
             o.insert("dtype".into(), dtype.torch_name().into());
         }
         let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON serializes");
-        crate::quant::model::write_tokenizer(ckpt, out)?;
+        ckpt.write_tokenizer(out)?;
         write_file(&out.join("model.safetensors"), &tensors)?;
         crate::formats::write_atomic(&out.join("config.json"), &pretty(&config))
     }

@@ -5,10 +5,8 @@ pub mod kv_cache;
 pub mod linear;
 pub mod merge;
 pub mod rope;
-pub mod spec;
 pub mod train;
 
 pub use checkpoint::Checkpoint;
 pub use decoder::{Decoder, Input};
 pub use kv_cache::KvCache;
-pub use spec::{Arch, ModelSpec};

@@ -1,6 +1,6 @@
 //! Rotary position embeddings, half-split (rotate_half) convention as in transformers.
 
-use super::spec::{ModelSpec, RopeScaling};
+use crate::arch::{ModelSpec, RopeScaling};
 
 /// The rotation frequencies θ_j for j = 0 … head_dim/2 − 1, after any scaling, in f32 as
 /// transformers computes them: inv_freq_j = 1 / θ^(2j/d).

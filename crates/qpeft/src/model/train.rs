@@ -6,7 +6,7 @@
 //! the mean over the kept targets. The LM head and the loss run over chunks of rows so that the [rows, vocab]
 //! logits never exist at once.
 
-use super::block::{copy_of, mlp_chunk, Acts, AttnActs, Ctx, KvTarget};
+use super::block::{copy_of, mlp_chunk, Acts, AttnActs, Ctx, Dims, KvTarget};
 use super::decoder::{Decoder, Input};
 use crate::adapters::set::AdapterSet;
 use crate::adapters::Pass;
@@ -127,49 +127,46 @@ impl<B: Backend> Decoder<B> {
             pass: Pass { training: opts.dropout, seed: opts.seed, first_row: 0 },
         };
         let backward = matches!(adapters, Some(Adapters::Training(_)));
-        let dims = self.dims();
-
-        // Forward, keeping per block either all activations or (checkpointing) only the input.
-        let mut x = self.embed(&batch.input)?;
-        let mut saved: Vec<Acts<B>> = Vec::new();
-        let mut inputs: Vec<B::Saved> = Vec::new();
-        let checkpointed = backward && opts.checkpointing;
+        let dims = Dims::of(&self.spec);
         let chunk = mlp_chunk(rows, dims.ff, opts.mlp_chunk);
-        let forward_chunk = match &adapters {
-            Some(Adapters::Training(set)) if !set.holds_gradients(be) => rows,
-            _ => chunk,
+
+        // Forward, keeping of each block what the backward will need.
+        let mut x = self.embed(&batch.input)?;
+        let mut keep = match (backward, opts.checkpointing) {
+            (false, _) => Kept::Nothing { scratch: Acts::new(be, rows, &dims)? },
+            (true, false) => Kept::Activations(Vec::with_capacity(self.blocks.len())),
+            (true, true) => Kept::Inputs { scratch: AttnActs::new(be, rows, &dims)?, inputs: Vec::new() },
         };
-        let mut attn_scratch = if checkpointed { Some(AttnActs::new(be, rows, &dims)?) } else { None };
-        let mut scratch = if backward { None } else { Some(Acts::new(be, rows, &dims)?) };
+        let set = adapters.as_ref().map(Adapters::shared);
         for l in 0..self.blocks.len() {
-            match (adapters.as_ref(), attn_scratch.as_mut(), scratch.as_mut()) {
-                (Some(set), Some(a), _) => {
-                    inputs.push(be.save(&x)?);
-                    self.block_forward_chunked(l, &mut x, a, &ctx, set.shared(), forward_chunk)?;
+            let layer = self.layer(l);
+            match &mut keep {
+                Kept::Nothing { scratch } => {
+                    layer.forward(&mut x, scratch, KvTarget::Own, &ctx, set, &mut |_, _, _| Ok(()))?
                 }
-                (set, _, Some(a)) => {
-                    self.block_forward(l, &mut x, a, KvTarget::Own, &ctx, set.map(Adapters::shared), &mut |_, _, _| {
-                        Ok(())
-                    })?
-                }
-                (set, _, None) => {
+                Kept::Activations(saved) => {
                     let mut a = Acts::new(be, rows, &dims)?;
                     a.x_in = Some(copy_of(be, &x)?);
                     a.x_mid = Some(be.zeros(be.len(&x))?);
-                    self.block_forward(
-                        l,
-                        &mut x,
-                        &mut a,
-                        KvTarget::Own,
-                        &ctx,
-                        set.map(Adapters::shared),
-                        &mut |_, _, _| Ok(()),
-                    )?;
+                    layer.forward(&mut x, &mut a, KvTarget::Own, &ctx, set, &mut |_, _, _| Ok(()))?;
                     saved.push(a);
+                }
+                Kept::Inputs { scratch, inputs } => {
+                    let set = set.expect("a training pass has adapters");
+                    // The MLP runs whole until the adapters hold gradients (the first micro-batch of a step): only
+                    // then does its working set meet theirs.
+                    let forward_chunk = if set.holds_gradients(be) { chunk } else { rows };
+                    inputs.push(be.save(&x)?);
+                    layer.forward_chunked(&mut x, scratch, &ctx, set, forward_chunk)?;
                 }
             }
         }
-        drop((attn_scratch, scratch));
+        // The forward's scratch is not needed any more (the backward allocates its own per block).
+        match &mut keep {
+            Kept::Nothing { scratch } => *scratch = Acts::new(be, 0, &dims)?,
+            Kept::Inputs { scratch, .. } => *scratch = AttnActs::new(be, 0, &dims)?,
+            Kept::Activations(_) => {}
+        }
         let hidden = self.final_norm(&x, rows)?;
         let kept = targets.iter().filter(|&&t| t != IGNORE).count();
         let scale = if kept == 0 { 0.0 } else { opts.grad_scale / kept as f32 };
@@ -187,14 +184,18 @@ impl<B: Backend> Decoder<B> {
         be.rmsnorm_backward(&x, &self.norm, &d_hidden, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut dx, false)?;
         drop((x, d_hidden));
         for l in (0..self.blocks.len()).rev() {
-            if checkpointed {
-                // Recompute the block from its saved input with the same dropout masks.
-                let x_in =
-                    be.restore(&inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?)?;
-                self.block_recompute_backward(l, &x_in, &mut dx, &ctx, set, chunk)?;
-            } else {
-                self.block_backward(l, &mut dx, &saved[l], &ctx, set)?;
-                saved.pop();
+            let layer = self.layer(l);
+            match &mut keep {
+                Kept::Inputs { inputs, .. } => {
+                    // Recompute the block from its saved input with the same dropout masks.
+                    let saved = inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?;
+                    layer.recompute_backward(&be.restore(&saved)?, &mut dx, &ctx, set, chunk)?;
+                }
+                Kept::Activations(saved) => {
+                    let a = saved.pop().ok_or_else(|| Error::Invalid("block activations out of step".into()))?;
+                    layer.backward(&mut dx, &a, &ctx, set)?;
+                }
+                Kept::Nothing { .. } => unreachable!("a pass with gradients keeps activations or inputs"),
             }
         }
         Ok(result)
@@ -242,6 +243,16 @@ impl<B: Backend> Decoder<B> {
         }
         Ok((total, d_hidden))
     }
+}
+
+/// What a pass keeps of each block for its backward.
+enum Kept<B: Backend> {
+    /// Loss only: one set of activations reused by every block.
+    Nothing { scratch: Acts<B> },
+    /// Every block's activations, its input and mid-residual included.
+    Activations(Vec<Acts<B>>),
+    /// Checkpointing: each block's input (as `Backend::Saved`); the attention half's activations in one reused set.
+    Inputs { scratch: AttnActs<B>, inputs: Vec<B::Saved> },
 }
 
 /// The adapters of a pass: read-only (loss only) or with gradients.

@@ -10,8 +10,8 @@
 use rayon::prelude::*;
 
 use super::int4::GroupParams;
-use crate::backend::cpu::gemm::{gemm_strided, Strided};
 use crate::error::{Error, Result};
+use crate::linalg::{gemm_strided, Strided};
 
 /// Accumulates H = Σ x xᵀ over calibration inputs of one linear layer (the 2/N factor of GPTQ cancels out).
 #[derive(Clone, Debug)]

@@ -8,6 +8,6 @@ pub mod hf_dir;
 pub mod icq;
 pub mod int4;
 pub mod maps;
-pub mod model;
 pub mod nf4;
+pub mod recipe;
 pub mod torch_sum;

@@ -18,20 +18,20 @@ use super::config::RunConfig;
 use super::optimizer::{clip_coefficient, grad_norm, AdamW, OptimizerState, Tensor};
 use super::plot::loss_svg;
 use super::run_dir::{RunDir, CONFIG, FINAL_ADAPTER, PLOT};
+use crate::adapters::peft::{self, Modules};
 use crate::adapters::set::AdapterSet;
 use crate::backend::Backend;
 use crate::data::collate::{Collator, Tokenized};
 use crate::data::{builtin, sampler, DataFormat, Example};
 use crate::error::{Error, Result};
 use crate::eval::suite;
-use crate::formats::peft::{self, Modules};
 use crate::formats::safetensors::{write_file, SafetensorsStore};
 use crate::generate::{generate, GenerateOptions};
 use crate::model::train::StepOptions;
 use crate::model::{Checkpoint, Decoder};
 use crate::plan::BaseKind;
 use crate::quant::base::BaseWeight;
-use crate::quant::model::{Format, QuantizeOptions, WeightDtype};
+use crate::quant::recipe::{Format, QuantizeOptions, WeightDtype};
 use crate::tokenizer::Tokenizer;
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -241,11 +241,7 @@ pub fn heldout_loss<B: Backend>(
 
 /// Seed of the dropout masks of one micro-batch.
 fn micro_seed(seed: u64, step: u64, micro: usize) -> u64 {
-    crate::adapters::set::module_seed(
-        seed ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93),
-        micro,
-        crate::model::decoder::Proj::Q,
-    )
+    crate::adapters::set::module_seed(seed ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93), micro, crate::arch::Proj::Q)
 }
 
 /// A training session: model, adapters, data, optimizer and where it stands.

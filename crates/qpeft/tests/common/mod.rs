@@ -9,7 +9,7 @@ use qpeft::backend::Backend;
 use qpeft::formats::safetensors::SafetensorsStore;
 use qpeft::model::train::{Batch, StepOptions, IGNORE};
 use qpeft::model::Input;
-use qpeft::quant::model::{Format, QuantizeOptions, WeightDtype};
+use qpeft::quant::recipe::{Format, QuantizeOptions, WeightDtype};
 use qpeft::tensor::HostTensor;
 
 /// The repository's `tests/fixtures` directory.
@@ -28,7 +28,7 @@ pub fn read_expected(path: &std::path::Path) -> std::collections::HashMap<String
         .list()
         .into_iter()
         .map(|(n, shape, dtype)| {
-            let t = if dtype == qpeft::tensor::StoredDtype::I32 {
+            let t = if dtype == qpeft::formats::StoredDtype::I32 {
                 let ints = store.read_raw(&n).unwrap().to_i32(&n).unwrap();
                 HostTensor::new(shape, ints.into_iter().map(|v| v as f32).collect())
             } else {

@@ -12,9 +12,8 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::gemm::{gemm_strided, Strided};
-use super::Real;
 use crate::backend::{binary_exponent, f16_shift, f16_shift_for, AttentionShape};
+use crate::linalg::{gemm_strided, Real, Strided};
 
 const QUERY_BLOCK: usize = 128;
 

@@ -6,51 +6,25 @@
 
 mod adam8;
 mod attention;
-pub mod gemm;
 
 use std::borrow::Cow;
 use std::fmt::Debug;
 use std::marker::PhantomData;
 
-use num_traits::{Float, FromPrimitive};
 use rayon::prelude::*;
 
-use self::gemm::{gemm_strided, Strided};
 use super::{
     check, check_adamw_8bit, check_attention, check_f16_range, check_groups, f16_shift, flash_head, AdamStep,
     AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite,
 };
 use crate::error::{Error, Result};
+use crate::linalg::{gemm_strided, Real, Strided};
 use crate::quant::base::BaseWeight;
 
 /// Rows per rayon task for the row-wise ops: enough work to amortise scheduling.
 const ROW_CHUNK: usize = 16;
 /// Elements per rayon task for element-wise ops.
 const ELEM_CHUNK: usize = 4096;
-
-/// The float types the CPU kernels run in.
-pub trait Real: Float + FromPrimitive + std::iter::Sum + Default + Debug + Send + Sync + 'static {
-    fn of(x: f32) -> Self;
-    fn f64(self) -> f64;
-}
-
-impl Real for f32 {
-    fn of(x: f32) -> Self {
-        x
-    }
-    fn f64(self) -> f64 {
-        self as f64
-    }
-}
-
-impl Real for f64 {
-    fn of(x: f32) -> Self {
-        x as f64
-    }
-    fn f64(self) -> f64 {
-        self
-    }
-}
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu<T = f32> {

@@ -128,10 +128,7 @@ impl Cuda {
         let device_scalars = g.alpha_at != 0;
         let (alpha_ptr, beta_ptr) = if device_scalars {
             check(beta == 0.0 || beta == 1.0, "GEMM", || format!("beta {beta} with a device alpha"))?;
-            (
-                g.alpha_at as *const f32,
-                (super::weight::addr(self, &self.unit_scalars) + if beta == 1.0 { 4 } else { 0 }) as *const f32,
-            )
+            (g.alpha_at as *const f32, (self.addr(&self.unit_scalars) + if beta == 1.0 { 4 } else { 0 }) as *const f32)
         } else {
             (&alpha as *const f32, &beta as *const f32)
         };

@@ -168,6 +168,11 @@ fn rows_grid(rows: usize) -> LaunchConfig {
 }
 
 impl Cuda {
+    /// The device address of a buffer (valid while the buffer lives; all work is on the one stream).
+    fn addr<T>(&self, buf: &CudaSlice<T>) -> u64 {
+        buf.device_ptr(&self.stream).0
+    }
+
     /// The backend on GPU `ordinal` computing in `precision`: loads the driver, NVRTC and cuBLAS, compiles the
     /// kernels.
     pub fn new(ordinal: usize, precision: Precision) -> Result<Self> {

@@ -115,11 +115,6 @@ impl<T: DeviceRepr + ValidAsZeroBits> Scratch<T> {
     }
 }
 
-/// The device address of a buffer (valid while the buffer lives; all work is on the one stream).
-pub(super) fn addr<T>(cuda: &Cuda, buf: &CudaSlice<T>) -> u64 {
-    buf.device_ptr(&cuda.stream).0
-}
-
 impl Cuda {
     pub(super) fn upload_weight_form(
         &self,
@@ -206,15 +201,15 @@ impl Cuda {
         match &w.form {
             Form::Bnb4(q) => {
                 let (absmax, absmax_codes, nested, nested_shift, offset) = match &q.scales {
-                    Scales::Plain(a) => (addr(self, a), 0, 0, 0, 0.0),
+                    Scales::Plain(a) => (self.addr(a), 0, 0, 0, 0.0),
                     Scales::Double { codes, nested, nested_block, offset } => {
-                        (0, addr(self, codes), addr(self, nested), shift(*nested_block)?, *offset)
+                        (0, self.addr(codes), self.addr(nested), shift(*nested_block)?, *offset)
                     }
                 };
-                let (tau_codes, tau_scales) = q.tau.as_ref().map_or((0, 0), |(c, s)| (addr(self, c), addr(self, s)));
+                let (tau_codes, tau_scales) = q.tau.as_ref().map_or((0, 0), |(c, s)| (self.addr(c), self.addr(s)));
                 let args = Bnb4Args {
-                    packed: addr(self, &q.packed),
-                    table: addr(self, &q.table),
+                    packed: self.addr(&q.packed),
+                    table: self.addr(&q.table),
                     n: q.n as i64,
                     block_shift: shift(q.block)?,
                     absmax,
@@ -226,16 +221,16 @@ impl Cuda {
                     tau_scales,
                     tau_shift: shift(ICQ_BLOCK)?,
                     tau_super_shift: shift(SUPER_BLOCK)?,
-                    dyn_map: addr(self, &self.dyn_map),
+                    dyn_map: self.addr(&self.dyn_map),
                 };
                 launch!(self, &format!("dequantize_bnb4_{suffix}"), grid(q.n.div_ceil(16)), &args, &out)
             }
             Form::Int4(q) => {
                 let args = Int4Args {
-                    qweight: addr(self, &q.qweight),
-                    scales: addr(self, &q.scales),
-                    zeros: addr(self, &q.zeros),
-                    g_idx: addr(self, &q.g_idx),
+                    qweight: self.addr(&q.qweight),
+                    scales: self.addr(&q.scales),
+                    zeros: self.addr(&q.zeros),
+                    g_idx: self.addr(&q.g_idx),
                     out_dim: w.out_dim as i32,
                     in_dim: w.in_dim as i32,
                 };
@@ -250,8 +245,8 @@ impl Cuda {
     pub(super) fn dense_table(&self, w: &CudaWeight, dim: usize) -> Result<(u64, i32)> {
         check(w.in_dim == dim, "embedding", || format!("a table with rows of {} values, not {dim}", w.in_dim))?;
         match &w.form {
-            Form::DenseF32(d) => Ok((addr(self, d), 0)),
-            Form::DenseHalf(d) => Ok((addr(self, d), if self.half() == Some(Dtype::F16) { 2 } else { 1 })),
+            Form::DenseF32(d) => Ok((self.addr(d), 0)),
+            Form::DenseHalf(d) => Ok((self.addr(d), if self.half() == Some(Dtype::F16) { 2 } else { 1 })),
             _ => Err(crate::error::Error::Invalid("embedding: the table is quantized; embeddings stay dense".into())),
         }
     }
@@ -263,7 +258,7 @@ impl Cuda {
         match &w.form {
             Form::DenseF32(d) => self.stream.memcpy_dtod(d, &mut out).map_err(|e| device_err("copy", e))?,
             Form::DenseHalf(d) => self.widen_half(d, &mut out)?,
-            _ => self.dequantize_into(w, addr(self, &out), Dtype::F32)?,
+            _ => self.dequantize_into(w, self.addr(&out), Dtype::F32)?,
         }
         Ok(out)
     }
@@ -354,15 +349,15 @@ impl Cuda {
         let w_f32 = self.w_f32.get(self, if half.is_some() { 0 } else { n })?;
         let w_half = self.w_half.get(self, if half.is_some() { n } else { 0 })?;
         let weight = match (&w.form, half) {
-            (Form::DenseF32(d), _) => Operand::f32(addr(self, d)),
-            (Form::DenseHalf(d), Some(h)) => Operand::half(addr(self, d), h),
+            (Form::DenseF32(d), _) => Operand::f32(self.addr(d)),
+            (Form::DenseHalf(d), Some(h)) => Operand::half(self.addr(d), h),
             (_, Some(h)) => {
-                let at = addr(self, w_half.as_ref().expect("allocated"));
+                let at = self.addr(w_half.as_ref().expect("allocated"));
                 self.dequantize_into(w, at, h)?;
                 Operand::half(at, h)
             }
             (_, None) => {
-                let at = addr(self, w_f32.as_ref().expect("allocated"));
+                let at = self.addr(w_f32.as_ref().expect("allocated"));
                 self.dequantize_into(w, at, Dtype::F32)?;
                 Operand::f32(at)
             }
@@ -371,19 +366,19 @@ impl Cuda {
         g.beta = if accumulate { 1.0 } else { 0.0 };
         let x_half = self.x_half.get(self, if weight.is_half() { x.len() } else { 0 })?;
         let input = if weight.is_half() {
-            let at = addr(self, x_half.as_ref().expect("allocated"));
+            let at = self.addr(x_half.as_ref().expect("allocated"));
             // [amax, alpha] of the scaled input.
-            let scalars = addr(self, &self.input_scalars);
+            let scalars = self.addr(&self.input_scalars);
             self.to_operand(x, at, scalars, scalars + 4)?;
             if weight.dtype == Dtype::F16 {
                 g.alpha_at = scalars + 4;
             }
             Operand::half(at, weight.dtype)
         } else {
-            Operand::f32(addr(self, x))
+            Operand::f32(self.addr(x))
         };
         // SAFETY: sizes checked above; the weight operand holds out_dim · in_dim values, the scratch buffers at least
         // what was asked of them.
-        unsafe { self.gemm(g, input, weight, addr(self, out)) }
+        unsafe { self.gemm(g, input, weight, self.addr(out)) }
     }
 }

@@ -18,14 +18,12 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use super::safetensors::{write_file, OwnedTensor, SafetensorsStore};
-use crate::adapters::set::AdapterSet;
-use crate::adapters::{AdapterConfig, Method};
+use super::set::AdapterSet;
+use super::{AdapterConfig, Method};
+use crate::arch::{ModelSpec, Proj};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::decoder::Proj;
-use crate::model::ModelSpec;
-use crate::plan::short_name;
+use crate::formats::safetensors::{write_file, OwnedTensor, SafetensorsStore};
 
 /// The resolved adapter of every module: [layer][index in `Proj::ALL`].
 pub type Modules = Vec<Vec<Option<AdapterConfig>>>;
@@ -33,10 +31,6 @@ pub type Modules = Vec<Vec<Option<AdapterConfig>>>;
 pub const CONFIG: &str = "adapter_config.json";
 pub const WEIGHTS: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
-
-fn module_name(l: usize, p: Proj) -> String {
-    format!("model.layers.{l}.{}", p.module())
-}
 
 /// One module's configuration as JSON (the `qpeft.modules` entries).
 pub fn config_to_json(c: &AdapterConfig) -> Value {
@@ -123,10 +117,10 @@ fn peft_lora_config(
     let mut alpha_pattern = Map::new();
     for &(l, p, mr, ma) in modules {
         if mr != r {
-            rank_pattern.insert(module_name(l, p), json!(mr));
+            rank_pattern.insert(p.path(l), json!(mr));
         }
         if ma != alpha {
-            alpha_pattern.insert(module_name(l, p), json!(ma));
+            alpha_pattern.insert(p.path(l), json!(ma));
         }
     }
     // Short names when a projection is adapted in every layer or none, else every module by full name.
@@ -135,9 +129,9 @@ fn peft_lora_config(
         n == 0 || n == spec.num_layers
     });
     let targets: Vec<String> = if uniform {
-        Proj::ALL.iter().filter(|&&p| modules.iter().any(|m| m.1 == p)).map(|&p| short_name(p).to_string()).collect()
+        Proj::ALL.iter().filter(|&&p| modules.iter().any(|m| m.1 == p)).map(|&p| p.short_name().to_string()).collect()
     } else {
-        modules.iter().map(|&(l, p, ..)| module_name(l, p)).collect()
+        modules.iter().map(|&(l, p, ..)| p.path(l)).collect()
     };
     let v = json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
@@ -151,7 +145,7 @@ fn peft_lora_config(
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    super::write_atomic(path, &serde_json::to_vec_pretty(v).expect("JSON serializes"))
+    crate::formats::write_atomic(path, &serde_json::to_vec_pretty(v).expect("JSON serializes"))
 }
 
 /// Writes the adapters of `set` (configured by `modules`) into `dir` (created if needed). `base_model` goes to
@@ -172,7 +166,7 @@ pub fn write_adapter<B: Backend>(
         .collect();
     let mut qpeft_modules = Map::new();
     for &(l, p, c) in &adapted {
-        qpeft_modules.insert(module_name(l, p), config_to_json(c));
+        qpeft_modules.insert(p.path(l), config_to_json(c));
     }
     let qpeft = json!({"format": 1, "modules": qpeft_modules});
     let mut tensors = BTreeMap::new();
@@ -275,7 +269,7 @@ fn modules_from_peft(path: &Path, c: &Value, spec: &ModelSpec) -> Result<Modules
             Proj::ALL
                 .iter()
                 .map(|&p| {
-                    let name = module_name(l, p);
+                    let name = p.path(l);
                     let targeted = targets.iter().any(|t| name == *t || name.ends_with(&format!(".{t}")));
                     let in_layers = layers.as_ref().is_none_or(|ls| ls.contains(&l));
                     (targeted && in_layers).then(|| AdapterConfig {
@@ -297,7 +291,7 @@ fn modules_from_qpeft(path: &Path, q: &Value, spec: &ModelSpec) -> Result<Module
     for (name, v) in map {
         let slot = (0..spec.num_layers)
             .flat_map(|l| Proj::ALL.iter().map(move |&p| (l, p)))
-            .find(|&(l, p)| module_name(l, p) == *name)
+            .find(|&(l, p)| p.path(l) == *name)
             .ok_or_else(|| {
                 Error::config(
                     path,

@@ -1,8 +1,35 @@
-//! Safe strided matrix products on top of the `gemm` crate (AVX-512 through its `x86-v4` feature).
+//! Dense linear algebra on host slices, shared by the CPU backend and GPTQ: the float element type (`Real`: f32,
+//! or f64 for the finite-difference oracle) and safe strided matrix products on top of the `gemm` crate (AVX-512
+//! through its `x86-v4` feature).
+
+use std::fmt::Debug;
 
 use gemm::Parallelism;
+use num_traits::{Float, FromPrimitive};
 
-use super::Real;
+/// The float types the CPU kernels run in.
+pub trait Real: Float + FromPrimitive + std::iter::Sum + Default + Debug + Send + Sync + 'static {
+    fn of(x: f32) -> Self;
+    fn f64(self) -> f64;
+}
+
+impl Real for f32 {
+    fn of(x: f32) -> Self {
+        x
+    }
+    fn f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Real for f64 {
+    fn of(x: f32) -> Self {
+        x as f64
+    }
+    fn f64(self) -> f64 {
+        self
+    }
+}
 
 /// A matrix view into a slice: element (i, j) is at `offset + i·rs + j·cs`.
 #[derive(Clone, Copy)]

@@ -1,73 +1,28 @@
 //! Quantizing a whole model: every linear layer of every block (the LM head, embeddings and norms stay in
-//! floating point, as transformers does), with a per-layer report, written out as an HF directory.
+//! floating point, as transformers does), with a per-layer report, written out as an HF directory. GPTQ
+//! calibrates through a full-precision `Decoder`, which is why this sits above `model` and not in `quant`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use half::bf16;
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::base::BaseWeight;
-use super::gptq::{self, Factor, GptqConfig, Hessian};
-use super::hf_dir::{write_linear, QuantizationConfig};
-use super::icq::{self, find_int4_params, range_multipliers, TauSearch};
-use super::int4::{check_group, quantize_rtn, quantize_rtn_with, GptqInt4, GroupParams};
-use super::nf4::{check_block, check_finite, Bnb4, FourBit};
+use crate::arch::{InputSite, Proj};
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{write_file, OwnedTensor};
 use crate::model::checkpoint::{Checkpoint, Source};
-use crate::model::decoder::{Decoder, Input, InputSite, Proj};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Nf4,
-    Fp4,
-    Int4,
-}
-
-/// The dtype weights are rounded to before quantizing (transformers quantizes from the dtype it loaded).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightDtype {
-    F32,
-    Bf16,
-}
-
-impl WeightDtype {
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            WeightDtype::F32 => "float32",
-            WeightDtype::Bf16 => "bfloat16",
-        }
-    }
-    fn round(self, w: &mut [f32]) {
-        if self == WeightDtype::Bf16 {
-            w.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
-        }
-    }
-    fn tensor(self, shape: Vec<usize>, data: &[f32]) -> OwnedTensor {
-        match self {
-            WeightDtype::F32 => OwnedTensor::f32(shape, data),
-            WeightDtype::Bf16 => OwnedTensor::bf16(shape, data),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct QuantizeOptions {
-    pub format: Format,
-    pub double_quant: bool,
-    pub block: usize,
-    pub group: usize,
-    pub sym: bool,
-    pub icq: bool,
-    /// Token sequences for GPTQ; None means round-to-nearest for int4.
-    pub calibration: Option<Vec<Vec<u32>>>,
-    pub dtype: WeightDtype,
-}
+use crate::model::decoder::{Decoder, Input};
+use crate::quant::base::BaseWeight;
+use crate::quant::gptq::{self, Factor, GptqConfig, Hessian};
+use crate::quant::hf_dir::{write_linear, QuantizationConfig};
+use crate::quant::icq::{self, find_int4_params, range_multipliers, TauSearch};
+use crate::quant::int4::{quantize_rtn, quantize_rtn_with, GptqInt4, GroupParams};
+use crate::quant::nf4::{check_finite, Bnb4, FourBit};
+use crate::quant::recipe::{Format, QuantizeOptions, WeightDtype};
 
 /// One linear layer's line of the quantization report.
 #[derive(Clone, Debug, Serialize)]
@@ -96,55 +51,16 @@ pub struct QuantizedModel {
     pub quantization_config: QuantizationConfig,
 }
 
-impl QuantizeOptions {
-    /// Checks the options against the model before any work is done.
-    pub fn validate(&self, ckpt: &Checkpoint) -> Result<()> {
-        let s = &ckpt.spec;
-        match self.format {
-            Format::Nf4 | Format::Fp4 => check_block(self.block)?,
-            Format::Int4 => {
-                for p in Proj::ALL {
-                    let (_, in_dim) = p.dims(s);
-                    check_group(self.group, in_dim).map_err(|e| Error::Invalid(format!("{}: {e}", p.module())))?;
-                    let (out_dim, _) = p.dims(s);
-                    if out_dim % 8 != 0 {
-                        return Err(Error::Invalid(format!(
-                            "{}: int4 packing needs out_features divisible by 8, got {out_dim}",
-                            p.module()
-                        )));
-                    }
-                }
-            }
-        }
-        if self.icq && self.format == Format::Fp4 {
-            return Err(Error::Invalid("ICQ is defined for NF4 and int4, not FP4".into()));
-        }
-        if self.icq && self.format == Format::Nf4 && self.block != icq::ICQ_BLOCK {
-            return Err(Error::Invalid(format!("ICQ for NF4 uses 64-element blocks, got --block {}", self.block)));
-        }
-        if self.calibration.is_some() && self.format != Format::Int4 {
-            return Err(Error::Invalid("calibration data (GPTQ) applies to --format int4 only".into()));
-        }
-        if ckpt.quant.is_some() {
-            return Err(Error::Invalid(format!(
-                "{} is already quantized; quantize the original model",
-                ckpt.path.display()
-            )));
-        }
-        Ok(())
+/// Checks `opts` against `ckpt` before any work is done.
+pub fn validate(opts: &QuantizeOptions, ckpt: &Checkpoint) -> Result<()> {
+    opts.check(&ckpt.spec)?;
+    if ckpt.quant.is_some() {
+        return Err(Error::Invalid(format!(
+            "{} is already quantized; quantize the original model",
+            ckpt.path.display()
+        )));
     }
-
-    fn quantization_config(&self) -> QuantizationConfig {
-        match self.format {
-            Format::Nf4 | Format::Fp4 => QuantizationConfig::Bnb4 {
-                kind: if self.format == Format::Nf4 { FourBit::Nf4 } else { FourBit::Fp4 },
-                double: self.double_quant,
-                compute_dtype: self.dtype.torch_name().into(),
-                icq: self.icq,
-            },
-            Format::Int4 => QuantizationConfig::Gptq { group: self.group, sym: self.sym, desc_act: false },
-        }
-    }
+    Ok(())
 }
 
 /// Runs the calibration sequences through the full-precision model and accumulates the Hessian of every
@@ -197,7 +113,7 @@ pub fn quantize_model(
     opts: &QuantizeOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<QuantizedModel> {
-    opts.validate(ckpt)?;
+    validate(opts, ckpt)?;
     let s = ckpt.spec.clone();
     let hessians = match &opts.calibration {
         Some(seqs) if opts.format == Format::Int4 => Some(calibrate(ckpt, seqs, progress)?),
@@ -321,41 +237,6 @@ pub fn quantize_model(
     Ok(QuantizedModel { tensors, reports, quantization_config: opts.quantization_config() })
 }
 
-/// Files copied from an HF source directory when present.
-const TOKENIZER_FILES: [&str; 6] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "tokenizer.model",
-];
-
-/// Writes `ckpt`'s tokenizer into the model directory `out`: the files of an HF source as they are, or for a
-/// GGUF source the tokenizer.json / tokenizer_config.json documents rebuilt from its metadata.
-pub(crate) fn write_tokenizer(ckpt: &Checkpoint, out: &Path) -> Result<()> {
-    match &ckpt.source {
-        Source::Hf { dir, .. } => {
-            for f in TOKENIZER_FILES {
-                let src = dir.join(f);
-                if src.exists() {
-                    let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-                    crate::formats::write_atomic(&out.join(f), &bytes)?;
-                }
-            }
-        }
-        Source::Gguf(_) | Source::Random { .. } => {
-            let (json, config) = ckpt.tokenizer()?.hf_files()?;
-            crate::formats::write_atomic(&out.join("tokenizer.json"), json.as_bytes())?;
-            crate::formats::write_atomic(
-                &out.join("tokenizer_config.json"),
-                &serde_json::to_vec_pretty(&config).expect("JSON serializes"),
-            )?;
-        }
-    }
-    Ok(())
-}
-
 /// Writes `q` as an HF directory: model.safetensors, config.json (with `quantization_config`), the tokenizer
 /// files of an HF source, and quantize_report.json. Refuses to write into a directory that already holds a
 /// model, so nothing of the user's is overwritten.
@@ -378,39 +259,11 @@ pub fn write_model_dir(ckpt: &Checkpoint, q: &QuantizedModel, dtype: WeightDtype
     config["quantization_config"] = q.quantization_config.to_json();
     config["torch_dtype"] = Value::from(dtype.torch_name());
     config["dtype"] = Value::from(dtype.torch_name());
-    write_tokenizer(ckpt, out)?;
+    ckpt.write_tokenizer(out)?;
     write_file(&out.join("model.safetensors"), &q.tensors)?;
     let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON serializes");
     crate::formats::write_atomic(&out.join("config.json"), &pretty(&config))?;
     let report = serde_json::to_value(&q.reports).expect("report serializes");
     crate::formats::write_atomic(&out.join("quantize_report.json"), &pretty(&report))?;
     Ok(())
-}
-
-/// The round-to-nearest base of one linear `w` [out, in] in `opts.format` (no calibration): what the trainer
-/// puts under the adapters of an unquantized checkpoint.
-pub fn quantize_weight(w: &[f32], out_dim: usize, in_dim: usize, opts: &QuantizeOptions) -> Result<BaseWeight> {
-    check_finite(w, &[out_dim, in_dim])?;
-    Ok(match opts.format {
-        Format::Nf4 if opts.icq => {
-            BaseWeight::IcqNf4(icq::quantize_nf4(w, &[out_dim, in_dim], opts.double_quant, TauSearch::default())?.0)
-        }
-        Format::Nf4 | Format::Fp4 => {
-            let kind = if opts.format == Format::Nf4 { FourBit::Nf4 } else { FourBit::Fp4 };
-            BaseWeight::Bnb4(Bnb4::quantize(w, &[out_dim, in_dim], kind, opts.block, opts.double_quant)?)
-        }
-        Format::Int4 => {
-            check_group(opts.group, in_dim)?;
-            let multipliers = range_multipliers(0.1, 50);
-            let find = |row: &[f32]| {
-                if opts.icq {
-                    find_int4_params(row, opts.sym, &multipliers)
-                } else {
-                    GroupParams::find(row, opts.sym, 1.0)
-                }
-            };
-            let (codes, params) = quantize_rtn_with(w, in_dim, opts.group, &find);
-            BaseWeight::Int4(GptqInt4::pack(&codes, &params, out_dim, in_dim, opts.group, opts.sym)?)
-        }
-    })
 }
