@@ -7,7 +7,6 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use qpeft::adapters::peft::read_adapter;
 use qpeft::adapters::set::AdapterSet;
-use qpeft::adapters::Method;
 use qpeft::arch::Proj;
 use qpeft::backend::cpu::Cpu;
 use qpeft::backend::{Backend, Device};
@@ -170,7 +169,7 @@ fn run(command: Command, device: Option<Device>) -> Result<()> {
             // QA-LoRA on a GPTQ base folds exactly into the zero points and stays 4-bit; the rest goes to 16 bits.
             let int4_base =
                 m.blocks.iter().all(|b| Proj::ALL.iter().all(|&p| matches!(b.proj(p).base, BaseWeight::Int4(_))));
-            let qa_lora = modules.iter().flatten().flatten().all(|c| matches!(c.method, Method::QaLora { .. }));
+            let qa_lora = modules.iter().flatten().flatten().all(|c| c.method.merges_into_int4_zeros());
             let keep_int4 = int4_base && qa_lora && !to_16bit;
             if keep_int4 {
                 m.merge_into_int4_zeros(&set)?;

@@ -19,6 +19,23 @@ pub enum Error {
     /// Wrong arguments from a caller (shapes, token ids, options).
     #[error("{0}")]
     Invalid(String),
+    /// The accelerator failed, whatever the input: its driver or libraries are missing, a driver or cuBLAS call
+    /// failed, a kernel did not compile, or its memory ran out. `what` names what was attempted.
+    #[error("{what}: {msg}")]
+    Device { kind: DeviceFailure, what: String, msg: String },
+}
+
+/// Why a device call failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceFailure {
+    /// No such device, or its driver or libraries cannot be loaded.
+    Unavailable,
+    /// A driver, cuBLAS or kernel-launch call returned an error.
+    Driver,
+    /// The run-time compilation of the kernels failed.
+    Compile,
+    /// An allocation did not fit the device's free memory.
+    OutOfMemory,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -32,6 +49,9 @@ impl Error {
     }
     pub fn unsupported(file: &Path, what: impl Into<String>) -> Self {
         Error::Unsupported { file: file.to_path_buf(), what: what.into() }
+    }
+    pub fn device(kind: DeviceFailure, what: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Error::Device { kind, what: what.into(), msg: msg.to_string() }
     }
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io { path: path.to_path_buf(), source }

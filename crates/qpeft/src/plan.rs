@@ -19,55 +19,32 @@
 //! target = false
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::adapters::{AdapterConfig, Method};
+use crate::adapters::{AdapterConfig, BaseKind, Method};
 use crate::arch::{Kind, ModelSpec, Proj};
 use crate::error::{Error, Result};
 
-/// The keys every rule may set (the `[adapter]` section sets the defaults).
+/// The keys every rule may set (the `[adapter]` section sets the defaults): the shared ones, and the methods' own
+/// (`lambda`, `group_size`, …: each method's `MethodKind::KEYS`), which only the registry knows.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Keys {
     pub method: Option<String>,
     pub rank: Option<usize>,
     pub alpha: Option<f32>,
     pub dropout: Option<f32>,
-    /// Q-BaRA's balance factor λ.
-    pub lambda: Option<usize>,
-    /// QA-HiRA's input pooling λ1 and output repeat λ2.
-    pub l1: Option<usize>,
-    pub l2: Option<usize>,
-    /// QA-HiRA's init: "kaiming" (published) or "zero".
-    pub hira_init: Option<String>,
-    /// QA-LoRA's pooling group; must equal the int4 base's group size.
-    pub group_size: Option<usize>,
-    /// Hierarchical ranks, per-level α (default: `alpha` for every level, so s_i = α/r_i) and learning-rate scales.
-    pub ranks: Option<Vec<usize>>,
-    pub level_alpha: Option<Vec<f32>>,
-    pub level_lr_scale: Option<Vec<f32>>,
     /// Adapt the selected modules (true) or leave them frozen (false).
     pub target: Option<bool>,
+    /// The methods' keys, as set.
+    #[serde(flatten)]
+    pub method_keys: BTreeMap<String, toml::Value>,
 }
 
-/// The names of `Keys`' fields: serde cannot refuse unknown keys through `flatten`, so `Plan` checks them.
-const KEY_NAMES: [&str; 13] = [
-    "method",
-    "rank",
-    "alpha",
-    "dropout",
-    "lambda",
-    "l1",
-    "l2",
-    "hira_init",
-    "group_size",
-    "ranks",
-    "level_alpha",
-    "level_lr_scale",
-    "target",
-];
+/// The shared keys (the methods' own are `Method::all_keys`).
+const SHARED_KEYS: [&str; 5] = ["method", "rank", "alpha", "dropout", "target"];
 
 impl Keys {
     /// `over`'s keys on top of these.
@@ -75,21 +52,21 @@ impl Keys {
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f.clone(); } )* };
         }
-        take!(
-            method,
-            rank,
-            alpha,
-            dropout,
-            lambda,
-            l1,
-            l2,
-            hira_init,
-            group_size,
-            ranks,
-            level_alpha,
-            level_lr_scale,
-            target
-        );
+        take!(method, rank, alpha, dropout, target);
+        self.method_keys.extend(over.method_keys.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+
+    /// A key no rule knows (a typo would otherwise be ignored), with the known ones.
+    fn check_names(&self, file: &Path, field: &str, extra: &[&str]) -> Result<()> {
+        match self.method_keys.keys().find(|k| !Method::knows_key(k)) {
+            Some(k) => {
+                let mut known: Vec<&str> = extra.to_vec();
+                known.extend(SHARED_KEYS);
+                known.extend(Method::all_keys());
+                Err(Error::config(file, format!("{field}.{k}"), format!("unknown key (known: {})", known.join(", "))))
+            }
+            None => Ok(()),
+        }
     }
 }
 
@@ -123,7 +100,6 @@ pub enum Layers {
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Override {
     #[serde(rename = "where")]
     pub selector: Where,
@@ -152,6 +128,16 @@ struct RunFile {
     adapter: AdapterSection,
 }
 
+impl AdapterSection {
+    fn check_key_names(&self, file: &Path) -> Result<()> {
+        self.keys.check_names(file, "adapter", &["targets", "override"])?;
+        for (i, o) in self.overrides.iter().enumerate() {
+            o.keys.check_names(file, &format!("adapter.override[{i}]"), &["where"])?;
+        }
+        Ok(())
+    }
+}
+
 /// A parsed adapter plan and the file it came from (for error messages).
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -159,23 +145,11 @@ pub struct Plan {
     pub adapter: AdapterSection,
 }
 
-/// What the base weight of a module is, for rules that depend on it (QA-LoRA's group).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BaseKind {
-    /// Not known (parameter accounting from shapes alone).
-    Any,
-    Dense,
-    Nf4,
-    Int4 {
-        group: usize,
-    },
-}
-
 impl Plan {
     pub fn from_toml(file: &Path, text: &str) -> Result<Plan> {
         let run: RunFile =
             toml::from_str(text).map_err(|e| Error::config(file, "adapter", e.to_string().trim_end()))?;
-        check_unknown_keys(file, text)?;
+        run.adapter.check_key_names(file)?;
         let plan = Plan { file: file.to_path_buf(), adapter: run.adapter };
         plan.check_rules()?;
         Ok(plan)
@@ -255,18 +229,7 @@ impl Plan {
         let cfg = to_config(&keys).map_err(fail)?;
         let (out_dim, in_dim) = p.dims(spec);
         cfg.check(in_dim, out_dim).map_err(fail)?;
-        if let Method::QaLora { group } = cfg.method {
-            match base {
-                BaseKind::Any => {}
-                BaseKind::Int4 { group: g } if g == group => {}
-                BaseKind::Int4 { group: g } => {
-                    return Err(fail(format!("group_size = {group} but the int4 base uses groups of {g}")))
-                }
-                other => {
-                    return Err(fail(format!("qa-lora needs an int4 (GPTQ) base, this module's base is {other:?}")))
-                }
-            }
-        }
+        cfg.method.check_base(base).map_err(fail)?;
         Ok(Some(cfg))
     }
 
@@ -280,32 +243,6 @@ impl Plan {
             .map(|l| Proj::ALL.iter().map(|&p| self.resolve(spec, l, p, base(l, p))).collect())
             .collect()
     }
-}
-
-/// Refuses keys of `[adapter]` and its overrides that no rule knows (a typo would otherwise be ignored).
-fn check_unknown_keys(file: &Path, text: &str) -> Result<()> {
-    let doc: toml::Table =
-        toml::from_str(text).map_err(|e| Error::config(file, "adapter", e.to_string().trim_end()))?;
-    let Some(toml::Value::Table(adapter)) = doc.get("adapter") else { return Ok(()) };
-    let unknown = |t: &toml::Table, extra: &[&str], field: &str| -> Result<()> {
-        match t.keys().find(|k| !KEY_NAMES.contains(&k.as_str()) && !extra.contains(&k.as_str())) {
-            Some(k) => Err(Error::config(
-                file,
-                format!("{field}.{k}"),
-                format!("unknown key (known: {}, {})", extra.join(", "), KEY_NAMES.join(", ")),
-            )),
-            None => Ok(()),
-        }
-    };
-    unknown(adapter, &["targets", "override"], "adapter")?;
-    if let Some(toml::Value::Array(rules)) = adapter.get("override") {
-        for (i, r) in rules.iter().enumerate() {
-            if let toml::Value::Table(t) = r {
-                unknown(t, &["where"], &format!("adapter.override[{i}]"))?;
-            }
-        }
-    }
-    Ok(())
 }
 
 fn names(n: &Option<OneOrMany<String>>) -> Vec<&str> {
@@ -354,40 +291,11 @@ fn parse_layers(s: &str) -> std::result::Result<Vec<(usize, usize)>, String> {
 }
 
 fn to_config(k: &Keys) -> std::result::Result<AdapterConfig, String> {
-    let need = |v: Option<usize>, key: &str, method: &str| v.ok_or_else(|| format!("{method} needs `{key}`"));
-    let name = k.method.as_deref().unwrap_or("lora");
     let alpha = k.alpha.unwrap_or(16.0);
-    let method = match name {
-        "lora" | "qlora" => Method::Lora,
-        "ir-qlora" => Method::IrQlora,
-        "qa-lora" => Method::QaLora { group: need(k.group_size, "group_size", name)? },
-        "q-bara" => Method::QBara { lambda: need(k.lambda, "lambda", name)? },
-        "qa-hira" => Method::QaHira {
-            l1: need(k.l1, "l1", name)?,
-            l2: need(k.l2, "l2", name)?,
-            zero_init: match k.hira_init.as_deref().unwrap_or("kaiming") {
-                "kaiming" => false,
-                "zero" => true,
-                other => return Err(format!("hira_init = `{other}` is not `kaiming` or `zero`")),
-            },
-        },
-        "hierarchical" => {
-            let ranks = k.ranks.clone().ok_or_else(|| "hierarchical needs `ranks`".to_string())?;
-            let alphas = k.level_alpha.clone().unwrap_or_else(|| vec![alpha; ranks.len()]);
-            let lr_scales = k.level_lr_scale.clone().unwrap_or_else(|| vec![1.0; ranks.len()]);
-            Method::Hierarchical { ranks, alphas, lr_scales }
-        }
-        other => {
-            return Err(format!(
-                "method = `{other}` is not one of lora, ir-qlora, qa-lora, q-bara, qa-hira, hierarchical"
-            ))
-        }
-    };
-    // A hierarchical adapter's rank is the sum of its levels' (only used for reporting).
-    let rank = match &method {
-        Method::Hierarchical { ranks, .. } => ranks.iter().sum(),
-        _ => k.rank.unwrap_or(64),
-    };
+    let keys = serde_json::to_value(&k.method_keys).map_err(|e| e.to_string())?;
+    let serde_json::Value::Object(keys) = keys else { unreachable!("a map serializes to an object") };
+    let method = Method::from_keys(k.method.as_deref().unwrap_or("lora"), &keys, alpha)?;
+    let rank = method.reported_rank(k.rank.unwrap_or(64));
     Ok(AdapterConfig { method, rank, alpha, dropout: k.dropout.unwrap_or(0.0) })
 }
 

@@ -4,6 +4,12 @@
 mod common;
 
 use common::{dot64, fd_error, uniform};
+use qpeft::adapters::hierarchical::HierarchicalMethod;
+use qpeft::adapters::ir_qlora::IrQloraMethod;
+use qpeft::adapters::lora::LoraMethod;
+use qpeft::adapters::q_bara::QBaraMethod;
+use qpeft::adapters::qa_hira::QaHiraMethod;
+use qpeft::adapters::qa_lora::QaLoraMethod;
 use qpeft::adapters::{build, Adapter, AdapterConfig, Method, Pass};
 use qpeft::backend::cpu::Cpu;
 
@@ -16,19 +22,19 @@ fn cfg(method: Method, rank: usize, dropout: f32) -> AdapterConfig {
 /// (config, in, out) covering every method, IEC also on dimensions its rank does not divide.
 fn cases(dropout: f32) -> Vec<(AdapterConfig, usize, usize)> {
     vec![
-        (cfg(Method::Lora, 3, dropout), 12, 8),
-        (cfg(Method::IrQlora, 4, dropout), 12, 8),
-        (cfg(Method::IrQlora, 4, dropout), 10, 6),
-        (cfg(Method::QaLora { group: 4 }, 2, dropout), 12, 8),
-        (cfg(Method::QBara { lambda: 2 }, 2, dropout), 12, 8),
-        (cfg(Method::QaHira { l1: 4, l2: 2, zero_init: false }, 4, dropout), 12, 8),
+        (cfg(Method::Lora(LoraMethod), 3, dropout), 12, 8),
+        (cfg(Method::IrQlora(IrQloraMethod), 4, dropout), 12, 8),
+        (cfg(Method::IrQlora(IrQloraMethod), 4, dropout), 10, 6),
+        (cfg(Method::QaLora(QaLoraMethod { group: 4 }), 2, dropout), 12, 8),
+        (cfg(Method::QBara(QBaraMethod { lambda: 2 }), 2, dropout), 12, 8),
+        (cfg(Method::QaHira(QaHiraMethod { l1: 4, l2: 2, zero_init: false }), 4, dropout), 12, 8),
         (
             cfg(
-                Method::Hierarchical {
+                Method::Hierarchical(HierarchicalMethod {
                     ranks: vec![2, 1, 1],
                     alphas: vec![3.0, 1.0, 2.0],
                     lr_scales: vec![1.0, 0.5, 0.5],
-                },
+                }),
                 4,
                 dropout,
             ),
@@ -140,26 +146,33 @@ fn initialisation_follows_each_method() {
         |a: &dyn Adapter<Cpu<f64>>, name: &str| a.params().iter().find(|p| p.name == name).unwrap().value.clone();
     let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
     // LoRA: A ~ U(±1/√in), B = 0, so ΔW = 0.
-    let lora = build(&BE, &cfg(Method::Lora, 8, 0.0), n_in, n_out, 3).unwrap();
+    let lora = build(&BE, &cfg(Method::Lora(LoraMethod), 8, 0.0), n_in, n_out, 3).unwrap();
     let a = values(lora.as_ref(), "lora_A.weight");
     assert!(max_abs(&a) <= 1.0 / 8.0 && max_abs(&a) > 0.9 / 8.0);
     assert!(values(lora.as_ref(), "lora_B.weight").iter().all(|&v| v == 0.0));
     assert!(lora.delta_weight(&BE).unwrap().iter().all(|&v| v == 0.0));
     // Same seed, same init; another seed, another one.
-    assert_eq!(a, values(build(&BE, &cfg(Method::Lora, 8, 0.0), n_in, n_out, 3).unwrap().as_ref(), "lora_A.weight"));
-    assert_ne!(a, values(build(&BE, &cfg(Method::Lora, 8, 0.0), n_in, n_out, 4).unwrap().as_ref(), "lora_A.weight"));
+    assert_eq!(
+        a,
+        values(build(&BE, &cfg(Method::Lora(LoraMethod), 8, 0.0), n_in, n_out, 3).unwrap().as_ref(), "lora_A.weight")
+    );
+    assert_ne!(
+        a,
+        values(build(&BE, &cfg(Method::Lora(LoraMethod), 8, 0.0), n_in, n_out, 4).unwrap().as_ref(), "lora_A.weight")
+    );
     // IEC: β_A = β_B = 0.
-    let iec = build(&BE, &cfg(Method::IrQlora, 8, 0.0), n_in, n_out, 3).unwrap();
+    let iec = build(&BE, &cfg(Method::IrQlora(IrQloraMethod), 8, 0.0), n_in, n_out, 3).unwrap();
     assert_eq!(values(iec.as_ref(), "lora_default_A_scale"), vec![0.0]);
     assert_eq!(values(iec.as_ref(), "lora_default_B_scale"), vec![0.0]);
     // QA-LoRA: xavier on A [8, 64/16 = 4]: bound √(6/12).
-    let qa = build(&BE, &cfg(Method::QaLora { group: 16 }, 4, 0.0), n_in, n_out, 3).unwrap();
+    let qa = build(&BE, &cfg(Method::QaLora(QaLoraMethod { group: 16 }), 4, 0.0), n_in, n_out, 3).unwrap();
     let a = values(qa.as_ref(), "lora_A.weight");
     assert_eq!(a.len(), 4 * 4);
     assert!(max_abs(&a) <= (6.0f64 / 8.0).sqrt() && max_abs(&a) > 0.5);
     // QA-HiRA: kaiming on C [32/2, 64/4] as published (Δ ≠ 0 at step 0), or zero.
-    let hira =
-        |zero_init| build(&BE, &cfg(Method::QaHira { l1: 4, l2: 2, zero_init }, 8, 0.0), n_in, n_out, 3).unwrap();
+    let hira = |zero_init| {
+        build(&BE, &cfg(Method::QaHira(QaHiraMethod { l1: 4, l2: 2, zero_init }), 8, 0.0), n_in, n_out, 3).unwrap()
+    };
     let c = values(hira(false).as_ref(), "lora_A.weight");
     assert_eq!(c.len(), 16 * 16);
     assert!(max_abs(&c) <= 0.25 && max_abs(&c) > 0.2);
@@ -169,14 +182,18 @@ fn initialisation_follows_each_method() {
 #[test]
 fn invalid_configurations_are_refused_with_the_value() {
     let err = |c: AdapterConfig, i: usize, o: usize| c.check(i, o).unwrap_err();
-    assert!(err(cfg(Method::Lora, 9, 0.0), 12, 8).contains("rank = 9"));
-    assert!(err(cfg(Method::QBara { lambda: 5 }, 1, 0.0), 12, 8).contains("lambda = 5"));
-    assert!(err(cfg(Method::QaHira { l1: 5, l2: 2, zero_init: true }, 1, 0.0), 12, 8).contains("l1 = 5"));
-    assert!(err(cfg(Method::QaHira { l1: 4, l2: 3, zero_init: true }, 1, 0.0), 12, 8)
+    assert!(err(cfg(Method::Lora(LoraMethod), 9, 0.0), 12, 8).contains("rank = 9"));
+    assert!(err(cfg(Method::QBara(QBaraMethod { lambda: 5 }), 1, 0.0), 12, 8).contains("lambda = 5"));
+    assert!(err(cfg(Method::QaHira(QaHiraMethod { l1: 5, l2: 2, zero_init: true }), 1, 0.0), 12, 8).contains("l1 = 5"));
+    assert!(err(cfg(Method::QaHira(QaHiraMethod { l1: 4, l2: 3, zero_init: true }), 1, 0.0), 12, 8)
         .contains("l2 = 3 does not divide the output"));
-    assert!(err(cfg(Method::QaLora { group: 5 }, 1, 0.0), 12, 8).contains("group_size = 5"));
-    assert!(err(cfg(Method::Lora, 2, 1.0), 12, 8).contains("dropout"));
-    let h = Method::Hierarchical { ranks: vec![4, 9], alphas: vec![1.0, 1.0], lr_scales: vec![1.0, 1.0] };
+    assert!(err(cfg(Method::QaLora(QaLoraMethod { group: 5 }), 1, 0.0), 12, 8).contains("group_size = 5"));
+    assert!(err(cfg(Method::Lora(LoraMethod), 2, 1.0), 12, 8).contains("dropout"));
+    let h = Method::Hierarchical(HierarchicalMethod {
+        ranks: vec![4, 9],
+        alphas: vec![1.0, 1.0],
+        lr_scales: vec![1.0, 1.0],
+    });
     assert!(err(cfg(h, 13, 0.0), 12, 8).contains("ranks entry 9"));
-    assert!(build(&BE, &cfg(Method::Lora, 9, 0.0), 12, 8, 0).is_err());
+    assert!(build(&BE, &cfg(Method::Lora(LoraMethod), 9, 0.0), 12, 8, 0).is_err());
 }

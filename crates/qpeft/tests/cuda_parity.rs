@@ -17,6 +17,7 @@ use qpeft::adapters::AdapterConfig;
 use qpeft::backend::cpu::Cpu;
 use qpeft::backend::cuda::Cuda;
 use qpeft::backend::{AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, Precision, RowWrite};
+use qpeft::error::{DeviceFailure, Error};
 use qpeft::model::train::StepOptions;
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::quant::base::BaseWeight;
@@ -31,6 +32,7 @@ fn gpu(precision: Precision) -> Option<Cuda> {
             assert!(std::env::var_os("QPEFT_REQUIRE_GPU").is_none(), "no GPU: {e}");
             let msg = e.to_string();
             assert!(msg.starts_with("CUDA: "), "{msg}");
+            assert!(matches!(e, Error::Device { kind: DeviceFailure::Unavailable, .. }), "{e:?}");
             eprintln!("skipped (no GPU): {msg}");
             None
         }
@@ -647,7 +649,9 @@ fn an_out_of_vocabulary_label_is_an_error() {
 fn an_allocation_beyond_the_device_is_an_error() {
     let Some(cuda) = gpu(Precision::Bf16) else { return };
     let total = cuda.device_memory().unwrap().expect("the GPU reports its memory").total;
-    let e = cuda.zeros(total / 2).map(|_| ()).expect_err("twice the device's memory cannot be allocated").to_string();
+    let e = cuda.zeros(total / 2).map(|_| ()).expect_err("twice the device's memory cannot be allocated");
+    assert!(matches!(e, Error::Device { kind: DeviceFailure::OutOfMemory, .. }), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("allocating") && e.contains("MiB") && e.contains("free"), "{e}");
     // The device stays usable.
     assert_eq!(cuda.download(&cuda.upload(&[1.5, 2.5]).unwrap()).unwrap(), vec![1.5, 2.5]);

@@ -4,6 +4,12 @@
 mod common;
 
 use common::{fixtures, rel_err, uniform};
+use qpeft::adapters::hierarchical::HierarchicalMethod;
+use qpeft::adapters::ir_qlora::IrQloraMethod;
+use qpeft::adapters::lora::LoraMethod;
+use qpeft::adapters::q_bara::QBaraMethod;
+use qpeft::adapters::qa_hira::QaHiraMethod;
+use qpeft::adapters::qa_lora::QaLoraMethod;
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
 use qpeft::arch::Proj;
@@ -35,12 +41,19 @@ fn trained(m: &Decoder<Cpu>, cfg: &AdapterConfig) -> AdapterSet<Cpu> {
 fn merged_weights_give_the_adapted_logits_for_every_method() {
     let c = |method, rank| AdapterConfig { method, rank, alpha: 16.0, dropout: 0.1 };
     let methods = [
-        c(Method::Lora, 8),
-        c(Method::IrQlora, 6),
-        c(Method::QaLora { group: 16 }, 4),
-        c(Method::QBara { lambda: 2 }, 4),
-        c(Method::QaHira { l1: 4, l2: 8, zero_init: false }, 8),
-        c(Method::Hierarchical { ranks: vec![4, 2, 2], alphas: vec![16.0; 3], lr_scales: vec![1.0; 3] }, 8),
+        c(Method::Lora(LoraMethod), 8),
+        c(Method::IrQlora(IrQloraMethod), 6),
+        c(Method::QaLora(QaLoraMethod { group: 16 }), 4),
+        c(Method::QBara(QBaraMethod { lambda: 2 }), 4),
+        c(Method::QaHira(QaHiraMethod { l1: 4, l2: 8, zero_init: false }), 8),
+        c(
+            Method::Hierarchical(HierarchicalMethod {
+                ranks: vec![4, 2, 2],
+                alphas: vec![16.0; 3],
+                lr_scales: vec![1.0; 3],
+            }),
+            8,
+        ),
     ];
     let ckpt = Checkpoint::open(&fixtures().join("tiny-llama")).unwrap();
     for cfg in methods {
@@ -76,7 +89,10 @@ fn qa_lora_folds_into_int4_zero_points() {
     write_model_dir(&src, &q, o.dtype, &dir.path().join("q")).unwrap();
     let ckpt = Checkpoint::open(&dir.path().join("q")).unwrap();
     let mut m = Decoder::load(&ckpt, Cpu::new()).unwrap();
-    let set = trained(&m, &AdapterConfig { method: Method::QaLora { group: 16 }, rank: 4, alpha: 16.0, dropout: 0.0 });
+    let set = trained(
+        &m,
+        &AdapterConfig { method: Method::QaLora(QaLoraMethod { group: 16 }), rank: 4, alpha: 16.0, dropout: 0.0 },
+    );
     let adapted = logits(&m, Some(&set));
     let mut worst = 0f64;
     for l in 0..m.blocks.len() {

@@ -3,10 +3,12 @@
 
 use std::path::Path;
 
+use qpeft::adapters::q_bara::QBaraMethod;
+use qpeft::adapters::BaseKind;
 use qpeft::adapters::Method;
 use qpeft::arch::ModelSpec;
 use qpeft::arch::Proj;
-use qpeft::plan::{count, BaseKind, Plan};
+use qpeft::plan::{count, Plan};
 
 fn plan(text: &str) -> Plan {
     Plan::from_toml(Path::new("run.toml"), text).unwrap()
@@ -97,7 +99,7 @@ dropout = 0.05
     let get = |l: usize, pr: Proj| p.resolve(&s, l, pr, BaseKind::Any).unwrap();
     let rank_lambda = |l: usize, pr: Proj| {
         let c = get(l, pr).unwrap();
-        let Method::QBara { lambda } = c.method else { panic!("q-bara expected") };
+        let Method::QBara(QBaraMethod { lambda }) = c.method else { panic!("q-bara expected") };
         (c.rank, lambda)
     };
     assert_eq!(rank_lambda(0, Proj::Gate), (64, 2), "first half keeps the defaults");

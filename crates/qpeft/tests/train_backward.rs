@@ -5,11 +5,12 @@
 mod common;
 
 use common::{batch, fixtures, methods, read_expected, rel_err, uniform};
+use qpeft::adapters::lora::LoraMethod;
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
 use qpeft::backend::cpu::Cpu;
-use qpeft::linalg::Real;
 use qpeft::backend::Backend;
+use qpeft::linalg::Real;
 use qpeft::model::train::{Batch, StepOptions, IGNORE};
 use qpeft::model::{Checkpoint, Decoder, Input};
 
@@ -132,7 +133,7 @@ fn lora_matches_peft() {
     let m = model("tiny-llama", Cpu::new());
     // PEFT's own adapter directory, through qpeft's adapter reader.
     let (mut set, modules) = qpeft::adapters::peft::read_adapter(&dir.join("adapter"), &m.backend, &m.spec).unwrap();
-    let lora = AdapterConfig { method: Method::Lora, rank: 8, alpha: 16.0, dropout: 0.0 };
+    let lora = AdapterConfig { method: Method::Lora(LoraMethod), rank: 8, alpha: 16.0, dropout: 0.0 };
     assert!(modules.iter().flatten().all(|c| c.as_ref() == Some(&lora)), "r 8, α 16 on every linear");
     let ints = |k: &str| want[k].data.iter().map(|&v| v as i64).collect::<Vec<_>>();
     let (tokens, mask, labels) = (ints("input_ids"), ints("attention_mask"), ints("labels"));

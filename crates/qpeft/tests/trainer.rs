@@ -7,7 +7,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use common::{fixtures, rel_err};
+use qpeft::adapters::hierarchical::HierarchicalMethod;
+use qpeft::adapters::ir_qlora::IrQloraMethod;
+use qpeft::adapters::lora::LoraMethod;
 use qpeft::adapters::peft::{read_adapter, write_adapter};
+use qpeft::adapters::q_bara::QBaraMethod;
+use qpeft::adapters::qa_hira::QaHiraMethod;
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
 use qpeft::arch::Proj;
@@ -198,7 +203,7 @@ fn random_values(set: &mut AdapterSet<Cpu>, seed: u64) {
 #[test]
 fn adapters_written_read_back_identically_for_every_method() {
     let m = Decoder::load(&Checkpoint::open(&fixtures().join("tiny-llama")).unwrap(), Cpu::new()).unwrap();
-    let lora = |rank, alpha| AdapterConfig { method: Method::Lora, rank, alpha, dropout: 0.0 };
+    let lora = |rank, alpha| AdapterConfig { method: Method::Lora(LoraMethod), rank, alpha, dropout: 0.0 };
     type Rule = Box<dyn Fn(usize, Proj) -> Option<AdapterConfig>>;
     let methods: Vec<Rule> = vec![
         // Per-module ranks/alphas and a module left out in one layer (rank_pattern, full target names).
@@ -208,13 +213,15 @@ fn adapters_written_read_back_identically_for_every_method() {
             (_, Proj::Q) => Some(lora(8, 32.0)),
             _ => Some(lora(8, 16.0)),
         }),
-        Box::new(|_, _| Some(AdapterConfig { method: Method::IrQlora, rank: 4, alpha: 16.0, dropout: 0.0 })),
         Box::new(|_, _| {
-            Some(AdapterConfig { method: Method::QBara { lambda: 2 }, rank: 4, alpha: 16.0, dropout: 0.0 })
+            Some(AdapterConfig { method: Method::IrQlora(IrQloraMethod), rank: 4, alpha: 16.0, dropout: 0.0 })
+        }),
+        Box::new(|_, _| {
+            Some(AdapterConfig { method: Method::QBara(QBaraMethod { lambda: 2 }), rank: 4, alpha: 16.0, dropout: 0.0 })
         }),
         Box::new(|_, _| {
             Some(AdapterConfig {
-                method: Method::QaHira { l1: 4, l2: 8, zero_init: false },
+                method: Method::QaHira(QaHiraMethod { l1: 4, l2: 8, zero_init: false }),
                 rank: 1,
                 alpha: 16.0,
                 dropout: 0.0,
@@ -224,7 +231,11 @@ fn adapters_written_read_back_identically_for_every_method() {
             let ranks = if p == Proj::V { vec![4] } else { vec![4, 2, 2] };
             let n = ranks.len();
             Some(AdapterConfig {
-                method: Method::Hierarchical { ranks, alphas: vec![16.0; n], lr_scales: vec![1.0; n] },
+                method: Method::Hierarchical(HierarchicalMethod {
+                    ranks,
+                    alphas: vec![16.0; n],
+                    lr_scales: vec![1.0; n],
+                }),
                 rank: 8,
                 alpha: 16.0,
                 dropout: 0.0,

@@ -5,10 +5,77 @@
 //! adapter per level).
 
 use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Map, Value};
 
-use super::{kaiming, Adapter, InputView, LowRank, Param, Pass};
+use super::{kaiming, key, required, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass};
 use crate::backend::Backend;
 use crate::error::Result;
+
+/// The levels' ranks, α (default: the module's α for every level, so s_i = α/r_i) and learning-rate scales.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HierarchicalMethod {
+    pub ranks: Vec<usize>,
+    pub alphas: Vec<f32>,
+    pub lr_scales: Vec<f32>,
+}
+
+impl MethodKind for HierarchicalMethod {
+    const NAME: &'static str = "hierarchical";
+    const KEYS: &'static [&'static str] = &["ranks", "level_alpha", "level_lr_scale"];
+
+    fn from_keys(keys: &Map<String, Value>, alpha: f32) -> std::result::Result<Self, String> {
+        let ranks: Vec<usize> = required(keys, "ranks", Self::NAME)?;
+        let alphas = key(keys, "level_alpha")?.unwrap_or_else(|| vec![alpha; ranks.len()]);
+        let lr_scales = key(keys, "level_lr_scale")?.unwrap_or_else(|| vec![1.0; ranks.len()]);
+        Ok(HierarchicalMethod { ranks, alphas, lr_scales })
+    }
+    fn to_keys(&self) -> Map<String, Value> {
+        Map::from_iter([
+            ("ranks".to_string(), json!(self.ranks)),
+            ("level_alpha".to_string(), json!(self.alphas)),
+            ("level_lr_scale".to_string(), json!(self.lr_scales)),
+        ])
+    }
+    /// The levels' ranks replace `rank`.
+    fn check(&self, _rank: usize, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
+        let min = in_dim.min(out_dim);
+        if self.ranks.is_empty() {
+            return Err("ranks is empty".into());
+        }
+        if let Some(bad) = self.ranks.iter().find(|&&ri| ri == 0 || ri > min) {
+            return Err(format!("ranks entry {bad} must be in 1..={min} (min(in {in_dim}, out {out_dim}))"));
+        }
+        if self.alphas.len() != self.ranks.len() || self.lr_scales.len() != self.ranks.len() {
+            return Err(format!(
+                "{} ranks but {} level alphas and {} lr scales",
+                self.ranks.len(),
+                self.alphas.len(),
+                self.lr_scales.len()
+            ));
+        }
+        Ok(())
+    }
+    fn trainable(&self, _rank: usize, in_dim: usize, out_dim: usize) -> usize {
+        self.ranks.iter().sum::<usize>() * (in_dim + out_dim)
+    }
+    fn reported_rank(&self, _rank: usize) -> usize {
+        self.ranks.iter().sum()
+    }
+    fn peft_levels(&self) -> Option<Vec<(usize, f32)>> {
+        Some(self.ranks.iter().copied().zip(self.alphas.iter().copied()).collect())
+    }
+    fn build<B: Backend + 'static>(
+        &self,
+        be: &B,
+        cfg: &AdapterConfig,
+        in_dim: usize,
+        out_dim: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter<B>>> {
+        let (ranks, alphas, lr_scales) = (&self.ranks, &self.alphas, &self.lr_scales);
+        Ok(Box::new(Hierarchical::new(be, cfg.dropout, ranks, alphas, lr_scales, in_dim, out_dim, rng)?))
+    }
+}
 
 pub struct Hierarchical<B: Backend> {
     view: InputView,

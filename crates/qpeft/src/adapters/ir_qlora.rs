@@ -8,10 +8,43 @@
 //! exactly the merged form ΔW = s·(B + β_B·Q)(A + β_A·P) of methods.md with P, Q defined by the same rule.
 
 use rand_chacha::ChaCha8Rng;
+use serde_json::{Map, Value};
 
-use super::{kaiming, Adapter, AdapterConfig, InputView, LowRank, Param, Pass};
+use super::{check_rank, kaiming, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass};
 use crate::backend::{Backend, Groups};
 use crate::error::Result;
+
+/// IR-QLoRA has no keys of its own (its ICQ base is a `[quant]` choice).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IrQloraMethod;
+
+impl MethodKind for IrQloraMethod {
+    const NAME: &'static str = "ir-qlora";
+
+    fn from_keys(_: &Map<String, Value>, _: f32) -> std::result::Result<Self, String> {
+        Ok(IrQloraMethod)
+    }
+    fn to_keys(&self) -> Map<String, Value> {
+        Map::new()
+    }
+    fn check(&self, rank: usize, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
+        check_rank(rank, in_dim, out_dim)
+    }
+    /// LoRA's A and B, and the two β scalars.
+    fn trainable(&self, rank: usize, in_dim: usize, out_dim: usize) -> usize {
+        rank * (in_dim + out_dim) + 2
+    }
+    fn build<B: Backend + 'static>(
+        &self,
+        be: &B,
+        cfg: &AdapterConfig,
+        in_dim: usize,
+        out_dim: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter<B>>> {
+        Ok(Box::new(IrQlora::new(be, cfg, in_dim, out_dim, rng)?))
+    }
+}
 
 pub struct IrQlora<B: Backend> {
     view: InputView,

@@ -2,10 +2,43 @@
 //! (U(±1/√in)), B = 0. QA-LoRA is this with an average-pooled input (see `qa_lora`).
 
 use rand_chacha::ChaCha8Rng;
+use serde_json::{Map, Value};
 
-use super::{expand_delta, kaiming, Adapter, AdapterConfig, InputView, LowRank, Param, Pass};
+use super::{check_rank, expand_delta, kaiming, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass};
 use crate::backend::Backend;
 use crate::error::Result;
+
+/// LoRA has no keys of its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraMethod;
+
+impl MethodKind for LoraMethod {
+    const NAME: &'static str = "lora";
+    const ALIASES: &'static [&'static str] = &["qlora"];
+
+    fn from_keys(_: &Map<String, Value>, _: f32) -> std::result::Result<Self, String> {
+        Ok(LoraMethod)
+    }
+    fn to_keys(&self) -> Map<String, Value> {
+        Map::new()
+    }
+    fn check(&self, rank: usize, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
+        check_rank(rank, in_dim, out_dim)
+    }
+    fn trainable(&self, rank: usize, in_dim: usize, out_dim: usize) -> usize {
+        rank * (in_dim + out_dim)
+    }
+    fn build<B: Backend + 'static>(
+        &self,
+        be: &B,
+        cfg: &AdapterConfig,
+        in_dim: usize,
+        out_dim: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter<B>>> {
+        Ok(Box::new(Lora::new(be, cfg, in_dim, out_dim, rng)?))
+    }
+}
 
 pub struct Lora<B: Backend> {
     view: InputView,

@@ -5,49 +5,26 @@
 //! Backward never stores activations: it receives the layer input again and recomputes the rank-r side
 //! (r ≪ in, so that is cheap), and dropout masks come from a counter-based RNG keyed by `Pass::seed`.
 
-pub mod hierarchical;
-pub mod ir_qlora;
-pub mod lora;
+mod method;
 pub mod peft;
-pub mod q_bara;
-pub mod qa_hira;
-pub mod qa_lora;
 pub mod set;
 
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use method::{check_divides, check_rank, key, required, BaseKind, MethodKind};
+
 use crate::backend::{Backend, Groups, MatMul};
 use crate::error::Result;
 
-/// A method and its method-specific key variables.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Method {
-    /// QLoRA / LoRA (PEFT semantics).
-    Lora,
-    /// IR-QLoRA's information elastic connection on a LoRA.
-    IrQlora,
-    /// QA-LoRA: input average-pooled by the int4 base's group size.
-    QaLora { group: usize },
-    /// Q-BaRA: AvgPool λ on the input, repeat-interleave λ on the output, rank λ·r.
-    QBara { lambda: usize },
-    /// QA-HiRA: one matrix [out/l2, in/l1]; `zero_init` zeroes it (the published code does not).
-    QaHira { l1: usize, l2: usize, zero_init: bool },
-    /// H-QLoRA: one LoRA per level with its own rank, α and learning-rate scale.
-    Hierarchical { ranks: Vec<usize>, alphas: Vec<f32>, lr_scales: Vec<f32> },
-}
-
-impl Method {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Method::Lora => "lora",
-            Method::IrQlora => "ir-qlora",
-            Method::QaLora { .. } => "qa-lora",
-            Method::QBara { .. } => "q-bara",
-            Method::QaHira { .. } => "qa-hira",
-            Method::Hierarchical { .. } => "hierarchical",
-        }
-    }
+// The registered methods: a new method is its file and one line here.
+method::methods! {
+    Lora: lora::LoraMethod,
+    IrQlora: ir_qlora::IrQloraMethod,
+    QaLora: qa_lora::QaLoraMethod,
+    QBara: q_bara::QBaraMethod,
+    QaHira: qa_hira::QaHiraMethod,
+    Hierarchical: hierarchical::HierarchicalMethod,
 }
 
 /// One module's adapter, fully resolved (see `plan`).
@@ -67,83 +44,18 @@ impl AdapterConfig {
 
     /// Trainable parameters on a linear `in → out` (methods.md §11), without building anything.
     pub fn trainable(&self, in_dim: usize, out_dim: usize) -> usize {
-        let r = self.rank;
-        match &self.method {
-            Method::Lora => r * (in_dim + out_dim),
-            Method::IrQlora => r * (in_dim + out_dim) + 2,
-            Method::QaLora { group } => r * (in_dim / group + out_dim),
-            Method::QBara { lambda } => lambda * r * (in_dim / lambda + out_dim / lambda),
-            Method::QaHira { l1, l2, .. } => (in_dim / l1) * (out_dim / l2),
-            Method::Hierarchical { ranks, .. } => ranks.iter().sum::<usize>() * (in_dim + out_dim),
-        }
+        self.method.trainable(self.rank, in_dim, out_dim)
     }
 
     /// Why this configuration cannot adapt a linear `in → out`, if it cannot.
     pub fn check(&self, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
-        let r = self.rank;
-        let min = in_dim.min(out_dim);
-        let divides = |what: &str, k: usize, dim: usize, side: &str| {
-            if k == 0 || !dim.is_multiple_of(k) {
-                Err(format!("{what} = {k} does not divide the {side} dimension {dim}"))
-            } else {
-                Ok(())
-            }
-        };
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("dropout = {} is outside [0, 1)", self.dropout));
         }
         if !self.alpha.is_finite() {
             return Err(format!("alpha = {} is not finite", self.alpha));
         }
-        if !matches!(self.method, Method::QaHira { .. } | Method::Hierarchical { .. }) && (r == 0 || r > min) {
-            return Err(format!("rank = {r} must be in 1..={min} (min(in {in_dim}, out {out_dim}))"));
-        }
-        match &self.method {
-            Method::Lora | Method::IrQlora => Ok(()),
-            Method::QaLora { group } => {
-                divides("group_size", *group, in_dim, "input")?;
-                if r > in_dim / group {
-                    return Err(format!(
-                        "rank = {r} exceeds the {} pooled inputs (in {in_dim} / group_size {group})",
-                        in_dim / group
-                    ));
-                }
-                Ok(())
-            }
-            Method::QBara { lambda } => {
-                divides("lambda", *lambda, in_dim, "input")?;
-                divides("lambda", *lambda, out_dim, "output")?;
-                let (n_in, n_out) = (in_dim / lambda, out_dim / lambda);
-                if lambda * r > n_in.min(n_out) {
-                    return Err(format!(
-                        "lambda·rank = {} exceeds min(in/lambda {n_in}, out/lambda {n_out})",
-                        lambda * r
-                    ));
-                }
-                Ok(())
-            }
-            Method::QaHira { l1, l2, .. } => {
-                divides("l1", *l1, in_dim, "input")?;
-                divides("l2", *l2, out_dim, "output")
-            }
-            Method::Hierarchical { ranks, alphas, lr_scales } => {
-                if ranks.is_empty() {
-                    return Err("ranks is empty".into());
-                }
-                if let Some(bad) = ranks.iter().find(|&&ri| ri == 0 || ri > min) {
-                    return Err(format!("ranks entry {bad} must be in 1..={min} (min(in {in_dim}, out {out_dim}))"));
-                }
-                if alphas.len() != ranks.len() || lr_scales.len() != ranks.len() {
-                    return Err(format!(
-                        "{} ranks but {} level alphas and {} lr scales",
-                        ranks.len(),
-                        alphas.len(),
-                        lr_scales.len()
-                    ));
-                }
-                Ok(())
-            }
-        }
+        self.method.check(self.rank, in_dim, out_dim)
     }
 }
 
@@ -212,26 +124,7 @@ pub fn build<B: Backend + 'static>(
     seed: u64,
 ) -> Result<Box<dyn Adapter<B>>> {
     cfg.check(in_dim, out_dim).map_err(crate::Error::Invalid)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    Ok(match &cfg.method {
-        Method::Lora => Box::new(lora::Lora::new(be, cfg, in_dim, out_dim, &mut rng)?),
-        Method::IrQlora => Box::new(ir_qlora::IrQlora::new(be, cfg, in_dim, out_dim, &mut rng)?),
-        Method::QaLora { group } => Box::new(qa_lora::new(be, cfg, *group, in_dim, out_dim, &mut rng)?),
-        Method::QBara { lambda } => Box::new(q_bara::QBara::new(be, cfg, *lambda, in_dim, out_dim, &mut rng)?),
-        Method::QaHira { l1, l2, zero_init } => {
-            Box::new(qa_hira::QaHira::new(be, cfg, (*l1, *l2), *zero_init, in_dim, out_dim, &mut rng)?)
-        }
-        Method::Hierarchical { ranks, alphas, lr_scales } => Box::new(hierarchical::Hierarchical::new(
-            be,
-            cfg.dropout,
-            ranks,
-            alphas,
-            lr_scales,
-            in_dim,
-            out_dim,
-            &mut rng,
-        )?),
-    })
+    cfg.method.build(be, cfg, in_dim, out_dim, &mut ChaCha8Rng::seed_from_u64(seed))
 }
 
 /// U(−bound, bound) samples in f32.

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
+use super::lora::LoraMethod;
 use super::set::AdapterSet;
 use super::{AdapterConfig, Method};
 use crate::arch::{ModelSpec, Proj};
@@ -32,64 +33,24 @@ pub const CONFIG: &str = "adapter_config.json";
 pub const WEIGHTS: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
 
-/// One module's configuration as JSON (the `qpeft.modules` entries).
+/// One module's configuration as JSON (the `qpeft.modules` entries): the shared keys and the method's own.
 pub fn config_to_json(c: &AdapterConfig) -> Value {
-    let mut v = json!({"method": c.method.name(), "rank": c.rank, "alpha": c.alpha, "dropout": c.dropout});
-    let o = v.as_object_mut().expect("object");
-    match &c.method {
-        Method::Lora | Method::IrQlora => {}
-        Method::QaLora { group } => {
-            o.insert("group_size".into(), json!(group));
-        }
-        Method::QBara { lambda } => {
-            o.insert("lambda".into(), json!(lambda));
-        }
-        Method::QaHira { l1, l2, zero_init } => {
-            o.insert("l1".into(), json!(l1));
-            o.insert("l2".into(), json!(l2));
-            o.insert("hira_init".into(), json!(if *zero_init { "zero" } else { "kaiming" }));
-        }
-        Method::Hierarchical { ranks, alphas, lr_scales } => {
-            o.insert("ranks".into(), json!(ranks));
-            o.insert("level_alpha".into(), json!(alphas));
-            o.insert("level_lr_scale".into(), json!(lr_scales));
-        }
-    }
-    v
+    let mut o = Map::from_iter([
+        ("method".to_string(), json!(c.method.name())),
+        ("rank".to_string(), json!(c.rank)),
+        ("alpha".to_string(), json!(c.alpha)),
+        ("dropout".to_string(), json!(c.dropout)),
+    ]);
+    o.extend(c.method.to_keys());
+    Value::Object(o)
 }
 
 pub fn config_from_json(v: &Value) -> std::result::Result<AdapterConfig, String> {
-    let num = |k: &str| v.get(k).and_then(Value::as_f64).ok_or_else(|| format!("missing number `{k}`"));
-    let int = |k: &str| num(k).map(|x| x as usize);
-    let list = |k: &str| -> std::result::Result<Vec<f64>, String> {
-        v.get(k)
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_f64).collect())
-            .ok_or_else(|| format!("missing list `{k}`"))
-    };
-    let method = match v.get("method").and_then(Value::as_str).unwrap_or_default() {
-        "lora" => Method::Lora,
-        "ir-qlora" => Method::IrQlora,
-        "qa-lora" => Method::QaLora { group: int("group_size")? },
-        "q-bara" => Method::QBara { lambda: int("lambda")? },
-        "qa-hira" => Method::QaHira {
-            l1: int("l1")?,
-            l2: int("l2")?,
-            zero_init: v.get("hira_init").and_then(Value::as_str) == Some("zero"),
-        },
-        "hierarchical" => Method::Hierarchical {
-            ranks: list("ranks")?.into_iter().map(|x| x as usize).collect(),
-            alphas: list("level_alpha")?.into_iter().map(|x| x as f32).collect(),
-            lr_scales: list("level_lr_scale")?.into_iter().map(|x| x as f32).collect(),
-        },
-        other => return Err(format!("unknown method `{other}`")),
-    };
-    Ok(AdapterConfig {
-        method,
-        rank: int("rank")?,
-        alpha: num("alpha")? as f32,
-        dropout: num("dropout").unwrap_or(0.0) as f32,
-    })
+    let o = v.as_object().ok_or_else(|| format!("{v} is not an object"))?;
+    let num = |k: &str| o.get(k).and_then(Value::as_f64).ok_or_else(|| format!("missing number `{k}`"));
+    let alpha = num("alpha")? as f32;
+    let method = Method::from_keys(o.get("method").and_then(Value::as_str).unwrap_or_default(), o, alpha)?;
+    Ok(AdapterConfig { method, rank: num("rank")? as usize, alpha, dropout: num("dropout").unwrap_or(0.0) as f32 })
 }
 
 /// The most frequent value (ties: the smallest), for PEFT's defaults with per-module patterns for the rest.
@@ -174,23 +135,16 @@ pub fn write_adapter<B: Backend>(
         tensors.insert(format!("{PREFIX}{name}"), OwnedTensor::f32(p.shape.clone(), &be.download(&p.value)?));
     }
     let dropout = adapted.first().map_or(0.0, |a| a.2.dropout);
-    let all_hierarchical =
-        !adapted.is_empty() && adapted.iter().all(|a| matches!(a.2.method, Method::Hierarchical { .. }));
-    if all_hierarchical {
-        let levels = adapted
-            .iter()
-            .map(|a| if let Method::Hierarchical { ranks, .. } = &a.2.method { ranks.len() } else { 0 })
-            .max()
-            .unwrap_or(0);
-        for i in 0..levels {
-            let mut members = Vec::new();
-            for &(l, p, c) in &adapted {
-                if let Method::Hierarchical { ranks, alphas, .. } = &c.method {
-                    if i < ranks.len() {
-                        members.push((l, p, ranks[i], alphas[i]));
-                    }
-                }
-            }
+    // A method saved as plain PEFT adapters per level (hierarchical) writes one directory per level.
+    let levels: Option<Vec<Vec<(usize, f32)>>> = adapted.iter().map(|a| a.2.method.peft_levels()).collect();
+    if let Some(levels) = levels.filter(|l| !l.is_empty()) {
+        let count = levels.iter().map(Vec::len).max().unwrap_or(0);
+        for i in 0..count {
+            let members: Vec<(usize, Proj, usize, f32)> = adapted
+                .iter()
+                .zip(&levels)
+                .filter_map(|(&(l, p, _), lv)| lv.get(i).map(|&(rank, alpha)| (l, p, rank, alpha)))
+                .collect();
             let level = format!("level_{i}.");
             let level_tensors: BTreeMap<String, OwnedTensor> = tensors
                 .iter()
@@ -210,7 +164,7 @@ pub fn write_adapter<B: Backend>(
         let mut top = Map::new();
         top.insert("peft_type".into(), json!("LORA"));
         top.insert("base_model_name_or_path".into(), json!(base_model));
-        top.insert("qpeft".into(), json!({"format": 1, "modules": qpeft_modules, "levels": levels}));
+        top.insert("qpeft".into(), json!({"format": 1, "modules": qpeft_modules, "levels": count}));
         return write_json(&dir.join(CONFIG), &Value::Object(top));
     }
     // PEFT's r/lora_alpha describe LoRA-shaped adapters; for the other methods they are informational.
@@ -273,7 +227,7 @@ fn modules_from_peft(path: &Path, c: &Value, spec: &ModelSpec) -> Result<Modules
                     let targeted = targets.iter().any(|t| name == *t || name.ends_with(&format!(".{t}")));
                     let in_layers = layers.as_ref().is_none_or(|ls| ls.contains(&l));
                     (targeted && in_layers).then(|| AdapterConfig {
-                        method: Method::Lora,
+                        method: LoraMethod.into(),
                         rank: pattern("rank_pattern", &name).map_or(r, |x| x as usize),
                         alpha: pattern("alpha_pattern", &name).map_or(alpha, |x| x as f32),
                         dropout: 0.0,

@@ -2,10 +2,59 @@
 //! (kaiming-uniform), B [out/λ, λr] = 0 — the same parameter count as LoRA at rank r.
 
 use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Map, Value};
 
-use super::{expand_delta, kaiming, Adapter, AdapterConfig, InputView, LowRank, Param, Pass};
+use super::{
+    check_divides, expand_delta, kaiming, required, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param,
+    Pass,
+};
 use crate::backend::{Backend, Groups};
 use crate::error::Result;
+
+/// Q-BaRA's balance factor λ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QBaraMethod {
+    pub lambda: usize,
+}
+
+impl MethodKind for QBaraMethod {
+    const NAME: &'static str = "q-bara";
+    const KEYS: &'static [&'static str] = &["lambda"];
+
+    fn from_keys(keys: &Map<String, Value>, _: f32) -> std::result::Result<Self, String> {
+        Ok(QBaraMethod { lambda: required(keys, "lambda", Self::NAME)? })
+    }
+    fn to_keys(&self) -> Map<String, Value> {
+        Map::from_iter([("lambda".to_string(), json!(self.lambda))])
+    }
+    fn check(&self, rank: usize, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
+        let lambda = self.lambda;
+        check_divides("lambda", lambda, in_dim, "input")?;
+        check_divides("lambda", lambda, out_dim, "output")?;
+        let (n_in, n_out) = (in_dim / lambda, out_dim / lambda);
+        if rank == 0 {
+            return Err("rank = 0 must be at least 1".into());
+        }
+        if lambda * rank > n_in.min(n_out) {
+            return Err(format!("lambda·rank = {} exceeds min(in/lambda {n_in}, out/lambda {n_out})", lambda * rank));
+        }
+        Ok(())
+    }
+    /// A [λr, in/λ] and B [out/λ, λr]: LoRA's count at rank r.
+    fn trainable(&self, rank: usize, in_dim: usize, out_dim: usize) -> usize {
+        self.lambda * rank * (in_dim / self.lambda + out_dim / self.lambda)
+    }
+    fn build<B: Backend + 'static>(
+        &self,
+        be: &B,
+        cfg: &AdapterConfig,
+        in_dim: usize,
+        out_dim: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter<B>>> {
+        Ok(Box::new(QBara::new(be, cfg, self.lambda, in_dim, out_dim, rng)?))
+    }
+}
 
 pub struct QBara<B: Backend> {
     view: InputView,

@@ -5,10 +5,63 @@
 //! not created. C is saved as `lora_A.weight`, as there.
 
 use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Map, Value};
 
-use super::{expand_delta, kaiming, Adapter, AdapterConfig, InputView, Param, Pass};
+use super::{
+    check_divides, expand_delta, kaiming, key, required, Adapter, AdapterConfig, InputView, MethodKind, Param, Pass,
+};
 use crate::backend::{Backend, Groups, MatMul};
 use crate::error::Result;
+
+/// QA-HiRA's input pooling λ1 and output repeat λ2, and its init (`hira_init`: "kaiming", as published, or "zero").
+#[derive(Clone, Debug, PartialEq)]
+pub struct QaHiraMethod {
+    pub l1: usize,
+    pub l2: usize,
+    pub zero_init: bool,
+}
+
+impl MethodKind for QaHiraMethod {
+    const NAME: &'static str = "qa-hira";
+    const KEYS: &'static [&'static str] = &["l1", "l2", "hira_init"];
+
+    fn from_keys(keys: &Map<String, Value>, _: f32) -> std::result::Result<Self, String> {
+        let zero_init = match key::<String>(keys, "hira_init")?.as_deref().unwrap_or("kaiming") {
+            "kaiming" => false,
+            "zero" => true,
+            other => return Err(format!("hira_init = `{other}` is not `kaiming` or `zero`")),
+        };
+        Ok(QaHiraMethod { l1: required(keys, "l1", Self::NAME)?, l2: required(keys, "l2", Self::NAME)?, zero_init })
+    }
+    fn to_keys(&self) -> Map<String, Value> {
+        Map::from_iter([
+            ("l1".to_string(), json!(self.l1)),
+            ("l2".to_string(), json!(self.l2)),
+            ("hira_init".to_string(), json!(if self.zero_init { "zero" } else { "kaiming" })),
+        ])
+    }
+    /// The rank only enters the scaling α/r.
+    fn check(&self, rank: usize, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
+        if rank == 0 {
+            return Err("rank = 0 must be at least 1 (QA-HiRA scales by alpha/rank)".into());
+        }
+        check_divides("l1", self.l1, in_dim, "input")?;
+        check_divides("l2", self.l2, out_dim, "output")
+    }
+    fn trainable(&self, _rank: usize, in_dim: usize, out_dim: usize) -> usize {
+        (in_dim / self.l1) * (out_dim / self.l2)
+    }
+    fn build<B: Backend + 'static>(
+        &self,
+        be: &B,
+        cfg: &AdapterConfig,
+        in_dim: usize,
+        out_dim: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter<B>>> {
+        Ok(Box::new(QaHira::new(be, cfg, (self.l1, self.l2), self.zero_init, in_dim, out_dim, rng)?))
+    }
+}
 
 pub struct QaHira<B: Backend> {
     view: InputView,

@@ -3,11 +3,68 @@
 //! group, so it folds exactly into the GPTQ zero points (`GptqInt4::merge_into_zeros`).
 
 use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Map, Value};
 
 use super::lora::Lora;
-use super::{uniform, AdapterConfig, InputView};
+use super::{check_divides, check_rank, required, uniform, Adapter, AdapterConfig, BaseKind, InputView, MethodKind};
 use crate::backend::{Backend, Groups};
 use crate::error::Result;
+
+/// QA-LoRA's pooling group, which must equal the int4 base's quantization group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QaLoraMethod {
+    pub group: usize,
+}
+
+impl MethodKind for QaLoraMethod {
+    const NAME: &'static str = "qa-lora";
+    const KEYS: &'static [&'static str] = &["group_size"];
+
+    fn from_keys(keys: &Map<String, Value>, _: f32) -> std::result::Result<Self, String> {
+        Ok(QaLoraMethod { group: required(keys, "group_size", Self::NAME)? })
+    }
+    fn to_keys(&self) -> Map<String, Value> {
+        Map::from_iter([("group_size".to_string(), json!(self.group))])
+    }
+    fn check(&self, rank: usize, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
+        check_rank(rank, in_dim, out_dim)?;
+        check_divides("group_size", self.group, in_dim, "input")?;
+        if rank > in_dim / self.group {
+            return Err(format!(
+                "rank = {rank} exceeds the {} pooled inputs (in {in_dim} / group_size {})",
+                in_dim / self.group,
+                self.group
+            ));
+        }
+        Ok(())
+    }
+    fn check_base(&self, base: BaseKind) -> std::result::Result<(), String> {
+        match base {
+            BaseKind::Any => Ok(()),
+            BaseKind::Int4 { group } if group == self.group => Ok(()),
+            BaseKind::Int4 { group } => {
+                Err(format!("group_size = {} but the int4 base uses groups of {group}", self.group))
+            }
+            other => Err(format!("qa-lora needs an int4 (GPTQ) base, this module's base is {other:?}")),
+        }
+    }
+    fn trainable(&self, rank: usize, in_dim: usize, out_dim: usize) -> usize {
+        rank * (in_dim / self.group + out_dim)
+    }
+    fn merges_into_int4_zeros(&self) -> bool {
+        true
+    }
+    fn build<B: Backend + 'static>(
+        &self,
+        be: &B,
+        cfg: &AdapterConfig,
+        in_dim: usize,
+        out_dim: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter<B>>> {
+        Ok(Box::new(new(be, cfg, self.group, in_dim, out_dim, rng)?))
+    }
+}
 
 pub fn new<B: Backend>(
     be: &B,

@@ -17,52 +17,6 @@ use crate::formats::safetensors::{write_file, OwnedTensor};
 use crate::quant::base::BaseWeight;
 use crate::quant::hf_dir::write_linear;
 
-impl<B: Backend> Decoder<B> {
-    /// Adds every adapter's ΔW to its linear's weight; the merged decoder needs no adapters.
-    pub fn merge_adapters(&mut self, set: &AdapterSet<B>) -> Result<()> {
-        for l in 0..self.blocks.len() {
-            for p in Proj::ALL {
-                let Some(a) = set.get(l, p) else { continue };
-                let delta = a.delta_weight(&self.backend)?;
-                let lin = self.blocks[l].proj_mut(p);
-                let mut w = self.backend.download(&self.backend.weight_values(&lin.weight)?)?;
-                w.iter_mut().zip(&delta).for_each(|(w, d)| *w += d);
-                lin.base = BaseWeight::Dense;
-                lin.weight = self.backend.upload_weight(&w, &lin.base, lin.out_dim, lin.in_dim)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<B: Backend> Decoder<B> {
-    /// QA-LoRA's exact merge: every adapter's group-constant ΔW goes into the fp16 zero points of its GPTQ int4
-    /// base (codes and scales unchanged), so the merged model stays 4-bit. Fails for a module whose base is not
-    /// int4 or whose ΔW varies inside a group (any other method).
-    pub fn merge_into_int4_zeros(&mut self, set: &AdapterSet<B>) -> Result<()> {
-        for l in 0..self.blocks.len() {
-            for p in Proj::ALL {
-                let Some(a) = set.get(l, p) else { continue };
-                let delta = a.delta_weight(&self.backend)?;
-                let name = format!("model.layers.{l}.{}", p.module());
-                let lin = self.blocks[l].proj_mut(p);
-                let BaseWeight::Int4(q) = &mut lin.base else {
-                    return Err(Error::Invalid(format!(
-                        "{name}: its base is {}, not GPTQ int4: merge into 16-bit weights instead",
-                        lin.base.name()
-                    )));
-                };
-                let zeros = q.merge_into_zeros(&delta).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
-                q.float_zeros = Some(zeros);
-                q.qzeros.clear();
-                let w = q.dequantize();
-                lin.weight = self.backend.upload_weight(&w, &lin.base, lin.out_dim, lin.in_dim)?;
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Storage dtype of a merged model directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MergedDtype {
@@ -91,6 +45,48 @@ impl MergedDtype {
 }
 
 impl<B: Backend> Decoder<B> {
+    /// Adds every adapter's ΔW to its linear's weight; the merged decoder needs no adapters.
+    pub fn merge_adapters(&mut self, set: &AdapterSet<B>) -> Result<()> {
+        for l in 0..self.blocks.len() {
+            for p in Proj::ALL {
+                let Some(a) = set.get(l, p) else { continue };
+                let delta = a.delta_weight(&self.backend)?;
+                let lin = self.blocks[l].proj_mut(p);
+                let mut w = self.backend.download(&self.backend.weight_values(&lin.weight)?)?;
+                w.iter_mut().zip(&delta).for_each(|(w, d)| *w += d);
+                lin.base = BaseWeight::Dense;
+                lin.weight = self.backend.upload_weight(&w, &lin.base, lin.out_dim, lin.in_dim)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// QA-LoRA's exact merge: every adapter's group-constant ΔW goes into the fp16 zero points of its GPTQ int4
+    /// base (codes and scales unchanged), so the merged model stays 4-bit. Fails for a module whose base is not
+    /// int4 or whose ΔW varies inside a group (any other method).
+    pub fn merge_into_int4_zeros(&mut self, set: &AdapterSet<B>) -> Result<()> {
+        for l in 0..self.blocks.len() {
+            for p in Proj::ALL {
+                let Some(a) = set.get(l, p) else { continue };
+                let delta = a.delta_weight(&self.backend)?;
+                let name = p.path(l);
+                let lin = self.blocks[l].proj_mut(p);
+                let BaseWeight::Int4(q) = &mut lin.base else {
+                    return Err(Error::Invalid(format!(
+                        "{name}: its base is {}, not GPTQ int4: merge into 16-bit weights instead",
+                        lin.base.name()
+                    )));
+                };
+                let zeros = q.merge_into_zeros(&delta).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+                q.float_zeros = Some(zeros);
+                q.qzeros.clear();
+                let w = q.dequantize();
+                lin.weight = self.backend.upload_weight(&w, &lin.base, lin.out_dim, lin.in_dim)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes this decoder (e.g. after `merge_adapters`) as an HF directory: model.safetensors with the
     /// non-linear tensors in `dtype`, config.json and the tokenizer. Linears are written in `dtype` (no
     /// quantization_config), or with `keep_int4` GPTQ int4 linears in their GPTQ layout (after

@@ -3,6 +3,12 @@
 
 use std::path::PathBuf;
 
+use qpeft::adapters::hierarchical::HierarchicalMethod;
+use qpeft::adapters::ir_qlora::IrQloraMethod;
+use qpeft::adapters::lora::LoraMethod;
+use qpeft::adapters::q_bara::QBaraMethod;
+use qpeft::adapters::qa_hira::QaHiraMethod;
+use qpeft::adapters::qa_lora::QaLoraMethod;
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
 use qpeft::backend::Backend;
@@ -97,13 +103,20 @@ pub fn fd_error(x: &[f64], analytic: &[f64], samples: usize, mut loss: impl FnMu
 pub fn methods() -> Vec<AdapterConfig> {
     let c = |method, rank| AdapterConfig { method, rank, alpha: 8.0, dropout: 0.25 };
     vec![
-        c(Method::Lora, 4),
+        c(Method::Lora(LoraMethod), 4),
         // r 6 divides none of 64, 32, 160: IEC's uneven groups.
-        c(Method::IrQlora, 6),
-        c(Method::QaLora { group: 16 }, 4),
-        c(Method::QBara { lambda: 2 }, 2),
-        c(Method::QaHira { l1: 4, l2: 8, zero_init: false }, 4),
-        c(Method::Hierarchical { ranks: vec![4, 2, 2], alphas: vec![8.0, 4.0, 4.0], lr_scales: vec![1.0; 3] }, 8),
+        c(Method::IrQlora(IrQloraMethod), 6),
+        c(Method::QaLora(QaLoraMethod { group: 16 }), 4),
+        c(Method::QBara(QBaraMethod { lambda: 2 }), 2),
+        c(Method::QaHira(QaHiraMethod { l1: 4, l2: 8, zero_init: false }), 4),
+        c(
+            Method::Hierarchical(HierarchicalMethod {
+                ranks: vec![4, 2, 2],
+                alphas: vec![8.0, 4.0, 4.0],
+                lr_scales: vec![1.0; 3],
+            }),
+            8,
+        ),
     ]
 }
 

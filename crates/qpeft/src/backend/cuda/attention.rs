@@ -9,7 +9,6 @@
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::gemm::{Gemm, Operand};
-use super::weight::addr;
 use super::{Attn, Cuda, THREADS};
 use crate::backend::AttentionShape;
 use crate::error::Result;
@@ -108,12 +107,12 @@ impl Cuda {
     ) -> Result<()> {
         let l = Layout::new(s);
         let scores = self.scores_a.get(self, l.scratch_len())?;
-        let p = Operand::f32(addr(self, scores.as_ref().expect("allocated")));
+        let p = Operand::f32(self.addr(scores.as_ref().expect("allocated")));
         let (q, k, v, o) = (
-            Operand::f32(addr(self, q)),
-            Operand::f32(addr(self, k)),
-            Operand::f32(addr(self, v)),
-            Operand::f32(addr(self, out)),
+            Operand::f32(self.addr(q)),
+            Operand::f32(self.addr(k)),
+            Operand::f32(self.addr(v)),
+            Operand::f32(self.addr(out)),
         );
         let hd = s.head_dim;
         for c in l.chunks() {
@@ -173,16 +172,16 @@ impl Cuda {
         let l = Layout::new(s);
         let (scores, grads) = (self.scores_a.get(self, l.scratch_len())?, self.scores_b.get(self, l.scratch_len())?);
         let (p, dp) = (
-            Operand::f32(addr(self, scores.as_ref().expect("allocated"))),
-            Operand::f32(addr(self, grads.as_ref().expect("allocated"))),
+            Operand::f32(self.addr(scores.as_ref().expect("allocated"))),
+            Operand::f32(self.addr(grads.as_ref().expect("allocated"))),
         );
         let (q, k, v, dout) = (
-            Operand::f32(addr(self, q)),
-            Operand::f32(addr(self, k)),
-            Operand::f32(addr(self, v)),
-            Operand::f32(addr(self, dout)),
+            Operand::f32(self.addr(q)),
+            Operand::f32(self.addr(k)),
+            Operand::f32(self.addr(v)),
+            Operand::f32(self.addr(dout)),
         );
-        let (dq, dk, dv) = (Operand::f32(addr(self, dq)), Operand::f32(addr(self, dk)), Operand::f32(addr(self, dv)));
+        let (dq, dk, dv) = (Operand::f32(self.addr(dq)), Operand::f32(self.addr(dk)), Operand::f32(self.addr(dv)));
         let hd = s.head_dim;
         for c in l.chunks() {
             self.probabilities(&l, &c, q, k, key_mask, p)?;

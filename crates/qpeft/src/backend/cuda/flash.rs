@@ -7,7 +7,6 @@
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::weight::addr;
 use super::{device_err, Attn, Cuda};
 use crate::backend::{flash_head, AttentionShape, Precision};
 use crate::error::Result;
@@ -38,14 +37,14 @@ impl Cuda {
     /// x as a 16-bit operand (`to_operand`), its largest magnitude going to slot `i` of `amax`.
     fn operand_copy(&self, x: &CudaSlice<f32>, amax: &CudaSlice<u32>, i: usize) -> Result<CudaSlice<u16>> {
         let y = self.alloc::<u16>(x.len())?;
-        self.to_operand(x, addr(self, &y), addr(self, amax) + 4 * i as u64, 0)?;
+        self.to_operand(x, self.addr(&y), self.addr(amax) + 4 * i as u64, 0)?;
         Ok(y)
     }
 
     /// The maxima the kernels read (q, k, v, dO), or a null pointer where nothing is scaled (bf16).
     fn scales_arg(&self, amax: &CudaSlice<u32>) -> u64 {
         if self.precision == Precision::F16 {
-            addr(self, amax)
+            self.addr(amax)
         } else {
             0
         }

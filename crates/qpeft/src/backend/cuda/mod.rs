@@ -36,20 +36,20 @@ use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use self::gemm::{Gemm, Operand};
 use self::profile::Profile;
 pub use self::weight::CudaWeight;
-use self::weight::{addr, Scratch};
+use self::weight::Scratch;
 use super::Groups;
 use super::{
     check, check_adamw_8bit, check_attention, check_groups, AdamStep, AttentionShape, Backend, DeviceMemory, GluKind,
     KernelTime, MatMul, Precision, RowWrite, ADAM8_BLOCK,
 };
-use crate::error::{Error, Result};
+use crate::error::{DeviceFailure, Error, Result};
 use crate::quant::base::BaseWeight;
 use crate::quant::maps::{signed_dynamic, unsigned_dynamic};
 
@@ -91,7 +91,7 @@ pub struct Cuda {
 
 /// The error of a failed CUDA call, naming what was attempted.
 pub(crate) fn device_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Invalid(format!("CUDA: {what}: {e}"))
+    Error::device(DeviceFailure::Driver, format!("CUDA: {what}"), e)
 }
 
 /// Folders searched for the CUDA headers NVRTC may need: $CUDA_HOME, $CUDA_PATH, the usual install paths.
@@ -188,14 +188,19 @@ impl Cuda {
         .map(|(name, _)| name)
         .collect();
         if !missing.is_empty() {
-            return Err(Error::Invalid(format!(
-                "CUDA: cannot load {} (install the NVIDIA driver and the CUDA 13 toolkit libraries, or run on the CPU)",
-                missing.join(", ")
-            )));
+            return Err(Error::device(
+                DeviceFailure::Unavailable,
+                format!("CUDA: cannot load {}", missing.join(", ")),
+                "install the NVIDIA driver and the CUDA 13 toolkit libraries, or run on the CPU",
+            ));
         }
         let count = CudaContext::device_count().map_err(|e| device_err("counting GPUs", e))?;
         if ordinal >= count.max(0) as usize {
-            return Err(Error::Invalid(format!("CUDA: there is no GPU {ordinal} ({count} found)")));
+            return Err(Error::device(
+                DeviceFailure::Unavailable,
+                format!("CUDA: GPU {ordinal}"),
+                format!("not found ({count} GPUs)"),
+            ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| device_err(&format!("opening GPU {ordinal}"), e))?;
         let stream = ctx.default_stream();
@@ -211,7 +216,7 @@ impl Cuda {
             ..Default::default()
         };
         let ptx = compile_ptx_with_opts(SOURCE, opts)
-            .map_err(|e| Error::Invalid(format!("CUDA: compiling the kernels with NVRTC failed: {e}")))?;
+            .map_err(|e| Error::device(DeviceFailure::Compile, "CUDA: compiling the kernels with NVRTC", e))?;
         let module = ctx.load_module(ptx).map_err(|e| device_err("loading the compiled kernels", e))?;
         let dyn_map = stream.clone_htod(&signed_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
         let udyn_map = stream.clone_htod(&unsigned_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
@@ -262,7 +267,12 @@ impl Cuda {
                 .mem_get_info()
                 .map(|(f, _)| format!(", {} MiB free", f >> 20))
                 .unwrap_or_default();
-            device_err(&format!("allocating {} MiB{free}", bytes.div_ceil(1 << 20)), e)
+            let kind = if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                DeviceFailure::OutOfMemory
+            } else {
+                DeviceFailure::Driver
+            };
+            Error::device(kind, format!("CUDA: allocating {} MiB{free}", bytes.div_ceil(1 << 20)), e)
         })
     }
 
@@ -321,7 +331,7 @@ impl Backend for Cuda {
                 ) == CUresult::CUDA_SUCCESS
         };
         if !ok {
-            return Err(Error::Invalid("CUDA: reading the memory pool's peaks failed".into()));
+            return Err(device_err("reading the memory pool's peaks", "failed"));
         }
         Ok(Some(DeviceMemory {
             peak_allocated: allocated as usize,
@@ -371,7 +381,7 @@ impl Backend for Cuda {
             }
             Precision::Bf16 | Precision::F16 => {
                 let y = self.alloc::<u16>(n)?;
-                self.round_to_bf16(x, addr(self, &y))?;
+                self.round_to_bf16(x, self.addr(&y))?;
                 Ok(Saved::Bf16(y))
             }
         }
@@ -436,7 +446,7 @@ impl Backend for Cuda {
         let mut g = Gemm::new(s.m, s.n, s.k, s.a_transposed, s.b_transposed);
         (g.alpha, g.beta) = (s.alpha, if s.accumulate { 1.0 } else { 0.0 });
         // SAFETY: the sizes were checked above against m, n, k; the leading dimensions follow from them.
-        unsafe { self.gemm(g, Operand::f32(addr(self, a)), Operand::f32(addr(self, b)), addr(self, out)) }
+        unsafe { self.gemm(g, Operand::f32(self.addr(a)), Operand::f32(self.addr(b)), self.addr(out)) }
     }
 
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf) -> Result<()> {

@@ -7,7 +7,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use cudarc::driver::LaunchConfig;
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
 use super::gemm::{Dtype, Gemm, Operand};
