@@ -1,17 +1,15 @@
 //! `qpeft bench train`: steady-state training throughput of a run config's model, base quantization and adapter
 //! on random tokens — real weights, or a built-in shape with seeded random weights (`--arch llama-7b`).
 
-use std::path::PathBuf;
-
 use anyhow::Result;
+
+use crate::config_args::ConfigArgs;
 use clap::{Args, Subcommand};
 use qpeft::adapters::set::AdapterSet;
 use qpeft::backend::{Backend, Device};
-use qpeft::model::train::StepOptions;
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::train::bench::{train_steps, BenchOptions};
-use qpeft::train::config::RunConfig;
-use qpeft::train::optimizer::AdamW;
+use qpeft::train::step::StepRecipe;
 use qpeft::train::trainer::{quantize_options, resolve_modules};
 
 #[derive(Subcommand)]
@@ -22,12 +20,9 @@ pub enum BenchCommand {
 
 #[derive(Args)]
 pub struct TrainBench {
-    /// Run config: [quant], [adapter] and the optimizer of [train] (e.g. configs/qlora.toml).
-    #[arg(long)]
-    config: PathBuf,
-    /// Edits to the config, as in `qpeft train`.
-    #[arg(long = "set")]
-    sets: Vec<String>,
+    /// Run config: [quant], [adapter] and the optimizer of [train] (e.g. configs/qlora.toml), with edits.
+    #[command(flatten)]
+    config: ConfigArgs,
     /// A built-in shape with seeded random weights instead of the config's model: llama-7b, llama-13b, llama2-7b,
     /// llama2-13b, llama3-8b, gemma-2b, gemma-7b, smollm2-135m.
     #[arg(long)]
@@ -52,11 +47,11 @@ pub fn run(cmd: BenchCommand, device: Device) -> Result<()> {
 }
 
 fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
-    let mut sets = args.sets.clone();
+    let mut config = args.config.clone();
     if let Some(arch) = &args.arch {
-        sets.push(format!("model.path=\"random:{arch}\""));
+        config.sets.push(format!("model.path=\"random:{arch}\""));
     }
-    let cfg = RunConfig::read(&args.config, &sets)?;
+    let cfg = config.run_config()?;
     let ckpt = Checkpoint::open(&cfg.model.path)?;
     let start = std::time::Instant::now();
     let model = Decoder::load_quantized(&ckpt, be, quantize_options(&cfg, &ckpt)?.as_ref(), &mut |_| {})?;
@@ -70,24 +65,7 @@ fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
         seq: args.seq,
         steps: args.steps,
         warmup: args.warmup,
-        step: StepOptions {
-            checkpointing: t.checkpointing,
-            dropout: true,
-            seed: t.seed,
-            grad_scale: 1.0,
-            loss_chunk: t.loss_chunk,
-            mlp_chunk: t.mlp_chunk,
-        },
-        optimizer: AdamW {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-            bits: cfg.state_bits(),
-            min_8bit_size: t.min_8bit_size,
-        },
-        lr: t.lr as f32,
-        max_grad_norm: t.max_grad_norm,
+        recipe: StepRecipe::from_config(&cfg),
     };
     let r = train_steps(&model, &mut set, &opts)?;
     if args.json {

@@ -10,9 +10,10 @@ use qpeft::adapters::peft::read_adapter;
 use qpeft::backend::{Backend, Device};
 use qpeft::eval::suite::{self, TaskReport};
 use qpeft::model::{Checkpoint, Decoder};
-use qpeft::train::config::RunConfig;
 use qpeft::train::trainer::{heldout_loss, load_data};
 use serde_json::json;
+
+use crate::config_args::ConfigArgs;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -38,9 +39,9 @@ pub struct EvalArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Run config whose [data] section defines the held-out split (task `heldout`).
-    #[arg(long)]
-    config: Option<PathBuf>,
+    /// Run config whose [data] section defines the held-out split (task `heldout`), with edits.
+    #[command(flatten)]
+    config: ConfigArgs,
     /// Write the report with every item's prediction here (JSON), rewritten as each task finishes.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -57,7 +58,7 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
     let heldout = args.tasks.split(',').any(|t| t.trim() == "heldout");
     let rest: Vec<&str> = args.tasks.split(',').map(str::trim).filter(|t| *t != "heldout").collect();
     let names = suite::parse_tasks(&rest.join(","))?;
-    if heldout && args.config.is_none() {
+    if heldout && !args.config.given() {
         bail!("task `heldout` needs --config RUN.toml (its [data] section defines the held-out split)");
     }
     let ckpt = Checkpoint::open(&args.model)?;
@@ -112,9 +113,9 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
         save(&reports)?;
     }
     if heldout {
-        let path = args.config.as_ref().expect("checked above");
-        let cfg = RunConfig::read(path, &[])?;
-        let (_, mut held) = load_data(&cfg, &tok).with_context(|| format!("loading the data of {}", path.display()))?;
+        let cfg = args.config.run_config()?;
+        let (_, mut held) =
+            load_data(&cfg, &tok).with_context(|| format!("loading the data of {}", cfg.file.display()))?;
         held.truncate(args.limit.unwrap_or(usize::MAX));
         let start = Instant::now();
         let (loss, tokens) = heldout_loss(&model, set.as_ref(), &tok, &cfg, &held, args.batch)?;

@@ -7,17 +7,15 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use qpeft::adapters::peft::read_adapter;
 use qpeft::adapters::set::AdapterSet;
-use qpeft::arch::Proj;
-use qpeft::backend::cpu::Cpu;
 use qpeft::backend::{Backend, Device};
 use qpeft::eval::perplexity::perplexity;
 use qpeft::generate::{generate, GenerateOptions};
-use qpeft::model::merge::MergedDtype;
+use qpeft::model::merge::{merge_adapter_dir, MergedDtype};
 use qpeft::model::{Checkpoint, Decoder};
-use qpeft::quant::base::BaseWeight;
 use qpeft::tokenizer::Message;
 
 mod bench;
+mod config_args;
 mod device;
 mod eval;
 mod info;
@@ -157,32 +155,10 @@ fn run(command: Command, device: Option<Device>) -> Result<()> {
         Command::Eval(args) => eval::run(args, on),
         Command::Bench(cmd) => bench::run(cmd, on),
         Command::Merge { model, adapter, out, dtype, to_16bit } => {
-            let dtype = match dtype.as_str() {
-                "bf16" | "bfloat16" => MergedDtype::Bf16,
-                "f16" | "float16" => MergedDtype::F16,
-                "f32" | "float32" => MergedDtype::F32,
-                other => anyhow::bail!("--dtype {other}: expected bf16, f16 or f32"),
-            };
-            let ckpt = Checkpoint::open(&model)?;
-            let mut m = Decoder::load(&ckpt, Cpu::new())?;
-            let (set, modules) = read_adapter(&adapter, &m.backend, &m.spec)?;
-            // QA-LoRA on a GPTQ base folds exactly into the zero points and stays 4-bit; the rest goes to 16 bits.
-            let int4_base =
-                m.blocks.iter().all(|b| Proj::ALL.iter().all(|&p| matches!(b.proj(p).base, BaseWeight::Int4(_))));
-            let qa_lora = modules.iter().flatten().flatten().all(|c| c.method.merges_into_int4_zeros());
-            let keep_int4 = int4_base && qa_lora && !to_16bit;
-            if keep_int4 {
-                m.merge_into_int4_zeros(&set)?;
-            } else {
-                m.merge_adapters(&set)?;
-            }
-            m.write_hf_dir(&ckpt, dtype, keep_int4, &out)?;
-            let kind = if keep_int4 {
-                "GPTQ int4 with merged fp16 zero points".to_string()
-            } else {
-                dtype.torch_name().to_string()
-            };
-            eprintln!("merged {} ({} parameters) into {} ({kind})", adapter.display(), set.trainable(), out.display());
+            let dtype: MergedDtype = dtype.parse().context("--dtype")?;
+            let merged = merge_adapter_dir(&Checkpoint::open(&model)?, &adapter, dtype, to_16bit, &out)?;
+            let kind = if merged.kept_int4 { "GPTQ int4 with merged fp16 zero points" } else { dtype.torch_name() };
+            eprintln!("merged {} ({} parameters) into {} ({kind})", adapter.display(), merged.trainable, out.display());
             Ok(())
         }
         Command::Logits { model, adapter, prompt, out } => {

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+
+use crate::config_args::ConfigArgs;
 use clap::Args;
 use qpeft::arch::ModelSpec;
 use qpeft::arch::BUILTIN;
@@ -17,9 +19,9 @@ pub struct ParamsArgs {
     /// A built-in architecture shape instead of a model.
     #[arg(long, conflicts_with = "model")]
     arch: Option<String>,
-    /// Run config (its [adapter] section is enough).
-    #[arg(long)]
-    config: PathBuf,
+    /// The run config (its [adapter] section is enough), with --set / --unset edits.
+    #[command(flatten)]
+    config: ConfigArgs,
     /// Baseline config (default: --config without its [[adapter.override]] rules).
     #[arg(long)]
     baseline: Option<PathBuf>,
@@ -36,7 +38,7 @@ pub fn run(args: ParamsArgs) -> Result<()> {
         },
         _ => bail!("give a MODEL or --arch NAME"),
     };
-    let plan = Plan::read(&args.config)?;
+    let plan = args.config.plan()?;
     let base_plan = match &args.baseline {
         Some(b) => Plan::read(b)?,
         None => plan.baseline(),
@@ -54,11 +56,12 @@ pub fn run(args: ParamsArgs) -> Result<()> {
                 (name.to_string(), serde_json::json!({"params": a, "baseline": b, "change_percent": c}))
             })
             .collect();
-        let out = serde_json::json!({"model": model_name, "config": args.config, "counts": this, "baseline_counts": base, "groups": groups});
+        let out = serde_json::json!({"model": model_name, "config": args.config.configs, "counts": this, "baseline_counts": base, "groups": groups});
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("trainable parameters: {model_name}, {} ({} layers)", args.config.display(), spec.num_layers);
+    let files: Vec<String> = args.config.configs.iter().map(|f| f.display().to_string()).collect();
+    println!("trainable parameters: {model_name}, {} ({} layers)", files.join(" + "), spec.num_layers);
     println!("{:<20} {:>16} {:>16} {:>9}", "group", "this config", "baseline", "change");
     for (name, a, b, c) in rows {
         let c = c.map_or("n/a".to_string(), |c| format!("{c:+.2}%"));

@@ -2,23 +2,22 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+
+use crate::config_args::ConfigArgs;
 use clap::Args;
 use qpeft::backend::{Backend, Device};
 use qpeft::train::config::RunConfig;
-use qpeft::train::run_dir::{RunDir, CONFIG};
-use qpeft::train::trainer::{load_model, resume_config, Evaluation, Trainer};
+use qpeft::train::metrics::Evaluation;
+use qpeft::train::run_dir::RunDir;
+use qpeft::train::trainer::{load_model, Trainer};
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// The run config (TOML).
-    #[arg(long, required_unless_present = "resume")]
-    config: Option<PathBuf>,
-    /// Edit a config value, e.g. --set train.steps=200 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    sets: Vec<String>,
-    /// Continue the run in RUN_DIR from its newest checkpoint (its config.toml, plus any --set).
-    #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Continue the run in RUN_DIR from its newest checkpoint (its config.toml, plus any --set / --unset).
+    #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
     /// Replace an existing run directory (only one qpeft created).
     #[arg(long)]
@@ -33,7 +32,7 @@ fn describe(e: &Option<Evaluation>) -> String {
         None => "-".into(),
         Some(e) => {
             let mut s = format!("held-out loss {:.4} ({} tokens)", e.eval_loss, e.eval_tokens);
-            if let Some((c, n)) = e.exact_match {
+            if let Some((c, n)) = e.exact_match_counts() {
                 s += &format!(", exact match {c}/{n} = {:.1}%", 100.0 * c as f64 / n.max(1) as f64);
             }
             for (name, v) in &e.tasks {
@@ -46,16 +45,14 @@ fn describe(e: &Option<Evaluation>) -> String {
 
 pub fn run(args: TrainArgs, device: Option<Device>) -> Result<()> {
     let (cfg, run) = match &args.resume {
+        Some(_) if args.config.given() => bail!("--resume takes the run's own config.toml; give no --config"),
         Some(dir) => {
-            let cfg = resume_config(dir, &args.sets)?;
-            let run = RunDir::open(dir)?;
-            qpeft::formats::write_atomic(&run.file(CONFIG), cfg.text.as_bytes())?;
+            let (run, cfg) = RunDir::resume(dir, &args.config.edits())?;
             (cfg, run)
         }
         None => {
-            let cfg = RunConfig::read(args.config.as_ref().expect("clap requires --config"), &args.sets)?;
-            let run = RunDir::create(&cfg.train.out_dir, args.overwrite)?;
-            qpeft::formats::write_atomic(&run.file(CONFIG), cfg.text.as_bytes())?;
+            let cfg = args.config.run_config()?;
+            let run = RunDir::start(&cfg, args.overwrite)?;
             (cfg, run)
         }
     };
@@ -99,8 +96,6 @@ fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir
         }
     })?;
     bar.finish_and_clear();
-    let path = summary.run_dir.join("summary.json");
-    qpeft::formats::write_atomic(&path, &serde_json::to_vec_pretty(&summary)?)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

@@ -3,6 +3,7 @@
 pub mod adapters;
 pub mod arch;
 pub mod backend;
+pub mod config_doc;
 pub mod data;
 pub mod error;
 pub mod eval;

@@ -26,6 +26,7 @@ use serde::Deserialize;
 
 use crate::adapters::{AdapterConfig, BaseKind, Method};
 use crate::arch::{Kind, ModelSpec, Proj};
+use crate::config_doc::{self, Edits};
 use crate::error::{Error, Result};
 
 /// The keys every rule may set (the `[adapter]` section sets the defaults): the shared ones, and the methods' own
@@ -156,8 +157,16 @@ impl Plan {
     }
 
     pub fn read(file: &Path) -> Result<Plan> {
-        let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-        Plan::from_toml(file, &text)
+        Plan::compose(&[file.to_path_buf()], &Edits::default())
+    }
+
+    /// The `[adapter]` section of a base config with fragments merged over it and the command line's edits
+    /// (`config_doc`).
+    pub fn compose(files: &[PathBuf], edits: &Edits) -> Result<Plan> {
+        let (base, mut doc) = config_doc::compose(files)?;
+        edits.apply(&mut doc)?;
+        let text = toml::to_string(&doc).map_err(|e| Error::format(&base, e.to_string()))?;
+        Plan::from_toml(&base, &text).map_err(|e| edits.attribute(e))
     }
 
     /// This plan without its overrides (the baseline of a key-variable study).

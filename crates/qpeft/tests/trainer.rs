@@ -137,7 +137,7 @@ fn run_configs_refuse_unknown_keys_and_bad_values() {
     )
     .unwrap();
     assert_eq!((cfg.train.steps, cfg.data.eval_size), (7, 4));
-    assert_eq!(cfg.state_bits(), qpeft::train::optimizer::StateBits::B8);
+    assert_eq!(cfg.train.optimizer.state_bits(), qpeft::train::optimizer::StateBits::B8);
     assert!(cfg.text.contains("steps = 7"), "the snapshot holds the edits");
     let err = |text: &str, sets: &[&str]| {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();

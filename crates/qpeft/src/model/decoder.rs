@@ -27,6 +27,7 @@ pub struct Decoder<B: Backend> {
 }
 
 /// A batch of equally long token rows; `mask` marks real tokens (1) and padding (0).
+#[derive(Clone, Debug)]
 pub struct Input {
     pub batch: usize,
     pub seq: usize,

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 /// A target that does not count (PyTorch's ignore_index −100).
 pub const IGNORE: u32 = u32::MAX;
 
+#[derive(Clone, Debug)]
 pub struct Batch {
     pub input: Input,
     /// [batch, seq], unshifted; IGNORE where no loss is taken.

@@ -1,16 +1,15 @@
-//! Training-step throughput (what `qpeft bench train` and the peer scripts measure): full optimizer steps —
-//! forward with the causal-LM loss, backward, global-norm clipping, AdamW — on a fixed batch of seeded random
-//! tokens (labels = ids, no padding), with the time of each phase and the memory it took.
-
-use std::time::Instant;
+//! Training-step throughput (what `qpeft bench train` and the peer scripts measure): the trainer's optimizer steps
+//! (`StepRecipe::step`: forward with the causal-LM loss, backward, global-norm clipping, AdamW) on a fixed batch of
+//! seeded random tokens (labels = ids, no padding), with the time of each phase and the memory it took.
 
 use serde::Serialize;
 
-use super::optimizer::{clip_coefficient, grad_norm, AdamW, OptimizerState};
+use super::optimizer::OptimizerState;
+use super::step::StepRecipe;
 use crate::adapters::set::AdapterSet;
 use crate::backend::{Backend, KernelTime};
 use crate::error::Result;
-use crate::model::train::{Batch, StepOptions};
+use crate::model::train::Batch;
 use crate::model::{Decoder, Input};
 
 pub struct BenchOptions {
@@ -19,10 +18,8 @@ pub struct BenchOptions {
     /// Timed steps after `warmup` untimed ones.
     pub steps: usize,
     pub warmup: usize,
-    pub step: StepOptions,
-    pub optimizer: AdamW,
-    pub lr: f32,
-    pub max_grad_norm: f64,
+    /// The run config's step; each step is one micro-batch of `batch` × `seq` tokens.
+    pub recipe: StepRecipe,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -77,6 +74,7 @@ pub fn train_steps<B: Backend + 'static>(
         input: Input { batch: opts.batch, seq: opts.seq, tokens: tokens.clone(), mask: vec![1; n] },
         labels: tokens,
     };
+    let recipe = StepRecipe { grad_accum: 1, ..opts.recipe };
     let mut state = OptimizerState::new();
     let (mut steps, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());
     let mut loss = f64::NAN;
@@ -86,25 +84,12 @@ pub fn train_steps<B: Backend + 'static>(
             be.kernel_times()?;
         }
         be.synchronize()?;
-        let t0 = Instant::now();
-        set.zero_grads(be)?;
-        loss = model.loss_and_backward(&batch, set, &opts.step)?.loss;
-        be.synchronize()?;
-        let t1 = Instant::now();
-        let norm = grad_norm(be, set.named_params().into_iter().map(|(_, p)| p))?;
-        opts.optimizer.step(
-            be,
-            &mut state,
-            set.named_params_mut(),
-            opts.lr,
-            clip_coefficient(norm, opts.max_grad_norm),
-        )?;
-        be.synchronize()?;
-        let t2 = Instant::now();
+        let s = recipe.step(model, set, &mut state, i as u64, &mut || Ok(batch.clone()))?;
+        loss = s.loss;
         if i >= opts.warmup {
-            steps.push((t2 - t0).as_secs_f64());
-            fb.push((t1 - t0).as_secs_f64());
-            opt.push((t2 - t1).as_secs_f64());
+            steps.push(s.forward_backward_s + s.optimizer_s);
+            fb.push(s.forward_backward_s);
+            opt.push(s.optimizer_s);
         }
     }
     let step_s = median(steps);

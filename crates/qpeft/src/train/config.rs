@@ -11,9 +11,11 @@ use serde::Deserialize;
 
 use super::optimizer::StateBits;
 use super::schedule::Schedule;
+use crate::config_doc::{self, Edits};
 use crate::data::DataFormat;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
+use crate::quant::recipe::Format;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,12 +24,71 @@ pub struct ModelSection {
     pub path: PathBuf,
 }
 
+/// How `[quant]` turns the checkpoint's block linears into the frozen base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantFormat {
+    /// Train on the checkpoint's own weights: 16/32-bit, an already quantized directory, or a GGUF file's
+    /// dequantized values.
+    None,
+    /// bitsandbytes NF4 (QLoRA's base).
+    Nf4,
+    /// bitsandbytes FP4.
+    Fp4,
+    /// Round-to-nearest int4 in the GPTQ layout (QA-LoRA's base).
+    Int4,
+}
+
+impl QuantFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::None => "none",
+            QuantFormat::Nf4 => "nf4",
+            QuantFormat::Fp4 => "fp4",
+            QuantFormat::Int4 => "int4",
+        }
+    }
+
+    /// The quantization format, None for `none`.
+    pub fn format(self) -> Option<Format> {
+        match self {
+            QuantFormat::None => None,
+            QuantFormat::Nf4 => Some(Format::Nf4),
+            QuantFormat::Fp4 => Some(Format::Fp4),
+            QuantFormat::Int4 => Some(Format::Int4),
+        }
+    }
+}
+
+impl std::fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `[train] optimizer`: bitsandbytes' AdamW with 32-bit or 8-bit states. Paging (`paged_adamw_*`, accepted as
+/// aliases) moves the states between host and device memory under pressure and changes no arithmetic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum OptimizerKind {
+    #[serde(rename = "adamw-32bit", alias = "adamw_32bit", alias = "paged_adamw_32bit")]
+    AdamW32,
+    #[serde(rename = "adamw-8bit", alias = "adamw_8bit", alias = "paged_adamw_8bit")]
+    AdamW8,
+}
+
+impl OptimizerKind {
+    pub fn state_bits(self) -> StateBits {
+        match self {
+            OptimizerKind::AdamW32 => StateBits::B32,
+            OptimizerKind::AdamW8 => StateBits::B8,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuantSection {
-    /// `nf4`, `fp4`, `int4` (round-to-nearest GPTQ layout, for QA-LoRA) or `none` (train on the checkpoint's
-    /// own weights: 16/32-bit, or an already quantized directory).
-    pub format: String,
+    pub format: QuantFormat,
     pub double_quant: bool,
     pub block: usize,
     pub group: usize,
@@ -38,7 +99,7 @@ pub struct QuantSection {
 
 impl Default for QuantSection {
     fn default() -> Self {
-        QuantSection { format: "nf4".into(), double_quant: true, block: 64, group: 128, sym: false, icq: false }
+        QuantSection { format: QuantFormat::Nf4, double_quant: true, block: 64, group: 128, sym: false, icq: false }
     }
 }
 
@@ -97,8 +158,7 @@ pub struct TrainSection {
     /// Warm-up steps; default ⌈steps · warmup_ratio⌉.
     pub warmup_steps: Option<u64>,
     pub warmup_ratio: f64,
-    /// `adamw-32bit` or `adamw-8bit` (`paged_` prefixes accepted: paging changes no arithmetic).
-    pub optimizer: String,
+    pub optimizer: OptimizerKind,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
@@ -134,7 +194,7 @@ impl Default for TrainSection {
             schedule: Schedule::Constant,
             warmup_steps: None,
             warmup_ratio: 0.03,
-            optimizer: "adamw-32bit".into(),
+            optimizer: OptimizerKind::AdamW32,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -205,14 +265,21 @@ impl Default for DeviceSection {
 /// The sections a run config may have.
 const SECTIONS: [&str; 7] = ["model", "quant", "adapter", "data", "train", "eval", "device"];
 
-/// Section `name` of `doc` as `T` (its defaults when absent, an error when required); errors name the section.
+/// Section `name` of `doc` as `T` (its defaults when absent); errors name the section and the key.
 fn section<T: for<'de> Deserialize<'de> + Default>(file: &Path, doc: &toml::Table, name: &str) -> Result<T> {
     match doc.get(name) {
         None => Ok(T::default()),
-        Some(v) => {
-            v.clone().try_into().map_err(|e: toml::de::Error| Error::config(file, name, e.message().to_string()))
-        }
+        Some(v) => parse_section(file, name, v),
     }
+}
+
+/// `v` as `T`; an error names `name.key` of the value that did not fit.
+fn parse_section<T: for<'de> Deserialize<'de>>(file: &Path, name: &str, v: &toml::Value) -> Result<T> {
+    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() { name.to_string() } else { format!("{name}.{path}") };
+        Error::config(file, field, e.into_inner().to_string())
+    })
 }
 
 /// A parsed and checked run config.
@@ -230,40 +297,31 @@ pub struct RunConfig {
     pub device: DeviceSection,
 }
 
-/// Applies `key.path=value` edits to a TOML document; a value that is not valid TOML is taken as a string.
-pub fn apply_sets(file: &Path, doc: &mut toml::Table, sets: &[String]) -> Result<()> {
-    for set in sets {
-        let (key, raw) =
-            set.split_once('=').ok_or_else(|| Error::config(file, set.clone(), "--set needs key=value"))?;
-        let key = key.trim();
-        let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-            Ok(mut t) => t.remove("v").expect("parsed key"),
-            Err(_) => toml::Value::String(raw.to_string()),
-        };
-        let parts: Vec<&str> = key.split('.').collect();
-        let (last, sections) = parts.split_last().expect("split yields one part");
-        let mut table = &mut *doc;
-        for (i, part) in sections.iter().enumerate() {
-            let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table = entry
-                .as_table_mut()
-                .ok_or_else(|| Error::config(file, parts[..=i].join("."), format!("--set {set}: not a table")))?;
-        }
-        table.insert(last.to_string(), value);
-    }
-    Ok(())
-}
-
 impl RunConfig {
     /// Reads `file` and applies `sets`.
     pub fn read(file: &Path, sets: &[String]) -> Result<RunConfig> {
-        let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-        RunConfig::parse(file, &text, sets)
+        RunConfig::compose(&[file.to_path_buf()], &Edits::sets(sets))
+    }
+
+    /// A run config composed of a base file and fragments merged over it in order (`config_doc::compose`; a study's
+    /// variants are fragments such as configs/study/rank-mlp-div2.toml), then the command line's edits. Errors
+    /// name the base file, or the option of a value the command line set.
+    pub fn compose(files: &[PathBuf], edits: &Edits) -> Result<RunConfig> {
+        let (base, doc) = config_doc::compose(files)?;
+        RunConfig::from_doc(&base, doc, edits)
     }
 
     pub fn parse(file: &Path, text: &str, sets: &[String]) -> Result<RunConfig> {
-        let mut doc: toml::Table = toml::from_str(text).map_err(|e| Error::format(file, e.to_string().trim_end()))?;
-        apply_sets(file, &mut doc, sets)?;
+        let doc: toml::Table = toml::from_str(text).map_err(|e| Error::format(file, e.to_string().trim_end()))?;
+        RunConfig::from_doc(file, doc, &Edits::sets(sets))
+    }
+
+    fn from_doc(file: &Path, mut doc: toml::Table, edits: &Edits) -> Result<RunConfig> {
+        edits.apply(&mut doc)?;
+        RunConfig::checked(file, doc).map_err(|e| edits.attribute(e))
+    }
+
+    fn checked(file: &Path, doc: toml::Table) -> Result<RunConfig> {
         let text = toml::to_string(&doc).map_err(|e| Error::format(file, e.to_string()))?;
         if let Some(k) = doc.keys().find(|k| !SECTIONS.contains(&k.as_str())) {
             return Err(Error::config(file, k.clone(), format!("unknown section (known: {})", SECTIONS.join(", "))));
@@ -273,10 +331,7 @@ impl RunConfig {
                 return Err(Error::config(file, required, "missing section"));
             }
         }
-        let model: ModelSection = doc["model"]
-            .clone()
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::config(file, "model", e.message().to_string()))?;
+        let model: ModelSection = parse_section(file, "model", &doc["model"])?;
         let cfg = RunConfig {
             file: file.to_path_buf(),
             plan: Plan::from_toml(file, &text)?,
@@ -292,14 +347,6 @@ impl RunConfig {
         Ok(cfg)
     }
 
-    pub fn state_bits(&self) -> StateBits {
-        if self.train.optimizer.trim_start_matches("paged_").contains("8bit") {
-            StateBits::B8
-        } else {
-            StateBits::B32
-        }
-    }
-
     pub fn warmup(&self) -> u64 {
         self.train
             .warmup_steps
@@ -310,13 +357,6 @@ impl RunConfig {
     fn check(&self) -> Result<()> {
         let bad = |field: &str, msg: String| Err(Error::config(&self.file, field, msg));
         let (t, d, e) = (&self.train, &self.data, &self.eval);
-        if !["none", "nf4", "fp4", "int4"].contains(&self.quant.format.as_str()) {
-            return bad("quant.format", format!("`{}` is not one of none, nf4, fp4, int4", self.quant.format));
-        }
-        let optimizers = ["adamw-32bit", "adamw-8bit", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"];
-        if !optimizers.contains(&t.optimizer.as_str()) {
-            return bad("train.optimizer", format!("`{}` is not one of {}", t.optimizer, optimizers.join(", ")));
-        }
         for (field, v) in
             [("train.steps", t.steps as usize), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum)]
         {

@@ -3,8 +3,10 @@
 
 pub mod bench;
 pub mod config;
+pub mod metrics;
 pub mod optimizer;
 pub mod plot;
 pub mod run_dir;
 pub mod schedule;
+pub mod step;
 pub mod trainer;

@@ -1,6 +1,7 @@
 //! The run directory: `config.toml` (the run's config after `--set`), `metrics.jsonl` (one JSON object per
 //! logged step or evaluation), `checkpoints/step-NNNNNNN/` (adapter, optimizer state, trainer state), the final
-//! `adapter/` and `loss.svg`.
+//! `adapter/`, `loss.svg`, `evals/step-NNNNNN.json` (every benchmark item's prediction at each evaluation) and
+//! `summary.json`. Only this type writes them.
 //!
 //! A checkpoint is written into a hidden temporary directory, every file synced, then renamed into place, so a
 //! crash or a full disk leaves either the complete checkpoint or none; earlier checkpoints are never touched
@@ -9,15 +10,21 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use serde::Serialize;
 
+use super::config::RunConfig;
+use super::metrics::Record;
+use crate::config_doc::Edits;
 use crate::error::{Error, Result};
+use crate::formats::write_atomic;
 
 pub const CONFIG: &str = "config.toml";
 pub const METRICS: &str = "metrics.jsonl";
 pub const CHECKPOINTS: &str = "checkpoints";
 pub const FINAL_ADAPTER: &str = "adapter";
 pub const PLOT: &str = "loss.svg";
+pub const SUMMARY: &str = "summary.json";
+pub const EVALS: &str = "evals";
 
 pub struct RunDir {
     pub path: PathBuf,
@@ -51,6 +58,21 @@ impl RunDir {
         Ok(RunDir { path: path.to_path_buf() })
     }
 
+    /// A new run directory for `cfg` at its `train.out_dir` (see `create`), holding the config as run.
+    pub fn start(cfg: &RunConfig, overwrite: bool) -> Result<RunDir> {
+        let run = RunDir::create(&cfg.train.out_dir, overwrite)?;
+        write_atomic(&run.file(CONFIG), cfg.text.as_bytes())?;
+        Ok(run)
+    }
+
+    /// The run directory `path` resumed with `edits` applied to its config, which it keeps from now on.
+    pub fn resume(path: &Path, edits: &Edits) -> Result<(RunDir, RunConfig)> {
+        let run = RunDir::open(path)?;
+        let cfg = RunConfig::compose(&[run.file(CONFIG)], edits)?;
+        write_atomic(&run.file(CONFIG), cfg.text.as_bytes())?;
+        Ok((run, cfg))
+    }
+
     pub fn open(path: &Path) -> Result<RunDir> {
         if !path.join(CONFIG).exists() {
             return Err(Error::Invalid(format!("{} is not a qpeft run directory (no {CONFIG})", path.display())));
@@ -62,15 +84,21 @@ impl RunDir {
         self.path.join(name)
     }
 
-    pub fn append_metrics(&self, record: &Value) -> Result<()> {
+    pub fn append_metrics(&self, record: &Record) -> Result<()> {
         let path = self.file(METRICS);
+        let line = serde_json::to_string(record).expect("records serialize");
         let mut f =
             std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
-        writeln!(f, "{record}").map_err(|e| Error::io(&path, e))
+        writeln!(f, "{line}").map_err(|e| Error::io(&path, e))
+    }
+
+    /// Starts metrics.jsonl over (a resumed run that had no checkpoint yet).
+    pub fn clear_metrics(&self) -> Result<()> {
+        write_atomic(&self.file(METRICS), b"")
     }
 
     /// Every metrics record, in order.
-    pub fn metrics(&self) -> Result<Vec<Value>> {
+    pub fn metrics(&self) -> Result<Vec<Record>> {
         let path = self.file(METRICS);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -86,14 +114,30 @@ impl RunDir {
         let kept: Vec<String> = self
             .metrics()?
             .into_iter()
-            .filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s <= step))
-            .map(|r| r.to_string())
+            .filter(|r| r.step() <= step)
+            .map(|r| serde_json::to_string(&r).expect("records serialize"))
             .collect();
         let mut text = kept.join("\n");
         if !text.is_empty() {
             text.push('\n');
         }
-        crate::formats::write_atomic(&self.file(METRICS), text.as_bytes())
+        write_atomic(&self.file(METRICS), text.as_bytes())
+    }
+
+    /// The predictions of every benchmark item evaluated at `step`.
+    pub fn write_eval_report(&self, step: u64, report: &impl Serialize) -> Result<()> {
+        let dir = self.file(EVALS);
+        std::fs::create_dir_all(&dir).map_err(|err| Error::io(&dir, err))?;
+        write_atomic(&dir.join(format!("step-{step:06}.json")), &serde_json::to_vec(report).expect("reports serialize"))
+    }
+
+    /// The run's outcome (`summary.json`).
+    pub fn write_summary(&self, summary: &impl Serialize) -> Result<()> {
+        write_atomic(&self.file(SUMMARY), &serde_json::to_vec_pretty(summary).expect("summaries serialize"))
+    }
+
+    pub fn write_plot(&self, svg: &str) -> Result<()> {
+        write_atomic(&self.file(PLOT), svg.as_bytes())
     }
 
     fn checkpoint_dir(&self, step: u64) -> PathBuf {

@@ -8,16 +8,19 @@
 //! micro-batch), and checkpoints hold the exact f32 adapter and optimizer state plus the data position — so a
 //! run resumed from a checkpoint ends bit-identical to one that was never interrupted.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::config::RunConfig;
-use super::optimizer::{clip_coefficient, grad_norm, AdamW, OptimizerState, Tensor};
+use super::metrics::{Evaluation, Record, StepRecord};
+use super::optimizer::{OptimizerState, Tensor};
 use super::plot::loss_svg;
-use super::run_dir::{RunDir, CONFIG, FINAL_ADAPTER, PLOT};
+use super::run_dir::{RunDir, FINAL_ADAPTER};
+use super::step::StepRecipe;
 use crate::adapters::peft::{self, Modules};
 use crate::adapters::set::AdapterSet;
 use crate::adapters::BaseKind;
@@ -56,19 +59,6 @@ pub struct Progress {
     pub loss: f64,
     pub tokens_per_s: f64,
     pub message: Option<String>,
-}
-
-/// Held-out results at one step.
-#[derive(Clone, Debug, Serialize)]
-pub struct Evaluation {
-    pub step: u64,
-    /// Mean cross-entropy per target token over the evaluated examples.
-    pub eval_loss: f64,
-    pub eval_tokens: usize,
-    /// (correct, judged) when exact match is on.
-    pub exact_match: Option<(usize, usize)>,
-    /// Benchmark scores of `[eval] tasks`, e.g. ("mmlu_acc", 0.31), ("arc_easy_acc_norm", 0.42).
-    pub tasks: Vec<(String, f64)>,
 }
 
 /// The outcome of `train`.
@@ -110,13 +100,7 @@ pub fn load_model<B: Backend>(
 /// How `[quant]` quantizes the block linears of `ckpt` (None: keep them as stored), checked against the checkpoint.
 pub fn quantize_options(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<Option<QuantizeOptions>> {
     let q = &cfg.quant;
-    let format = match q.format.as_str() {
-        "nf4" => Some(Format::Nf4),
-        "fp4" => Some(Format::Fp4),
-        "int4" => Some(Format::Int4),
-        _ => None,
-    };
-    if let Some(format) = format {
+    if let Some(format) = q.format.format() {
         if ckpt.quant.is_some() {
             return Err(Error::config(
                 &cfg.file,
@@ -239,11 +223,6 @@ pub fn heldout_loss<B: Backend>(
     loss_over(model, adapters, &collator, examples, batch, cfg.train.loss_chunk)
 }
 
-/// Seed of the dropout masks of one micro-batch.
-fn micro_seed(seed: u64, step: u64, micro: usize) -> u64 {
-    crate::adapters::set::module_seed(seed ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93), micro, crate::arch::Proj::Q)
-}
-
 /// A training session: model, adapters, data, optimizer and where it stands.
 pub struct Trainer<'a, B: Backend> {
     pub cfg: &'a RunConfig,
@@ -296,7 +275,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 run.truncate_metrics(step)?;
             } else {
                 // No checkpoint yet: the run starts over, metrics included.
-                crate::formats::write_atomic(&run.file(super::run_dir::METRICS), b"")?;
+                run.clear_metrics()?;
             }
         }
         let lengths = train.iter().map(Example::chars).collect();
@@ -317,23 +296,6 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         })
     }
 
-    fn next_batch(&mut self) -> Result<Vec<Tokenized>> {
-        let n = self.train.len();
-        if self.state.cursor >= n {
-            self.state.epoch += 1;
-            self.state.cursor = 0;
-        }
-        if self.order.0 != self.state.epoch {
-            let group = self.cfg.data.group_by_length.then_some(self.cfg.train.batch_size * self.cfg.train.grad_accum);
-            self.order =
-                (self.state.epoch, sampler::epoch_order(&self.lengths, self.cfg.data.seed, self.state.epoch, group));
-        }
-        let end = (self.state.cursor + self.cfg.train.batch_size).min(n);
-        let idx = self.order.1[self.state.cursor..end].to_vec();
-        self.state.cursor = end;
-        idx.iter().map(|&i| self.collator.tokenize(&self.train[i])).collect()
-    }
-
     /// Held-out loss over the first `eval.max_samples` held-out examples, and exact match on the first
     /// `eval.exact_match` of them.
     pub fn evaluate(&self) -> Result<Option<Evaluation>> {
@@ -344,22 +306,23 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         let held = &self.eval[..e.max_samples.max(1).min(self.eval.len())];
         let (eval_loss, eval_tokens) =
             loss_over(self.model, Some(&self.set), &self.collator, held, e.batch_size, self.cfg.train.loss_chunk)?;
-        let exact_match = if e.exact_match > 0 {
+        let (exact_match, exact_match_n) = if e.exact_match > 0 {
             let judged = &self.eval[..e.exact_match.min(self.eval.len())];
             let answers = exact_match(self.model, Some(&self.set), self.tok, &self.collator, judged, e.max_new_tokens)?;
-            Some((answers.iter().filter(|a| a.correct).count(), answers.len()))
+            let correct = answers.iter().filter(|a| a.correct).count();
+            (Some(correct as f64 / answers.len().max(1) as f64), Some(answers.len()))
         } else {
-            None
+            (None, None)
         };
         let tasks = self.run_tasks()?;
-        Ok(Some(Evaluation { step: self.state.step, eval_loss, eval_tokens, exact_match, tasks }))
+        Ok(Some(Evaluation { step: self.state.step, eval_loss, eval_tokens, exact_match, exact_match_n, tasks }))
     }
 
     /// The `[eval] tasks` with the current adapters; every item's prediction goes to `evals/step-N.json`.
-    fn run_tasks(&self) -> Result<Vec<(String, f64)>> {
+    fn run_tasks(&self) -> Result<BTreeMap<String, f64>> {
         let e = &self.cfg.eval;
         if e.tasks.is_empty() {
-            return Ok(Vec::new());
+            return Ok(BTreeMap::new());
         }
         let opts = suite::Options {
             data_dir: e.data_dir.clone(),
@@ -368,29 +331,22 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             mmlu_max_len: 2048,
             batch: e.batch_size,
         };
-        let (mut scores, mut reports) = (Vec::new(), serde_json::Map::new());
+        let (mut scores, mut reports) = (BTreeMap::new(), serde_json::Map::new());
         for name in suite::parse_tasks(&e.tasks.join(","))? {
             let r = suite::run(self.model, Some(&self.set), self.tok, &name, &opts, |_, _| {})?;
             scores.extend(r.metrics().into_iter().map(|(m, v)| (format!("{name}_{m}"), v)));
             reports.insert(name, serde_json::to_value(&r).expect("reports serialize"));
         }
-        let dir = self.run.path.join("evals");
-        std::fs::create_dir_all(&dir).map_err(|err| Error::io(&dir, err))?;
-        let file = dir.join(format!("step-{:06}.json", self.state.step));
-        crate::formats::write_atomic(&file, &serde_json::to_vec(&Value::Object(reports)).expect("json"))?;
+        self.run.write_eval_report(self.state.step, &Value::Object(reports))?;
         Ok(scores)
     }
 
-    fn record_eval(&self, ev: &Evaluation) -> Result<()> {
-        let mut r = json!({"step": ev.step, "eval_loss": ev.eval_loss, "eval_tokens": ev.eval_tokens});
-        if let Some((c, n)) = ev.exact_match {
-            r["exact_match"] = json!(c as f64 / n.max(1) as f64);
-            r["exact_match_n"] = json!(n);
+    /// Evaluates and records the result in metrics.jsonl.
+    fn evaluate_and_record(&self) -> Result<()> {
+        if let Some(ev) = self.evaluate()? {
+            self.run.append_metrics(&Record::Eval(ev))?;
         }
-        if !ev.tasks.is_empty() {
-            r["tasks"] = Value::Object(ev.tasks.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
-        }
-        self.run.append_metrics(&r)
+        Ok(())
     }
 
     fn save_checkpoint(&self) -> Result<()> {
@@ -411,16 +367,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
     pub fn run(&mut self, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
         let (cfg, t) = (self.cfg, &self.cfg.train);
         let start = Instant::now();
-        let opt = AdamW {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-            bits: cfg.state_bits(),
-            min_8bit_size: t.min_8bit_size,
-        };
-        let warmup = cfg.warmup();
-        let mut first = None;
+        let recipe = StepRecipe::from_config(cfg);
         if self.state.step == 0 {
             progress(&Progress {
                 step: 0,
@@ -429,111 +376,83 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 tokens_per_s: 0.0,
                 message: Some("evaluating before training".into()),
             });
-            first = self.evaluate()?;
-            if let Some(ev) = &first {
-                self.record_eval(ev)?;
-            }
+            self.evaluate_and_record()?;
         }
         let mut rates = Vec::new();
-        let be = &self.model.backend;
         while self.state.step < t.steps {
-            let step_start = Instant::now();
             let step = self.state.step;
-            self.set.zero_grads(be)?;
-            let (mut loss, mut tokens, mut inputs) = (0f64, 0usize, 0usize);
-            for micro in 0..t.grad_accum {
-                let items = self.next_batch()?;
-                let refs: Vec<&Tokenized> = items.iter().collect();
-                let batch = self.collator.batch(&refs);
-                inputs += batch.input.mask.iter().filter(|&&m| m != 0).count();
-                let opts = StepOptions {
-                    checkpointing: t.checkpointing,
-                    dropout: true,
-                    seed: micro_seed(t.seed, step, micro),
-                    grad_scale: 1.0 / t.grad_accum as f32,
-                    loss_chunk: t.loss_chunk,
-                    mlp_chunk: t.mlp_chunk,
-                };
-                let r = self.model.loss_and_backward(&batch, &mut self.set, &opts)?;
-                if !r.loss.is_finite() {
-                    return Err(Error::Invalid(format!(
-                        "the loss is {} at step {} (micro-batch {micro}); stopping — the newest checkpoint in {} is intact",
-                        r.loss,
-                        step + 1,
-                        self.run.path.display()
-                    )));
-                }
-                loss += r.loss / t.grad_accum as f64;
-                tokens += r.tokens;
-            }
-            let norm = grad_norm(be, self.set.named_params().into_iter().map(|(_, p)| p))?;
-            if !norm.is_finite() {
-                return Err(Error::Invalid(format!("the gradient norm is {norm} at step {}; stopping", step + 1)));
-            }
-            let lr = (t.lr * t.schedule.multiplier(step, warmup, t.steps)) as f32;
-            opt.step(
-                be,
-                &mut self.opt_state,
-                self.set.named_params_mut(),
-                lr,
-                clip_coefficient(norm, t.max_grad_norm),
-            )?;
+            let (model, set, opt_state) = (self.model, &mut self.set, &mut self.opt_state);
+            let (train, collator, state, order) = (&self.train, &self.collator, &mut self.state, &mut self.order);
+            let mut next_batch = || {
+                let items = next_items(cfg, train, &self.lengths, collator, state, order)?;
+                Ok(collator.batch(&items.iter().collect::<Vec<_>>()))
+            };
+            let s = recipe.step(model, set, opt_state, step, &mut next_batch).map_err(|e| match e {
+                Error::Invalid(msg) => Error::Invalid(format!(
+                    "{msg}; stopping — the newest checkpoint in {} is intact",
+                    self.run.path.display()
+                )),
+                other => other,
+            })?;
             self.state.step += 1;
-            self.state.tokens += tokens as u64;
-            let secs = step_start.elapsed().as_secs_f64();
+            self.state.tokens += s.tokens as u64;
+            let seconds = s.forward_backward_s + s.optimizer_s;
             // Throughput counts every real (non-padding) input token, as peers report it.
-            let rate = inputs as f64 / secs;
+            let rate = s.input_tokens as f64 / seconds;
             rates.push(rate);
-            self.run.append_metrics(&json!({
-                "step": self.state.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "input_tokens": inputs,
-                "tokens_per_s": rate, "epoch": self.state.epoch, "seconds": secs,
+            self.run.append_metrics(&Record::Step(StepRecord {
+                step: self.state.step,
+                loss: s.loss,
+                lr: s.lr,
+                grad_norm: s.grad_norm,
+                tokens: s.tokens,
+                input_tokens: s.input_tokens,
+                tokens_per_s: rate,
+                epoch: self.state.epoch,
+                seconds,
             }))?;
-            progress(&Progress { step: self.state.step, steps: t.steps, loss, tokens_per_s: rate, message: None });
+            let at = |message: Option<&str>| Progress {
+                step: step + 1,
+                steps: t.steps,
+                loss: s.loss,
+                tokens_per_s: rate,
+                message: message.map(str::to_string),
+            };
+            progress(&at(None));
             let at_end = self.state.step == t.steps;
             if (cfg.eval.every > 0 && self.state.step.is_multiple_of(cfg.eval.every)) || at_end {
-                progress(&Progress {
-                    step: self.state.step,
-                    steps: t.steps,
-                    loss,
-                    tokens_per_s: rate,
-                    message: Some("evaluating".into()),
-                });
-                if let Some(ev) = self.evaluate()? {
-                    self.record_eval(&ev)?;
-                }
+                progress(&at(Some("evaluating")));
+                self.evaluate_and_record()?;
             }
             if (t.checkpoint_every > 0 && self.state.step.is_multiple_of(t.checkpoint_every)) || at_end {
                 self.save_checkpoint()?;
             }
         }
         self.finish()?;
-        let last = self.run.metrics()?.into_iter().rev().find(|r| r.get("eval_loss").is_some()).map(|r| Evaluation {
-            step: r["step"].as_u64().unwrap_or(0),
-            eval_loss: r["eval_loss"].as_f64().unwrap_or(f64::NAN),
-            eval_tokens: r["eval_tokens"].as_u64().unwrap_or(0) as usize,
-            exact_match: r.get("exact_match").and_then(Value::as_f64).map(|f| {
-                let n = r["exact_match_n"].as_u64().unwrap_or(0) as usize;
-                ((f * n as f64).round() as usize, n)
-            }),
-            tasks: r
-                .get("tasks")
-                .and_then(Value::as_object)
-                .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
-                .unwrap_or_default(),
-        });
+        let evals: Vec<Evaluation> = self
+            .run
+            .metrics()?
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Eval(e) => Some(e),
+                Record::Step(_) => None,
+            })
+            .collect();
         let steady = if rates.len() > 1 { &rates[1..] } else { &rates[..] };
-        Ok(Summary {
+        let summary = Summary {
             run_dir: self.run.path.clone(),
             steps: self.state.step,
             trainable: self.set.trainable(),
             train_examples: self.train.len(),
             eval_examples: self.eval.len(),
-            first,
-            last,
+            first: evals.iter().find(|e| e.step == 0).cloned(),
+            last: evals.last().cloned(),
             tokens_per_s: if steady.is_empty() { 0.0 } else { steady.iter().sum::<f64>() / steady.len() as f64 },
             peak_rss_mib: peak_rss_mib(),
             seconds: start.elapsed().as_secs_f64(),
-        })
+        };
+        self.run.write_summary(&summary)?;
+        Ok(summary)
     }
 
     /// The final adapter and the loss plot.
@@ -548,18 +467,20 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             &self.cfg.model.path.display().to_string(),
         )?;
         let metrics = self.run.metrics()?;
-        let series = |key: &str| -> Vec<(f64, f64)> {
-            metrics.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect()
-        };
+        let loss: Vec<(f64, f64)> = metrics
+            .iter()
+            .filter_map(|r| if let Record::Step(s) = r { Some((s.step as f64, s.loss)) } else { None })
+            .collect();
+        let eval_loss: Vec<(f64, f64)> = metrics
+            .iter()
+            .filter_map(|r| if let Record::Eval(e) = r { Some((e.step as f64, e.eval_loss)) } else { None })
+            .collect();
         let title = format!(
             "{} — {}",
             self.run.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             self.cfg.model.path.display()
         );
-        crate::formats::write_atomic(
-            &self.run.file(PLOT),
-            loss_svg(&title, &series("loss"), &series("eval_loss")).as_bytes(),
-        )
+        self.run.write_plot(&loss_svg(&title, &loss, &eval_loss))
     }
 }
 
@@ -607,7 +528,27 @@ pub struct Answer {
     pub correct: bool,
 }
 
-/// Reads a run directory's `config.toml` (for `--resume`), applying `sets`.
-pub fn resume_config(run: &Path, sets: &[String]) -> Result<RunConfig> {
-    RunConfig::read(&run.join(CONFIG), sets)
+/// The next micro-batch's examples, tokenized: `batch_size` examples in the epoch's order (length-grouped when
+/// `data.group_by_length`), a new epoch and order when the current one is used up.
+fn next_items(
+    cfg: &RunConfig,
+    train: &[Example],
+    lengths: &[usize],
+    collator: &Collator<'_>,
+    state: &mut TrainerState,
+    order: &mut (u64, Vec<usize>),
+) -> Result<Vec<Tokenized>> {
+    let n = train.len();
+    if state.cursor >= n {
+        state.epoch += 1;
+        state.cursor = 0;
+    }
+    if order.0 != state.epoch {
+        let group = cfg.data.group_by_length.then_some(cfg.train.batch_size * cfg.train.grad_accum);
+        *order = (state.epoch, sampler::epoch_order(lengths, cfg.data.seed, state.epoch, group));
+    }
+    let end = (state.cursor + cfg.train.batch_size).min(n);
+    let idx = order.1[state.cursor..end].to_vec();
+    state.cursor = end;
+    idx.iter().map(|&i| collator.tokenize(&train[i])).collect()
 }

@@ -1,0 +1,141 @@
+//! One optimizer step, the same for `qpeft train` and `qpeft bench train` (methods.md §7): the gradients are
+//! freed, `grad_accum` micro-batches run forward and backward (each one's mean loss divided by `grad_accum`, as HF
+//! Trainer of the papers' era does), the gradients are clipped to a global L2 norm, and AdamW (32- or 8-bit)
+//! updates the adapters with the scheduled learning rate.
+//!
+//! Dropout masks are keyed by (seed, step, micro-batch), so a resumed run or a recomputation draws the same ones.
+
+use std::time::Instant;
+
+use super::config::RunConfig;
+use super::optimizer::{clip_coefficient, grad_norm, AdamW, OptimizerState};
+use super::schedule::Schedule;
+use crate::adapters::set::{module_seed, AdapterSet};
+use crate::arch::Proj;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::train::{Batch, StepOptions};
+use crate::model::Decoder;
+
+/// Everything about a step that the run config fixes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepRecipe {
+    pub adamw: AdamW,
+    /// Peak learning rate, its schedule, warm-up steps and the run's length (which the schedule needs).
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup: u64,
+    pub steps: u64,
+    /// Global gradient-norm clip (0: off).
+    pub max_grad_norm: f64,
+    pub grad_accum: usize,
+    /// Seed of the dropout masks.
+    pub seed: u64,
+    pub checkpointing: bool,
+    pub loss_chunk: usize,
+    pub mlp_chunk: Option<usize>,
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// Mean of the micro-batches' losses.
+    pub loss: f64,
+    /// Loss targets, and real (non-padding) input tokens, over the micro-batches.
+    pub tokens: usize,
+    pub input_tokens: usize,
+    /// Global gradient norm before clipping, and the learning rate used.
+    pub grad_norm: f64,
+    pub lr: f32,
+    /// Wall time of the forward and backward passes, and of clipping and the optimizer (the backend synchronized
+    /// in between).
+    pub forward_backward_s: f64,
+    pub optimizer_s: f64,
+}
+
+impl StepRecipe {
+    /// The step of a run config's `[train]` section.
+    pub fn from_config(cfg: &RunConfig) -> StepRecipe {
+        let t = &cfg.train;
+        StepRecipe {
+            adamw: AdamW {
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: t.eps,
+                weight_decay: t.weight_decay,
+                bits: t.optimizer.state_bits(),
+                min_8bit_size: t.min_8bit_size,
+            },
+            lr: t.lr,
+            schedule: t.schedule,
+            warmup: cfg.warmup(),
+            steps: t.steps,
+            max_grad_norm: t.max_grad_norm,
+            grad_accum: t.grad_accum,
+            seed: t.seed,
+            checkpointing: t.checkpointing,
+            loss_chunk: t.loss_chunk,
+            mlp_chunk: t.mlp_chunk,
+        }
+    }
+
+    /// Takes optimizer step `step` (0-based) of `set` on the micro-batches `next_batch` gives.
+    pub fn step<B: Backend + 'static>(
+        &self,
+        model: &Decoder<B>,
+        set: &mut AdapterSet<B>,
+        state: &mut OptimizerState<B>,
+        step: u64,
+        next_batch: &mut dyn FnMut() -> Result<Batch>,
+    ) -> Result<StepStats> {
+        let be = &model.backend;
+        let start = Instant::now();
+        set.zero_grads(be)?;
+        let (mut loss, mut tokens, mut input_tokens) = (0f64, 0usize, 0usize);
+        for micro in 0..self.grad_accum {
+            let batch = next_batch()?;
+            input_tokens += batch.input.mask.iter().filter(|&&m| m != 0).count();
+            let opts = StepOptions {
+                checkpointing: self.checkpointing,
+                dropout: true,
+                seed: micro_seed(self.seed, step, micro),
+                grad_scale: 1.0 / self.grad_accum as f32,
+                loss_chunk: self.loss_chunk,
+                mlp_chunk: self.mlp_chunk,
+            };
+            let r = model.loss_and_backward(&batch, set, &opts)?;
+            if !r.loss.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "the loss is {} at step {} (micro-batch {micro})",
+                    r.loss,
+                    step + 1
+                )));
+            }
+            loss += r.loss / self.grad_accum as f64;
+            tokens += r.tokens;
+        }
+        be.synchronize()?;
+        let middle = Instant::now();
+        let norm = grad_norm(be, set.named_params().into_iter().map(|(_, p)| p))?;
+        if !norm.is_finite() {
+            return Err(Error::Invalid(format!("the gradient norm is {norm} at step {}", step + 1)));
+        }
+        let lr = (self.lr * self.schedule.multiplier(step, self.warmup, self.steps)) as f32;
+        self.adamw.step(be, state, set.named_params_mut(), lr, clip_coefficient(norm, self.max_grad_norm))?;
+        be.synchronize()?;
+        Ok(StepStats {
+            loss,
+            tokens,
+            input_tokens,
+            grad_norm: norm,
+            lr,
+            forward_backward_s: (middle - start).as_secs_f64(),
+            optimizer_s: middle.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Seed of the dropout masks of one micro-batch.
+fn micro_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    module_seed(seed ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93), micro, Proj::Q)
+}
