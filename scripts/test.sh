@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# The test command: fetches the real default model, builds the reference HF conversion of it
-# (numpy + gguf-py in a small venv), then runs clippy and every test.
+# The test command: fetches the real default model, builds the reference HF conversion of it (numpy + gguf-py in a
+# small venv), checks formatting and the module graph, then runs clippy and every test.
+#
+# One feature set for everything: the CUDA backend builds without CUDA (cudarc loads it at run time), so the CPU tests
+# and the CUDA backend's checks without a GPU (the missing-driver error) share one build. The GPU half runs on the GPU
+# machine: scripts/gpu/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step() { echo "== $* ($(date +%T))"; }
+step fetch
 scripts/fetch-smollm2.sh
 if [ ! -s models/smollm2-hf/model.safetensors ]; then
   if [ ! -x .venv-ref/bin/python ]; then
@@ -11,9 +17,12 @@ if [ ! -s models/smollm2-hf/model.safetensors ]; then
   fi
   .venv-ref/bin/python scripts/reference/gguf_to_hf.py models/SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2-hf
 fi
-cargo clippy --release --all-targets -- -D warnings
-cargo test --release --workspace
-# The CUDA backend builds without CUDA (cudarc loads it at run time); here its tests check the missing-driver
-# error. The GPU half runs on the GPU machine: scripts/gpu/test.sh.
-cargo clippy --release -p qpeft --features cuda --all-targets -- -D warnings
-cargo test --release -p qpeft --features cuda --test cuda_parity
+step format
+cargo fmt --all --check
+step module graph
+python3 scripts/module_graph.py
+step clippy
+cargo clippy --release --workspace --all-features --all-targets -- -D warnings
+step tests
+cargo test --release --workspace --all-features
+step done

@@ -204,6 +204,8 @@ pub struct Options {
     pub split: String,
     /// First `limit` questions of each subject (None: all).
     pub limit: Option<usize>,
+    /// Only these subjects (empty: all 57).
+    pub subjects: Vec<String>,
     pub shots: usize,
     /// Longest prompt in tokens; shots are dropped until the prompt fits, then it is left-truncated.
     pub max_len: usize,
@@ -222,9 +224,12 @@ pub fn evaluate<B: Backend>(
     let dev = load_split(dir, "dev")?;
     let test = load_split(dir, &opts.split)?;
     let letters = answer_tokens(tok)?;
+    if let Some(s) = opts.subjects.iter().find(|s| !test.contains_key(*s)) {
+        return Err(Error::Invalid(format!("MMLU has no subject `{s}` in {}", dir.display())));
+    }
     // (subject, index, k, tokens)
     let mut prompts: Vec<(String, usize, usize, Vec<u32>)> = Vec::new();
-    for (subject, questions) in &test {
+    for (subject, questions) in test.iter().filter(|(s, _)| opts.subjects.is_empty() || opts.subjects.contains(s)) {
         let shots = dev
             .get(subject)
             .ok_or_else(|| Error::format(&dir.join("dev"), format!("no dev file for subject `{subject}`")))?;

@@ -85,6 +85,7 @@ pub fn run<B: Backend>(
         let o = mmlu::Options {
             split: opts.mmlu_split.clone(),
             limit: opts.limit,
+            subjects: Vec::new(),
             shots: 5,
             max_len: opts.mmlu_max_len,
             batch: opts.batch,
