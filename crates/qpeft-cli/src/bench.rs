@@ -8,9 +8,10 @@ use clap::{Args, Subcommand};
 use qpeft::adapters::set::AdapterSet;
 use qpeft::backend::{Backend, Device};
 use qpeft::model::{Checkpoint, Decoder};
+use qpeft::train::base::quantize_options;
 use qpeft::train::bench::{train_steps, BenchOptions};
 use qpeft::train::step::StepRecipe;
-use qpeft::train::trainer::{quantize_options, resolve_modules};
+use qpeft::train::trainer::resolve_modules;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -54,7 +55,7 @@ fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
     let cfg = config.run_config()?;
     let ckpt = Checkpoint::open(&cfg.model.path)?;
     let start = std::time::Instant::now();
-    let model = Decoder::load_quantized(&ckpt, be, quantize_options(&cfg, &ckpt)?.as_ref(), &mut |_| {})?;
+    let model = Decoder::load_quantized(&ckpt, be, quantize_options(&cfg, &ckpt)?.as_ref(), &mut |_, _| {})?;
     let modules = resolve_modules(&cfg, &model)?;
     let mut set =
         AdapterSet::build(&model.backend, &model.spec, cfg.train.seed, |l, p| modules[l][p as usize].clone())?;

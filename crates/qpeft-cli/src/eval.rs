@@ -6,10 +6,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use qpeft::adapters::peft::read_adapter;
 use qpeft::backend::{Backend, Device};
 use qpeft::eval::suite::{self, TaskReport};
-use qpeft::model::{Checkpoint, Decoder};
+use qpeft::train::base::Adapted;
 use qpeft::train::trainer::{heldout_loss, load_data};
 use serde_json::json;
 
@@ -22,9 +21,11 @@ pub struct EvalArgs {
     adapter: Option<PathBuf>,
     /// Comma-separated: mmlu, hellaswag, piqa, winogrande, arc_easy, arc_challenge, boolq, openbookqa, all, and
     /// heldout (the loss and perplexity on the held-out split of the run config given by --config).
-    #[arg(long, default_value = "mmlu")]
-    tasks: String,
-    /// First N items of each zero-shot task and of the held-out split; first N questions of each MMLU subject.
+    /// Without --tasks, the tasks are listed with their sizes.
+    #[arg(long)]
+    tasks: Option<String>,
+    /// First N items of each zero-shot task and of the held-out split (default there: the config's
+    /// eval.max_samples, as the trainer measures it); first N questions of each MMLU subject.
     #[arg(long)]
     limit: Option<usize>,
     /// The datasets folder (mmlu/, hellaswag/, … inside it).
@@ -36,9 +37,9 @@ pub struct EvalArgs {
     /// Longest MMLU prompt in tokens (shots are dropped to fit).
     #[arg(long, default_value_t = 2048)]
     max_len: usize,
-    /// Sequences per forward pass.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    /// Sequences per forward pass (default 8; for `heldout`, the config's eval.batch_size).
+    #[arg(long)]
+    batch: Option<usize>,
     /// Run config whose [data] section defines the held-out split (task `heldout`), with edits.
     #[command(flatten)]
     config: ConfigArgs,
@@ -50,30 +51,33 @@ pub struct EvalArgs {
 /// One line of the summary table: task, items, (metric, value)s, seconds.
 type Row = (String, usize, Vec<(&'static str, f64)>, f64);
 
-pub fn run(args: EvalArgs, device: Device) -> Result<()> {
-    crate::device::on_device!(device, be => run_on(args, be))
+pub fn run(args: EvalArgs, device: Device, other_base: bool) -> Result<()> {
+    crate::device::on_device!(device, be => run_on(args, be, other_base))
 }
 
-fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
-    let heldout = args.tasks.split(',').any(|t| t.trim() == "heldout");
-    let rest: Vec<&str> = args.tasks.split(',').map(str::trim).filter(|t| *t != "heldout").collect();
-    let names = suite::parse_tasks(&rest.join(","))?;
+fn run_on<B: Backend + 'static>(args: EvalArgs, be: B, other_base: bool) -> Result<()> {
+    let Some(tasks) = &args.tasks else {
+        println!("Tasks in {} (choose with --tasks NAME[,NAME…]; all = every benchmark):", args.data_dir.display());
+        for (name, n, what) in suite::sizes(&args.data_dir, &args.split)? {
+            println!("  {name:<14} {n:>6} {what}");
+        }
+        println!("  {:<14} {:>6} the run config's held-out examples (needs --config RUN.toml)", "heldout", "");
+        return Ok(());
+    };
+    let names = suite::parse_tasks(tasks, &["heldout"])?;
+    let heldout = names.iter().any(|t| t == "heldout");
+    let names: Vec<String> = names.into_iter().filter(|t| t != "heldout").collect();
     if heldout && !args.config.given() {
         bail!("task `heldout` needs --config RUN.toml (its [data] section defines the held-out split)");
     }
-    let ckpt = Checkpoint::open(&args.model)?;
+    let Adapted { ckpt, model, set, .. } = crate::adapted(be, &args.model, args.adapter.as_deref(), other_base)?;
     let tok = ckpt.tokenizer()?;
-    let model = Decoder::load(&ckpt, be)?;
-    let set = match &args.adapter {
-        Some(d) => Some(read_adapter(d, &model.backend, &model.spec)?.0),
-        None => None,
-    };
     let opts = suite::Options {
         data_dir: args.data_dir.clone(),
         limit: args.limit,
         mmlu_split: args.split.clone(),
         mmlu_max_len: args.max_len,
-        batch: args.batch,
+        batch: args.batch.unwrap_or(8),
     };
     let mut reports = serde_json::Map::new();
     // The report is rewritten after every task, so that a run stopped (or failing) part-way keeps what finished.
@@ -116,9 +120,11 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B) -> Result<()> {
         let cfg = args.config.run_config()?;
         let (_, mut held) =
             load_data(&cfg, &tok).with_context(|| format!("loading the data of {}", cfg.file.display()))?;
-        held.truncate(args.limit.unwrap_or(usize::MAX));
+        // As the trainer measures it: the first eval.max_samples held-out examples in batches of eval.batch_size.
+        held.truncate(args.limit.unwrap_or(cfg.eval.max_samples.max(1)));
         let start = Instant::now();
-        let (loss, tokens) = heldout_loss(&model, set.as_ref(), &tok, &cfg, &held, args.batch)?;
+        let (loss, tokens) =
+            heldout_loss(&model, set.as_ref(), &tok, &cfg, &held, args.batch.unwrap_or(cfg.eval.batch_size))?;
         let secs = start.elapsed().as_secs_f64();
         table.push(("heldout".into(), held.len(), vec![("loss", loss), ("perplexity", loss.exp())], secs));
         reports.insert("heldout".into(), json!({"examples": held.len(), "target_tokens": tokens, "loss": loss, "perplexity": loss.exp(), "seconds": secs}));

@@ -5,14 +5,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use qpeft::adapters::peft::read_adapter;
-use qpeft::adapters::set::AdapterSet;
 use qpeft::backend::{Backend, Device};
 use qpeft::eval::perplexity::perplexity;
 use qpeft::generate::{generate, GenerateOptions};
-use qpeft::model::merge::{merge_adapter_dir, MergedDtype};
-use qpeft::model::{Checkpoint, Decoder};
+use qpeft::model::merge::MergedDtype;
 use qpeft::tokenizer::Message;
+use qpeft::train::base::{load_adapted, merge, Adapted};
 
 mod bench;
 mod config_args;
@@ -20,6 +18,7 @@ mod device;
 mod eval;
 mod info;
 mod params;
+mod progress;
 mod quantize;
 mod train;
 
@@ -37,6 +36,10 @@ struct Cli {
     /// unless bf16 or f32 is asked for; `train` defaults to the config's [device]).
     #[arg(long, global = true)]
     device: Option<String>,
+    /// With --adapter: run the adapter on MODEL even if MODEL is not the base it was trained on (its recorded
+    /// fingerprint differs). By default the recorded base is required and rebuilt as trained.
+    #[arg(long, global = true)]
+    other_base: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -139,54 +142,59 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(cli.command, device) {
+    if let Err(e) = run(cli.command, device, cli.other_base) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(command: Command, device: Option<Device>) -> Result<()> {
+fn run(command: Command, device: Option<Device>, other_base: bool) -> Result<()> {
     let on = device.unwrap_or(Device::Cpu);
     match command {
         Command::Info { model, tensors, json } => info::run(&model, tensors, json),
         Command::Quantize(args) => quantize::run(args),
         Command::Params(args) => params::run(args),
         Command::Train(args) => train::run(args, device),
-        Command::Eval(args) => eval::run(args, on),
+        Command::Eval(args) => eval::run(args, on, other_base),
         Command::Bench(cmd) => bench::run(cmd, on),
         Command::Merge { model, adapter, out, dtype, to_16bit } => {
             let dtype: MergedDtype = dtype.parse().context("--dtype")?;
-            let merged = merge_adapter_dir(&Checkpoint::open(&model)?, &adapter, dtype, to_16bit, &out)?;
+            let (merged, note) = merge(&model, &adapter, other_base, dtype, to_16bit, &out)?;
+            eprintln!("{note}");
             let kind = if merged.kept_int4 { "GPTQ int4 with merged fp16 zero points" } else { dtype.torch_name() };
             eprintln!("merged {} ({} parameters) into {} ({kind})", adapter.display(), merged.trainable, out.display());
             Ok(())
         }
         Command::Logits { model, adapter, prompt, out } => {
-            device::on_device!(on, be => logits(be, &model, adapter.as_deref(), &prompt, &out))
+            device::on_device!(on, be => logits(adapted(be, &model, adapter.as_deref(), other_base)?, &prompt, &out))
         }
         Command::Generate { model, adapter, prompt, chat, system, max_new_tokens, temperature, top_p, seed } => {
             let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop_tokens: Vec::new() };
-            device::on_device!(on, be => generate_cmd(be, &model, adapter.as_deref(), prompt, chat, system, opts))
+            device::on_device!(on, be => generate_cmd(adapted(be, &model, adapter.as_deref(), other_base)?, prompt, chat, system, opts))
         }
         Command::Perplexity { model, file, adapter, window, json } => {
-            device::on_device!(on, be => perplexity_cmd(be, &model, &file, adapter.as_deref(), window, json))
+            device::on_device!(on, be => perplexity_cmd(adapted(be, &model, adapter.as_deref(), other_base)?, &file, window, json))
         }
     }
 }
 
-/// The adapter in `dir`, if given, for `model`.
-fn load_adapter<B: Backend + 'static>(model: &Decoder<B>, dir: Option<&Path>) -> Result<Option<AdapterSet<B>>> {
-    Ok(match dir {
-        Some(d) => Some(read_adapter(d, &model.backend, &model.spec)?.0),
-        None => None,
-    })
+/// `model`, with the adapter in `adapter` (if given) on the base it was trained on; says which base in one line.
+pub fn adapted<B: Backend + 'static>(
+    be: B,
+    model: &Path,
+    adapter: Option<&Path>,
+    other_base: bool,
+) -> Result<Adapted<B>> {
+    let a = load_adapted(model, adapter, other_base, be)?;
+    if let Some(note) = &a.note {
+        eprintln!("{note}");
+    }
+    Ok(a)
 }
 
-fn logits<B: Backend + 'static>(be: B, model: &Path, adapter: Option<&Path>, prompt: &str, out: &Path) -> Result<()> {
-    let ckpt = Checkpoint::open(model)?;
+fn logits<B: Backend + 'static>(a: Adapted<B>, prompt: &str, out: &Path) -> Result<()> {
+    let Adapted { ckpt, model: m, set, .. } = a;
     let ids = ckpt.tokenizer()?.encode(prompt, true)?;
-    let m = Decoder::load(&ckpt, be)?;
-    let set = load_adapter(&m, adapter)?;
     let mut cache = m.new_cache(1, ids.len())?;
     let hidden = m.forward_with(&qpeft::model::Input::single(&ids), &mut cache, set.as_ref(), &mut |_, _, _| Ok(()))?;
     let logits = m.backend.download(&m.logits(&hidden, ids.len())?)?;
@@ -202,15 +210,13 @@ fn logits<B: Backend + 'static>(be: B, model: &Path, adapter: Option<&Path>, pro
 }
 
 fn generate_cmd<B: Backend + 'static>(
-    be: B,
-    model: &Path,
-    adapter: Option<&Path>,
+    a: Adapted<B>,
     prompt: String,
     chat: bool,
     system: Option<String>,
     mut opts: GenerateOptions,
 ) -> Result<()> {
-    let ckpt = Checkpoint::open(model)?;
+    let Adapted { ckpt, model, set, .. } = a;
     let tok = ckpt.tokenizer()?;
     let text = if chat {
         let mut messages = Vec::new();
@@ -226,8 +232,6 @@ fn generate_cmd<B: Backend + 'static>(
     let ids = tok.encode(&text, !chat)?;
     opts.stop_tokens = ckpt.spec.eos_token_ids.clone();
     opts.stop_tokens.extend(tok.eos_token.as_deref().and_then(|t| tok.token_id(t)));
-    let model = Decoder::load(&ckpt, be)?;
-    let set = load_adapter(&model, adapter)?;
     let mut generated = Vec::new();
     let mut printed = 0;
     let mut stdout = std::io::stdout();
@@ -254,22 +258,14 @@ fn generate_cmd<B: Backend + 'static>(
     Ok(())
 }
 
-fn perplexity_cmd<B: Backend + 'static>(
-    be: B,
-    model: &Path,
-    file: &Path,
-    adapter: Option<&Path>,
-    window: Option<usize>,
-    json: bool,
-) -> Result<()> {
-    let ckpt = Checkpoint::open(model)?;
+fn perplexity_cmd<B: Backend + 'static>(a: Adapted<B>, file: &Path, window: Option<usize>, json: bool) -> Result<()> {
+    let Adapted { ckpt, mut model, set, .. } = a;
     let tok = ckpt.tokenizer()?;
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let ids = tok.encode(&text, true)?;
     let window = window.unwrap_or(ckpt.spec.max_position_embeddings.min(2048));
-    let mut model = Decoder::load(&ckpt, be)?;
-    if let Some(set) = load_adapter(&model, adapter)? {
-        model.merge_adapters(&set)?;
+    if let Some(set) = &set {
+        model.merge_adapters(set)?;
     }
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     bar.set_style(

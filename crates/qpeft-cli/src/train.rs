@@ -1,16 +1,20 @@
 //! `qpeft train`: one run from a TOML config (or `--resume RUN_DIR`), with a progress bar and a summary.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
 use crate::config_args::ConfigArgs;
+use crate::progress::Display;
 use clap::Args;
 use qpeft::backend::{Backend, Device};
+use qpeft::train::base::{describe as describe_recipe, load_model, quantize_options};
 use qpeft::train::config::RunConfig;
 use qpeft::train::metrics::Evaluation;
 use qpeft::train::run_dir::RunDir;
-use qpeft::train::trainer::{load_model, Trainer};
+use qpeft::train::trainer::{Progress, Trainer};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -64,15 +68,18 @@ pub fn run(args: TrainArgs, device: Option<Device>) -> Result<()> {
 }
 
 fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir, be: B) -> Result<()> {
-    let spinner = indicatif::ProgressBar::new_spinner();
-    let (model, tok, _) = load_model(cfg, be, &mut |name| spinner.set_message(format!("quantizing {name}")))?;
-    spinner.finish_and_clear();
+    let mut display = Display::new();
+    let (model, tok, ckpt) =
+        load_model(cfg, be, &mut |done, total| display.update("loading blocks", done as u64, total as u64, ""))?;
+    display.finish();
+    let base = match quantize_options(cfg, &ckpt)? {
+        Some(o) => format!("{} {}", cfg.model.path.display(), describe_recipe(&o)),
+        None => format!("{} as stored (quant.format = none)", cfg.model.path.display()),
+    };
     let mut trainer = Trainer::new(cfg, &model, &tok, run, args.resume.is_some())?;
-    eprintln!(
-        "{}: {} ({}), {} trainable parameters, {} training / {} held-out examples, {} steps of {} × {}{}",
+    display.say(&format!(
+        "{}: base {base}; {} trainable parameters, {} training / {} held-out examples, {} steps of {} × {}{}",
         trainer.run.path.display(),
-        cfg.model.path.display(),
-        cfg.quant.format,
         trainer.set.trainable(),
         trainer.train.len(),
         trainer.eval.len(),
@@ -80,27 +87,43 @@ fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir
         cfg.train.batch_size,
         cfg.train.grad_accum,
         if trainer.state.step > 0 { format!(", resuming after step {}", trainer.state.step) } else { String::new() }
-    );
-    let bar = indicatif::ProgressBar::new(cfg.train.steps);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
-            .expect("valid template"),
-    );
-    bar.set_position(trainer.state.step);
-    bar.reset_eta();
-    let summary = trainer.run(&mut |p| {
-        bar.set_position(p.step);
-        match &p.message {
-            Some(m) => bar.set_message(m.clone()),
-            None => bar.set_message(format!("loss {:.4}  {:.0} tok/s", p.loss, p.tokens_per_s)),
+    ));
+    // Ctrl-C: the step in flight finishes and is checkpointed; a second Ctrl-C ends the process at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
         }
+        eprintln!("\ninterrupted: finishing the current step and saving a checkpoint (Ctrl-C again to quit now)");
     })?;
-    bar.finish_and_clear();
+    let summary = trainer.run(
+        &mut |p| match p {
+            Progress::Evaluating { step, what, done, total } => {
+                display.update(&format!("evaluating at step {step}: {what}"), *done as u64, *total as u64, "")
+            }
+            Progress::Step { step, steps, loss, tokens_per_s } => {
+                display.update("training steps", *step, *steps, &format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"))
+            }
+        },
+        &stop,
+    )?;
+    display.finish();
+    if summary.interrupted {
+        eprintln!(
+            "stopped after step {} of {}; the checkpoint of that step is saved. Continue with:\n  qpeft train --resume {}",
+            summary.steps,
+            cfg.train.steps,
+            summary.run_dir.display()
+        );
+        std::process::exit(130);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!("before: {}", describe(&summary.first));
         println!("after:  {}", describe(&summary.last));
+        println!("(both on the base {base})");
         println!(
             "{} steps, {:.1} tokens/s (steady state), peak RSS {}, {:.0} s; adapter in {}",
             summary.steps,

@@ -64,6 +64,11 @@ fn bad_model_path_fails_with_a_named_error() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no/such/model.gguf") && err.contains("no such file"), "{err}");
+    // Said once: the I/O error is not repeated as a "caused by".
+    assert_eq!(err.to_lowercase().matches("no such file").count(), 1, "{err}");
+    let out = qpeft(&["perplexity", "tests/fixtures/gguf/tiny-llama-spm.gguf", "no/such/text.txt"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.to_lowercase().matches("no such file").count(), 1, "{err}");
     let out = qpeft(&["perplexity", "tests/fixtures/tiny-llama", "tests/fixtures/smollm2/prose.txt"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);

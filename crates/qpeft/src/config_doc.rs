@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
+
 use crate::error::{Error, Result};
 
 /// Edits of a run config from the command line: `--unset KEY` removes a key (applied first), `--set KEY=VALUE`
@@ -58,17 +60,21 @@ impl Edits {
         Ok(())
     }
 
-    /// An error about a field the command line set or unset, re-attributed to the option that did it (the
-    /// config file only holds what the option replaced).
+    /// An error about a field the command line set, re-attributed to the option that set it (the config file only
+    /// holds what the option replaced): the error's field is the option's key or a section above it, and the
+    /// message names the key or quotes the value.
     pub fn attribute(&self, e: Error) -> Error {
         let Error::Config { field, msg, file } = e else { return e };
-        let from_set = self.set.iter().rev().find(|s| {
-            let key = s.split_once('=').map_or(s.as_str(), |(k, _)| k.trim());
+        let from_set = self.set.iter().rev().find_map(|s| {
+            let (key, value) = s.split_once('=').map_or((s.as_str(), ""), |(k, v)| (k.trim(), v.trim()));
             let last = key.rsplit('.').next().unwrap_or(key);
-            key == field || (key.starts_with(&format!("{field}.")) && msg.contains(&format!("`{last}`")))
+            let value = value.trim_matches('"');
+            let below = key.starts_with(&format!("{field}."));
+            let named = msg.contains(&format!("`{last}`")) || (!value.is_empty() && msg.contains(value));
+            (key == field || (below && named)).then_some((s, key))
         });
         match from_set {
-            Some(s) => Error::Config { file: PathBuf::from(format!("--set {s}")), field, msg },
+            Some((s, key)) => Error::Config { file: PathBuf::from(format!("--set {s}")), field: key.to_string(), msg },
             None => Error::Config { field, msg, file },
         }
     }
@@ -106,4 +112,13 @@ pub fn compose(files: &[PathBuf]) -> Result<(PathBuf, toml::Table)> {
 fn read(file: &Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
     toml::from_str(&text).map_err(|e| Error::format(file, e.to_string().trim_end()))
+}
+
+/// `v` as `T`; an error names `name.key` of the value that did not fit.
+pub fn parse_section<T: for<'de> Deserialize<'de>>(file: &Path, name: &str, v: &toml::Value) -> Result<T> {
+    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() { name.to_string() } else { format!("{name}.{path}") };
+        Error::config(file, field, e.into_inner().to_string())
+    })
 }

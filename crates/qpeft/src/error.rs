@@ -14,8 +14,10 @@ pub enum Error {
     /// Something well-formed that qpeft does not implement (an architecture, a tensor type).
     #[error("{}: unsupported {what}", file.display())]
     Unsupported { file: PathBuf, what: String },
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// (The I/O error is part of the message and deliberately not a `source`, which error reporters would print
+    /// a second time.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// Wrong arguments from a caller (shapes, token ids, options).
     #[error("{0}")]
     Invalid(String),
@@ -54,6 +56,6 @@ impl Error {
         Error::Device { kind, what: what.into(), msg: msg.to_string() }
     }
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io { path: path.to_path_buf(), err: source }
     }
 }

@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 use crate::adapters::{AdapterConfig, BaseKind, Method};
 use crate::arch::{Kind, ModelSpec, Proj};
-use crate::config_doc::{self, Edits};
+use crate::config_doc::{self, parse_section, Edits};
 use crate::error::{Error, Result};
 
 /// The keys every rule may set (the `[adapter]` section sets the defaults): the shared ones, and the methods' own
@@ -123,12 +123,6 @@ fn default_targets() -> Vec<String> {
     Proj::ALL.iter().map(|p| p.short_name().to_string()).collect()
 }
 
-/// The parts of a run config `plan` reads: `[adapter]` (other sections belong to the trainer).
-#[derive(Debug, Deserialize)]
-struct RunFile {
-    adapter: AdapterSection,
-}
-
 impl AdapterSection {
     fn check_key_names(&self, file: &Path) -> Result<()> {
         self.keys.check_names(file, "adapter", &["targets", "override"])?;
@@ -148,10 +142,11 @@ pub struct Plan {
 
 impl Plan {
     pub fn from_toml(file: &Path, text: &str) -> Result<Plan> {
-        let run: RunFile =
-            toml::from_str(text).map_err(|e| Error::config(file, "adapter", e.to_string().trim_end()))?;
-        run.adapter.check_key_names(file)?;
-        let plan = Plan { file: file.to_path_buf(), adapter: run.adapter };
+        let doc: toml::Table = toml::from_str(text).map_err(|e| Error::format(file, e.to_string().trim_end()))?;
+        let section = doc.get("adapter").ok_or_else(|| Error::config(file, "adapter", "missing section"))?;
+        let adapter: AdapterSection = parse_section(file, "adapter", section)?;
+        adapter.check_key_names(file)?;
+        let plan = Plan { file: file.to_path_buf(), adapter };
         plan.check_rules()?;
         Ok(plan)
     }

@@ -455,7 +455,7 @@ fn model_outputs<B: Backend + 'static>(
     init: f32,
 ) -> Vec<(String, Vec<f32>)> {
     let ckpt = Checkpoint::open(model).unwrap();
-    let m = Decoder::load_quantized(&ckpt, be, nf4.then_some(&qlora_nf4()), &mut |_| ()).unwrap();
+    let m = Decoder::load_quantized(&ckpt, be, nf4.then_some(&qlora_nf4()), &mut |_, _| ()).unwrap();
     let b = batch(m.spec.vocab_size);
     let mut out = Vec::new();
     let mut cache = m.new_cache(2, 7).unwrap();

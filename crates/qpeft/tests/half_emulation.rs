@@ -217,9 +217,13 @@ fn the_emulated_models_are_f32_up_to_16_bit_noise() {
 #[test]
 fn a_one_ulp_change_moves_the_emulated_smollm2_gradients_by_16_bit_noise() {
     let gradients = |be: Cpu, ulps: f32| {
-        let mut m =
-            Decoder::load_quantized(&Checkpoint::open(&smollm2_gguf()).unwrap(), be, Some(&qlora_nf4()), &mut |_| ())
-                .unwrap();
+        let mut m = Decoder::load_quantized(
+            &Checkpoint::open(&smollm2_gguf()).unwrap(),
+            be,
+            Some(&qlora_nf4()),
+            &mut |_, _| (),
+        )
+        .unwrap();
         for (i, blk) in m.blocks.iter_mut().enumerate() {
             for (j, w) in [&mut blk.attn_norm, &mut blk.mlp_norm].into_iter().enumerate() {
                 let shifts = uniform(w.len(), 500 + 2 * i as u64 + j as u64);

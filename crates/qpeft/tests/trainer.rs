@@ -10,7 +10,7 @@ use common::{fixtures, rel_err};
 use qpeft::adapters::hierarchical::HierarchicalMethod;
 use qpeft::adapters::ir_qlora::IrQloraMethod;
 use qpeft::adapters::lora::LoraMethod;
-use qpeft::adapters::peft::{read_adapter, write_adapter};
+use qpeft::adapters::peft::{read_adapter, read_base, write_adapter, BaseRecord};
 use qpeft::adapters::q_bara::QBaraMethod;
 use qpeft::adapters::qa_hira::QaHiraMethod;
 use qpeft::adapters::set::AdapterSet;
@@ -23,9 +23,10 @@ use qpeft::data::{load, DataFormat, Example};
 use qpeft::model::merge::MergedDtype;
 use qpeft::model::train::IGNORE;
 use qpeft::model::{Checkpoint, Decoder, Input};
+use qpeft::train::base::load_model;
 use qpeft::train::config::RunConfig;
 use qpeft::train::run_dir::RunDir;
-use qpeft::train::trainer::{load_model, Trainer};
+use qpeft::train::trainer::Trainer;
 
 fn tiny_gguf() -> PathBuf {
     fixtures().join("gguf/tiny-llama-spm.gguf")
@@ -75,7 +76,11 @@ fn data_files_load_and_malformed_records_name_file_and_line() {
         "{\"prompt\": \"p\", \"response\": \"r\"}\n{\"prompt\": \"p\", \"response\": \"r\"}\n{\"prompt\": \"p\"}\n",
     );
     let e = load(&jsonl, DataFormat::Jsonl, &tok).unwrap_err().to_string();
-    assert!(e.contains("g.jsonl") && e.contains("line 3"), "{e}");
+    assert!(e.contains("g.jsonl") && e.contains("line 3") && e.contains("missing field `response`"), "{e}");
+    assert!(!e.contains("untagged"), "{e}");
+    let odd = write(d.path(), "k.jsonl", "{\"question\": \"q\", \"answer\": \"a\"}\n");
+    let e = load(&odd, DataFormat::Jsonl, &tok).unwrap_err().to_string();
+    assert!(e.contains("line 1") && e.contains("[answer, question]") && e.contains("\"messages\""), "{e}");
     let chat = write(d.path(), "c.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n");
     let e = load(&chat, DataFormat::Jsonl, &tok).unwrap_err().to_string();
     assert!(e.contains("line 1") && e.contains("must be the assistant's reply"), "{e}");
@@ -143,12 +148,18 @@ fn run_configs_refuse_unknown_keys_and_bad_values() {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         RunConfig::parse(file, text, &sets).unwrap_err().to_string()
     };
+    // A bad value from the command line is blamed on the option that set it, with the key and the value.
     let e = err(&ok, &["train.stepz=3"]);
-    assert!(e.contains("run.toml") && e.contains("`train`") && e.contains("stepz"), "{e}");
+    assert!(e.starts_with("--set train.stepz=3: ") && e.contains("unknown field `stepz`"), "{e}");
+    let e = err(&ok, &["train.steps=twenty"]);
+    assert!(e.starts_with("--set train.steps=twenty: field `train.steps`: ") && e.contains("\"twenty\""), "{e}");
+    // A bad value in the file names the file and the dotted key.
+    let e = err(&ok.replace("steps = 3", "steps = \"three\""), &[]);
+    assert!(e.starts_with("run.toml: field `train.steps`: ") && e.contains("three"), "{e}");
     let e = err(&ok, &["training.steps=3"]);
     assert!(e.contains("`training`") && e.contains("unknown section"), "{e}");
     let e = err(&ok, &["train.lr=-1"]);
-    assert!(e.contains("`train.lr`") && e.contains("-1"), "{e}");
+    assert!(e.contains("--set train.lr=-1") && e.contains("`train.lr`") && e.contains("-1"), "{e}");
     let e = err(&ok, &["train.beta2=1.5"]);
     assert!(e.contains("`train.beta2`") && e.contains("1.5"), "{e}");
     let e = err(&ok, &["train.optimizer=sgd"]);
@@ -156,25 +167,25 @@ fn run_configs_refuse_unknown_keys_and_bad_values() {
     let e = err(&ok, &["quant.format=nf3"]);
     assert!(e.contains("`quant.format`") && e.contains("nf3"), "{e}");
     let e = err(&ok, &["data.path=x.json"]);
-    assert!(e.contains("`data`") && e.contains("only one"), "{e}");
+    assert!(e.starts_with("--set data.path=x.json: ") && e.contains("only one") && e.contains("--unset"), "{e}");
     let e = err(&ok, &["data.builtin=sums"]);
     assert!(e.contains("`data.builtin`") && e.contains("sums"), "{e}");
     let e = err(&ok, &["adapter.rnk=3"]);
     assert!(e.contains("adapter.rnk"), "{e}");
     let e = err(&ok, &["train.steps=\"many\""]);
-    assert!(e.contains("`train`") && e.contains("many"), "{e}");
+    assert!(e.contains("`train.steps`") && e.contains("many"), "{e}");
     let e = err("[model]\npath = \"x\"\n[adapter]\n", &[]);
     assert!(e.contains("`data`") && e.contains("missing"), "{e}");
 
     // Model-dependent values fail when the run starts: a rank above the module's dimensions.
     let cfg = RunConfig::parse(file, &ok, &["adapter.rank=100".into()]).unwrap();
-    let (model, tok, _) = load_model(&cfg, Cpu::new(), &mut |_| {}).unwrap();
+    let (model, tok, _) = load_model(&cfg, Cpu::new(), &mut |_, _| {}).unwrap();
     let run = RunDir::create(&d.path().join("run"), false).unwrap();
     let e = Trainer::new(&cfg, &model, &tok, run, false).err().unwrap().to_string();
     assert!(e.contains("rank = 100") && e.contains("model.layers.0.self_attn.q_proj"), "{e}");
     // A base that is already quantized needs quant.format = "none".
     let cfg = RunConfig::parse(file, &ok, &["quant.icq=true".into(), "quant.format=fp4".into()]).unwrap();
-    let e = load_model(&cfg, Cpu::new(), &mut |_| {}).err().unwrap().to_string();
+    let e = load_model(&cfg, Cpu::new(), &mut |_, _| {}).err().unwrap().to_string();
     assert!(e.contains("`quant.icq`"), "{e}");
 }
 
@@ -254,7 +265,13 @@ fn adapters_written_read_back_identically_for_every_method() {
         let mut set = AdapterSet::build(&m.backend, &m.spec, 5, |l, p| modules[l][p as usize].clone()).unwrap();
         random_values(&mut set, 100 * k as u64);
         let d = tempfile::tempdir().unwrap();
-        write_adapter(d.path(), &m.backend, &m.spec, &set, &modules, "tiny-llama").unwrap();
+        let base = BaseRecord {
+            model: "tiny-llama".into(),
+            fingerprint: format!("sha256:{k}"),
+            quant: serde_json::json!({"format": "nf4", "block": 64}),
+        };
+        write_adapter(d.path(), &m.backend, &m.spec, &set, &modules, &base).unwrap();
+        assert_eq!(read_base(d.path()).unwrap(), Some(base), "method {k}");
         let (back, back_modules) = read_adapter(d.path(), &m.backend, &m.spec).unwrap();
         assert_eq!(back_modules, modules, "method {k}");
         let (a, b) = (set.named_params(), back.named_params());

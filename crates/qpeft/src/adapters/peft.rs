@@ -10,8 +10,10 @@
 //!   pooled/repeated features; QA-HiRA: one `lora_A.weight` [out/λ2, in/λ1]) under the same key scheme. PEFT
 //!   cannot run these; qpeft can, and `qpeft merge` turns them into plain weights.
 //!
-//! Every `adapter_config.json` also carries a `qpeft` object with each module's resolved configuration, which
-//! is what qpeft reads back (PEFT ignores unknown keys). Plain PEFT LoRA directories without it load too.
+//! Every `adapter_config.json` also carries a `qpeft` object with each module's resolved configuration and the
+//! base the adapter was trained on (`BaseRecord`: the model, a fingerprint of its weights, the quantization
+//! recipe), which is what qpeft reads back (PEFT ignores unknown keys). Plain PEFT LoRA directories without it load
+//! too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -51,6 +53,17 @@ pub fn config_from_json(v: &Value) -> std::result::Result<AdapterConfig, String>
     let alpha = num("alpha")? as f32;
     let method = Method::from_keys(o.get("method").and_then(Value::as_str).unwrap_or_default(), o, alpha)?;
     Ok(AdapterConfig { method, rank: num("rank")? as usize, alpha, dropout: num("dropout").unwrap_or(0.0) as f32 })
+}
+
+/// The base an adapter was trained on: `qpeft eval --adapter` and the other commands rebuild it from this.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BaseRecord {
+    /// The model as the run config named it (an HF directory, a .gguf file).
+    pub model: String,
+    /// `Checkpoint::fingerprint` of its weights.
+    pub fingerprint: String,
+    /// The run's `[quant]` section: how its linears became the frozen base.
+    pub quant: Value,
 }
 
 /// The most frequent value (ties: the smallest), for PEFT's defaults with per-module patterns for the rest.
@@ -109,16 +122,16 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
     crate::formats::write_atomic(path, &serde_json::to_vec_pretty(v).expect("JSON serializes"))
 }
 
-/// Writes the adapters of `set` (configured by `modules`) into `dir` (created if needed). `base_model` goes to
-/// `base_model_name_or_path`.
+/// Writes the adapters of `set` (configured by `modules`, trained on `base`) into `dir` (created if needed).
 pub fn write_adapter<B: Backend>(
     dir: &Path,
     be: &B,
     spec: &ModelSpec,
     set: &AdapterSet<B>,
     modules: &Modules,
-    base_model: &str,
+    base: &BaseRecord,
 ) -> Result<()> {
+    let base_model = base.model.as_str();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let adapted: Vec<(usize, Proj, &AdapterConfig)> = modules
         .iter()
@@ -129,7 +142,7 @@ pub fn write_adapter<B: Backend>(
     for &(l, p, c) in &adapted {
         qpeft_modules.insert(p.path(l), config_to_json(c));
     }
-    let qpeft = json!({"format": 1, "modules": qpeft_modules});
+    let qpeft = json!({"format": 1, "modules": qpeft_modules, "base": base});
     let mut tensors = BTreeMap::new();
     for (name, p) in set.named_params() {
         tensors.insert(format!("{PREFIX}{name}"), OwnedTensor::f32(p.shape.clone(), &be.download(&p.value)?));
@@ -164,7 +177,7 @@ pub fn write_adapter<B: Backend>(
         let mut top = Map::new();
         top.insert("peft_type".into(), json!("LORA"));
         top.insert("base_model_name_or_path".into(), json!(base_model));
-        top.insert("qpeft".into(), json!({"format": 1, "modules": qpeft_modules, "levels": count}));
+        top.insert("qpeft".into(), json!({"format": 1, "modules": qpeft_modules, "levels": count, "base": base}));
         return write_json(&dir.join(CONFIG), &Value::Object(top));
     }
     // PEFT's r/lora_alpha describe LoRA-shaped adapters; for the other methods they are informational.
@@ -257,6 +270,17 @@ fn modules_from_qpeft(path: &Path, q: &Value, spec: &ModelSpec) -> Result<Module
         modules[slot.0][slot.1 as usize] = Some(cfg);
     }
     Ok(modules)
+}
+
+/// The base the adapter in `dir` was trained on, if qpeft wrote it (PEFT's adapters and older ones record none).
+pub fn read_base(dir: &Path) -> Result<Option<BaseRecord>> {
+    let path = dir.join(CONFIG);
+    match read_json(&path)?.get("qpeft").and_then(|q| q.get("base")) {
+        None => Ok(None),
+        Some(b) => {
+            serde_json::from_value(b.clone()).map(Some).map_err(|e| Error::config(&path, "qpeft.base", e.to_string()))
+        }
+    }
 }
 
 /// The module configurations of the adapter in `dir`.

@@ -72,11 +72,37 @@ struct OasstRecord {
     text: String,
 }
 
+/// A generic JSONL record: a prompt and its response …
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, untagged)]
-enum JsonlRecord {
-    Pair { prompt: String, response: String },
-    Chat { messages: Vec<ChatMessage> },
+#[serde(deny_unknown_fields)]
+struct PairRecord {
+    prompt: String,
+    response: String,
+}
+
+/// … or a conversation whose last message is the assistant's reply.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatRecord {
+    messages: Vec<ChatMessage>,
+}
+
+const JSONL_LAYOUTS: &str = r#"{"prompt": …, "response": …} or {"messages": [{"role": …, "content": …}, …]}"#;
+
+/// One line of a generic JSONL file, as one of the two layouts; errors name the field at fault.
+fn jsonl_example(line: &str, tok: &Tokenizer) -> std::result::Result<Example, String> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = v.as_object().ok_or_else(|| format!("a record must be an object: {JSONL_LAYOUTS}"))?;
+    if obj.contains_key("messages") {
+        let r: ChatRecord = serde_json::from_value(v).map_err(|e| format!("{e} (a chat record is {JSONL_LAYOUTS})"))?;
+        chat_example(r.messages, tok)
+    } else if obj.contains_key("prompt") || obj.contains_key("response") {
+        let r: PairRecord = serde_json::from_value(v).map_err(|e| format!("{e} (a pair record is {JSONL_LAYOUTS})"))?;
+        Ok(Example { source: r.prompt, target: r.response })
+    } else {
+        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        Err(format!("keys [{}] match no layout: {JSONL_LAYOUTS}", keys.join(", ")))
+    }
 }
 
 #[derive(Deserialize)]
@@ -133,12 +159,7 @@ pub fn load(path: &Path, format: DataFormat, tok: &Tokenizer) -> Result<Vec<Exam
             let mut out = Vec::new();
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 let at = |msg: String| Error::format(path, format!("line {}: {msg}", i + 1));
-                let record: JsonlRecord = serde_json::from_str(line)
-                    .map_err(|e| at(format!("{e} (expected {{\"prompt\", \"response\"}} or {{\"messages\": [{{\"role\", \"content\"}}, …]}})")))?;
-                out.push(match record {
-                    JsonlRecord::Pair { prompt, response } => Example { source: prompt, target: response },
-                    JsonlRecord::Chat { messages } => chat_example(messages, tok).map_err(at)?,
-                });
+                out.push(jsonl_example(line, tok).map_err(at)?);
             }
             out
         }

@@ -1,10 +1,10 @@
 //! The benchmark tasks by name, so that `qpeft eval` and evaluation during training run them the same way.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::tasks::Task;
+use super::tasks::{Task, ALL};
 use super::{mmlu, zero_shot};
 use crate::adapters::set::AdapterSet;
 use crate::backend::Backend;
@@ -16,19 +16,36 @@ use crate::tokenizer::Tokenizer;
 pub const NAMES: [&str; 8] =
     ["mmlu", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"];
 
-/// Splits a comma-separated task list ("all" = every task), refusing unknown names.
-pub fn parse_tasks(list: &str) -> Result<Vec<String>> {
+/// Splits a comma-separated task list ("all" = every benchmark task), refusing unknown names. `extra` are the
+/// caller's own task names (e.g. `heldout`), accepted and listed in the error.
+pub fn parse_tasks(list: &str, extra: &[&str]) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if name == "all" {
             out.extend(NAMES.iter().map(|s| s.to_string()));
-        } else if NAMES.contains(&name) {
+        } else if NAMES.contains(&name) || extra.contains(&name) {
             out.push(name.to_string());
         } else {
-            return Err(Error::Invalid(format!("unknown task `{name}` (tasks: {}, or all)", NAMES.join(", "))));
+            let known: Vec<&str> = NAMES.iter().chain(extra).copied().collect();
+            return Err(Error::Invalid(format!("unknown task `{name}` (tasks: {}, or all)", known.join(", "))));
         }
     }
     out.dedup();
+    Ok(out)
+}
+
+/// Every benchmark task with its number of items in `data_dir` (MMLU: the questions of `mmlu_split`) and what an
+/// item is.
+pub fn sizes(data_dir: &Path, mmlu_split: &str) -> Result<Vec<(&'static str, usize, String)>> {
+    let mut out = Vec::new();
+    let mmlu = mmlu::load_split(&data_dir.join("mmlu"), mmlu_split)?;
+    let questions = mmlu.values().map(Vec::len).sum();
+    out.push(("mmlu", questions, format!("{mmlu_split} questions in {} subjects, 5-shot", mmlu.len())));
+    for task in ALL {
+        let items = task.load(data_dir)?;
+        let choices: usize = items.iter().map(|i| i.pairs.len()).sum();
+        out.push((task.name(), items.len(), format!("items, {choices} scored continuations")));
+    }
     Ok(out)
 }
 
@@ -112,8 +129,11 @@ mod tests {
         for t in crate::eval::tasks::ALL {
             assert!(super::NAMES.contains(&t.name()));
         }
-        assert_eq!(super::parse_tasks("mmlu, piqa").unwrap(), ["mmlu", "piqa"]);
-        assert_eq!(super::parse_tasks("all").unwrap().len(), 8);
-        assert!(super::parse_tasks("mmlu,squad").unwrap_err().to_string().contains("squad"));
+        assert_eq!(super::parse_tasks("mmlu, piqa", &[]).unwrap(), ["mmlu", "piqa"]);
+        assert_eq!(super::parse_tasks("all", &[]).unwrap().len(), 8);
+        assert!(super::parse_tasks("mmlu,squad", &[]).unwrap_err().to_string().contains("squad"));
+        assert_eq!(super::parse_tasks("heldout,piqa", &["heldout"]).unwrap(), ["heldout", "piqa"]);
+        let e = super::parse_tasks("held", &["heldout"]).unwrap_err().to_string();
+        assert!(e.contains("`held`") && e.contains("openbookqa, heldout"), "{e}");
     }
 }

@@ -1,6 +1,9 @@
 //! A model on disk — an HF directory or a GGUF file — seen through transformers' tensor names.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use crate::arch::{Arch, ModelSpec};
 use crate::error::{Error, Result};
@@ -161,6 +164,57 @@ impl Checkpoint {
         } else {
             Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
         }
+    }
+
+    /// A fingerprint of the weights' content, which an adapter records to find its base again: SHA-256 over every
+    /// weight file's size and bytes, and in a directory its name (`sha256:…`). Above `FULL_HASH_BYTES` in all, the bytes are 256 evenly
+    /// spaced 64 KiB samples of each file (`sha256-sampled:…`), so a 7B model is not read whole: any different
+    /// download, re-quantization or truncation changes it, an edit between samples would not.
+    pub fn fingerprint(&self) -> Result<String> {
+        const FULL_HASH_BYTES: u64 = 2 << 30;
+        const SAMPLES: u64 = 256;
+        const SAMPLE: u64 = 64 << 10;
+        let files: Vec<PathBuf> = match &self.source {
+            Source::Random { seed } => return Ok(format!("{}:{seed}", self.path.display())),
+            Source::Gguf(_) => vec![self.path.clone()],
+            Source::Hf { dir, .. } => {
+                let mut files = vec![dir.join("config.json")];
+                let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .map_err(|e| Error::io(dir, e))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                    .collect();
+                weights.sort();
+                files.extend(weights);
+                files
+            }
+        };
+        let sizes: Vec<u64> = files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()).map_err(|e| Error::io(f, e)))
+            .collect::<Result<_>>()?;
+        let sampled = sizes.iter().sum::<u64>() > FULL_HASH_BYTES;
+        let mut h = Sha256::new();
+        for (f, &size) in files.iter().zip(&sizes) {
+            // A directory's files are told apart by name; a single file may be renamed or moved freely.
+            if matches!(self.source, Source::Hf { .. }) {
+                h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+            }
+            h.update(size.to_le_bytes());
+            let mut file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
+            if !sampled || size <= SAMPLES * SAMPLE {
+                std::io::copy(&mut file, &mut h).map_err(|e| Error::io(f, e))?;
+                continue;
+            }
+            let mut buf = vec![0u8; SAMPLE as usize];
+            for k in 0..SAMPLES {
+                let at = k * (size - SAMPLE) / (SAMPLES - 1);
+                file.seek(SeekFrom::Start(at)).and_then(|_| file.read_exact(&mut buf)).map_err(|e| Error::io(f, e))?;
+                h.update(&buf);
+            }
+        }
+        let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(format!("{}:{hex}", if sampled { "sha256-sampled" } else { "sha256" }))
     }
 
     pub fn format_name(&self) -> &'static str {

@@ -56,30 +56,29 @@ impl Input {
 
 impl<B: Backend> Decoder<B> {
     pub fn load(ckpt: &Checkpoint, backend: B) -> Result<Self> {
-        Self::load_quantized(ckpt, backend, None, &mut |_| {})
+        Self::load_quantized(ckpt, backend, None, &mut |_, _| {})
     }
 
     /// `load`, with the block linears that are stored unquantized quantized (round to nearest) as `quantize` says, on
-    /// the host before they reach the backend: a GPU never holds the dense model. `progress` gets each quantized
-    /// linear's name.
+    /// the host before they reach the backend: a GPU never holds the dense model. `progress(done, total)` counts the
+    /// blocks loaded.
     pub fn load_quantized(
         ckpt: &Checkpoint,
         backend: B,
         quantize: Option<&QuantizeOptions>,
-        progress: &mut dyn FnMut(&str),
+        progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let s = ckpt.spec.clone();
         let be = &backend;
         let h = s.hidden_size;
         let vec = |name: &str, len: usize| -> Result<B::Buf> { be.upload(&ckpt.require(name, &[len])?.data) };
-        let mut linear =
+        let linear =
             |name: &str, in_dim: usize, out_dim: usize, bias: bool, quantizable: bool| -> Result<QuantLinear<B>> {
                 let (mut w, mut base) = ckpt.linear(name, out_dim, in_dim)?;
                 if let (Some(opts), true, BaseWeight::Dense) = (quantize, quantizable, &base) {
                     base = quantize_weight(&w.data, out_dim, in_dim, opts)
                         .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
                     w.data = base.dequantize().expect("a quantized base");
-                    progress(name);
                 }
                 let weight = be.upload_weight(&w.data, &base, out_dim, in_dim)?;
                 let bias = if bias { Some(vec(&format!("{name}.bias"), out_dim)?) } else { None };
@@ -89,7 +88,7 @@ impl<B: Backend> Decoder<B> {
         let mut blocks = Vec::new();
         for i in 0..s.num_layers {
             let p = format!("model.layers.{i}");
-            let mut proj = |pr: Proj| {
+            let proj = |pr: Proj| {
                 let (out_dim, in_dim) = pr.dims(&s);
                 linear(&format!("{p}.{}", pr.module()), in_dim, out_dim, pr.has_bias(&s), true)
             };
@@ -104,6 +103,7 @@ impl<B: Backend> Decoder<B> {
                 up: proj(Proj::Up)?,
                 down: proj(Proj::Down)?,
             });
+            progress(i + 1, s.num_layers);
         }
         let embed = be.upload_weight(
             &ckpt.require("model.embed_tokens.weight", &[s.vocab_size, h])?.data,

@@ -9,10 +9,8 @@ use serde_json::Value;
 
 use super::checkpoint::{Checkpoint, Source};
 use super::decoder::Decoder;
-use crate::adapters::peft::read_adapter;
 use crate::adapters::set::AdapterSet;
 use crate::arch::Proj;
-use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{write_file, OwnedTensor};
@@ -56,38 +54,6 @@ impl std::str::FromStr for MergedDtype {
             other => Err(Error::Invalid(format!("dtype `{other}` is not one of bf16, f16, f32"))),
         }
     }
-}
-
-/// What `merge_adapter_dir` wrote.
-pub struct Merged {
-    /// The adapter's trainable parameters.
-    pub trainable: usize,
-    /// Whether the linears stayed GPTQ int4 (QA-LoRA folded into the zero points).
-    pub kept_int4: bool,
-}
-
-/// Merges the adapter in `adapter_dir` into `ckpt` and writes the merged model as an HF directory `out`. QA-LoRA on
-/// a GPTQ int4 base folds exactly into the zero points and stays 4-bit (unless `to_16bit`); everything else is
-/// merged into `dtype` weights.
-pub fn merge_adapter_dir(
-    ckpt: &Checkpoint,
-    adapter_dir: &Path,
-    dtype: MergedDtype,
-    to_16bit: bool,
-    out: &Path,
-) -> Result<Merged> {
-    let mut m = Decoder::load(ckpt, Cpu::new())?;
-    let (set, modules) = read_adapter(adapter_dir, &m.backend, &m.spec)?;
-    let int4_base = m.blocks.iter().all(|b| Proj::ALL.iter().all(|&p| matches!(b.proj(p).base, BaseWeight::Int4(_))));
-    let folds = modules.iter().flatten().flatten().all(|c| c.method.merges_into_int4_zeros());
-    let kept_int4 = int4_base && folds && !to_16bit;
-    if kept_int4 {
-        m.merge_into_int4_zeros(&set)?;
-    } else {
-        m.merge_adapters(&set)?;
-    }
-    m.write_hf_dir(ckpt, dtype, kept_int4, out)?;
-    Ok(Merged { trainable: set.trainable(), kept_int4 })
 }
 
 impl<B: Backend> Decoder<B> {

@@ -7,11 +7,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::optimizer::StateBits;
 use super::schedule::Schedule;
-use crate::config_doc::{self, Edits};
+use crate::config_doc::{self, parse_section, Edits};
 use crate::data::DataFormat;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
@@ -25,7 +25,7 @@ pub struct ModelSection {
 }
 
 /// How `[quant]` turns the checkpoint's block linears into the frozen base.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QuantFormat {
     /// Train on the checkpoint's own weights: 16/32-bit, an already quantized directory, or a GGUF file's
@@ -85,7 +85,7 @@ impl OptimizerKind {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuantSection {
     pub format: QuantFormat,
@@ -273,15 +273,6 @@ fn section<T: for<'de> Deserialize<'de> + Default>(file: &Path, doc: &toml::Tabl
     }
 }
 
-/// `v` as `T`; an error names `name.key` of the value that did not fit.
-fn parse_section<T: for<'de> Deserialize<'de>>(file: &Path, name: &str, v: &toml::Value) -> Result<T> {
-    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." || path.is_empty() { name.to_string() } else { format!("{name}.{path}") };
-        Error::config(file, field, e.into_inner().to_string())
-    })
-}
-
 /// A parsed and checked run config.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -395,14 +386,18 @@ impl RunConfig {
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
             return bad("train.warmup_ratio", format!("{} is outside [0, 1]", t.warmup_ratio));
         }
-        crate::eval::suite::parse_tasks(&e.tasks.join(","))
+        crate::eval::suite::parse_tasks(&e.tasks.join(","), &[])
             .map_err(|err| Error::config(&self.file, "eval.tasks", err.to_string()))?;
         if !["val", "test"].contains(&e.mmlu_split.as_str()) {
             return bad("eval.mmlu_split", format!("`{}` is not val or test", e.mmlu_split));
         }
         match (&d.path, &d.builtin) {
             (None, None) => return bad("data", "set `path` (a data file) or `builtin` (a built-in task)".into()),
-            (Some(_), Some(_)) => return bad("data", "set only one of `path` and `builtin`".into()),
+            (Some(_), Some(_)) => return bad(
+                "data",
+                "set only one of `path` and `builtin` (drop the other with --unset data.path or --unset data.builtin)"
+                    .into(),
+            ),
             (None, Some(task)) if !crate::data::builtin::TASKS.contains(&task.as_str()) => {
                 return bad(
                     "data.builtin",

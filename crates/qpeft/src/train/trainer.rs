@@ -10,18 +10,20 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::base::base_record;
 use super::config::RunConfig;
 use super::metrics::{Evaluation, Record, StepRecord};
 use super::optimizer::{OptimizerState, Tensor};
 use super::plot::loss_svg;
 use super::run_dir::{RunDir, FINAL_ADAPTER};
 use super::step::StepRecipe;
-use crate::adapters::peft::{self, Modules};
+use crate::adapters::peft::{self, BaseRecord, Modules};
 use crate::adapters::set::AdapterSet;
 use crate::adapters::BaseKind;
 use crate::backend::Backend;
@@ -34,7 +36,6 @@ use crate::generate::{generate, GenerateOptions};
 use crate::model::train::StepOptions;
 use crate::model::{Checkpoint, Decoder};
 use crate::quant::base::BaseWeight;
-use crate::quant::recipe::{Format, QuantizeOptions, WeightDtype};
 use crate::tokenizer::Tokenizer;
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -52,18 +53,21 @@ pub struct TrainerState {
     pub tokens: u64,
 }
 
-/// What the progress display is told after each step.
-pub struct Progress {
-    pub step: u64,
-    pub steps: u64,
-    pub loss: f64,
-    pub tokens_per_s: f64,
-    pub message: Option<String>,
+/// What the progress display is told.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Progress {
+    /// An evaluation at optimizer step `step` is under way: `done` of `total` units of `what` (held-out batches,
+    /// exact-match answers, a benchmark task's items).
+    Evaluating { step: u64, what: String, done: usize, total: usize },
+    /// Optimizer step `step` of `steps` is done.
+    Step { step: u64, steps: u64, loss: f64, tokens_per_s: f64 },
 }
 
 /// The outcome of `train`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
+    /// Stopped by `Trainer::run`'s `stop` before `train.steps` (a checkpoint of the last step is saved).
+    pub interrupted: bool,
     pub run_dir: PathBuf,
     pub steps: u64,
     pub trainable: usize,
@@ -83,54 +87,6 @@ pub fn peak_rss_mib() -> Option<f64> {
     let kib: f64 =
         status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib / 1024.0)
-}
-
-/// Loads the model and quantizes its base as `[quant]` says.
-pub fn load_model<B: Backend>(
-    cfg: &RunConfig,
-    backend: B,
-    progress: &mut dyn FnMut(&str),
-) -> Result<(Decoder<B>, Tokenizer, Checkpoint)> {
-    let ckpt = Checkpoint::open(&cfg.model.path)?;
-    let tok = ckpt.tokenizer()?;
-    let model = Decoder::load_quantized(&ckpt, backend, quantize_options(cfg, &ckpt)?.as_ref(), progress)?;
-    Ok((model, tok, ckpt))
-}
-
-/// How `[quant]` quantizes the block linears of `ckpt` (None: keep them as stored), checked against the checkpoint.
-pub fn quantize_options(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<Option<QuantizeOptions>> {
-    let q = &cfg.quant;
-    if let Some(format) = q.format.format() {
-        if ckpt.quant.is_some() {
-            return Err(Error::config(
-                &cfg.file,
-                "quant.format",
-                format!(
-                    "{} is already quantized; set quant.format = \"none\" to train on its stored base",
-                    ckpt.path.display()
-                ),
-            ));
-        }
-        if q.icq && format == Format::Fp4 {
-            return Err(Error::config(&cfg.file, "quant.icq", "ICQ is defined for nf4 and int4, not fp4"));
-        }
-        let opts = QuantizeOptions {
-            format,
-            double_quant: q.double_quant,
-            block: q.block,
-            group: q.group,
-            sym: q.sym,
-            icq: q.icq,
-            calibration: None,
-            dtype: WeightDtype::F32,
-        };
-        if format != Format::Int4 {
-            crate::quant::nf4::check_block(q.block)
-                .map_err(|e| Error::config(&cfg.file, "quant.block", e.to_string()))?;
-        }
-        return Ok(Some(opts));
-    }
-    Ok(None)
 }
 
 fn base_kind(b: &BaseWeight) -> BaseKind {
@@ -189,6 +145,7 @@ pub fn load_data(cfg: &RunConfig, tok: &Tokenizer) -> Result<(Vec<Example>, Vec<
 }
 
 /// The target-token-weighted mean loss over `examples` (batches of `batch`) and the number of target tokens.
+/// `progress(done, total)` counts batches.
 fn loss_over<B: Backend>(
     model: &Decoder<B>,
     adapters: Option<&AdapterSet<B>>,
@@ -196,17 +153,21 @@ fn loss_over<B: Backend>(
     examples: &[Example],
     batch: usize,
     loss_chunk: usize,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(f64, usize)> {
     let opts =
         StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk, mlp_chunk: None };
     let items: Vec<Tokenized> = examples.iter().map(|x| collator.tokenize(x)).collect::<Result<_>>()?;
     let (mut sum, mut tokens) = (0f64, 0usize);
-    for chunk in items.chunks(batch.max(1)) {
+    let total = items.len().div_ceil(batch.max(1));
+    for (i, chunk) in items.chunks(batch.max(1)).enumerate() {
+        progress(i, total);
         let refs: Vec<&Tokenized> = chunk.iter().collect();
         let r = model.loss(&collator.batch(&refs), adapters, &opts)?;
         sum += r.loss * r.tokens as f64;
         tokens += r.tokens;
     }
+    progress(total, total);
     Ok((if tokens == 0 { 0.0 } else { sum / tokens as f64 }, tokens))
 }
 
@@ -220,7 +181,7 @@ pub fn heldout_loss<B: Backend>(
     batch: usize,
 ) -> Result<(f64, usize)> {
     let collator = Collator::new(tok, cfg.data.source_max_len, cfg.data.target_max_len, cfg.data.train_on_source)?;
-    loss_over(model, adapters, &collator, examples, batch, cfg.train.loss_chunk)
+    loss_over(model, adapters, &collator, examples, batch, cfg.train.loss_chunk, &mut |_, _| {})
 }
 
 /// A training session: model, adapters, data, optimizer and where it stands.
@@ -235,6 +196,8 @@ pub struct Trainer<'a, B: Backend> {
     pub state: TrainerState,
     pub opt_state: OptimizerState<B>,
     pub run: RunDir,
+    /// What the adapters record of their base.
+    pub base: BaseRecord,
     collator: Collator<'a>,
     lengths: Vec<usize>,
     order: (u64, Vec<usize>),
@@ -256,6 +219,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             return Err(Error::config(&cfg.file, "adapter", "the rules adapt no module: nothing to train"));
         }
         let (train, eval) = load_data(cfg, tok)?;
+        let base = base_record(cfg, &Checkpoint::open(&cfg.model.path)?)?;
         let collator = Collator::new(tok, cfg.data.source_max_len, cfg.data.target_max_len, cfg.data.train_on_source)?;
         let mut state = TrainerState::default();
         let mut opt_state = OptimizerState::new();
@@ -290,6 +254,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             state,
             opt_state,
             run,
+            base,
             collator,
             lengths,
             order: (u64::MAX, Vec::new()),
@@ -298,28 +263,43 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
 
     /// Held-out loss over the first `eval.max_samples` held-out examples, and exact match on the first
     /// `eval.exact_match` of them.
-    pub fn evaluate(&self) -> Result<Option<Evaluation>> {
+    pub fn evaluate(&self, progress: &mut dyn FnMut(&Progress)) -> Result<Option<Evaluation>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
         let e = &self.cfg.eval;
+        let step = self.state.step;
+        let mut at = |what: &str, done: usize, total: usize| {
+            progress(&Progress::Evaluating { step, what: what.to_string(), done, total })
+        };
         let held = &self.eval[..e.max_samples.max(1).min(self.eval.len())];
+        let chunk = self.cfg.train.loss_chunk;
+        let mut held_progress = |done, total| at("held-out batches", done, total);
         let (eval_loss, eval_tokens) =
-            loss_over(self.model, Some(&self.set), &self.collator, held, e.batch_size, self.cfg.train.loss_chunk)?;
+            loss_over(self.model, Some(&self.set), &self.collator, held, e.batch_size, chunk, &mut held_progress)?;
         let (exact_match, exact_match_n) = if e.exact_match > 0 {
             let judged = &self.eval[..e.exact_match.min(self.eval.len())];
-            let answers = exact_match(self.model, Some(&self.set), self.tok, &self.collator, judged, e.max_new_tokens)?;
+            let mut answer_progress = |done, total| at("exact-match answers", done, total);
+            let answers = exact_match(
+                self.model,
+                Some(&self.set),
+                self.tok,
+                &self.collator,
+                judged,
+                e.max_new_tokens,
+                &mut answer_progress,
+            )?;
             let correct = answers.iter().filter(|a| a.correct).count();
             (Some(correct as f64 / answers.len().max(1) as f64), Some(answers.len()))
         } else {
             (None, None)
         };
-        let tasks = self.run_tasks()?;
+        let tasks = self.run_tasks(&mut at)?;
         Ok(Some(Evaluation { step: self.state.step, eval_loss, eval_tokens, exact_match, exact_match_n, tasks }))
     }
 
     /// The `[eval] tasks` with the current adapters; every item's prediction goes to `evals/step-N.json`.
-    fn run_tasks(&self) -> Result<BTreeMap<String, f64>> {
+    fn run_tasks(&self, at: &mut dyn FnMut(&str, usize, usize)) -> Result<BTreeMap<String, f64>> {
         let e = &self.cfg.eval;
         if e.tasks.is_empty() {
             return Ok(BTreeMap::new());
@@ -332,8 +312,9 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             batch: e.batch_size,
         };
         let (mut scores, mut reports) = (BTreeMap::new(), serde_json::Map::new());
-        for name in suite::parse_tasks(&e.tasks.join(","))? {
-            let r = suite::run(self.model, Some(&self.set), self.tok, &name, &opts, |_, _| {})?;
+        for name in suite::parse_tasks(&e.tasks.join(","), &[])? {
+            let r =
+                suite::run(self.model, Some(&self.set), self.tok, &name, &opts, |done, total| at(&name, done, total))?;
             scores.extend(r.metrics().into_iter().map(|(m, v)| (format!("{name}_{m}"), v)));
             reports.insert(name, serde_json::to_value(&r).expect("reports serialize"));
         }
@@ -342,8 +323,8 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
     }
 
     /// Evaluates and records the result in metrics.jsonl.
-    fn evaluate_and_record(&self) -> Result<()> {
-        if let Some(ev) = self.evaluate()? {
+    fn evaluate_and_record(&self, progress: &mut dyn FnMut(&Progress)) -> Result<()> {
+        if let Some(ev) = self.evaluate(progress)? {
             self.run.append_metrics(&Record::Eval(ev))?;
         }
         Ok(())
@@ -353,7 +334,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         let spec = &self.model.spec;
         let be = &self.model.backend;
         self.run.save_checkpoint(self.state.step, |dir| {
-            peft::write_adapter(dir, be, spec, &self.set, &self.modules, &self.cfg.model.path.display().to_string())?;
+            peft::write_adapter(dir, be, spec, &self.set, &self.modules, &self.base)?;
             write_file(&dir.join(OPTIMIZER_FILE), &self.opt_state.tensors(be)?)?;
             crate::formats::write_atomic(
                 &dir.join(STATE_FILE),
@@ -363,23 +344,25 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         self.run.prune(self.cfg.train.keep_checkpoints)
     }
 
-    /// Trains to `train.steps`, calling `progress` after every step.
-    pub fn run(&mut self, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
+    /// Trains to `train.steps`, telling `progress` about every step and evaluation. When `stop` becomes true (e.g.
+    /// on Ctrl-C) the run ends after the step in flight with a checkpoint of it, `Summary::interrupted` set.
+    pub fn run(&mut self, progress: &mut dyn FnMut(&Progress), stop: &AtomicBool) -> Result<Summary> {
         let (cfg, t) = (self.cfg, &self.cfg.train);
         let start = Instant::now();
         let recipe = StepRecipe::from_config(cfg);
         if self.state.step == 0 {
-            progress(&Progress {
-                step: 0,
-                steps: t.steps,
-                loss: f64::NAN,
-                tokens_per_s: 0.0,
-                message: Some("evaluating before training".into()),
-            });
-            self.evaluate_and_record()?;
+            self.evaluate_and_record(progress)?;
         }
         let mut rates = Vec::new();
+        let mut interrupted = false;
         while self.state.step < t.steps {
+            if stop.load(Ordering::Relaxed) {
+                interrupted = true;
+                if !self.run.checkpoints()?.iter().any(|(s, _)| *s == self.state.step) && self.state.step > 0 {
+                    self.save_checkpoint()?;
+                }
+                break;
+            }
             let step = self.state.step;
             let (model, set, opt_state) = (self.model, &mut self.set, &mut self.opt_state);
             let (train, collator, state, order) = (&self.train, &self.collator, &mut self.state, &mut self.order);
@@ -411,24 +394,18 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 epoch: self.state.epoch,
                 seconds,
             }))?;
-            let at = |message: Option<&str>| Progress {
-                step: step + 1,
-                steps: t.steps,
-                loss: s.loss,
-                tokens_per_s: rate,
-                message: message.map(str::to_string),
-            };
-            progress(&at(None));
+            progress(&Progress::Step { step: step + 1, steps: t.steps, loss: s.loss, tokens_per_s: rate });
             let at_end = self.state.step == t.steps;
             if (cfg.eval.every > 0 && self.state.step.is_multiple_of(cfg.eval.every)) || at_end {
-                progress(&at(Some("evaluating")));
-                self.evaluate_and_record()?;
+                self.evaluate_and_record(progress)?;
             }
             if (t.checkpoint_every > 0 && self.state.step.is_multiple_of(t.checkpoint_every)) || at_end {
                 self.save_checkpoint()?;
             }
         }
-        self.finish()?;
+        if !interrupted {
+            self.finish()?;
+        }
         let evals: Vec<Evaluation> = self
             .run
             .metrics()?
@@ -440,6 +417,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             .collect();
         let steady = if rates.len() > 1 { &rates[1..] } else { &rates[..] };
         let summary = Summary {
+            interrupted,
             run_dir: self.run.path.clone(),
             steps: self.state.step,
             trainable: self.set.trainable(),
@@ -451,21 +429,16 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             peak_rss_mib: peak_rss_mib(),
             seconds: start.elapsed().as_secs_f64(),
         };
-        self.run.write_summary(&summary)?;
+        if !interrupted {
+            self.run.write_summary(&summary)?;
+        }
         Ok(summary)
     }
 
     /// The final adapter and the loss plot.
     fn finish(&self) -> Result<()> {
         let dir = self.run.file(FINAL_ADAPTER);
-        peft::write_adapter(
-            &dir,
-            &self.model.backend,
-            &self.model.spec,
-            &self.set,
-            &self.modules,
-            &self.cfg.model.path.display().to_string(),
-        )?;
+        peft::write_adapter(&dir, &self.model.backend, &self.model.spec, &self.set, &self.modules, &self.base)?;
         let metrics = self.run.metrics()?;
         let loss: Vec<(f64, f64)> = metrics
             .iter()
@@ -506,12 +479,14 @@ pub fn exact_match<B: Backend>(
     collator: &Collator<'_>,
     examples: &[Example],
     max_new_tokens: usize,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Answer>> {
     let mut stop = model.spec.eos_token_ids.clone();
     stop.extend(tok.eos_token.as_deref().and_then(|t| tok.token_id(t)));
     let opts = GenerateOptions { max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_tokens: stop.clone() };
     let mut out = Vec::with_capacity(examples.len());
-    for ex in examples {
+    for (i, ex) in examples.iter().enumerate() {
+        progress(i, examples.len());
         let prompt = collator.prompt(ex)?;
         let ids = generate(model, adapters, &prompt, &opts, |_| Ok(()))?;
         let answer_ids: Vec<u32> = ids.into_iter().filter(|t| !stop.contains(t)).collect();
@@ -519,6 +494,7 @@ pub fn exact_match<B: Backend>(
         let correct = answer == ex.target.trim();
         out.push(Answer { text: answer, correct });
     }
+    progress(examples.len(), examples.len());
     Ok(out)
 }
 
