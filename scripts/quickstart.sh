@@ -11,5 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-smollm2.sh
-cargo build --release --quiet --bin qpeft
+if [ ! -x target/release/qpeft ]; then
+  echo "building qpeft (the first build takes about 5 minutes on 2 cores; later ones seconds)"
+fi
+cargo build --release --bin qpeft
 target/release/qpeft train --config configs/quickstart.toml --overwrite "$@"
