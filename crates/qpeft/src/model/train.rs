@@ -189,8 +189,11 @@ impl<B: Backend> Decoder<B> {
             match &mut keep {
                 Kept::Inputs { inputs, .. } => {
                     // Recompute the block from its saved input with the same dropout masks.
-                    let saved = inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?;
-                    layer.recompute_backward(&be.restore(&saved)?, &mut dx, &ctx, set, chunk)?;
+                    // The saved (16-bit) copy is freed before the recompute: it is a block input's worth of memory.
+                    let x_in = be.restore(
+                        &inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?,
+                    )?;
+                    layer.recompute_backward(&x_in, &mut dx, &ctx, set, chunk)?;
                 }
                 Kept::Activations(saved) => {
                     let a = saved.pop().ok_or_else(|| Error::Invalid("block activations out of step".into()))?;
