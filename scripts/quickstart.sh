@@ -14,5 +14,14 @@ scripts/fetch-smollm2.sh
 if [ ! -x target/release/qpeft ]; then
   echo "building qpeft (the first build takes about 5 minutes on 2 cores; later ones seconds)"
 fi
-cargo build --release --bin qpeft
+if [ -t 2 ]; then
+  cargo build --release --bin qpeft
+else
+  # Without a terminal cargo prints a line per crate, and one crate can take a minute: say it is still working.
+  (while sleep 20; do echo "still building ($SECONDS s)"; done) &
+  ticker=$!
+  trap 'kill $ticker 2>/dev/null' EXIT
+  cargo build --release --bin qpeft
+  kill $ticker
+fi
 target/release/qpeft train --config configs/quickstart.toml --overwrite "$@"
