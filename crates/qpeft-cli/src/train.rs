@@ -110,12 +110,16 @@ fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir
     )?;
     display.finish();
     if summary.interrupted {
-        eprintln!(
-            "stopped after step {} of {}; the checkpoint of that step is saved. Continue with:\n  qpeft train --resume {}",
-            summary.steps,
-            cfg.train.steps,
-            summary.run_dir.display()
-        );
+        if summary.steps == 0 {
+            eprintln!("stopped before the first step; nothing to resume");
+        } else {
+            eprintln!(
+                "stopped after step {} of {}; the checkpoint of that step is saved. Continue with:\n  qpeft train --resume {}",
+                summary.steps,
+                cfg.train.steps,
+                summary.run_dir.display()
+            );
+        }
         std::process::exit(130);
     }
     if args.json {

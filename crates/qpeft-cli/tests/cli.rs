@@ -1,15 +1,8 @@
 //! The `qpeft` binary end to end: output formats, exit codes and error messages.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn qpeft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qpeft")).args(args).current_dir(root()).output().expect("qpeft runs")
-}
+use common::{ok, qpeft, root};
 
 #[test]
 fn info_reports_the_architecture_and_parameter_count() {
@@ -56,6 +49,17 @@ fn chat_generation_answers() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "The capital of France is Paris.");
+}
+
+/// `qpeft eval MODEL` without --tasks lists the tasks with their sizes instead of starting a 100-minute MMLU run.
+#[test]
+fn eval_without_tasks_lists_them() {
+    let out = ok(&qpeft(&["eval", "tests/fixtures/gguf/tiny-llama-spm.gguf"]));
+    assert!(out.contains("mmlu") && out.contains("14042 test questions in 57 subjects"), "{out}");
+    assert!(out.contains("hellaswag") && out.contains("10042 items") && out.contains("heldout"), "{out}");
+    let e = qpeft(&["eval", "tests/fixtures/gguf/tiny-llama-spm.gguf", "--tasks", "held"]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && err.contains("`held`") && err.contains("heldout"), "{err}");
 }
 
 #[test]

@@ -55,6 +55,52 @@ fn adapter_bytes(run: &Path) -> Vec<u8> {
     std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap()
 }
 
+/// Ctrl-C (SIGINT) finishes the step in flight, checkpoints it, says how to resume and exits with 130; the resumed
+/// run logs every step exactly once.
+#[test]
+fn ctrl_c_checkpoints_the_step_in_flight_and_says_how_to_resume() {
+    let steps = 40;
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), steps);
+    let run = d.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_qpeft"))
+        .args(["--threads", "1", "train", "--config", cfg.to_str().unwrap()])
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !run.join("checkpoints/step-0000004").exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted") && err.contains(&format!("qpeft train --resume {}", run.display())), "{err}");
+    let (last, _) = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
+        .map(|s| (s, ()))
+        .max()
+        .unwrap();
+    assert!((4..steps).contains(&last), "checkpoint of step {last}");
+    assert!(err.contains(&format!("stopped after step {last} of {steps}")), "{err}");
+    assert!(!run.join("adapter").exists() && !run.join("summary.json").exists(), "the run is not finished");
+    ok(&qpeft(&["--threads", "1", "train", "--resume", run.to_str().unwrap()]));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let steps_logged: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps_logged, (1..=steps).collect::<Vec<_>>());
+}
+
 #[test]
 fn a_killed_run_resumes_to_a_bit_identical_adapter() {
     let steps = 60;
@@ -84,6 +130,8 @@ fn a_killed_run_resumes_to_a_bit_identical_adapter() {
     assert!(!run.join("adapter").exists(), "killed before the end");
     let out = ok(&qpeft(&["--threads", "1", "train", "--resume", run.to_str().unwrap()]));
     assert!(out.contains("after:"), "{out}");
+    // The summary of a resumed run still has the evaluation before training (from metrics.jsonl).
+    assert!(out.contains("before: held-out loss"), "{out}");
     assert!(adapter_bytes(&run) == want, "the resumed run's final adapter differs from the uninterrupted one");
     // The metrics of the resumed run cover every step exactly once.
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
