@@ -23,7 +23,7 @@ fn every_path_the_readme_mentions_exists() {
         }
         let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || "/._-*".contains(c))).unwrap_or(rest.len());
         let path = rest[..end].trim_end_matches(['.', '/']);
-        if path.len() <= prefix.len() - 1 || path.contains('*') {
+        if path.len() < prefix.len() || path.contains('*') {
             continue;
         }
         assert!(root().join(path).exists(), "README mentions `{path}`, which is not in the repository");
