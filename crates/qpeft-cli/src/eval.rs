@@ -75,6 +75,7 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B, other_base: bool) -> Resu
     let opts = suite::Options {
         data_dir: args.data_dir.clone(),
         limit: args.limit,
+        mmlu_limit: None,
         mmlu_split: args.split.clone(),
         mmlu_max_len: args.max_len,
         batch: args.batch.unwrap_or(8),

@@ -20,6 +20,7 @@ mod info;
 mod params;
 mod progress;
 mod quantize;
+mod study;
 mod train;
 
 #[derive(Parser)]
@@ -102,6 +103,9 @@ enum Command {
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The papers' experiment grids: plan, run and report a study (variants × axes × seeds).
+    #[command(subcommand)]
+    Study(study::StudyCommand),
     /// Fold an adapter into the model's weights and write a 16-bit HF directory.
     Merge {
         model: PathBuf,
@@ -157,6 +161,7 @@ fn run(command: Command, device: Option<Device>, other_base: bool) -> Result<()>
         Command::Train(args) => train::run(args, device),
         Command::Eval(args) => eval::run(args, on, other_base),
         Command::Bench(cmd) => bench::run(cmd, on),
+        Command::Study(cmd) => study::run_cmd(cmd),
         Command::Merge { model, adapter, out, dtype, to_16bit } => {
             let dtype: MergedDtype = dtype.parse().context("--dtype")?;
             let (merged, note) = merge(&model, &adapter, other_base, dtype, to_16bit, &out)?;

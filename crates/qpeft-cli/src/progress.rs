@@ -23,10 +23,19 @@ pub struct Display {
 
 impl Display {
     pub fn new() -> Display {
+        Display::with_terminal(std::io::stderr().is_terminal())
+    }
+
+    /// Plain lines even on a terminal (several displays sharing one).
+    pub fn plain() -> Display {
+        Display::with_terminal(false)
+    }
+
+    fn with_terminal(tty: bool) -> Display {
         let now = Instant::now();
         Display {
             start: now,
-            tty: std::io::stderr().is_terminal(),
+            tty,
             phase: String::new(),
             phase_start: now,
             bar: None,

@@ -14,6 +14,8 @@ pub mod model;
 pub mod plan;
 pub mod quant;
 pub mod quantize;
+pub mod study;
+pub mod svg;
 pub mod tensor;
 pub mod tokenizer;
 pub mod train;

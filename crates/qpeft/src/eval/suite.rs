@@ -55,6 +55,8 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// First N items of each zero-shot task, first N questions of each MMLU subject (None: all).
     pub limit: Option<usize>,
+    /// First N questions of each MMLU subject (None: `limit`).
+    pub mmlu_limit: Option<usize>,
     /// MMLU split: test or val.
     pub mmlu_split: String,
     /// Longest MMLU prompt in tokens (shots are dropped to fit).
@@ -101,7 +103,7 @@ pub fn run<B: Backend>(
     if name == "mmlu" {
         let o = mmlu::Options {
             split: opts.mmlu_split.clone(),
-            limit: opts.limit,
+            limit: opts.mmlu_limit.or(opts.limit),
             subjects: Vec::new(),
             shots: 5,
             max_len: opts.mmlu_max_len,

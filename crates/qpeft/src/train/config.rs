@@ -227,8 +227,12 @@ pub struct EvalSection {
     pub tasks: Vec<String>,
     /// First N items of each zero-shot task, first N questions of each MMLU subject (unset: all).
     pub task_limit: Option<usize>,
+    /// First N questions of each MMLU subject (unset: `task_limit`).
+    pub mmlu_limit: Option<usize>,
     /// MMLU split during training: val (as QLoRA's callback) or test.
     pub mmlu_split: String,
+    /// Run `tasks` before training too (a study's cells share one base and skip it).
+    pub tasks_before_training: bool,
     /// The datasets folder (mmlu/, hellaswag/, … inside it).
     pub data_dir: PathBuf,
 }
@@ -243,7 +247,9 @@ impl Default for EvalSection {
             max_new_tokens: 32,
             tasks: Vec::new(),
             task_limit: None,
+            mmlu_limit: None,
             mmlu_split: "val".into(),
+            tasks_before_training: true,
             data_dir: PathBuf::from("../shared/datasets"),
         }
     }
@@ -307,7 +313,7 @@ impl RunConfig {
         RunConfig::from_doc(file, doc, &Edits::sets(sets))
     }
 
-    fn from_doc(file: &Path, mut doc: toml::Table, edits: &Edits) -> Result<RunConfig> {
+    pub fn from_doc(file: &Path, mut doc: toml::Table, edits: &Edits) -> Result<RunConfig> {
         edits.apply(&mut doc)?;
         RunConfig::checked(file, doc).map_err(|e| edits.attribute(e))
     }

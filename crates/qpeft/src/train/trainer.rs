@@ -294,7 +294,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         } else {
             (None, None)
         };
-        let tasks = self.run_tasks(&mut at)?;
+        let tasks = if step == 0 && !e.tasks_before_training { BTreeMap::new() } else { self.run_tasks(&mut at)? };
         Ok(Some(Evaluation { step: self.state.step, eval_loss, eval_tokens, exact_match, exact_match_n, tasks }))
     }
 
@@ -307,6 +307,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         let opts = suite::Options {
             data_dir: e.data_dir.clone(),
             limit: e.task_limit,
+            mmlu_limit: e.mmlu_limit,
             mmlu_split: e.mmlu_split.clone(),
             mmlu_max_len: 2048,
             batch: e.batch_size,
