@@ -170,10 +170,12 @@ pub struct Bar {
     pub baseline: bool,
 }
 
-/// One bar per entry, with interval whiskers; labels under the bars.
-pub fn bars(title: &str, y_label: &str, bars: &[Bar]) -> String {
+/// One bar per entry, with interval whiskers; labels under the bars. Bars rise from 0 with `from_zero` (accuracies),
+/// else from the bottom of a range fitted to the values (losses, where 0 would flatten every difference).
+pub fn bars(title: &str, y_label: &str, bars: &[Bar], from_zero: bool) -> String {
     let values = bars.iter().flat_map(|b| [Some(b.value), b.lo, b.hi]).flatten();
-    let mut f = Frame::new(title, "", y_label, range(values, true));
+    let (y0, y1) = range(values, from_zero);
+    let mut f = Frame::new(title, "", y_label, (y0, y1));
     let slot = (W - LEFT - RIGHT) / bars.len().max(1) as f64;
     if let Some(b) = bars.iter().find(|b| b.baseline) {
         let y = f.py(b.value);
@@ -183,7 +185,7 @@ pub fn bars(title: &str, y_label: &str, bars: &[Bar]) -> String {
             W - RIGHT
         );
     }
-    let zero = f.py(0.0);
+    let zero = f.py(if from_zero { 0.0 } else { y0 });
     for (i, b) in bars.iter().enumerate() {
         let x = LEFT + slot * i as f64 + slot * 0.2;
         let (width, y) = (slot * 0.6, f.py(b.value));
@@ -257,9 +259,11 @@ mod tests {
             hi: lo.map(|l| l + 4.0),
             baseline,
         };
-        let svg = bars("t", "acc", &[b("base", Some(28.0), true), b("a", None, false), b("b", Some(27.0), false)]);
+        let svg =
+            bars("t", "acc", &[b("base", Some(28.0), true), b("a", None, false), b("b", Some(27.0), false)], true);
         assert_eq!(svg.matches("<rect x=").count(), 4, "the frame and three bars");
-        assert_eq!(svg.matches(r#"stroke="black"/>"#).count(), 6, "three strokes per whisker, two whiskers");
+        let whiskers = svg.lines().filter(|l| l.starts_with("<line") && l.contains(r#"stroke="black""#)).count();
+        assert_eq!(whiskers, 2, "a whisker for each bar with an interval");
         assert!(svg.contains("base (baseline)") && svg.contains("stroke-dasharray"));
     }
 }

@@ -467,7 +467,8 @@ pub fn write(study: &Study, dir: &Path, report: &Report) -> Result<Vec<PathBuf>>
             })
             .collect();
         let name = format!("{m}.svg");
-        put(&name, svg::bars(&format!("{} — {m}", report.study), m, &bars).as_bytes())?;
+        let from_zero = !lower_is_better(m);
+        put(&name, svg::bars(&format!("{} — {m}", report.study), m, &bars, from_zero).as_bytes())?;
         md += &format!("![{m}]({name})\n\n");
     }
     let curves: Vec<(String, Vec<(f64, f64)>)> = groups
