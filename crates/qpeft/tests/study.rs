@@ -65,7 +65,7 @@ fn presets_give_the_papers_parameter_counts() {
     assert_eq!(cpu.findings, exp1.findings);
     let (paper, small) = (&exp1.cells[0].config, &cpu.cells[0].config);
     assert_eq!((paper.train.lr, small.train.lr), (2e-5, 2e-5));
-    assert_eq!((paper.train.steps, small.train.steps), (10_000, 30));
+    assert_eq!((paper.train.steps, small.train.steps), (10_000, 20));
     assert_eq!(small.eval.tasks, paper.eval.tasks);
     assert!(!small.eval.tasks_before_training);
 }
