@@ -10,7 +10,7 @@
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
 
-use super::{check_rank, kaiming, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass};
+use super::{kaiming, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass};
 use crate::backend::{Backend, Groups};
 use crate::error::Result;
 
@@ -23,12 +23,6 @@ impl MethodKind for IrQloraMethod {
 
     fn from_keys(_: &Map<String, Value>, _: f32) -> std::result::Result<Self, String> {
         Ok(IrQloraMethod)
-    }
-    fn to_keys(&self) -> Map<String, Value> {
-        Map::new()
-    }
-    fn check(&self, rank: usize, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
-        check_rank(rank, in_dim, out_dim)
     }
     /// LoRA's A and B, and the two β scalars.
     fn trainable(&self, rank: usize, in_dim: usize, out_dim: usize) -> usize {

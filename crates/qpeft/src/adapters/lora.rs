@@ -4,7 +4,7 @@
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
 
-use super::{check_rank, expand_delta, kaiming, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass};
+use super::{expand_delta, kaiming, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass};
 use crate::backend::Backend;
 use crate::error::Result;
 
@@ -18,12 +18,6 @@ impl MethodKind for LoraMethod {
 
     fn from_keys(_: &Map<String, Value>, _: f32) -> std::result::Result<Self, String> {
         Ok(LoraMethod)
-    }
-    fn to_keys(&self) -> Map<String, Value> {
-        Map::new()
-    }
-    fn check(&self, rank: usize, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
-        check_rank(rank, in_dim, out_dim)
     }
     fn trainable(&self, rank: usize, in_dim: usize, out_dim: usize) -> usize {
         rank * (in_dim + out_dim)

@@ -36,10 +36,15 @@ pub trait MethodKind: Clone + std::fmt::Debug + PartialEq + Send + Sync + 'stati
 
     /// The method from its keys (`keys` may hold other keys too; `alpha` is the module's α, for defaults).
     fn from_keys(keys: &Map<String, Value>, alpha: f32) -> std::result::Result<Self, String>;
-    /// The method's own keys as `from_keys` reads them back.
-    fn to_keys(&self) -> Map<String, Value>;
-    /// Why the method cannot adapt a linear `in → out` at `rank`, if it cannot.
-    fn check(&self, rank: usize, in_dim: usize, out_dim: usize) -> std::result::Result<(), String>;
+    /// The method's own keys as `from_keys` reads them back (none by default).
+    fn to_keys(&self) -> Map<String, Value> {
+        Map::new()
+    }
+    /// Why the method cannot adapt a linear `in → out` at `rank`, if it cannot (by default: a rank between 1 and
+    /// the smaller dimension).
+    fn check(&self, rank: usize, in_dim: usize, out_dim: usize) -> std::result::Result<(), String> {
+        check_rank(rank, in_dim, out_dim)
+    }
     /// Why the method cannot sit on this base, if it cannot.
     fn check_base(&self, _base: BaseKind) -> std::result::Result<(), String> {
         Ok(())
