@@ -96,18 +96,22 @@ fn measure(dir: &Path, cell: &Cell) -> Result<Measured> {
             }
             for (cat, a) in r.get("categories").and_then(Value::as_object).into_iter().flatten() {
                 let (c, t) = (a["correct"].as_f64().unwrap_or(0.0), a["total"].as_f64().unwrap_or(0.0));
-                m.scalars.insert(format!("mmlu_{}", cat.to_lowercase().replace(' ', "_")), c / t.max(1.0));
+                // "Other (business, health, misc.)" → mmlu_other.
+                let name = cat.split(" (").next().unwrap_or(cat).to_lowercase().replace(' ', "_");
+                m.scalars.insert(format!("mmlu_{name}"), c / t.max(1.0));
             }
         } else {
             let acc = score("pred");
-            let mean = acc.iter().sum::<f64>() / acc.len().max(1) as f64;
-            zs_acc.push(mean);
-            m.scalars.insert(format!("{task}_acc"), mean);
+            m.scalars.insert(format!("{task}_acc"), acc.iter().sum::<f64>() / acc.len().max(1) as f64);
             m.items.insert(format!("{task}_acc"), acc);
             if items.first().is_some_and(|it| it.get("pred_norm").is_some()) {
                 let norm = score("pred_norm");
                 m.scalars.insert(format!("{task}_acc_norm"), norm.iter().sum::<f64>() / norm.len().max(1) as f64);
                 m.items.insert(format!("{task}_acc_norm"), norm);
+            }
+            // The task's headline metric (HEADLINE) enters the average.
+            if let Some(h) = HEADLINE.iter().find(|h| h.starts_with(&format!("{task}_acc"))) {
+                zs_acc.push(m.scalars[*h]);
             }
         }
     }
@@ -302,25 +306,25 @@ fn display(metric: &str) -> (f64, usize) {
     }
 }
 
-/// The headline metrics, in the papers' order: MMLU, the zero-shot tasks and their average, then the rest.
+/// Each benchmark's headline metric, in the papers' order: MMLU's accuracy, and each zero-shot task's `acc_norm`
+/// where lm-evaluation-harness reports it as the task's number (HellaSwag, ARC-Challenge, OpenBookQA), else `acc`.
+/// `zero_shot_avg` is the mean of the zero-shot ones.
+const HEADLINE: [&str; 8] = [
+    "mmlu_acc",
+    "hellaswag_acc_norm",
+    "piqa_acc",
+    "winogrande_acc",
+    "arc_easy_acc",
+    "arc_challenge_acc_norm",
+    "boolq_acc",
+    "openbookqa_acc_norm",
+];
+
+/// The headline metrics first, in the papers' order, then the training metrics, then the rest by name.
 fn ordered(metrics: &[String]) -> Vec<String> {
     let rank = |m: &str| -> usize {
-        const FIRST: [&str; 13] = [
-            "mmlu_acc",
-            "hellaswag_acc_norm",
-            "piqa_acc",
-            "winogrande_acc",
-            "arc_easy_acc",
-            "arc_challenge_acc_norm",
-            "boolq_acc",
-            "openbookqa_acc_norm",
-            "zero_shot_avg",
-            "heldout_loss",
-            "train_loss",
-            "trainable",
-            "tokens_per_s",
-        ];
-        FIRST.iter().position(|f| *f == m).unwrap_or(FIRST.len())
+        const AFTER: [&str; 5] = ["zero_shot_avg", "heldout_loss", "train_loss", "trainable", "tokens_per_s"];
+        HEADLINE.iter().chain(&AFTER).position(|f| *f == m).unwrap_or(HEADLINE.len() + AFTER.len())
     };
     let mut v = metrics.to_vec();
     v.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
@@ -427,16 +431,25 @@ pub fn write(study: &Study, dir: &Path, report: &Report) -> Result<Vec<PathBuf>>
         }
         *md += "\n";
     };
+    let is_accuracy = |m: &str| m.contains("acc") || m.starts_with("mmlu_") || m == "zero_shot_avg";
     md += "## Benchmarks\n\n";
-    let bench: Vec<&String> = metrics.iter().filter(|m| m.contains("acc") || m.as_str() == "zero_shot_avg").collect();
+    let bench: Vec<&String> =
+        metrics.iter().filter(|m| HEADLINE.contains(&m.as_str()) || m.as_str() == "zero_shot_avg").collect();
     table(&mut md, &bench);
+    md += "## More accuracies (the other zero-shot metric of each task, MMLU by category)\n\n";
+    let more: Vec<&String> = metrics.iter().filter(|m| is_accuracy(m) && !bench.contains(m)).collect();
+    table(&mut md, &more);
     md += "## Training\n\n";
-    let training: Vec<&String> = metrics.iter().filter(|m| !bench.contains(m)).collect();
+    let training: Vec<&String> = metrics.iter().filter(|m| !is_accuracy(m)).collect();
     table(&mut md, &training);
     if !report.findings.is_empty() {
         md += "## The papers' findings on this model at this scale\n\n";
         for f in &report.findings {
             let (scale, digits) = display(&f.metric);
+            if f.difference.n == 0 {
+                md += &format!("- **{}** — {}.\n", f.text, f.verdict);
+                continue;
+            }
             md += &format!(
                 "- **{}** — {}: difference in `{}` {} (p {:.3}).\n",
                 f.text,
