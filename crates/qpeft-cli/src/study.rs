@@ -44,7 +44,8 @@ pub struct RunArgs {
     /// The study directory (default: runs/study-<file name>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Devices, one cell at a time on each: cpu, cuda:0, or a list such as cuda:0,cuda:1.
+    /// Devices, one cell at a time on each: cpu, cuda:0, or a list such as cuda:0,cuda:1. A device named twice runs
+    /// two cells side by side on it (a small model leaves most of a GPU idle).
     #[arg(long, default_value = "cpu")]
     devices: String,
     /// This worker's share of the cells, K/N (workers sharing the directory take different K).

@@ -46,8 +46,22 @@ impl Frame {
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
         );
         let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-        let _ =
-            writeln!(s, r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#, W / 2.0, escape(title));
+        // A long title gets a smaller font, down to 10 px, then is squeezed to the chart's width: an SVG viewer
+        // lays out text itself, so its width is estimated (≈ 0.55 em a character in a sans-serif font).
+        let room = W - 20.0;
+        let chars = title.chars().count().max(1) as f64;
+        let size = (room / (0.55 * chars)).clamp(10.0, 15.0);
+        let squeeze = if 0.55 * size * chars > room {
+            format!(r#" textLength="{room}" lengthAdjust="spacingAndGlyphs""#)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="22" text-anchor="middle" font-size="{size:.1}"{squeeze}>{}</text>"#,
+            W / 2.0,
+            escape(title)
+        );
         let mut f = Frame { s, y0, y1 };
         for t in ticks(y0, y1, 6) {
             let (x2, y, tx, ty, label) = (W - RIGHT, f.py(t), LEFT - 6.0, f.py(t) + 4.0, fmt(t));
@@ -90,7 +104,16 @@ impl Frame {
         } else {
             format!(r#"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"/>"#, lx + 20.0)
         };
-        let _ = writeln!(self.s, r#"{mark}<text x="{}" y="{}">{}</text>"#, lx + 26.0, ly + 4.0, escape(name));
+        // A light backing keeps the entry readable over the curves it may cover.
+        let _ = writeln!(
+            self.s,
+            r#"<rect x="{}" y="{}" width="190" height="18" fill="white" fill-opacity="0.85"/>{mark}<text x="{}" y="{}">{}</text>"#,
+            lx - 4.0,
+            ly - 9.0,
+            lx + 26.0,
+            ly + 4.0,
+            escape(name)
+        );
     }
 
     fn finish(mut self) -> String {
@@ -135,7 +158,9 @@ pub fn lines(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> St
     }
     let mut f = Frame::new(title, x_label, y_label, range(all().map(|p| p.1), false));
     let px = |x: f64| LEFT + (x - x0) / (x1 - x0) * (W - LEFT - RIGHT);
-    for t in ticks(x0, x1, 8) {
+    // Steps and counts get whole-number ticks only.
+    let integral = all().all(|p| p.0.fract() == 0.0);
+    for t in ticks(x0, x1, 8).into_iter().filter(|t| !integral || t.fract() == 0.0) {
         let _ =
             writeln!(f.s, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, px(t), H - BOTTOM + 16.0, fmt(t));
     }
@@ -156,7 +181,10 @@ pub fn lines(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> St
                 );
             }
         }
-        f.legend(k, s.name, color, s.dots);
+    }
+    // After every series, so that no curve is drawn over the legend.
+    for (k, s) in series.iter().enumerate() {
+        f.legend(k, s.name, COLORS[k % COLORS.len()], s.dots);
     }
     f.finish()
 }
@@ -248,6 +276,23 @@ mod tests {
         assert_eq!(line.matches(',').count(), 3);
         assert_eq!(svg.matches("<circle").count(), 3, "two evaluations and the legend");
         assert!(svg.contains("a &lt;run&gt;"));
+    }
+
+    #[test]
+    fn whole_number_axes_get_whole_ticks_and_long_titles_fit() {
+        let steps: Vec<(f64, f64)> = (1..=20).map(|i| (i as f64, 1.0 / i as f64)).collect();
+        let long = "x".repeat(200);
+        let svg = lines(&long, "step", "loss", &[Series { name: "a", points: &steps, dots: false }]);
+        let x_ticks: Vec<&str> = svg
+            .lines()
+            .filter(|l| l.contains(&format!(r#"y="{}""#, H - BOTTOM + 16.0)))
+            .map(|l| l.split('>').nth(1).unwrap().trim_end_matches("</text"))
+            .collect();
+        assert!(x_ticks.len() >= 3 && x_ticks.iter().all(|t| t.parse::<u32>().is_ok()), "{x_ticks:?}");
+        let title = svg.lines().find(|l| l.contains(&long)).unwrap();
+        assert!(title.contains(r#"font-size="10.0""#) && title.contains(&format!(r#"textLength="{}""#, W - 20.0)));
+        let short = lines("short", "step", "loss", &[Series { name: "a", points: &steps, dots: false }]);
+        assert!(short.contains(r#"font-size="15.0">short<"#));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use qpeft::arch::ModelSpec;
+use qpeft::study::run::CellLock;
 use qpeft::study::stats::{paired_bootstrap, paired_t, t_cdf, t_interval, t_quantile, PairedItems};
 use qpeft::study::Study;
 
@@ -161,4 +162,35 @@ fn the_paired_bootstrap_gives_the_known_answers() {
     // Seeded: the same resamples each time.
     let again = paired_bootstrap(&PairedItems { variant: &v, baseline: &b }, 20_000, 7);
     assert_eq!(e, again);
+}
+
+/// Workers of one process racing for a cell whose lock a dead process left: exactly one takes it over, and none
+/// fails (before the fix, a second worker removed the lock the first had just taken, or failed on a missing file).
+#[test]
+fn one_of_many_racing_workers_takes_a_stale_lock_over() {
+    let study = Study::read(&root().join("studies/exp1-rank-by-type-cpu.toml"), &[]).unwrap();
+    let cell = &study.cells[0];
+    let dead_pid = u32::MAX - 1; // no such process: /proc/<pid> cannot exist
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    for round in 0..40 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cells")).unwrap();
+        std::fs::write(dir.path().join(format!("cells/{}.lock", cell.id)), format!("{host} {dead_pid}")).unwrap();
+        let barrier = std::sync::Barrier::new(8);
+        let taken: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        let lock = CellLock::try_acquire(dir.path(), cell).unwrap();
+                        // Hold it until every worker has tried.
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        lock.is_some()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(taken.iter().filter(|&&t| t).count(), 1, "round {round}: {taken:?}");
+    }
 }

@@ -84,6 +84,10 @@ fn host() -> String {
 
 impl CellLock {
     pub fn try_acquire(dir: &Path, cell: &Cell) -> Result<Option<CellLock>> {
+        // Workers of one process (`--devices cuda,cuda`) take locks one at a time: otherwise two of them could both
+        // judge a stale lock stale, and the second remove the lock the first had just taken over.
+        static ACQUIRING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = ACQUIRING.lock().unwrap_or_else(|e| e.into_inner());
         let root = dir.join(CELLS);
         std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
         let path = root.join(format!("{}.lock", cell.id));
@@ -102,7 +106,12 @@ impl CellLock {
                     if !stale {
                         return Ok(None);
                     }
-                    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                    // Another worker of this host may have taken the stale lock over first: then the next
+                    // exclusive create finds its lock.
+                    match std::fs::remove_file(&path) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&path, e)),
+                        _ => {}
+                    }
                 }
                 Err(e) => return Err(Error::io(&path, e)),
             }
