@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: fetches the real default model, builds the reference HF conversion of it (numpy + gguf-py in a
+# The test command: fetches the real models (SmolLM2-135M, and Qwen2.5-Coder-1.5B for its parity tests), builds the reference HF conversion of it (numpy + gguf-py in a
 # small venv), checks formatting and the module graph, then runs clippy and every test.
 #
 # One feature set for everything: the CUDA backend builds without CUDA (cudarc loads it at run time), so the CPU tests
@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 step() { echo "== $* ($(date +%T))"; }
 step fetch
 scripts/fetch-smollm2.sh
+scripts/fetch-model.sh qwen2.5-coder-1.5b
 if [ ! -s models/smollm2-hf/model.safetensors ]; then
   if [ ! -x .venv-ref/bin/python ]; then
     python3 -m venv .venv-ref

@@ -73,7 +73,7 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     let x = up(&rand(rows * dim, 4));
     let w = up(&rand(dim, 5));
     let mut e = be.zeros(rows * dim).unwrap();
-    let table = be.upload_weight(&rand(11 * dim, 6), &BaseWeight::Dense, 11, dim).unwrap();
+    let table = be.upload_weight(&BaseWeight::Dense, Some(&rand(11 * dim, 6)), 11, dim).unwrap();
     be.embedding(&table, &ints(&[3, 0, 10, 3, 7, 1]), dim, 1.5, &mut e).unwrap();
     push("embedding", &e);
     let mut y = up(&rand(rows * dim, 7));
@@ -204,7 +204,7 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     // Frozen linears on every base form: x·Ŵᵀ accumulated, dy·Ŵ.
     let (out_dim, in_dim, rows) = (24, 64, 9);
     for (name, dense, base) in bases(out_dim, in_dim, 30) {
-        let w = be.upload_weight(&dense, &base, out_dim, in_dim).unwrap();
+        let w = be.upload_weight(&base, Some(&dense), out_dim, in_dim).unwrap();
         let mut y = up(&rand(rows * out_dim, 31));
         be.linear(&up(&rand(rows * in_dim, 32)), &w, rows, &mut y, true).unwrap();
         push(&format!("linear {name}"), &y);
@@ -214,7 +214,7 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     }
     // Inputs far outside fp16's range either way (the f16 mode scales them): x·10⁶ and dy·10⁻⁹.
     let (_, dense, base) = bases(out_dim, in_dim, 30).swap_remove(1);
-    let w = be.upload_weight(&dense, &base, out_dim, in_dim).unwrap();
+    let w = be.upload_weight(&base, Some(&dense), out_dim, in_dim).unwrap();
     let mut y = be.zeros(rows * out_dim).unwrap();
     be.linear(&up(&rand(rows * in_dim, 36).iter().map(|x| x * 1e6).collect::<Vec<_>>()), &w, rows, &mut y, false)
         .unwrap();
@@ -230,7 +230,7 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     .unwrap();
     push("linear_backward nf4+dq dy·1e-9", &dx);
     // Odd sizes: the vectorised bf16 conversion's tail.
-    let w = be.upload_weight(&rand(5 * 13, 34), &BaseWeight::Dense, 5, 13).unwrap();
+    let w = be.upload_weight(&BaseWeight::Dense, Some(&rand(5 * 13, 34)), 5, 13).unwrap();
     let mut y = be.zeros(3 * 5).unwrap();
     be.linear(&up(&rand(3 * 13, 35)), &w, 3, &mut y, false).unwrap();
     push("linear dense 13 → 5", &y);
@@ -380,7 +380,7 @@ fn packed_bases_dequantize_bit_exactly() {
         let cases = bases(320, 256, 40).into_iter().chain([("nf4 odd".to_string(), odd.dequantize().unwrap(), odd)]);
         for (name, want, base) in cases {
             let (out_dim, in_dim) = if name == "nf4 odd" { (3, 337) } else { (320, 256) };
-            let w = cuda.upload_weight(&want, &base, out_dim, in_dim).unwrap();
+            let w = cuda.upload_weight(&base, Some(&want), out_dim, in_dim).unwrap();
             let got = cuda.download(&cuda.weight_values(&w).unwrap()).unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             if name == "dense" && precision != Precision::F32 {

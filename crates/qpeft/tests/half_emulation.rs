@@ -36,7 +36,7 @@ fn weights_and_checkpoints_round_to_bf16_nearest_even() {
         1000.3,
     ];
     let want = vec![1.0, one_plus(2.0, 7), one_plus(1.0, 7), -1.0, 1000.0, 1008.0, 1000.0];
-    let w = BE.upload_weight(&dense, &BaseWeight::Dense, 1, dense.len()).unwrap();
+    let w = BE.upload_weight(&BaseWeight::Dense, Some(&dense), 1, dense.len()).unwrap();
     let got = BE.weight_values(&w).unwrap();
     assert_eq!(got, want);
     assert_eq!(BE.restore(&BE.save(&dense.to_vec()).unwrap()).unwrap(), got);
@@ -48,7 +48,7 @@ fn weights_and_checkpoints_round_to_bf16_nearest_even() {
 #[test]
 fn base_products_round_their_inputs_and_output_gradients_to_bf16() {
     // y = x·w with x = 1 + 2^-8 + 2^-10 (bf16: 1 + 2^-7) and w = 1 + 2^-9 (bf16: 1): exactly 1 + 2^-7.
-    let w = BE.upload_weight(&[one_plus(1.0, 9)], &BaseWeight::Dense, 1, 1).unwrap();
+    let w = BE.upload_weight(&BaseWeight::Dense, Some(&[one_plus(1.0, 9)]), 1, 1).unwrap();
     let mut y = vec![0.0];
     BE.linear(&vec![one_plus(1.0, 8) + 2f32.powi(-10)], &w, 1, &mut y, false).unwrap();
     assert_eq!(y, vec![one_plus(1.0, 7)]);
@@ -78,14 +78,14 @@ fn f16_weights_round_to_nearest_even_and_checkpoints_stay_bf16() {
         3.0 * 2f32.powi(-26),
     ];
     let want = vec![1.0, one_plus(1.0, 9), one_plus(1.0, 10), -1.0, 1024.0, 1026.0, 2f32.powi(-20), 2f32.powi(-24)];
-    let w = f16.upload_weight(&dense, &BaseWeight::Dense, 1, dense.len()).unwrap();
+    let w = f16.upload_weight(&BaseWeight::Dense, Some(&dense), 1, dense.len()).unwrap();
     assert_eq!(f16.weight_values(&w).unwrap(), want);
     // Checkpoints keep bf16's range: 1 + 2^-8 is a bf16 tie (to 1), 1 + 3·2^-8 goes up to 1 + 2^-6.
     let saved = f16.restore(&f16.save(&vec![one_plus(1.0, 8), one_plus(3.0, 8), 1e30]).unwrap()).unwrap();
     assert_eq!(saved, vec![1.0, one_plus(1.0, 6), half::bf16::from_f32(1e30).to_f32()]);
     // A weight beyond fp16's largest finite value would become ∞: refused.
     let e = f16
-        .upload_weight(&[1.0, 70000.0], &BaseWeight::Dense, 1, 2)
+        .upload_weight(&BaseWeight::Dense, Some(&[1.0, 70000.0]), 1, 2)
         .map(|_| ())
         .expect_err("70000 exceeds fp16")
         .to_string();
@@ -107,7 +107,7 @@ fn f16_scales_follow_the_binary_exponent_of_the_largest_magnitude() {
 #[test]
 fn f16_base_products_scale_their_inputs_and_output_gradients() {
     let f16 = Cpu::f16();
-    let w = f16.upload_weight(&[1.0], &BaseWeight::Dense, 1, 1).unwrap();
+    let w = f16.upload_weight(&BaseWeight::Dense, Some(&[1.0]), 1, 1).unwrap();
     let product = |x: Vec<f32>, backward: bool| {
         let mut y = vec![0.0; x.len()];
         if backward {

@@ -13,7 +13,7 @@ use qpeft::adapters::qa_lora::QaLoraMethod;
 use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
 use qpeft::arch::Proj;
-use qpeft::backend::cpu::Cpu;
+use qpeft::backend::cpu::{Cpu, CpuWeight};
 use qpeft::backend::Backend;
 use qpeft::model::{Checkpoint, Decoder, Input};
 use qpeft::quant::base::BaseWeight;
@@ -124,7 +124,7 @@ fn qa_lora_folds_into_int4_zero_points() {
             bad[1] += 1.0;
             assert!(int4.merge_into_zeros(&bad).is_err());
             assert!(zeros.iter().any(|z| z.to_f32().fract() != 0.0), "the zeros became fractional");
-            lin.weight = m.backend.upload(&merged).unwrap();
+            lin.weight = CpuWeight::Values(m.backend.upload(&merged).unwrap());
         }
     }
     let merged = logits(&m, None);

@@ -8,7 +8,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::fixtures;
-use qpeft::backend::cpu::Cpu;
+use qpeft::arch::Proj;
+use qpeft::backend::cpu::{Cpu, CpuWeight};
 use qpeft::backend::Backend;
 use qpeft::eval::perplexity::perplexity;
 use qpeft::generate::{generate, GenerateOptions};
@@ -150,4 +151,39 @@ fn qwen_generation_perplexity_and_logits_match_transformers() {
     check_logits(&m, &model);
     check_generation(&m, &model);
     check_perplexity(&m, &model);
+}
+
+/// SmolLM2 read from the HF directory that scripts/reference/gguf_to_hf.py converts from the GGUF (run by .ci/run)
+/// has the GGUF's weights bit for bit, and so its logits up to summation order: the GGUF's weights stay packed and
+/// are multiplied a tile of rows at a time.
+#[test]
+fn smollm2_hf_directory_converted_from_the_gguf_gives_the_same_model() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-hf");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run scripts/reference/gguf_to_hf.py",
+        dir.display()
+    );
+    let m = smollm2();
+    let hf = Checkpoint::open(&dir).unwrap();
+    assert_eq!(m.ckpt.spec, hf.spec);
+    let (a, b) = (Decoder::load(&m.ckpt, Cpu::new()).unwrap(), Decoder::load(&hf, Cpu::new()).unwrap());
+    let be = Cpu::new();
+    assert!(matches!(a.embed, CpuWeight::Ggml(_)), "the GGUF's embedding is kept packed");
+    assert!(be.weight_values(&a.embed).unwrap() == be.weight_values(&b.embed).unwrap(), "embedding");
+    for (l, (x, y)) in a.blocks.iter().zip(&b.blocks).enumerate() {
+        for p in Proj::ALL {
+            let (x, y) = (be.weight_values(&x.proj(p).weight).unwrap(), be.weight_values(&y.proj(p).weight).unwrap());
+            assert!(x == y, "layer {l} {p:?}: weights differ");
+        }
+    }
+    let tokens = ids(&m.reference["perplexity"][2]["ids"]);
+    let logits = |model: &Decoder<Cpu>| {
+        let mut cache = model.new_cache(1, tokens.len()).unwrap();
+        let h = model.forward(&Input::single(&tokens), &mut cache).unwrap();
+        be.download(&model.logits(&h, tokens.len()).unwrap()).unwrap()
+    };
+    let err = common::rel_err(&logits(&a), &logits(&b), |_| true);
+    println!("GGUF vs HF directory: logits rel err {err:e}");
+    assert!(err < 1e-5, "GGUF and HF paths differ by {err:e}");
 }

@@ -290,9 +290,16 @@ pub trait Backend: Send + Sync {
     fn save(&self, x: &Self::Buf) -> Result<Self::Saved>;
     fn restore(&self, saved: &Self::Saved) -> Result<Self::Buf>;
 
-    /// Ŵ [out_dim, in_dim] from its f32 values `dense` (what `base.dequantize()` gives, or the weight itself for
-    /// a dense base) and its stored form `base`, which a backend may keep instead of `dense`.
-    fn upload_weight(&self, dense: &[f32], base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<Self::Weight>;
+    /// Ŵ [out_dim, in_dim] from its stored form `base`, which a backend may keep (dequantizing per use), and its f32
+    /// values `dense`: required for a `Dense` base; for the others what `base.dequantize()` gives, passed where the
+    /// caller has them already (else the backend dequantizes where it needs the values).
+    fn upload_weight(
+        &self,
+        base: &BaseWeight,
+        dense: Option<&[f32]>,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Self::Weight>;
     /// Ŵ in f32, [out, in] (merging, saving, checks): bit-exact with `base.dequantize()`.
     fn weight_values(&self, w: &Self::Weight) -> Result<Self::Buf>;
     /// out [rows, out] (+)= x·Ŵᵀ for x [rows, in].

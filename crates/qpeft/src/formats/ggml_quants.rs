@@ -70,11 +70,12 @@ impl GgmlType {
     }
 }
 
-/// Dequantizes `numel` elements stored as `dtype` in `bytes`; None for an unsupported type.
-/// The caller guarantees `bytes` holds exactly the blocks for `numel` elements.
-pub fn dequantize(dtype: GgmlType, bytes: &[u8], numel: usize) -> Option<Vec<f32>> {
-    let (block, block_bytes) = dtype.layout()?;
-    let kernel: fn(&[u8], &mut [f32]) = match dtype {
+/// Dequantizes one block: its bytes into its elements.
+type BlockKernel = fn(&[u8], &mut [f32]);
+
+/// The kernel that dequantizes one block of `dtype`, or None for an unsupported type.
+fn block_kernel(dtype: GgmlType) -> Option<BlockKernel> {
+    Some(match dtype {
         GgmlType::F32 => |b, o| o[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         GgmlType::F16 => |b, o| o[0] = f16_at(b, 0),
         GgmlType::BF16 => |b, o| o[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
@@ -85,7 +86,14 @@ pub fn dequantize(dtype: GgmlType, bytes: &[u8], numel: usize) -> Option<Vec<f32
         GgmlType::Q5K => q5_k,
         GgmlType::Q6K => q6_k,
         _ => return None,
-    };
+    })
+}
+
+/// Dequantizes `numel` elements stored as `dtype` in `bytes`; None for an unsupported type.
+/// The caller guarantees `bytes` holds exactly the blocks for `numel` elements.
+pub fn dequantize(dtype: GgmlType, bytes: &[u8], numel: usize) -> Option<Vec<f32>> {
+    let (block, block_bytes) = dtype.layout()?;
+    let kernel = block_kernel(dtype)?;
     debug_assert_eq!(bytes.len(), numel / block * block_bytes);
     let mut out = vec![0f32; numel];
     // Chunks of many blocks keep rayon's per-task overhead small for the 1-element types.
@@ -96,6 +104,18 @@ pub fn dequantize(dtype: GgmlType, bytes: &[u8], numel: usize) -> Option<Vec<f32
         }
     });
     Some(out)
+}
+
+/// `dequantize` into `out` on the calling thread (a tile of a weight dequantized per use); None for an unsupported
+/// type. `bytes` holds exactly the blocks of `out.len()` elements.
+pub fn dequantize_into(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) -> Option<()> {
+    let (block, block_bytes) = dtype.layout()?;
+    let kernel = block_kernel(dtype)?;
+    debug_assert_eq!(bytes.len(), out.len() / block * block_bytes);
+    for (ob, bb) in out.chunks_exact_mut(block).zip(bytes.chunks_exact(block_bytes)) {
+        kernel(bb, ob);
+    }
+    Some(())
 }
 
 /// Q4_0: f16 scale d, 16 bytes of nibbles; low nibbles are elements 0..16, high nibbles 16..32.

@@ -6,10 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
 use super::ggml_quants::{self, GgmlType};
+use super::SharedBytes;
 use crate::error::{Error, Result};
 use crate::tensor::HostTensor;
 
@@ -111,7 +113,7 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: BTreeMap<String, MetaValue>,
     pub tensors: Vec<TensorInfo>,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
 }
 
 struct Cursor<'a> {
@@ -207,7 +209,7 @@ impl GgufFile {
         // SAFETY: the map is read-only; qpeft never writes to model files while they are open.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (version, metadata, tensors) = Self::parse(&mmap, path)?;
-        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, mmap })
+        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, mmap: Arc::new(mmap) })
     }
 
     #[allow(clippy::type_complexity)]
@@ -321,6 +323,11 @@ impl GgufFile {
 
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.mmap[info.start..info.start + info.len]
+    }
+
+    /// A tensor's bytes as stored, shared with the file's map (no copy; it outlives this `GgufFile`).
+    pub fn tensor_shared(&self, info: &TensorInfo) -> SharedBytes {
+        SharedBytes::Mapped(self.mmap.clone(), info.start..info.start + info.len)
     }
 
     /// Reads and dequantizes a tensor to f32, in PyTorch shape order.

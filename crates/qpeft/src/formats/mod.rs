@@ -10,6 +10,36 @@ pub mod ggml_quants;
 pub mod gguf;
 pub mod safetensors;
 
+/// Bytes shared without copying: a range of a memory-mapped file (a GGUF tensor kept as stored, which then costs
+/// only page cache) or an owned buffer.
+#[derive(Clone)]
+pub enum SharedBytes {
+    Mapped(std::sync::Arc<memmap2::Mmap>, std::ops::Range<usize>),
+    Owned(std::sync::Arc<[u8]>),
+}
+
+impl std::ops::Deref for SharedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            SharedBytes::Mapped(map, range) => &map[range.clone()],
+            SharedBytes::Owned(bytes) => bytes,
+        }
+    }
+}
+
+impl PartialEq for SharedBytes {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for SharedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedBytes({} bytes)", self.len())
+    }
+}
+
 /// Storage dtype of a tensor in a file, reported by `qpeft info`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StoredDtype {

@@ -9,8 +9,8 @@ use crate::arch::{Arch, ModelSpec};
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::SafetensorsStore;
-use crate::formats::StoredDtype;
-use crate::quant::base::BaseWeight;
+use crate::formats::{SharedBytes, StoredDtype};
+use crate::quant::base::{BaseWeight, GgmlRows};
 use crate::quant::hf_dir::{read_linear, QuantizationConfig};
 use crate::tensor::HostTensor;
 use crate::tokenizer::Tokenizer;
@@ -74,18 +74,17 @@ fn gguf_name(hf: &str) -> Option<String> {
 
 /// llama.cpp stores q/k rows of llama models interleaved for its rotary convention: within each
 /// head, row 2i+t of the file is row t·(d/2)+i of transformers' rotate-half layout. Undo it.
-fn unpermute_rows(t: &mut HostTensor, heads: usize) {
-    let rows = t.shape[0];
-    let cols = t.numel() / rows;
+fn unpermute_rows<E: Copy>(data: &mut [E], rows: usize, heads: usize) {
+    let cols = data.len() / rows;
     let d = rows / heads;
     let half = d / 2;
-    let src = t.data.clone();
+    let src = data.to_vec();
     for h in 0..heads {
         for i in 0..half {
             for two in 0..2 {
                 let from = h * d + 2 * i + two;
                 let to = h * d + two * half + i;
-                t.data[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
+                data[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
             }
         }
     }
@@ -232,12 +231,8 @@ impl Checkpoint {
             Source::Gguf(g) => {
                 let Some(info) = gguf_name(hf_name).and_then(|n| g.tensor_info(&n)) else { return Ok(None) };
                 let mut t = g.read_f32(info)?;
-                if self.spec.arch == Arch::Llama {
-                    if hf_name.contains("q_proj") {
-                        unpermute_rows(&mut t, self.spec.num_heads);
-                    } else if hf_name.contains("k_proj") {
-                        unpermute_rows(&mut t, self.spec.num_kv_heads);
-                    }
+                if let Some(heads) = self.permuted_heads(hf_name) {
+                    unpermute_rows(&mut t.data, t.shape[0], heads);
                 }
                 // llama.cpp's converter stores Gemma's norm offsets w as 1 + w.
                 if self.spec.norm_plus_one && hf_name.ends_with("norm.weight") {
@@ -262,17 +257,62 @@ impl Checkpoint {
         Ok(t)
     }
 
-    /// The weight of linear `m` ([out_dim, in_dim]) dequantized to f32, and its stored form. The LM head is
-    /// never quantized.
-    pub fn linear(&self, m: &str, out_dim: usize, in_dim: usize) -> Result<(HostTensor, BaseWeight)> {
-        if let (Some(qc), Source::Hf { store, .. }) = (&self.quant, &self.source) {
-            if m != "lm_head" {
-                let base = read_linear(store, qc, m, out_dim, in_dim)?;
-                let w = base.dequantize().expect("a quantized base dequantizes");
-                return Ok((HostTensor::new(vec![out_dim, in_dim], w), base));
-            }
+    /// The head count of a tensor whose rows llama.cpp permuted (llama q/k in a GGUF file), None for any other.
+    fn permuted_heads(&self, hf_name: &str) -> Option<usize> {
+        let llama_gguf = self.spec.arch == Arch::Llama && matches!(self.source, Source::Gguf(_));
+        if !llama_gguf {
+            None
+        } else if hf_name.contains("q_proj") {
+            Some(self.spec.num_heads)
+        } else if hf_name.contains("k_proj") {
+            Some(self.spec.num_kv_heads)
+        } else {
+            None
         }
-        Ok((self.require(&format!("{m}.weight"), &[out_dim, in_dim])?, BaseWeight::Dense))
+    }
+
+    /// The stored form of linear `m` ([out_dim, in_dim]; also `model.embed_tokens` as [vocab, hidden]) and, where it
+    /// is stored dense, its f32 values. A quantized form (a bitsandbytes or GPTQ directory, or a GGUF block format
+    /// kept as stored) comes without them: `BaseWeight::dequantize` gives them when needed. The LM head of a
+    /// directory is never quantized.
+    pub fn linear_base(&self, m: &str, out_dim: usize, in_dim: usize) -> Result<(BaseWeight, Option<HostTensor>)> {
+        match (&self.quant, &self.source) {
+            (Some(qc), Source::Hf { store, .. }) if m != "lm_head" && m != "model.embed_tokens" => {
+                return Ok((read_linear(store, qc, m, out_dim, in_dim)?, None));
+            }
+            (_, Source::Gguf(g)) => {
+                let name = format!("{m}.weight");
+                if let Some(info) = gguf_name(&name).and_then(|n| g.tensor_info(&n)) {
+                    if info.shape == [out_dim, in_dim] {
+                        let bytes = match self.permuted_heads(&name) {
+                            // Whole rows move, so the permutation works on the stored blocks.
+                            Some(heads) => {
+                                let stored = g.tensor_bytes(info);
+                                let mut rows: Vec<&[u8]> = stored.chunks(stored.len() / out_dim.max(1)).collect();
+                                unpermute_rows(&mut rows, out_dim, heads);
+                                SharedBytes::Owned(rows.concat().into())
+                            }
+                            None => g.tensor_shared(info),
+                        };
+                        if let Some(rows) = GgmlRows::new(info.dtype, out_dim, in_dim, bytes) {
+                            return Ok((BaseWeight::Ggml(rows), None));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok((BaseWeight::Dense, Some(self.require(&format!("{m}.weight"), &[out_dim, in_dim])?)))
+    }
+
+    /// The weight of linear `m` ([out_dim, in_dim]) dequantized to f32, and its stored form.
+    pub fn linear(&self, m: &str, out_dim: usize, in_dim: usize) -> Result<(HostTensor, BaseWeight)> {
+        let (base, dense) = self.linear_base(m, out_dim, in_dim)?;
+        let w = match dense {
+            Some(w) => w,
+            None => HostTensor::new(vec![out_dim, in_dim], base.dequantize().expect("a stored form dequantizes")),
+        };
+        Ok((w, base))
     }
 
     pub fn listing(&self) -> Vec<TensorEntry> {
@@ -357,7 +397,8 @@ mod tests {
         // Two heads of d = 4, one column: transformers rows [h0: a0 a1 b0 b1, h1: ...] where a are
         // first-half and b second-half; llama.cpp interleaves them as a0 b0 a1 b1.
         let mut t = HostTensor::new(vec![8, 1], vec![0., 2., 1., 3., 4., 6., 5., 7.]);
-        unpermute_rows(&mut t, 2);
+        let rows = t.shape[0];
+        unpermute_rows(&mut t.data, rows, 2);
         assert_eq!(t.data, vec![0., 1., 2., 3., 4., 5., 6., 7.]);
     }
 }

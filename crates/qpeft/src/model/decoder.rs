@@ -74,13 +74,17 @@ impl<B: Backend> Decoder<B> {
         let vec = |name: &str, len: usize| -> Result<B::Buf> { be.upload(&ckpt.require(name, &[len])?.data) };
         let linear =
             |name: &str, in_dim: usize, out_dim: usize, bias: bool, quantizable: bool| -> Result<QuantLinear<B>> {
-                let (mut w, mut base) = ckpt.linear(name, out_dim, in_dim)?;
-                if let (Some(opts), true, BaseWeight::Dense) = (quantize, quantizable, &base) {
-                    base = quantize_weight(&w.data, out_dim, in_dim, opts)
+                let (mut base, mut dense) = ckpt.linear_base(name, out_dim, in_dim)?;
+                // Weights stored unquantized or in a GGUF block format are (re-)quantized as asked.
+                if let (Some(opts), true, BaseWeight::Dense | BaseWeight::Ggml(_)) = (quantize, quantizable, &base) {
+                    let values = match dense.take() {
+                        Some(w) => w.data,
+                        None => base.dequantize().expect("a stored form dequantizes"),
+                    };
+                    base = quantize_weight(&values, out_dim, in_dim, opts)
                         .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
-                    w.data = base.dequantize().expect("a quantized base");
                 }
-                let weight = be.upload_weight(&w.data, &base, out_dim, in_dim)?;
+                let weight = be.upload_weight(&base, dense.as_ref().map(|w| &w.data[..]), out_dim, in_dim)?;
                 let bias = if bias { Some(vec(&format!("{name}.bias"), out_dim)?) } else { None };
                 Ok(QuantLinear { weight, bias, in_dim, out_dim, base })
             };
@@ -105,12 +109,8 @@ impl<B: Backend> Decoder<B> {
             });
             progress(i + 1, s.num_layers);
         }
-        let embed = be.upload_weight(
-            &ckpt.require("model.embed_tokens.weight", &[s.vocab_size, h])?.data,
-            &BaseWeight::Dense,
-            s.vocab_size,
-            h,
-        )?;
+        let (embed_base, embed_values) = ckpt.linear_base("model.embed_tokens", s.vocab_size, h)?;
+        let embed = be.upload_weight(&embed_base, embed_values.as_ref().map(|w| &w.data[..]), s.vocab_size, h)?;
         let lm_head =
             if s.tie_word_embeddings { None } else { Some(linear("lm_head", h, s.vocab_size, false, false)?) };
         let norm = vec("model.norm.weight", h)?;

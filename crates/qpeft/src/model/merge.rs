@@ -67,7 +67,7 @@ impl<B: Backend> Decoder<B> {
                 let mut w = self.backend.download(&self.backend.weight_values(&lin.weight)?)?;
                 w.iter_mut().zip(&delta).for_each(|(w, d)| *w += d);
                 lin.base = BaseWeight::Dense;
-                lin.weight = self.backend.upload_weight(&w, &lin.base, lin.out_dim, lin.in_dim)?;
+                lin.weight = self.backend.upload_weight(&lin.base, Some(&w), lin.out_dim, lin.in_dim)?;
             }
         }
         Ok(())
@@ -92,8 +92,7 @@ impl<B: Backend> Decoder<B> {
                 let zeros = q.merge_into_zeros(&delta).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
                 q.float_zeros = Some(zeros);
                 q.qzeros.clear();
-                let w = q.dequantize();
-                lin.weight = self.backend.upload_weight(&w, &lin.base, lin.out_dim, lin.in_dim)?;
+                lin.weight = self.backend.upload_weight(&lin.base, None, lin.out_dim, lin.in_dim)?;
             }
         }
         Ok(())

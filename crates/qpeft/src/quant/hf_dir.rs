@@ -148,7 +148,8 @@ fn state_key(m: &str, kind: FourBit) -> String {
 /// name recorded in the bitsandbytes quant state (the dtype the weight was quantized from).
 pub fn write_linear(out: &mut BTreeMap<String, OwnedTensor>, m: &str, base: &BaseWeight, dtype: &str) {
     match base {
-        BaseWeight::Dense => {}
+        // Not a bitsandbytes or GPTQ form: the caller writes the values.
+        BaseWeight::Dense | BaseWeight::Ggml(_) => {}
         BaseWeight::Bnb4(q) => write_bnb4(out, m, q, dtype),
         BaseWeight::IcqNf4(q) => {
             write_bnb4(out, m, &q.nf4, dtype);

@@ -91,7 +91,8 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 fn base_kind(b: &BaseWeight) -> BaseKind {
     match b {
-        BaseWeight::Dense => BaseKind::Dense,
+        // A GGUF block format kept as stored is no 4-bit base a method can build on (QA-LoRA needs GPTQ int4).
+        BaseWeight::Dense | BaseWeight::Ggml(_) => BaseKind::Dense,
         BaseWeight::Bnb4(_) | BaseWeight::IcqNf4(_) => BaseKind::Nf4,
         BaseWeight::Int4(q) => BaseKind::Int4 { group: q.group },
     }

@@ -6,6 +6,7 @@
 
 mod adam8;
 mod attention;
+mod weight;
 
 use std::borrow::Cow;
 use std::fmt::Debug;
@@ -20,6 +21,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::linalg::{gemm_strided, Real, Strided};
 use crate::quant::base::BaseWeight;
+pub use weight::CpuWeight;
 
 /// Rows per rayon task for the row-wise ops: enough work to amortise scheduling.
 const ROW_CHUNK: usize = 16;
@@ -155,7 +157,7 @@ impl<T: Real> Cpu<T> {
 impl<T: Real> Backend for Cpu<T> {
     type Buf = Vec<T>;
     type Ints = Vec<u32>;
-    type Weight = Vec<T>;
+    type Weight = CpuWeight<T>;
     type Saved = Vec<T>;
     type Bytes = Vec<u8>;
 
@@ -197,33 +199,103 @@ impl<T: Real> Backend for Cpu<T> {
         Ok(saved.clone())
     }
 
-    fn upload_weight(&self, dense: &[f32], _base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<Vec<T>> {
+    fn upload_weight(
+        &self,
+        base: &BaseWeight,
+        dense: Option<&[f32]>,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<CpuWeight<T>> {
+        if let BaseWeight::Ggml(g) = base {
+            check(g.out_dim == out_dim && g.in_dim == in_dim, "upload_weight", || {
+                format!("a {} × {} GGUF weight for a {out_dim} × {in_dim} one", g.out_dim, g.in_dim)
+            })?;
+            if self.half == Some(Half::F16) {
+                check_f16_range(&base.dequantize().expect("a GGUF weight dequantizes"))?;
+            }
+            return Ok(CpuWeight::Ggml(g.clone()));
+        }
+        let values;
+        let dense = match (dense, base.dequantize()) {
+            (Some(d), _) => d,
+            (None, Some(v)) => {
+                values = v;
+                &values
+            }
+            (None, None) => return Err(Error::Invalid("upload_weight: a dense weight without its values".into())),
+        };
         check(dense.len() == out_dim * in_dim, "upload_weight", || {
             format!("{} values for a {out_dim} × {in_dim} weight", dense.len())
         })?;
         let values = self.upload(dense)?;
-        Ok(match self.half {
+        Ok(CpuWeight::Values(match self.half {
             Some(Half::F16) => {
                 check_f16_range(dense)?;
                 self.rounded(&values, f16_rne).into_owned()
             }
             _ => self.rounded(&values, bf16_rne).into_owned(),
+        }))
+    }
+    fn weight_values(&self, w: &CpuWeight<T>) -> Result<Vec<T>> {
+        Ok(match w {
+            CpuWeight::Values(v) => v.clone(),
+            CpuWeight::Ggml(g) => self.weight_rows(g, 0..g.out_dim),
         })
     }
-    fn weight_values(&self, w: &Vec<T>) -> Result<Vec<T>> {
-        Ok(w.clone())
-    }
-    fn linear(&self, x: &Vec<T>, w: &Vec<T>, rows: usize, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
+    fn linear(&self, x: &Vec<T>, w: &CpuWeight<T>, rows: usize, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
         let (in_dim, out_dim) = (x.len() / rows.max(1), out.len() / rows.max(1));
-        self.gemm(&self.product_input(x), w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
+        match w {
+            CpuWeight::Values(w) => {
+                self.gemm(&self.product_input(x), w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
+            }
+            CpuWeight::Ggml(g) => {
+                check(x.len() == rows * g.in_dim && out.len() == rows * g.out_dim, "linear", || {
+                    format!(
+                        "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
+                        x.len(),
+                        out.len(),
+                        g.out_dim,
+                        g.in_dim
+                    )
+                })?;
+                self.linear_packed(&self.product_input(x), g, rows, out, accumulate);
+                Ok(())
+            }
+        }
     }
-    fn linear_backward(&self, dy: &Vec<T>, w: &Vec<T>, rows: usize, dx: &mut Vec<T>, accumulate: bool) -> Result<()> {
+    fn linear_backward(
+        &self,
+        dy: &Vec<T>,
+        w: &CpuWeight<T>,
+        rows: usize,
+        dx: &mut Vec<T>,
+        accumulate: bool,
+    ) -> Result<()> {
         let (out_dim, in_dim) = (dy.len() / rows.max(1), dx.len() / rows.max(1));
-        self.gemm(&self.product_input(dy), w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
+        match w {
+            CpuWeight::Values(w) => {
+                self.gemm(&self.product_input(dy), w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
+            }
+            CpuWeight::Ggml(g) => {
+                check(dy.len() == rows * g.out_dim && dx.len() == rows * g.in_dim, "linear_backward", || {
+                    format!(
+                        "{} output gradients and {} input gradients for {rows} rows of a {} × {} weight",
+                        dy.len(),
+                        dx.len(),
+                        g.out_dim,
+                        g.in_dim
+                    )
+                })?;
+                self.linear_backward_packed(&self.product_input(dy), g, rows, dx, accumulate)
+            }
+        }
     }
 
-    fn embedding(&self, table: &Vec<T>, ids: &Vec<u32>, dim: usize, scale: f32, out: &mut Vec<T>) -> Result<()> {
-        let vocab = table.len() / dim;
+    fn embedding(&self, table: &CpuWeight<T>, ids: &Vec<u32>, dim: usize, scale: f32, out: &mut Vec<T>) -> Result<()> {
+        let vocab = match table {
+            CpuWeight::Values(t) => t.len() / dim,
+            CpuWeight::Ggml(g) => g.out_dim,
+        };
         check(out.len() == ids.len() * dim, "embedding", || {
             format!("output holds {} values, need {}", out.len(), ids.len() * dim)
         })?;
@@ -232,7 +304,15 @@ impl<T: Real> Backend for Cpu<T> {
         }
         let scale = T::of(scale);
         out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(o, &t)| {
-            let row = &table[t as usize * dim..(t as usize + 1) * dim];
+            let t = t as usize;
+            let packed;
+            let row = match table {
+                CpuWeight::Values(v) => &v[t * dim..(t + 1) * dim],
+                CpuWeight::Ggml(g) => {
+                    packed = self.weight_rows(g, t..t + 1);
+                    &packed[..]
+                }
+            };
             for (o, &x) in o.iter_mut().zip(row) {
                 *o = x * scale;
             }

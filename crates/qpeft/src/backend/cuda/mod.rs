@@ -401,7 +401,22 @@ impl Backend for Cuda {
         }
     }
 
-    fn upload_weight(&self, dense: &[f32], base: &BaseWeight, out_dim: usize, in_dim: usize) -> Result<CudaWeight> {
+    fn upload_weight(
+        &self,
+        base: &BaseWeight,
+        dense: Option<&[f32]>,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<CudaWeight> {
+        let values;
+        let dense = match (dense, base.dequantize()) {
+            (Some(d), _) => d,
+            (None, Some(v)) => {
+                values = v;
+                &values
+            }
+            (None, None) => return Err(Error::Invalid("upload_weight: a dense weight without its values".into())),
+        };
         self.upload_weight_form(dense, base, out_dim, in_dim)
     }
     fn weight_values(&self, w: &CudaWeight) -> Result<Self::Buf> {

@@ -153,7 +153,8 @@ impl Cuda {
                     g_idx: self.upload_any(&g_idx)?,
                 })
             }
-            BaseWeight::Dense => match self.precision {
+            // A GGUF block format is uploaded as its values, like a dense weight.
+            BaseWeight::Dense | BaseWeight::Ggml(_) => match self.precision {
                 Precision::F32 => Form::DenseF32(self.upload_any(dense)?),
                 Precision::Bf16 => Form::DenseHalf(
                     self.upload_any(&dense.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>())?,
