@@ -20,6 +20,7 @@ SHAPES = {  # vocab, hidden, intermediate, layers, heads, kv heads
     "llama-7b": (32000, 4096, 11008, 32, 32, 32),
     "llama-13b": (32000, 5120, 13824, 40, 40, 40),
     "smollm2-135m": (49152, 576, 1536, 30, 9, 3),
+    "qwen2.5-1.5b": (151936, 1536, 8960, 28, 12, 2),  # Qwen2: q/k/v biases, rope θ 1e6, untied as in its GGUF
 }
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -39,17 +40,20 @@ def main():
     import bitsandbytes as bnb
     import peft
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     vocab, hidden, inter, layers, heads, kv = SHAPES[args.arch]
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                      tie_word_embeddings=args.arch == "smollm2-135m", attn_implementation="sdpa")
+    qwen = args.arch.startswith("qwen")
+    Config, Model = (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
+    cfg = Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                 tie_word_embeddings=args.arch == "smollm2-135m", attn_implementation="sdpa",
+                 **({"rope_theta": 1e6, "rms_norm_eps": 1e-6} if qwen else {}))
     torch.manual_seed(0)
     t0 = time.time()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg)
+        model = Model(cfg)
     torch.set_default_dtype(torch.float32)
     # NF4 + double quant for every block linear: Params4bit quantizes when moved to the GPU.
     for layer in model.model.layers:

@@ -25,7 +25,7 @@ pub struct TrainBench {
     #[command(flatten)]
     config: ConfigArgs,
     /// A built-in shape with seeded random weights instead of the config's model: llama-7b, llama-13b, llama2-7b,
-    /// llama2-13b, llama3-8b, gemma-2b, gemma-7b, smollm2-135m.
+    /// llama2-13b, llama3-8b, gemma-2b, gemma-7b, smollm2-135m, qwen2.5-1.5b.
     #[arg(long)]
     arch: Option<String>,
     #[arg(long, default_value_t = 2048)]

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::fixtures;
-use qpeft::arch::Proj;
+use qpeft::arch::{ModelSpec, Proj};
 use qpeft::backend::cpu::{Cpu, CpuWeight};
 use qpeft::backend::Backend;
 use qpeft::eval::perplexity::perplexity;
@@ -186,4 +186,16 @@ fn smollm2_hf_directory_converted_from_the_gguf_gives_the_same_model() {
     let err = common::rel_err(&logits(&a), &logits(&b), |_| true);
     println!("GGUF vs HF directory: logits rel err {err:e}");
     assert!(err < 1e-5, "GGUF and HF paths differ by {err:e}");
+}
+
+/// The built-in shape `qwen2.5-1.5b` (`bench train --arch`, `params --arch`) is the real model's.
+#[test]
+fn qwen_builtin_shape_is_the_real_models() {
+    let real = qwen().ckpt.spec;
+    let mut builtin = ModelSpec::builtin("qwen2.5-1.5b").unwrap();
+    // Not part of the shape: the real model's context length and special tokens.
+    builtin.max_position_embeddings = real.max_position_embeddings;
+    builtin.bos_token_id = real.bos_token_id;
+    builtin.eos_token_ids = real.eos_token_ids.clone();
+    assert_eq!(builtin, real);
 }

@@ -121,9 +121,10 @@ impl ModelSpec {
             "gemma-2b" => (Arch::Gemma, 256000, 2048, 16384, 18, 8, 1, 256, 10000.0),
             "gemma-7b" => (Arch::Gemma, 256000, 3072, 24576, 28, 16, 16, 256, 10000.0),
             "smollm2-135m" => (Arch::Llama, 49152, 576, 1536, 30, 9, 3, 64, 100000.0),
+            "qwen2.5-1.5b" => (Arch::Qwen2, 151936, 1536, 8960, 28, 12, 2, 128, 1000000.0),
             _ => return None,
         };
-        let gemma = arch == Arch::Gemma;
+        let (gemma, qwen) = (arch == Arch::Gemma, arch == Arch::Qwen2);
         Some(ModelSpec {
             arch,
             vocab_size,
@@ -133,12 +134,13 @@ impl ModelSpec {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: if gemma { 1e-6 } else { 1e-5 },
+            rms_norm_eps: if gemma || qwen { 1e-6 } else { 1e-5 },
             rope_theta,
             rope_scaling: RopeScaling::None,
             max_position_embeddings: 4096,
+            // Qwen2.5-1.5B as its GGUF file (scripts/fetch-model.sh) stores it: with its own output matrix.
             tie_word_embeddings: gemma || name == "smollm2-135m",
-            qkv_bias: false,
+            qkv_bias: qwen,
             o_bias: false,
             mlp_bias: false,
             activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
