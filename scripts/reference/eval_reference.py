@@ -10,7 +10,7 @@ evaluator can be checked item by item.
         [--data-dir /work/shared/datasets] [--mmlu-split test|val] [--max-len 2048] [--mmlu-per-subject]
         [--show-prompts] [--threads 2] [--zs-special-tokens default|none]
 
-MODEL_DIR is an HF directory with config, weights and a tokenizer (e.g. models/smollm2-hf-tok).
+MODEL_DIR is an HF directory with config, weights and a tokenizer (e.g. models/smollm2-hf-tok), or a GGUF file.
 
 --limit N takes the first N items of each task in file order. For MMLU the order is: subjects sorted by name
 (the `{subject}_{split}.csv` file names), rows in file order, so --limit 3 gives the first 3 questions of
@@ -189,9 +189,13 @@ class Scorer:
     def __init__(self, model_dir, threads, zs_special_tokens=True):
         torch.set_num_threads(threads)
         self.zs_special_tokens = zs_special_tokens
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        # A GGUF file is loaded the way transformers loads one (dequantized to f32).
+        kw = {}
+        if model_dir.endswith(".gguf"):
+            model_dir, kw["gguf_file"] = os.path.split(os.path.abspath(model_dir))
+        self.tok = AutoTokenizer.from_pretrained(model_dir, **kw)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                          attn_implementation="eager")
+                                                          attn_implementation="eager", **kw)
         self.model.eval()
         cfg = self.model.config
         self.max_length = getattr(cfg, "max_position_embeddings", None) or 2048

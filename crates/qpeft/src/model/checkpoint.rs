@@ -356,10 +356,16 @@ fn random_tensor(spec: &ModelSpec, hf_name: &str, seed: u64) -> Option<HostTenso
             let one = if spec.norm_plus_one { 0.0 } else { 1.0 };
             return Some(HostTensor::new(vec![h], vec![one; h]));
         } else {
-            let module = hf_name.strip_prefix("model.layers.")?.split_once('.')?.1.strip_suffix(".weight")?;
+            let rest = hf_name.strip_prefix("model.layers.")?.split_once('.')?.1;
+            let (module, bias) = match rest.strip_suffix(".weight") {
+                Some(m) => (m, false),
+                None => (rest.strip_suffix(".bias")?, true),
+            };
             let p = Proj::ALL.into_iter().find(|p| p.module() == module)?;
             let (out_dim, in_dim) = p.dims(spec);
-            (vec![out_dim, in_dim], 1.0 / (in_dim as f64).sqrt())
+            // Biases (Qwen2's q/k/v) in the range nn.Linear initializes them in.
+            let shape = if bias { vec![out_dim] } else { vec![out_dim, in_dim] };
+            (shape, 1.0 / (in_dim as f64).sqrt())
         };
     let key = hf_name.bytes().fold(seed ^ 0xCBF2_9CE4_8422_2325, |k, b| (k ^ b as u64).wrapping_mul(0x100_0000_01B3));
     let n: usize = shape.iter().product();
@@ -379,6 +385,16 @@ fn random_tensor(spec: &ModelSpec, hf_name: &str, seed: u64) -> Option<HostTenso
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_shapes_have_their_biases() {
+        let spec = ModelSpec::builtin("qwen2.5-1.5b").unwrap();
+        let b = random_tensor(&spec, "model.layers.3.self_attn.k_proj.bias", 7).unwrap();
+        assert_eq!(b.shape, vec![spec.kv_dim()]);
+        let bound = 1.0 / (spec.hidden_size as f32).sqrt();
+        assert!(b.data.iter().all(|x| x.abs() <= bound) && b.data.iter().any(|&x| x != 0.0));
+        assert!(random_tensor(&spec, "model.layers.3.self_attn.k_proj.scales", 7).is_none());
+    }
 
     #[test]
     fn gguf_names_follow_llama_cpp() {
