@@ -518,6 +518,16 @@ pub(crate) fn check(cond: bool, op: &str, what: impl FnOnce() -> String) -> Resu
     }
 }
 
+/// `upload_weight`'s f32 values of a weight: `dense` where the caller passed them, else its stored form dequantized
+/// (a `Dense` base has no other source of values).
+pub(crate) fn weight_values_of<'a>(base: &BaseWeight, dense: Option<&'a [f32]>) -> Result<std::borrow::Cow<'a, [f32]>> {
+    match (dense, base.dequantize()) {
+        (Some(d), _) => Ok(std::borrow::Cow::Borrowed(d)),
+        (None, Some(v)) => Ok(std::borrow::Cow::Owned(v)),
+        (None, None) => Err(crate::error::Error::Invalid("upload_weight: a dense weight without its values".into())),
+    }
+}
+
 /// A frozen weight's values must be finite in fp16 (`Precision::F16` stores them unscaled).
 pub(crate) fn check_f16_range(values: &[f32]) -> Result<()> {
     use rayon::prelude::*;

@@ -15,8 +15,8 @@ use std::marker::PhantomData;
 use rayon::prelude::*;
 
 use super::{
-    check, check_adamw_8bit, check_attention, check_f16_range, check_groups, f16_shift, flash_head, AdamStep,
-    AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite,
+    check, check_adamw_8bit, check_attention, check_f16_range, check_groups, f16_shift, flash_head, weight_values_of,
+    AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite,
 };
 use crate::error::{Error, Result};
 use crate::linalg::{gemm_strided, Real, Strided};
@@ -215,22 +215,14 @@ impl<T: Real> Backend for Cpu<T> {
             }
             return Ok(CpuWeight::Ggml(g.clone()));
         }
-        let values;
-        let dense = match (dense, base.dequantize()) {
-            (Some(d), _) => d,
-            (None, Some(v)) => {
-                values = v;
-                &values
-            }
-            (None, None) => return Err(Error::Invalid("upload_weight: a dense weight without its values".into())),
-        };
+        let dense = weight_values_of(base, dense)?;
         check(dense.len() == out_dim * in_dim, "upload_weight", || {
             format!("{} values for a {out_dim} × {in_dim} weight", dense.len())
         })?;
-        let values = self.upload(dense)?;
+        let values = self.upload(&dense)?;
         Ok(CpuWeight::Values(match self.half {
             Some(Half::F16) => {
-                check_f16_range(dense)?;
+                check_f16_range(&dense)?;
                 self.rounded(&values, f16_rne).into_owned()
             }
             _ => self.rounded(&values, bf16_rne).into_owned(),

@@ -46,8 +46,8 @@ pub use self::weight::CudaWeight;
 use self::weight::Scratch;
 use super::Groups;
 use super::{
-    check, check_adamw_8bit, check_attention, check_groups, AdamStep, AttentionShape, Backend, DeviceMemory, GluKind,
-    KernelTime, MatMul, Precision, RowWrite, ADAM8_BLOCK,
+    check, check_adamw_8bit, check_attention, check_groups, weight_values_of, AdamStep, AttentionShape, Backend,
+    DeviceMemory, GluKind, KernelTime, MatMul, Precision, RowWrite, ADAM8_BLOCK,
 };
 use crate::error::{DeviceFailure, Error, Result};
 use crate::quant::base::BaseWeight;
@@ -408,16 +408,7 @@ impl Backend for Cuda {
         out_dim: usize,
         in_dim: usize,
     ) -> Result<CudaWeight> {
-        let values;
-        let dense = match (dense, base.dequantize()) {
-            (Some(d), _) => d,
-            (None, Some(v)) => {
-                values = v;
-                &values
-            }
-            (None, None) => return Err(Error::Invalid("upload_weight: a dense weight without its values".into())),
-        };
-        self.upload_weight_form(dense, base, out_dim, in_dim)
+        self.upload_weight_form(&weight_values_of(base, dense)?, base, out_dim, in_dim)
     }
     fn weight_values(&self, w: &CudaWeight) -> Result<Self::Buf> {
         self.weight_values_f32(w)
