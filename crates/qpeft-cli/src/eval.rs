@@ -1,5 +1,7 @@
 //! `qpeft eval`: benchmark tasks (MMLU 5-shot, the seven zero-shot tasks) and held-out loss on a model with an
-//! optional adapter; a table on stdout, every item's prediction in the JSON report.
+//! optional adapter; a table on stdout, every item's prediction in the JSON report. The report is rewritten as each
+//! task finishes and records the settings it ran with, so a run stopped part-way (SIGINT, SIGTERM, a crash) and
+//! started again with the same command keeps the finished tasks and runs the rest.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -43,7 +45,8 @@ pub struct EvalArgs {
     /// Run config whose [data] section defines the held-out split (task `heldout`), with edits.
     #[command(flatten)]
     config: ConfigArgs,
-    /// Write the report with every item's prediction here (JSON), rewritten as each task finishes.
+    /// Write the report with every item's prediction here (JSON), rewritten as each task finishes. If the file
+    /// exists from an earlier run with the same settings, its finished tasks are kept and not run again.
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -52,10 +55,41 @@ pub struct EvalArgs {
 type Row = (String, usize, Vec<(&'static str, f64)>, f64);
 
 pub fn run(args: EvalArgs, device: Device, other_base: bool) -> Result<()> {
-    crate::device::on_device!(device, be => run_on(args, be, other_base))
+    crate::device::on_device!(device, be => run_on(args, be, device, other_base))
 }
 
-fn run_on<B: Backend + 'static>(args: EvalArgs, be: B, other_base: bool) -> Result<()> {
+/// What a task's result depends on besides the task: kept in the report, and compared when a report is resumed.
+fn settings(args: &EvalArgs, device: Device) -> serde_json::Value {
+    json!({
+        "model": args.model, "adapter": args.adapter, "device": device.to_string(), "limit": args.limit,
+        "data_dir": args.data_dir, "split": args.split, "max_len": args.max_len, "batch": args.batch,
+    })
+}
+
+/// The finished tasks of an earlier report at `path` made with `ours` settings; an error if it holds results made
+/// with other settings (they are the user's: never overwritten without asking).
+fn finished(path: &std::path::Path, ours: &serde_json::Value) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let reports: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a qpeft eval report", path.display()))?;
+    for (task, r) in &reports {
+        let theirs = r.get("settings").unwrap_or(&serde_json::Value::Null);
+        if theirs != ours {
+            bail!(
+                "{} holds a result of `{task}` made with other settings ({theirs}; now {ours}): give another --json, \
+                 or remove it to start over",
+                path.display()
+            );
+        }
+    }
+    Ok(reports)
+}
+
+fn run_on<B: Backend + 'static>(args: EvalArgs, be: B, device: Device, other_base: bool) -> Result<()> {
     let Some(tasks) = &args.tasks else {
         println!("Tasks in {} (choose with --tasks NAME[,NAME…]; all = every benchmark):", args.data_dir.display());
         for (name, n, what) in suite::sizes(&args.data_dir, &args.split)? {
@@ -80,7 +114,22 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B, other_base: bool) -> Resu
         mmlu_max_len: args.max_len,
         batch: args.batch.unwrap_or(8),
     };
-    let mut reports = serde_json::Map::new();
+    let ours = settings(&args, device);
+    let mut reports = match &args.json {
+        Some(path) => finished(path, &ours)?,
+        None => Default::default(),
+    };
+    let interrupt = crate::interrupt::Interrupt::install("stopping the task in flight; finished tasks are kept")?;
+    let stopped = |task: &str| -> ! {
+        match &args.json {
+            Some(path) => eprintln!(
+                "stopped during {task}; the finished tasks are in {}: the same command continues with the rest",
+                path.display()
+            ),
+            None => eprintln!("stopped during {task} (with --json OUT, the finished tasks are kept for a rerun)"),
+        }
+        std::process::exit(interrupt.exit_code())
+    };
     // The report is rewritten after every task, so that a run stopped (or failing) part-way keeps what finished.
     let save = |reports: &serde_json::Map<String, serde_json::Value>| -> Result<()> {
         if let Some(path) = &args.json {
@@ -98,12 +147,28 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B, other_base: bool) -> Resu
             ))
             .expect("valid template"),
         );
+        if let Some(r) = reports.get(name) {
+            let r: TaskReport = serde_json::from_value(r.clone())
+                .with_context(|| format!("the report of `{name}` in {}", args.json.as_ref().unwrap().display()))?;
+            let secs = reports[name]["seconds"].as_f64().unwrap_or(0.0);
+            eprintln!("{name}: finished in an earlier run (kept from the report)");
+            table.push((name.clone(), r.items(), r.metrics(), secs));
+            continue;
+        }
         let start = Instant::now();
         let r = suite::run(&model, set.as_ref(), &tok, name, &opts, |done, total| {
+            if interrupt.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(qpeft::Error::Interrupted);
+            }
             bar.set_length(total as u64);
             bar.set_position(done as u64);
-        })?;
+            Ok(())
+        });
         bar.finish_and_clear();
+        let r = match r {
+            Err(qpeft::Error::Interrupted) => stopped(name),
+            r => r?,
+        };
         let secs = start.elapsed().as_secs_f64();
         if let TaskReport::Mmlu(m) = &r {
             println!("MMLU {} by category:", m.split);
@@ -114,6 +179,7 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B, other_base: bool) -> Resu
         table.push((name.clone(), r.items(), r.metrics(), secs));
         let mut v = serde_json::to_value(&r)?;
         v["seconds"] = json!(secs);
+        v["settings"] = ours.clone();
         reports.insert(name.clone(), v);
         save(&reports)?;
     }

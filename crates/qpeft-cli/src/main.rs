@@ -17,6 +17,7 @@ mod config_args;
 mod device;
 mod eval;
 mod info;
+mod interrupt;
 mod params;
 mod progress;
 mod quantize;

@@ -1,8 +1,7 @@
 //! `qpeft study plan|run|report`: the papers' experiment grids (variants × axes × seeds) as one command.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -154,16 +153,9 @@ fn run_study(a: RunArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let abs = std::fs::canonicalize(&a.study)?;
     qpeft::formats::write_atomic(&dir.join(STUDY_PATH), abs.to_string_lossy().as_bytes())?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\ninterrupted: finishing the current step of each cell and checkpointing it (Ctrl-C again to quit now)"
-        );
-    })?;
+    let interrupt =
+        crate::interrupt::Interrupt::install("finishing the current step of each cell and checkpointing it")?;
+    let stop = &interrupt.stop;
     let total = study.cells.len();
     let done0 = study.cells.iter().filter(|c| cell_state(&dir, c) == CellState::Done).count();
     eprintln!("{}: {total} cells in {} ({done0} done); shard {}/{}", study.name, dir.display(), shard.k, shard.n);
@@ -172,7 +164,7 @@ fn run_study(a: RunArgs) -> Result<()> {
         let handles: Vec<_> = devices
             .iter()
             .map(|&device| {
-                let (study, dir, stop) = (&study, &dir, &stop);
+                let (study, dir) = (&study, &dir);
                 s.spawn(move || worker(study, dir, shard, device, stop, tagged))
             })
             .collect();
@@ -187,7 +179,7 @@ fn run_study(a: RunArgs) -> Result<()> {
     let done = study.cells.iter().filter(|c| cell_state(&dir, c) == CellState::Done).count();
     if interrupted {
         eprintln!("stopped with {done} of {total} cells done; run the same command again to continue");
-        std::process::exit(130);
+        std::process::exit(interrupt.exit_code());
     }
     eprintln!("{done} of {total} cells done; report with: qpeft study report {}", dir.display());
     Ok(())

@@ -1,8 +1,6 @@
 //! `qpeft train`: one run from a TOML config (or `--resume RUN_DIR`), with a progress bar and a summary.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
@@ -88,15 +86,8 @@ fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir
         cfg.train.grad_accum,
         if trainer.state.step > 0 { format!(", resuming after step {}", trainer.state.step) } else { String::new() }
     ));
-    // Ctrl-C: the step in flight finishes and is checkpointed; a second Ctrl-C ends the process at once.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupted: finishing the current step and saving a checkpoint (Ctrl-C again to quit now)");
-    })?;
+    // SIGINT / SIGTERM: the step in flight finishes and is checkpointed; a second signal ends the process at once.
+    let interrupt = crate::interrupt::Interrupt::install("finishing the current step and saving a checkpoint")?;
     let summary = trainer.run(
         &mut |p| match p {
             Progress::Evaluating { step, what, done, total } => {
@@ -106,7 +97,7 @@ fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir
                 display.update("training steps", *step, *steps, &format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"))
             }
         },
-        &stop,
+        &interrupt.stop,
     )?;
     display.finish();
     if summary.interrupted {
@@ -120,7 +111,7 @@ fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir
                 summary.run_dir.display()
             );
         }
-        std::process::exit(130);
+        std::process::exit(interrupt.exit_code());
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -183,3 +183,53 @@ fn bad_task_lists_and_missing_data_are_clear_errors() {
     let e = err(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(e.contains("eval.tasks") && e.contains("winogrand"), "{e}");
 }
+
+/// `qpeft eval --json OUT` resumes: a run stopped by SIGINT keeps its finished tasks in OUT (exit 130), the same
+/// command again runs only the rest, and a report made with other settings is refused and left as it was.
+#[test]
+fn an_interrupted_evaluation_resumes_from_its_finished_tasks() {
+    use std::time::{Duration, Instant};
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("report.json");
+    let out_s = out.to_str().unwrap();
+    let args = ["--threads", "1", "eval", MODEL, "--tasks", "arc_easy,hellaswag", "--json", out_s];
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qpeft"))
+        .args(args)
+        .current_dir(common::root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The report appears when the first task (all of ARC-Easy) is done; HellaSwag (40,168 choices) is then running.
+    let start = Instant::now();
+    while !out.exists() {
+        assert!(start.elapsed() < Duration::from_secs(300), "no report appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped during hellaswag") && err.contains(out_s), "{err}");
+    let first = read_json(&out);
+    assert_eq!(first.as_object().unwrap().keys().collect::<Vec<_>>(), ["arc_easy"]);
+    assert_eq!(first["arc_easy"]["settings"]["model"], MODEL);
+
+    // Again, with ARC-Easy and a small PIQA: ARC-Easy is kept (not run again), PIQA runs.
+    let args = ["--threads", "1", "eval", MODEL, "--tasks", "arc_easy,piqa", "--json", out_s];
+    let o = qpeft(&args);
+    let stdout = ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("arc_easy: finished in an earlier run"));
+    assert!(stdout.contains("arc_easy") && stdout.contains("piqa"), "{stdout}");
+    let second = read_json(&out);
+    assert_eq!(second["arc_easy"], first["arc_easy"], "the finished task is kept as it was");
+    assert_eq!(lls(&second, "piqa").len(), 1838);
+
+    // Other settings (a limit) would mix two evaluations in one report: refused, the report untouched.
+    let bytes = std::fs::read(&out).unwrap();
+    let o = qpeft(&["eval", MODEL, "--tasks", "arc_easy", "--limit", "5", "--json", out_s]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("other settings") && err.contains("\"limit\":5"), "{err}");
+    assert!(std::fs::read(&out).unwrap() == bytes);
+}

@@ -1,6 +1,6 @@
-//! `qpeft train` end to end on a tiny model: a run killed with SIGKILL and resumed ends bit-identical to an
-//! uninterrupted one; a full disk during a checkpoint leaves the earlier checkpoints intact; adapters load in
-//! `generate`, `logits` and `merge`.
+//! `qpeft train` end to end on a tiny model: a run stopped by SIGINT or SIGTERM, or killed with SIGKILL, and resumed
+//! ends bit-identical to an uninterrupted one; a second signal quits at once; one writer per run directory; a full
+//! disk during a checkpoint leaves the earlier checkpoints intact; adapters load in `generate`, `logits` and `merge`.
 
 mod common;
 
@@ -55,50 +55,145 @@ fn adapter_bytes(run: &Path) -> Vec<u8> {
     std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap()
 }
 
-/// Ctrl-C (SIGINT) finishes the step in flight, checkpoints it, says how to resume and exits with 130; the resumed
-/// run logs every step exactly once.
-#[test]
-fn ctrl_c_checkpoints_the_step_in_flight_and_says_how_to_resume() {
-    let steps = 40;
-    let d = tempfile::tempdir().unwrap();
-    let cfg = config(d.path(), steps);
-    let run = d.path().join("run");
-    let child = Command::new(env!("CARGO_BIN_EXE_qpeft"))
+fn spawn_train(cfg: &Path, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_qpeft"))
         .args(["--threads", "1", "train", "--config", cfg.to_str().unwrap()])
+        .args(extra)
         .current_dir(root())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+fn wait_for(path: &Path) {
     let start = Instant::now();
-    while !run.join("checkpoints/step-0000004").exists() {
-        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
+    while !path.exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "{} did not appear", path.display());
         std::thread::sleep(Duration::from_millis(1));
     }
-    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(kill.success());
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    assert!(Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap().success());
+}
+
+fn newest_checkpoint(run: &Path) -> u64 {
+    std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
+        .max()
+        .unwrap()
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(snapshot(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM finish the step in flight, checkpoint it, say how to resume and exit with 130 and
+/// 143; the resumed run logs every step exactly once and ends with the adapter of an uninterrupted run.
+#[test]
+fn a_signal_checkpoints_the_step_in_flight_and_the_resumed_run_is_identical() {
+    let steps = 40;
+    let whole = tempfile::tempdir().unwrap();
+    ok(&qpeft(&["--threads", "1", "train", "--config", config(whole.path(), steps).to_str().unwrap()]));
+    let want = adapter_bytes(&whole.path().join("run"));
+    for (sig, code) in [("INT", 130), ("TERM", 143)] {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = config(d.path(), steps);
+        let run = d.path().join("run");
+        let child = spawn_train(&cfg, &[]);
+        wait_for(&run.join("checkpoints/step-0000004"));
+        signal(&child, sig);
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "SIG{sig}: {err}");
+        assert!(err.contains(&format!("interrupted (SIG{sig})")), "{err}");
+        assert!(err.contains(&format!("qpeft train --resume {}", run.display())), "{err}");
+        let last = newest_checkpoint(&run);
+        assert!((4..steps).contains(&last), "checkpoint of step {last}");
+        assert!(err.contains(&format!("stopped after step {last} of {steps}")), "{err}");
+        assert!(!run.join("adapter").exists() && !run.join("summary.json").exists(), "the run is not finished");
+        ok(&qpeft(&["--threads", "1", "train", "--resume", run.to_str().unwrap()]));
+        assert!(adapter_bytes(&run) == want, "SIG{sig}: the resumed run's adapter differs from the uninterrupted one");
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let steps_logged: Vec<u64> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r.get("loss").is_some())
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps_logged, (1..=steps).collect::<Vec<_>>());
+    }
+}
+
+/// A second signal ends the process at once, mid-step, and leaves every earlier checkpoint as it was.
+#[test]
+fn a_second_signal_quits_at_once_and_keeps_the_earlier_checkpoints() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), 400);
+    let run = d.path().join("run");
+    // Long steps (16 micro-batches), so that the second signal arrives while the first one's step is in flight.
+    let child = spawn_train(&cfg, &["--set", "train.grad_accum=16"]);
+    wait_for(&run.join("checkpoints/step-0000008"));
+    let before = snapshot(&run.join("checkpoints"));
+    signal(&child, "INT");
+    std::thread::sleep(Duration::from_millis(20));
+    signal(&child, "INT");
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(err.contains("interrupted") && err.contains(&format!("qpeft train --resume {}", run.display())), "{err}");
-    let (last, _) = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
-        .map(|s| (s, ()))
-        .max()
-        .unwrap();
-    assert!((4..steps).contains(&last), "checkpoint of step {last}");
-    assert!(err.contains(&format!("stopped after step {last} of {steps}")), "{err}");
-    assert!(!run.join("adapter").exists() && !run.join("summary.json").exists(), "the run is not finished");
-    ok(&qpeft(&["--threads", "1", "train", "--resume", run.to_str().unwrap()]));
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let steps_logged: Vec<u64> = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r.get("loss").is_some())
-        .map(|r| r["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps_logged, (1..=steps).collect::<Vec<_>>());
+    assert!(err.contains("SIGINT again: quitting now"), "{err}");
+    assert!(!err.contains("stopped after step"), "{err}");
+    let after = snapshot(&run.join("checkpoints"));
+    for (path, bytes) in &before {
+        let now = after.iter().find(|(p, _)| p == path).map(|(_, b)| b);
+        assert!(now == Some(bytes), "{} changed or vanished", path.display());
+    }
+    // The run resumes from its newest complete checkpoint.
+    let steps = format!("train.steps={}", newest_checkpoint(&run) + 2);
+    ok(&qpeft(&["--threads", "1", "train", "--resume", run.to_str().unwrap(), "--set", &steps]));
+}
+
+/// One writer per run directory: a second `qpeft train` on a run being written is refused (resume and overwrite
+/// alike, deleting nothing); once the writer is gone (SIGKILL leaves its lock behind), the lock is taken over.
+#[test]
+fn a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), 400);
+    let run = d.path().join("run");
+    let mut child = spawn_train(&cfg, &[]);
+    wait_for(&run.join("checkpoints/step-0000004"));
+    let pid = child.id().to_string();
+    for args in [
+        vec!["train", "--resume", run.to_str().unwrap()],
+        vec!["train", "--config", cfg.to_str().unwrap(), "--overwrite"],
+    ] {
+        let out = qpeft(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} ran beside the writer");
+        assert!(err.contains("is in use") && err.contains(&format!("process {pid}")), "{err}");
+        assert!(err.contains(&run.join("writer.lock").display().to_string()), "{err}");
+    }
+    assert!(run.join("checkpoints/step-0000004").is_dir(), "the refused --overwrite deleted the run");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(run.join("writer.lock").exists(), "SIGKILL leaves the lock");
+    let steps = format!("train.steps={}", newest_checkpoint(&run) + 2);
+    let out = ok(&qpeft(&["--threads", "1", "train", "--resume", run.to_str().unwrap(), "--set", &steps]));
+    assert!(out.contains("after:"), "{out}");
+    assert!(!run.join("writer.lock").exists(), "the lock is released at the end");
 }
 
 #[test]

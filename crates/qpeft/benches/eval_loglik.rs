@@ -41,7 +41,7 @@ fn main() -> qpeft::Result<()> {
         computed += r.continuation.len();
     }
     let start = Instant::now();
-    let report = zero_shot::evaluate(&model, None, &tok, task, &items, batch, |_| {})?;
+    let report = zero_shot::evaluate(&model, None, &tok, task, &items, batch, |_| Ok(()))?;
     let secs = start.elapsed().as_secs_f64();
     println!(
         "{} items {} requests {}: {:.1} s, {:.0} scored tokens/s ({} scored, {} computed after sharing contexts), acc {:.4}",

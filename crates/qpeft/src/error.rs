@@ -25,6 +25,9 @@ pub enum Error {
     /// failed, a kernel did not compile, or its memory ran out. `what` names what was attempted.
     #[error("{what}: {msg}")]
     Device { kind: DeviceFailure, what: String, msg: String },
+    /// The work was asked to stop (SIGINT or SIGTERM) and stopped at a safe point; nothing unfinished was written.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 /// Why a device call failed.

@@ -10,6 +10,7 @@ pub mod eval;
 pub mod formats;
 pub mod generate;
 pub mod linalg;
+pub mod lockfile;
 pub mod model;
 pub mod plan;
 pub mod quant;

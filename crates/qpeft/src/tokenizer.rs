@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 
 use serde_json::{json, Value};
 
@@ -122,14 +121,35 @@ fn bos_template(bos: Option<(&str, u32)>) -> Value {
     })
 }
 
+/// Runs a call into the tokenizers crate, turning its failures and its panics into errors naming the tokenizer file
+/// `source`: a malformed tokenizer.json can make it index out of bounds while loading or encoding (found by
+/// scripts/fuzz.sh).
+fn guarded<T, E: std::fmt::Display>(
+    source: &Path,
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::format(source, format!("{what} failed: {e}"))),
+        Err(_) => Err(Error::format(
+            source,
+            format!("{what} failed inside the tokenizers library: the tokenizer's definition is inconsistent"),
+        )),
+    }
+}
+
 impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Tokenizer> {
         let file = dir.join("tokenizer.json");
         if !file.exists() {
             return Err(Error::format(dir, "no tokenizer.json in this model directory"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&file)
-            .map_err(|e| Error::format(&file, format!("cannot load tokenizer: {e}")))?;
+        // The document is parsed as JSON first: the tokenizers crate panics on some malformed JSON (inside its
+        // decoder list) instead of returning an error.
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let doc: Value = serde_json::from_str(&text).map_err(|e| Error::format(&file, format!("invalid JSON: {e}")))?;
+        let inner = guarded(&file, "loading the tokenizer", || serde_json::from_value::<tokenizers::Tokenizer>(doc))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
             Ok(t) => serde_json::from_str(&t).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?,
@@ -280,8 +300,9 @@ impl Tokenizer {
         let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added_tokens,
             "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": bos_template(bos_pair),
             "decoder": decoder, "model": model});
-        let inner = tokenizers::Tokenizer::from_str(&doc.to_string())
-            .map_err(|e| Error::format(path, format!("cannot build the tokenizer from GGUF metadata: {e}")))?;
+        let inner = guarded(path, "building the tokenizer from GGUF metadata", || {
+            serde_json::from_value::<tokenizers::Tokenizer>(doc)
+        })?;
         let chat_template = g.get("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_owned);
         Ok(Tokenizer {
             inner,
@@ -294,15 +315,12 @@ impl Tokenizer {
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's defaults (e.g. BOS for llama).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::Invalid(format!("tokenizing failed: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        guarded(&self.source, "tokenizing", || self.inner.encode(text, add_special_tokens))
+            .map(|enc| enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Invalid(format!("decoding failed: {e}")))
+        guarded(&self.source, "decoding", || self.inner.decode(ids, skip_special_tokens))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {

@@ -170,7 +170,7 @@ fn compare(r: &Value, n: usize, subjects: Vec<String>) {
     for task in ALL {
         let mut items = task.load(&dir).unwrap();
         items.truncate(n);
-        let ours = zero_shot::evaluate(&model, None, &tok, task, &items, 8, |_| {}).unwrap();
+        let ours = zero_shot::evaluate(&model, None, &tok, task, &items, 8, |_| Ok(())).unwrap();
         let theirs: BTreeMap<usize, &Value> = r["items"][task.name()]
             .as_array()
             .unwrap()
@@ -199,7 +199,7 @@ fn compare(r: &Value, n: usize, subjects: Vec<String>) {
     let rows = r["mmlu_rows"].as_u64().unwrap() as usize;
     let n_subjects = if subjects.is_empty() { 57 } else { subjects.len() };
     let opts = mmlu::Options { split: "test".into(), limit: Some(rows), subjects, shots: 5, max_len: 2048, batch: 8 };
-    let ours = mmlu::evaluate(&model, None, &tok, &dir.join("mmlu"), &opts, |_, _| {}).unwrap();
+    let ours = mmlu::evaluate(&model, None, &tok, &dir.join("mmlu"), &opts, |_, _| Ok(())).unwrap();
     let theirs: BTreeMap<(String, usize), &Value> = r["items"]["mmlu"]
         .as_array()
         .unwrap()

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use qpeft::arch::ModelSpec;
-use qpeft::study::run::CellLock;
+use qpeft::study::run::claim;
 use qpeft::study::stats::{paired_bootstrap, paired_t, t_cdf, t_interval, t_quantile, PairedItems};
 use qpeft::study::Study;
 
@@ -182,7 +182,7 @@ fn one_of_many_racing_workers_takes_a_stale_lock_over() {
                 .map(|_| {
                     s.spawn(|| {
                         barrier.wait();
-                        let lock = CellLock::try_acquire(dir.path(), cell).unwrap();
+                        let lock = claim(dir.path(), cell).unwrap();
                         // Hold it until every worker has tried.
                         std::thread::sleep(std::time::Duration::from_millis(20));
                         lock.is_some()

@@ -373,3 +373,91 @@ fn a_merged_directory_reproduces_the_adapted_model() {
         assert!(e.contains("already contains a model"), "{e}");
     }
 }
+
+/// A signal during an evaluation abandons it (nothing recorded), checkpoints the step, and the resumed run performs
+/// that evaluation first: adapter and every evaluation end as in an uninterrupted run.
+#[test]
+fn an_interrupted_evaluation_is_checkpointed_and_done_first_on_resume() {
+    use qpeft::train::metrics::Record;
+    use qpeft::train::trainer::Progress;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let extra = "checkpoint_every = 0\n[eval]\nevery = 2\nmax_samples = 8\nbatch_size = 2\nexact_match = 3\nmax_new_tokens = 3\n";
+    let run_to_end = |dir: &Path, stop_at_eval: Option<u64>| {
+        let cfg = RunConfig::parse(Path::new("run.toml"), &tiny_config(dir, extra), &["train.steps=6".into()]).unwrap();
+        let (model, tok, _) = load_model(&cfg, Cpu::new(), &mut |_, _| {}).unwrap();
+        let stop = AtomicBool::new(false);
+        let mut progress = |p: &Progress| {
+            if let Progress::Evaluating { step, done, .. } = p {
+                // Mid-evaluation: after its first exact-match answer.
+                if Some(*step) == stop_at_eval && *done == 1 {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+        };
+        let run = RunDir::start(&cfg, false).unwrap();
+        let summary = Trainer::new(&cfg, &model, &tok, run, false).unwrap().run(&mut progress, &stop).unwrap();
+        if let Some(at) = stop_at_eval {
+            assert!(summary.interrupted && summary.steps == at, "stopped after step {}", summary.steps);
+            let run = dir.join("run");
+            assert!(run.join(format!("checkpoints/step-{at:07}")).is_dir(), "the interrupted step is checkpointed");
+            let evals: Vec<u64> = RunDir::open(&run)
+                .unwrap()
+                .metrics()
+                .unwrap()
+                .iter()
+                .filter_map(|r| if let Record::Eval(e) = r { Some(e.step) } else { None })
+                .collect();
+            assert!(!evals.contains(&at), "the abandoned evaluation was recorded: {evals:?}");
+            let (run, cfg) = RunDir::resume(&run, &Default::default()).unwrap();
+            let summary =
+                Trainer::new(&cfg, &model, &tok, run, true).unwrap().run(&mut |_| {}, &AtomicBool::new(false)).unwrap();
+            assert!(!summary.interrupted);
+        }
+        let run = RunDir::open(&dir.join("run")).unwrap();
+        let evals: Vec<(u64, f64, Option<f64>)> = run
+            .metrics()
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| if let Record::Eval(e) = r { Some((e.step, e.eval_loss, e.exact_match)) } else { None })
+            .collect();
+        (std::fs::read(dir.join("run/adapter/adapter_model.safetensors")).unwrap(), evals)
+    };
+    let whole = tempfile::tempdir().unwrap();
+    let (adapter, evals) = run_to_end(whole.path(), None);
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 2, 4, 6]);
+    for stop_at in [4, 6] {
+        let d = tempfile::tempdir().unwrap();
+        let (a, e) = run_to_end(d.path(), Some(stop_at));
+        assert!(a == adapter, "stopped in the evaluation at step {stop_at}: the adapters differ");
+        assert_eq!(e, evals, "stopped in the evaluation at step {stop_at}");
+    }
+}
+
+/// One writer per run directory, in one process too: a second start or resume is refused while the first holds it,
+/// and a lock left by a process that is gone is taken over.
+#[test]
+fn a_run_directory_has_one_writer() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("run");
+    let first = RunDir::create(&dir, false).unwrap();
+    write(&dir, "config.toml", "");
+    for e in [RunDir::create(&dir, true).err(), RunDir::resume(&dir, &Default::default()).err()] {
+        let e = e.expect("refused").to_string();
+        assert!(e.contains("is in use") && e.contains(&format!("process {}", std::process::id())), "{e}");
+    }
+    assert!(dir.join("config.toml").exists(), "nothing was deleted");
+    drop(first);
+    assert!(!dir.join("writer.lock").exists(), "the lock goes with its holder");
+    // A lock of a process of this host that has ended.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    write(&dir, "writer.lock", &format!("{} {}", host.trim(), gone.id()));
+    let _ = RunDir::resume(&dir, &Default::default());
+    // (config.toml is empty, so resume fails after the lock; the stale lock was taken over and released.)
+    assert!(!dir.join("writer.lock").exists());
+    // A lock of another host is respected.
+    write(&dir, "writer.lock", "elsewhere 1");
+    let e = RunDir::create(&dir, true).err().expect("refused").to_string();
+    assert!(e.contains("process 1 on host elsewhere"), "{e}");
+}

@@ -69,6 +69,16 @@ pub fn binary_exponent(x: f32) -> i32 {
     }
 }
 
+/// The device string that parses back to the same device (`cpu`, `cuda:0:f16`).
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n, p) => write!(f, "cuda:{n}:{}", p.name()),
+        }
+    }
+}
+
 impl std::str::FromStr for Device {
     type Err = crate::error::Error;
     fn from_str(s: &str) -> Result<Device> {

@@ -51,14 +51,15 @@ fn log_prob(row: &[f32], target: u32) -> (f64, bool) {
 }
 
 /// Scores `requests`, at most `batch` sequences per forward pass, each input left-truncated to `max_len` tokens.
-/// Requests with the same context run it once (see `prefix`); `progress(n)` follows the scored requests.
+/// Requests with the same context run it once (see `prefix`); `progress(n)` follows the scored requests, and an
+/// error from it (`Error::Interrupted`) stops the scoring.
 pub fn score<B: Backend>(
     model: &Decoder<B>,
     adapters: Option<&AdapterSet<B>>,
     requests: &[Request],
     batch: usize,
     max_len: usize,
-    mut progress: impl FnMut(usize),
+    mut progress: impl FnMut(usize) -> Result<()>,
 ) -> Result<Vec<Score>> {
     let be = &model.backend;
     let (h, v) = (model.spec.hidden_size, model.spec.vocab_size);
@@ -101,8 +102,7 @@ pub fn score<B: Backend>(
             score.greedy &= top;
         }
         out[i] = score;
-        progress(1);
-        Ok(())
+        progress(1)
     })?;
     Ok(out)
 }

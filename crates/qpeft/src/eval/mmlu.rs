@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::prefix::{self, Group};
 use crate::adapters::set::AdapterSet;
@@ -165,7 +165,7 @@ pub fn answer_tokens(tok: &Tokenizer) -> Result<[u32; 4]> {
 }
 
 /// One scored question.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Item {
     pub subject: String,
     pub index: usize,
@@ -175,7 +175,7 @@ pub struct Item {
     pub logits: [f32; 4],
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Accuracy {
     pub correct: usize,
     pub total: usize,
@@ -187,7 +187,7 @@ impl Accuracy {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub split: String,
     pub subjects: BTreeMap<String, Accuracy>,
@@ -219,7 +219,7 @@ pub fn evaluate<B: Backend>(
     tok: &Tokenizer,
     dir: &Path,
     opts: &Options,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<Report> {
     let dev = load_split(dir, "dev")?;
     let test = load_split(dir, &opts.split)?;
@@ -279,8 +279,7 @@ pub fn evaluate<B: Backend>(
         let logits = be.download(&model.logits(&last, 1)?)?;
         letter_logits[members[g][s]] = letters.map(|t| logits[t as usize]);
         done += 1;
-        progress(done, total);
-        Ok(())
+        progress(done, total)
     })?;
     let mut items = Vec::with_capacity(total);
     let mut subjects: BTreeMap<String, Accuracy> = BTreeMap::new();

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::tasks::{Task, ALL};
 use super::{mmlu, zero_shot};
@@ -65,7 +65,7 @@ pub struct Options {
     pub batch: usize,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TaskReport {
     Mmlu(mmlu::Report),
@@ -91,14 +91,15 @@ impl TaskReport {
     }
 }
 
-/// Runs task `name`; `progress(done, total)` counts MMLU questions or zero-shot choices.
+/// Runs task `name`; `progress(done, total)` counts MMLU questions or zero-shot choices, and an error from it
+/// (`Error::Interrupted`) stops the task.
 pub fn run<B: Backend>(
     model: &Decoder<B>,
     adapters: Option<&AdapterSet<B>>,
     tok: &Tokenizer,
     name: &str,
     opts: &Options,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<TaskReport> {
     if name == "mmlu" {
         let o = mmlu::Options {
@@ -119,7 +120,7 @@ pub fn run<B: Backend>(
     let mut done = 0;
     let r = zero_shot::evaluate(model, adapters, tok, task, &items, opts.batch, |n| {
         done += n;
-        progress(done, total);
+        progress(done, total)
     })?;
     Ok(TaskReport::ZeroShot(r))
 }

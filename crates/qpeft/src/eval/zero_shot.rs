@@ -2,7 +2,7 @@
 //! log-likelihood LL = Σ log p(continuation | context); acc = [argmax LL = gold], acc_norm = [argmax LL / chars
 //! of the choice = gold]; argmax takes the first maximum.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::loglik::{self, Request};
 use super::tasks::{Item, Task};
@@ -13,7 +13,7 @@ use crate::model::Decoder;
 use crate::tokenizer::Tokenizer;
 
 /// One scored item.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Scored {
     pub index: usize,
     pub gold: usize,
@@ -26,7 +26,7 @@ pub struct Scored {
     pub ntok: Vec<usize>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub task: String,
     pub n: usize,
@@ -61,7 +61,7 @@ pub fn evaluate<B: Backend>(
     task: Task,
     items: &[Item],
     batch: usize,
-    progress: impl FnMut(usize),
+    progress: impl FnMut(usize) -> Result<()>,
 ) -> Result<Report> {
     let reqs = requests(tok, items)?;
     // Inputs are left-truncated to the model's context, as the harness does.

@@ -5,13 +5,13 @@
 //! per cell while it works on it, so workers on several devices or machines (a shared filesystem) never run the
 //! same cell twice.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use super::spec::{Cell, Study};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::lockfile::LockFile;
 use crate::train::base::load_model;
 use crate::train::config::RunConfig;
 use crate::train::run_dir::{RunDir, CONFIG, SUMMARY};
@@ -72,58 +72,11 @@ pub fn cell_state(dir: &Path, cell: &Cell) -> CellState {
     }
 }
 
-/// A worker's claim on a cell: `cells/<id>.lock`, created exclusively and holding "host pid"; removed on drop. A lock
-/// left by a process of this host that no longer exists (a killed worker) is taken over.
-pub struct CellLock {
-    path: PathBuf,
-}
-
-fn host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
-}
-
-impl CellLock {
-    pub fn try_acquire(dir: &Path, cell: &Cell) -> Result<Option<CellLock>> {
-        // Workers of one process (`--devices cuda,cuda`) take locks one at a time: otherwise two of them could both
-        // judge a stale lock stale, and the second remove the lock the first had just taken over.
-        static ACQUIRING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one_at_a_time = ACQUIRING.lock().unwrap_or_else(|e| e.into_inner());
-        let root = dir.join(CELLS);
-        std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
-        let path = root.join(format!("{}.lock", cell.id));
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    write!(f, "{} {}", host(), std::process::id()).map_err(|e| Error::io(&path, e))?;
-                    return Ok(Some(CellLock { path }));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let owner = std::fs::read_to_string(&path).unwrap_or_default();
-                    let stale = match owner.split_once(' ') {
-                        Some((h, pid)) => h == host() && !Path::new(&format!("/proc/{}", pid.trim())).exists(),
-                        None => false,
-                    };
-                    if !stale {
-                        return Ok(None);
-                    }
-                    // Another worker of this host may have taken the stale lock over first: then the next
-                    // exclusive create finds its lock.
-                    match std::fs::remove_file(&path) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&path, e)),
-                        _ => {}
-                    }
-                }
-                Err(e) => return Err(Error::io(&path, e)),
-            }
-        }
-        Ok(None)
-    }
-}
-
-impl Drop for CellLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
+/// A worker's claim on a cell: the lock file `cells/<id>.lock` (see `LockFile`), or None if a live worker holds it.
+pub fn claim(dir: &Path, cell: &Cell) -> Result<Option<LockFile>> {
+    let root = dir.join(CELLS);
+    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    Ok(LockFile::try_acquire(&root.join(format!("{}.lock", cell.id)))?.ok())
 }
 
 /// What the study's progress display is told: a cell starts (its position and id), or its trainer reports.
@@ -156,7 +109,7 @@ pub fn run<B: Backend + 'static>(
         if !shard.takes(index) || cell_state(dir, cell) == CellState::Done {
             continue;
         }
-        let Some(_lock) = CellLock::try_acquire(dir, cell)? else { continue };
+        let Some(_lock) = claim(dir, cell)? else { continue };
         // Another worker may have finished it between the check and the lock.
         if cell_state(dir, cell) == CellState::Done {
             continue;

@@ -6,6 +6,9 @@
 //! A checkpoint is written into a hidden temporary directory, every file synced, then renamed into place, so a
 //! crash or a full disk leaves either the complete checkpoint or none; earlier checkpoints are never touched
 //! before the new one is complete.
+//!
+//! One process writes a run at a time: starting or resuming one takes the lock file `writer.lock` in it (see
+//! `LockFile`), so a second `qpeft train` on the same directory is refused while the first is alive.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +20,7 @@ use super::metrics::Record;
 use crate::config_doc::Edits;
 use crate::error::{Error, Result};
 use crate::formats::write_atomic;
+use crate::lockfile::LockFile;
 
 pub const CONFIG: &str = "config.toml";
 pub const METRICS: &str = "metrics.jsonl";
@@ -25,9 +29,12 @@ pub const FINAL_ADAPTER: &str = "adapter";
 pub const PLOT: &str = "loss.svg";
 pub const SUMMARY: &str = "summary.json";
 pub const EVALS: &str = "evals";
+pub const LOCK: &str = "writer.lock";
 
 pub struct RunDir {
     pub path: PathBuf,
+    /// Held while this process writes the run (None for a run opened to be read).
+    _lock: Option<LockFile>,
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -39,6 +46,12 @@ impl RunDir {
     /// a qpeft run directory (has `config.toml`), so nothing else of the user's is deleted.
     pub fn create(path: &Path, overwrite: bool) -> Result<RunDir> {
         let non_empty = path.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false);
+        // A run another process is writing is neither resumed over nor deleted.
+        let lock = if non_empty && path.join(CONFIG).exists() {
+            Some(LockFile::acquire(&path.join(LOCK), path)?)
+        } else {
+            None
+        };
         if non_empty {
             if !overwrite {
                 return Err(Error::Invalid(format!(
@@ -52,10 +65,22 @@ impl RunDir {
                     path.display()
                 )));
             }
-            std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+            // Everything but the lock this process now holds.
+            for entry in path.read_dir().map_err(|e| Error::io(path, e))? {
+                let p = entry.map_err(|e| Error::io(path, e))?.path();
+                if p.file_name().is_some_and(|n| n == LOCK) {
+                    continue;
+                }
+                let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                removed.map_err(|e| Error::io(&p, e))?;
+            }
         }
         std::fs::create_dir_all(path.join(CHECKPOINTS)).map_err(|e| Error::io(path, e))?;
-        Ok(RunDir { path: path.to_path_buf() })
+        let lock = match lock {
+            Some(l) => l,
+            None => LockFile::acquire(&path.join(LOCK), path)?,
+        };
+        Ok(RunDir { path: path.to_path_buf(), _lock: Some(lock) })
     }
 
     /// A new run directory for `cfg` at its `train.out_dir` (see `create`), holding the config as run.
@@ -67,7 +92,8 @@ impl RunDir {
 
     /// The run directory `path` resumed with `edits` applied to its config, which it keeps from now on.
     pub fn resume(path: &Path, edits: &Edits) -> Result<(RunDir, RunConfig)> {
-        let run = RunDir::open(path)?;
+        let opened = RunDir::open(path)?;
+        let run = RunDir { _lock: Some(LockFile::acquire(&path.join(LOCK), path)?), ..opened };
         let cfg = RunConfig::compose(&[run.file(CONFIG)], edits)?;
         write_atomic(&run.file(CONFIG), cfg.text.as_bytes())?;
         Ok((run, cfg))
@@ -77,7 +103,7 @@ impl RunDir {
         if !path.join(CONFIG).exists() {
             return Err(Error::Invalid(format!("{} is not a qpeft run directory (no {CONFIG})", path.display())));
         }
-        Ok(RunDir { path: path.to_path_buf() })
+        Ok(RunDir { path: path.to_path_buf(), _lock: None })
     }
 
     pub fn file(&self, name: &str) -> PathBuf {

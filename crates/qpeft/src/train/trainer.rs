@@ -146,7 +146,7 @@ pub fn load_data(cfg: &RunConfig, tok: &Tokenizer) -> Result<(Vec<Example>, Vec<
 }
 
 /// The target-token-weighted mean loss over `examples` (batches of `batch`) and the number of target tokens.
-/// `progress(done, total)` counts batches.
+/// `progress(done, total)` counts batches; an error from it stops the loop.
 fn loss_over<B: Backend>(
     model: &Decoder<B>,
     adapters: Option<&AdapterSet<B>>,
@@ -154,7 +154,7 @@ fn loss_over<B: Backend>(
     examples: &[Example],
     batch: usize,
     loss_chunk: usize,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<(f64, usize)> {
     let opts =
         StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk, mlp_chunk: None };
@@ -162,13 +162,13 @@ fn loss_over<B: Backend>(
     let (mut sum, mut tokens) = (0f64, 0usize);
     let total = items.len().div_ceil(batch.max(1));
     for (i, chunk) in items.chunks(batch.max(1)).enumerate() {
-        progress(i, total);
+        progress(i, total)?;
         let refs: Vec<&Tokenized> = chunk.iter().collect();
         let r = model.loss(&collator.batch(&refs), adapters, &opts)?;
         sum += r.loss * r.tokens as f64;
         tokens += r.tokens;
     }
-    progress(total, total);
+    progress(total, total)?;
     Ok((if tokens == 0 { 0.0 } else { sum / tokens as f64 }, tokens))
 }
 
@@ -182,7 +182,7 @@ pub fn heldout_loss<B: Backend>(
     batch: usize,
 ) -> Result<(f64, usize)> {
     let collator = Collator::new(tok, cfg.data.source_max_len, cfg.data.target_max_len, cfg.data.train_on_source)?;
-    loss_over(model, adapters, &collator, examples, batch, cfg.train.loss_chunk, &mut |_, _| {})
+    loss_over(model, adapters, &collator, examples, batch, cfg.train.loss_chunk, &mut |_, _| Ok(()))
 }
 
 /// A training session: model, adapters, data, optimizer and where it stands.
@@ -264,14 +264,19 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
 
     /// Held-out loss over the first `eval.max_samples` held-out examples, and exact match on the first
     /// `eval.exact_match` of them.
-    pub fn evaluate(&self, progress: &mut dyn FnMut(&Progress)) -> Result<Option<Evaluation>> {
+    /// When `stop` becomes true the evaluation ends at its next batch with `Error::Interrupted`.
+    pub fn evaluate(&self, progress: &mut dyn FnMut(&Progress), stop: &AtomicBool) -> Result<Option<Evaluation>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
         let e = &self.cfg.eval;
         let step = self.state.step;
         let mut at = |what: &str, done: usize, total: usize| {
-            progress(&Progress::Evaluating { step, what: what.to_string(), done, total })
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted);
+            }
+            progress(&Progress::Evaluating { step, what: what.to_string(), done, total });
+            Ok(())
         };
         let held = &self.eval[..e.max_samples.max(1).min(self.eval.len())];
         let chunk = self.cfg.train.loss_chunk;
@@ -300,7 +305,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
     }
 
     /// The `[eval] tasks` with the current adapters; every item's prediction goes to `evals/step-N.json`.
-    fn run_tasks(&self, at: &mut dyn FnMut(&str, usize, usize)) -> Result<BTreeMap<String, f64>> {
+    fn run_tasks(&self, at: &mut dyn FnMut(&str, usize, usize) -> Result<()>) -> Result<BTreeMap<String, f64>> {
         let e = &self.cfg.eval;
         if e.tasks.is_empty() {
             return Ok(BTreeMap::new());
@@ -324,12 +329,28 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         Ok(scores)
     }
 
-    /// Evaluates and records the result in metrics.jsonl.
-    fn evaluate_and_record(&self, progress: &mut dyn FnMut(&Progress)) -> Result<()> {
-        if let Some(ev) = self.evaluate(progress)? {
-            self.run.append_metrics(&Record::Eval(ev))?;
+    /// Evaluates and records the result in metrics.jsonl; false if `stop` interrupted it (nothing recorded).
+    fn evaluate_and_record(&self, progress: &mut dyn FnMut(&Progress), stop: &AtomicBool) -> Result<bool> {
+        match self.evaluate(progress, stop) {
+            Ok(Some(ev)) => self.run.append_metrics(&Record::Eval(ev)).map(|_| true),
+            Ok(None) => Ok(true),
+            Err(Error::Interrupted) => Ok(false),
+            Err(e) => Err(e),
         }
-        Ok(())
+    }
+
+    /// Whether an evaluation is due at `step`: before training, every `eval.every` steps, and after the last.
+    fn eval_due(&self, step: u64) -> bool {
+        let every = self.cfg.eval.every;
+        step == 0 || step == self.cfg.train.steps || (every > 0 && step.is_multiple_of(every))
+    }
+
+    /// An evaluation due at the step the run stands at that metrics.jsonl lacks: a fresh run's first, or one a
+    /// signal interrupted (its checkpoint was written without it).
+    fn eval_owed(&self) -> Result<bool> {
+        let step = self.state.step;
+        let recorded = self.run.metrics()?.iter().any(|r| matches!(r, Record::Eval(e) if e.step == step));
+        Ok(self.eval_due(step) && !recorded)
     }
 
     fn save_checkpoint(&self) -> Result<()> {
@@ -347,22 +368,17 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
     }
 
     /// Trains to `train.steps`, telling `progress` about every step and evaluation. When `stop` becomes true (e.g.
-    /// on Ctrl-C) the run ends after the step in flight with a checkpoint of it, `Summary::interrupted` set.
+    /// on Ctrl-C) the run ends after the step in flight with a checkpoint of it, `Summary::interrupted` set; an
+    /// evaluation in flight is abandoned, and the resumed run performs it first.
     pub fn run(&mut self, progress: &mut dyn FnMut(&Progress), stop: &AtomicBool) -> Result<Summary> {
         let (cfg, t) = (self.cfg, &self.cfg.train);
         let start = Instant::now();
         let recipe = StepRecipe::from_config(cfg);
-        if self.state.step == 0 {
-            self.evaluate_and_record(progress)?;
-        }
         let mut rates = Vec::new();
-        let mut interrupted = false;
-        while self.state.step < t.steps {
+        let mut interrupted = self.eval_owed()? && !self.evaluate_and_record(progress, stop)?;
+        while !interrupted && self.state.step < t.steps {
             if stop.load(Ordering::Relaxed) {
                 interrupted = true;
-                if !self.run.checkpoints()?.iter().any(|(s, _)| *s == self.state.step) && self.state.step > 0 {
-                    self.save_checkpoint()?;
-                }
                 break;
             }
             let step = self.state.step;
@@ -398,12 +414,15 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             }))?;
             progress(&Progress::Step { step: step + 1, steps: t.steps, loss: s.loss, tokens_per_s: rate });
             let at_end = self.state.step == t.steps;
-            if (cfg.eval.every > 0 && self.state.step.is_multiple_of(cfg.eval.every)) || at_end {
-                self.evaluate_and_record(progress)?;
+            if self.eval_due(self.state.step) {
+                interrupted = !self.evaluate_and_record(progress, stop)?;
             }
             if (t.checkpoint_every > 0 && self.state.step.is_multiple_of(t.checkpoint_every)) || at_end {
                 self.save_checkpoint()?;
             }
+        }
+        if interrupted && self.state.step > 0 && !self.run.checkpoints()?.iter().any(|(s, _)| *s == self.state.step) {
+            self.save_checkpoint()?;
         }
         if !interrupted {
             self.finish()?;
@@ -481,14 +500,14 @@ pub fn exact_match<B: Backend>(
     collator: &Collator<'_>,
     examples: &[Example],
     max_new_tokens: usize,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<Vec<Answer>> {
     let mut stop = model.spec.eos_token_ids.clone();
     stop.extend(tok.eos_token.as_deref().and_then(|t| tok.token_id(t)));
     let opts = GenerateOptions { max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_tokens: stop.clone() };
     let mut out = Vec::with_capacity(examples.len());
     for (i, ex) in examples.iter().enumerate() {
-        progress(i, examples.len());
+        progress(i, examples.len())?;
         let prompt = collator.prompt(ex)?;
         let ids = generate(model, adapters, &prompt, &opts, |_| Ok(()))?;
         let answer_ids: Vec<u32> = ids.into_iter().filter(|t| !stop.contains(t)).collect();
@@ -496,7 +515,7 @@ pub fn exact_match<B: Backend>(
         let correct = answer == ex.target.trim();
         out.push(Answer { text: answer, correct });
     }
-    progress(examples.len(), examples.len());
+    progress(examples.len(), examples.len())?;
     Ok(out)
 }
 
