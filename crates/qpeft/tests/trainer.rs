@@ -461,3 +461,25 @@ fn a_run_directory_has_one_writer() {
     let e = RunDir::create(&dir, true).err().expect("refused").to_string();
     assert!(e.contains("process 1 on host elsewhere"), "{e}");
 }
+
+/// A step that runs out of device memory says where (step, batch shape), what the device said (asked, free), which
+/// settings need less memory (the same global batch in smaller micro-batches, checkpointing, shorter examples) and how
+/// to go on from the intact checkpoint.
+#[test]
+fn out_of_memory_in_a_step_names_the_step_the_shape_and_what_would_fit() {
+    let d = tempfile::tempdir().unwrap();
+    let sets = ["train.batch_size=8".into(), "train.grad_accum=2".into(), "train.checkpointing=false".into()];
+    let cfg = RunConfig::parse(Path::new("run.toml"), &tiny_config(d.path(), ""), &sets).unwrap();
+    let device = "CUDA: allocating 2048 MiB, 1500 MiB free: CUDA_ERROR_OUT_OF_MEMORY";
+    let m = qpeft::train::trainer::out_of_memory(&cfg, Path::new("runs/x"), 3000, (8, 512), device);
+    assert!(m.starts_with(device), "{m}");
+    assert!(m.contains("step 3000 (batch 8 × 512 tokens)"), "{m}");
+    assert!(m.contains("--set train.batch_size=4 --set train.grad_accum=4 (the same 16 examples per step)"), "{m}");
+    assert!(m.contains("--set train.checkpointing=true"), "{m}");
+    assert!(m.contains("qpeft train --resume runs/x"), "{m}");
+    // Already at one example with checkpointing: only shorter examples remain.
+    let sets = ["train.batch_size=1".into(), "train.checkpointing=true".into()];
+    let cfg = RunConfig::parse(Path::new("run.toml"), &tiny_config(d.path(), ""), &sets).unwrap();
+    let m = qpeft::train::trainer::out_of_memory(&cfg, Path::new("runs/x"), 1, (1, 4096), device);
+    assert!(!m.contains("batch_size=") && !m.contains("checkpointing=") && m.contains("data.source_max_len="), "{m}");
+}

@@ -29,7 +29,7 @@ use crate::adapters::BaseKind;
 use crate::backend::Backend;
 use crate::data::collate::{Collator, Tokenized};
 use crate::data::{builtin, sampler, DataFormat, Example};
-use crate::error::{Error, Result};
+use crate::error::{DeviceFailure, Error, Result};
 use crate::eval::suite;
 use crate::formats::safetensors::{write_file, SafetensorsStore};
 use crate::generate::{generate, GenerateOptions};
@@ -384,15 +384,23 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             let step = self.state.step;
             let (model, set, opt_state) = (self.model, &mut self.set, &mut self.opt_state);
             let (train, collator, state, order) = (&self.train, &self.collator, &mut self.state, &mut self.order);
+            let shape = std::cell::Cell::new((0, 0));
             let mut next_batch = || {
                 let items = next_items(cfg, train, &self.lengths, collator, state, order)?;
-                Ok(collator.batch(&items.iter().collect::<Vec<_>>()))
+                let batch = collator.batch(&items.iter().collect::<Vec<_>>());
+                shape.set((batch.input.batch, batch.input.seq));
+                Ok(batch)
             };
             let s = recipe.step(model, set, opt_state, step, &mut next_batch).map_err(|e| match e {
                 Error::Invalid(msg) => Error::Invalid(format!(
                     "{msg}; stopping — the newest checkpoint in {} is intact",
                     self.run.path.display()
                 )),
+                Error::Device { kind: DeviceFailure::OutOfMemory, what, msg } => Error::Device {
+                    kind: DeviceFailure::OutOfMemory,
+                    what,
+                    msg: out_of_memory(cfg, &self.run.path, step + 1, shape.get(), &msg),
+                },
                 other => other,
             })?;
             self.state.step += 1;
@@ -517,6 +525,35 @@ pub fn exact_match<B: Backend>(
     }
     progress(examples.len(), examples.len())?;
     Ok(out)
+}
+
+/// The message of a step that ran out of device memory: the step and its batch shape, the device's words (the size
+/// asked for and what was free), the settings that need less memory, and how to go on from the intact checkpoint.
+pub fn out_of_memory(cfg: &RunConfig, run: &Path, step: u64, (batch, seq): (usize, usize), device: &str) -> String {
+    let t = &cfg.train;
+    let mut fits = Vec::new();
+    if t.batch_size > 1 {
+        let half = t.batch_size / 2;
+        fits.push(format!(
+            "--set train.batch_size={half} --set train.grad_accum={} (the same {} examples per step)",
+            t.grad_accum * 2,
+            half * t.grad_accum * 2
+        ));
+    }
+    if !t.checkpointing {
+        fits.push("--set train.checkpointing=true (recompute each block in backward: far fewer activations)".into());
+    }
+    fits.push(format!(
+        "shorter examples: --set data.source_max_len={} --set data.target_max_len={}",
+        (cfg.data.source_max_len / 2).max(1),
+        (cfg.data.target_max_len / 2).max(1)
+    ));
+    format!(
+        "{device}; out of device memory in step {step} (batch {batch} × {seq} tokens). Settings that need less memory: {}. \
+         The newest checkpoint in {} is intact: continue with qpeft train --resume {1} and those settings",
+        fits.join("; "),
+        run.display()
+    )
 }
 
 /// A generated answer and whether it matches the target exactly.
