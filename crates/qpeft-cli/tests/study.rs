@@ -146,6 +146,31 @@ fn a_killed_study_reruns_to_the_same_results_and_shards_share_a_directory() {
     assert!(results(&killed) == want, "a killed and rerun study differs from an uninterrupted one");
     assert_eq!(report(&killed), want_report);
 
+    // Stopped with SIGTERM (a scheduler's stop) in the second cell: it checkpoints that cell's step, exits with 143,
+    // and the same command again ends as the uninterrupted study.
+    let stopped = d.path().join("stopped");
+    let child = Command::new(env!("CARGO_BIN_EXE_qpeft"))
+        .args(["--threads", "1", "study", "run", file, "--out", stopped.to_str().unwrap()])
+        .current_dir(root())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let second = stopped.join("cells/r-4__seed-1/checkpoints/step-0000002");
+    let start = Instant::now();
+    while !second.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "the second cell never checkpointed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("interrupted (SIGTERM)") && err.contains("run the same command again"), "{err}");
+    assert!(!stopped.join("cells/r-4__seed-1/summary.json").exists(), "stopped mid-cell");
+    assert!(!stopped.join("cells/r-4__seed-1.lock").exists(), "the cell's lock is released");
+    ok(&qpeft(&["--threads", "1", "study", "run", file, "--out", stopped.to_str().unwrap()]));
+    assert!(results(&stopped) == want, "a stopped and rerun study differs from an uninterrupted one");
+
     // Two workers with a shard each, at the same time, on one directory.
     let shared = d.path().join("shared");
     let worker = |k: &str| {
