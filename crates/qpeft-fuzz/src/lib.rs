@@ -235,7 +235,7 @@ pub fn run_target(
                 tally.failures.push((case, f));
             }
         }
-        if tally.inputs % 1000 == 0 {
+        if tally.inputs.is_multiple_of(1000) {
             tally.seconds = started.elapsed().as_secs_f64();
             progress(&tally);
         }

@@ -158,7 +158,7 @@ pub fn json_tree(v: &mut serde_json::Value, rng: &mut Rand) {
         json_paths(v, &mut Vec::new(), &mut paths);
         let path = paths[below(rng, paths.len())].clone();
         match below(rng, 6) {
-            0 | 1 | 2 => *json_at(v, &path) = interesting_json(rng),
+            0..=2 => *json_at(v, &path) = interesting_json(rng),
             3 => {
                 // Remove the node from its parent.
                 if let Some((last, parent)) = path.split_last() {

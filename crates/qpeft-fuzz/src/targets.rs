@@ -13,13 +13,15 @@ use qpeft::tokenizer::{Message, Tokenizer};
 use crate::mutate::{self, Rand};
 use crate::{gguf_fields, Env};
 
+/// Fills a case folder with an unmutated input and returns the seed contents of each of `files`.
+pub type Setup = fn(&Env, &Target, &Path) -> qpeft::Result<Vec<Vec<u8>>>;
+
 pub struct Target {
     pub name: &'static str,
     /// The files (relative to a case's folder) one of which each case rewrites.
     pub files: &'static [&'static str],
     pub mutate: fn(&[u8], &mut Rand) -> Vec<u8>,
-    /// Fills a case folder with an unmutated input and returns the seed contents of each of `files`.
-    pub setup: fn(&Env, &Target, &Path) -> qpeft::Result<Vec<Vec<u8>>>,
+    pub setup: Setup,
     /// What qpeft does with the input in `case`.
     pub run: fn(&Env, &Target, &Path) -> qpeft::Result<()>,
     /// Seeds come from the benchmark datasets (skipped where they are absent).
