@@ -5,6 +5,7 @@
 //! their own precision.
 
 mod adam8;
+pub mod amx;
 mod attention;
 mod weight;
 

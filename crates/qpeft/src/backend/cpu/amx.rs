@@ -1,0 +1,240 @@
+//! bf16 products on Intel AMX tiles (issue 27): C[m, n] (+)= Σ_k A[m, k] · W[n, k] with bf16 operands and f32
+//! accumulation, the product of a base linear (x · Wᵀ).
+//!
+//! One `tdpbf16ps` multiplies a 16 × 32 bf16 tile of A by a 32 × 16 tile of Wᵀ into a 16 × 16 f32 tile: 8,192
+//! multiply-adds. The kernel keeps a 32 × 32 block of C in four accumulator tiles (tmm0–3), and for every 32 values of
+//! k loads two tiles of A (tmm4–5, rows as they lie in memory) and two of W (tmm6–7) — 4 products per 4 loads. W is
+//! packed once (`PackedBf16`) into the layout the tile unit reads for its right operand: per 16 output features and
+//! 32 inputs, 16 rows of (feature, input pair) — W[n, 2r], W[n, 2r + 1] side by side for n = 0…15. Rows and features
+//! are padded to multiples of 32 and inputs to multiples of 32 with zeros, which add nothing.
+//!
+//! Products of bf16 values are exact in f32, so the result differs from the bf16 emulation (`Cpu::bf16()`, which
+//! rounds the same operands and multiplies in f32) only by the order of the f32 additions.
+//!
+//! Stable Rust has no AMX intrinsics: the instructions are written with `asm!`. The tile registers are not known to
+//! the compiler, which never uses them, so they keep their values between the `asm!` blocks of one thread. Linux
+//! hands out the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), once per process.
+
+use std::arch::asm;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Whether this CPU has AMX-BF16 and the kernel lets this process use the tiles (asked once).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        if leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a system call with integer arguments; it changes only this process's permitted state.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    })
+}
+
+/// The tile configuration: palette 1; tiles 0–7 of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+fn tile_config() -> TileConfig {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    for t in 0..8 {
+        c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+        c[48 + t] = 16;
+    }
+    TileConfig(c)
+}
+
+/// The nearest bf16 (ties to even) of x, as its bits.
+fn bf16_bits(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+/// A weight [out, in] as bf16 tiles of the right operand's layout (see the module documentation).
+pub struct PackedBf16 {
+    pub out_dim: usize,
+    pub in_dim: usize,
+    /// Blocks of 16 output features × 32 inputs (512 values), feature block major.
+    data: Vec<u16>,
+}
+
+impl PackedBf16 {
+    fn k_blocks(&self) -> usize {
+        self.in_dim.div_ceil(32)
+    }
+
+    /// Packs `w` ([out_dim, in_dim] row-major), rounding each value to the nearest bf16.
+    pub fn pack(w: &[f32], out_dim: usize, in_dim: usize) -> PackedBf16 {
+        assert_eq!(w.len(), out_dim * in_dim, "a {out_dim} × {in_dim} weight");
+        let (nb, kb) = (out_dim.div_ceil(32) * 2, in_dim.div_ceil(32));
+        let mut data = vec![0u16; nb * kb * 512];
+        data.par_chunks_mut(kb * 512).enumerate().for_each(|(j, blocks)| {
+            for n in 0..16 {
+                let row = j * 16 + n;
+                if row >= out_dim {
+                    break;
+                }
+                let src = &w[row * in_dim..(row + 1) * in_dim];
+                for (k, &v) in src.iter().enumerate() {
+                    // Block k / 32; within it, row (k % 32) / 2, column n, element k % 2.
+                    let at = (k / 32) * 512 + ((k % 32) / 2) * 32 + n * 2 + (k % 2);
+                    blocks[at] = bf16_bits(v);
+                }
+            }
+        });
+        PackedBf16 { out_dim, in_dim, data }
+    }
+}
+
+/// out[m, n] (+)= Σ_k x[m, k] · w[n, k] for `rows` rows of x ([rows, in_dim] f32, rounded to bf16 here), in f32.
+/// Panics unless `available()`.
+pub fn linear(x: &[f32], w: &PackedBf16, rows: usize, out: &mut [f32], accumulate: bool) {
+    assert!(available(), "AMX is not available");
+    let (k, n) = (w.in_dim, w.out_dim);
+    assert!(
+        x.len() == rows * k && out.len() == rows * n,
+        "x {} and out {} for {rows} rows of {w:?}",
+        x.len(),
+        out.len()
+    );
+    let kb = w.k_blocks();
+    let kp = kb * 32;
+    // Blocks of 32 rows, each computed by one task: its rows of x in bf16 (zero-padded), then every 32 features.
+    out.par_chunks_mut(32 * n).enumerate().for_each(|(mb, out_rows)| {
+        let m_here = out_rows.len() / n.max(1);
+        let mut a = vec![0u16; 32 * kp];
+        for r in 0..m_here {
+            let src = &x[(mb * 32 + r) * k..(mb * 32 + r + 1) * k];
+            for (d, &v) in a[r * kp..r * kp + k].iter_mut().zip(src) {
+                *d = bf16_bits(v);
+            }
+        }
+        let cfg = tile_config();
+        let mut c = [0f32; 32 * 32];
+        // SAFETY: `available()` granted the tile state; the configuration is 64 aligned bytes.
+        unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+        for nb in 0..n.div_ceil(32) {
+            let b0 = w.data[(2 * nb) * kb * 512..].as_ptr();
+            let b1 = w.data[(2 * nb + 1) * kb * 512..].as_ptr();
+            // SAFETY: every tile load reads 16 rows of 64 bytes inside `a` (32 rows of kp values) or inside a packed
+            // block of 512 values; the stores write 16 rows of 64 bytes into `c` (32 rows of 32 floats).
+            unsafe {
+                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                let a_stride = kp * 2;
+                for kk in 0..kb {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a.as_ptr().add(kk * 32),
+                        a1 = in(reg) a.as_ptr().add(16 * kp + kk * 32),
+                        b0 = in(reg) b0.add(kk * 512),
+                        b1 = in(reg) b1.add(kk * 512),
+                        sa = in(reg) a_stride,
+                        sb = in(reg) 64usize,
+                        options(nostack, readonly),
+                    );
+                }
+                asm!(
+                    "tilestored [{c} + {s}*1], tmm0",
+                    "tilestored [{c1} + {s}*1], tmm1",
+                    "tilestored [{c2} + {s}*1], tmm2",
+                    "tilestored [{c3} + {s}*1], tmm3",
+                    c = in(reg) c.as_mut_ptr(),
+                    c1 = in(reg) c.as_mut_ptr().add(16),
+                    c2 = in(reg) c.as_mut_ptr().add(16 * 32),
+                    c3 = in(reg) c.as_mut_ptr().add(16 * 32 + 16),
+                    s = in(reg) 128usize,
+                    options(nostack),
+                );
+            }
+            let cols = (n - nb * 32).min(32);
+            for r in 0..m_here {
+                let dst = &mut out_rows[r * n + nb * 32..r * n + nb * 32 + cols];
+                let src = &c[r * 32..r * 32 + cols];
+                if accumulate {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
+        // SAFETY: releases this thread's tile state.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    });
+}
+
+impl std::fmt::Debug for PackedBf16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedBf16({} × {})", self.out_dim, self.in_dim)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    fn bf16(x: f32) -> f64 {
+        half::bf16::from_f32(x).to_f64()
+    }
+
+    /// Against the same products in f64 of the bf16-rounded operands: the kernel's only difference is f32
+    /// accumulation (and its order), so the error is a few f32 ulps of the sum of magnitudes.
+    #[test]
+    fn tile_products_equal_the_bf16_products_on_ragged_shapes() {
+        if !available() {
+            eprintln!("skipped: this CPU or kernel offers no AMX-BF16");
+            return;
+        }
+        for &(m, k, n) in &[(1, 7, 5), (16, 32, 16), (17, 33, 31), (33, 64, 50), (70, 100, 65), (5, 576, 1536)] {
+            let (x, w) = (values(m * k, 1 + m as u64), values(n * k, 2 + n as u64));
+            let packed = PackedBf16::pack(&w, n, k);
+            let mut out = values(m * n, 3);
+            let before = out.clone();
+            linear(&x, &packed, m, &mut out, true);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut want, mut mag) = (before[i * n + j] as f64, 0f64);
+                    for t in 0..k {
+                        let p = bf16(x[i * k + t]) * bf16(w[j * k + t]);
+                        want += p;
+                        mag += p.abs();
+                    }
+                    let got = out[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 4.0 * f32::EPSILON as f64 * (mag + 1.0),
+                        "{m}×{k}×{n} [{i},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+            // Without accumulation the old values are gone.
+            let mut fresh = vec![f32::NAN; m * n];
+            linear(&x, &packed, m, &mut fresh, false);
+            for (f, (o, b)) in fresh.iter().zip(out.iter().zip(&before)) {
+                assert!((f - (o - b)).abs() <= 1e-3 * (1.0 + f.abs()), "{f} vs {}", o - b);
+            }
+        }
+    }
+}
