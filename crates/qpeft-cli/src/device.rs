@@ -9,6 +9,10 @@ macro_rules! on_device {
                 let $be = qpeft::backend::cpu::Cpu::new();
                 $body
             }
+            qpeft::backend::Device::CpuBf16 => {
+                let $be = qpeft::backend::cpu::Cpu::bf16_amx();
+                $body
+            }
             #[cfg(feature = "cuda")]
             qpeft::backend::Device::Cuda(n, precision) => {
                 let $be = qpeft::backend::cuda::Cuda::new(n, precision)?;

@@ -34,8 +34,9 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Where models run: cpu, or cuda[:N][:f16|:bf16|:f32] (GPU N, default 0; scaled fp16 tensor-core products
-    /// unless bf16 or f32 is asked for; `train` defaults to the config's [device]).
+    /// Where models run: cpu (f32), cpu:bf16 (bf16 base products on the CPU's AMX tiles), or
+    /// cuda[:N][:f16|:bf16|:f32] (GPU N, default 0; scaled fp16 tensor-core products unless bf16 or f32 is asked
+    /// for; `train` defaults to the config's [device]).
     #[arg(long, global = true)]
     device: Option<String>,
     /// With --adapter: run the adapter on MODEL even if MODEL is not the base it was trained on (its recorded

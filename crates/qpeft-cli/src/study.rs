@@ -216,6 +216,7 @@ fn worker(
     };
     let outcome = match device {
         Device::Cpu => run(study, dir, shard, &|| Ok(qpeft::backend::cpu::Cpu::new()), &mut progress, stop)?,
+        Device::CpuBf16 => run(study, dir, shard, &|| Ok(qpeft::backend::cpu::Cpu::bf16_amx()), &mut progress, stop)?,
         #[cfg(feature = "cuda")]
         Device::Cuda(n, precision) => {
             run(study, dir, shard, &|| qpeft::backend::cuda::Cuda::new(n, precision), &mut progress, stop)?

@@ -11,11 +11,12 @@ pub mod cuda;
 use crate::error::Result;
 use crate::quant::base::BaseWeight;
 
-/// Where a model runs: `cpu`, or `cuda[:N][:f16|:bf16|:f32]` (GPU N, default 0, in `Precision::F16` unless another
-/// precision is asked for).
+/// Where a model runs: `cpu` (f32), `cpu:bf16` (`Cpu::bf16_amx`: bf16 base products on AMX tiles where the CPU has
+/// them), or `cuda[:N][:f16|:bf16|:f32]` (GPU N, default 0, in `Precision::F16` unless another precision is asked for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     Cpu,
+    CpuBf16,
     Cuda(usize, Precision),
 }
 
@@ -74,6 +75,7 @@ impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
+            Device::CpuBf16 => write!(f, "cpu:bf16"),
             Device::Cuda(n, p) => write!(f, "cuda:{n}:{}", p.name()),
         }
     }
@@ -82,9 +84,12 @@ impl std::fmt::Display for Device {
 impl std::str::FromStr for Device {
     type Err = crate::error::Error;
     fn from_str(s: &str) -> Result<Device> {
-        let bad = || crate::error::Error::Invalid(format!("device `{s}` is not cpu or cuda[:N][:f16|:bf16|:f32]"));
-        if s == "cpu" {
-            return Ok(Device::Cpu);
+        let bad =
+            || crate::error::Error::Invalid(format!("device `{s}` is not cpu, cpu:bf16 or cuda[:N][:f16|:bf16|:f32]"));
+        match s {
+            "cpu" | "cpu:f32" => return Ok(Device::Cpu),
+            "cpu:bf16" => return Ok(Device::CpuBf16),
+            _ => {}
         }
         let mut parts = s.split(':');
         if parts.next() != Some("cuda") {
@@ -112,6 +117,8 @@ mod tests {
     fn device_names_parse() {
         let ok = [
             ("cpu", Device::Cpu),
+            ("cpu:f32", Device::Cpu),
+            ("cpu:bf16", Device::CpuBf16),
             ("cuda", Device::Cuda(0, Precision::F16)),
             ("cuda:1", Device::Cuda(1, Precision::F16)),
             ("cuda:f16", Device::Cuda(0, Precision::F16)),

@@ -258,7 +258,7 @@ impl Default for EvalSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeviceSection {
-    /// `cpu` or `cuda[:N][:f16|:bf16|:f32]` (`qpeft train --device` overrides it).
+    /// `cpu`, `cpu:bf16` or `cuda[:N][:f16|:bf16|:f32]` (`qpeft train --device` overrides it).
     pub name: String,
 }
 

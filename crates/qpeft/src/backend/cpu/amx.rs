@@ -20,6 +20,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use crate::linalg::Real;
+
 /// Whether this CPU has AMX-BF16 and the kernel lets this process use the tiles (asked once).
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
@@ -89,11 +91,30 @@ impl PackedBf16 {
         });
         PackedBf16 { out_dim, in_dim, data }
     }
+
+    /// The transpose, packed (the right operand of backward products).
+    pub fn transposed(&self) -> PackedBf16 {
+        let rows: Vec<Vec<f32>> = (0..self.out_dim).into_par_iter().map(|n| self.row(n)).collect();
+        let t: Vec<f32> =
+            (0..self.in_dim * self.out_dim).into_par_iter().map(|i| rows[i % self.out_dim][i / self.out_dim]).collect();
+        PackedBf16::pack(&t, self.in_dim, self.out_dim)
+    }
+
+    /// Row `n` of the weight (its bf16 values).
+    pub fn row(&self, n: usize) -> Vec<f32> {
+        let blocks = &self.data[(n / 16) * self.k_blocks() * 512..];
+        (0..self.in_dim)
+            .map(|k| {
+                let at = (k / 32) * 512 + ((k % 32) / 2) * 32 + (n % 16) * 2 + (k % 2);
+                half::bf16::from_bits(blocks[at]).to_f32()
+            })
+            .collect()
+    }
 }
 
-/// out[m, n] (+)= Σ_k x[m, k] · w[n, k] for `rows` rows of x ([rows, in_dim] f32, rounded to bf16 here), in f32.
+/// out[m, n] (+)= Σ_k x[m, k] · w[n, k] for `rows` rows of x ([rows, in_dim], rounded to bf16 here), in f32.
 /// Panics unless `available()`.
-pub fn linear(x: &[f32], w: &PackedBf16, rows: usize, out: &mut [f32], accumulate: bool) {
+pub fn linear<T: Real>(x: &[T], w: &PackedBf16, rows: usize, out: &mut [T], accumulate: bool) {
     assert!(available(), "AMX is not available");
     let (k, n) = (w.in_dim, w.out_dim);
     assert!(
@@ -111,7 +132,7 @@ pub fn linear(x: &[f32], w: &PackedBf16, rows: usize, out: &mut [f32], accumulat
         for r in 0..m_here {
             let src = &x[(mb * 32 + r) * k..(mb * 32 + r + 1) * k];
             for (d, &v) in a[r * kp..r * kp + k].iter_mut().zip(src) {
-                *d = bf16_bits(v);
+                *d = bf16_bits(v.to_f32().unwrap_or(f32::NAN));
             }
         }
         let cfg = tile_config();
@@ -163,9 +184,9 @@ pub fn linear(x: &[f32], w: &PackedBf16, rows: usize, out: &mut [f32], accumulat
                 let dst = &mut out_rows[r * n + nb * 32..r * n + nb * 32 + cols];
                 let src = &c[r * 32..r * 32 + cols];
                 if accumulate {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d + T::of(s));
                 } else {
-                    dst.copy_from_slice(src);
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::of(s));
                 }
             }
         }
@@ -228,6 +249,10 @@ mod tests {
                         "{m}×{k}×{n} [{i},{j}]: {got} vs {want}"
                     );
                 }
+            }
+            for j in [0, n / 2, n - 1] {
+                let want: Vec<f32> = w[j * k..(j + 1) * k].iter().map(|&v| bf16(v) as f32).collect();
+                assert_eq!(packed.row(j), want, "row {j} of {n} × {k}");
             }
             // Without accumulation the old values are gone.
             let mut fresh = vec![f32::NAN; m * n];

@@ -32,6 +32,8 @@ const ELEM_CHUNK: usize = 4096;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu<T = f32> {
     half: Option<Half>,
+    /// Base products on AMX tiles (`bf16_amx`).
+    amx: bool,
     _t: PhantomData<T>,
 }
 
@@ -44,7 +46,7 @@ enum Half {
 
 impl Cpu<f32> {
     pub const fn new() -> Self {
-        Cpu { half: None, _t: PhantomData }
+        Cpu { half: None, amx: false, _t: PhantomData }
     }
 
     /// f32 kernels rounding where the CUDA backend's f16 mode (`Precision::F16`) rounds: base weights and embedding
@@ -56,19 +58,26 @@ impl Cpu<f32> {
     /// kernels round unnormalised probabilities, the emulation normalised ones, so agreement there is close rather
     /// than exact.
     pub const fn f16() -> Self {
-        Cpu { half: Some(Half::F16), _t: PhantomData }
+        Cpu { half: Some(Half::F16), amx: false, _t: PhantomData }
     }
 
     /// The same for the bf16 mode (`Precision::Bf16`): bf16 in place of fp16, and no scales (bf16 has f32's range).
     pub const fn bf16() -> Self {
-        Cpu { half: Some(Half::Bf16), _t: PhantomData }
+        Cpu { half: Some(Half::Bf16), amx: false, _t: PhantomData }
+    }
+
+    /// The bf16 numerics of `bf16()` at the speed of the CPU's AMX-BF16 tiles (`--device cpu:bf16`): base weights
+    /// packed once into the tiles' layout, base products on the tiles (forward and backward) with the operands
+    /// `bf16()` rounds to, so the two differ only in the order of f32 additions. Without AMX it is `bf16()`.
+    pub fn bf16_amx() -> Self {
+        Cpu { half: Some(Half::Bf16), amx: amx::available(), _t: PhantomData }
     }
 }
 
 impl Cpu<f64> {
     /// The f64 instance, for finite-difference checks.
     pub const fn f64() -> Self {
-        Cpu { half: None, _t: PhantomData }
+        Cpu { half: None, amx: false, _t: PhantomData }
     }
 }
 
@@ -165,6 +174,7 @@ impl<T: Real> Backend for Cpu<T> {
     fn name(&self) -> String {
         let kind = match (size_of::<T>(), self.half) {
             (8, _) => ", f64",
+            (_, Some(Half::Bf16)) if self.amx => ", bf16 on AMX tiles",
             (_, Some(Half::Bf16)) => ", bf16 emulation",
             (_, Some(Half::F16)) => ", f16 emulation",
             _ => "",
@@ -207,6 +217,16 @@ impl<T: Real> Backend for Cpu<T> {
         out_dim: usize,
         in_dim: usize,
     ) -> Result<CpuWeight<T>> {
+        if self.amx {
+            // GGUF block formats too: the tiles want bf16 values, and dequantizing per use would cost more than
+            // the products.
+            let dense = weight_values_of(base, dense)?;
+            check(dense.len() == out_dim * in_dim, "upload_weight", || {
+                format!("{} values for a {out_dim} × {in_dim} weight", dense.len())
+            })?;
+            let forward = amx::PackedBf16::pack(&dense, out_dim, in_dim);
+            return Ok(CpuWeight::Amx { forward, backward: Default::default() });
+        }
         if let BaseWeight::Ggml(g) = base {
             check(g.out_dim == out_dim && g.in_dim == in_dim, "upload_weight", || {
                 format!("a {} × {} GGUF weight for a {out_dim} × {in_dim} one", g.out_dim, g.in_dim)
@@ -233,6 +253,7 @@ impl<T: Real> Backend for Cpu<T> {
         Ok(match w {
             CpuWeight::Values(v) => v.clone(),
             CpuWeight::Ggml(g) => self.weight_rows(g, 0..g.out_dim),
+            CpuWeight::Amx { forward, .. } => (0..forward.out_dim).flat_map(|n| forward.row(n)).map(T::of).collect(),
         })
     }
     fn linear(&self, x: &Vec<T>, w: &CpuWeight<T>, rows: usize, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
@@ -252,6 +273,13 @@ impl<T: Real> Backend for Cpu<T> {
                     )
                 })?;
                 self.linear_packed(&self.product_input(x), g, rows, out, accumulate);
+                Ok(())
+            }
+            CpuWeight::Amx { forward, .. } => {
+                check(x.len() == rows * forward.in_dim && out.len() == rows * forward.out_dim, "linear", || {
+                    format!("{} inputs and {} outputs for {rows} rows of {forward:?}", x.len(), out.len())
+                })?;
+                amx::linear(x, forward, rows, out, accumulate);
                 Ok(())
             }
         }
@@ -281,6 +309,21 @@ impl<T: Real> Backend for Cpu<T> {
                 })?;
                 self.linear_backward_packed(&self.product_input(dy), g, rows, dx, accumulate)
             }
+            CpuWeight::Amx { forward, backward } => {
+                check(
+                    dy.len() == rows * forward.out_dim && dx.len() == rows * forward.in_dim,
+                    "linear_backward",
+                    || {
+                        format!(
+                            "{} output gradients and {} input gradients for {rows} rows of {forward:?}",
+                            dy.len(),
+                            dx.len()
+                        )
+                    },
+                )?;
+                amx::linear(dy, backward.get_or_init(|| forward.transposed()), rows, dx, accumulate);
+                Ok(())
+            }
         }
     }
 
@@ -288,6 +331,7 @@ impl<T: Real> Backend for Cpu<T> {
         let vocab = match table {
             CpuWeight::Values(t) => t.len() / dim,
             CpuWeight::Ggml(g) => g.out_dim,
+            CpuWeight::Amx { forward, .. } => forward.out_dim,
         };
         check(out.len() == ids.len() * dim, "embedding", || {
             format!("output holds {} values, need {}", out.len(), ids.len() * dim)
@@ -303,6 +347,10 @@ impl<T: Real> Backend for Cpu<T> {
                 CpuWeight::Values(v) => &v[t * dim..(t + 1) * dim],
                 CpuWeight::Ggml(g) => {
                     packed = self.weight_rows(g, t..t + 1);
+                    &packed[..]
+                }
+                CpuWeight::Amx { forward, .. } => {
+                    packed = forward.row(t).into_iter().map(T::of).collect();
                     &packed[..]
                 }
             };

@@ -10,6 +10,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::amx::PackedBf16;
 use super::{bf16_rne, f16_rne, Cpu, Half};
 use crate::error::Result;
 use crate::linalg::{gemm_strided, Real, Strided};
@@ -23,6 +24,12 @@ const BACKWARD_TILE_ROWS: usize = 512;
 pub enum CpuWeight<T> {
     Values(Vec<T>),
     Ggml(GgmlRows),
+    /// bf16 values in AMX tile layout, as Ŵ for forward products and as Ŵᵀ for backward ones (`Cpu::bf16_amx`; Ŵᵀ
+    /// is packed at the first backward product, so inference holds 2 bytes per weight).
+    Amx {
+        forward: PackedBf16,
+        backward: std::sync::OnceLock<PackedBf16>,
+    },
 }
 
 impl<T: Real> Cpu<T> {
