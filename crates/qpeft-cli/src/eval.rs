@@ -194,7 +194,7 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B, device: Device, other_bas
             heldout_loss(&model, set.as_ref(), &tok, &cfg, &held, args.batch.unwrap_or(cfg.eval.batch_size))?;
         let secs = start.elapsed().as_secs_f64();
         table.push(("heldout".into(), held.len(), vec![("loss", loss), ("perplexity", loss.exp())], secs));
-        reports.insert("heldout".into(), json!({"examples": held.len(), "target_tokens": tokens, "loss": loss, "perplexity": loss.exp(), "seconds": secs}));
+        reports.insert("heldout".into(), json!({"examples": held.len(), "target_tokens": tokens, "loss": loss, "perplexity": loss.exp(), "seconds": secs, "settings": ours}));
         save(&reports)?;
     }
     println!("{:<14} {:>6}  {:<40} {:>8}", "task", "items", "metrics", "seconds");

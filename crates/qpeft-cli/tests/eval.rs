@@ -123,6 +123,8 @@ fn tasks_run_during_training_and_the_trained_adapter_changes_the_scores() {
     }
 
     // The run's held-out split as a task: the loss training logged at step 0 (the adapter starts as the identity).
+    // (Another report file: base.json holds results with --limit 5, and a report keeps one set of settings.)
+    let held_json = d.path().join("held.json");
     let held = ok(&qpeft(&[
         "eval",
         MODEL,
@@ -131,12 +133,12 @@ fn tasks_run_during_training_and_the_trained_adapter_changes_the_scores() {
         "--config",
         cfg.to_str().unwrap(),
         "--json",
-        base_json.to_str().unwrap(),
+        held_json.to_str().unwrap(),
     ]));
     assert!(held.contains("perplexity"), "{held}");
     let logged =
         metrics.iter().find(|r| r["step"] == 0 && r.get("eval_loss").is_some()).unwrap()["eval_loss"].as_f64().unwrap();
-    let measured = read_json(&base_json)["heldout"]["loss"].as_f64().unwrap();
+    let measured = read_json(&held_json)["heldout"]["loss"].as_f64().unwrap();
     assert!((logged - measured).abs() < 1e-4, "held-out loss {measured} vs logged {logged}");
 }
 
