@@ -78,6 +78,17 @@ fn signal(child: &std::process::Child, sig: &str) {
     assert!(Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap().success());
 }
 
+/// The steps metrics.jsonl logs, in order.
+fn steps_logged(run: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect()
+}
+
 fn newest_checkpoint(run: &Path) -> u64 {
     std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
@@ -127,14 +138,7 @@ fn a_signal_checkpoints_the_step_in_flight_and_the_resumed_run_is_identical() {
         assert!(!run.join("adapter").exists() && !run.join("summary.json").exists(), "the run is not finished");
         ok(&qpeft(&["--threads", "1", "train", "--resume", run.to_str().unwrap()]));
         assert!(adapter_bytes(&run) == want, "SIG{sig}: the resumed run's adapter differs from the uninterrupted one");
-        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-        let steps_logged: Vec<u64> = metrics
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|r| r.get("loss").is_some())
-            .map(|r| r["step"].as_u64().unwrap())
-            .collect();
-        assert_eq!(steps_logged, (1..=steps).collect::<Vec<_>>());
+        assert_eq!(steps_logged(&run), (1..=steps).collect::<Vec<_>>());
     }
 }
 
@@ -229,14 +233,7 @@ fn a_killed_run_resumes_to_a_bit_identical_adapter() {
     assert!(out.contains("before: held-out loss"), "{out}");
     assert!(adapter_bytes(&run) == want, "the resumed run's final adapter differs from the uninterrupted one");
     // The metrics of the resumed run cover every step exactly once.
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let steps_logged: Vec<u64> = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r.get("loss").is_some())
-        .map(|r| r["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps_logged, (1..=steps).collect::<Vec<_>>());
+    assert_eq!(steps_logged(&run), (1..=steps).collect::<Vec<_>>());
     assert!(run.join("loss.svg").exists() && run.join("summary.json").exists());
 
     // Starting again over the finished run is refused; the adapter loads in generate, logits and merge.

@@ -251,7 +251,7 @@ fn gguf_setup(env: &Env, _: &Target, case: &Path) -> qpeft::Result<Vec<Vec<u8>>>
 }
 
 /// Opens, loads, tokenizes and runs a model: every stage a corrupt file can reach.
-fn load_and_run(path: &Path) -> qpeft::Result<()> {
+pub fn load_and_run(path: &Path) -> qpeft::Result<()> {
     let ckpt = Checkpoint::open(path)?;
     let model = Decoder::load(&ckpt, Cpu::new())?;
     let tok = ckpt.tokenizer()?;
