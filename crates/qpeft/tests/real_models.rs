@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use common::fixtures;
 use qpeft::arch::{ModelSpec, Proj};
-use qpeft::backend::cpu::{Cpu, CpuWeight};
+use qpeft::backend::cpu::{Cpu, CpuWeight, PackedRows};
 use qpeft::backend::Backend;
 use qpeft::eval::perplexity::perplexity;
 use qpeft::generate::{generate, GenerateOptions};
@@ -169,7 +169,7 @@ fn smollm2_hf_directory_converted_from_the_gguf_gives_the_same_model() {
     assert_eq!(m.ckpt.spec, hf.spec);
     let (a, b) = (Decoder::load(&m.ckpt, Cpu::new()).unwrap(), Decoder::load(&hf, Cpu::new()).unwrap());
     let be = Cpu::new();
-    assert!(matches!(a.embed, CpuWeight::Ggml(_)), "the GGUF's embedding is kept packed");
+    assert!(matches!(a.embed, CpuWeight::Packed(PackedRows::Ggml(_))), "the GGUF's embedding is kept packed");
     assert!(be.weight_values(&a.embed).unwrap() == be.weight_values(&b.embed).unwrap(), "embedding");
     for (l, (x, y)) in a.blocks.iter().zip(&b.blocks).enumerate() {
         for p in Proj::ALL {

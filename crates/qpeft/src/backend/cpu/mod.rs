@@ -22,7 +22,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::linalg::{gemm_strided, Real, Strided};
 use crate::quant::base::BaseWeight;
-pub use weight::CpuWeight;
+pub use weight::{CpuWeight, PackedRows};
 
 /// Rows per rayon task for the row-wise ops: enough work to amortise scheduling.
 const ROW_CHUNK: usize = 16;
@@ -227,14 +227,25 @@ impl<T: Real> Backend for Cpu<T> {
             let forward = amx::PackedBf16::pack(&dense, out_dim, in_dim);
             return Ok(CpuWeight::Amx { forward, backward: Default::default() });
         }
-        if let BaseWeight::Ggml(g) = base {
-            check(g.out_dim == out_dim && g.in_dim == in_dim, "upload_weight", || {
-                format!("a {} × {} GGUF weight for a {out_dim} × {in_dim} one", g.out_dim, g.in_dim)
-            })?;
+        let packed = match base {
+            BaseWeight::Ggml(g) => Some(PackedRows::Ggml(g.clone())),
+            BaseWeight::Bnb4(q) => Some(PackedRows::Bnb4 { q: q.clone(), absmax: q.absmax.values(), out_dim, in_dim }),
+            _ => None,
+        };
+        if let Some(p) = packed {
+            let numel = match base {
+                BaseWeight::Bnb4(q) => q.numel(),
+                _ => p.out_dim() * p.in_dim(),
+            };
+            check(
+                p.out_dim() == out_dim && p.in_dim() == in_dim && numel == out_dim * in_dim,
+                "upload_weight",
+                || format!("a {} × {} quantized weight for a {out_dim} × {in_dim} one", p.out_dim(), p.in_dim()),
+            )?;
             if self.half == Some(Half::F16) {
-                check_f16_range(&base.dequantize().expect("a GGUF weight dequantizes"))?;
+                check_f16_range(&base.dequantize().expect("a quantized weight dequantizes"))?;
             }
-            return Ok(CpuWeight::Ggml(g.clone()));
+            return Ok(CpuWeight::Packed(p));
         }
         let dense = weight_values_of(base, dense)?;
         check(dense.len() == out_dim * in_dim, "upload_weight", || {
@@ -252,7 +263,7 @@ impl<T: Real> Backend for Cpu<T> {
     fn weight_values(&self, w: &CpuWeight<T>) -> Result<Vec<T>> {
         Ok(match w {
             CpuWeight::Values(v) => v.clone(),
-            CpuWeight::Ggml(g) => self.weight_rows(g, 0..g.out_dim),
+            CpuWeight::Packed(g) => self.weight_rows(g, 0..g.out_dim()),
             CpuWeight::Amx { forward, .. } => (0..forward.out_dim).flat_map(|n| forward.row(n)).map(T::of).collect(),
         })
     }
@@ -262,14 +273,14 @@ impl<T: Real> Backend for Cpu<T> {
             CpuWeight::Values(w) => {
                 self.gemm(&self.product_input(x), w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
             }
-            CpuWeight::Ggml(g) => {
-                check(x.len() == rows * g.in_dim && out.len() == rows * g.out_dim, "linear", || {
+            CpuWeight::Packed(g) => {
+                check(x.len() == rows * g.in_dim() && out.len() == rows * g.out_dim(), "linear", || {
                     format!(
                         "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
                         x.len(),
                         out.len(),
-                        g.out_dim,
-                        g.in_dim
+                        g.out_dim(),
+                        g.in_dim()
                     )
                 })?;
                 self.linear_packed(&self.product_input(x), g, rows, out, accumulate);
@@ -297,14 +308,14 @@ impl<T: Real> Backend for Cpu<T> {
             CpuWeight::Values(w) => {
                 self.gemm(&self.product_input(dy), w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
             }
-            CpuWeight::Ggml(g) => {
-                check(dy.len() == rows * g.out_dim && dx.len() == rows * g.in_dim, "linear_backward", || {
+            CpuWeight::Packed(g) => {
+                check(dy.len() == rows * g.out_dim() && dx.len() == rows * g.in_dim(), "linear_backward", || {
                     format!(
                         "{} output gradients and {} input gradients for {rows} rows of a {} × {} weight",
                         dy.len(),
                         dx.len(),
-                        g.out_dim,
-                        g.in_dim
+                        g.out_dim(),
+                        g.in_dim()
                     )
                 })?;
                 self.linear_backward_packed(&self.product_input(dy), g, rows, dx, accumulate)
@@ -330,7 +341,7 @@ impl<T: Real> Backend for Cpu<T> {
     fn embedding(&self, table: &CpuWeight<T>, ids: &Vec<u32>, dim: usize, scale: f32, out: &mut Vec<T>) -> Result<()> {
         let vocab = match table {
             CpuWeight::Values(t) => t.len() / dim,
-            CpuWeight::Ggml(g) => g.out_dim,
+            CpuWeight::Packed(g) => g.out_dim(),
             CpuWeight::Amx { forward, .. } => forward.out_dim,
         };
         check(out.len() == ids.len() * dim, "embedding", || {
@@ -345,7 +356,7 @@ impl<T: Real> Backend for Cpu<T> {
             let packed;
             let row = match table {
                 CpuWeight::Values(v) => &v[t * dim..(t + 1) * dim],
-                CpuWeight::Ggml(g) => {
+                CpuWeight::Packed(g) => {
                     packed = self.weight_rows(g, t..t + 1);
                     &packed[..]
                 }

@@ -1,6 +1,7 @@
-//! The CPU backend's frozen weights: their values, or a GGUF block format kept as stored and dequantized per use,
-//! a tile of rows at a time, so that a 4-bit GGUF model lives in about its file size (a 1.5B model in 1.1 GB rather
-//! than 7 GB of f32).
+//! The CPU backend's frozen weights: their values, or a 4-bit storage — a GGUF block format as stored, bitsandbytes
+//! NF4/FP4 codes — kept as it is and dequantized per use, a tile of rows at a time, so that a 4-bit model lives in
+//! about its quantized size (a 1.5B GGUF model in 1.1 GB rather than 7 GB of f32; QLoRA's NF4 base at 4.5 bits per
+//! weight rather than 32).
 //!
 //! A tile holds exactly the values `upload_weight` would have kept (the same dequantization, then the 16-bit
 //! emulations' rounding), so packed and unpacked weights give the same products up to the summation order of the
@@ -15,15 +16,78 @@ use super::{bf16_rne, f16_rne, Cpu, Half};
 use crate::error::Result;
 use crate::linalg::{gemm_strided, Real, Strided};
 use crate::quant::base::GgmlRows;
+use crate::quant::nf4::Bnb4;
 
 /// Rows of Ŵ dequantized at once by one task of a forward product: a few hundred KB to a few MB of values.
 const TILE_ROWS: usize = 64;
 /// Rows of Ŵ per step of a backward product (dequantized in parallel, then one parallel GEMM).
 const BACKWARD_TILE_ROWS: usize = 512;
 
+/// A quantized weight [out_dim, in_dim] whose rows dequantize on their own.
+pub enum PackedRows {
+    Ggml(GgmlRows),
+    /// Codes as bitsandbytes stores them, with the block scales dequantized once (double quantization's two levels
+    /// resolved): 4 bits plus 32 per block of weights.
+    Bnb4 {
+        q: Bnb4,
+        absmax: Vec<f32>,
+        out_dim: usize,
+        in_dim: usize,
+    },
+}
+
+impl PackedRows {
+    pub fn out_dim(&self) -> usize {
+        match self {
+            PackedRows::Ggml(g) => g.out_dim,
+            PackedRows::Bnb4 { out_dim, .. } => *out_dim,
+        }
+    }
+
+    pub fn in_dim(&self) -> usize {
+        match self {
+            PackedRows::Ggml(g) => g.in_dim,
+            PackedRows::Bnb4 { in_dim, .. } => *in_dim,
+        }
+    }
+
+    /// Rows `rows` of Ŵ into `out` ([rows.len(), in_dim]): the values `BaseWeight::dequantize` gives.
+    fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {
+        match self {
+            PackedRows::Ggml(g) => g.dequantize_rows(rows, out),
+            PackedRows::Bnb4 { q, absmax, in_dim, .. } => {
+                let table = q.kind.table();
+                let first = rows.start * in_dim;
+                // A scale block at a time; within it, two codes per byte where the run starts on a byte.
+                let mut j = 0;
+                while j < out.len() {
+                    let block = (first + j) / q.block;
+                    let end = ((block + 1) * q.block - first).min(out.len());
+                    let scale = absmax[block];
+                    let (mut at, stop) = (j, end);
+                    if (first + at) % 2 == 1 {
+                        out[at] = table[q.code(first + at) as usize] * scale;
+                        at += 1;
+                    }
+                    let pairs = (stop - at) / 2;
+                    let bytes = &q.packed[(first + at) / 2..(first + at) / 2 + pairs];
+                    for (o, &b) in out[at..at + 2 * pairs].chunks_exact_mut(2).zip(bytes) {
+                        o[0] = table[(b >> 4) as usize] * scale;
+                        o[1] = table[(b & 0xF) as usize] * scale;
+                    }
+                    if at + 2 * pairs < stop {
+                        out[stop - 1] = table[q.code(first + stop - 1) as usize] * scale;
+                    }
+                    j = end;
+                }
+            }
+        }
+    }
+}
+
 pub enum CpuWeight<T> {
     Values(Vec<T>),
-    Ggml(GgmlRows),
+    Packed(PackedRows),
     /// bf16 values in AMX tile layout, as Ŵ for forward products and as Ŵᵀ for backward ones (`Cpu::bf16_amx`; Ŵᵀ
     /// is packed at the first backward product, so inference holds 2 bytes per weight).
     Amx {
@@ -34,8 +98,8 @@ pub enum CpuWeight<T> {
 
 impl<T: Real> Cpu<T> {
     /// Rows `rows` of a packed Ŵ as the backend computes with them.
-    pub(super) fn weight_rows(&self, g: &GgmlRows, rows: Range<usize>) -> Vec<T> {
-        let mut values = vec![0f32; rows.len() * g.in_dim];
+    pub(super) fn weight_rows(&self, g: &PackedRows, rows: Range<usize>) -> Vec<T> {
+        let mut values = vec![0f32; rows.len() * g.in_dim()];
         g.dequantize_rows(rows, &mut values);
         let round: fn(f32) -> f32 = match self.half {
             None => return values.into_iter().map(T::of).collect(),
@@ -47,8 +111,8 @@ impl<T: Real> Cpu<T> {
 
     /// out [rows, out_dim] (+)= x·Ŵᵀ for a packed Ŵ: tiles of Ŵ's rows in parallel, each dequantized and multiplied
     /// on its own thread.
-    pub(super) fn linear_packed(&self, x: &[T], g: &GgmlRows, rows: usize, out: &mut [T], accumulate: bool) {
-        let (n, k) = (g.out_dim, g.in_dim);
+    pub(super) fn linear_packed(&self, x: &[T], g: &PackedRows, rows: usize, out: &mut [T], accumulate: bool) {
+        let (n, k) = (g.out_dim(), g.in_dim());
         let tiles: Vec<(usize, Vec<T>)> = (0..n)
             .step_by(TILE_ROWS)
             .collect::<Vec<_>>()
@@ -76,12 +140,12 @@ impl<T: Real> Cpu<T> {
     pub(super) fn linear_backward_packed(
         &self,
         dy: &[T],
-        g: &GgmlRows,
+        g: &PackedRows,
         rows: usize,
         dx: &mut [T],
         accumulate: bool,
     ) -> Result<()> {
-        let (n, k) = (g.out_dim, g.in_dim);
+        let (n, k) = (g.out_dim(), g.in_dim());
         for j0 in (0..n).step_by(BACKWARD_TILE_ROWS) {
             let tn = BACKWARD_TILE_ROWS.min(n - j0);
             let w: Vec<T> = (j0..j0 + tn)
