@@ -389,7 +389,10 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
 // sees the keys; `stats` from `flash_dq`. Works on Sᵀ = K·Qᵀ (keys as rows) so that Pᵀ and dSᵀ feed the products
 // from registers. Grid (key blocks of ROWS, KV heads, batch), THREADS threads; q, k, v, dout as 16-bit operands.
 template <int D>
-__device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, const h16* dout, const float* stats, float* dk, float* dv, const u32* amax) {
+// Grid (key blocks, kv_heads × split, batch): block y handles KV head y / split and the part y % split of the query
+// heads sharing it (rep / split of them), writing its dK, dV at dk + part · part_stride (split 1: dk itself; more
+// parts, as grouped-query attention at batch 1 needs to fill the GPU, are summed by flash_sum_parts).
+__device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, const h16* dout, const float* stats, float* dk, float* dv, const u32* amax, int split, long long part_stride) {
     Shifts sh(amax, s.head_dim);
     const float score_scale = s.scale * pow2(-(sh.q + sh.k)), dp_unscale = pow2(-(sh.dout + sh.v)), ds_scale = pow2(sh.ds);
     const int LD = D + 8, TS = TILE * LD;
@@ -400,8 +403,9 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
     float* lsebuf = (float*)(dobuf + 2 * TS);
     float* dotbuf = lsebuf + 2 * TILE;
     int k0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int rep = s.heads / s.kv_heads, b = blockIdx.z;
-    Head hk(s, key_mask, b, blockIdx.y * rep);
+    int rep = s.heads / s.kv_heads, b = blockIdx.z, kvh = blockIdx.y / split, part = blockIdx.y % split;
+    int per = rep / split, h0 = kvh * rep + part * per;
+    Head hk(s, key_mask, b, h0);
     load_rows<D, ROWS>(ks, LD, k + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
     load_rows<D, ROWS>(vs, LD, v + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
     copies_commit();
@@ -410,10 +414,10 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
     // Queries whose cache index ci satisfies k0 <= ci < k0 + ROWS - 1 + window see some of the block's keys.
     int q_lo = max(0, k0 - hk.first);
     int q_hi = s.window > 0 ? min(s.q_len, k0 + ROWS - 1 + s.window - hk.first) : s.q_len;
-    int tiles = q_lo < q_hi ? (q_hi - q_lo + TILE - 1) / TILE : 0, steps = rep * tiles;
-    // Step i: query head blockIdx.y·rep + i / tiles, query tile q_lo + (i % tiles)·TILE, into stage i % 2.
+    int tiles = q_lo < q_hi ? (q_hi - q_lo + TILE - 1) / TILE : 0, steps = per * tiles;
+    // Step i: query head h0 + i / tiles, query tile q_lo + (i % tiles)·TILE, into stage i % 2.
     auto load = [&](int i) {
-        int h = blockIdx.y * rep + i / tiles, q0 = q_lo + i % tiles * TILE, st = i & 1;
+        int h = h0 + i / tiles, q0 = q_lo + i % tiles * TILE, st = i & 1;
         Head hd(s, key_mask, b, h);
         load_rows<D, TILE>(qbuf + st * TS, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
         load_rows<D, TILE>(dobuf + st * TS, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
@@ -460,8 +464,17 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
         // The next step's loads overwrite this stage.
         __syncthreads();
     }
-    store_rows<D>(ak, s.scale * pow2(-(sh.ds + sh.q)), dk + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
-    store_rows<D>(av, pow2(-sh.dout), dv + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
+    store_rows<D>(ak, s.scale * pow2(-(sh.ds + sh.q)), dk + part * part_stride + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
+    store_rows<D>(av, pow2(-sh.dout), dv + part * part_stride + hk.kv_at, hk.kv_stride, k0 + warp * 16, s.kv_len, s.head_dim, lane);
+}
+
+// out[i] = Σ_p parts[p·n + i], the parts in order (deterministic).
+extern "C" __global__ void flash_sum_parts(const float* parts, int split, long long n, float* out) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float acc = parts[i];
+        for (int p = 1; p < split; p++) acc += parts[p * n + i];
+        out[i] = acc;
+    }
 }
 
 #define FLASH_KERNELS(D)                                                                                                  \
@@ -479,8 +492,8 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
     extern "C" __global__ void __launch_bounds__(THREADS) flash_dkv_##D(const h16* q, const h16* k, const h16* v,         \
                                                                          const u32* m, Attn s, const h16* dout,           \
                                                                          const float* stats, float* dk, float* dv,        \
-                                                                         const u32* amax) {                               \
-        flash_dkv<D>(q, k, v, m, s, dout, stats, dk, dv, amax);                                                           \
+                                                                         const u32* amax, int split, long long stride) {  \
+        flash_dkv<D>(q, k, v, m, s, dout, stats, dk, dv, amax, split, stride);                                            \
     }
 
 FLASH_KERNELS(16)

@@ -120,7 +120,47 @@ impl Cuda {
             self.stream.memset_zeros(dv).map_err(|e| device_err("clearing dv", e))?;
         }
         let name = format!("flash_dkv_{d}");
-        let cfg = self.flash_config(&name, (s.kv_len.div_ceil(ROWS), s.kv_heads, s.batch), smem(d, 2, 4, 4))?;
-        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, &dout16, &stats, dk, dv, &scales)
+        let split = dkv_split(s);
+        let cfg = self.flash_config(&name, (s.kv_len.div_ceil(ROWS), s.kv_heads * split, s.batch), smem(d, 2, 4, 4))?;
+        if split == 1 {
+            return launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, &dout16, &stats, dk, dv, &scales, &1i32, &0i64);
+        }
+        // Each part of the query heads writes its own dK, dV (rows past kv_len stay zero), summed in order after.
+        let n = dk.len();
+        let (mut dk_parts, mut dv_parts) = (self.alloc::<f32>(split * n)?, self.alloc::<f32>(split * n)?);
+        let (split_i, stride) = (split as i32, n as i64);
+        launch!(
+            self,
+            &name,
+            cfg,
+            &q,
+            &k,
+            &v,
+            key_mask,
+            &a,
+            &dout16,
+            &stats,
+            &mut dk_parts,
+            &mut dv_parts,
+            &scales,
+            &split_i,
+            &stride
+        )?;
+        let sum = LaunchConfig {
+            grid_dim: (n.div_ceil(1024).min(4096) as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "flash_sum_parts", sum, &dk_parts, &split_i, &stride, dk)?;
+        launch!(self, "flash_sum_parts", sum, &dv_parts, &split_i, &stride, dv)
     }
+}
+
+/// Parts into which `flash_dkv` splits each KV head's query heads: one unless the key blocks × KV heads × batch leave
+/// the GPU idle (grouped-query attention on one sequence: Qwen2.5-1.5B's 2 KV heads give 32 blocks for 2,048 keys),
+/// then the largest divisor of the group size that keeps the blocks within about two waves of an H100's 132 SMs.
+fn dkv_split(s: AttentionShape) -> usize {
+    let blocks = s.kv_len.div_ceil(ROWS) * s.kv_heads * s.batch;
+    let rep = s.heads / s.kv_heads;
+    (1..=rep).rev().find(|&p| rep.is_multiple_of(p) && blocks * p <= 264).unwrap_or(1)
 }
