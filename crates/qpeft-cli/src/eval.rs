@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use qpeft::backend::{Backend, Device};
 use qpeft::eval::suite::{self, TaskReport};
-use qpeft::train::base::Adapted;
+use qpeft::train::base::{describe, quantize_options, Adapted};
 use qpeft::train::trainer::{heldout_loss, load_data};
 use serde_json::json;
 
@@ -104,7 +104,25 @@ fn run_on<B: Backend + 'static>(args: EvalArgs, be: B, device: Device, other_bas
     if heldout && !args.config.given() {
         bail!("task `heldout` needs --config RUN.toml (its [data] section defines the held-out split)");
     }
-    let Adapted { ckpt, model, set, .. } = crate::adapted(be, &args.model, args.adapter.as_deref(), other_base)?;
+    let (ckpt, model, set) = match (&args.adapter, args.config.given()) {
+        // Without an adapter, a run config's [quant] says what base its runs train on: evaluate that base (as the
+        // trainer's evaluation before training does), not the file as stored.
+        (None, true) => {
+            let cfg = args.config.run_config()?;
+            let ckpt = qpeft::model::Checkpoint::open(&args.model)?;
+            let opts = quantize_options(&cfg, &ckpt)?;
+            if let Some(o) = &opts {
+                eprintln!("base: {} {}, as {}'s [quant] says", args.model.display(), describe(o), cfg.file.display());
+            }
+            let model = qpeft::model::Decoder::load_quantized(&ckpt, be, opts.as_ref(), &mut |_, _| ())?;
+            (ckpt, model, None)
+        }
+        _ => {
+            let Adapted { ckpt, model, set, .. } =
+                crate::adapted(be, &args.model, args.adapter.as_deref(), other_base)?;
+            (ckpt, model, set)
+        }
+    };
     let tok = ckpt.tokenizer()?;
     let opts = suite::Options {
         data_dir: args.data_dir.clone(),

@@ -142,6 +142,38 @@ fn tasks_run_during_training_and_the_trained_adapter_changes_the_scores() {
     assert!((logged - measured).abs() < 1e-4, "held-out loss {measured} vs logged {logged}");
 }
 
+/// Without an adapter, `--config RUN.toml` evaluates the base that config trains on: with an NF4 [quant], the
+/// held-out loss is the trainer's loss before training on that base, not the stored Q4 weights' one.
+#[test]
+fn heldout_without_an_adapter_evaluates_the_configs_quantized_base() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    let cfg_s = cfg.to_str().unwrap();
+    let nf4 = ["--set", "quant.format=\"nf4\"", "--set", "eval.tasks=[]", "--set", "train.steps=1"];
+    ok(&qpeft(&[&["train", "--config", cfg_s][..], &nf4[..]].concat()));
+    let metrics: Vec<Value> = std::fs::read_to_string(d.path().join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let logged =
+        metrics.iter().find(|r| r["step"] == 0 && r.get("eval_loss").is_some()).unwrap()["eval_loss"].as_f64().unwrap();
+    let measure = |extra: &[&str]| {
+        let json = d.path().join(format!("held-{}.json", extra.len()));
+        let args =
+            [&["eval", MODEL, "--tasks", "heldout", "--config", cfg_s, "--json", json.to_str().unwrap()][..], extra]
+                .concat();
+        let out = qpeft(&args);
+        ok(&out);
+        (read_json(&json)["heldout"]["loss"].as_f64().unwrap(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (quantized, said) = measure(&nf4[..2]);
+    assert!((quantized - logged).abs() < 1e-4, "NF4 base: {quantized} vs the trainer's {logged}");
+    assert!(said.contains("re-quantized to nf4") && said.contains("[quant]"), "{said}");
+    let (stored, _) = measure(&[]);
+    assert!((stored - quantized).abs() > 1e-3, "the stored and the NF4 base give the same loss: {stored}");
+}
+
 #[test]
 fn bad_task_lists_and_missing_data_are_clear_errors() {
     let err = |args: &[&str]| {
