@@ -126,6 +126,17 @@ fn default_targets() -> Vec<String> {
 impl AdapterSection {
     fn check_key_names(&self, file: &Path) -> Result<()> {
         self.keys.check_names(file, "adapter", &["targets", "override"])?;
+        // `targets` decides which modules [adapter] adapts; a `target` beside it would be silently overruled.
+        if let Some(t) = self.keys.target {
+            return Err(Error::config(
+                file,
+                "adapter.target",
+                format!(
+                    "`target = {t}` belongs in an [[adapter.override]] (where = …); at this level list the adapted \
+                     modules in `targets = [\"q_proj\", …]`"
+                ),
+            ));
+        }
         for (i, o) in self.overrides.iter().enumerate() {
             o.keys.check_names(file, &format!("adapter.override[{i}]"), &["where"])?;
         }

@@ -155,6 +155,9 @@ fn invalid_rules_name_the_rule_and_the_module() {
     assert!(e.contains("rnak"), "{e}");
     let e = parse("[adapter]\ntargets = [\"qproj\"]\n");
     assert!(e.contains("adapter.targets") && e.contains("qproj"), "{e}");
+    // `target` is an override's key: at the top it would be overruled by `targets` without a word.
+    let e = parse("[adapter]\nrank = 8\ntarget = false\n");
+    assert!(e.contains("adapter.target") && e.contains("[[adapter.override]]") && e.contains("targets"), "{e}");
 }
 
 #[test]
