@@ -187,6 +187,12 @@ fn run_configs_refuse_unknown_keys_and_bad_values() {
     let cfg = RunConfig::parse(file, &ok, &["quant.icq=true".into(), "quant.format=fp4".into()]).unwrap();
     let e = load_model(&cfg, Cpu::new(), &mut |_, _| {}).err().unwrap().to_string();
     assert!(e.contains("`quant.icq`"), "{e}");
+    // ICQ's NF4 has blocks of 64: another block size would be recorded but not used.
+    let cfg =
+        RunConfig::parse(file, &ok, &["quant.icq=true".into(), "quant.format=nf4".into(), "quant.block=128".into()])
+            .unwrap();
+    let e = load_model(&cfg, Cpu::new(), &mut |_, _| {}).err().unwrap().to_string();
+    assert!(e.contains("`quant.block`") && e.contains("128") && e.contains("64"), "{e}");
 }
 
 #[test]

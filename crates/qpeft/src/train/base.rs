@@ -51,6 +51,13 @@ fn recipe(q: &QuantSection, file: &Path, ckpt: &Checkpoint) -> Result<Option<Qua
         if q.icq && format == Format::Fp4 {
             return Err(Error::config(file, "quant.icq", "ICQ is defined for nf4 and int4, not fp4"));
         }
+        if q.icq && format == Format::Nf4 && q.block != 64 {
+            return Err(Error::config(
+                file,
+                "quant.block",
+                format!("{}: ICQ quantizes NF4 in bitsandbytes' blocks of 64 (leave quant.block at 64)", q.block),
+            ));
+        }
         let opts = QuantizeOptions {
             format,
             double_quant: q.double_quant,
