@@ -139,8 +139,11 @@ fn invalid_rules_name_the_rule_and_the_module() {
             && e.contains("model.layers.0.self_attn.q_proj"),
         "{e}"
     );
-    let e = first_error("[adapter]\nmethod = \"qa-lora\"\nrank = 8\ngroup_size = 32\n", BaseKind::Nf4);
-    assert!(e.contains("needs an int4"), "{e}");
+    let e = first_error(
+        "[adapter]\nmethod = \"qa-lora\"\nrank = 8\ngroup_size = 32\n",
+        BaseKind::Other("bitsandbytes FP4"),
+    );
+    assert!(e.contains("needs an int4") && e.contains("base is bitsandbytes FP4"), "{e}");
     let e = first_error("[adapter]\nmethod = \"qa-hira\"\nl1 = 4\n", BaseKind::Any);
     assert!(e.contains("qa-hira needs `l2`"), "{e}");
     let e = first_error("[adapter]\nmethod = \"dora\"\n", BaseKind::Any);

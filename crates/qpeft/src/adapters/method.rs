@@ -19,11 +19,10 @@ use crate::error::Result;
 pub enum BaseKind {
     /// Not known (parameter accounting from shapes alone).
     Any,
-    Dense,
-    Nf4,
-    Int4 {
-        group: usize,
-    },
+    /// GPTQ / round-to-nearest int4 with groups of `group` inputs (QA-LoRA's base).
+    Int4 { group: usize },
+    /// Any other storage, by a name for messages ("bitsandbytes FP4", "a GGUF block format", …).
+    Other(&'static str),
 }
 
 pub trait MethodKind: Clone + std::fmt::Debug + PartialEq + Send + Sync + 'static {

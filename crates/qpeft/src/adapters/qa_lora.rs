@@ -45,7 +45,9 @@ impl MethodKind for QaLoraMethod {
             BaseKind::Int4 { group } => {
                 Err(format!("group_size = {} but the int4 base uses groups of {group}", self.group))
             }
-            other => Err(format!("qa-lora needs an int4 (GPTQ) base, this module's base is {other:?}")),
+            BaseKind::Other(name) => Err(format!(
+                "qa-lora needs an int4 (GPTQ) base (quant.format = \"int4\"); this module's base is {name}"
+            )),
         }
     }
     fn trainable(&self, rank: usize, in_dim: usize, out_dim: usize) -> usize {

@@ -36,6 +36,7 @@ use crate::generate::{generate, GenerateOptions};
 use crate::model::train::StepOptions;
 use crate::model::{Checkpoint, Decoder};
 use crate::quant::base::BaseWeight;
+use crate::quant::nf4::FourBit;
 use crate::tokenizer::Tokenizer;
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -92,8 +93,13 @@ pub fn peak_rss_mib() -> Option<f64> {
 fn base_kind(b: &BaseWeight) -> BaseKind {
     match b {
         // A GGUF block format kept as stored is no 4-bit base a method can build on (QA-LoRA needs GPTQ int4).
-        BaseWeight::Dense | BaseWeight::Ggml(_) => BaseKind::Dense,
-        BaseWeight::Bnb4(_) | BaseWeight::IcqNf4(_) => BaseKind::Nf4,
+        BaseWeight::Dense => BaseKind::Other("a 16/32-bit weight"),
+        BaseWeight::Ggml(_) => BaseKind::Other("a GGUF block format as stored"),
+        BaseWeight::Bnb4(q) => BaseKind::Other(match q.kind {
+            FourBit::Nf4 => "bitsandbytes NF4",
+            FourBit::Fp4 => "bitsandbytes FP4",
+        }),
+        BaseWeight::IcqNf4(_) => BaseKind::Other("NF4 with ICQ"),
         BaseWeight::Int4(q) => BaseKind::Int4 { group: q.group },
     }
 }
