@@ -217,31 +217,18 @@ impl<T: Real> Backend for Cpu<T> {
         out_dim: usize,
         in_dim: usize,
     ) -> Result<CpuWeight<T>> {
-        if self.amx {
-            // GGUF block formats too: the tiles want bf16 values, and dequantizing per use would cost more than
-            // the products.
-            let dense = weight_values_of(base, dense)?;
-            check(dense.len() == out_dim * in_dim, "upload_weight", || {
-                format!("{} values for a {out_dim} × {in_dim} weight", dense.len())
-            })?;
-            let forward = amx::PackedBf16::pack(&dense, out_dim, in_dim);
-            return Ok(CpuWeight::Amx { forward, backward: Default::default() });
-        }
+        // On AMX every weight becomes bf16 tiles (GGUF blocks too: dequantizing per use would cost more than the
+        // products); otherwise a 4-bit storage stays packed.
         let packed = match base {
+            _ if self.amx => None,
             BaseWeight::Ggml(g) => Some(PackedRows::Ggml(g.clone())),
-            BaseWeight::Bnb4(q) => Some(PackedRows::Bnb4 { q: q.clone(), absmax: q.absmax.values(), out_dim, in_dim }),
+            BaseWeight::Bnb4(q) => Some(PackedRows::Bnb4 { q: q.clone(), absmax: q.absmax.values() }),
             _ => None,
         };
         if let Some(p) = packed {
-            let numel = match base {
-                BaseWeight::Bnb4(q) => q.numel(),
-                _ => p.out_dim() * p.in_dim(),
-            };
-            check(
-                p.out_dim() == out_dim && p.in_dim() == in_dim && numel == out_dim * in_dim,
-                "upload_weight",
-                || format!("a {} × {} quantized weight for a {out_dim} × {in_dim} one", p.out_dim(), p.in_dim()),
-            )?;
+            check(p.out_dim() == out_dim && p.in_dim() == in_dim, "upload_weight", || {
+                format!("a {} × {} quantized weight for a {out_dim} × {in_dim} one", p.out_dim(), p.in_dim())
+            })?;
             if self.half == Some(Half::F16) {
                 check_f16_range(&base.dequantize().expect("a quantized weight dequantizes"))?;
             }
@@ -251,6 +238,10 @@ impl<T: Real> Backend for Cpu<T> {
         check(dense.len() == out_dim * in_dim, "upload_weight", || {
             format!("{} values for a {out_dim} × {in_dim} weight", dense.len())
         })?;
+        if self.amx {
+            let forward = amx::PackedBf16::pack(&dense, out_dim, in_dim);
+            return Ok(CpuWeight::Amx { forward, backward: Default::default() });
+        }
         let values = self.upload(&dense)?;
         Ok(CpuWeight::Values(match self.half {
             Some(Half::F16) => {

@@ -31,8 +31,6 @@ pub enum PackedRows {
     Bnb4 {
         q: Bnb4,
         absmax: Vec<f32>,
-        out_dim: usize,
-        in_dim: usize,
     },
 }
 
@@ -40,14 +38,15 @@ impl PackedRows {
     pub fn out_dim(&self) -> usize {
         match self {
             PackedRows::Ggml(g) => g.out_dim,
-            PackedRows::Bnb4 { out_dim, .. } => *out_dim,
+            PackedRows::Bnb4 { q, .. } => q.shape.first().copied().unwrap_or(0),
         }
     }
 
     pub fn in_dim(&self) -> usize {
         match self {
             PackedRows::Ggml(g) => g.in_dim,
-            PackedRows::Bnb4 { in_dim, .. } => *in_dim,
+            // Rows of the stored shape; an empty shape has no rows.
+            PackedRows::Bnb4 { q, .. } => q.numel().checked_div(self.out_dim()).unwrap_or(0),
         }
     }
 
@@ -55,9 +54,9 @@ impl PackedRows {
     fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {
         match self {
             PackedRows::Ggml(g) => g.dequantize_rows(rows, out),
-            PackedRows::Bnb4 { q, absmax, in_dim, .. } => {
+            PackedRows::Bnb4 { q, absmax } => {
                 let table = q.kind.table();
-                let first = rows.start * in_dim;
+                let first = rows.start * self.in_dim();
                 // A scale block at a time; within it, two codes per byte where the run starts on a byte.
                 let mut j = 0;
                 while j < out.len() {
