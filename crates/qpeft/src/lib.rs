@@ -15,6 +15,7 @@ pub mod model;
 pub mod plan;
 pub mod quant;
 pub mod quantize;
+pub mod simd;
 pub mod study;
 pub mod svg;
 pub mod tensor;

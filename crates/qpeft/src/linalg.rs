@@ -11,6 +11,8 @@ use num_traits::{Float, FromPrimitive};
 pub trait Real: Float + FromPrimitive + std::iter::Sum + Default + Debug + Send + Sync + 'static {
     fn of(x: f32) -> Self;
     fn f64(self) -> f64;
+    /// Σ w[i]·x[i] in this type (f32: `simd::dot`'s fixed lane order).
+    fn dot_f32(w: &[f32], x: &[Self]) -> Self;
 }
 
 impl Real for f32 {
@@ -20,6 +22,9 @@ impl Real for f32 {
     fn f64(self) -> f64 {
         self as f64
     }
+    fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        crate::simd::dot(w, x)
+    }
 }
 
 impl Real for f64 {
@@ -28,6 +33,9 @@ impl Real for f64 {
     }
     fn f64(self) -> f64 {
         self
+    }
+    fn dot_f32(w: &[f32], x: &[f64]) -> f64 {
+        w.iter().zip(x).map(|(&w, &x)| w as f64 * x).sum()
     }
 }
 

@@ -1,8 +1,10 @@
 //! Log-likelihood scoring as lm-evaluation-harness does it: a request is (context, continuation) text; the
 //! continuation's tokens are those of tok(context + continuation) beyond tok(context) (trailing whitespace of
 //! the context moves to the continuation first), the model reads (context ++ continuation)[:-1] left-truncated
-//! to `max_len`, and the score is Σ log p(continuation token | prefix) with whether each token was the argmax.
-//! Requests sharing a context run it once; the rest runs in padded batches of similar lengths.
+//! to `max_len`, and the score is Σ log p(continuation token | prefix). (The harness also reports whether every
+//! token was the argmax; none of qpeft's tasks uses that.) Requests sharing a context run it once; the rest runs in
+//! padded batches of similar lengths. The log-softmax runs on the backend, so only one number per token comes
+//! back: a 151,936-entry vocabulary made the host's log-softmax most of a zero-shot task's time on a GPU.
 
 use std::collections::HashMap;
 
@@ -10,6 +12,7 @@ use super::prefix::{self, Group};
 use crate::adapters::set::AdapterSet;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::model::train::IGNORE;
 use crate::model::Decoder;
 use crate::tokenizer::Tokenizer;
 
@@ -18,14 +21,6 @@ use crate::tokenizer::Tokenizer;
 pub struct Request {
     pub context: Vec<u32>,
     pub continuation: Vec<u32>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Score {
-    /// Σ log p over the continuation tokens.
-    pub loglik: f64,
-    /// Every continuation token was the argmax of its position.
-    pub greedy: bool,
 }
 
 /// The harness's encoding of (context, continuation) strings, with the tokenizer's default special tokens.
@@ -42,15 +37,7 @@ pub fn encode(tok: &Tokenizer, context: &str, continuation: &str) -> Result<Requ
     Ok(Request { context: ctx, continuation })
 }
 
-/// log-softmax of `row` at `target`, and whether `target` is the (first) argmax.
-fn log_prob(row: &[f32], target: u32) -> (f64, bool) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    let argmax = row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
-    (row[target as usize] as f64 - max as f64 - sum.ln(), argmax == target as usize)
-}
-
-/// Scores `requests`, at most `batch` sequences per forward pass, each input left-truncated to `max_len` tokens.
+/// Σ log p(continuation) of each of `requests`, at most `batch` sequences per forward pass, each input left-truncated to `max_len` tokens.
 /// Requests with the same context run it once (see `prefix`); `progress(n)` follows the scored requests, and an
 /// error from it (`Error::Interrupted`) stops the scoring.
 pub fn score<B: Backend>(
@@ -60,7 +47,7 @@ pub fn score<B: Backend>(
     batch: usize,
     max_len: usize,
     mut progress: impl FnMut(usize) -> Result<()>,
-) -> Result<Vec<Score>> {
+) -> Result<Vec<f64>> {
     let be = &model.backend;
     let (h, v) = (model.spec.hidden_size, model.spec.vocab_size);
     // The model input (ctx ++ cont)[:-1], left-truncated, splits into a prefix and the suffix whose k positions
@@ -89,33 +76,16 @@ pub fn score<B: Backend>(
     order.sort_by_key(|&g| std::cmp::Reverse((groups[g].prefix.len(), groups[g].suffixes.iter().map(Vec::len).max())));
     let groups: Vec<Group> = order.iter().map(|&g| std::mem::take(&mut groups[g])).collect();
     let members: Vec<Vec<usize>> = order.iter().map(|&g| std::mem::take(&mut members[g])).collect();
-    let mut out = vec![Score { loglik: 0.0, greedy: false }; requests.len()];
+    let mut out = vec![0.0; requests.len()];
     prefix::run(model, adapters, &groups, batch, |g, s, hidden| {
         let i = members[g][s];
         let cont = &requests[i].continuation;
         let k = hidden.len() / h;
-        let logits = be.download(&model.logits(&be.upload(hidden)?, k)?)?;
-        let mut score = Score { loglik: 0.0, greedy: true };
-        for (j, &t) in cont[cont.len() - k..].iter().enumerate() {
-            let (lp, top) = log_prob(&logits[j * v..(j + 1) * v], t);
-            score.loglik += lp;
-            score.greedy &= top;
-        }
-        out[i] = score;
+        let logits = model.logits(&be.upload(hidden)?, k)?;
+        let mut nll = be.zeros(k)?;
+        be.cross_entropy(&logits, &be.upload_ints(&cont[cont.len() - k..])?, v, IGNORE, &mut nll)?;
+        out[i] = -be.download(&nll)?.iter().map(|&x| x as f64).sum::<f64>();
         progress(1)
     })?;
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_prob_is_a_log_softmax() {
-        let (lp, top) = log_prob(&[1.0, 2.0, 3.0], 2);
-        let want = 3.0 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
-        assert!((lp - want).abs() < 1e-6 && top);
-        assert!(!log_prob(&[1.0, 2.0, 3.0], 0).1);
-    }
 }

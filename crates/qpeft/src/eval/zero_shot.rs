@@ -70,7 +70,7 @@ pub fn evaluate<B: Backend>(
     let mut at = 0;
     for (index, it) in items.iter().enumerate() {
         let n = it.pairs.len();
-        let ll: Vec<f64> = scores[at..at + n].iter().map(|s| s.loglik).collect();
+        let ll: Vec<f64> = scores[at..at + n].to_vec();
         let ntok = reqs[at..at + n].iter().map(|r| r.continuation.len()).collect();
         at += n;
         let pred = argmax(ll.iter().copied());

@@ -20,6 +20,9 @@ use crate::quant::nf4::Bnb4;
 
 /// Rows of Ŵ dequantized at once by one task of a forward product: a few hundred KB to a few MB of values.
 const TILE_ROWS: usize = 64;
+/// Products with at most this many input rows (generation's one token per sequence) take Ŵ a row at a time: each
+/// row dequantized into a reused buffer and dotted with the inputs, without a tile in memory or a GEMM's set-up.
+const SKINNY_ROWS: usize = 4;
 /// Rows of Ŵ per step of a backward product (dequantized in parallel, then one parallel GEMM).
 const BACKWARD_TILE_ROWS: usize = 512;
 
@@ -100,17 +103,57 @@ impl<T: Real> Cpu<T> {
     pub(super) fn weight_rows(&self, g: &PackedRows, rows: Range<usize>) -> Vec<T> {
         let mut values = vec![0f32; rows.len() * g.in_dim()];
         g.dequantize_rows(rows, &mut values);
+        self.round_weights(&mut values);
+        values.into_iter().map(T::of).collect()
+    }
+
+    /// Dequantized values as this backend's precision keeps weights (the 16-bit emulations round them).
+    fn round_weights(&self, values: &mut [f32]) {
         let round: fn(f32) -> f32 = match self.half {
-            None => return values.into_iter().map(T::of).collect(),
+            None => return,
             Some(Half::Bf16) => bf16_rne,
             Some(Half::F16) => f16_rne,
         };
-        values.into_iter().map(|v| T::of(round(v))).collect()
+        values.iter_mut().for_each(|v| *v = round(*v));
+    }
+
+    /// `linear_packed` for at most `SKINNY_ROWS` input rows: tasks of `TILE_ROWS` rows of Ŵ, each row dequantized
+    /// into the task's buffer and dotted with every input row.
+    fn linear_packed_skinny(&self, x: &[T], g: &PackedRows, rows: usize, out: &mut [T], accumulate: bool) {
+        let (n, k) = (g.out_dim(), g.in_dim());
+        let tiles: Vec<(usize, Vec<T>)> = (0..n)
+            .step_by(TILE_ROWS)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|j0| {
+                let tn = TILE_ROWS.min(n - j0);
+                let mut w = vec![0f32; k];
+                // [tn, rows]: column j of the output for every input row.
+                let mut y = Vec::with_capacity(tn * rows);
+                for j in j0..j0 + tn {
+                    g.dequantize_rows(j..j + 1, &mut w);
+                    self.round_weights(&mut w);
+                    y.extend(x.chunks_exact(k).map(|x| T::dot_f32(&w, x)));
+                }
+                (j0, y)
+            })
+            .collect();
+        for (j0, y) in tiles {
+            for (j, y) in y.chunks_exact(rows).enumerate() {
+                for (o, &y) in out.chunks_mut(n).zip(y) {
+                    let o = &mut o[j0 + j];
+                    *o = if accumulate { *o + y } else { y };
+                }
+            }
+        }
     }
 
     /// out [rows, out_dim] (+)= x·Ŵᵀ for a packed Ŵ: tiles of Ŵ's rows in parallel, each dequantized and multiplied
     /// on its own thread.
     pub(super) fn linear_packed(&self, x: &[T], g: &PackedRows, rows: usize, out: &mut [T], accumulate: bool) {
+        if rows <= SKINNY_ROWS {
+            return self.linear_packed_skinny(x, g, rows, out, accumulate);
+        }
         let (n, k) = (g.out_dim(), g.in_dim());
         let tiles: Vec<(usize, Vec<T>)> = (0..n)
             .step_by(TILE_ROWS)
