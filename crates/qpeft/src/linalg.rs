@@ -13,6 +13,8 @@ pub trait Real: Float + FromPrimitive + std::iter::Sum + Default + Debug + Send 
     fn f64(self) -> f64;
     /// Σ w[i]·x[i] in this type (f32: `simd::dot`'s fixed lane order).
     fn dot_f32(w: &[f32], x: &[Self]) -> Self;
+    /// `x` as f32s when this type is f32 (kernels written for f32 alone).
+    fn as_f32s(x: &[Self]) -> Option<&[f32]>;
 }
 
 impl Real for f32 {
@@ -25,6 +27,9 @@ impl Real for f32 {
     fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
         crate::simd::dot(w, x)
     }
+    fn as_f32s(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
+    }
 }
 
 impl Real for f64 {
@@ -36,6 +41,9 @@ impl Real for f64 {
     }
     fn dot_f32(w: &[f32], x: &[f64]) -> f64 {
         w.iter().zip(x).map(|(&w, &x)| w as f64 * x).sum()
+    }
+    fn as_f32s(_: &[f64]) -> Option<&[f32]> {
+        None
     }
 }
 

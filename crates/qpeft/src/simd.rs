@@ -1,7 +1,7 @@
 //! Vector kernels chosen at run time: built for AVX-512 where the CPU has it (the release build targets baseline
 //! x86-64, whose vectors are 4 lanes), portable otherwise.
 
-/// Whether this CPU runs the AVX-512 builds (F, BW, VL; checked once).
+/// Whether this CPU runs the AVX-512 builds (F, BW, VL, DQ; checked once).
 #[cfg(target_arch = "x86_64")]
 pub fn avx512() -> bool {
     use std::sync::OnceLock;
@@ -10,12 +10,30 @@ pub fn avx512() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
     })
 }
 
-/// Lanes of the dot products' partial sums: the summation order is fixed (lane i sums elements ≡ i mod 16, then
-/// the lanes in order), whichever build runs.
-const LANES: usize = 16;
+/// Partial sums of the dot products: the summation order is fixed (partial sum i adds the products of elements ≡ i
+/// mod 64 in order, then `reduce` adds the partial sums), whichever build runs. Four 16-lane accumulators rather
+/// than one hide the latency of the additions.
+pub const LANES: usize = 64;
+
+/// The partial sums' total in a fixed tree, as a 16-lane vector unit adds them: the four 16-lane slots as
+/// (p[i] + p[16+i]) + (p[32+i] + p[48+i]), then halves folded onto halves (lane i + lane i+8, +4, +2, +1). A
+/// sequential sum would be a chain of 64 dependent additions — as long as a 576-element row's products.
+pub fn reduce(p: &[f32; LANES]) -> f32 {
+    let mut v = [0f32; 16];
+    for (i, v) in v.iter_mut().enumerate() {
+        *v = (p[i] + p[16 + i]) + (p[32 + i] + p[48 + i]);
+    }
+    for width in [8, 4, 2, 1] {
+        for i in 0..width {
+            v[i] += v[i + width];
+        }
+    }
+    v[0]
+}
 
 /// Σ a[i]·b[i] over the common length, in f32 with the fixed order above.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -48,7 +66,7 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     for (i, (x, y)) in ra.iter().zip(rb).enumerate() {
         acc[i] += x * y;
     }
-    acc.iter().sum()
+    reduce(&acc)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 #[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
+pub(super) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
@@ -181,7 +181,7 @@ fn q8_0(b: &[u8], out: &mut [f32]) {
 /// packed in 12 bytes: bytes 0-3 hold scales 0-3 (and the top 2 bits of scales 4-7), bytes 4-7 the
 /// minimums likewise, bytes 8-11 the low 4 bits of scales/minimums 4-7.
 #[inline(always)]
-fn k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(super) fn k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let mut sc = [0u8; 8];
     let mut mn = [0u8; 8];
     for j in 0..4 {

@@ -6,6 +6,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use ggml_quants::GgmlType;
 
+pub mod ggml_dot;
 pub mod ggml_quants;
 pub mod gguf;
 pub mod safetensors;

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use super::amx::PackedBf16;
 use super::{bf16_rne, f16_rne, Cpu, Half};
 use crate::error::Result;
+use crate::formats::ggml_dot;
 use crate::linalg::{gemm_strided, Real, Strided};
 use crate::quant::base::GgmlRows;
 use crate::quant::nf4::Bnb4;
@@ -127,13 +128,26 @@ impl<T: Real> Cpu<T> {
             .into_par_iter()
             .map(|j0| {
                 let tn = TILE_ROWS.min(n - j0);
-                let mut w = vec![0f32; k];
                 // [tn, rows]: column j of the output for every input row.
                 let mut y = Vec::with_capacity(tn * rows);
-                for j in j0..j0 + tn {
-                    g.dequantize_rows(j..j + 1, &mut w);
-                    self.round_weights(&mut w);
-                    y.extend(x.chunks_exact(k).map(|x| T::dot_f32(&w, x)));
+                match (g, T::as_f32s(x)) {
+                    // The same numbers without the row in memory (see `ggml_dot`).
+                    (PackedRows::Ggml(g), Some(x)) if self.half.is_none() && ggml_dot::fused(g.dtype) => {
+                        let rb = g.row_bytes();
+                        let mut dots = [0f32; SKINNY_ROWS];
+                        for j in j0..j0 + tn {
+                            ggml_dot::dot_rows(g.dtype, &g.data[j * rb..(j + 1) * rb], x, &mut dots[..rows]);
+                            y.extend(dots[..rows].iter().map(|&d| T::of(d)));
+                        }
+                    }
+                    _ => {
+                        let mut w = vec![0f32; k];
+                        for j in j0..j0 + tn {
+                            g.dequantize_rows(j..j + 1, &mut w);
+                            self.round_weights(&mut w);
+                            y.extend(x.chunks_exact(k).map(|x| T::dot_f32(&w, x)));
+                        }
+                    }
                 }
                 (j0, y)
             })
