@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Peer for `cargo bench -p qpeft --bench eval_loglik`: zero-shot log-likelihood scoring with transformers the way
 lm-evaluation-harness's HF model scores it (requests sorted by length, right-padded batches, one pass per
-(context, choice), fp32 on the CPU), on the same first N items of a task.
+(context, choice), fp32 or bf16 weights and activations on the CPU, where torch runs bf16 products on AMX tiles), on
+the same first N items of a task.
 
-    eval_peer.py MODEL_DIR --task arc_easy --n 200 --batch 8 [--threads 2] [--data-dir ../shared/datasets]
+    eval_peer.py MODEL_DIR --task arc_easy --n 200 --batch 8 [--threads 2] [--dtype fp32|bf16]
+        [--data-dir ../shared/datasets]
 
 Prints scored tokens/s with scored tokens = Σ |context| + |continuation| over the requests, as the bench does."""
 import argparse
@@ -24,6 +26,7 @@ def main():
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "datasets"))
     args = ap.parse_args()
     scorer = ref.Scorer(args.model_dir, args.threads)
@@ -38,7 +41,7 @@ def main():
     scored = sum(len(c) + len(x) for c, x in reqs)
     order = sorted(range(len(reqs)), key=lambda i: -(len(reqs[i][0]) + len(reqs[i][1])))
     lls = [0.0] * len(reqs)
-    model = scorer.model
+    model = scorer.model if args.dtype == "fp32" else scorer.model.to(torch.bfloat16)
     start = time.time()
     with torch.no_grad():
         for b in range(0, len(order), args.batch):
@@ -63,8 +66,8 @@ def main():
         acc += ref.argmax(lls[at:at + k]) == it["gold"]
         at += k
     print("%s items %d requests %d: %.1f s, %.0f scored tokens/s (%d scored), acc %.4f (transformers %s, batch %d, "
-          "%d threads)" % (args.task, len(items), len(reqs), secs, scored / secs, scored, acc / len(items),
-                           __import__("transformers").__version__, args.batch, args.threads))
+          "%d threads, %s)" % (args.task, len(items), len(reqs), secs, scored / secs, scored, acc / len(items),
+                               __import__("transformers").__version__, args.batch, args.threads, args.dtype))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ pub fn score<B: Backend>(
     max_len: usize,
     mut progress: impl FnMut(usize) -> Result<()>,
 ) -> Result<Vec<f64>> {
-    let be = &model.backend;
     let (h, v) = (model.spec.hidden_size, model.spec.vocab_size);
     // The model input (ctx ++ cont)[:-1], left-truncated, splits into a prefix and the suffix whose k positions
     // predict the last k continuation tokens (all of them unless truncation cut into the continuation).
@@ -77,15 +76,60 @@ pub fn score<B: Backend>(
     let groups: Vec<Group> = order.iter().map(|&g| std::mem::take(&mut groups[g])).collect();
     let members: Vec<Vec<usize>> = order.iter().map(|&g| std::mem::take(&mut members[g])).collect();
     let mut out = vec![0.0; requests.len()];
+    // Scored positions of many requests go through the LM head together: the head is the largest weight (Qwen:
+    // 151,936 × 1,536), and a pass per request would stream it once per request.
+    let head_rows = (HEAD_VALUES / v.max(1)).clamp(1, MAX_HEAD_ROWS);
+    let mut pending = Pending::default();
     prefix::run(model, adapters, &groups, batch, |g, s, hidden| {
         let i = members[g][s];
         let cont = &requests[i].continuation;
         let k = hidden.len() / h;
-        let logits = model.logits(&be.upload(hidden)?, k)?;
-        let mut nll = be.zeros(k)?;
-        be.cross_entropy(&logits, &be.upload_ints(&cont[cont.len() - k..])?, v, IGNORE, &mut nll)?;
-        out[i] = -be.download(&nll)?.iter().map(|&x| x as f64).sum::<f64>();
-        progress(1)
+        pending.hidden.extend_from_slice(hidden);
+        pending.targets.extend_from_slice(&cont[cont.len() - k..]);
+        pending.owners.push((i, k));
+        if pending.targets.len() >= head_rows {
+            let n = pending.score(model, &mut out)?;
+            progress(n)?;
+        }
+        Ok(())
     })?;
+    let n = pending.score(model, &mut out)?;
+    progress(n)?;
     Ok(out)
+}
+
+/// At most this many logits (f32) at once: 256 MiB.
+const HEAD_VALUES: usize = 1 << 26;
+const MAX_HEAD_ROWS: usize = 1024;
+
+/// Final hidden states of scored positions waiting for the LM head, with their targets and owners.
+#[derive(Default)]
+struct Pending {
+    hidden: Vec<f32>,
+    targets: Vec<u32>,
+    /// (request, its number of scored positions), in the order of `targets`.
+    owners: Vec<(usize, usize)>,
+}
+
+impl Pending {
+    /// Σ log p of each owner's targets into `out`; empties the queue and returns how many requests it scored.
+    fn score<B: Backend>(&mut self, model: &Decoder<B>, out: &mut [f64]) -> Result<usize> {
+        let (be, rows) = (&model.backend, self.targets.len());
+        if rows > 0 {
+            let logits = model.logits(&be.upload(&self.hidden)?, rows)?;
+            let mut nll = be.zeros(rows)?;
+            be.cross_entropy(&logits, &be.upload_ints(&self.targets)?, model.spec.vocab_size, IGNORE, &mut nll)?;
+            let nll = be.download(&nll)?;
+            let mut at = 0;
+            for &(i, k) in &self.owners {
+                out[i] = -nll[at..at + k].iter().map(|&x| x as f64).sum::<f64>();
+                at += k;
+            }
+        }
+        let n = self.owners.len();
+        self.hidden.clear();
+        self.targets.clear();
+        self.owners.clear();
+        Ok(n)
+    }
 }

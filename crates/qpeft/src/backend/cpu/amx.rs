@@ -114,6 +114,11 @@ impl PackedBf16 {
 
 /// out[m, n] (+)= Σ_k x[m, k] · w[n, k] for `rows` rows of x ([rows, in_dim], rounded to bf16 here), in f32.
 /// Panics unless `available()`.
+///
+/// x is converted to bf16 once; then each task takes 32 output features and runs every 32-row block of x against
+/// them. So W streams from memory once per product (its 32-feature block stays in L1/L2 while the rows pass) and
+/// the conversions are not repeated — with tasks over row blocks instead, a wide weight (an LM head of 50–150k
+/// rows) was read from memory once per 32 rows, and a one-row product ran on one thread.
 pub fn linear<T: Real>(x: &[T], w: &PackedBf16, rows: usize, out: &mut [T], accumulate: bool) {
     assert!(available(), "AMX is not available");
     let (k, n) = (w.in_dim, w.out_dim);
@@ -125,25 +130,27 @@ pub fn linear<T: Real>(x: &[T], w: &PackedBf16, rows: usize, out: &mut [T], accu
     );
     let kb = w.k_blocks();
     let kp = kb * 32;
-    // Blocks of 32 rows, each computed by one task: its rows of x in bf16 (zero-padded), then every 32 features.
-    out.par_chunks_mut(32 * n).enumerate().for_each(|(mb, out_rows)| {
-        let m_here = out_rows.len() / n.max(1);
-        let mut a = vec![0u16; 32 * kp];
-        for r in 0..m_here {
-            let src = &x[(mb * 32 + r) * k..(mb * 32 + r + 1) * k];
-            for (d, &v) in a[r * kp..r * kp + k].iter_mut().zip(src) {
-                *d = bf16_bits(v.to_f32().unwrap_or(f32::NAN));
-            }
+    let row_blocks = rows.div_ceil(32);
+    // x in bf16, zero-padded to whole blocks of 32 rows and of 32 inputs.
+    let mut a = vec![0u16; row_blocks * 32 * kp];
+    a.par_chunks_mut(kp).zip(x.par_chunks(k.max(1))).for_each(|(d, src)| {
+        for (d, &v) in d.iter_mut().zip(src) {
+            *d = bf16_bits(v.to_f32().unwrap_or(f32::NAN));
         }
+    });
+    let out_at = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(32)).into_par_iter().for_each(|nb| {
         let cfg = tile_config();
         let mut c = [0f32; 32 * 32];
+        let b0 = w.data[(2 * nb) * kb * 512..].as_ptr();
+        let b1 = w.data[(2 * nb + 1) * kb * 512..].as_ptr();
+        let cols = (n - nb * 32).min(32);
         // SAFETY: `available()` granted the tile state; the configuration is 64 aligned bytes.
         unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
-        for nb in 0..n.div_ceil(32) {
-            let b0 = w.data[(2 * nb) * kb * 512..].as_ptr();
-            let b1 = w.data[(2 * nb + 1) * kb * 512..].as_ptr();
-            // SAFETY: every tile load reads 16 rows of 64 bytes inside `a` (32 rows of kp values) or inside a packed
-            // block of 512 values; the stores write 16 rows of 64 bytes into `c` (32 rows of 32 floats).
+        for mb in 0..row_blocks {
+            let a_block = &a[mb * 32 * kp..(mb + 1) * 32 * kp];
+            // SAFETY: every tile load reads 16 rows of 64 bytes inside `a_block` (32 rows of kp values) or inside a
+            // packed block of 512 values; the stores write 16 rows of 64 bytes into `c` (32 rows of 32 floats).
             unsafe {
                 asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
                 let a_stride = kp * 2;
@@ -157,8 +164,8 @@ pub fn linear<T: Real>(x: &[T], w: &PackedBf16, rows: usize, out: &mut [T], accu
                         "tdpbf16ps tmm1, tmm4, tmm7",
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a.as_ptr().add(kk * 32),
-                        a1 = in(reg) a.as_ptr().add(16 * kp + kk * 32),
+                        a0 = in(reg) a_block.as_ptr().add(kk * 32),
+                        a1 = in(reg) a_block.as_ptr().add(16 * kp + kk * 32),
                         b0 = in(reg) b0.add(kk * 512),
                         b1 = in(reg) b1.add(kk * 512),
                         sa = in(reg) a_stride,
@@ -179,9 +186,11 @@ pub fn linear<T: Real>(x: &[T], w: &PackedBf16, rows: usize, out: &mut [T], accu
                     options(nostack),
                 );
             }
-            let cols = (n - nb * 32).min(32);
-            for r in 0..m_here {
-                let dst = &mut out_rows[r * n + nb * 32..r * n + nb * 32 + cols];
+            for r in 0..(rows - mb * 32).min(32) {
+                let row = mb * 32 + r;
+                // SAFETY: this task alone writes columns nb·32 … nb·32 + cols of every row, inside `out`
+                // (rows × n values), which outlives the parallel loop.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_at.get().add(row * n + nb * 32), cols) };
                 let src = &c[r * 32..r * 32 + cols];
                 if accumulate {
                     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d + T::of(s));
@@ -193,6 +202,20 @@ pub fn linear<T: Real>(x: &[T], w: &PackedBf16, rows: usize, out: &mut [T], accu
         // SAFETY: releases this thread's tile state.
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     });
+}
+
+/// The output of `linear`, shared by its tasks, each of which writes its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr<T>(*mut T);
+// SAFETY: the tasks write disjoint elements (see `linear`).
+unsafe impl<T> Send for OutPtr<T> {}
+unsafe impl<T> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    /// Through a method, so that closures capture the whole (Sync) wrapper rather than its raw pointer field.
+    fn get(self) -> *mut T {
+        self.0
+    }
 }
 
 impl std::fmt::Debug for PackedBf16 {
