@@ -118,9 +118,10 @@ impl<T: Real> Cpu<T> {
         values.iter_mut().for_each(|v| *v = round(*v));
     }
 
-    /// `linear_packed` for at most `SKINNY_ROWS` input rows: tasks of `TILE_ROWS` rows of Ŵ, each row dequantized
-    /// into the task's buffer and dotted with every input row.
-    fn linear_packed_skinny(&self, x: &[T], g: &PackedRows, rows: usize, out: &mut [T], accumulate: bool) {
+    /// out [rows, out_dim] (+)= x·Ŵᵀ for a packed Ŵ: tiles of `TILE_ROWS` rows of Ŵ in parallel. A tile is
+    /// dequantized and multiplied on its own thread; with at most `SKINNY_ROWS` input rows, its rows are taken one
+    /// at a time (fused with the dot products where `ggml_dot` has the format) and dotted with every input row.
+    pub(super) fn linear_packed(&self, x: &[T], g: &PackedRows, rows: usize, out: &mut [T], accumulate: bool) {
         let (n, k) = (g.out_dim(), g.in_dim());
         let tiles: Vec<(usize, Vec<T>)> = (0..n)
             .step_by(TILE_ROWS)
@@ -128,57 +129,38 @@ impl<T: Real> Cpu<T> {
             .into_par_iter()
             .map(|j0| {
                 let tn = TILE_ROWS.min(n - j0);
-                // [tn, rows]: column j of the output for every input row.
-                let mut y = Vec::with_capacity(tn * rows);
+                // [rows, tn]: this tile's columns of the output.
+                let mut y = vec![T::zero(); rows * tn];
+                if rows > SKINNY_ROWS {
+                    let w = self.weight_rows(g, j0..j0 + tn);
+                    let (lhs, rhs) = (Strided::rows(k), Strided::rows(k).t());
+                    gemm_strided((rows, tn, k), &mut y, Strided::rows(tn), x, lhs, &w, rhs, T::one(), false, false);
+                    return (j0, y);
+                }
                 match (g, T::as_f32s(x)) {
                     // The same numbers without the row in memory (see `ggml_dot`).
                     (PackedRows::Ggml(g), Some(x)) if self.half.is_none() && ggml_dot::fused(g.dtype) => {
                         let rb = g.row_bytes();
                         let mut dots = [0f32; SKINNY_ROWS];
-                        for j in j0..j0 + tn {
-                            ggml_dot::dot_rows(g.dtype, &g.data[j * rb..(j + 1) * rb], x, &mut dots[..rows]);
-                            y.extend(dots[..rows].iter().map(|&d| T::of(d)));
+                        for j in 0..tn {
+                            let row = &g.data[(j0 + j) * rb..(j0 + j + 1) * rb];
+                            ggml_dot::dot_rows(g.dtype, row, x, &mut dots[..rows]);
+                            for (r, &d) in dots[..rows].iter().enumerate() {
+                                y[r * tn + j] = T::of(d);
+                            }
                         }
                     }
                     _ => {
                         let mut w = vec![0f32; k];
-                        for j in j0..j0 + tn {
-                            g.dequantize_rows(j..j + 1, &mut w);
+                        for j in 0..tn {
+                            g.dequantize_rows(j0 + j..j0 + j + 1, &mut w);
                             self.round_weights(&mut w);
-                            y.extend(x.chunks_exact(k).map(|x| T::dot_f32(&w, x)));
+                            for (r, x) in x.chunks_exact(k).enumerate() {
+                                y[r * tn + j] = T::dot_f32(&w, x);
+                            }
                         }
                     }
                 }
-                (j0, y)
-            })
-            .collect();
-        for (j0, y) in tiles {
-            for (j, y) in y.chunks_exact(rows).enumerate() {
-                for (o, &y) in out.chunks_mut(n).zip(y) {
-                    let o = &mut o[j0 + j];
-                    *o = if accumulate { *o + y } else { y };
-                }
-            }
-        }
-    }
-
-    /// out [rows, out_dim] (+)= x·Ŵᵀ for a packed Ŵ: tiles of Ŵ's rows in parallel, each dequantized and multiplied
-    /// on its own thread.
-    pub(super) fn linear_packed(&self, x: &[T], g: &PackedRows, rows: usize, out: &mut [T], accumulate: bool) {
-        if rows <= SKINNY_ROWS {
-            return self.linear_packed_skinny(x, g, rows, out, accumulate);
-        }
-        let (n, k) = (g.out_dim(), g.in_dim());
-        let tiles: Vec<(usize, Vec<T>)> = (0..n)
-            .step_by(TILE_ROWS)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|j0| {
-                let tn = TILE_ROWS.min(n - j0);
-                let w = self.weight_rows(g, j0..j0 + tn);
-                let mut y = vec![T::zero(); rows * tn];
-                let (lhs, rhs) = (Strided::rows(k), Strided::rows(k).t());
-                gemm_strided((rows, tn, k), &mut y, Strided::rows(tn), x, lhs, &w, rhs, T::one(), false, false);
                 (j0, y)
             })
             .collect();
