@@ -88,6 +88,31 @@ impl PackedRows {
     }
 }
 
+/// out [rows, n] (+)= the column tiles `tile(j0, tn)` computes ([rows, tn] for columns j0 … j0 + tn), `TILE_ROWS`
+/// columns each, in parallel.
+fn by_tiles<T: Real>(
+    n: usize,
+    rows: usize,
+    out: &mut [T],
+    accumulate: bool,
+    tile: impl Fn(usize, usize) -> Vec<T> + Sync,
+) {
+    let tiles: Vec<(usize, Vec<T>)> = (0..n)
+        .step_by(TILE_ROWS)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|j0| (j0, tile(j0, TILE_ROWS.min(n - j0))))
+        .collect();
+    for (j0, y) in tiles {
+        let tn = y.len() / rows.max(1);
+        for (o, y) in out.chunks_mut(n).zip(y.chunks(tn)) {
+            for (o, &y) in o[j0..j0 + tn].iter_mut().zip(y) {
+                *o = if accumulate { *o + y } else { y };
+            }
+        }
+    }
+}
+
 pub enum CpuWeight<T> {
     Values(Vec<T>),
     Packed(PackedRows),
@@ -118,60 +143,54 @@ impl<T: Real> Cpu<T> {
         values.iter_mut().for_each(|v| *v = round(*v));
     }
 
-    /// out [rows, out_dim] (+)= x·Ŵᵀ for a packed Ŵ: tiles of `TILE_ROWS` rows of Ŵ in parallel. A tile is
-    /// dequantized and multiplied on its own thread; with at most `SKINNY_ROWS` input rows, its rows are taken one
-    /// at a time (fused with the dot products where `ggml_dot` has the format) and dotted with every input row.
+    /// out [rows, out_dim] (+)= x·Ŵᵀ for a packed Ŵ: tiles of `TILE_ROWS` rows of Ŵ in parallel, each dequantized
+    /// and multiplied on its own thread.
     pub(super) fn linear_packed(&self, x: &[T], g: &PackedRows, rows: usize, out: &mut [T], accumulate: bool) {
-        let (n, k) = (g.out_dim(), g.in_dim());
-        let tiles: Vec<(usize, Vec<T>)> = (0..n)
-            .step_by(TILE_ROWS)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|j0| {
-                let tn = TILE_ROWS.min(n - j0);
-                // [rows, tn]: this tile's columns of the output.
-                let mut y = vec![T::zero(); rows * tn];
-                if rows > SKINNY_ROWS {
-                    let w = self.weight_rows(g, j0..j0 + tn);
-                    let (lhs, rhs) = (Strided::rows(k), Strided::rows(k).t());
-                    gemm_strided((rows, tn, k), &mut y, Strided::rows(tn), x, lhs, &w, rhs, T::one(), false, false);
-                    return (j0, y);
-                }
-                match (g, T::as_f32s(x)) {
-                    // The same numbers without the row in memory (see `ggml_dot`).
-                    (PackedRows::Ggml(g), Some(x)) if self.half.is_none() && ggml_dot::fused(g.dtype) => {
-                        let rb = g.row_bytes();
-                        let mut dots = [0f32; SKINNY_ROWS];
-                        for j in 0..tn {
-                            let row = &g.data[(j0 + j) * rb..(j0 + j + 1) * rb];
-                            ggml_dot::dot_rows(g.dtype, row, x, &mut dots[..rows]);
-                            for (r, &d) in dots[..rows].iter().enumerate() {
-                                y[r * tn + j] = T::of(d);
-                            }
-                        }
-                    }
-                    _ => {
-                        let mut w = vec![0f32; k];
-                        for j in 0..tn {
-                            g.dequantize_rows(j0 + j..j0 + j + 1, &mut w);
-                            self.round_weights(&mut w);
-                            for (r, x) in x.chunks_exact(k).enumerate() {
-                                y[r * tn + j] = T::dot_f32(&w, x);
-                            }
+        if rows <= SKINNY_ROWS {
+            return self.linear_packed_skinny(x, g, rows, out, accumulate);
+        }
+        let k = g.in_dim();
+        by_tiles(g.out_dim(), rows, out, accumulate, |j0, tn| {
+            let w = self.weight_rows(g, j0..j0 + tn);
+            let mut y = vec![T::zero(); rows * tn];
+            let (lhs, rhs) = (Strided::rows(k), Strided::rows(k).t());
+            gemm_strided((rows, tn, k), &mut y, Strided::rows(tn), x, lhs, &w, rhs, T::one(), false, false);
+            y
+        });
+    }
+
+    /// `linear_packed` for at most `SKINNY_ROWS` input rows: each row of a tile dequantized into the task's buffer
+    /// (or, where `ggml_dot` has the format, in registers) and dotted with every input row.
+    fn linear_packed_skinny(&self, x: &[T], g: &PackedRows, rows: usize, out: &mut [T], accumulate: bool) {
+        let k = g.in_dim();
+        by_tiles(g.out_dim(), rows, out, accumulate, |j0, tn| {
+            let mut y = vec![T::zero(); rows * tn];
+            match (g, T::as_f32s(x)) {
+                // The same numbers without the row in memory (see `ggml_dot`).
+                (PackedRows::Ggml(g), Some(x)) if self.half.is_none() && ggml_dot::fused(g.dtype) => {
+                    let rb = g.row_bytes();
+                    let mut dots = [0f32; SKINNY_ROWS];
+                    for j in 0..tn {
+                        let row = &g.data[(j0 + j) * rb..(j0 + j + 1) * rb];
+                        ggml_dot::dot_rows(g.dtype, row, x, &mut dots[..rows]);
+                        for (r, &d) in dots[..rows].iter().enumerate() {
+                            y[r * tn + j] = T::of(d);
                         }
                     }
                 }
-                (j0, y)
-            })
-            .collect();
-        for (j0, y) in tiles {
-            let tn = y.len() / rows.max(1);
-            for (o, y) in out.chunks_mut(n).zip(y.chunks(tn)) {
-                for (o, &y) in o[j0..j0 + tn].iter_mut().zip(y) {
-                    *o = if accumulate { *o + y } else { y };
+                _ => {
+                    let mut w = vec![0f32; k];
+                    for j in 0..tn {
+                        g.dequantize_rows(j0 + j..j0 + j + 1, &mut w);
+                        self.round_weights(&mut w);
+                        for (r, x) in x.chunks_exact(k).enumerate() {
+                            y[r * tn + j] = T::dot_f32(&w, x);
+                        }
+                    }
                 }
             }
-        }
+            y
+        });
     }
 
     /// dx [rows, in_dim] (+)= dy·Ŵ for a packed Ŵ: Ŵ's rows a tile at a time, each tile's product added to dx.
