@@ -235,9 +235,36 @@ impl Bnb4 {
 
     /// table[code] * absmax in f32.
     pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        self.dequantize_range(0, &self.absmax.values(), &mut out);
+        out
+    }
+
+    /// Elements `first … first + out.len()` (in storage order) of `dequantize`, given the block scales already
+    /// resolved (`absmax.values()`): a scale block at a time, two codes per byte where the run starts on a byte.
+    pub fn dequantize_range(&self, first: usize, absmax: &[f32], out: &mut [f32]) {
         let table = self.kind.table();
-        let absmax = self.absmax.values();
-        (0..self.numel()).map(|i| table[self.code(i) as usize] * absmax[i / self.block]).collect()
+        let mut j = 0;
+        while j < out.len() {
+            let block = (first + j) / self.block;
+            let end = ((block + 1) * self.block - first).min(out.len());
+            let scale = absmax[block];
+            let mut at = j;
+            if (first + at) % 2 == 1 {
+                out[at] = table[self.code(first + at) as usize] * scale;
+                at += 1;
+            }
+            let pairs = (end - at) / 2;
+            let bytes = &self.packed[(first + at) / 2..(first + at) / 2 + pairs];
+            for (o, &b) in out[at..at + 2 * pairs].chunks_exact_mut(2).zip(bytes) {
+                o[0] = table[(b >> 4) as usize] * scale;
+                o[1] = table[(b & 0xF) as usize] * scale;
+            }
+            if at + 2 * pairs < end {
+                out[end - 1] = table[self.code(first + end - 1) as usize] * scale;
+            }
+            j = end;
+        }
     }
 
     /// The f32 dequantization rounded to bf16 (round to nearest even), as bitsandbytes returns it for a bf16

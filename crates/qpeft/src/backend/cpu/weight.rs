@@ -58,32 +58,7 @@ impl PackedRows {
     fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {
         match self {
             PackedRows::Ggml(g) => g.dequantize_rows(rows, out),
-            PackedRows::Bnb4 { q, absmax } => {
-                let table = q.kind.table();
-                let first = rows.start * self.in_dim();
-                // A scale block at a time; within it, two codes per byte where the run starts on a byte.
-                let mut j = 0;
-                while j < out.len() {
-                    let block = (first + j) / q.block;
-                    let end = ((block + 1) * q.block - first).min(out.len());
-                    let scale = absmax[block];
-                    let (mut at, stop) = (j, end);
-                    if (first + at) % 2 == 1 {
-                        out[at] = table[q.code(first + at) as usize] * scale;
-                        at += 1;
-                    }
-                    let pairs = (stop - at) / 2;
-                    let bytes = &q.packed[(first + at) / 2..(first + at) / 2 + pairs];
-                    for (o, &b) in out[at..at + 2 * pairs].chunks_exact_mut(2).zip(bytes) {
-                        o[0] = table[(b >> 4) as usize] * scale;
-                        o[1] = table[(b & 0xF) as usize] * scale;
-                    }
-                    if at + 2 * pairs < stop {
-                        out[stop - 1] = table[q.code(first + stop - 1) as usize] * scale;
-                    }
-                    j = end;
-                }
-            }
+            PackedRows::Bnb4 { q, absmax } => q.dequantize_range(rows.start * self.in_dim(), absmax, out),
         }
     }
 }
