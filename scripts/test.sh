@@ -9,12 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { echo "== $* ($(date +%T))"; }
 step fetch
+# Free disk first: the fetch and the release build need ~6 GB, and a full disk fails far from its cause.
+df -h . | tail -n 1
 scripts/fetch-smollm2.sh
 scripts/fetch-model.sh qwen2.5-coder-1.5b
 if [ ! -s models/smollm2-hf/model.safetensors ]; then
   if [ ! -x .venv-ref/bin/python ]; then
     python3 -m venv .venv-ref
-    .venv-ref/bin/pip install --quiet numpy gguf safetensors
+    .venv-ref/bin/pip install --quiet --no-cache-dir numpy gguf safetensors
   fi
   .venv-ref/bin/python scripts/reference/gguf_to_hf.py models/SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2-hf
 fi
