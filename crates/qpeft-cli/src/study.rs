@@ -144,6 +144,13 @@ fn plan(a: PlanArgs) -> Result<()> {
     Ok(())
 }
 
+impl StudyCommand {
+    /// Whether `run` starts a thread per device (several devices).
+    pub fn spawns_workers(&self) -> bool {
+        matches!(self, StudyCommand::Run(a) if a.devices.contains(','))
+    }
+}
+
 fn run_study(a: RunArgs) -> Result<()> {
     let study = Study::read(&a.study, &a.sets)?;
     let shard: Shard = a.shard.parse()?;
@@ -160,16 +167,21 @@ fn run_study(a: RunArgs) -> Result<()> {
     let done0 = study.cells.iter().filter(|c| cell_state(&dir, c) == CellState::Done).count();
     eprintln!("{}: {total} cells in {} ({done0} done); shard {}/{}", study.name, dir.display(), shard.k, shard.n);
     let tagged = devices.len() > 1;
-    let outcomes: Vec<Result<(Vec<String>, bool)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = devices
-            .iter()
-            .map(|&device| {
-                let (study, dir) = (&study, &dir);
-                s.spawn(move || worker(study, dir, shard, device, stop, tagged))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("a worker panicked")).collect()
-    });
+    // One device runs on this thread, which is one of the thread pool's (see `main`); several run one thread each.
+    let outcomes: Vec<Result<(Vec<String>, bool)>> = if let [device] = devices[..] {
+        vec![worker(&study, &dir, shard, device, stop, tagged)]
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = devices
+                .iter()
+                .map(|&device| {
+                    let (study, dir) = (&study, &dir);
+                    s.spawn(move || worker(study, dir, shard, device, stop, tagged))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a worker panicked")).collect()
+        })
+    };
     let mut interrupted = false;
     for o in outcomes {
         let (ran, stopped) = o?;

@@ -15,6 +15,14 @@ pub trait Real: Float + FromPrimitive + std::iter::Sum + Default + Debug + Send 
     fn dot_f32(w: &[f32], x: &[Self]) -> Self;
     /// `x` as f32s when this type is f32 (kernels written for f32 alone).
     fn as_f32s(x: &[Self]) -> Option<&[f32]>;
+    /// Each value rounded to the nearest bf16 (ties to even), in place.
+    fn round_bf16(x: &mut [Self]);
+    /// The largest value (−∞ if none; NaNs skipped).
+    fn max_of(x: &[Self]) -> Self;
+    /// Σ e^(x[i] − shift), in f64 (f32: `simd::exp_sum`).
+    fn exp_sum(x: &[Self], shift: Self) -> f64;
+    /// x[i] ← e^(x[i] − shift) (f32: `simd::exp`).
+    fn exp_shifted(x: &mut [Self], shift: Self);
 }
 
 impl Real for f32 {
@@ -30,6 +38,18 @@ impl Real for f32 {
     fn as_f32s(x: &[f32]) -> Option<&[f32]> {
         Some(x)
     }
+    fn round_bf16(x: &mut [f32]) {
+        crate::simd::round_bf16(x)
+    }
+    fn max_of(x: &[f32]) -> f32 {
+        crate::simd::max(x)
+    }
+    fn exp_sum(x: &[f32], shift: f32) -> f64 {
+        crate::simd::exp_sum(x, shift)
+    }
+    fn exp_shifted(x: &mut [f32], shift: f32) {
+        crate::simd::exp_shifted(x, shift)
+    }
 }
 
 impl Real for f64 {
@@ -44,6 +64,18 @@ impl Real for f64 {
     }
     fn as_f32s(_: &[f64]) -> Option<&[f32]> {
         None
+    }
+    fn round_bf16(x: &mut [f64]) {
+        x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v as f32).to_f64());
+    }
+    fn max_of(x: &[f64]) -> f64 {
+        x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v))
+    }
+    fn exp_sum(x: &[f64], shift: f64) -> f64 {
+        x.iter().map(|&v| (v - shift).exp()).sum()
+    }
+    fn exp_shifted(x: &mut [f64], shift: f64) {
+        x.iter_mut().for_each(|v| *v = (*v - shift).exp());
     }
 }
 

@@ -15,6 +15,11 @@ pub struct Group {
     pub suffixes: Vec<Vec<u32>>,
 }
 
+/// Prefixes run together, up to `batch` of them, when their suffixes fill at most this many passes: a zero-shot
+/// item's 2–5 choices would otherwise leave the prefix pass at one or two sequences, and small passes stream every
+/// weight for few rows.
+const SUFFIX_PASSES: usize = 4;
+
 /// Runs every group; `visit(g, s, hidden)` receives suffix `s` of group `g` as its final-normed hidden states
 /// [suffix length, hidden]. `batch` bounds the sequences of one forward pass; groups with few suffixes share
 /// passes, so keep groups of similar lengths next to each other.
@@ -31,7 +36,7 @@ pub fn run<B: Backend>(
     while g0 < groups.len() {
         let mut g1 = g0 + 1;
         let mut n = groups[g0].suffixes.len();
-        while g1 < groups.len() && g1 - g0 < batch && n + groups[g1].suffixes.len() <= batch {
+        while g1 < groups.len() && g1 - g0 < batch && n + groups[g1].suffixes.len() <= batch * SUFFIX_PASSES {
             n += groups[g1].suffixes.len();
             g1 += 1;
         }

@@ -102,7 +102,11 @@ fn operand<T: Real>(x: &[T], mode: Operands) -> Cow<'_, [T]> {
     match mode {
         Operands::Exact => Cow::Borrowed(x),
         Operands::Tf32 => each(x, super::tf32_rna),
-        Operands::Bf16 => each(x, super::bf16_rne),
+        Operands::Bf16 => {
+            let mut x = x.to_vec();
+            T::round_bf16(&mut x);
+            Cow::Owned(x)
+        }
         Operands::F16 => {
             let s = f16_shift(super::amax(x));
             each(x, |v| super::f16_scaled(v, s))
@@ -304,9 +308,13 @@ fn softmax_masked<T: Real>(row: &mut [T], lo: usize, hi: usize, mask: &[u32]) {
         row.fill(T::zero());
         return;
     }
+    let hi = hi.min(row.len());
+    T::exp_shifted(&mut row[lo..hi], max);
     let mut sum = T::zero();
     for (j, x) in row.iter_mut().enumerate() {
-        *x = if visible(j) { (*x - max).exp() } else { T::zero() };
+        if !visible(j) {
+            *x = T::zero();
+        }
         sum = sum + *x;
     }
     let inv = T::one() / sum;

@@ -141,6 +141,16 @@ impl<T: Real> Cpu<T> {
         Cow::Owned(x.par_iter().map(|v| T::of(round(v.to_f32().unwrap_or(f32::NAN)))).collect())
     }
 
+    /// x rounded to bf16 in the 16-bit emulations (`rounded` with `bf16_rne`, vectorized); x itself otherwise.
+    fn rounded_bf16<'a>(&self, x: &'a [T]) -> Cow<'a, [T]> {
+        if self.half.is_none() {
+            return Cow::Borrowed(x);
+        }
+        let mut x = x.to_vec();
+        x.par_chunks_mut(ELEM_CHUNK).for_each(T::round_bf16);
+        Cow::Owned(x)
+    }
+
     /// A base product's input (output gradient in backward) as the tensor cores see it: bf16, or fp16 under the
     /// tensor's power-of-two scale.
     fn product_input<'a>(&self, x: &'a [T]) -> Cow<'a, [T]> {
@@ -149,7 +159,7 @@ impl<T: Real> Cpu<T> {
                 let s = f16_shift(amax(x));
                 self.rounded(x, move |v| f16_scaled(v, s))
             }
-            _ => self.rounded(x, bf16_rne),
+            _ => self.rounded_bf16(x),
         }
     }
 
@@ -204,7 +214,7 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn save(&self, x: &Vec<T>) -> Result<Vec<T>> {
-        Ok(self.rounded(x, bf16_rne).into_owned())
+        Ok(self.rounded_bf16(x).into_owned())
     }
     fn restore(&self, saved: &Vec<T>) -> Result<Vec<T>> {
         Ok(saved.clone())
@@ -248,7 +258,7 @@ impl<T: Real> Backend for Cpu<T> {
                 check_f16_range(&dense)?;
                 self.rounded(&values, f16_rne).into_owned()
             }
-            _ => self.rounded(&values, bf16_rne).into_owned(),
+            _ => self.rounded_bf16(&values).into_owned(),
         }))
     }
     fn weight_values(&self, w: &CpuWeight<T>) -> Result<Vec<T>> {
@@ -626,10 +636,10 @@ impl<T: Real> Backend for Cpu<T> {
                     return;
                 }
                 let (max, sum) = softmax_stats(row);
-                let inv = T::from_f64(1.0 / sum).unwrap_or(T::nan());
-                for (d, &x) in d.iter_mut().zip(row) {
-                    *d = scale * (x - max).exp() * inv;
-                }
+                let scaled_inv = scale * T::from_f64(1.0 / sum).unwrap_or(T::nan());
+                d.copy_from_slice(row);
+                T::exp_shifted(d, max);
+                d.iter_mut().for_each(|d| *d = *d * scaled_inv);
                 d[t as usize] = d[t as usize] - scale;
             },
         );
@@ -797,8 +807,8 @@ fn activation<T: Real>(kind: GluKind, z: T) -> (T, T) {
 
 /// (max, Σ exp(x − max)) of a row, the sum in f64.
 fn softmax_stats<T: Real>(row: &[T]) -> (T, f64) {
-    let max = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-    (max, row.iter().map(|&x| (x - max).f64().exp()).sum())
+    let max = T::max_of(row);
+    (max, T::exp_sum(row, max))
 }
 
 /// Rotates each head pair (x1, x2) by +angle (forward) or −angle (the inverse, which is the transpose).
