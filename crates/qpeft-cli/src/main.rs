@@ -174,7 +174,7 @@ impl Command {
 }
 
 fn run(command: Command, device: Option<Device>, other_base: bool) -> Result<()> {
-    let on = device.unwrap_or(Device::Cpu);
+    let on = device.unwrap_or_else(Device::cpu_default);
     match command {
         Command::Info { model, tensors, json } => info::run(&model, tensors, json),
         Command::Quantize(args) => quantize::run(args),

@@ -24,8 +24,15 @@ fn info_reports_the_architecture_and_parameter_count() {
 
 #[test]
 fn perplexity_json_matches_the_transformers_reference() {
-    let out =
-        qpeft(&["perplexity", "models/SmolLM2-135M-Instruct.Q4_1.gguf", "tests/fixtures/smollm2/prose.txt", "--json"]);
+    // f32, the reference precision (`cpu` is bf16 where the CPU has AMX).
+    let out = qpeft(&[
+        "--device",
+        "cpu:f32",
+        "perplexity",
+        "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "tests/fixtures/smollm2/prose.txt",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let reference: serde_json::Value =

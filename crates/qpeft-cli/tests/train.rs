@@ -253,6 +253,9 @@ fn a_killed_run_resumes_to_a_bit_identical_adapter() {
     ]));
     let logits = killed.path().join("logits.safetensors");
     ok(&qpeft(&[
+        // Merge checks compare in f32 (`cpu` is bf16 where the CPU has AMX).
+        "--device",
+        "cpu:f32",
         "logits",
         model,
         "--adapter",
@@ -274,7 +277,16 @@ fn a_killed_run_resumes_to_a_bit_identical_adapter() {
         "f32",
     ]));
     let merged_logits = killed.path().join("merged.safetensors");
-    ok(&qpeft(&["logits", merged.to_str().unwrap(), "--prompt", "Date", "-o", merged_logits.to_str().unwrap()]));
+    ok(&qpeft(&[
+        "--device",
+        "cpu:f32",
+        "logits",
+        merged.to_str().unwrap(),
+        "--prompt",
+        "Date",
+        "-o",
+        merged_logits.to_str().unwrap(),
+    ]));
     // The NF4 base is dequantized into the merged weights: adapter-on-NF4 and merged agree to f32 rounding.
     let read = |p: &Path| {
         let bytes = std::fs::read(p).unwrap();
@@ -363,7 +375,8 @@ fn qa_lora_merges_into_gptq_zero_points_and_stays_int4() {
         ),
     )
     .unwrap();
-    ok(&qpeft(&["--threads", "1", "train", "--config", cfg.to_str().unwrap()]));
+    // The bound below is f32's (`cpu` trains in bf16 where the CPU has AMX).
+    ok(&qpeft(&["--threads", "1", "--device", "cpu:f32", "train", "--config", cfg.to_str().unwrap()]));
     let adapter = d.path().join("run/adapter");
     let merged = d.path().join("merged");
     let out = qpeft(&[
@@ -398,7 +411,8 @@ fn qa_lora_merges_into_gptq_zero_points_and_stays_int4() {
     let logits = |model: &Path, adapter: Option<&Path>, name: &str| {
         let out = d.path().join(name);
         let mut args =
-            vec!["logits", model.to_str().unwrap(), "--prompt", "Date: 4 July 1976", "-o", out.to_str().unwrap()];
+            vec!["--device", "cpu:f32", "logits", model.to_str().unwrap(), "--prompt", "Date: 4 July 1976", "-o"];
+        args.push(out.to_str().unwrap());
         if let Some(a) = adapter {
             args.extend(["--adapter", a.to_str().unwrap()]);
         }

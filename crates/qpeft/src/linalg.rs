@@ -15,6 +15,8 @@ pub trait Real: Float + FromPrimitive + std::iter::Sum + Default + Debug + Send 
     fn dot_f32(w: &[f32], x: &[Self]) -> Self;
     /// `x` as f32s when this type is f32 (kernels written for f32 alone).
     fn as_f32s(x: &[Self]) -> Option<&[f32]>;
+    /// The same, mutable.
+    fn as_f32s_mut(x: &mut [Self]) -> Option<&mut [f32]>;
     /// Each value rounded to the nearest bf16 (ties to even), in place.
     fn round_bf16(x: &mut [Self]);
     /// The largest value (−∞ if none; NaNs skipped).
@@ -36,6 +38,9 @@ impl Real for f32 {
         crate::simd::dot(w, x)
     }
     fn as_f32s(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
+    }
+    fn as_f32s_mut(x: &mut [f32]) -> Option<&mut [f32]> {
         Some(x)
     }
     fn round_bf16(x: &mut [f32]) {
@@ -63,6 +68,9 @@ impl Real for f64 {
         w.iter().zip(x).map(|(&w, &x)| w as f64 * x).sum()
     }
     fn as_f32s(_: &[f64]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32s_mut(_: &mut [f64]) -> Option<&mut [f32]> {
         None
     }
     fn round_bf16(x: &mut [f64]) {

@@ -297,6 +297,9 @@ fn scatter_rows<T: Copy>(dst: &mut [T], src: &[T], at: usize, stride: usize, wid
 /// Softmax over row[lo..hi] restricted to unmasked keys; everything else becomes 0. A row with no
 /// visible key (a padding query) becomes all zeros rather than NaN.
 fn softmax_masked<T: Real>(row: &mut [T], lo: usize, hi: usize, mask: &[u32]) {
+    if let Some(row) = T::as_f32s_mut(row) {
+        return crate::simd::softmax_masked(row, lo, hi, mask);
+    }
     let visible = |j: usize| j >= lo && j < hi && mask[j] != 0;
     let mut max = T::neg_infinity();
     for (j, &x) in row.iter().enumerate() {
