@@ -20,7 +20,7 @@ else
   # Without a terminal cargo prints a line per crate, and one crate can take a minute: say it is still working.
   (while sleep 20; do echo "still building ($SECONDS s)"; done) &
   ticker=$!
-  trap 'kill $ticker 2>/dev/null' EXIT
+  trap 'kill $ticker 2>/dev/null || true' EXIT
   cargo build --release --bin qpeft
   kill $ticker
 fi
