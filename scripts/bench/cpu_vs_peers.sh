@@ -40,25 +40,20 @@ for ckpt in false true; do
 done
 fi
 [ "$part" = train ] && exit 0
+# compare TASK N: qpeft in both precisions, then the peer in both, on the first N items (MMLU: per subject).
+compare() {
+  for device in cpu:f32 cpu:bf16; do
+    printf 'qpeft %-9s ' "$device"
+    "$qpeft" --threads "$threads" --device "$device" eval "$gguf" --tasks "$1" --limit "$2" --batch 8 \
+      --data-dir "$data" 2>/dev/null | awk -v t="$1" '$1 == t { print $NF " s, acc " $4 }'
+  done
+  for dtype in fp32 bf16; do
+    printf 'peer  %-9s ' "$dtype"
+    "$py" scripts/bench/eval_peer.py "$gguf" --task "$1" --n "$2" --batch 8 --threads "$threads" --dtype "$dtype" \
+      --data-dir "$data" 2>/dev/null | grep -oE '[0-9.]+ s|acc [0-9.]+' | paste -sd' '
+  done
+}
 echo "== zero-shot scoring, first 250 ARC-Easy items, batch 8, $threads threads"
-for device in cpu:f32 cpu:bf16; do
-  printf 'qpeft %-9s ' "$device"
-  "$qpeft" --threads "$threads" --device "$device" eval "$gguf" --tasks arc_easy --limit 250 --batch 8 \
-    --data-dir "$data" 2>/dev/null | awk '$1 == "arc_easy" { print $NF " s, acc " $4 }'
-done
-for dtype in fp32 bf16; do
-  printf 'peer  %-9s ' "$dtype"
-  "$py" scripts/bench/eval_peer.py "$gguf" --task arc_easy --n 250 --batch 8 --threads "$threads" --dtype "$dtype" \
-    --data-dir "$data" 2>/dev/null | grep -oE '[0-9.]+ s, [0-9]+ scored tokens/s|acc [0-9.]+'  | paste -sd' '
-done
+compare arc_easy 250
 echo "== MMLU 5-shot, first 3 questions of each subject (171), batch 8, $threads threads"
-for device in cpu:f32 cpu:bf16; do
-  printf 'qpeft %-9s ' "$device"
-  "$qpeft" --threads "$threads" --device "$device" eval "$gguf" --tasks mmlu --limit 3 --batch 8 \
-    --data-dir "$data" 2>/dev/null | awk '$1 == "mmlu" { print $NF " s, acc " $4 }'
-done
-for dtype in fp32 bf16; do
-  printf 'peer  %-9s ' "$dtype"
-  "$py" scripts/bench/eval_peer.py "$gguf" --task mmlu --n 3 --batch 8 --threads "$threads" --dtype "$dtype" \
-    --data-dir "$data" 2>/dev/null | grep -oE '[0-9.]+ s|acc [0-9.]+' | paste -sd' '
-done
+compare mmlu 3
