@@ -14,6 +14,27 @@ pub fn avx512() -> bool {
     })
 }
 
+/// `pub fn NAME(ARGS) -> R = KERNEL;` — a public function that runs `KERNEL` (an `#[inline(always)]` portable
+/// function) built for AVX-512 where `avx512()` says the CPU has it, and as the portable build otherwise. The kernels
+/// are written once, in plain loops the compiler vectorizes 16 lanes wide inside the AVX-512 build.
+macro_rules! vectorized {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $kernel:ident;) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                fn avx512_build($($arg: $ty),*) $(-> $ret)? {
+                    $kernel($($arg),*)
+                }
+                // SAFETY: the CPU has the features `avx512_build` is compiled for.
+                return unsafe { avx512_build($($arg),*) };
+            }
+            $kernel($($arg),*)
+        }
+    };
+}
+
 /// Partial sums of the dot products: the summation order is fixed (partial sum i adds the products of elements ≡ i
 /// mod 64 in order, then `reduce` adds the partial sums), whichever build runs. Four 16-lane accumulators rather
 /// than one hide the latency of the additions.
@@ -35,20 +56,9 @@ pub fn reduce(p: &[f32; LANES]) -> f32 {
     v[0]
 }
 
-/// Σ a[i]·b[i] over the common length, in f32 with the fixed order above.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has the features `dot_avx512` is compiled for.
-        return unsafe { dot_avx512(a, b) };
-    }
-    dot_lanes(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes(a, b)
+vectorized! {
+    /// Σ a[i]·b[i] over the common length, in f32 with the fixed order above.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 = dot_lanes;
 }
 
 #[inline(always)]
@@ -69,38 +79,16 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     reduce(&acc)
 }
 
-/// The nearest bf16 of each x (ties to even; a NaN stays a NaN, quieted), as bits: `half::bf16::from_f32`, in a
-/// form that vectorizes (16 values per instruction with AVX-512). Converting products' inputs one value at a time
-/// through `half` took 5–8% of an evaluation on AMX tiles.
-pub fn to_bf16_bits(x: &[f32], out: &mut [u16]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has the features `to_bf16_avx512` is compiled for.
-        return unsafe { to_bf16_avx512(x, out) };
-    }
-    to_bf16_lanes(x, out)
+vectorized! {
+    /// The nearest bf16 of each x (ties to even; a NaN stays a NaN, quieted), as bits: `half::bf16::from_f32`, in a
+    /// form that vectorizes (16 values per instruction with AVX-512). Converting products' inputs one value at a time
+    /// through `half` took 5–8% of an evaluation on AMX tiles.
+    pub fn to_bf16_bits(x: &[f32], out: &mut [u16]) = to_bf16_lanes;
 }
 
-/// Each x rounded to the nearest bf16 (as `to_bf16_bits`), in place.
-pub fn round_bf16(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: as in `to_bf16_bits`.
-        return unsafe { round_bf16_avx512(x) };
-    }
-    round_bf16_lanes(x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-fn to_bf16_avx512(x: &[f32], out: &mut [u16]) {
-    to_bf16_lanes(x, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-fn round_bf16_avx512(x: &mut [f32]) {
-    round_bf16_lanes(x)
+vectorized! {
+    /// Each x rounded to the nearest bf16 (as `to_bf16_bits`), in place.
+    pub fn round_bf16(x: &mut [f32]) = round_bf16_lanes;
 }
 
 #[inline(always)]
@@ -131,36 +119,21 @@ fn round_bf16_lanes(x: &mut [f32]) {
     }
 }
 
-/// The largest value of x (−∞ for an empty x; NaNs are skipped, as `f32::max` does), in 64 lanes: a fold of
-/// `f32::max` is a chain of dependent operations — over a 49,152-entry vocabulary row, as long as its exponentials.
-pub fn max(x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has the features `max_avx512` is compiled for.
-        return unsafe { max_avx512(x) };
-    }
-    max_lanes(x)
+vectorized! {
+    /// The largest value of x (−∞ for an empty x; NaNs are skipped, as `f32::max` does), in 64 lanes: a fold of
+    /// `f32::max` is a chain of dependent operations — over a 49,152-entry vocabulary row, as long as its exponentials.
+    pub fn max(x: &[f32]) -> f32 = max_lanes;
 }
 
-/// Σ e^(x[i] − shift), each term in f32 (`exp`'s accuracy), the total in f64: the normalizer of a softmax whose
-/// largest input is `shift`.
-pub fn exp_sum(x: &[f32], shift: f32) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: as in `max`.
-        return unsafe { exp_sum_avx512(x, shift) };
-    }
-    exp_sum_lanes(x, shift)
+vectorized! {
+    /// Σ e^(x[i] − shift), each term in f32 (`exp`'s accuracy), the total in f64: the normalizer of a softmax whose
+    /// largest input is `shift`.
+    pub fn exp_sum(x: &[f32], shift: f32) -> f64 = exp_sum_lanes;
 }
 
-/// x[i] ← e^(x[i] − shift), as `exp`.
-pub fn exp_shifted(x: &mut [f32], shift: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: as in `max`.
-        return unsafe { exp_shifted_avx512(x, shift) };
-    }
-    exp_shifted_lanes(x, shift)
+vectorized! {
+    /// x[i] ← e^(x[i] − shift), as `exp`.
+    pub fn exp_shifted(x: &mut [f32], shift: f32) = exp_shifted_lanes;
 }
 
 /// e^x in f32 within 2 ulp, in a form that vectorizes: x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by Cephes' expf
@@ -196,24 +169,6 @@ pub fn exp(x: f32) -> f32 {
     } else {
         scaled
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn max_avx512(x: &[f32]) -> f32 {
-    max_lanes(x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn exp_sum_avx512(x: &[f32], shift: f32) -> f64 {
-    exp_sum_lanes(x, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn exp_shifted_avx512(x: &mut [f32], shift: f32) {
-    exp_shifted_lanes(x, shift)
 }
 
 #[inline(always)]
@@ -263,22 +218,11 @@ fn exp_shifted_lanes(x: &mut [f32], shift: f32) {
     }
 }
 
-/// Softmax over row[lo..hi] restricted to keys whose `mask` entry is not 0; everything else becomes 0, and a row with
-/// no visible key all zeros. (`attention`'s masked softmax for f32 rows: three branch-free passes that vectorize,
-/// where the generic loop tested each key's visibility one at a time — a sixth of an MMLU evaluation.)
-pub fn softmax_masked(row: &mut [f32], lo: usize, hi: usize, mask: &[u32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: as in `max`.
-        return unsafe { softmax_masked_avx512(row, lo, hi, mask) };
-    }
-    softmax_masked_lanes(row, lo, hi, mask)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn softmax_masked_avx512(row: &mut [f32], lo: usize, hi: usize, mask: &[u32]) {
-    softmax_masked_lanes(row, lo, hi, mask)
+vectorized! {
+    /// Softmax over row[lo..hi] restricted to keys whose `mask` entry is not 0; everything else becomes 0, and a row with
+    /// no visible key all zeros. (`attention`'s masked softmax for f32 rows: three branch-free passes that vectorize,
+    /// where the generic loop tested each key's visibility one at a time — a sixth of an MMLU evaluation.)
+    pub fn softmax_masked(row: &mut [f32], lo: usize, hi: usize, mask: &[u32]) = softmax_masked_lanes;
 }
 
 #[inline(always)]
