@@ -134,14 +134,10 @@ pub fn linear<T: Real>(x: &[T], w: &PackedBf16, rows: usize, out: &mut [T], accu
     let row_blocks = rows.div_ceil(32);
     // x in bf16, zero-padded to whole blocks of 32 rows and of 32 inputs.
     let mut a = vec![0u16; row_blocks * 32 * kp];
-    match T::as_f32s(x) {
-        Some(x) => a.par_chunks_mut(kp).zip(x.par_chunks(k.max(1))).for_each(|(d, src)| to_bf16_bits(src, d)),
-        None => a.par_chunks_mut(kp).zip(x.par_chunks(k.max(1))).for_each(|(d, src)| {
-            for (d, &v) in d.iter_mut().zip(src) {
-                *d = bf16_bits(v.to_f32().unwrap_or(f32::NAN));
-            }
-        }),
-    }
+    a.par_chunks_mut(kp).zip(x.par_chunks(k.max(1))).for_each(|(d, src)| match T::as_f32s(src) {
+        Some(src) => to_bf16_bits(src, d),
+        None => d.iter_mut().zip(src).for_each(|(d, &v)| *d = bf16_bits(v.to_f32().unwrap_or(f32::NAN))),
+    });
     let out_at = OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(32)).into_par_iter().for_each(|nb| {
         let cfg = tile_config();
