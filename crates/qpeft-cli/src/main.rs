@@ -34,9 +34,11 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Where models run: cpu (f32), cpu:bf16 (bf16 base products on the CPU's AMX tiles), or
+    /// Where models run: cpu (the CPU's default: cpu:bf16 where it has AMX-BF16 tiles, else cpu:f32), cpu:f32,
+    /// cpu:bf16 (bf16 base products on the CPU's AMX tiles), or
     /// cuda[:N][:f16|:bf16|:f32] (GPU N, default 0; scaled fp16 tensor-core products unless bf16 or f32 is asked
-    /// for; `train` defaults to the config's [device]).
+    /// for; `train` defaults to the config's [device]). `train` also takes a comma-separated list of one kind, one
+    /// data-parallel rank each: cuda:0,cuda:1 or cuda:all (NCCL), cpu:f32,cpu:f32 (threads of this process).
     #[arg(long, global = true)]
     device: Option<String>,
     /// With --adapter: run the adapter on MODEL even if MODEL is not the base it was trained on (its recorded
@@ -144,7 +146,11 @@ fn main() {
         pool = pool.num_threads(n);
     }
     pool.build_global().expect("thread pool is configured once");
-    let device = match cli.device.as_deref().map(str::parse::<Device>).transpose() {
+    let devices = match cli.device.as_deref().map(Device::parse_list).transpose() {
+        Ok(Some(list)) if list.len() > 1 && !matches!(cli.command, Command::Train(_)) => {
+            eprintln!("error: --device: only `train` runs on several devices (data-parallel)");
+            std::process::exit(2);
+        }
         Ok(d) => d,
         Err(e) => {
             eprintln!("error: --device: {e}");
@@ -156,9 +162,9 @@ fn main() {
     // them); started inside, the calling thread takes its share at once. A study over several devices waits for a
     // thread per device, and a pool thread that waits would hold the only worker of `--threads 1`: it stays outside.
     let result = if cli.command.spawns_workers() {
-        run(cli.command, device, cli.other_base)
+        run(cli.command, devices, cli.other_base)
     } else {
-        rayon::scope(|_| run(cli.command, device, cli.other_base))
+        rayon::scope(|_| run(cli.command, devices, cli.other_base))
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -167,19 +173,25 @@ fn main() {
 }
 
 impl Command {
-    /// Whether the command runs its work on threads of its own (a study over several devices, one per device).
+    /// Whether the command runs its work on threads of its own (a study over several devices, one per device;
+    /// `train`, whose data-parallel ranks may come from its config: it enters the pool itself with one rank).
     fn spawns_workers(&self) -> bool {
-        matches!(self, Command::Study(cmd) if cmd.spawns_workers())
+        match self {
+            Command::Study(cmd) => cmd.spawns_workers(),
+            Command::Train(_) => true,
+            _ => false,
+        }
     }
 }
 
-fn run(command: Command, device: Option<Device>, other_base: bool) -> Result<()> {
+fn run(command: Command, devices: Option<Vec<Device>>, other_base: bool) -> Result<()> {
+    let device = devices.as_ref().map(|d| d[0]);
     let on = device.unwrap_or_else(Device::cpu_default);
     match command {
         Command::Info { model, tensors, json } => info::run(&model, tensors, json),
         Command::Quantize(args) => quantize::run(args),
         Command::Params(args) => params::run(args),
-        Command::Train(args) => train::run(args, device),
+        Command::Train(args) => train::run(args, devices),
         Command::Eval(args) => eval::run(args, on, other_base),
         Command::Bench(cmd) => bench::run(cmd, on),
         Command::Study(cmd) => study::run_cmd(cmd),

@@ -7,7 +7,9 @@ use anyhow::{bail, Result};
 use crate::config_args::ConfigArgs;
 use crate::progress::Display;
 use clap::Args;
+use qpeft::backend::collective::Threads;
 use qpeft::backend::{Backend, Device};
+use qpeft::model::Checkpoint;
 use qpeft::train::base::{describe as describe_recipe, load_model, quantize_options};
 use qpeft::train::config::RunConfig;
 use qpeft::train::metrics::Evaluation;
@@ -45,7 +47,7 @@ fn describe(e: &Option<Evaluation>) -> String {
     }
 }
 
-pub fn run(args: TrainArgs, device: Option<Device>) -> Result<()> {
+pub fn run(args: TrainArgs, devices: Option<Vec<Device>>) -> Result<()> {
     let (cfg, run) = match &args.resume {
         Some(_) if args.config.given() => bail!("--resume takes the run's own config.toml; give no --config"),
         Some(dir) => {
@@ -58,11 +60,18 @@ pub fn run(args: TrainArgs, device: Option<Device>) -> Result<()> {
             (cfg, run)
         }
     };
-    let device = match device {
+    let devices = match devices {
         Some(d) => d,
-        None => cfg.device.name.parse()?,
+        None => Device::parse_list(&cfg.device.name)?,
     };
-    crate::device::on_device!(device, be => train_on(&args, &cfg, run, be))
+    match devices[..] {
+        // One rank: the work runs on a pool thread (see main).
+        [device] => rayon::scope(|_| crate::device::on_device!(device, be => train_on(&args, &cfg, run, be))),
+        [Device::Cpu | Device::CpuBf16, ..] => {
+            crate::device::on_device!(devices[0], be => train_threads(&args, &cfg, run, be, devices.len()))
+        }
+        _ => train_gpus(&args, &cfg, run, &devices),
+    }
 }
 
 fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir, be: B) -> Result<()> {
@@ -70,13 +79,124 @@ fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir
     let (model, tok, ckpt) =
         load_model(cfg, be, &mut |done, total| display.update("loading blocks", done as u64, total as u64, ""))?;
     display.finish();
-    let base = match quantize_options(cfg, &ckpt)? {
+    let trainer = Trainer::new(cfg, &model, &tok, run, args.resume.is_some())?;
+    report(args, cfg, &ckpt, trainer, 1)
+}
+
+/// `world` data-parallel ranks as threads of this process, sharing one model (its weights are only read).
+fn train_threads<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir, be: B, world: usize) -> Result<()> {
+    let mut display = Display::new();
+    let (model, tok, ckpt) =
+        load_model(cfg, be, &mut |done, total| display.update("loading blocks", done as u64, total as u64, ""))?;
+    display.finish();
+    let path = run.path.clone();
+    let mut run = Some(run);
+    let ranks = Threads::group(world);
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let dir = if rank == 0 { run.take() } else { None };
+                let (model, tok, ckpt, path) = (&model, &tok, &ckpt, &path);
+                s.spawn(move || -> Result<()> {
+                    let dir = match dir {
+                        Some(d) => d,
+                        None => RunDir::open(path)?,
+                    };
+                    let trainer = Trainer::for_rank(cfg, model, tok, dir, args.resume.is_some(), &comm)?;
+                    if rank == 0 {
+                        report(args, cfg, ckpt, trainer, world)?;
+                    } else {
+                        rank_worker(trainer)?;
+                    }
+                    comm.finish();
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+    });
+    first_failure(results)
+}
+
+/// One data-parallel rank per GPU, each a thread of this process with its own backend and model, summing gradients
+/// through NCCL.
+#[cfg(feature = "cuda")]
+fn train_gpus(args: &TrainArgs, cfg: &RunConfig, run: RunDir, devices: &[Device]) -> Result<()> {
+    use qpeft::backend::cuda::nccl::Nccl;
+    use qpeft::backend::cuda::Cuda;
+    let world = devices.len();
+    let id = Nccl::id()?;
+    let path = run.path.clone();
+    let mut run = Some(run);
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(rank, &device)| {
+                let dir = if rank == 0 { run.take() } else { None };
+                let path = &path;
+                s.spawn(move || -> Result<()> {
+                    let Device::Cuda(ordinal, precision) = device else { unreachable!("a list of GPUs") };
+                    let be = Cuda::new(ordinal, precision)?;
+                    let comm = Nccl::join(&be, rank, world, id)?;
+                    let dir = match dir {
+                        Some(d) => d,
+                        None => RunDir::open(path)?,
+                    };
+                    let (model, tok, ckpt) = load_model(cfg, be, &mut |_, _| {})?;
+                    let trainer = Trainer::for_rank(cfg, &model, &tok, dir, args.resume.is_some(), &comm)?;
+                    if rank == 0 {
+                        report(args, cfg, &ckpt, trainer, world)
+                    } else {
+                        rank_worker(trainer)
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+    });
+    first_failure(results)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_gpus(_: &TrainArgs, _: &RunConfig, _: RunDir, _: &[Device]) -> Result<()> {
+    bail!("this qpeft was built without CUDA support: rebuild with `cargo build --release --features cuda`")
+}
+
+/// A rank other than 0: trains its share; its summary is rank 0's to report.
+pub(crate) fn rank_worker<B: Backend + 'static>(mut trainer: Trainer<'_, B>) -> Result<()> {
+    // Rank 0 hears the signals and tells the others at the next step (`Collective::any`).
+    trainer.run(&mut |_| {}, &std::sync::atomic::AtomicBool::new(false))?;
+    Ok(())
+}
+
+/// The ranks' outcome: the first error that is not another rank's stop (which only echoes it), else any error.
+pub(crate) fn first_failure(results: Vec<Result<()>>) -> Result<()> {
+    let echo = |e: &anyhow::Error| e.to_string().contains("data-parallel rank");
+    let mut errors: Vec<anyhow::Error> = results.into_iter().filter_map(|r| r.err()).collect();
+    match errors.iter().position(|e| !echo(e)) {
+        Some(i) => Err(errors.swap_remove(i)),
+        None => errors.into_iter().next().map_or(Ok(()), Err),
+    }
+}
+
+/// Rank 0's trainer: the run's description, progress bars, the signal handling, and the summary.
+pub(crate) fn report<B: Backend + 'static>(
+    args: &TrainArgs,
+    cfg: &RunConfig,
+    ckpt: &Checkpoint,
+    mut trainer: Trainer<'_, B>,
+    world: usize,
+) -> Result<()> {
+    let mut display = Display::new();
+    let base = match quantize_options(cfg, ckpt)? {
         Some(o) => format!("{} {}", cfg.model.path.display(), describe_recipe(&o)),
         None => format!("{} as stored (quant.format = none)", cfg.model.path.display()),
     };
-    let mut trainer = Trainer::new(cfg, &model, &tok, run, args.resume.is_some())?;
     display.say(&format!(
-        "{}: base {base}; {} trainable parameters, {} training / {} held-out examples, {} steps of {} × {}{}",
+        "{}: base {base}; {} trainable parameters, {} training / {} held-out examples, {} steps of {} × {}{}{}",
         trainer.run.path.display(),
         trainer.set.trainable(),
         trainer.train.len(),
@@ -84,6 +204,7 @@ fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir
         cfg.train.steps,
         cfg.train.batch_size,
         cfg.train.grad_accum,
+        if world > 1 { format!(" × {world} ranks") } else { String::new() },
         if trainer.state.step > 0 { format!(", resuming after step {}", trainer.state.step) } else { String::new() }
     ));
     // SIGINT / SIGTERM: the step in flight finishes and is checkpointed; a second signal ends the process at once.

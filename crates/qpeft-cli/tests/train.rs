@@ -455,3 +455,88 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
     );
     assert!(d.path().join("run/checkpoints/step-0000001").is_dir(), "the checkpoint before the divergence stays");
 }
+
+/// The adapter's tensors (name, f32 values) of a finished run.
+fn adapter_values(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = adapter_bytes(run);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            (name, t.data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Data-parallel on the CPU (issue 25): two thread ranks with one micro-batch each give the adapter of one rank
+/// accumulating the same two micro-batches (same examples, same dropout masks; gradients summed across ranks), to
+/// f32 summation-order noise — and a 2-rank run killed mid-training and resumed ends bit-identical to an
+/// uninterrupted one, also when resumed on one rank with the global batch kept (grad_accum 2).
+#[test]
+fn two_thread_ranks_train_as_one_rank_accumulating_and_resume_exactly() {
+    let steps = 40;
+    let ranks = ["--device", "cpu:f32,cpu:f32"];
+    let one = tempfile::tempdir().unwrap();
+    let cfg = config(one.path(), steps);
+    ok(&qpeft(&["--threads", "1", "--device", "cpu:f32", "train", "--config", cfg.to_str().unwrap()]));
+    let want = adapter_values(&one.path().join("run"));
+
+    let two = tempfile::tempdir().unwrap();
+    let cfg2 = config(two.path(), steps);
+    let out = ok(&qpeft(
+        &[&["--threads", "1"], &ranks[..], &["train", "--config", cfg2.to_str().unwrap(), "--set", "train.grad_accum=1"]]
+            .concat(),
+    ));
+    assert!(out.contains("after:"), "{out}");
+    let run2 = two.path().join("run");
+    let got = adapter_values(&run2);
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0f32;
+    for ((n, g), (m, w)) in got.iter().zip(&want) {
+        assert_eq!(n, m);
+        let scale = w.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-12);
+        worst = worst.max(g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs())) / scale);
+    }
+    assert!(worst <= 1e-5, "2 ranks vs 1 rank accumulating 2: relative difference {worst:e}");
+    assert_eq!(steps_logged(&run2), (1..=steps).collect::<Vec<_>>(), "rank 0 alone logs each step");
+    let two_ranks = adapter_bytes(&run2);
+
+    // Killed (SIGKILL) after its second checkpoint, resumed with the same ranks, and again on one rank.
+    for resume_on in [&ranks[..], &["--device", "cpu:f32"][..]] {
+        let killed = tempfile::tempdir().unwrap();
+        let cfg = config(killed.path(), steps);
+        let run = killed.path().join("run");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qpeft"))
+            .args([&["--threads", "1"], &ranks[..], &["train", "--config", cfg.to_str().unwrap()]].concat())
+            .args(["--set", "train.grad_accum=1"])
+            .current_dir(root())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !run.join("checkpoints/step-0000008").exists() {
+            assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!run.join("adapter").exists(), "killed before the end");
+        let accum = if resume_on.len() > 1 && resume_on[1].contains(',') { "train.grad_accum=1" } else { "train.grad_accum=2" };
+        ok(&qpeft(&[&["--threads", "1"], resume_on, &["train", "--resume", run.to_str().unwrap(), "--set", accum]].concat()));
+        assert_eq!(steps_logged(&run), (1..=steps).collect::<Vec<_>>());
+        if accum.ends_with('1') {
+            assert!(adapter_bytes(&run) == two_ranks, "the resumed 2-rank run differs from the uninterrupted one");
+        } else {
+            let got = adapter_values(&run);
+            for ((n, g), (_, w)) in got.iter().zip(&adapter_values(&run2)) {
+                let scale = w.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-12);
+                let d = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs())) / scale;
+                assert!(d <= 1e-5, "{n}: resumed on one rank, relative difference {d:e}");
+            }
+        }
+    }
+}

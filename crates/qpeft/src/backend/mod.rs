@@ -4,6 +4,7 @@
 //! return data to the host except through `download`, so a GPU backend can queue them without
 //! synchronising. Layouts are row-major; "rows" are tokens.
 
+pub mod collective;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -84,6 +85,55 @@ pub fn binary_exponent(x: f32) -> i32 {
     }
 }
 
+impl Device {
+    /// A comma-separated list of devices of one kind and precision (`cpu:f32,cpu:f32` — thread ranks of one process
+    /// — or `cuda:0,cuda:1`, and `cuda:all[:f16|:bf16|:f32]` for every GPU): one data-parallel rank each. A single
+    /// device is a list of one.
+    pub fn parse_list(s: &str) -> Result<Vec<Device>> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim) {
+            match part.strip_prefix("cuda:all") {
+                Some(rest) if rest.is_empty() || rest.starts_with(':') => {
+                    let precision = format!("cuda:0{rest}").parse::<Device>()?;
+                    let Device::Cuda(_, p) = precision else { unreachable!("parsed as cuda") };
+                    out.extend((0..gpu_count()?).map(|n| Device::Cuda(n, p)));
+                }
+                _ => out.push(part.parse()?),
+            }
+        }
+        let bad = |why: &str| Err(crate::error::Error::Invalid(format!("devices `{s}`: {why}")));
+        if out.is_empty() {
+            return bad("no device");
+        }
+        let same_kind = out.iter().all(|d| match (d, out[0]) {
+            (Device::Cuda(_, p), Device::Cuda(_, q)) => *p == q,
+            (d, first) => *d == first,
+        });
+        if !same_kind {
+            return bad("the ranks of one run must share one kind and precision");
+        }
+        let gpus: Vec<usize> = out.iter().filter_map(|d| if let Device::Cuda(n, _) = d { Some(*n) } else { None }).collect();
+        if (1..gpus.len()).any(|i| gpus[..i].contains(&gpus[i])) {
+            return bad("a GPU is named twice (one rank per GPU)");
+        }
+        Ok(out)
+    }
+}
+
+/// GPUs on this host.
+fn gpu_count() -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::gpu_count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(crate::error::Error::Invalid(
+            "cuda:all: this qpeft was built without CUDA support (cargo build --release --features cuda)".into(),
+        ))
+    }
+}
+
 /// The device string that parses back to the same device (`cpu:f32`, `cuda:0:f16`).
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,6 +197,26 @@ mod tests {
         }
         for s in ["gpu", "cuda:", "cuda:x", "cuda:f32:1", "cuda:1:2", "cuda:f32:bf16", "cpu:0"] {
             assert!(s.parse::<Device>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn device_lists_parse() {
+        assert_eq!(Device::parse_list("cpu:f32").unwrap(), vec![Device::Cpu]);
+        assert_eq!(Device::parse_list("cpu:f32, cpu:f32").unwrap(), vec![Device::Cpu, Device::Cpu]);
+        assert_eq!(
+            Device::parse_list("cuda:0:f32,cuda:1:f32").unwrap(),
+            vec![Device::Cuda(0, Precision::F32), Device::Cuda(1, Precision::F32)]
+        );
+        for (s, why) in [
+            ("cpu:f32,cpu:bf16", "one kind and precision"),
+            ("cuda:0,cuda:1:f32", "one kind and precision"),
+            ("cpu:f32,cuda:0", "one kind and precision"),
+            ("cuda:1,cuda:1", "named twice"),
+            ("cpu,,cpu", "is not cpu"),
+        ] {
+            let e = Device::parse_list(s).unwrap_err().to_string();
+            assert!(e.contains(why), "{s}: {e}");
         }
     }
 }

@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::optimizer::OptimizerState;
 use super::step::StepRecipe;
 use crate::adapters::set::AdapterSet;
+use crate::backend::collective::Solo;
 use crate::backend::{Backend, KernelTime};
 use crate::error::Result;
 use crate::model::train::Batch;
@@ -84,7 +85,7 @@ pub fn train_steps<B: Backend + 'static>(
             be.kernel_times()?;
         }
         be.synchronize()?;
-        let s = recipe.step(model, set, &mut state, i as u64, &mut || Ok(batch.clone()))?;
+        let s = recipe.step(model, set, &mut state, i as u64, &Solo, &mut || Ok(batch.clone()))?;
         loss = s.loss;
         if i >= opts.warmup {
             steps.push(s.forward_backward_s + s.optimizer_s);

@@ -258,7 +258,8 @@ impl Default for EvalSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeviceSection {
-    /// `cpu`, `cpu:bf16` or `cuda[:N][:f16|:bf16|:f32]` (`qpeft train --device` overrides it).
+    /// `cpu`, `cpu:bf16` or `cuda[:N][:f16|:bf16|:f32]`, or a comma-separated list of one kind for data-parallel
+    /// ranks (`cuda:0,cuda:1`, `cuda:all`; see `Device::parse_list`). `qpeft train --device` overrides it.
     pub name: String,
 }
 
@@ -412,7 +413,7 @@ impl RunConfig {
             }
             _ => {}
         }
-        if let Err(e) = self.device.name.parse::<crate::backend::Device>() {
+        if let Err(e) = crate::backend::Device::parse_list(&self.device.name) {
             return bad("device.name", e.to_string());
         }
         Ok(())

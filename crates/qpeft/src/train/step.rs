@@ -4,6 +4,11 @@
 //! updates the adapters with the scheduled learning rate.
 //!
 //! Dropout masks are keyed by (seed, step, micro-batch), so a resumed run or a recomputation draws the same ones.
+//!
+//! Data-parallel (a `Collective` of `world` ranks): a step is `world × grad_accum` micro-batches; rank r runs the
+//! global micro-batches r·grad_accum … (r + 1)·grad_accum − 1, each scaled by 1/(world · grad_accum) and with the
+//! dropout masks that micro-batch index gives, so that the summed gradients (`all_reduce`) are those of one rank
+//! accumulating all of them. Every rank then clips and steps the same summed gradients: the replicas stay equal.
 
 use std::time::Instant;
 
@@ -12,6 +17,7 @@ use super::optimizer::{clip_coefficient, grad_norm, AdamW, OptimizerState};
 use super::schedule::Schedule;
 use crate::adapters::set::{module_seed, AdapterSet};
 use crate::arch::Proj;
+use crate::backend::collective::Collective;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::train::{Batch, StepOptions};
@@ -79,27 +85,31 @@ impl StepRecipe {
         }
     }
 
-    /// Takes optimizer step `step` (0-based) of `set` on the micro-batches `next_batch` gives.
+    /// Takes optimizer step `step` (0-based) of `set` on this rank's micro-batches, which `next_batch` gives in
+    /// order (`grad_accum` of them); `comm` is the data-parallel group (`Solo` for one rank).
     pub fn step<B: Backend + 'static>(
         &self,
         model: &Decoder<B>,
         set: &mut AdapterSet<B>,
         state: &mut OptimizerState<B>,
         step: u64,
+        comm: &dyn Collective<B>,
         next_batch: &mut dyn FnMut() -> Result<Batch>,
     ) -> Result<StepStats> {
         let be = &model.backend;
         let start = Instant::now();
         set.zero_grads(be)?;
-        let (mut loss, mut tokens, mut input_tokens) = (0f64, 0usize, 0usize);
-        for micro in 0..self.grad_accum {
+        let micros = comm.world() * self.grad_accum;
+        // [loss, loss targets, real input tokens] of this rank's micro-batches, then of all.
+        let mut totals = [0f64; 3];
+        for local in 0..self.grad_accum {
+            let micro = comm.rank() * self.grad_accum + local;
             let batch = next_batch()?;
-            input_tokens += batch.input.mask.iter().filter(|&&m| m != 0).count();
             let opts = StepOptions {
                 checkpointing: self.checkpointing,
                 dropout: true,
                 seed: micro_seed(self.seed, step, micro),
-                grad_scale: 1.0 / self.grad_accum as f32,
+                grad_scale: 1.0 / micros as f32,
                 loss_chunk: self.loss_chunk,
                 mlp_chunk: self.mlp_chunk,
             };
@@ -111,9 +121,17 @@ impl StepRecipe {
                     step + 1
                 )));
             }
-            loss += r.loss / self.grad_accum as f64;
-            tokens += r.tokens;
+            totals[0] += r.loss / micros as f64;
+            totals[1] += r.tokens as f64;
+            totals[2] += batch.input.mask.iter().filter(|&&m| m != 0).count() as f64;
         }
+        // (A group of one still goes through its collective: NCCL with one rank must leave the sums as they are.)
+        for p in set.params_mut() {
+            comm.all_reduce(be, p.grad_mut(be)?)?;
+        }
+        comm.all_reduce_host(&mut totals)?;
+        let [loss, tokens, input_tokens] = totals;
+        let (tokens, input_tokens) = (tokens as usize, input_tokens as usize);
         be.synchronize()?;
         let middle = Instant::now();
         let norm = grad_norm(be, set.named_params().into_iter().map(|(_, p)| p))?;

@@ -7,6 +7,13 @@
 //! Determinism: the example order is a function of (data seed, epoch), dropout masks of (seed, step,
 //! micro-batch), and checkpoints hold the exact f32 adapter and optimizer state plus the data position — so a
 //! run resumed from a checkpoint ends bit-identical to one that was never interrupted.
+//!
+//! Data-parallel: each rank runs its own `Trainer` (`Trainer::for_rank`) with the same config and a replica of the
+//! adapters. A global step takes `world × grad_accum` micro-batches in the order one rank would take them, rank r
+//! the r-th run of `grad_accum` (see `train::step`); every rank advances the same data position, so checkpoints
+//! are those of one rank and resume with any world size. Rank 0 alone evaluates and writes metrics, checkpoints and
+//! the adapter; the others read the newest checkpoint on resume (the run directory is shared, as torchrun-launched
+//! trainers share theirs).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +33,7 @@ use super::step::StepRecipe;
 use crate::adapters::peft::{self, BaseRecord, Modules};
 use crate::adapters::set::AdapterSet;
 use crate::adapters::BaseKind;
+use crate::backend::collective::{Collective, Solo};
 use crate::backend::Backend;
 use crate::data::collate::{Collator, Tokenized};
 use crate::data::{builtin, sampler, DataFormat, Example};
@@ -208,6 +216,7 @@ pub struct Trainer<'a, B: Backend> {
     collator: Collator<'a>,
     lengths: Vec<usize>,
     order: (u64, Vec<usize>),
+    comm: &'a dyn Collective<B>,
 }
 
 impl<'a, B: Backend + 'static> Trainer<'a, B> {
@@ -219,6 +228,20 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         run: RunDir,
         resume: bool,
     ) -> Result<Self> {
+        Self::for_rank(cfg, model, tok, run, resume, &Solo)
+    }
+
+    /// `new` for one rank of the data-parallel group `comm`; ranks other than 0 only read `run`
+    /// (`RunDir::open`).
+    pub fn for_rank(
+        cfg: &'a RunConfig,
+        model: &'a Decoder<B>,
+        tok: &'a Tokenizer,
+        run: RunDir,
+        resume: bool,
+        comm: &'a dyn Collective<B>,
+    ) -> Result<Self> {
+        let writer = comm.rank() == 0;
         let modules = resolve_modules(cfg, model)?;
         let mut set =
             AdapterSet::build(&model.backend, &model.spec, cfg.train.seed, |l, p| modules[l][p as usize].clone())?;
@@ -243,8 +266,10 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                     ));
                 }
                 opt_state = read_optimizer(&model.backend, &dir.join(OPTIMIZER_FILE), step, &set)?;
-                run.truncate_metrics(step)?;
-            } else {
+                if writer {
+                    run.truncate_metrics(step)?;
+                }
+            } else if writer {
                 // No checkpoint yet: the run starts over, metrics included.
                 run.clear_metrics()?;
             }
@@ -265,7 +290,13 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             collator,
             lengths,
             order: (u64::MAX, Vec::new()),
+            comm,
         })
+    }
+
+    /// Whether this trainer writes the run's files (rank 0).
+    fn writer(&self) -> bool {
+        self.comm.rank() == 0
     }
 
     /// Held-out loss over the first `eval.max_samples` held-out examples, and exact match on the first
@@ -381,23 +412,36 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         let start = Instant::now();
         let recipe = StepRecipe::from_config(cfg);
         let mut rates = Vec::new();
-        let mut interrupted = self.eval_owed()? && !self.evaluate_and_record(progress, stop)?;
+        let comm = self.comm;
+        let writer = self.writer();
+        let owed = writer && self.eval_owed()?;
+        let mut interrupted = comm.any(owed && !self.evaluate_and_record(progress, stop)?)?;
         while !interrupted && self.state.step < t.steps {
-            if stop.load(Ordering::Relaxed) {
+            // Every rank must see the same decision, whenever the signal reached each.
+            if comm.any(stop.load(Ordering::Relaxed))? {
                 interrupted = true;
                 break;
             }
             let step = self.state.step;
+            // The step's micro-batches in one rank's order; this rank's share of them.
+            let mut mine = std::collections::VecDeque::new();
+            for micro in 0..comm.world() * t.grad_accum {
+                let idx = next_indices(cfg, &self.lengths, comm.world(), &mut self.state, &mut self.order);
+                if micro / t.grad_accum == comm.rank() {
+                    mine.push_back(idx);
+                }
+            }
             let (model, set, opt_state) = (self.model, &mut self.set, &mut self.opt_state);
-            let (train, collator, state, order) = (&self.train, &self.collator, &mut self.state, &mut self.order);
+            let (train, collator) = (&self.train, &self.collator);
             let shape = std::cell::Cell::new((0, 0));
             let mut next_batch = || {
-                let items = next_items(cfg, train, &self.lengths, collator, state, order)?;
+                let idx = mine.pop_front().expect("grad_accum micro-batches per rank");
+                let items = idx.iter().map(|&i| collator.tokenize(&train[i])).collect::<Result<Vec<_>>>()?;
                 let batch = collator.batch(&items.iter().collect::<Vec<_>>());
                 shape.set((batch.input.batch, batch.input.seq));
                 Ok(batch)
             };
-            let s = recipe.step(model, set, opt_state, step, &mut next_batch).map_err(|e| match e {
+            let s = recipe.step(model, set, opt_state, step, comm, &mut next_batch).map_err(|e| match e {
                 Error::Invalid(msg) => Error::Invalid(format!(
                     "{msg}; stopping — the newest checkpoint in {} is intact",
                     self.run.path.display()
@@ -415,7 +459,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             // Throughput counts every real (non-padding) input token, as peers report it.
             let rate = s.input_tokens as f64 / seconds;
             rates.push(rate);
-            self.run.append_metrics(&Record::Step(StepRecord {
+            let record = Record::Step(StepRecord {
                 step: self.state.step,
                 loss: s.loss,
                 lr: s.lr,
@@ -425,15 +469,34 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 tokens_per_s: rate,
                 epoch: self.state.epoch,
                 seconds,
-            }))?;
+            });
+            if writer {
+                self.run.append_metrics(&record)?;
+            }
             progress(&Progress::Step { step: step + 1, steps: t.steps, loss: s.loss, tokens_per_s: rate });
             let at_end = self.state.step == t.steps;
             if self.eval_due(self.state.step) {
-                interrupted = !self.evaluate_and_record(progress, stop)?;
+                interrupted = comm.any(writer && !self.evaluate_and_record(progress, stop)?)?;
             }
-            if (t.checkpoint_every > 0 && self.state.step.is_multiple_of(t.checkpoint_every)) || at_end {
+            if writer && ((t.checkpoint_every > 0 && self.state.step.is_multiple_of(t.checkpoint_every)) || at_end) {
                 self.save_checkpoint()?;
             }
+        }
+        if !writer {
+            // The writer's files are its own to report.
+            return Ok(Summary {
+                interrupted,
+                run_dir: self.run.path.clone(),
+                steps: self.state.step,
+                trainable: self.set.trainable(),
+                train_examples: self.train.len(),
+                eval_examples: self.eval.len(),
+                first: None,
+                last: None,
+                tokens_per_s: steady_mean(&rates),
+                peak_rss_mib: peak_rss_mib(),
+                seconds: start.elapsed().as_secs_f64(),
+            });
         }
         if interrupted && self.state.step > 0 && !self.run.checkpoints()?.iter().any(|(s, _)| *s == self.state.step) {
             self.save_checkpoint()?;
@@ -450,7 +513,6 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 Record::Step(_) => None,
             })
             .collect();
-        let steady = if rates.len() > 1 { &rates[1..] } else { &rates[..] };
         let summary = Summary {
             interrupted,
             run_dir: self.run.path.clone(),
@@ -460,7 +522,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             eval_examples: self.eval.len(),
             first: evals.iter().find(|e| e.step == 0).cloned(),
             last: evals.last().cloned(),
-            tokens_per_s: if steady.is_empty() { 0.0 } else { steady.iter().sum::<f64>() / steady.len() as f64 },
+            tokens_per_s: steady_mean(&rates),
             peak_rss_mib: peak_rss_mib(),
             seconds: start.elapsed().as_secs_f64(),
         };
@@ -568,27 +630,37 @@ pub struct Answer {
     pub correct: bool,
 }
 
-/// The next micro-batch's examples, tokenized: `batch_size` examples in the epoch's order (length-grouped when
-/// `data.group_by_length`), a new epoch and order when the current one is used up.
-fn next_items(
+/// The mean throughput of the steps after the first (the steady state).
+fn steady_mean(rates: &[f64]) -> f64 {
+    let steady = if rates.len() > 1 { &rates[1..] } else { rates };
+    if steady.is_empty() {
+        0.0
+    } else {
+        steady.iter().sum::<f64>() / steady.len() as f64
+    }
+}
+
+/// The indices of the next micro-batch's examples (of `lengths.len()` training examples): `batch_size` in the
+/// epoch's order (length-grouped by global batch, `batch_size × grad_accum × world`, when `data.group_by_length`),
+/// a new epoch and order when the current one is used up.
+fn next_indices(
     cfg: &RunConfig,
-    train: &[Example],
     lengths: &[usize],
-    collator: &Collator<'_>,
+    world: usize,
     state: &mut TrainerState,
     order: &mut (u64, Vec<usize>),
-) -> Result<Vec<Tokenized>> {
-    let n = train.len();
+) -> Vec<usize> {
+    let n = lengths.len();
     if state.cursor >= n {
         state.epoch += 1;
         state.cursor = 0;
     }
     if order.0 != state.epoch {
-        let group = cfg.data.group_by_length.then_some(cfg.train.batch_size * cfg.train.grad_accum);
+        let group = cfg.data.group_by_length.then_some(cfg.train.batch_size * cfg.train.grad_accum * world);
         *order = (state.epoch, sampler::epoch_order(lengths, cfg.data.seed, state.epoch, group));
     }
     let end = (state.cursor + cfg.train.batch_size).min(n);
     let idx = order.1[state.cursor..end].to_vec();
     state.cursor = end;
-    idx.iter().map(|&i| collator.tokenize(&train[i])).collect()
+    idx
 }

@@ -28,6 +28,7 @@ macro_rules! launch {
 mod attention;
 mod flash;
 mod gemm;
+pub mod nccl;
 mod profile;
 mod weight;
 
@@ -165,6 +166,15 @@ fn grid(n: usize) -> LaunchConfig {
 
 fn rows_grid(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// GPUs the driver sees (`cuda:all`).
+pub fn gpu_count() -> Result<usize> {
+    // SAFETY: only tries to dlopen the driver.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::device(DeviceFailure::Unavailable, "CUDA: cannot load the CUDA driver (libcuda.so)", "no GPUs"));
+    }
+    Ok(CudaContext::device_count().map_err(|e| device_err("counting GPUs", e))?.max(0) as usize)
 }
 
 impl Cuda {

@@ -1,0 +1,80 @@
+//! Data-parallel collectives across GPUs through NCCL (`Collective` for `Cuda`): gradients are summed in place on
+//! the devices, on each backend's stream, so the sum is queued behind the backward that produced it. NCCL's
+//! all-reduce gives every rank the same bits.
+//!
+//! libnccl is loaded at run time (cudarc's dynamic loading, nothing linked at build time) under the names
+//! `libnccl.so` and `libnccl.so.<CUDA major>`; the `nvidia-nccl-cu13` wheel ships `libnccl.so.2` only, so link it as
+//! `libnccl.so` in a folder on `LD_LIBRARY_PATH` (`scripts/gpu/nccl_path.sh` does) — `Nccl::id` says so when it is
+//! missing.
+
+use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+
+use super::{device_err, Cuda};
+use crate::backend::collective::Collective;
+use crate::error::{DeviceFailure, Error, Result};
+
+/// One rank's NCCL communicator.
+pub struct Nccl {
+    comm: Comm,
+}
+
+// SAFETY: a communicator is used by the one rank (thread) that owns it; NCCL allows a communicator to be used from
+// any thread as long as its calls are not concurrent, and `Collective` ops of one rank run one at a time.
+unsafe impl Send for Nccl {}
+unsafe impl Sync for Nccl {}
+
+/// The group's identity: made once (by rank 0, or by the launcher) and given to every rank.
+#[derive(Clone, Copy)]
+pub struct GroupId(Id);
+
+impl Nccl {
+    /// A new group identity; fails with an explanation when libnccl cannot be loaded.
+    pub fn id() -> Result<GroupId> {
+        // SAFETY: only tries to dlopen the library names cudarc would use.
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(Error::device(
+                DeviceFailure::Unavailable,
+                "NCCL: cannot load libnccl.so",
+                "install NCCL (the nvidia-nccl-cu13 wheel has it as libnccl.so.2: put a libnccl.so link to it in a \
+                 folder on LD_LIBRARY_PATH), or train on one GPU",
+            ));
+        }
+        Id::new().map(GroupId).map_err(|e| device_err("NCCL: making a group id", format!("{e:?}")))
+    }
+
+    /// Joins rank `rank` of `world` on `be`'s GPU; every rank of the group must call this at the same time (it
+    /// waits for all of them).
+    pub fn join(be: &Cuda, rank: usize, world: usize, id: GroupId) -> Result<Nccl> {
+        let comm = Comm::from_rank(be.stream.clone(), rank, world, id.0)
+            .map_err(|e| device_err(&format!("NCCL: joining rank {rank} of {world}"), format!("{e:?}")))?;
+        Ok(Nccl { comm })
+    }
+}
+
+impl Collective<Cuda> for Nccl {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn world(&self) -> usize {
+        self.comm.world_size()
+    }
+    fn all_reduce(&self, _: &Cuda, buf: &mut <Cuda as crate::backend::Backend>::Buf) -> Result<()> {
+        self.comm
+            .all_reduce_in_place(buf, &ReduceOp::Sum)
+            .map(|_| ())
+            .map_err(|e| device_err("NCCL: all-reduce", format!("{e:?}")))
+    }
+    fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let stream = self.comm.stream();
+        let mut buf = stream.clone_htod(values).map_err(|e| device_err("NCCL: uploading values", e))?;
+        self.comm
+            .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
+            .map_err(|e| device_err("NCCL: all-reduce", format!("{e:?}")))?;
+        let sum = stream.clone_dtoh(&buf).map_err(|e| device_err("NCCL: downloading values", e))?;
+        values.copy_from_slice(&sum);
+        Ok(())
+    }
+}
