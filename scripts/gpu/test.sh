@@ -23,6 +23,8 @@ for l in sys.stdin:
     built_at=$(cat .devbin/built_at)
     if [ "$built_at" != "$(pwd)" ]; then mkdir -p "$(dirname "$built_at")" && ln -sfn "$(pwd)" "$built_at"; fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    # NCCL for the data-parallel test: PyTorch's nvidia-nccl wheel ships libnccl.so.2, which qpeft loads as libnccl.so.
+    eval "$(scripts/gpu/nccl_path.sh)"
     # SmolLM2: by default its first 6 blocks (carry .devmodel, made by scripts/gpu/truncate_gguf.py). The whole
     # 94 MB GGUF exceeds one call's carry; it can be sent in three calls while the machine stays warm (split -n 3 into
     # ignored folders, copy each part to /tmp/smol on the device, cat them there) and named by QPEFT_SMOLLM2.

@@ -84,7 +84,13 @@ fn train_on<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir
 }
 
 /// `world` data-parallel ranks as threads of this process, sharing one model (its weights are only read).
-fn train_threads<B: Backend + 'static>(args: &TrainArgs, cfg: &RunConfig, run: RunDir, be: B, world: usize) -> Result<()> {
+fn train_threads<B: Backend + 'static>(
+    args: &TrainArgs,
+    cfg: &RunConfig,
+    run: RunDir,
+    be: B,
+    world: usize,
+) -> Result<()> {
     let mut display = Display::new();
     let (model, tok, ckpt) =
         load_model(cfg, be, &mut |done, total| display.update("loading blocks", done as u64, total as u64, ""))?;

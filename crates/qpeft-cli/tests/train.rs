@@ -463,9 +463,7 @@ fn adapter_values(run: &Path) -> Vec<(String, Vec<f32>)> {
     let mut out: Vec<(String, Vec<f32>)> = st
         .tensors()
         .into_iter()
-        .map(|(name, t)| {
-            (name, t.data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-        })
+        .map(|(name, t)| (name, t.data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -487,8 +485,12 @@ fn two_thread_ranks_train_as_one_rank_accumulating_and_resume_exactly() {
     let two = tempfile::tempdir().unwrap();
     let cfg2 = config(two.path(), steps);
     let out = ok(&qpeft(
-        &[&["--threads", "1"], &ranks[..], &["train", "--config", cfg2.to_str().unwrap(), "--set", "train.grad_accum=1"]]
-            .concat(),
+        &[
+            &["--threads", "1"],
+            &ranks[..],
+            &["train", "--config", cfg2.to_str().unwrap(), "--set", "train.grad_accum=1"],
+        ]
+        .concat(),
     ));
     assert!(out.contains("after:"), "{out}");
     let run2 = two.path().join("run");
@@ -525,8 +527,11 @@ fn two_thread_ranks_train_as_one_rank_accumulating_and_resume_exactly() {
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!run.join("adapter").exists(), "killed before the end");
-        let accum = if resume_on.len() > 1 && resume_on[1].contains(',') { "train.grad_accum=1" } else { "train.grad_accum=2" };
-        ok(&qpeft(&[&["--threads", "1"], resume_on, &["train", "--resume", run.to_str().unwrap(), "--set", accum]].concat()));
+        let accum =
+            if resume_on.len() > 1 && resume_on[1].contains(',') { "train.grad_accum=1" } else { "train.grad_accum=2" };
+        ok(&qpeft(
+            &[&["--threads", "1"], resume_on, &["train", "--resume", run.to_str().unwrap(), "--set", accum]].concat(),
+        ));
         assert_eq!(steps_logged(&run), (1..=steps).collect::<Vec<_>>());
         if accum.ends_with('1') {
             assert!(adapter_bytes(&run) == two_ranks, "the resumed 2-rank run differs from the uninterrupted one");

@@ -656,3 +656,65 @@ fn an_allocation_beyond_the_device_is_an_error() {
     // The device stays usable.
     assert_eq!(cuda.download(&cuda.upload(&[1.5, 2.5]).unwrap()).unwrap(), vec![1.5, 2.5]);
 }
+
+/// Issue 25: data-parallel training through NCCL with a group of one rank leaves every bit as the plain path does
+/// (three optimizer steps of a LoRA with dropout on an NF4 tiny model, f32 and f16). Needs libnccl (scripts/gpu/test.sh
+/// finds the one PyTorch's wheel ships); QPEFT_REQUIRE_GPU makes its absence a failure.
+#[test]
+fn one_rank_through_nccl_trains_bit_for_bit_as_the_plain_path() {
+    use qpeft::backend::collective::{Collective, Solo};
+    use qpeft::backend::cuda::nccl::Nccl;
+    use qpeft::train::optimizer::{AdamW, OptimizerState, StateBits};
+    use qpeft::train::schedule::Schedule;
+    use qpeft::train::step::StepRecipe;
+    if gpu(Precision::F32).is_none() {
+        return;
+    }
+    if let Err(e) = Nccl::id() {
+        assert!(std::env::var_os("QPEFT_REQUIRE_GPU").is_none(), "{e}");
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let recipe = StepRecipe {
+        adamw: AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            bits: StateBits::B32,
+            min_8bit_size: 4096,
+        },
+        lr: 1e-3,
+        schedule: Schedule::Constant,
+        warmup: 0,
+        steps: 3,
+        max_grad_norm: 0.3,
+        grad_accum: 2,
+        seed: 7,
+        checkpointing: true,
+        loss_chunk: 256,
+        mlp_chunk: None,
+    };
+    for precision in [Precision::F32, Precision::F16] {
+        let train = |through_nccl: bool| -> Vec<Vec<f32>> {
+            let ckpt = Checkpoint::open(&fixtures().join("tiny-llama")).unwrap();
+            let be = Cuda::new(0, precision).unwrap();
+            let m = Decoder::load_quantized(&ckpt, be, Some(&qlora_nf4()), &mut |_, _| ()).unwrap();
+            let comm: Box<dyn Collective<Cuda>> = if through_nccl {
+                Box::new(Nccl::join(&m.backend, 0, 1, Nccl::id().unwrap()).unwrap())
+            } else {
+                Box::new(Solo)
+            };
+            let mut set = AdapterSet::build(&m.backend, &m.spec, 5, |_, _| Some(methods()[0].clone())).unwrap();
+            let mut state = OptimizerState::new();
+            let b = batch(m.spec.vocab_size);
+            for step in 0..recipe.steps {
+                recipe.step(&m, &mut set, &mut state, step, comm.as_ref(), &mut || Ok(b.clone())).unwrap();
+            }
+            set.named_params().iter().map(|(_, p)| m.backend.download(&p.value).unwrap()).collect()
+        };
+        let (plain, nccl) = (train(false), train(true));
+        assert!(plain.iter().flatten().any(|&v| v != 0.0));
+        assert!(plain == nccl, "{precision:?}: one NCCL rank changed the trained adapter");
+    }
+}

@@ -202,7 +202,7 @@ mod tests {
                             let mut buf = vec![r + round as f32, 1.0, 0.1 * r];
                             comm.all_reduce(be, &mut buf).unwrap();
                             let mut host = [r as f64 * 0.5, round as f64];
-                            comm.all_reduce_host(&mut host).unwrap();
+                            Collective::<Cpu>::all_reduce_host(&comm, &mut host).unwrap();
                             let any = Collective::<Cpu>::any(&comm, comm.rank == 2 && round == 49).unwrap();
                             out = (buf, host.to_vec(), any);
                         }

@@ -112,7 +112,8 @@ impl Device {
         if !same_kind {
             return bad("the ranks of one run must share one kind and precision");
         }
-        let gpus: Vec<usize> = out.iter().filter_map(|d| if let Device::Cuda(n, _) = d { Some(*n) } else { None }).collect();
+        let gpus: Vec<usize> =
+            out.iter().filter_map(|d| if let Device::Cuda(n, _) = d { Some(*n) } else { None }).collect();
         if (1..gpus.len()).any(|i| gpus[..i].contains(&gpus[i])) {
             return bad("a GPU is named twice (one rank per GPU)");
         }

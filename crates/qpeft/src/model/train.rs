@@ -129,7 +129,7 @@ impl<B: Backend> Decoder<B> {
         };
         let backward = matches!(adapters, Some(Adapters::Training(_)));
         let dims = Dims::of(&self.spec);
-        let chunk = mlp_chunk(rows, dims.ff, opts.mlp_chunk);
+        let chunk = mlp_chunk(rows, dims.ff, dims.h, self.blocks.len(), opts.mlp_chunk);
 
         // Forward, keeping of each block what the backward will need.
         let mut x = self.embed(&batch.input)?;

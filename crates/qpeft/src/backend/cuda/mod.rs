@@ -172,7 +172,11 @@ fn rows_grid(rows: usize) -> LaunchConfig {
 pub fn gpu_count() -> Result<usize> {
     // SAFETY: only tries to dlopen the driver.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::device(DeviceFailure::Unavailable, "CUDA: cannot load the CUDA driver (libcuda.so)", "no GPUs"));
+        return Err(Error::device(
+            DeviceFailure::Unavailable,
+            "CUDA: cannot load the CUDA driver (libcuda.so)",
+            "no GPUs",
+        ));
     }
     Ok(CudaContext::device_count().map_err(|e| device_err("counting GPUs", e))?.max(0) as usize)
 }
