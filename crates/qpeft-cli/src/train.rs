@@ -139,14 +139,15 @@ fn train_gpus(args: &TrainArgs, cfg: &RunConfig, run: RunDir, devices: &[Device]
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = devices
             .iter()
+            .zip(Threads::group(world))
             .enumerate()
-            .map(|(rank, &device)| {
+            .map(|(rank, (&device, host))| {
                 let dir = if rank == 0 { run.take() } else { None };
                 let path = &path;
                 s.spawn(move || -> Result<()> {
                     let Device::Cuda(ordinal, precision) = device else { unreachable!("a list of GPUs") };
                     let be = Cuda::new(ordinal, precision)?;
-                    let comm = Nccl::join(&be, rank, world, id)?;
+                    let comm = Nccl::join(&be, host, id)?;
                     let dir = match dir {
                         Some(d) => d,
                         None => RunDir::open(path)?,
@@ -154,10 +155,12 @@ fn train_gpus(args: &TrainArgs, cfg: &RunConfig, run: RunDir, devices: &[Device]
                     let (model, tok, ckpt) = load_model(cfg, be, &mut |_, _| {})?;
                     let trainer = Trainer::for_rank(cfg, &model, &tok, dir, args.resume.is_some(), &comm)?;
                     if rank == 0 {
-                        report(args, cfg, &ckpt, trainer, world)
+                        report(args, cfg, &ckpt, trainer, world)?;
                     } else {
-                        rank_worker(trainer)
+                        rank_worker(trainer)?;
                     }
+                    comm.finish();
+                    Ok(())
                 })
             })
             .collect();

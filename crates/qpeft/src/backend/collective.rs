@@ -170,6 +170,7 @@ impl<B: Backend> Collective<B> for Threads {
         *buf = be.upload(&sum.iter().map(|&v| v as f32).collect::<Vec<f32>>())?;
         Ok(())
     }
+    /// With no values: a barrier.
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
         if self.shared.world == 1 {
             return Ok(());

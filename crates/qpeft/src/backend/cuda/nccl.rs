@@ -1,6 +1,9 @@
 //! Data-parallel collectives across GPUs through NCCL (`Collective` for `Cuda`): gradients are summed in place on
 //! the devices, on each backend's stream, so the sum is queued behind the backward that produced it. NCCL's
-//! all-reduce gives every rank the same bits.
+//! all-reduce gives every rank the same bits. The host values of a step (losses, token counts, the stop flag) go
+//! through the ranks' in-process `Threads` group instead: a rank that fails drops its handle, the others' next host
+//! exchange fails, and dropping their communicators aborts NCCL's pending work, so no rank waits forever on a dead
+//! one. (Ranks on several hosts would need NCCL there too; not yet.)
 //!
 //! libnccl is loaded at run time (cudarc's dynamic loading, nothing linked at build time) under the names
 //! `libnccl.so` and `libnccl.so.<CUDA major>`; the `nvidia-nccl-cu13` wheel ships `libnccl.so.2` only, so link it as
@@ -10,12 +13,13 @@
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use super::{device_err, Cuda};
-use crate::backend::collective::Collective;
+use crate::backend::collective::{Collective, Threads};
 use crate::error::{DeviceFailure, Error, Result};
 
 /// One rank's NCCL communicator.
 pub struct Nccl {
     comm: Comm,
+    host: Threads,
 }
 
 // SAFETY: a communicator is used by the one rank (thread) that owns it; NCCL allows a communicator to be used from
@@ -42,12 +46,19 @@ impl Nccl {
         Id::new().map(GroupId).map_err(|e| device_err("NCCL: making a group id", format!("{e:?}")))
     }
 
-    /// Joins rank `rank` of `world` on `be`'s GPU; every rank of the group must call this at the same time (it
-    /// waits for all of them).
-    pub fn join(be: &Cuda, rank: usize, world: usize, id: GroupId) -> Result<Nccl> {
+    /// Joins `host`'s rank of its group on `be`'s GPU. Every rank first meets the others on the host (a rank that
+    /// failed before makes this an error rather than a wait), then joins NCCL, which waits for all of them.
+    pub fn join(be: &Cuda, host: Threads, id: GroupId) -> Result<Nccl> {
+        let (rank, world) = (Collective::<Cuda>::rank(&host), Collective::<Cuda>::world(&host));
+        Collective::<Cuda>::all_reduce_host(&host, &mut [])?;
         let comm = Comm::from_rank(be.stream.clone(), rank, world, id.0)
             .map_err(|e| device_err(&format!("NCCL: joining rank {rank} of {world}"), format!("{e:?}")))?;
-        Ok(Nccl { comm })
+        Ok(Nccl { comm, host })
+    }
+
+    /// This rank's work is done (see `Threads::finish`).
+    pub fn finish(self) {
+        self.host.finish();
     }
 }
 
@@ -65,16 +76,6 @@ impl Collective<Cuda> for Nccl {
             .map_err(|e| device_err("NCCL: all-reduce", format!("{e:?}")))
     }
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
-        if values.is_empty() {
-            return Ok(());
-        }
-        let stream = self.comm.stream();
-        let mut buf = stream.clone_htod(values).map_err(|e| device_err("NCCL: uploading values", e))?;
-        self.comm
-            .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
-            .map_err(|e| device_err("NCCL: all-reduce", format!("{e:?}")))?;
-        let sum = stream.clone_dtoh(&buf).map_err(|e| device_err("NCCL: downloading values", e))?;
-        values.copy_from_slice(&sum);
-        Ok(())
+        Collective::<Cuda>::all_reduce_host(&self.host, values)
     }
 }
