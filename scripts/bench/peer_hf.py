@@ -3,12 +3,15 @@
 built-in shape, the way HF Trainer runs them (train mode, gradient checkpointing, SDPA, AdamW, clip 0.3).
 
     peer_hf.py --arch llama-7b --seq 2048 --batch 1 --rank 64 [--alpha 16] [--steps 5] [--warmup 1]
-               [--no-checkpointing]
+               [--no-checkpointing] [--batches FILE --collator padded|flatten]
 
 Base: every block linear bitsandbytes NF4 with double quantization, bf16 compute (the QLoRA recipe); embeddings,
 norms and head bf16. LoRA on all seven projections. Tokens: seeded random ids, labels = ids. Prints the median
 tokens/s of the timed steps and torch's peak allocated memory (max_memory_allocated) over them, as one line of
-JSON too. On the GPU machine bitsandbytes comes from the carried wheel (see scripts/gpu/bench.sh)."""
+JSON too. With --batches (a `qpeft bench batches` file: one example per line, {"ids", "labels"}), each step takes the
+next --batch examples in turn, collated as HF Trainer would: right-padded (DataCollatorForSeq2Seq-style, labels −100
+on padding) or padding-free (transformers' DataCollatorWithFlattening: one row, position ids restarting per
+example); tokens/s then counts real tokens over the timed steps' time. On the GPU machine bitsandbytes comes from the carried wheel (see scripts/gpu/bench.sh)."""
 import argparse
 import json
 import statistics
@@ -35,6 +38,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--batches")
+    ap.add_argument("--collator", default="padded", choices=["padded", "flatten"])
     args = ap.parse_args()
 
     import bitsandbytes as bnb
@@ -83,6 +88,26 @@ def main():
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).cuda()
+    batches = []
+    if args.batches:
+        examples = [json.loads(line) for line in open(args.batches) if line.strip()]
+        flatten = transformers.DataCollatorWithFlattening(return_position_ids=True)
+        for i in range(0, len(examples), args.batch):
+            chunk = examples[i:i + args.batch]
+            if args.collator == "flatten":
+                b = flatten([{"input_ids": e["ids"], "labels": e["labels"]} for e in chunk])
+                b = {k: v.cuda() for k, v in b.items() if k in ("input_ids", "labels", "position_ids")}
+                real = b["input_ids"].numel()
+            else:
+                n = max(len(e["ids"]) for e in chunk)
+                pad = lambda v, x: v + [x] * (n - len(v))
+                b = {"input_ids": torch.tensor([pad(e["ids"], 0) for e in chunk]),
+                     "attention_mask": torch.tensor([pad([1] * len(e["ids"]), 0) for e in chunk]),
+                     "labels": torch.tensor([pad(e["labels"], -100) for e in chunk])}
+                real = int(b["attention_mask"].sum())
+                b = {k: v.cuda() for k, v in b.items()}
+            batches.append((b, real))
+    tokens = []
     times = []
     torch.cuda.synchronize()
     for i in range(args.warmup + args.steps):
@@ -90,7 +115,12 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         t = time.time()
-        loss = model(input_ids=ids, labels=ids).loss
+        if batches:
+            b, real = batches[i % len(batches)]
+            loss = model(**b).loss
+        else:
+            real = ids.numel()
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
@@ -98,11 +128,14 @@ def main():
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.time() - t)
+            tokens.append(real)
     step = statistics.median(times)
+    rate = sum(tokens) / sum(times) if batches else args.batch * args.seq / step
     r = {"system": "transformers %s + peft %s + bitsandbytes %s, torch %s" % (transformers.__version__, peft.__version__,
                                                                             bnb.__version__, torch.__version__),
          "arch": args.arch, "batch": args.batch, "seq": args.seq, "rank": args.rank, "trainable": trainable,
-         "checkpointing": not args.no_checkpointing, "tokens_per_s": args.batch * args.seq / step, "step_s": step,
+         "checkpointing": not args.no_checkpointing, "tokens_per_s": rate, "step_s": step,
+         "data": args.batches and "%s (%s)" % (args.batches, args.collator),
          "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
          "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20, "loss": loss.item(), "load_s": load_s,
          "gpu": torch.cuda.get_device_name()}

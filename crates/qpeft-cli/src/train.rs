@@ -7,9 +7,10 @@ use anyhow::{bail, Result};
 use crate::config_args::ConfigArgs;
 use crate::progress::Display;
 use clap::Args;
-use qpeft::backend::collective::Threads;
+use qpeft::backend::collective::{Collective, Threads};
 use qpeft::backend::{Backend, Device};
-use qpeft::model::Checkpoint;
+use qpeft::model::{Checkpoint, Decoder};
+use qpeft::tokenizer::Tokenizer;
 use qpeft::train::base::{describe as describe_recipe, load_model, quantize_options};
 use qpeft::train::config::RunConfig;
 use qpeft::train::metrics::Evaluation;
@@ -106,16 +107,7 @@ fn train_threads<B: Backend + 'static>(
                 let dir = if rank == 0 { run.take() } else { None };
                 let (model, tok, ckpt, path) = (&model, &tok, &ckpt, &path);
                 s.spawn(move || -> Result<()> {
-                    let dir = match dir {
-                        Some(d) => d,
-                        None => RunDir::open(path)?,
-                    };
-                    let trainer = Trainer::for_rank(cfg, model, tok, dir, args.resume.is_some(), &comm)?;
-                    if rank == 0 {
-                        report(args, cfg, ckpt, trainer, world)?;
-                    } else {
-                        rank_worker(trainer)?;
-                    }
+                    run_rank(args, cfg, (model, tok, ckpt), dir, path, world, &comm)?;
                     comm.finish();
                     Ok(())
                 })
@@ -148,17 +140,8 @@ fn train_gpus(args: &TrainArgs, cfg: &RunConfig, run: RunDir, devices: &[Device]
                     let Device::Cuda(ordinal, precision) = device else { unreachable!("a list of GPUs") };
                     let be = Cuda::new(ordinal, precision)?;
                     let comm = Nccl::join(&be, host, id)?;
-                    let dir = match dir {
-                        Some(d) => d,
-                        None => RunDir::open(path)?,
-                    };
                     let (model, tok, ckpt) = load_model(cfg, be, &mut |_, _| {})?;
-                    let trainer = Trainer::for_rank(cfg, &model, &tok, dir, args.resume.is_some(), &comm)?;
-                    if rank == 0 {
-                        report(args, cfg, &ckpt, trainer, world)?;
-                    } else {
-                        rank_worker(trainer)?;
-                    }
+                    run_rank(args, cfg, (&model, &tok, &ckpt), dir, path, world, &comm)?;
                     comm.finish();
                     Ok(())
                 })
@@ -174,8 +157,25 @@ fn train_gpus(_: &TrainArgs, _: &RunConfig, _: RunDir, _: &[Device]) -> Result<(
     bail!("this qpeft was built without CUDA support: rebuild with `cargo build --release --features cuda`")
 }
 
-/// A rank other than 0: trains its share; its summary is rank 0's to report.
-pub(crate) fn rank_worker<B: Backend + 'static>(mut trainer: Trainer<'_, B>) -> Result<()> {
+/// One data-parallel rank: rank 0 writes `dir` (the run it started or resumed) and reports; the others open the run
+/// at `path` to read its checkpoint and train their share.
+fn run_rank<B: Backend + 'static>(
+    args: &TrainArgs,
+    cfg: &RunConfig,
+    (model, tok, ckpt): (&Decoder<B>, &Tokenizer, &Checkpoint),
+    dir: Option<RunDir>,
+    path: &std::path::Path,
+    world: usize,
+    comm: &dyn Collective<B>,
+) -> Result<()> {
+    let dir = match dir {
+        Some(d) => d,
+        None => RunDir::open(path)?,
+    };
+    let mut trainer = Trainer::for_rank(cfg, model, tok, dir, args.resume.is_some(), comm)?;
+    if comm.rank() == 0 {
+        return report(args, cfg, ckpt, trainer, world);
+    }
     // Rank 0 hears the signals and tells the others at the next step (`Collective::any`).
     trainer.run(&mut |_| {}, &std::sync::atomic::AtomicBool::new(false))?;
     Ok(())

@@ -211,22 +211,13 @@ fn a_killed_run_resumes_to_a_bit_identical_adapter() {
     let killed = tempfile::tempdir().unwrap();
     let cfg = config(killed.path(), steps);
     let run = killed.path().join("run");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qpeft"))
+    let child = Command::new(env!("CARGO_BIN_EXE_qpeft"))
         .args(["--threads", "1", "train", "--config", cfg.to_str().unwrap()])
         .current_dir(root())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Kill it (SIGKILL) as soon as its second checkpoint exists, mid-training.
-    let start = Instant::now();
-    while !run.join("checkpoints/step-0000008").exists() {
-        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(!run.join("adapter").exists(), "killed before the end");
+    kill_after_second_checkpoint(child, &run);
     let out = ok(&qpeft(&["--threads", "1", "train", "--resume", run.to_str().unwrap()]));
     assert!(out.contains("after:"), "{out}");
     // The summary of a resumed run still has the evaluation before training (from metrics.jsonl).
@@ -456,6 +447,19 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
     assert!(d.path().join("run/checkpoints/step-0000001").is_dir(), "the checkpoint before the divergence stays");
 }
 
+/// SIGKILL to a training run as soon as its second checkpoint (step 8) exists, mid-training.
+fn kill_after_second_checkpoint(mut child: std::process::Child, run: &Path) {
+    let start = Instant::now();
+    while !run.join("checkpoints/step-0000008").exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!run.join("adapter").exists(), "killed before the end");
+}
+
 /// The adapter's tensors (name, f32 values) of a finished run.
 fn adapter_values(run: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = adapter_bytes(run);
@@ -511,22 +515,14 @@ fn two_thread_ranks_train_as_one_rank_accumulating_and_resume_exactly() {
         let killed = tempfile::tempdir().unwrap();
         let cfg = config(killed.path(), steps);
         let run = killed.path().join("run");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qpeft"))
+        let child = Command::new(env!("CARGO_BIN_EXE_qpeft"))
             .args([&["--threads", "1"], &ranks[..], &["train", "--config", cfg.to_str().unwrap()]].concat())
             .args(["--set", "train.grad_accum=1"])
             .current_dir(root())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let start = Instant::now();
-        while !run.join("checkpoints/step-0000008").exists() {
-            assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
-            assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert!(!run.join("adapter").exists(), "killed before the end");
+        kill_after_second_checkpoint(child, &run);
         let accum =
             if resume_on.len() > 1 && resume_on[1].contains(',') { "train.grad_accum=1" } else { "train.grad_accum=2" };
         ok(&qpeft(

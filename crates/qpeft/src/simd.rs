@@ -219,21 +219,29 @@ fn exp_shifted_lanes(x: &mut [f32], shift: f32) {
 }
 
 vectorized! {
-    /// Softmax over row[lo..hi] restricted to keys whose `mask` entry is not 0; everything else becomes 0, and a row with
-    /// no visible key all zeros. (`attention`'s masked softmax for f32 rows: three branch-free passes that vectorize,
-    /// where the generic loop tested each key's visibility one at a time — a sixth of an MMLU evaluation.)
-    pub fn softmax_masked(row: &mut [f32], lo: usize, hi: usize, mask: &[u32]) = softmax_masked_lanes;
+    /// Softmax over row[lo..hi] restricted to the keys `sees_key(mask[j], seg)` lets through; everything else becomes
+    /// 0, and a row with no visible key all zeros. (`attention`'s masked softmax for f32 rows: three branch-free passes
+    /// that vectorize, where the generic loop tested each key's visibility one at a time — a sixth of an MMLU
+    /// evaluation.)
+    pub fn softmax_masked(row: &mut [f32], lo: usize, hi: usize, mask: &[u32], seg: u32) = softmax_masked_lanes;
+}
+
+/// Whether a query of segment `seg` sees a key of segment `key` (attention's key mask holds segments: 0 is padding; a
+/// real query sees its own segment only — packed examples stay apart — and a padding query, 0, every real key).
+#[inline(always)]
+pub fn sees_key(key: u32, seg: u32) -> bool {
+    key != 0 && (seg == 0 || key == seg)
 }
 
 #[inline(always)]
-fn softmax_masked_lanes(row: &mut [f32], lo: usize, hi: usize, mask: &[u32]) {
+fn softmax_masked_lanes(row: &mut [f32], lo: usize, hi: usize, mask: &[u32], q_seg: u32) {
     let hi = hi.min(row.len()).min(mask.len());
     let lo = lo.min(hi);
     let (seg, m) = (&mut row[lo..hi], &mask[lo..hi]);
     let mut acc = [f32::NEG_INFINITY; LANES];
     for (x, k) in seg.chunks(LANES).zip(m.chunks(LANES)) {
         for i in 0..x.len() {
-            acc[i] = if k[i] != 0 && x[i] > acc[i] { x[i] } else { acc[i] };
+            acc[i] = if sees_key(k[i], q_seg) && x[i] > acc[i] { x[i] } else { acc[i] };
         }
     }
     let max = acc.iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
@@ -245,7 +253,7 @@ fn softmax_masked_lanes(row: &mut [f32], lo: usize, hi: usize, mask: &[u32]) {
     for (x, k) in seg.chunks_mut(LANES).zip(m.chunks(LANES)) {
         for i in 0..x.len() {
             let e = exp(x[i] - max);
-            x[i] = if k[i] != 0 { e } else { 0.0 };
+            x[i] = if sees_key(k[i], q_seg) { e } else { 0.0 };
             sums[i] += x[i];
         }
     }
@@ -336,11 +344,24 @@ mod tests {
     #[test]
     fn masked_softmax_matches_f64_and_zeroes_the_rest() {
         let x: Vec<f32> = (0..200).map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0).collect();
-        let mask: Vec<u32> = (0..200).map(|i| u32::from(i % 7 != 3)).collect();
-        for (lo, hi) in [(0, 200), (5, 130), (64, 65), (10, 10), (3, 4)] {
+        // Padding (0) every 7th key, then segments 1 and 2 (packed examples) split at key 90.
+        let mask: Vec<u32> = (0..200)
+            .map(|i| {
+                if i % 7 == 3 {
+                    0
+                } else if i < 90 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
+        for ((lo, hi), seg) in
+            [(0, 200), (5, 130), (64, 65), (10, 10), (3, 4)].into_iter().flat_map(|r| [(r, 0), (r, 1), (r, 2)])
+        {
             let mut row = x.clone();
-            softmax_masked(&mut row, lo, hi, &mask);
-            let visible = |j: usize| j >= lo && j < hi && mask[j] != 0;
+            softmax_masked(&mut row, lo, hi, &mask, seg);
+            let visible = |j: usize| j >= lo && j < hi && mask[j] != 0 && (seg == 0 || mask[j] == seg);
             let max = (0..200).filter(|&j| visible(j)).map(|j| x[j] as f64).fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = (0..200).filter(|&j| visible(j)).map(|j| (x[j] as f64 - max).exp()).sum();
             for j in 0..200 {

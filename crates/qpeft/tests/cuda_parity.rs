@@ -1,6 +1,6 @@
 //! CUDA ↔ CPU parity (feature `cuda`): every backend op on random inputs, the packed 4-bit bases' dequantization
 //! (bit-exact), then whole tiny models — logits, and the loss and adapter gradients of every method with and without
-//! activation checkpointing, on dense and NF4 bases. In `Precision::F32` (true FP32 products) results agree with the
+//! activation checkpointing, on dense and NF4 bases, for a padded batch and a packed row (`data.packing`). In `Precision::F32` (true FP32 products) results agree with the
 //! CPU to summation-order noise (≤ 1e-4 relative); in `Precision::F16` (scaled fp16 base products and attention, TF32
 //! elsewhere) with the CPU's f16 emulation (`Cpu::f16()`) within 1e-2, and in `Precision::Bf16` with `Cpu::bf16()`
 //! within bf16's own noise (see `models_match_the_cpu`). Without a GPU (CI) only the missing-driver error is checked; on the GPU machine
@@ -463,15 +463,35 @@ fn model_outputs<B: Backend + 'static>(
     out.push(("logits".to_string(), m.backend.download(&m.logits(&hidden, 14).unwrap()).unwrap()));
     let mut set = AdapterSet::build(&m.backend, &m.spec, 5, |_, _| Some(cfg.clone())).unwrap();
     randomize_adapters(&m.backend, &mut set, init);
-    for checkpointing in [false, true] {
-        set.zero_grads(&m.backend).unwrap();
-        let r = m.loss_and_backward(&b, &mut set, &parity_step(checkpointing)).unwrap();
-        out.push((format!("loss ckpt={checkpointing}"), vec![r.loss as f32]));
-        for (name, p) in set.named_params() {
-            out.push((format!("{name} grad ckpt={checkpointing}"), m.backend.download(&p.grad).unwrap()));
+    // The padded batch, then a packed row (segments in the key mask: positions restart, attention stays inside each
+    // example; data.packing).
+    for (tag, b) in [("", b), ("packed ", packed_batch(m.spec.vocab_size))] {
+        for checkpointing in [false, true] {
+            set.zero_grads(&m.backend).unwrap();
+            let r = m.loss_and_backward(&b, &mut set, &parity_step(checkpointing)).unwrap();
+            out.push((format!("{tag}loss ckpt={checkpointing}"), vec![r.loss as f32]));
+            for (name, p) in set.named_params() {
+                out.push((format!("{tag}{name} grad ckpt={checkpointing}"), m.backend.download(&p.grad).unwrap()));
+            }
         }
     }
     out
+}
+
+/// Three examples of 70, 150 and 45 tokens packed into one row (`data::collate::pack`): they cross the fused kernels'
+/// 64-key tiles and 128-row blocks, so the tiles of earlier examples are skipped on both sides.
+fn packed_batch(vocab: usize) -> qpeft::model::train::Batch {
+    use qpeft::data::collate::{pack, Tokenized};
+    let items: Vec<Tokenized> = [70usize, 150, 45]
+        .iter()
+        .enumerate()
+        .map(|(e, &len)| {
+            let ids: Vec<u32> =
+                rand(len, 500 + e as u64).iter().map(|v| 3 + ((v + 1.0) * 0.5 * (vocab - 4) as f32) as u32).collect();
+            Tokenized { labels: ids.clone(), ids }
+        })
+        .collect();
+    pack(&items.iter().collect::<Vec<_>>())
 }
 
 #[test]

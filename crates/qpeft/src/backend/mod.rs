@@ -456,7 +456,11 @@ pub trait Backend: Send + Sync {
     fn glu(&self, gate: &Self::Buf, up: &Self::Buf, kind: GluKind, out: &mut Self::Buf) -> Result<()>;
     /// Writes `src` ([batch, rows, width]) into `dst` ([batch, capacity, width]) at row `start`.
     fn write_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, at: RowWrite) -> Result<()>;
-    /// Causal grouped-query attention; `key_mask` ([batch, kv_capacity], 1 = real token) hides padding.
+    /// Causal grouped-query attention. `key_mask` ([batch, kv_capacity]) holds each token's segment: 0 is padding,
+    /// hidden from every query; a real query sees only the keys of its own segment (all real tokens are 1 in an
+    /// ordinary batch; a packed row numbers its examples 1, 2, …, which keeps them apart), a padding query every real
+    /// key (`simd::sees_key`). Segments must not decrease along a row: the fused kernels skip key tiles of earlier
+    /// segments.
     fn attention(
         &self,
         q: &Self::Buf,

@@ -21,6 +21,8 @@ pub struct Collator<'a> {
     pub source_max_len: usize,
     pub target_max_len: usize,
     pub train_on_source: bool,
+    /// `batch` packs instead of padding (`data.packing`).
+    pub packing: bool,
     bos: String,
     eos: String,
     pad: u32,
@@ -43,6 +45,7 @@ impl<'a> Collator<'a> {
             source_max_len,
             target_max_len,
             train_on_source,
+            packing: false,
             bos: tok.bos_token.clone().unwrap_or_default(),
             eos,
             pad,
@@ -69,17 +72,50 @@ impl<'a> Collator<'a> {
         Ok(Tokenized { ids: src, labels })
     }
 
-    /// Right-pads `items` to their longest and masks the padding.
+    /// The model's batch of `items`: packed into one row with `packing` (`pack`), else right-padded (`pad`).
     pub fn batch(&self, items: &[&Tokenized]) -> Batch {
-        let seq = items.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
-        let n = items.len() * seq;
-        let (mut tokens, mut mask, mut labels) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for t in items {
-            let pad = seq - t.ids.len();
-            tokens.extend(t.ids.iter().copied().chain(std::iter::repeat_n(self.pad, pad)));
-            mask.extend(std::iter::repeat_n(1, t.ids.len()).chain(std::iter::repeat_n(0, pad)));
-            labels.extend(t.labels.iter().copied().chain(std::iter::repeat_n(IGNORE, pad)));
+        if self.packing {
+            pack(items)
+        } else {
+            self.pad(items)
         }
-        Batch { input: Input { batch: items.len(), seq, tokens, mask }, labels }
     }
+
+    /// Right-pads `items` to their longest with EOS and masks the padding (`pad`).
+    pub fn pad(&self, items: &[&Tokenized]) -> Batch {
+        pad(items, self.pad)
+    }
+}
+
+/// `items` right-padded to their longest with `pad_id`, the padding masked and ignored by the loss.
+pub fn pad(items: &[&Tokenized], pad_id: u32) -> Batch {
+    let seq = items.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
+    let n = items.len() * seq;
+    let (mut tokens, mut mask, mut labels) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for t in items {
+        let pad = seq - t.ids.len();
+        tokens.extend(t.ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
+        mask.extend(std::iter::repeat_n(1, t.ids.len()).chain(std::iter::repeat_n(0, pad)));
+        labels.extend(t.labels.iter().copied().chain(std::iter::repeat_n(IGNORE, pad)));
+    }
+    Batch { input: Input { batch: items.len(), seq, tokens, mask }, labels }
+}
+
+/// `items` concatenated into one row without padding, as transformers' DataCollatorWithFlattening does: the key mask
+/// holds each token's example (1, 2, …), so positions restart per example (`Batch::positions`) and attention stays
+/// inside each example (`Backend::attention`), and each example's first label is `IGNORE`, so that no position
+/// predicts the next example's first token. The loss is then the padded batch's (the same target tokens, whose first is
+/// a prompt token unless `train_on_source`).
+pub fn pack(items: &[&Tokenized]) -> Batch {
+    let (mut tokens, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, t) in items.iter().enumerate() {
+        tokens.extend_from_slice(&t.ids);
+        mask.extend(std::iter::repeat_n(i as u32 + 1, t.ids.len()));
+        labels.extend(t.labels.iter().enumerate().map(|(j, &l)| if j == 0 { IGNORE } else { l }));
+    }
+    if tokens.is_empty() {
+        // An empty batch keeps one padding token, as `pad` does.
+        (tokens, mask, labels) = (vec![0], vec![0], vec![IGNORE]);
+    }
+    Batch { input: Input { batch: 1, seq: tokens.len(), tokens, mask }, labels }
 }

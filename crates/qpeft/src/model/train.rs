@@ -77,19 +77,23 @@ impl Batch {
         Ok((0..batch * seq).map(|r| if r % seq + 1 < seq { self.labels[r + 1] } else { IGNORE }).collect())
     }
 
-    /// Position ids: each real token continues its sequence's count; padding gets 0.
+    /// Position ids: each real token continues its example's count; padding gets 0. The mask holds segments (a packed
+    /// row's examples are 1, 2, …: `data::collate::pack`), and the count restarts where the segment changes.
     fn positions(&self) -> Vec<u32> {
         let Input { batch, seq, ref mask, .. } = self.input;
         let mut out = Vec::with_capacity(batch * seq);
         for b in 0..batch {
-            let mut next = 0;
-            for t in 0..seq {
-                if mask[b * seq + t] != 0 {
-                    out.push(next);
-                    next += 1;
-                } else {
+            let (mut next, mut segment) = (0, 0);
+            for &m in &mask[b * seq..(b + 1) * seq] {
+                if m == 0 {
                     out.push(0);
+                    continue;
                 }
+                if m != segment {
+                    (next, segment) = (0, m);
+                }
+                out.push(next);
+                next += 1;
             }
         }
         out

@@ -1,6 +1,7 @@
 //! Training-step throughput (what `qpeft bench train` and the peer scripts measure): the trainer's optimizer steps
 //! (`StepRecipe::step`: forward with the causal-LM loss, backward, global-norm clipping, AdamW) on a fixed batch of
-//! seeded random tokens (labels = ids, no padding), with the time of each phase and the memory it took.
+//! seeded random tokens (labels = ids, no padding), or on given batches of real data in turn, with the time of each
+//! phase and the memory it took.
 
 use serde::Serialize;
 
@@ -19,8 +20,10 @@ pub struct BenchOptions {
     /// Timed steps after `warmup` untimed ones.
     pub steps: usize,
     pub warmup: usize,
-    /// The run config's step; each step is one micro-batch of `batch` × `seq` tokens.
+    /// The run config's step; each step is one micro-batch of `batch` × `seq` tokens …
     pub recipe: StepRecipe,
+    /// … or, if any, the next of these batches (real data, padded or packed), in turn.
+    pub batches: Vec<Batch>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -29,8 +32,11 @@ pub struct BenchReport {
     pub batch: usize,
     pub seq: usize,
     pub trainable: usize,
-    /// Median over the timed steps.
+    /// Real (non-padding) input tokens per second: the median step's on random tokens; with real batches, all timed
+    /// steps' tokens over their time.
     pub tokens_per_s: f64,
+    /// Loss targets per second, likewise.
+    pub target_tokens_per_s: f64,
     pub step_s: f64,
     pub forward_backward_s: f64,
     pub optimizer_s: f64,
@@ -71,13 +77,15 @@ pub fn train_steps<B: Backend + 'static>(
             (s % model.spec.vocab_size as u64) as u32
         })
         .collect();
-    let batch = Batch {
+    let random = [Batch {
         input: Input { batch: opts.batch, seq: opts.seq, tokens: tokens.clone(), mask: vec![1; n] },
         labels: tokens,
-    };
+    }];
+    let batches = if opts.batches.is_empty() { &random[..] } else { &opts.batches[..] };
     let recipe = StepRecipe { grad_accum: 1, ..opts.recipe };
     let mut state = OptimizerState::new();
     let (mut steps, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut inputs, mut targets) = (0usize, 0usize);
     let mut loss = f64::NAN;
     for i in 0..opts.warmup + opts.steps {
         if i == opts.warmup {
@@ -85,15 +93,24 @@ pub fn train_steps<B: Backend + 'static>(
             be.kernel_times()?;
         }
         be.synchronize()?;
+        let batch = &batches[i % batches.len()];
         let s = recipe.step(model, set, &mut state, i as u64, &Solo, &mut || Ok(batch.clone()))?;
         loss = s.loss;
         if i >= opts.warmup {
             steps.push(s.forward_backward_s + s.optimizer_s);
             fb.push(s.forward_backward_s);
             opt.push(s.optimizer_s);
+            inputs += s.input_tokens;
+            targets += s.tokens;
         }
     }
+    let total_s: f64 = steps.iter().sum();
     let step_s = median(steps);
+    let (tokens_per_s, target_tokens_per_s) = if opts.batches.is_empty() {
+        (n as f64 / step_s, (targets as f64 / opts.steps.max(1) as f64) / step_s)
+    } else {
+        (inputs as f64 / total_s, targets as f64 / total_s)
+    };
     let kernels = be.kernel_times()?;
     let memory = be.device_memory()?;
     Ok(BenchReport {
@@ -101,7 +118,8 @@ pub fn train_steps<B: Backend + 'static>(
         batch: opts.batch,
         seq: opts.seq,
         trainable: set.trainable(),
-        tokens_per_s: n as f64 / step_s,
+        tokens_per_s,
+        target_tokens_per_s,
         step_s,
         forward_backward_s: median(fb),
         optimizer_s: median(opt),

@@ -123,6 +123,9 @@ pub struct DataSection {
     /// Use at most this many training examples (after the split).
     pub max_train_examples: Option<usize>,
     pub group_by_length: bool,
+    /// Padding-free batches: each micro-batch's examples packed into one row, as transformers'
+    /// DataCollatorWithFlattening does (positions restart per example, no attention across examples; `Collator`).
+    pub packing: bool,
 }
 
 impl Default for DataSection {
@@ -139,6 +142,7 @@ impl Default for DataSection {
             seed: 42,
             max_train_examples: None,
             group_by_length: true,
+            packing: false,
         }
     }
 }

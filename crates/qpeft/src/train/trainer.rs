@@ -159,6 +159,14 @@ pub fn load_data(cfg: &RunConfig, tok: &Tokenizer) -> Result<(Vec<Example>, Vec<
     Ok((train, eval))
 }
 
+/// The collator of the run's `[data]` settings.
+fn collator<'a>(cfg: &RunConfig, tok: &'a Tokenizer) -> Result<Collator<'a>> {
+    let d = &cfg.data;
+    let mut c = Collator::new(tok, d.source_max_len, d.target_max_len, d.train_on_source)?;
+    c.packing = d.packing;
+    Ok(c)
+}
+
 /// The target-token-weighted mean loss over `examples` (batches of `batch`) and the number of target tokens.
 /// `progress(done, total)` counts batches; an error from it stops the loop.
 fn loss_over<B: Backend>(
@@ -195,7 +203,7 @@ pub fn heldout_loss<B: Backend>(
     examples: &[Example],
     batch: usize,
 ) -> Result<(f64, usize)> {
-    let collator = Collator::new(tok, cfg.data.source_max_len, cfg.data.target_max_len, cfg.data.train_on_source)?;
+    let collator = collator(cfg, tok)?;
     loss_over(model, adapters, &collator, examples, batch, cfg.train.loss_chunk, &mut |_, _| Ok(()))
 }
 
@@ -250,7 +258,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
         }
         let (train, eval) = load_data(cfg, tok)?;
         let base = base_record(cfg, &Checkpoint::open(&cfg.model.path)?)?;
-        let collator = Collator::new(tok, cfg.data.source_max_len, cfg.data.target_max_len, cfg.data.train_on_source)?;
+        let collator = collator(cfg, tok)?;
         let mut state = TrainerState::default();
         let mut opt_state = OptimizerState::new();
         if resume {
@@ -482,37 +490,28 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 self.save_checkpoint()?;
             }
         }
-        if !writer {
-            // The writer's files are its own to report.
-            return Ok(Summary {
-                interrupted,
-                run_dir: self.run.path.clone(),
-                steps: self.state.step,
-                trainable: self.set.trainable(),
-                train_examples: self.train.len(),
-                eval_examples: self.eval.len(),
-                first: None,
-                last: None,
-                tokens_per_s: steady_mean(&rates),
-                peak_rss_mib: peak_rss_mib(),
-                seconds: start.elapsed().as_secs_f64(),
-            });
+        if writer {
+            let saved = self.run.checkpoints()?.iter().any(|(s, _)| *s == self.state.step);
+            if interrupted && self.state.step > 0 && !saved {
+                self.save_checkpoint()?;
+            }
+            if !interrupted {
+                self.finish()?;
+            }
         }
-        if interrupted && self.state.step > 0 && !self.run.checkpoints()?.iter().any(|(s, _)| *s == self.state.step) {
-            self.save_checkpoint()?;
-        }
-        if !interrupted {
-            self.finish()?;
-        }
-        let evals: Vec<Evaluation> = self
-            .run
-            .metrics()?
-            .into_iter()
-            .filter_map(|r| match r {
-                Record::Eval(e) => Some(e),
-                Record::Step(_) => None,
-            })
-            .collect();
+        // The evaluations are the writer's to report.
+        let evals: Vec<Evaluation> = if !writer {
+            Vec::new()
+        } else {
+            self.run
+                .metrics()?
+                .into_iter()
+                .filter_map(|r| match r {
+                    Record::Eval(e) => Some(e),
+                    Record::Step(_) => None,
+                })
+                .collect()
+        };
         let summary = Summary {
             interrupted,
             run_dir: self.run.path.clone(),
@@ -526,7 +525,7 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
             peak_rss_mib: peak_rss_mib(),
             seconds: start.elapsed().as_secs_f64(),
         };
-        if !interrupted {
+        if writer && !interrupted {
             self.run.write_summary(&summary)?;
         }
         Ok(summary)
@@ -628,6 +627,24 @@ pub fn out_of_memory(cfg: &RunConfig, run: &Path, step: u64, (batch, seq): (usiz
 pub struct Answer {
     pub text: String,
     pub correct: bool,
+}
+
+/// The first `n` micro-batches one rank of the run `cfg` trains on, tokenized, in the trainer's order (real-data
+/// benchmarks: `qpeft bench batches`).
+pub fn first_micro_batches(cfg: &RunConfig, tok: &Tokenizer, n: usize) -> Result<Vec<Vec<Tokenized>>> {
+    let (train, _) = load_data(cfg, tok)?;
+    if train.is_empty() {
+        return Err(Error::config(&cfg.file, "data", "no training examples"));
+    }
+    let collator = collator(cfg, tok)?;
+    let lengths: Vec<usize> = train.iter().map(Example::chars).collect();
+    let (mut state, mut order) = (TrainerState::default(), (u64::MAX, Vec::new()));
+    (0..n)
+        .map(|_| {
+            let idx = next_indices(cfg, &lengths, 1, &mut state, &mut order);
+            idx.iter().map(|&i| collator.tokenize(&train[i])).collect()
+        })
+        .collect()
 }
 
 /// The mean throughput of the steps after the first (the steady state).

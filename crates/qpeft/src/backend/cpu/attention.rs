@@ -65,7 +65,7 @@ impl Block {
         for (i, row) in p.chunks_exact_mut(keys).enumerate() {
             let ci = first + self.q0 + i;
             let lo = s.window.map_or(0, |w| (ci + 1).saturating_sub(w));
-            softmax_masked(row, lo, ci + 1, mask);
+            softmax_masked(row, lo, ci + 1, mask, mask.get(ci).copied().unwrap_or(0));
         }
         p
     }
@@ -294,13 +294,14 @@ fn scatter_rows<T: Copy>(dst: &mut [T], src: &[T], at: usize, stride: usize, wid
     }
 }
 
-/// Softmax over row[lo..hi] restricted to unmasked keys; everything else becomes 0. A row with no
-/// visible key (a padding query) becomes all zeros rather than NaN.
-fn softmax_masked<T: Real>(row: &mut [T], lo: usize, hi: usize, mask: &[u32]) {
+/// Softmax over row[lo..hi] restricted to the keys a query of segment `seg` sees (`simd::sees_key`: the key mask holds
+/// segments, so packed examples stay apart); everything else becomes 0. A row with no visible key becomes all zeros
+/// rather than NaN.
+fn softmax_masked<T: Real>(row: &mut [T], lo: usize, hi: usize, mask: &[u32], seg: u32) {
     if let Some(row) = T::as_f32s_mut(row) {
-        return crate::simd::softmax_masked(row, lo, hi, mask);
+        return crate::simd::softmax_masked(row, lo, hi, mask, seg);
     }
-    let visible = |j: usize| j >= lo && j < hi && mask[j] != 0;
+    let visible = |j: usize| j >= lo && j < hi && crate::simd::sees_key(mask[j], seg);
     let mut max = T::neg_infinity();
     for (j, &x) in row.iter().enumerate() {
         if visible(j) && x > max {

@@ -120,9 +120,11 @@ __device__ void load_rows(h16* tile, int ld, const h16* src, long long stride, i
     }
 }
 
-// Whether the query at cache index ci sees key j (causality, the sliding window, the cache length and the key mask).
-__device__ __forceinline__ bool sees(const Attn& s, int ci, int j, u32 real) {
-    return real && j <= ci && j < s.kv_len && (s.window <= 0 || j > ci - s.window);
+// Whether the query at cache index ci, of segment q_seg, sees key j of segment k_seg: causality, the sliding window,
+// the cache length, and the key mask read as segments (0 = padding; a real query sees only its own segment's keys,
+// which is how packed examples stay apart; a padding query, segment 0, sees every real key before it).
+__device__ __forceinline__ bool sees(const Attn& s, int ci, int j, u32 k_seg, u32 q_seg) {
+    return k_seg && (q_seg == 0 || k_seg == q_seg) && j <= ci && j < s.kv_len && (s.window <= 0 || j > ci - s.window);
 }
 
 // The maximum and the sum over the 4 threads (t = 0..3) that share a row of a c fragment.
@@ -149,6 +151,8 @@ struct Head {
         mask = key_mask + (long long)b * s.kv_capacity;
         first = s.kv_len - s.q_len;
     }
+    // The segment of the query at cache index ci (0 beyond the cache).
+    __device__ u32 segment(const Attn& s, int ci) const { return ci < s.kv_len ? mask[ci] : 0u; }
 };
 
 // c (16 × 64, the c layout) = X[r0..r0+16]·Yᵀ for the row-major tiles x (≥ r0 + 16 rows) and y (64 rows), both D wide.
@@ -167,9 +171,9 @@ __device__ __forceinline__ void rows_times_tile_t(float (*c)[4], const h16* x, c
 }
 
 // sc (this warp's 16 query rows × 64 keys from k0) = scale·Q·Kᵀ with invisible keys at −∞; rows ci and ci + 8 are
-// this thread's (cache indices).
+// this thread's (cache indices), of segments qseg[0] and qseg[1].
 template <int D>
-__device__ void masked_scores(float (*sc)[4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, int warp, int lane) {
+__device__ void masked_scores(float (*sc)[4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, const u32* qseg, int warp, int lane) {
     int t = lane & 3;
     rows_times_tile_t<D>(sc, qs, ks, warp * 16, lane);
 #pragma unroll
@@ -177,7 +181,7 @@ __device__ void masked_scores(float (*sc)[4], const h16* qs, const h16* ks, cons
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             int j = k0 + n * 8 + 2 * t + (e & 1);
-            sc[n][e] = sees(s, ci + (e >> 1) * 8, j, km[j - k0]) ? sc[n][e] * s.scale : -INFINITY;
+            sc[n][e] = sees(s, ci + (e >> 1) * 8, j, km[j - k0], qseg[e >> 1]) ? sc[n][e] * s.scale : -INFINITY;
         }
 }
 
@@ -206,10 +210,20 @@ __device__ __forceinline__ void online_softmax(float (*sc)[4], float* m, float* 
     }
 }
 
-// Keys k0 of the tiles queries q0..q0+ROWS-1 (q0 < q_len) can see: from the first query's window start to the last query.
+// Keys k0 of the tiles queries q0..q0+ROWS-1 (q0 < q_len) can see: from the first query's window start to the last
+// query. In a packed row the tiles wholly of earlier examples are skipped: segments never decrease along a row, so a
+// tile before the first query whose last key is real and of an earlier segment than the first query's holds only keys
+// that no query of the block sees (padding queries, segment 0, see all: nothing is skipped for them).
 __device__ __forceinline__ int key_start(const Attn& s, const Head& hd, int q0) {
     int lo = s.window > 0 ? max(0, hd.first + q0 + 1 - s.window) : 0;
-    return lo / TILE * TILE;
+    int k0 = lo / TILE * TILE;
+    u32 first = hd.segment(s, hd.first + q0);
+    while (first > 1 && k0 + TILE <= hd.first + q0) {
+        u32 last = hd.mask[k0 + TILE - 1];
+        if (last == 0 || last >= first) break;
+        k0 += TILE;
+    }
+    return k0;
 }
 __device__ __forceinline__ int key_end(const Attn& s, const Head& hd, int q0) {
     return min(hd.first + min(q0 + ROWS, s.q_len), s.kv_len);
@@ -293,13 +307,14 @@ __device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u3
     load_rows<D, ROWS>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
     copies_commit();
     int ci = hd.first + q0 + warp * 16 + g;
+    const u32 qseg[2] = {hd.segment(s, ci), hd.segment(s, ci + 8)};
     float o[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     walk_keys<D>(s, hd, k, v, key_start(s, hd, q0), key_end(s, hd, q0), kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16* vs, const u32* km) {
         float sc[8][4];
-        masked_scores<D>(sc, qs, ks, km, s, k0, ci, warp, lane);
+        masked_scores<D>(sc, qs, ks, km, s, k0, ci, qseg, warp, lane);
         float alpha[2];
         online_softmax(sc, m, l, alpha);
         // Rescale what was summed under the old row maximum.
@@ -343,12 +358,13 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
     load_rows<D, ROWS>(dos, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
     copies_commit();
     int ci = hd.first + q0 + warp * 16 + g;
+    const u32 qseg[2] = {hd.segment(s, ci), hd.segment(s, ci + 8)};
     int k_lo = key_start(s, hd, q0), k_hi = key_end(s, hd, q0);
     // Pass 1: each row's maximum and sum of exponentials.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     walk_keys<D>(s, hd, k, nullptr, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16*, const u32* km) {
         float sc[8][4], alpha[2];
-        masked_scores<D>(sc, qs, ks, km, s, k0, ci, warp, lane);
+        masked_scores<D>(sc, qs, ks, km, s, k0, ci, qseg, warp, lane);
         online_softmax(sc, m, l, alpha);
     });
     float lse[2], dot[2];
@@ -374,7 +390,7 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
     for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     walk_keys<D>(s, hd, k, v, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16* vs, const u32* km) {
         float p[8][4], dp[8][4];
-        masked_scores<D>(p, qs, ks, km, s, k0, ci, warp, lane);
+        masked_scores<D>(p, qs, ks, km, s, k0, ci, qseg, warp, lane);
         rows_times_tile_t<D>(dp, dos, vs, warp * 16, lane);
 #pragma unroll
         for (int n = 0; n < 8; n++)
@@ -402,6 +418,7 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
     h16* dobuf = qbuf + 2 * TS;
     float* lsebuf = (float*)(dobuf + 2 * TS);
     float* dotbuf = lsebuf + 2 * TILE;
+    u32* qsegbuf = (u32*)(dotbuf + 2 * TILE);
     int k0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int rep = s.heads / s.kv_heads, b = blockIdx.z, kvh = blockIdx.y / split, part = blockIdx.y % split;
     int per = rep / split, h0 = kvh * rep + part * per;
@@ -414,7 +431,15 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
     // Queries whose cache index ci satisfies k0 <= ci < k0 + ROWS - 1 + window see some of the block's keys.
     int q_lo = max(0, k0 - hk.first);
     int q_hi = s.window > 0 ? min(s.q_len, k0 + ROWS - 1 + s.window - hk.first) : s.q_len;
-    int tiles = q_lo < q_hi ? (q_hi - q_lo + TILE - 1) / TILE : 0, steps = per * tiles;
+    int tiles = q_lo < q_hi ? (q_hi - q_lo + TILE - 1) / TILE : 0;
+    // A packed row: query tiles of later examples than the block's last key see none of its keys (see key_start).
+    u32 last_key = hk.mask[min(k0 + ROWS, s.kv_len) - 1];
+    while (last_key != 0 && tiles > 0) {
+        u32 seg = hk.segment(s, hk.first + q_lo + (tiles - 1) * TILE);
+        if (seg == 0 || seg <= last_key) break;
+        tiles--;
+    }
+    int steps = per * tiles;
     // Step i: query head h0 + i / tiles, query tile q_lo + (i % tiles)·TILE, into stage i % 2.
     auto load = [&](int i) {
         int h = h0 + i / tiles, q0 = q_lo + i % tiles * TILE, st = i & 1;
@@ -426,6 +451,7 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
             bool ok = q0 + j < s.q_len;
             lsebuf[st * TILE + j] = ok ? stats[2 * row] : INFINITY;
             dotbuf[st * TILE + j] = ok ? stats[2 * row + 1] : 0.0f;
+            qsegbuf[st * TILE + j] = ok ? hd.segment(s, hd.first + q0 + j) : 0u;
         }
         copies_commit();
     };
@@ -446,6 +472,7 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
         int q0 = q_lo + i % tiles * TILE, st = i & 1;
         const h16 *qs = qbuf + st * TS, *dos = dobuf + st * TS;
         const float *lse = lsebuf + st * TILE, *dots = dotbuf + st * TILE;
+        const u32* qseg = qsegbuf + st * TILE;
         // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
         float p[8][4], dp[8][4];
         rows_times_tile_t<D>(p, ks, qs, warp * 16, lane);
@@ -455,7 +482,7 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int c = n * 8 + 2 * t + (e & 1);
-                float pe = q0 + c < s.q_len && sees(s, hk.first + q0 + c, key + (e >> 1) * 8, real[e >> 1]) ? expf(p[n][e] * score_scale - lse[c]) : 0.0f;
+                float pe = q0 + c < s.q_len && sees(s, hk.first + q0 + c, key + (e >> 1) * 8, real[e >> 1], qseg[c]) ? expf(p[n][e] * score_scale - lse[c]) : 0.0f;
                 p[n][e] = pe;
                 dp[n][e] = pe * (dp[n][e] * dp_unscale - dots[c]) * ds_scale;
             }

@@ -121,7 +121,7 @@ impl Cuda {
         }
         let name = format!("flash_dkv_{d}");
         let split = dkv_split(s);
-        let cfg = self.flash_config(&name, (s.kv_len.div_ceil(ROWS), s.kv_heads * split, s.batch), smem(d, 2, 4, 4))?;
+        let cfg = self.flash_config(&name, (s.kv_len.div_ceil(ROWS), s.kv_heads * split, s.batch), smem(d, 2, 4, 6))?;
         if split == 1 {
             return launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, &dout16, &stats, dk, dv, &scales, &1i32, &0i64);
         }

@@ -349,13 +349,16 @@ extern "C" __global__ void attention_softmax(float* p, const u32* key_mask, Attn
     int ci = s.kv_len - s.q_len + q0 + (int)(blockIdx.x % qn);
     int lo = s.window > 0 ? max(0, ci + 1 - s.window) : 0;
     const u32* mask = key_mask + (long long)b * s.kv_capacity;
+    // The key mask holds segments (0 = padding): a real query sees its own segment's keys (packed examples), a
+    // padding query every real key.
+    u32 seg = ci < s.kv_len ? mask[ci] : 0u;
     float m = -INFINITY;
     for (int j = threadIdx.x; j < cols; j += blockDim.x)
-        if (j >= lo && j <= ci && mask[j]) m = fmaxf(m, row[j]);
+        if (j >= lo && j <= ci && mask[j] && (seg == 0 || mask[j] == seg)) m = fmaxf(m, row[j]);
     m = block_max(m, scratch);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-        float e = (m != -INFINITY && j >= lo && j <= ci && mask[j]) ? expf(row[j] - m) : 0.0f;
+        float e = (m != -INFINITY && j >= lo && j <= ci && mask[j] && (seg == 0 || mask[j] == seg)) ? expf(row[j] - m) : 0.0f;
         row[j] = e;
         sum += e;
     }
