@@ -196,7 +196,9 @@ fn a_packed_row_trains_as_its_examples_one_at_a_time() {
     for family in ["tiny-llama", "tiny-mistral"] {
         let m = model(family, Cpu::f64());
         let vocab = m.spec.vocab_size;
-        let items: Vec<Tokenized> = [(5usize, 2usize), (9, 3), (4, 0)]
+        // 70 + 150 + 45 tokens: the CPU's query blocks of 128 start inside the second and third examples, whose
+        // earlier keys it skips.
+        let items: Vec<Tokenized> = [(70usize, 12usize), (150, 30), (45, 0)]
             .iter()
             .enumerate()
             .map(|(e, &(len, prompt))| {
@@ -212,15 +214,16 @@ fn a_packed_row_trains_as_its_examples_one_at_a_time() {
         let targets = |t: &Tokenized| t.labels[1..].iter().filter(|&&l| l != IGNORE).count();
         let total: usize = items.iter().map(targets).sum();
         let packed = pack(&items.iter().collect::<Vec<_>>());
-        assert_eq!((packed.input.batch, packed.input.seq), (1, 18));
+        assert_eq!((packed.input.batch, packed.input.seq), (1, 265));
         for cfg in methods() {
             for checkpointing in [false, true] {
                 let opts = StepOptions { checkpointing, dropout: false, ..TRAIN };
                 let mut set = adapters(&m, &cfg);
                 let got = m.loss_and_backward(&packed, &mut set, &opts).unwrap();
                 let got_grads: Vec<Vec<f64>> = set.named_params().iter().map(|(_, p)| p.grad.clone()).collect();
-                let mut alone = adapters(&m, &cfg);
+                // Each example alone on fresh adapters; its gradients weighted by its share of the targets, in f64.
                 let mut want_loss = 0.0;
+                let mut want_grads: Vec<Vec<f64>> = got_grads.iter().map(|g| vec![0.0; g.len()]).collect();
                 for t in &items {
                     let share = targets(t) as f64 / total as f64;
                     let n = t.ids.len();
@@ -228,18 +231,23 @@ fn a_packed_row_trains_as_its_examples_one_at_a_time() {
                         input: Input { batch: 1, seq: n, tokens: t.ids.clone(), mask: vec![1; n] },
                         labels: t.labels.clone(),
                     };
-                    let r =
-                        m.loss_and_backward(&b, &mut alone, &StepOptions { grad_scale: share as f32, ..opts }).unwrap();
-                    want_loss += share * r.loss;
+                    let mut alone = adapters(&m, &cfg);
+                    want_loss += share * m.loss_and_backward(&b, &mut alone, &opts).unwrap().loss;
+                    for (w, (_, p)) in want_grads.iter_mut().zip(alone.named_params()) {
+                        w.iter_mut().zip(&p.grad).for_each(|(w, g)| *w += share * g);
+                    }
                 }
                 let what = format!("{family} {} ckpt={checkpointing}", cfg.method.name());
                 assert_eq!(got.tokens, total, "{what}");
                 assert!((got.loss - want_loss).abs() <= 1e-12 * want_loss, "{what}: loss {} vs {want_loss}", got.loss);
-                for ((name, w), g) in alone.named_params().iter().zip(&got_grads) {
-                    let scale = w.grad.iter().fold(0f64, |a, v| a.max(v.abs()));
+                for (((name, _), w), g) in set.named_params().iter().zip(&want_grads).zip(&got_grads) {
+                    let scale = w.iter().fold(0f64, |a, v| a.max(v.abs()));
                     assert!(scale > 0.0, "{what} {name}: no gradient");
-                    let e = w.grad.iter().zip(g).fold(0f64, |a, (x, y)| a.max((x - y).abs())) / scale;
-                    assert!(e < 1e-6, "{what} {name}: packed gradient differs by {e:e}");
+                    let e = w.iter().zip(g).fold(0f64, |a, (x, y)| a.max((x - y).abs())) / scale;
+                    // The loss scale 1/targets reaches the backward as an f32 (6e-8 apart for the two layouts); a
+                    // single-value gradient (IR-QLoRA's β, a sum that cancels) magnifies it.
+                    let tol = if w.len() == 1 { 1e-4 } else { 1e-6 };
+                    assert!(e < tol, "{what} {name}: packed gradient differs by {e:e}");
                 }
             }
         }

@@ -23,31 +23,42 @@ struct Block {
     h: usize,
     q0: usize,
     rows: usize,
-    /// Keys the block can see: cache indices 0..keys.
+    /// Keys the block can see: cache indices k0..keys.
+    k0: usize,
     keys: usize,
 }
 
 impl Block {
-    fn new(s: &AttentionShape, b: usize, h: usize, qb: usize) -> Self {
+    fn new(s: &AttentionShape, key_mask: &[u32], b: usize, h: usize, qb: usize) -> Self {
         let q0 = qb * QUERY_BLOCK;
         let rows = QUERY_BLOCK.min(s.q_len - q0);
-        // Causality: the last query of the block sees keys up to its own cache index.
-        Block { b, h, q0, rows, keys: s.kv_len - s.q_len + q0 + rows }
+        // Causality: the last query of the block sees keys up to its own cache index. In a packed row (segments in the
+        // key mask, never decreasing) no query of the block sees the keys before its first query's segment.
+        let mask = &key_mask[b * s.kv_capacity..b * s.kv_capacity + s.kv_len];
+        let first = s.kv_len - s.q_len + q0;
+        let seg = mask[first];
+        let k0 = if seg > 1 { first - mask[..first].iter().rev().take_while(|&&m| m == seg).count() } else { 0 };
+        Block { b, h, q0, rows, k0, keys: first + rows }
+    }
+    /// Keys from k0.
+    fn n(&self) -> usize {
+        self.keys - self.k0
     }
     fn q_view(&self, s: &AttentionShape) -> Strided {
         Strided::rows(s.heads * s.head_dim)
             .at((self.b * s.q_len + self.q0) * s.heads * s.head_dim + self.h * s.head_dim)
     }
+    /// The block's keys (and values) from k0.
     fn kv_view(&self, s: &AttentionShape) -> Strided {
         let kv_head = self.h / (s.heads / s.kv_heads);
         Strided::rows(s.kv_heads * s.head_dim)
-            .at(self.b * s.kv_capacity * s.kv_heads * s.head_dim + kv_head * s.head_dim)
+            .at((self.b * s.kv_capacity + self.k0) * s.kv_heads * s.head_dim + kv_head * s.head_dim)
     }
 
-    /// The block's attention probabilities [rows, keys].
+    /// The block's attention probabilities [rows, keys k0..keys].
     fn probabilities<T: Real>(&self, q: &[T], k: &[T], key_mask: &[u32], s: &AttentionShape) -> Vec<T> {
-        let mut p = vec![T::zero(); self.rows * self.keys];
-        let (rows, keys, d) = (self.rows, self.keys, s.head_dim);
+        let (rows, keys, d) = (self.rows, self.n(), s.head_dim);
+        let mut p = vec![T::zero(); rows * keys];
         gemm_strided(
             (rows, keys, d),
             &mut p,
@@ -60,12 +71,13 @@ impl Block {
             false,
             false,
         );
-        let mask = &key_mask[self.b * s.kv_capacity..self.b * s.kv_capacity + keys];
+        let row_mask = &key_mask[self.b * s.kv_capacity..self.b * s.kv_capacity + self.keys];
         let first = s.kv_len - s.q_len;
         for (i, row) in p.chunks_exact_mut(keys).enumerate() {
             let ci = first + self.q0 + i;
             let lo = s.window.map_or(0, |w| (ci + 1).saturating_sub(w));
-            softmax_masked(row, lo, ci + 1, mask, mask.get(ci).copied().unwrap_or(0));
+            // Indices relative to k0.
+            softmax_masked(row, lo.saturating_sub(self.k0), ci + 1 - self.k0, &row_mask[self.k0..], row_mask[ci]);
         }
         p
     }
@@ -141,7 +153,7 @@ pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: Attentio
     let d = s.head_dim;
     let tasks: Vec<Block> = (0..s.batch)
         .flat_map(|b| (0..s.heads).flat_map(move |h| (0..blocks(&s)).map(move |qb| (b, h, qb))))
-        .map(|(b, h, qb)| Block::new(&s, b, h, qb))
+        .map(|(b, h, qb)| Block::new(&s, key_mask, b, h, qb))
         .collect();
     let results: Vec<Vec<T>> = tasks
         .par_iter()
@@ -149,11 +161,11 @@ pub fn forward<T: Real>(q: &[T], k: &[T], v: &[T], key_mask: &[u32], s: Attentio
             let p = blk.probabilities(q, k, key_mask, &s);
             let mut o = vec![T::zero(); blk.rows * d];
             gemm_strided(
-                (blk.rows, d, blk.keys),
+                (blk.rows, d, blk.n()),
                 &mut o,
                 Strided::rows(d),
                 &probabilities(&p, mode),
-                Strided::rows(blk.keys),
+                Strided::rows(blk.n()),
                 v,
                 blk.kv_view(&s),
                 T::one(),
@@ -204,15 +216,17 @@ pub fn backward<T: Real>(
             let mut dqs = Vec::new();
             for h in kh * group..(kh + 1) * group {
                 for qb in 0..blocks(&s) {
-                    let blk = Block::new(&s, b, h, qb);
-                    let (rows, keys) = (blk.rows, blk.keys);
+                    let blk = Block::new(&s, key_mask, b, h, qb);
+                    let (rows, keys) = (blk.rows, blk.n());
+                    // This block's keys in the task's dK and dV.
+                    let at = blk.k0 * d;
                     let p = blk.probabilities(q, k, key_mask, &s);
                     let (qv, kvv) = (blk.q_view(&s), blk.kv_view(&s));
                     let scale = T::of(s.scale);
                     // dV[keys] += Pᵀ·dO.
                     gemm_strided(
                         (keys, d, rows),
-                        &mut dv_t,
+                        &mut dv_t[at..],
                         Strided::rows(d),
                         &probabilities(&p, mode),
                         Strided::rows(keys).t(),
@@ -258,7 +272,7 @@ pub fn backward<T: Real>(
                     );
                     gemm_strided(
                         (keys, d, rows),
-                        &mut dk_t,
+                        &mut dk_t[at..],
                         Strided::rows(d),
                         &ds,
                         Strided::rows(keys).t(),
