@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::config_args::ConfigArgs;
 use crate::progress::Display;
 use clap::Args;
-use qpeft::backend::collective::{Collective, Threads};
+use qpeft::backend::collective::{Collective, Tcp, Threads};
 use qpeft::backend::{Backend, Device};
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::tokenizer::Tokenizer;
@@ -48,7 +48,37 @@ fn describe(e: &Option<Evaluation>) -> String {
     }
 }
 
+/// One rank of a torchrun-style launch: the process's RANK of WORLD_SIZE (> 1), the GPU LOCAL_RANK (default: RANK)
+/// and rank 0's MASTER_ADDR:MASTER_PORT (defaults 127.0.0.1 and 29500, torchrun's).
+struct Launch {
+    rank: usize,
+    world: usize,
+    local_rank: usize,
+    addr: String,
+}
+
+impl Launch {
+    fn from_env() -> Result<Option<Launch>> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let num = |k: &str, v: String| v.parse::<usize>().with_context(|| format!("{k}={v} is not a number"));
+        let Some(world) = var("WORLD_SIZE").map(|v| num("WORLD_SIZE", v)).transpose()?.filter(|&w| w > 1) else {
+            return Ok(None);
+        };
+        let rank = num("RANK", var("RANK").context("WORLD_SIZE is set but RANK is not")?)?;
+        let local_rank = var("LOCAL_RANK").map(|v| num("LOCAL_RANK", v)).transpose()?.unwrap_or(rank);
+        let addr = format!(
+            "{}:{}",
+            var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+            var("MASTER_PORT").unwrap_or_else(|| "29500".into())
+        );
+        Ok(Some(Launch { rank, world, local_rank, addr }))
+    }
+}
+
 pub fn run(args: TrainArgs, devices: Option<Vec<Device>>) -> Result<()> {
+    if let Some(launch) = Launch::from_env()? {
+        return train_launched(&args, devices, launch);
+    }
     let (cfg, run) = match &args.resume {
         Some(_) if args.config.given() => bail!("--resume takes the run's own config.toml; give no --config"),
         Some(dir) => {
@@ -107,8 +137,8 @@ fn train_threads<B: Backend + 'static>(
                 let dir = if rank == 0 { run.take() } else { None };
                 let (model, tok, ckpt, path) = (&model, &tok, &ckpt, &path);
                 s.spawn(move || -> Result<()> {
-                    run_rank(args, cfg, (model, tok, ckpt), dir, path, world, &comm)?;
-                    comm.finish();
+                    run_rank(args, cfg, (model, tok, ckpt), rank_dir(dir, path)?, world, false, &comm)?;
+                    Collective::<B>::finish(&comm);
                     Ok(())
                 })
             })
@@ -116,6 +146,80 @@ fn train_threads<B: Backend + 'static>(
         handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
     });
     first_failure(results)
+}
+
+/// This process as one rank of a torchrun-style launch. Rank 0 starts (or resumes) the run directory and then listens
+/// for the others, which open it once they have joined; the ranks sum through `Tcp` (on the CPU) or NCCL with rank 0's
+/// group id sent over it (on GPUs: cuda:LOCAL_RANK, in the precision --device or [device] names).
+fn train_launched(args: &TrainArgs, devices: Option<Vec<Device>>, launch: Launch) -> Result<()> {
+    let Launch { rank, world, local_rank, addr } = launch;
+    let (cfg, run, tcp) = if rank == 0 {
+        let (cfg, run) = match &args.resume {
+            Some(_) if args.config.given() => bail!("--resume takes the run's own config.toml; give no --config"),
+            Some(dir) => {
+                let (run, cfg) = RunDir::resume(dir, &args.config.edits())?;
+                (cfg, run)
+            }
+            None => {
+                let cfg = args.config.run_config()?;
+                (cfg.clone(), RunDir::start(&cfg, args.overwrite)?)
+            }
+        };
+        let tcp = Tcp::join(rank, world, &addr)?;
+        (cfg, run, tcp)
+    } else {
+        let tcp = Tcp::join(rank, world, &addr)?;
+        let (cfg, path) = match &args.resume {
+            Some(dir) => (RunConfig::compose(&[dir.join("config.toml")], &args.config.edits())?, dir.clone()),
+            None => {
+                let cfg = args.config.run_config()?;
+                let path = cfg.train.out_dir.clone();
+                (cfg, path)
+            }
+        };
+        (cfg, RunDir::open(&path)?, tcp)
+    };
+    let device = match devices {
+        Some(d) => d[0],
+        None => Device::parse_list(&cfg.device.name)?[0],
+    };
+    let body = || -> Result<()> {
+        match device {
+            Device::Cuda(_, precision) => launched_gpu(args, &cfg, run, local_rank, precision, tcp),
+            _ => crate::device::on_device!(device, be => {
+                let (model, tok, ckpt) = load_model(&cfg, be, &mut |_, _| {})?;
+                run_rank(args, &cfg, (&model, &tok, &ckpt), run, world, true, &tcp)
+            }),
+        }
+    };
+    rayon::scope(|_| body())
+}
+
+#[cfg(feature = "cuda")]
+fn launched_gpu(
+    args: &TrainArgs,
+    cfg: &RunConfig,
+    run: RunDir,
+    local_rank: usize,
+    precision: qpeft::backend::Precision,
+    tcp: Tcp,
+) -> Result<()> {
+    use qpeft::backend::cuda::nccl::{GroupId, Nccl};
+    use qpeft::backend::cuda::Cuda;
+    let world = Collective::<Cuda>::world(&tcp);
+    let mut id = if Collective::<Cuda>::rank(&tcp) == 0 { Nccl::id()?.to_bytes() } else { [0u8; 128] };
+    tcp.broadcast(&mut id)?;
+    let be = Cuda::new(local_rank, precision)?;
+    let comm = Nccl::join(&be, Box::new(tcp), GroupId::from_bytes(id))?;
+    let (model, tok, ckpt) = load_model(cfg, be, &mut |_, _| {})?;
+    run_rank(args, cfg, (&model, &tok, &ckpt), run, world, true, &comm)?;
+    comm.finish();
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn launched_gpu(_: &TrainArgs, _: &RunConfig, _: RunDir, _: usize, _: qpeft::backend::Precision, _: Tcp) -> Result<()> {
+    bail!("this qpeft was built without CUDA support: rebuild with `cargo build --release --features cuda`")
 }
 
 /// One data-parallel rank per GPU, each a thread of this process with its own backend and model, summing gradients
@@ -139,9 +243,9 @@ fn train_gpus(args: &TrainArgs, cfg: &RunConfig, run: RunDir, devices: &[Device]
                 s.spawn(move || -> Result<()> {
                     let Device::Cuda(ordinal, precision) = device else { unreachable!("a list of GPUs") };
                     let be = Cuda::new(ordinal, precision)?;
-                    let comm = Nccl::join(&be, host, id)?;
+                    let comm = Nccl::join(&be, Box::new(host), id)?;
                     let (model, tok, ckpt) = load_model(cfg, be, &mut |_, _| {})?;
-                    run_rank(args, cfg, (&model, &tok, &ckpt), dir, path, world, &comm)?;
+                    run_rank(args, cfg, (&model, &tok, &ckpt), rank_dir(dir, path)?, world, false, &comm)?;
                     comm.finish();
                     Ok(())
                 })
@@ -157,27 +261,39 @@ fn train_gpus(_: &TrainArgs, _: &RunConfig, _: RunDir, _: &[Device]) -> Result<(
     bail!("this qpeft was built without CUDA support: rebuild with `cargo build --release --features cuda`")
 }
 
-/// One data-parallel rank: rank 0 writes `dir` (the run it started or resumed) and reports; the others open the run
-/// at `path` to read its checkpoint and train their share.
+/// A thread rank's run directory: rank 0's (started or resumed, locked), or the run at `path` opened to read.
+fn rank_dir(dir: Option<RunDir>, path: &std::path::Path) -> Result<RunDir> {
+    Ok(match dir {
+        Some(d) => d,
+        None => RunDir::open(path)?,
+    })
+}
+
+/// One data-parallel rank: rank 0 writes `dir` (the run it started or resumed) and reports; the others read its
+/// checkpoint and train their share. `own_process`: a rank launched as a process of its own hears its signals.
 fn run_rank<B: Backend + 'static>(
     args: &TrainArgs,
     cfg: &RunConfig,
     (model, tok, ckpt): (&Decoder<B>, &Tokenizer, &Checkpoint),
-    dir: Option<RunDir>,
-    path: &std::path::Path,
+    dir: RunDir,
     world: usize,
+    own_process: bool,
     comm: &dyn Collective<B>,
 ) -> Result<()> {
-    let dir = match dir {
-        Some(d) => d,
-        None => RunDir::open(path)?,
-    };
     let mut trainer = Trainer::for_rank(cfg, model, tok, dir, args.resume.is_some(), comm)?;
     if comm.rank() == 0 {
         return report(args, cfg, ckpt, trainer, world);
     }
-    // Rank 0 hears the signals and tells the others at the next step (`Collective::any`).
-    trainer.run(&mut |_| {}, &std::sync::atomic::AtomicBool::new(false))?;
+    if !own_process {
+        // Rank 0 hears this process's signals and tells the others at the next step (`Collective::any`).
+        trainer.run(&mut |_| {}, &std::sync::atomic::AtomicBool::new(false))?;
+        return Ok(());
+    }
+    // A rank of its own process hears its signals too: every rank stops after the same step.
+    let interrupt = crate::interrupt::Interrupt::install("finishing the current step (rank 0 saves the checkpoint)")?;
+    if trainer.run(&mut |_| {}, &interrupt.stop)?.interrupted {
+        std::process::exit(interrupt.exit_code());
+    }
     Ok(())
 }
 

@@ -148,10 +148,12 @@ fn a_second_signal_quits_at_once_and_keeps_the_earlier_checkpoints() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), 400);
     let run = d.path().join("run");
-    // Long steps (16 micro-batches), so that the second signal arrives while the first one's step is in flight.
-    let child = spawn_train(&cfg, &["--set", "train.grad_accum=16"]);
+    // Long steps (32 micro-batches, ≥ 0.1 s), so that both signals arrive while step 9 is in flight: the first a
+    // moment after checkpoint 8 appears (had it come before step 9 began, the run would stop at once, cleanly).
+    let child = spawn_train(&cfg, &["--set", "train.grad_accum=32"]);
     wait_for(&run.join("checkpoints/step-0000008"));
     let before = snapshot(&run.join("checkpoints"));
+    std::thread::sleep(Duration::from_millis(30));
     signal(&child, "INT");
     std::thread::sleep(Duration::from_millis(20));
     signal(&child, "INT");
@@ -476,7 +478,8 @@ fn adapter_values(run: &Path) -> Vec<(String, Vec<f32>)> {
 /// Data-parallel on the CPU (issue 25): two thread ranks with one micro-batch each give the adapter of one rank
 /// accumulating the same two micro-batches (same examples, same dropout masks; gradients summed across ranks), to
 /// f32 summation-order noise — and a 2-rank run killed mid-training and resumed ends bit-identical to an
-/// uninterrupted one, also when resumed on one rank with the global batch kept (grad_accum 2).
+/// uninterrupted one, also when resumed on one rank with the global batch kept (grad_accum 2); two processes launched
+/// torchrun-style give the thread ranks' adapter bit for bit.
 #[test]
 fn two_thread_ranks_train_as_one_rank_accumulating_and_resume_exactly() {
     let steps = 40;
@@ -509,6 +512,32 @@ fn two_thread_ranks_train_as_one_rank_accumulating_and_resume_exactly() {
     assert!(worst <= 1e-5, "2 ranks vs 1 rank accumulating 2: relative difference {worst:e}");
     assert_eq!(steps_logged(&run2), (1..=steps).collect::<Vec<_>>(), "rank 0 alone logs each step");
     let two_ranks = adapter_bytes(&run2);
+
+    // The same two ranks as processes launched torchrun-style (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the
+    // same sums in the same order, so the same bits.
+    let procs = tempfile::tempdir().unwrap();
+    let cfg3 = config(procs.path(), steps);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let launch = |rank: &str| {
+        Command::new(env!("CARGO_BIN_EXE_qpeft"))
+            .args(["--threads", "1", "--device", "cpu:f32", "train", "--config", cfg3.to_str().unwrap()])
+            .args(["--set", "train.grad_accum=1"])
+            .envs([("RANK", rank), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)])
+            .current_dir(root())
+            .output()
+            .unwrap()
+    };
+    let (zero, one) = std::thread::scope(|s| {
+        let one = s.spawn(|| launch("1"));
+        (launch("0"), one.join().unwrap())
+    });
+    assert!(
+        zero.status.success() && one.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&zero.stderr),
+        String::from_utf8_lossy(&one.stderr)
+    );
+    assert!(adapter_bytes(&procs.path().join("run")) == two_ranks, "two processes differ from two thread ranks");
 
     // Killed (SIGKILL) after its second checkpoint, resumed with the same ranks, and again on one rank.
     for resume_on in [&ranks[..], &["--device", "cpu:f32"][..]] {

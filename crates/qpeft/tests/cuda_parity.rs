@@ -721,7 +721,7 @@ fn one_rank_through_nccl_trains_bit_for_bit_as_the_plain_path() {
             let be = Cuda::new(0, precision).unwrap();
             let m = Decoder::load_quantized(&ckpt, be, Some(&qlora_nf4()), &mut |_, _| ()).unwrap();
             let comm: Box<dyn Collective<Cuda>> = if through_nccl {
-                let host = qpeft::backend::collective::Threads::group(1).pop().unwrap();
+                let host = Box::new(qpeft::backend::collective::Threads::group(1).pop().unwrap());
                 Box::new(Nccl::join(&m.backend, host, Nccl::id().unwrap()).unwrap())
             } else {
                 Box::new(Solo)

@@ -13,13 +13,13 @@
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use super::{device_err, Cuda};
-use crate::backend::collective::{Collective, Threads};
+use crate::backend::collective::Collective;
 use crate::error::{DeviceFailure, Error, Result};
 
 /// One rank's NCCL communicator.
 pub struct Nccl {
     comm: Comm,
-    host: Threads,
+    host: Box<dyn Collective<Cuda>>,
 }
 
 // SAFETY: a communicator is used by the one rank (thread) that owns it; NCCL allows a communicator to be used from
@@ -30,6 +30,16 @@ unsafe impl Sync for Nccl {}
 /// The group's identity: made once (by rank 0, or by the launcher) and given to every rank.
 #[derive(Clone, Copy)]
 pub struct GroupId(Id);
+
+impl GroupId {
+    /// Its 128 bytes, to send to ranks in other processes.
+    pub fn to_bytes(&self) -> [u8; 128] {
+        self.0.internal().map(|c| c as u8)
+    }
+    pub fn from_bytes(bytes: [u8; 128]) -> GroupId {
+        GroupId(Id::uninit(bytes.map(|b| b as core::ffi::c_char)))
+    }
+}
 
 impl Nccl {
     /// A new group identity; fails with an explanation when libnccl cannot be loaded.
@@ -46,19 +56,15 @@ impl Nccl {
         Id::new().map(GroupId).map_err(|e| device_err("NCCL: making a group id", format!("{e:?}")))
     }
 
-    /// Joins `host`'s rank of its group on `be`'s GPU. Every rank first meets the others on the host (a rank that
-    /// failed before makes this an error rather than a wait), then joins NCCL, which waits for all of them.
-    pub fn join(be: &Cuda, host: Threads, id: GroupId) -> Result<Nccl> {
-        let (rank, world) = (Collective::<Cuda>::rank(&host), Collective::<Cuda>::world(&host));
-        Collective::<Cuda>::all_reduce_host(&host, &mut [])?;
+    /// Joins `host`'s rank of its group on `be`'s GPU (`host`: the ranks' group for host values — `Threads` in one
+    /// process, `Tcp` across processes). Every rank first meets the others on the host (a rank that failed before
+    /// makes this an error rather than a wait), then joins NCCL, which waits for all of them.
+    pub fn join(be: &Cuda, host: Box<dyn Collective<Cuda>>, id: GroupId) -> Result<Nccl> {
+        let (rank, world) = (host.rank(), host.world());
+        host.all_reduce_host(&mut [])?;
         let comm = Comm::from_rank(be.stream.clone(), rank, world, id.0)
             .map_err(|e| device_err(&format!("NCCL: joining rank {rank} of {world}"), format!("{e:?}")))?;
         Ok(Nccl { comm, host })
-    }
-
-    /// This rank's work is done (see `Threads::finish`).
-    pub fn finish(self) {
-        self.host.finish();
     }
 }
 
@@ -76,6 +82,9 @@ impl Collective<Cuda> for Nccl {
             .map_err(|e| device_err("NCCL: all-reduce", format!("{e:?}")))
     }
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
-        Collective::<Cuda>::all_reduce_host(&self.host, values)
+        self.host.all_reduce_host(values)
+    }
+    fn finish(&self) {
+        self.host.finish();
     }
 }
