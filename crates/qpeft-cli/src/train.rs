@@ -75,22 +75,27 @@ impl Launch {
     }
 }
 
-pub fn run(args: TrainArgs, devices: Option<Vec<Device>>) -> Result<()> {
-    if let Some(launch) = Launch::from_env()? {
-        return train_launched(&args, devices, launch);
-    }
-    let (cfg, run) = match &args.resume {
+/// The config and run directory of the process that writes the run: a new run from --config, or --resume's.
+fn writer_run(args: &TrainArgs) -> Result<(RunConfig, RunDir)> {
+    match &args.resume {
         Some(_) if args.config.given() => bail!("--resume takes the run's own config.toml; give no --config"),
         Some(dir) => {
             let (run, cfg) = RunDir::resume(dir, &args.config.edits())?;
-            (cfg, run)
+            Ok((cfg, run))
         }
         None => {
             let cfg = args.config.run_config()?;
             let run = RunDir::start(&cfg, args.overwrite)?;
-            (cfg, run)
+            Ok((cfg, run))
         }
-    };
+    }
+}
+
+pub fn run(args: TrainArgs, devices: Option<Vec<Device>>) -> Result<()> {
+    if let Some(launch) = Launch::from_env()? {
+        return train_launched(&args, devices, launch);
+    }
+    let (cfg, run) = writer_run(&args)?;
     let devices = match devices {
         Some(d) => d,
         None => Device::parse_list(&cfg.device.name)?,
@@ -154,17 +159,7 @@ fn train_threads<B: Backend + 'static>(
 fn train_launched(args: &TrainArgs, devices: Option<Vec<Device>>, launch: Launch) -> Result<()> {
     let Launch { rank, world, local_rank, addr } = launch;
     let (cfg, run, tcp) = if rank == 0 {
-        let (cfg, run) = match &args.resume {
-            Some(_) if args.config.given() => bail!("--resume takes the run's own config.toml; give no --config"),
-            Some(dir) => {
-                let (run, cfg) = RunDir::resume(dir, &args.config.edits())?;
-                (cfg, run)
-            }
-            None => {
-                let cfg = args.config.run_config()?;
-                (cfg.clone(), RunDir::start(&cfg, args.overwrite)?)
-            }
-        };
+        let (cfg, run) = writer_run(args)?;
         let tcp = Tcp::join(rank, world, &addr)?;
         (cfg, run, tcp)
     } else {
