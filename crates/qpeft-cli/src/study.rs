@@ -226,12 +226,15 @@ fn worker(
             display.update(&format!("{tag}{cell}: evaluating at step {step}: {what}"), *done as u64, *total as u64, "")
         }
     };
+    let numerics = &device.numerics();
     let outcome = match device {
-        Device::Cpu => run(study, dir, shard, &|| Ok(qpeft::backend::cpu::Cpu::new()), &mut progress, stop)?,
-        Device::CpuBf16 => run(study, dir, shard, &|| Ok(qpeft::backend::cpu::Cpu::bf16_amx()), &mut progress, stop)?,
+        Device::Cpu => run(study, dir, shard, numerics, &|| Ok(qpeft::backend::cpu::Cpu::new()), &mut progress, stop)?,
+        Device::CpuBf16 => {
+            run(study, dir, shard, numerics, &|| Ok(qpeft::backend::cpu::Cpu::bf16_amx()), &mut progress, stop)?
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda(n, precision) => {
-            run(study, dir, shard, &|| qpeft::backend::cuda::Cuda::new(n, precision), &mut progress, stop)?
+            run(study, dir, shard, numerics, &|| qpeft::backend::cuda::Cuda::new(n, precision), &mut progress, stop)?
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(..) => {

@@ -142,6 +142,15 @@ fn a_killed_study_reruns_to_the_same_results_and_shards_share_a_directory() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!killed.join("cells/r-4__seed-1/summary.json").exists(), "killed mid-cell");
+    // The cell records its numerics; continuing it on others is refused (a result would mix two precisions).
+    let numerics = std::fs::read_to_string(killed.join("cells/r-4__seed-1/numerics")).unwrap();
+    let other = if numerics == "cpu:f32" { "cpu:bf16" } else { "cpu:f32" };
+    let e = qpeft(&["--threads", "1", "study", "run", file, "--out", killed.to_str().unwrap(), "--devices", other]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && err.contains(&format!("was started on {numerics} and this worker runs {other}")),
+        "{err}"
+    );
     ok(&qpeft(&["--threads", "1", "study", "run", file, "--out", killed.to_str().unwrap()]));
     assert!(results(&killed) == want, "a killed and rerun study differs from an uninterrupted one");
     assert_eq!(report(&killed), want_report);

@@ -86,6 +86,15 @@ pub fn binary_exponent(x: f32) -> i32 {
 }
 
 impl Device {
+    /// What decides the device's numbers, without the GPU's ordinal: `cpu:f32`, `cpu:bf16`, `cuda:f16`, … A run
+    /// continued on other numerics would mix two precisions in one result.
+    pub fn numerics(&self) -> String {
+        match self {
+            Device::Cuda(_, p) => format!("cuda:{}", p.name()),
+            d => d.to_string(),
+        }
+    }
+
     /// A comma-separated list of devices of one kind and precision (`cpu:f32,cpu:f32` — thread ranks of one process
     /// — or `cuda:0,cuda:1`, and `cuda:all[:f16|:bf16|:f32]` for every GPU): one data-parallel rank each. A single
     /// device is a list of one.

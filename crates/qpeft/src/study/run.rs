@@ -85,6 +85,9 @@ pub enum StudyProgress<'a> {
     Train(&'a Progress),
 }
 
+/// The file in a cell's run directory naming the numerics it runs on (`Device::numerics`).
+pub const NUMERICS: &str = "numerics";
+
 /// How a worker's run ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
@@ -94,11 +97,14 @@ pub struct Outcome {
     pub interrupted: bool,
 }
 
-/// Runs this worker's share of `study` in `dir`, one cell after the other, each on a backend from `backend`.
+/// Runs this worker's share of `study` in `dir`, one cell after the other, each on a backend from `backend`, whose
+/// numerics (`Device::numerics`) are `numerics`: a cell started on other numerics is refused rather than continued.
+#[allow(clippy::too_many_arguments)]
 pub fn run<B: Backend + 'static>(
     study: &Study,
     dir: &Path,
     shard: Shard,
+    numerics: &str,
     backend: &dyn Fn() -> Result<B>,
     progress: &mut dyn FnMut(StudyProgress),
     stop: &AtomicBool,
@@ -116,7 +122,7 @@ pub fn run<B: Backend + 'static>(
         }
         let done = study.cells.iter().filter(|c| cell_state(dir, c) == CellState::Done).count();
         progress(StudyProgress::Cell { index, total, id: &cell.id, done });
-        if run_cell(cell, dir, backend, progress, stop)? {
+        if run_cell(cell, dir, numerics, backend, progress, stop)? {
             return Ok(Outcome { ran, interrupted: true });
         }
         ran.push(cell.id.clone());
@@ -128,6 +134,7 @@ pub fn run<B: Backend + 'static>(
 fn run_cell<B: Backend + 'static>(
     cell: &Cell,
     dir: &Path,
+    numerics: &str,
     backend: &dyn Fn() -> Result<B>,
     progress: &mut dyn FnMut(StudyProgress),
     stop: &AtomicBool,
@@ -144,13 +151,29 @@ fn run_cell<B: Backend + 'static>(
                 out.display()
             )));
         }
+        let recorded = out.join(NUMERICS);
+        match std::fs::read_to_string(&recorded) {
+            Ok(was) if was.trim() != numerics => {
+                return Err(Error::Invalid(format!(
+                    "{} was started on {} and this worker runs {numerics}: continue it with --devices {0}, or remove \
+                     that cell's directory to run it afresh",
+                    out.display(),
+                    was.trim()
+                )))
+            }
+            Ok(_) => {}
+            // Cells started before the numerics were recorded: from now on they are.
+            Err(_) => crate::formats::write_atomic(&recorded, numerics.as_bytes())?,
+        }
         RunDir::open(&out)?
     } else {
         // A directory without config.toml is a start that was killed before writing it: nothing in it to keep.
         if out.exists() {
             std::fs::remove_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         }
-        RunDir::start(&cfg, false)?
+        let run = RunDir::start(&cfg, false)?;
+        crate::formats::write_atomic(&out.join(NUMERICS), numerics.as_bytes())?;
+        run
     };
     let (model, tok, _) = load_model(&cfg, backend()?, &mut |_, _| {})?;
     let mut trainer = Trainer::new(&cfg, &model, &tok, run, resume)?;
