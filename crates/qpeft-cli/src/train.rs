@@ -131,26 +131,41 @@ fn train_threads<B: Backend + 'static>(
     let (model, tok, ckpt) =
         load_model(cfg, be, &mut |done, total| display.update("loading blocks", done as u64, total as u64, ""))?;
     display.finish();
+    on_rank_threads(run, Threads::group(world), |comm, dir| {
+        run_rank(args, cfg, (&model, &tok, &ckpt), dir, world, false, &comm)?;
+        Collective::<B>::finish(&comm);
+        Ok(())
+    })
+}
+
+/// Runs `body` on a thread per rank, each with its item of `ranks` (rank i takes item i) and its run directory: rank
+/// 0 the run it started or resumed, the others the same run opened to read. The outcome is the first error that is not
+/// another rank's stop (which only echoes it), else any error.
+fn on_rank_threads<T: Send>(run: RunDir, ranks: Vec<T>, body: impl Fn(T, RunDir) -> Result<()> + Sync) -> Result<()> {
     let path = run.path.clone();
     let mut run = Some(run);
-    let ranks = Threads::group(world);
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let dir = if rank == 0 { run.take() } else { None };
-                let (model, tok, ckpt, path) = (&model, &tok, &ckpt, &path);
-                s.spawn(move || -> Result<()> {
-                    run_rank(args, cfg, (model, tok, ckpt), rank_dir(dir, path)?, world, false, &comm)?;
-                    Collective::<B>::finish(&comm);
-                    Ok(())
+            .map(|item| {
+                let (dir, path, body) = (run.take(), &path, &body);
+                s.spawn(move || {
+                    let dir = match dir {
+                        Some(d) => d,
+                        None => RunDir::open(path)?,
+                    };
+                    body(item, dir)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
     });
-    first_failure(results)
+    let echo = |e: &anyhow::Error| e.to_string().contains("data-parallel rank");
+    let mut errors: Vec<anyhow::Error> = results.into_iter().filter_map(|r| r.err()).collect();
+    match errors.iter().position(|e| !echo(e)) {
+        Some(i) => Err(errors.swap_remove(i)),
+        None => errors.into_iter().next().map_or(Ok(()), Err),
+    }
 }
 
 /// This process as one rank of a torchrun-style launch. Rank 0 starts (or resumes) the run directory and then listens
@@ -225,43 +240,21 @@ fn train_gpus(args: &TrainArgs, cfg: &RunConfig, run: RunDir, devices: &[Device]
     use qpeft::backend::cuda::Cuda;
     let world = devices.len();
     let id = Nccl::id()?;
-    let path = run.path.clone();
-    let mut run = Some(run);
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = devices
-            .iter()
-            .zip(Threads::group(world))
-            .enumerate()
-            .map(|(rank, (&device, host))| {
-                let dir = if rank == 0 { run.take() } else { None };
-                let path = &path;
-                s.spawn(move || -> Result<()> {
-                    let Device::Cuda(ordinal, precision) = device else { unreachable!("a list of GPUs") };
-                    let be = Cuda::new(ordinal, precision)?;
-                    let comm = Nccl::join(&be, Box::new(host), id)?;
-                    let (model, tok, ckpt) = load_model(cfg, be, &mut |_, _| {})?;
-                    run_rank(args, cfg, (&model, &tok, &ckpt), rank_dir(dir, path)?, world, false, &comm)?;
-                    comm.finish();
-                    Ok(())
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
-    });
-    first_failure(results)
+    let ranks: Vec<(Device, Threads)> = devices.iter().copied().zip(Threads::group(world)).collect();
+    on_rank_threads(run, ranks, |(device, host), dir| {
+        let Device::Cuda(ordinal, precision) = device else { unreachable!("a list of GPUs") };
+        let be = Cuda::new(ordinal, precision)?;
+        let comm = Nccl::join(&be, Box::new(host), id)?;
+        let (model, tok, ckpt) = load_model(cfg, be, &mut |_, _| {})?;
+        run_rank(args, cfg, (&model, &tok, &ckpt), dir, world, false, &comm)?;
+        comm.finish();
+        Ok(())
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
 fn train_gpus(_: &TrainArgs, _: &RunConfig, _: RunDir, _: &[Device]) -> Result<()> {
     bail!("this qpeft was built without CUDA support: rebuild with `cargo build --release --features cuda`")
-}
-
-/// A thread rank's run directory: rank 0's (started or resumed, locked), or the run at `path` opened to read.
-fn rank_dir(dir: Option<RunDir>, path: &std::path::Path) -> Result<RunDir> {
-    Ok(match dir {
-        Some(d) => d,
-        None => RunDir::open(path)?,
-    })
 }
 
 /// One data-parallel rank: rank 0 writes `dir` (the run it started or resumed) and reports; the others read its
@@ -292,18 +285,8 @@ fn run_rank<B: Backend + 'static>(
     Ok(())
 }
 
-/// The ranks' outcome: the first error that is not another rank's stop (which only echoes it), else any error.
-pub(crate) fn first_failure(results: Vec<Result<()>>) -> Result<()> {
-    let echo = |e: &anyhow::Error| e.to_string().contains("data-parallel rank");
-    let mut errors: Vec<anyhow::Error> = results.into_iter().filter_map(|r| r.err()).collect();
-    match errors.iter().position(|e| !echo(e)) {
-        Some(i) => Err(errors.swap_remove(i)),
-        None => errors.into_iter().next().map_or(Ok(()), Err),
-    }
-}
-
 /// Rank 0's trainer: the run's description, progress bars, the signal handling, and the summary.
-pub(crate) fn report<B: Backend + 'static>(
+fn report<B: Backend + 'static>(
     args: &TrainArgs,
     cfg: &RunConfig,
     ckpt: &Checkpoint,

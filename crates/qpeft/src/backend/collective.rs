@@ -23,8 +23,26 @@ pub trait Collective<B: Backend>: Send + Sync {
     fn rank(&self) -> usize;
     /// Ranks in the group.
     fn world(&self) -> usize;
-    /// buf ← Σ over ranks of buf, the same bits on every rank.
-    fn all_reduce(&self, be: &B, buf: &mut B::Buf) -> Result<()>;
+    /// Every buffer ← its Σ over ranks, the same bits on every rank. By default through the host in one exchange (the
+    /// buffers' f32 values summed in f64 by `all_reduce_host`, then rounded once: a sum of two ranks is the correctly
+    /// rounded one); NCCL sums on the devices.
+    fn all_reduce(&self, be: &B, bufs: &mut [&mut B::Buf]) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        let mut values = Vec::new();
+        for b in bufs.iter() {
+            values.extend(be.download(b)?.into_iter().map(f64::from));
+        }
+        self.all_reduce_host(&mut values)?;
+        let mut rest = &values[..];
+        for b in bufs.iter_mut() {
+            let (mine, after) = rest.split_at(be.len(b));
+            **b = be.upload(&mine.iter().map(|&v| v as f32).collect::<Vec<f32>>())?;
+            rest = after;
+        }
+        Ok(())
+    }
     /// values ← Σ over ranks of values, on the host (losses, token counts, flags), the same on every rank.
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()>;
 
@@ -50,7 +68,7 @@ impl<B: Backend> Collective<B> for Solo {
     fn world(&self) -> usize {
         1
     }
-    fn all_reduce(&self, _: &B, _: &mut B::Buf) -> Result<()> {
+    fn all_reduce(&self, _: &B, _: &mut [&mut B::Buf]) -> Result<()> {
         Ok(())
     }
     fn all_reduce_host(&self, _: &mut [f64]) -> Result<()> {
@@ -163,17 +181,6 @@ impl<B: Backend> Collective<B> for Threads {
     }
     fn world(&self) -> usize {
         self.shared.world
-    }
-    /// Through the host: f32 values summed in f64 and rounded once, so a sum of two ranks is the correctly rounded
-    /// one.
-    fn all_reduce(&self, be: &B, buf: &mut B::Buf) -> Result<()> {
-        if self.shared.world == 1 {
-            return Ok(());
-        }
-        let values = be.download(buf)?.into_iter().map(f64::from).collect();
-        let sum = self.exchange(values)?;
-        *buf = be.upload(&sum.iter().map(|&v| v as f32).collect::<Vec<f32>>())?;
-        Ok(())
     }
     /// With no values: a barrier.
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
@@ -316,16 +323,6 @@ impl<B: Backend> Collective<B> for Tcp {
     fn world(&self) -> usize {
         self.world
     }
-    /// Through the host, as `Threads`.
-    fn all_reduce(&self, be: &B, buf: &mut B::Buf) -> Result<()> {
-        if self.world == 1 {
-            return Ok(());
-        }
-        let mut values: Vec<f64> = be.download(buf)?.into_iter().map(f64::from).collect();
-        self.exchange(&mut values)?;
-        *buf = be.upload(&values.iter().map(|&v| v as f32).collect::<Vec<f32>>())?;
-        Ok(())
-    }
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
         if self.world == 1 {
             return Ok(());
@@ -353,8 +350,9 @@ mod tests {
                         let mut out = (Vec::new(), Vec::new(), false);
                         // Several rounds back to back: a fast rank must not take a slow one's round.
                         for round in 0..50 {
-                            let mut buf = vec![r + round as f32, 1.0, 0.1 * r];
-                            comm.all_reduce(be, &mut buf).unwrap();
+                            let (mut buf, mut two) = (vec![r + round as f32, 1.0, 0.1 * r], vec![r]);
+                            comm.all_reduce(be, &mut [&mut buf, &mut two]).unwrap();
+                            assert_eq!(two, vec![3.0]);
                             let mut host = [r as f64 * 0.5, round as f64];
                             Collective::<Cpu>::all_reduce_host(&comm, &mut host).unwrap();
                             let any = Collective::<Cpu>::any(&comm, comm.rank == 2 && round == 49).unwrap();
@@ -405,7 +403,7 @@ mod tests {
                         t.broadcast(&mut id).unwrap();
                         let r = rank as f32;
                         let mut buf = vec![r, 1.0, 0.1 * r];
-                        Collective::<Cpu>::all_reduce(&t, be, &mut buf).unwrap();
+                        Collective::<Cpu>::all_reduce(&t, be, &mut [&mut buf]).unwrap();
                         let mut host = [r as f64 * 0.5, 2.0];
                         Collective::<Cpu>::all_reduce_host(&t, &mut host).unwrap();
                         (buf, host.to_vec(), id)

@@ -126,9 +126,8 @@ impl StepRecipe {
             totals[2] += batch.input.mask.iter().filter(|&&m| m != 0).count() as f64;
         }
         // (A group of one still goes through its collective: NCCL with one rank must leave the sums as they are.)
-        for p in set.params_mut() {
-            comm.all_reduce(be, p.grad_mut(be)?)?;
-        }
+        let mut grads = set.params_mut().into_iter().map(|p| p.grad_mut(be)).collect::<Result<Vec<_>>>()?;
+        comm.all_reduce(be, &mut grads)?;
         comm.all_reduce_host(&mut totals)?;
         let [loss, tokens, input_tokens] = totals;
         let (tokens, input_tokens) = (tokens as usize, input_tokens as usize);

@@ -75,11 +75,13 @@ impl Collective<Cuda> for Nccl {
     fn world(&self) -> usize {
         self.comm.world_size()
     }
-    fn all_reduce(&self, _: &Cuda, buf: &mut <Cuda as crate::backend::Backend>::Buf) -> Result<()> {
-        self.comm
-            .all_reduce_in_place(buf, &ReduceOp::Sum)
-            .map(|_| ())
-            .map_err(|e| device_err("NCCL: all-reduce", format!("{e:?}")))
+    fn all_reduce(&self, _: &Cuda, bufs: &mut [&mut <Cuda as crate::backend::Backend>::Buf]) -> Result<()> {
+        for buf in bufs.iter_mut() {
+            self.comm
+                .all_reduce_in_place(*buf, &ReduceOp::Sum)
+                .map_err(|e| device_err("NCCL: all-reduce", format!("{e:?}")))?;
+        }
+        Ok(())
     }
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
         self.host.all_reduce_host(values)
