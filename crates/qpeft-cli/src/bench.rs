@@ -71,6 +71,9 @@ pub fn run(cmd: BenchCommand, device: Device) -> Result<()> {
 }
 
 fn write_batches(args: &BatchesArgs) -> Result<()> {
+    if args.out.exists() {
+        anyhow::bail!("{} exists: remove it or choose another -o", args.out.display());
+    }
     let cfg = args.config.run_config()?;
     let tok = Checkpoint::open(&cfg.model.path)?.tokenizer()?;
     let micro = first_micro_batches(&cfg, &tok, args.micro_batches)?;

@@ -570,3 +570,46 @@ fn two_thread_ranks_train_as_one_rank_accumulating_and_resume_exactly() {
         }
     }
 }
+
+/// The real-data benchmark's tools: `bench batches` writes the trainer's first micro-batches (refusing to overwrite a
+/// file), and `bench train --batches` runs them padded or packed — the same examples, so the same loss.
+#[test]
+fn bench_batches_run_padded_and_packed_to_the_same_loss() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), 4);
+    let cfg = cfg.to_str().unwrap();
+    let file = d.path().join("batches.jsonl");
+    let out = file.to_str().unwrap();
+    let write = ["bench", "batches", "--config", cfg, "--micro-batches", "3", "-o", out];
+    ok(&qpeft(&write));
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3 * 3, "3 micro-batches of batch_size 3");
+    assert!(lines.iter().all(|l| l["ids"].as_array().unwrap().len() == l["labels"].as_array().unwrap().len()));
+    let again = qpeft(&write);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("exists"));
+    let loss = |packing: &str| {
+        let json = ok(&qpeft(&[
+            "--device",
+            "cpu:f32",
+            "bench",
+            "train",
+            "--config",
+            cfg,
+            "--set",
+            "adapter.dropout=0.0",
+            "--set",
+            &format!("data.packing={packing}"),
+            "--batches",
+            out,
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ]));
+        serde_json::from_str::<serde_json::Value>(&json).unwrap()["loss"].as_f64().unwrap()
+    };
+    let (padded, packed) = (loss("false"), loss("true"));
+    assert!((padded - packed).abs() <= 1e-5 * padded, "padded {padded} vs packed {packed}");
+}
