@@ -3,7 +3,7 @@
 built-in shape, the way HF Trainer runs them (train mode, gradient checkpointing, SDPA, AdamW, clip 0.3).
 
     peer_hf.py --arch llama-7b --seq 2048 --batch 1 --rank 64 [--alpha 16] [--steps 5] [--warmup 1]
-               [--no-checkpointing] [--batches FILE --collator padded|flatten]
+               [--no-checkpointing] [--batches FILE --collator padded|flatten] [--liger]
 
 Base: every block linear bitsandbytes NF4 with double quantization, bf16 compute (the QLoRA recipe); embeddings,
 norms and head bf16. LoRA on all seven projections. Tokens: seeded random ids, labels = ids. Prints the median
@@ -11,7 +11,9 @@ tokens/s of the timed steps and torch's peak allocated memory (max_memory_alloca
 JSON too. With --batches (a `qpeft bench batches` file: one example per line, {"ids", "labels"}), each step takes the
 next --batch examples in turn, collated as HF Trainer would: right-padded (DataCollatorForSeq2Seq-style, labels −100
 on padding) or padding-free (transformers' DataCollatorWithFlattening: one row, position ids restarting per
-example); tokens/s then counts real tokens over the timed steps' time. On the GPU machine bitsandbytes comes from the carried wheel (see scripts/gpu/bench.sh)."""
+example); tokens/s then counts real tokens over the timed steps' time. With --liger, the second peer: the same HF
+recipe with Liger-Kernel's Triton kernels patched in (RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy that
+never materialises the logits), as `apply_liger_kernel_to_llama`/`_qwen2` does it for HF Trainer users. On the GPU machine bitsandbytes comes from the carried wheel (see scripts/gpu/bench.sh)."""
 import argparse
 import json
 import statistics
@@ -40,6 +42,7 @@ def main():
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--batches")
     ap.add_argument("--collator", default="padded", choices=["padded", "flatten"])
+    ap.add_argument("--liger", action="store_true")
     args = ap.parse_args()
 
     import bitsandbytes as bnb
@@ -50,6 +53,14 @@ def main():
     vocab, hidden, inter, layers, heads, kv = SHAPES[args.arch]
     qwen = args.arch.startswith("qwen")
     Config, Model = (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
+    system = "transformers %s + peft %s + bitsandbytes %s" % (transformers.__version__, peft.__version__, bnb.__version__)
+    if args.liger:
+        # Patches the modelling classes, so it must come before the model is built.
+        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
+        patch = apply_liger_kernel_to_qwen2 if qwen else apply_liger_kernel_to_llama
+        patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+        from importlib.metadata import version
+        system += " + liger-kernel %s" % version("liger-kernel")
     cfg = Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                  num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
                  tie_word_embeddings=args.arch == "smollm2-135m", attn_implementation="sdpa",
@@ -131,16 +142,15 @@ def main():
             tokens.append(real)
     step = statistics.median(times)
     rate = sum(tokens) / sum(times) if batches else args.batch * args.seq / step
-    r = {"system": "transformers %s + peft %s + bitsandbytes %s, torch %s" % (transformers.__version__, peft.__version__,
-                                                                            bnb.__version__, torch.__version__),
+    r = {"system": "%s, torch %s" % (system, torch.__version__),
          "arch": args.arch, "batch": args.batch, "seq": args.seq, "rank": args.rank, "trainable": trainable,
          "checkpointing": not args.no_checkpointing, "tokens_per_s": rate, "step_s": step,
          "data": args.batches and "%s (%s)" % (args.batches, args.collator),
          "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
          "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20, "loss": loss.item(), "load_s": load_s,
          "gpu": torch.cuda.get_device_name()}
-    print("peer: %.1f tokens/s, step %.3f s, peak allocated %.0f MiB (reserved %.0f MiB), %d trainable, loss %.4f" % (
-        r["tokens_per_s"], step, r["peak_allocated_mib"], r["peak_reserved_mib"], trainable, r["loss"]))
+    print("peer%s: %.1f tokens/s, step %.3f s, peak allocated %.0f MiB (reserved %.0f MiB), %d trainable, loss %.4f" % (
+        " (liger)" if args.liger else "", r["tokens_per_s"], step, r["peak_allocated_mib"], r["peak_reserved_mib"], trainable, r["loss"]))
     print(json.dumps(r))
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine: qpeft and the transformers + peft + bitsandbytes peer on the same shape, one after the other
-# in one call, and the ratio. Carry .devbin (scripts/gpu/test.sh build) and .whl (the bitsandbytes 0.50.2
+# in one call, and the ratio; with the Liger-Kernel wheel in .whl too, the second peer (peer_hf.py --liger) after them. Carry .devbin (scripts/gpu/test.sh build) and .whl (the bitsandbytes 0.50.2
 # manylinux_2_24 wheel: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 # --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2).
 #   scripts/gpu/bench.sh ARCH SEQ BATCH [STEPS]
@@ -9,17 +9,27 @@ cd "$(dirname "$0")/../.."
 arch=${1:-llama-7b} seq=${2:-2048} batch=${3:-1} steps=${4:-3}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site
-ours=$(.devbin/qpeft --device cuda bench train --config configs/qlora.toml --set adapter.dropout=0.0 --arch "$arch" \
+[ -x /tmp/qpeft ] || { xz -dc .devbin/qpeft.xz > /tmp/qpeft.tmp && chmod +x /tmp/qpeft.tmp && mv /tmp/qpeft.tmp /tmp/qpeft; }
+ours=$(/tmp/qpeft --device cuda bench train --config configs/qlora.toml --set adapter.dropout=0.0 --arch "$arch" \
   --seq "$seq" --batch "$batch" --steps "$steps" --json)
 echo "$ours"
 peer=$(python3 scripts/bench/peer_hf.py --arch "$arch" --seq "$seq" --batch "$batch" --rank 64 --steps "$steps" | tail -1)
 echo "$peer"
-python3 - "$ours" "$peer" <<'PY'
+compare() {
+python3 - "$@" <<'PY'
 import json, sys
 q, p = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(p["system"])
 print("qpeft %.1f tok/s, peak %.0f MiB allocated (%.0f reserved) | peer %.1f tok/s, peak %.0f MiB allocated (%.0f reserved)"
       " | speed %.2fx, memory %.2fx allocated, %.2fx reserved"
       % (q["tokens_per_s"], q["peak_allocated_mib"], q["peak_reserved_mib"], p["tokens_per_s"], p["peak_allocated_mib"],
          p["peak_reserved_mib"], q["tokens_per_s"] / p["tokens_per_s"], q["peak_allocated_mib"] / p["peak_allocated_mib"],
          q["peak_reserved_mib"] / p["peak_reserved_mib"]))
 PY
+}
+compare "$ours" "$peer"
+if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
+  liger=$(python3 scripts/bench/peer_hf.py --liger --arch "$arch" --seq "$seq" --batch "$batch" --rank 64 --steps "$steps" | tail -1)
+  echo "$liger"
+  compare "$ours" "$liger"
+fi

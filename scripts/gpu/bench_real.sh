@@ -3,7 +3,8 @@
 # settings; made here with `qpeft bench batches --config configs/qlora.toml --set model.path=MODEL --set
 # train.batch_size=16 --set train.grad_accum=1 -o .devdata_alpaca/FILE`, carried in .devdata_alpaca) on a built-in
 # shape with random weights: qpeft padded and packed (data.packing), then the transformers + peft + bitsandbytes peer
-# padded and with DataCollatorWithFlattening, one after the other in one call. Carry .devbin, .devdata_alpaca and .whl.
+# padded and with DataCollatorWithFlattening (and the same with Liger-Kernel when its wheel is in .whl), one after the
+# other in one call. Carry .devbin, .devdata_alpaca and .whl.
 #   scripts/gpu/bench_real.sh [ARCH] [BATCHES] [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,7 +18,10 @@ for packing in false true; do
     --set train.grad_accum=1 --set data.packing=$packing --arch "$arch" --batches "$file" --steps "$steps" --warmup 2 \
     | head -2
 done
-for collator in padded flatten; do
-  python3 scripts/bench/peer_hf.py --arch "$arch" --batches "$file" --collator $collator --batch 16 --rank 64 \
-    --steps "$steps" --warmup 2 | head -1
+liger=; ls .whl/liger_kernel-*.whl >/dev/null 2>&1 && liger=--liger
+for peer in "" $liger; do
+  for collator in padded flatten; do
+    python3 scripts/bench/peer_hf.py $peer --arch "$arch" --batches "$file" --collator $collator --batch 16 --rank 64 \
+      --steps "$steps" --warmup 2 | head -1
+  done
 done
