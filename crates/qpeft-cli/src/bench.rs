@@ -176,13 +176,14 @@ fn train_on<B: Backend + 'static>(args: &TrainBench, be: B) -> Result<()> {
             None => format!("batch {} × {} tokens", r.batch, r.seq),
         };
         println!(
-            "{} on {}: {} {} base, {} trainable, {shape}, checkpointing {} (loaded in {load_s:.0} s)",
+            "{} on {}: {} {} base, {} trainable, {shape}, checkpointing {}{} (loaded in {load_s:.0} s)",
             ckpt.path.display(),
             r.device,
             cfg.quant.format,
             if cfg.quant.double_quant { "+ double quant" } else { "" },
             r.trainable,
-            t.checkpointing
+            t.checkpointing.name(),
+            if t.checkpointing.name() == r.checkpointing { String::new() } else { format!(": {}", r.checkpointing) }
         );
         println!(
             "{:.1} tokens/s ({:.1} loss targets/s); step {:.3} s = forward+backward {:.3} s + clip/optimizer {:.3} s; loss {:.4}; peak device memory {} allocated ({} before the first step), {} reserved; peak RSS {}",

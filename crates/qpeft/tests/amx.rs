@@ -9,6 +9,7 @@ use common::{batch, fixtures, methods, parity_step, qlora_nf4, randomize_adapter
 use qpeft::adapters::set::AdapterSet;
 use qpeft::backend::cpu::{amx, Cpu};
 use qpeft::backend::Backend;
+use qpeft::model::train::Checkpointing;
 use qpeft::model::{Checkpoint, Decoder};
 
 fn logits_and_gradients(be: Cpu, method: usize) -> (Vec<f32>, Vec<f32>) {
@@ -20,7 +21,7 @@ fn logits_and_gradients(be: Cpu, method: usize) -> (Vec<f32>, Vec<f32>) {
     let logits = m.backend.download(&m.logits(&h, 14).unwrap()).unwrap();
     let mut set = AdapterSet::build(&m.backend, &m.spec, 5, |_, _| Some(methods()[method].clone())).unwrap();
     randomize_adapters(&m.backend, &mut set, 0.02);
-    m.loss_and_backward(&b, &mut set, &parity_step(true)).unwrap();
+    m.loss_and_backward(&b, &mut set, &parity_step(Checkpointing::Full)).unwrap();
     let grads = set.named_params().into_iter().flat_map(|(_, p)| m.backend.download(&p.grad).unwrap()).collect();
     (logits, grads)
 }

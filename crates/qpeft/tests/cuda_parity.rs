@@ -18,7 +18,7 @@ use qpeft::backend::cpu::Cpu;
 use qpeft::backend::cuda::Cuda;
 use qpeft::backend::{AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, Precision, RowWrite};
 use qpeft::error::{DeviceFailure, Error};
-use qpeft::model::train::StepOptions;
+use qpeft::model::train::{Checkpointing, StepOptions};
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::quant::base::BaseWeight;
 use qpeft::quant::icq::{self, TauSearch};
@@ -466,12 +466,13 @@ fn model_outputs<B: Backend + 'static>(
     // The padded batch, then a packed row (segments in the key mask: positions restart, attention stays inside each
     // example; data.packing).
     for (tag, b) in [("", b), ("packed ", packed_batch(m.spec.vocab_size))] {
-        for checkpointing in [false, true] {
+        for checkpointing in Checkpointing::ALL {
             set.zero_grads(&m.backend).unwrap();
             let r = m.loss_and_backward(&b, &mut set, &parity_step(checkpointing)).unwrap();
-            out.push((format!("{tag}loss ckpt={checkpointing}"), vec![r.loss as f32]));
+            let ckpt = checkpointing.name();
+            out.push((format!("{tag}loss ckpt={ckpt}"), vec![r.loss as f32]));
             for (name, p) in set.named_params() {
-                out.push((format!("{tag}{name} grad ckpt={checkpointing}"), m.backend.download(&p.grad).unwrap()));
+                out.push((format!("{tag}{name} grad ckpt={ckpt}"), m.backend.download(&p.grad).unwrap()));
             }
         }
     }
@@ -684,6 +685,7 @@ fn an_allocation_beyond_the_device_is_an_error() {
 fn one_rank_through_nccl_trains_bit_for_bit_as_the_plain_path() {
     use qpeft::backend::collective::{Collective, Solo};
     use qpeft::backend::cuda::nccl::Nccl;
+    use qpeft::train::config::CheckpointSetting;
     use qpeft::train::optimizer::{AdamW, OptimizerState, StateBits};
     use qpeft::train::schedule::Schedule;
     use qpeft::train::step::StepRecipe;
@@ -711,7 +713,8 @@ fn one_rank_through_nccl_trains_bit_for_bit_as_the_plain_path() {
         max_grad_norm: 0.3,
         grad_accum: 2,
         seed: 7,
-        checkpointing: true,
+        checkpointing: CheckpointSetting::Fixed(Checkpointing::Full),
+        memory_budget: None,
         loss_chunk: 256,
         mlp_chunk: None,
     };

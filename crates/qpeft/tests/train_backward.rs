@@ -11,7 +11,7 @@ use qpeft::adapters::{AdapterConfig, Method};
 use qpeft::backend::cpu::Cpu;
 use qpeft::backend::Backend;
 use qpeft::linalg::Real;
-use qpeft::model::train::{Batch, StepOptions, IGNORE};
+use qpeft::model::train::{Batch, Checkpointing, StepOptions, IGNORE};
 use qpeft::model::{Checkpoint, Decoder, Input};
 
 fn model<T: Real>(family: &str, be: Cpu<T>) -> Decoder<Cpu<T>> {
@@ -28,8 +28,14 @@ fn adapters<T: Real>(m: &Decoder<Cpu<T>>, cfg: &AdapterConfig) -> AdapterSet<Cpu
     set
 }
 
-const TRAIN: StepOptions =
-    StepOptions { checkpointing: false, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5, mlp_chunk: Some(3) };
+const TRAIN: StepOptions = StepOptions {
+    checkpointing: Checkpointing::None,
+    dropout: true,
+    seed: 11,
+    grad_scale: 1.0,
+    loss_chunk: 5,
+    mlp_chunk: Some(3),
+};
 
 #[test]
 fn decoder_gradients_match_finite_differences_for_every_method() {
@@ -79,23 +85,28 @@ fn decoder_gradients_match_finite_differences_for_every_method() {
     }
 }
 
+/// Every checkpointing policy (none, selective, full, offload) gives the same loss and gradients bit for bit in f32:
+/// the recompute repeats the forward's ops on the same values, and the kept attention output of `selective` is the
+/// forward's own.
 #[test]
 fn checkpointing_gives_identical_gradients() {
     for cfg in methods() {
         let m = model("tiny-llama", Cpu::new());
         let b = batch(m.spec.vocab_size);
-        let run = |checkpointing: bool| {
+        let run = |checkpointing: Checkpointing| {
             let mut set = adapters(&m, &cfg);
             let r =
                 m.loss_and_backward(&b, &mut set, &StepOptions { checkpointing, mlp_chunk: None, ..TRAIN }).unwrap();
             let grads: Vec<Vec<f32>> = set.named_params().iter().map(|(_, p)| p.grad.clone()).collect();
             (r, grads)
         };
-        let (r0, g0) = run(false);
-        let (r1, g1) = run(true);
-        assert_eq!(r0, r1, "{}", cfg.method.name());
-        assert!(g0 == g1, "{}: gradients differ with checkpointing", cfg.method.name());
+        let (r0, g0) = run(Checkpointing::None);
         assert!(g0.iter().all(|g| g.iter().any(|&v| v != 0.0)), "{}: a parameter got no gradient", cfg.method.name());
+        for policy in [Checkpointing::Selective, Checkpointing::Full, Checkpointing::Offload] {
+            let (r1, g1) = run(policy);
+            assert_eq!(r0, r1, "{} {}", cfg.method.name(), policy.name());
+            assert!(g0 == g1, "{}: gradients differ with checkpointing {}", cfg.method.name(), policy.name());
+        }
     }
 }
 
@@ -116,7 +127,7 @@ fn mlp_row_chunks_change_only_the_summation_order() {
             (r, set.named_params().iter().map(|(n, p)| (n.clone(), p.grad.clone())).collect::<Vec<_>>())
         };
         let (r0, g0) = run(TRAIN);
-        let (r1, g1) = run(StepOptions { checkpointing: true, ..TRAIN });
+        let (r1, g1) = run(StepOptions { checkpointing: Checkpointing::Full, ..TRAIN });
         assert!((r0.loss - r1.loss).abs() <= 1e-14 * r0.loss, "{}: loss {} vs {}", cfg.method.name(), r0.loss, r1.loss);
         for ((name, a), (_, c)) in g0.iter().zip(&g1) {
             let scale = a.iter().fold(0f64, |m, v| m.max(v.abs()));
@@ -216,7 +227,7 @@ fn a_packed_row_trains_as_its_examples_one_at_a_time() {
         let packed = pack(&items.iter().collect::<Vec<_>>());
         assert_eq!((packed.input.batch, packed.input.seq), (1, 265));
         for cfg in methods() {
-            for checkpointing in [false, true] {
+            for checkpointing in Checkpointing::ALL {
                 let opts = StepOptions { checkpointing, dropout: false, ..TRAIN };
                 let mut set = adapters(&m, &cfg);
                 let got = m.loss_and_backward(&packed, &mut set, &opts).unwrap();
@@ -237,7 +248,7 @@ fn a_packed_row_trains_as_its_examples_one_at_a_time() {
                         w.iter_mut().zip(&p.grad).for_each(|(w, g)| *w += share * g);
                     }
                 }
-                let what = format!("{family} {} ckpt={checkpointing}", cfg.method.name());
+                let what = format!("{family} {} ckpt={}", cfg.method.name(), checkpointing.name());
                 assert_eq!(got.tokens, total, "{what}");
                 assert!((got.loss - want_loss).abs() <= 1e-12 * want_loss, "{what}: loss {} vs {want_loss}", got.loss);
                 for (((name, _), w), g) in set.named_params().iter().zip(&want_grads).zip(&got_grads) {

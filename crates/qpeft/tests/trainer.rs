@@ -176,6 +176,27 @@ fn run_configs_refuse_unknown_keys_and_bad_values() {
     assert!(e.contains("`train.steps`") && e.contains("many"), "{e}");
     let e = err("[model]\npath = \"x\"\n[adapter]\n", &[]);
     assert!(e.contains("`data`") && e.contains("missing"), "{e}");
+    // Checkpointing: a policy by name, "auto", or the old booleans; the memory budget in MiB or with a unit.
+    let parse = |sets: &[&str]| {
+        let cfg = RunConfig::parse(file, &ok, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        (cfg.train.checkpointing, cfg.train.memory_budget.map(|b| b.0))
+    };
+    use qpeft::model::train::Checkpointing;
+    use qpeft::train::config::CheckpointSetting::{Auto, Fixed};
+    assert_eq!(parse(&[]), (Fixed(Checkpointing::Full), None));
+    assert_eq!(parse(&["train.checkpointing=false"]).0, Fixed(Checkpointing::None));
+    assert_eq!(parse(&["train.checkpointing=true"]).0, Fixed(Checkpointing::Full));
+    assert_eq!(parse(&["train.checkpointing=selective"]).0, Fixed(Checkpointing::Selective));
+    assert_eq!(parse(&["train.checkpointing=offload"]).0, Fixed(Checkpointing::Offload));
+    assert_eq!(parse(&["train.checkpointing=auto", "train.memory_budget=512"]), (Auto, Some(512 << 20)));
+    assert_eq!(parse(&["train.memory_budget=1.5GiB"]).1, Some(3 << 29));
+    assert_eq!(parse(&["train.memory_budget=\"2 GB\""]).1, Some(2_000_000_000));
+    let e = err(&ok, &["train.checkpointing=partial"]);
+    assert!(e.contains("`train.checkpointing`") && e.contains("partial") && e.contains("selective"), "{e}");
+    let e = err(&ok, &["train.memory_budget=12TB"]);
+    assert!(e.contains("`train.memory_budget`") && e.contains("TB"), "{e}");
+    let e = err(&ok, &["train.memory_budget=-3GiB"]);
+    assert!(e.contains("`train.memory_budget`") && e.contains("-3"), "{e}");
 
     // Model-dependent values fail when the run starts: a rank above the module's dimensions.
     let cfg = RunConfig::parse(file, &ok, &["adapter.rank=100".into()]).unwrap();
@@ -193,6 +214,51 @@ fn run_configs_refuse_unknown_keys_and_bad_values() {
             .unwrap();
     let e = load_model(&cfg, Cpu::new(), &mut |_, _| {}).err().unwrap().to_string();
     assert!(e.contains("`quant.block`") && e.contains("128") && e.contains("64"), "{e}");
+}
+
+/// "auto" checkpointing on the CPU takes the host's memory: with room for everything it keeps every activation; with
+/// no room beyond what the process holds it offloads (on the CPU: full checkpointing); and a budget that leaves a
+/// policy's estimate (`model::memory`) with a tenth to spare, beside the resident memory and the gradients and moments
+/// still to come, picks that policy. (A million rows make the policies' estimates hundreds of MiB apart, far more than
+/// the resident memory moves between reading it here and in `checkpointing_for`; no pass runs.)
+#[test]
+fn auto_checkpointing_picks_the_fastest_policy_that_fits_the_budget() {
+    use qpeft::model::block::mlp_chunk;
+    use qpeft::model::memory::activation_bytes;
+    use qpeft::model::train::Checkpointing;
+    use qpeft::train::optimizer::OptimizerState;
+    use qpeft::train::step::StepRecipe;
+    let d = tempfile::tempdir().unwrap();
+    let cfg = RunConfig::parse(Path::new("run.toml"), &tiny_config(d.path(), ""), &["train.checkpointing=auto".into()])
+        .unwrap();
+    let (model, _, _) = load_model(&cfg, Cpu::new(), &mut |_, _| {}).unwrap();
+    let set = AdapterSet::build(&model.backend, &model.spec, 1, |_, _| Some(common::methods()[0].clone())).unwrap();
+    let state = OptimizerState::new();
+    let choose = |rows: usize, budget: Option<usize>| {
+        let recipe = StepRecipe { memory_budget: budget, ..StepRecipe::from_config(&cfg) };
+        recipe.checkpointing_for(&model, &set, &state, rows).unwrap()
+    };
+    assert_eq!(choose(1024, None), Checkpointing::None, "this machine has room for the tiny model's activations");
+    assert_eq!(choose(1024, Some(1)), Checkpointing::Offload);
+    let rows = 1 << 20;
+    let s = &model.spec;
+    let chunk = mlp_chunk(rows, s.intermediate_size, s.hidden_size, s.num_layers, None);
+    let rss = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB");
+        kib.trim().parse::<usize>().unwrap() << 10
+    };
+    // 32-bit AdamW's moments before the first step, and the gradients.
+    let pending = 12 * set.trainable();
+    let need = |p| activation_bytes(s, rows, chunk, 4, cfg.train.loss_chunk, p) * 11 / 10;
+    for policy in Checkpointing::ALL {
+        let got = choose(rows, Some(rss() + (16 << 20) + pending + need(policy)));
+        // The policy itself, or an earlier one that needs no more (two layers: full keeps as much as offload's two
+        // blocks in flight).
+        let want = Checkpointing::ALL.into_iter().find(|&p| need(p) <= need(policy)).unwrap();
+        assert_eq!(got, want, "{}: {} MiB", policy.name(), need(policy) >> 20);
+    }
+    assert_eq!(need(Checkpointing::Full), need(Checkpointing::Offload), "the tiny model has two layers");
 }
 
 #[test]

@@ -328,6 +328,9 @@ pub struct RowWrite {
 pub struct DeviceMemory {
     pub peak_allocated: usize,
     pub peak_reserved: usize,
+    /// The backend's buffers now, and what its pool holds for them (≥ allocated; the rest is free for its reuse).
+    pub allocated: usize,
+    pub reserved: usize,
     pub in_use: usize,
     pub total: usize,
 }
@@ -402,6 +405,19 @@ pub trait Backend: Send + Sync {
     /// Keeps a copy of x for a recomputation (`Saved`), and gives it back as a new buffer.
     fn save(&self, x: &Self::Buf) -> Result<Self::Saved>;
     fn restore(&self, saved: &Self::Saved) -> Result<Self::Buf>;
+    /// Bytes per value of a `Saved` copy (for memory estimates: `model::memory`).
+    fn saved_bytes(&self) -> usize {
+        4
+    }
+    /// As `save`, for a copy not needed for a while: a backend with memory of its own may keep it in host memory
+    /// (the same values as `save` would keep), copied out alongside the work queued after it.
+    fn offload(&self, x: &Self::Buf) -> Result<Self::Saved> {
+        self.save(x)
+    }
+    /// Starts bringing an offloaded copy back, for a `restore` of it later; a no-op for copies on the device.
+    fn prefetch(&self, _saved: &Self::Saved) -> Result<()> {
+        Ok(())
+    }
 
     /// Ŵ [out_dim, in_dim] from its stored form `base`, which a backend may keep (dequantizing per use), and its f32
     /// values `dense`: required for a `Dense` base; for the others what `base.dequantize()` gives, passed where the

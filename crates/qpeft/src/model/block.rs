@@ -70,12 +70,17 @@ pub(crate) struct AttnActs<B: Backend> {
 
 impl<B: Backend> AttnActs<B> {
     pub fn new(be: &B, rows: usize, d: &Dims) -> Result<Self> {
+        Self::around(be, rows, d, be.zeros(rows * d.q)?)
+    }
+
+    /// The activations of an attention whose output is known already.
+    fn around(be: &B, rows: usize, d: &Dims, att: B::Buf) -> Result<Self> {
         Ok(AttnActs {
             n1: be.zeros(rows * d.h)?,
             q: be.zeros(rows * d.q)?,
             k: be.zeros(rows * d.kv)?,
             v: be.zeros(rows * d.kv)?,
-            att: be.zeros(rows * d.q)?,
+            att,
         })
     }
 }
@@ -123,7 +128,7 @@ impl<B: Backend> Acts<B> {
 /// split evenly and rounded up to a multiple of 128 (GEMM tiles). On an H200 (LLaMA-7B, 2048 × 4, NF4, r 64):
 /// 3 chunks instead of the 11 of a fixed 32 MiB, 6,183 → 6,981 tok/s at the same peak memory (9,753 MiB); at
 /// 2048 × 1 the 32 MiB floor keeps its 3 chunks (one chunk: +9% speed for +311 MiB).
-pub(crate) fn mlp_chunk(rows: usize, ff: usize, hidden: usize, layers: usize, limit: Option<usize>) -> usize {
+pub fn mlp_chunk(rows: usize, ff: usize, hidden: usize, layers: usize, limit: Option<usize>) -> usize {
     const MIN_CHUNK_BYTES: usize = 32 << 20;
     const TILE: usize = 128;
     if let Some(most) = limit {
@@ -254,15 +259,8 @@ impl<B: Backend> Layer<'_, B> {
         adapters: Option<&AdapterSet<B>>,
         observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<()> {
-        let (be, s, blk) = (self.be, self.spec, self.block);
-        let lin = |p: Proj, x: &B::Buf, out: &mut B::Buf, acc: bool| self.linear(p, x, out, acc, ctx, adapters);
-        be.rmsnorm(x, &blk.attn_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut a.n1)?;
-        observe(self.index, InputSite::Attention, &a.n1)?;
-        lin(Proj::Q, &a.n1, &mut a.q, false)?;
-        lin(Proj::K, &a.n1, &mut a.k, false)?;
-        lin(Proj::V, &a.n1, &mut a.v, false)?;
-        be.rope(&mut a.q, ctx.positions, self.inv_freq, s.num_heads, s.head_dim)?;
-        be.rope(&mut a.k, ctx.positions, self.inv_freq, s.num_kv_heads, s.head_dim)?;
+        let be = self.be;
+        self.attention_inputs(x, a, ctx, adapters, observe)?;
         match kv {
             KvTarget::Cache { k, v, at } => {
                 be.write_rows(&a.k, k, at)?;
@@ -272,7 +270,27 @@ impl<B: Backend> Layer<'_, B> {
             KvTarget::Own => be.attention(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &mut a.att)?,
         }
         observe(self.index, InputSite::AttentionOutput, &a.att)?;
-        lin(Proj::O, &a.att, x, true)
+        self.linear(Proj::O, &a.att, x, true, ctx, adapters)
+    }
+
+    /// The attention's inputs: n1 = norm1(x), and q, k, v of n1 with RoPE on q and k.
+    fn attention_inputs(
+        &self,
+        x: &B::Buf,
+        a: &mut AttnActs<B>,
+        ctx: &Ctx<B>,
+        adapters: Option<&AdapterSet<B>>,
+        observe: &mut LinearInputObserver<'_, B>,
+    ) -> Result<()> {
+        let (be, s, blk) = (self.be, self.spec, self.block);
+        let lin = |p: Proj, x: &B::Buf, out: &mut B::Buf| self.linear(p, x, out, false, ctx, adapters);
+        be.rmsnorm(x, &blk.attn_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut a.n1)?;
+        observe(self.index, InputSite::Attention, &a.n1)?;
+        lin(Proj::Q, &a.n1, &mut a.q)?;
+        lin(Proj::K, &a.n1, &mut a.k)?;
+        lin(Proj::V, &a.n1, &mut a.v)?;
+        be.rope(&mut a.q, ctx.positions, self.inv_freq, s.num_heads, s.head_dim)?;
+        be.rope(&mut a.k, ctx.positions, self.inv_freq, s.num_kv_heads, s.head_dim)
     }
 
     /// The MLP of this block up to the down projection's input: n2 = norm2(x), act = glu(gate(n2), up(n2)).
@@ -329,20 +347,36 @@ impl<B: Backend> Layer<'_, B> {
     }
 
     /// Backward of this block from its checkpointed input: recomputes the attention half (keeping its
-    /// activations), then recomputes and differentiates the MLP `chunk` rows at a time (its output, x_out, is
-    /// never needed), then differentiates the attention half. Replaces dx = ∂L/∂x_out by ∂L/∂x_in.
+    /// activations; with its kept output `att`, all but the attention itself), then recomputes and differentiates the
+    /// MLP `chunk` rows at a time (its output, x_out, is never needed), then differentiates the attention half.
+    /// Replaces dx = ∂L/∂x_out by ∂L/∂x_in.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn recompute_backward(
         &self,
         x_in: &B::Buf,
+        att: Option<B::Buf>,
         dx: &mut B::Buf,
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
         chunk: usize,
     ) -> Result<()> {
         let (be, h) = (self.be, self.spec.hidden_size);
-        let mut a = AttnActs::new(be, ctx.rows, &Dims::of(self.spec))?;
         let mut x_mid = copy_of(be, x_in)?;
-        self.attention_forward(&mut x_mid, &mut a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+        let no_observer = &mut |_, _, _: &B::Buf| Ok(());
+        let d = Dims::of(self.spec);
+        let a = match att {
+            Some(att) => {
+                let mut a = AttnActs::around(be, ctx.rows, &d, att)?;
+                self.attention_inputs(x_in, &mut a, ctx, Some(adapters), no_observer)?;
+                self.linear(Proj::O, &a.att, &mut x_mid, true, ctx, Some(adapters))?;
+                a
+            }
+            None => {
+                let mut a = AttnActs::new(be, ctx.rows, &d)?;
+                self.attention_forward(&mut x_mid, &mut a, KvTarget::Own, ctx, Some(adapters), no_observer)?;
+                a
+            }
+        };
         for_row_chunks(be, Some(&x_mid), dx, h, ctx, chunk, |xc, dxc, cctx| {
             let xc = xc.expect("x_mid is given");
             let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;

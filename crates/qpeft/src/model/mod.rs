@@ -3,6 +3,7 @@ pub mod checkpoint;
 pub mod decoder;
 pub mod kv_cache;
 pub mod linear;
+pub mod memory;
 pub mod merge;
 pub mod rope;
 pub mod train;

@@ -1,5 +1,6 @@
-//! The training pass of the decoder: causal-LM loss over a batch and the adapters' gradients, with optional
-//! per-block activation checkpointing (keep only each block's input; recompute the block in backward).
+//! The training pass of the decoder: causal-LM loss over a batch and the adapters' gradients, with a choice of
+//! what each block keeps for its backward (`Checkpointing`): everything, or only its input (recomputing the block in
+//! backward), its input and its attention output (the recompute skips attention), or its input in host memory.
 //!
 //! Labels follow transformers: `labels[t]` is the token at t and position t is scored on `labels[t + 1]`;
 //! `IGNORE` (−100 in PyTorch) excludes a target, e.g. padding or the prompt of a response-only loss. The loss is
@@ -23,10 +24,44 @@ pub struct Batch {
     pub labels: Vec<u32>,
 }
 
+/// What a training pass keeps of each block for its backward (`train.checkpointing`). Fastest first; each keeps less
+/// device memory than the one before. In f32 numerics every policy gives the same gradients bit for bit; in the 16-bit
+/// modes a kept activation is stored in bf16 (`Backend::Saved`), so the policies differ by that rounding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Every activation of every block: no recompute.
+    None,
+    /// Each block's input and its attention output: the backward recomputes the norms, projections and RoPE but not
+    /// the attention itself (the costliest op per byte kept).
+    Selective,
+    /// Each block's input: the backward recomputes the block.
+    Full,
+    /// As `Full`, with the inputs in host memory (`Backend::offload`), copied back one block ahead of the backward.
+    Offload,
+}
+
+impl Checkpointing {
+    pub const ALL: [Checkpointing; 4] =
+        [Checkpointing::None, Checkpointing::Selective, Checkpointing::Full, Checkpointing::Offload];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Checkpointing::None => "none",
+            Checkpointing::Selective => "selective",
+            Checkpointing::Full => "full",
+            Checkpointing::Offload => "offload",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Checkpointing> {
+        Checkpointing::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct StepOptions {
-    /// Recompute each block's activations in backward instead of keeping them.
-    pub checkpointing: bool,
+    /// What each block keeps for the backward.
+    pub checkpointing: Checkpointing,
     /// Dropout on (training) or off.
     pub dropout: bool,
     /// Seed of this step's dropout masks.
@@ -43,7 +78,14 @@ pub struct StepOptions {
 
 impl Default for StepOptions {
     fn default() -> Self {
-        StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk: 256, mlp_chunk: None }
+        StepOptions {
+            checkpointing: Checkpointing::None,
+            dropout: false,
+            seed: 0,
+            grad_scale: 1.0,
+            loss_chunk: 256,
+            mlp_chunk: None,
+        }
     }
 }
 
@@ -139,8 +181,13 @@ impl<B: Backend> Decoder<B> {
         let mut x = self.embed(&batch.input)?;
         let mut keep = match (backward, opts.checkpointing) {
             (false, _) => Kept::Nothing { scratch: Acts::new(be, rows, &dims)? },
-            (true, false) => Kept::Activations(Vec::with_capacity(self.blocks.len())),
-            (true, true) => Kept::Inputs { scratch: AttnActs::new(be, rows, &dims)?, inputs: Vec::new() },
+            (true, Checkpointing::None) => Kept::Activations(Vec::with_capacity(self.blocks.len())),
+            (true, policy) => Kept::Inputs {
+                scratch: AttnActs::new(be, rows, &dims)?,
+                inputs: Vec::new(),
+                outputs: (policy == Checkpointing::Selective).then(Vec::new),
+                offload: policy == Checkpointing::Offload,
+            },
         };
         let set = adapters.as_ref().map(Adapters::shared);
         for l in 0..self.blocks.len() {
@@ -156,13 +203,16 @@ impl<B: Backend> Decoder<B> {
                     layer.forward(&mut x, &mut a, KvTarget::Own, &ctx, set, &mut |_, _, _| Ok(()))?;
                     saved.push(a);
                 }
-                Kept::Inputs { scratch, inputs } => {
+                Kept::Inputs { scratch, inputs, outputs, offload } => {
                     let set = set.expect("a training pass has adapters");
                     // The MLP runs whole until the adapters hold gradients (the first micro-batch of a step): only
                     // then does its working set meet theirs.
                     let forward_chunk = if set.holds_gradients(be) { chunk } else { rows };
-                    inputs.push(be.save(&x)?);
+                    inputs.push(if *offload { be.offload(&x)? } else { be.save(&x)? });
                     layer.forward_chunked(&mut x, scratch, &ctx, set, forward_chunk)?;
+                    if let Some(outputs) = outputs {
+                        outputs.push(be.save(&scratch.att)?);
+                    }
                 }
             }
         }
@@ -191,13 +241,22 @@ impl<B: Backend> Decoder<B> {
         for l in (0..self.blocks.len()).rev() {
             let layer = self.layer(l);
             match &mut keep {
-                Kept::Inputs { inputs, .. } => {
+                Kept::Inputs { inputs, outputs, .. } => {
                     // Recompute the block from its saved input with the same dropout masks.
                     // The saved (16-bit) copy is freed before the recompute: it is a block input's worth of memory.
-                    let x_in = be.restore(
-                        &inputs.pop().ok_or_else(|| Error::Invalid("checkpoint inputs out of step".into()))?,
-                    )?;
-                    layer.recompute_backward(&x_in, &mut dx, &ctx, set, chunk)?;
+                    let out_of_step = || Error::Invalid("checkpoint inputs out of step".into());
+                    let saved = inputs.pop().ok_or_else(out_of_step)?;
+                    // The next block's input starts on its way back while this block runs (offloaded inputs).
+                    if let Some(next) = inputs.last() {
+                        be.prefetch(next)?;
+                    }
+                    let x_in = be.restore(&saved)?;
+                    drop(saved);
+                    let att = match outputs {
+                        Some(outputs) => Some(be.restore(&outputs.pop().ok_or_else(out_of_step)?)?),
+                        None => None,
+                    };
+                    layer.recompute_backward(&x_in, att, &mut dx, &ctx, set, chunk)?;
                 }
                 Kept::Activations(saved) => {
                     let a = saved.pop().ok_or_else(|| Error::Invalid("block activations out of step".into()))?;
@@ -259,8 +318,9 @@ enum Kept<B: Backend> {
     Nothing { scratch: Acts<B> },
     /// Every block's activations, its input and mid-residual included.
     Activations(Vec<Acts<B>>),
-    /// Checkpointing: each block's input (as `Backend::Saved`); the attention half's activations in one reused set.
-    Inputs { scratch: AttnActs<B>, inputs: Vec<B::Saved> },
+    /// Checkpointing: each block's input (as `Backend::Saved`, offloaded or not) and with `Selective` its attention
+    /// output; the attention half's activations in one reused set.
+    Inputs { scratch: AttnActs<B>, inputs: Vec<B::Saved>, outputs: Option<Vec<B::Saved>>, offload: bool },
 }
 
 /// The adapters of a pass: read-only (loss only) or with gradients.

@@ -41,6 +41,8 @@ pub struct BenchReport {
     pub forward_backward_s: f64,
     pub optimizer_s: f64,
     pub loss: f64,
+    /// The checkpointing policy of the last step (what "auto" chose).
+    pub checkpointing: &'static str,
     /// Peak device memory of the run's buffers (allocated, and reserved by the allocator), where the backend has
     /// device memory.
     pub peak_allocated_mib: Option<f64>,
@@ -87,6 +89,7 @@ pub fn train_steps<B: Backend + 'static>(
     let (mut steps, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());
     let (mut inputs, mut targets) = (0usize, 0usize);
     let mut loss = f64::NAN;
+    let mut checkpointing = "";
     for i in 0..opts.warmup + opts.steps {
         if i == opts.warmup {
             be.synchronize()?;
@@ -95,7 +98,7 @@ pub fn train_steps<B: Backend + 'static>(
         be.synchronize()?;
         let batch = &batches[i % batches.len()];
         let s = recipe.step(model, set, &mut state, i as u64, &Solo, &mut || Ok(batch.clone()))?;
-        loss = s.loss;
+        (loss, checkpointing) = (s.loss, s.checkpointing.name());
         if i >= opts.warmup {
             steps.push(s.forward_backward_s + s.optimizer_s);
             fb.push(s.forward_backward_s);
@@ -124,6 +127,7 @@ pub fn train_steps<B: Backend + 'static>(
         forward_backward_s: median(fb),
         optimizer_s: median(opt),
         loss,
+        checkpointing,
         peak_allocated_mib: memory.map(|m| mib(m.peak_allocated)),
         peak_reserved_mib: memory.map(|m| mib(m.peak_reserved)),
         loaded_allocated_mib: loaded,

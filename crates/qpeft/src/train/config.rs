@@ -14,6 +14,7 @@ use super::schedule::Schedule;
 use crate::config_doc::{self, parse_section, Edits};
 use crate::data::DataFormat;
 use crate::error::{Error, Result};
+use crate::model::train::Checkpointing;
 use crate::plan::Plan;
 use crate::quant::recipe::Format;
 
@@ -173,8 +174,12 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     /// Seed of adapter init and dropout.
     pub seed: u64,
-    /// Per-block activation checkpointing.
-    pub checkpointing: bool,
+    /// What each block keeps for the backward: "none", "selective", "full" (the default; `true` means it, `false`
+    /// means "none"), "offload", or "auto" (the fastest that fits `memory_budget`): `model::train::Checkpointing`.
+    pub checkpointing: CheckpointSetting,
+    /// The memory "auto" checkpointing may fill, device memory on a GPU and host memory on the CPU: MiB, or a string
+    /// with a unit ("60GiB", "24000MiB"). Unset: what is free (on the CPU: available).
+    pub memory_budget: Option<MemoryBudget>,
     /// Save a checkpoint every N optimizer steps (0: only at the end).
     pub checkpoint_every: u64,
     /// Keep the newest N checkpoints (0: all).
@@ -206,12 +211,90 @@ impl Default for TrainSection {
             min_8bit_size: super::optimizer::MIN_8BIT_SIZE,
             max_grad_norm: 0.3,
             seed: 0,
-            checkpointing: true,
+            checkpointing: CheckpointSetting::Fixed(Checkpointing::Full),
+            memory_budget: None,
             checkpoint_every: 100,
             keep_checkpoints: 2,
             loss_chunk: 256,
             mlp_chunk: None,
         }
+    }
+}
+
+/// `train.checkpointing`: a policy, or "auto" (chosen per micro-batch shape from the memory left: `model::memory`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "BoolOrName")]
+pub enum CheckpointSetting {
+    Fixed(Checkpointing),
+    Auto,
+}
+
+impl CheckpointSetting {
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckpointSetting::Fixed(c) => c.name(),
+            CheckpointSetting::Auto => "auto",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BoolOrName {
+    Bool(bool),
+    Name(String),
+}
+
+impl TryFrom<BoolOrName> for CheckpointSetting {
+    type Error = String;
+    fn try_from(v: BoolOrName) -> std::result::Result<Self, String> {
+        match v {
+            BoolOrName::Bool(true) => Ok(CheckpointSetting::Fixed(Checkpointing::Full)),
+            BoolOrName::Bool(false) => Ok(CheckpointSetting::Fixed(Checkpointing::None)),
+            BoolOrName::Name(n) if n == "auto" => Ok(CheckpointSetting::Auto),
+            BoolOrName::Name(n) => Checkpointing::parse(&n).map(CheckpointSetting::Fixed).ok_or_else(|| {
+                format!("`{n}` is not a checkpointing policy (none, selective, full, offload, auto, true or false)")
+            }),
+        }
+    }
+}
+
+/// `train.memory_budget` in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "MibOrText")]
+pub struct MemoryBudget(pub usize);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MibOrText {
+    Mib(u64),
+    Text(String),
+}
+
+impl TryFrom<MibOrText> for MemoryBudget {
+    type Error = String;
+    fn try_from(v: MibOrText) -> std::result::Result<Self, String> {
+        const MIB: f64 = (1u64 << 20) as f64;
+        let (n, unit) = match v {
+            MibOrText::Mib(m) => (m as f64, MIB),
+            MibOrText::Text(t) => {
+                let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+                let unit = match t[split..].trim() {
+                    "MiB" | "" => MIB,
+                    "GiB" => MIB * 1024.0,
+                    "MB" => 1e6,
+                    "GB" => 1e9,
+                    other => return Err(format!("`{t}`: unknown unit `{other}` (MiB, GiB, MB or GB)")),
+                };
+                let n: f64 =
+                    t[..split].trim().parse().map_err(|_| format!("`{t}` is not a memory size such as 60GiB"))?;
+                (n, unit)
+            }
+        };
+        if !(n.is_finite() && n > 0.0) {
+            return Err(format!("{n} is not a positive memory size"));
+        }
+        Ok(MemoryBudget((n * unit) as usize))
     }
 }
 

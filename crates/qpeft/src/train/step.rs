@@ -12,15 +12,17 @@
 
 use std::time::Instant;
 
-use super::config::RunConfig;
-use super::optimizer::{clip_coefficient, grad_norm, AdamW, OptimizerState};
+use super::config::{CheckpointSetting, RunConfig};
+use super::optimizer::{clip_coefficient, grad_norm, AdamW, OptimizerState, StateBits};
 use super::schedule::Schedule;
 use crate::adapters::set::{module_seed, AdapterSet};
 use crate::arch::Proj;
 use crate::backend::collective::Collective;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::train::{Batch, StepOptions};
+use crate::model::block::mlp_chunk;
+use crate::model::memory;
+use crate::model::train::{Batch, Checkpointing, StepOptions};
 use crate::model::Decoder;
 
 /// Everything about a step that the run config fixes.
@@ -37,9 +39,61 @@ pub struct StepRecipe {
     pub grad_accum: usize,
     /// Seed of the dropout masks.
     pub seed: u64,
-    pub checkpointing: bool,
+    pub checkpointing: CheckpointSetting,
+    /// The memory "auto" checkpointing may fill, bytes (None: what is free).
+    pub memory_budget: Option<usize>,
     pub loss_chunk: usize,
     pub mlp_chunk: Option<usize>,
+}
+
+impl StepRecipe {
+    /// The policy of a micro-batch of `rows` rows: the fixed one, or with "auto" the fastest whose activations
+    /// (`model::memory`) fit what the budget leaves after the model, the adapters, their gradients (allocated during
+    /// the backward) and, before the first update, the optimizer's moments. The same at every step of a shape, as
+    /// it is decided before the pass allocates anything.
+    pub fn checkpointing_for<B: Backend>(
+        &self,
+        model: &Decoder<B>,
+        set: &AdapterSet<B>,
+        state: &OptimizerState<B>,
+        rows: usize,
+    ) -> Result<Checkpointing> {
+        let CheckpointSetting::Fixed(policy) = self.checkpointing else {
+            let be = &model.backend;
+            let trainable = set.trainable();
+            let moments = match (state.step, self.adamw.bits) {
+                (0, StateBits::B32) => 8 * trainable,
+                (0, StateBits::B8) => 2 * trainable + trainable / 64,
+                _ => 0,
+            };
+            let pending = 4 * trainable + moments;
+            let headroom = match (be.device_memory()?, self.memory_budget) {
+                (Some(m), Some(budget)) => budget.saturating_sub(m.allocated + pending),
+                // Free on the device, and what the pool holds unused.
+                (Some(m), None) => (m.total - m.in_use + (m.reserved - m.allocated)).saturating_sub(pending),
+                (None, budget) => host_headroom(budget).saturating_sub(pending),
+            };
+            let s = &model.spec;
+            let chunk = mlp_chunk(rows, s.intermediate_size, s.hidden_size, s.num_layers, self.mlp_chunk);
+            return Ok(memory::choose(s, rows, chunk, be.saved_bytes(), self.loss_chunk, headroom));
+        };
+        Ok(policy)
+    }
+}
+
+/// Host memory a CPU pass may still fill: the budget less this process's resident memory, or what the system has
+/// available (0 where neither is known: "auto" then offloads, which on the CPU is full checkpointing).
+fn host_headroom(budget: Option<usize>) -> usize {
+    match budget {
+        Some(b) => b.saturating_sub(proc_kib("/proc/self/status", "VmRSS:").unwrap_or(0) << 10),
+        None => proc_kib("/proc/meminfo", "MemAvailable:").unwrap_or(0) << 10,
+    }
+}
+
+/// A `key: N kB` line of a Linux /proc file, in KiB.
+pub(crate) fn proc_kib(file: &str, key: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key))?.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 /// What one step did.
@@ -57,6 +111,8 @@ pub struct StepStats {
     /// in between).
     pub forward_backward_s: f64,
     pub optimizer_s: f64,
+    /// The checkpointing policy of the last micro-batch (what "auto" chose).
+    pub checkpointing: Checkpointing,
 }
 
 impl StepRecipe {
@@ -80,6 +136,7 @@ impl StepRecipe {
             grad_accum: t.grad_accum,
             seed: t.seed,
             checkpointing: t.checkpointing,
+            memory_budget: t.memory_budget.map(|b| b.0),
             loss_chunk: t.loss_chunk,
             mlp_chunk: t.mlp_chunk,
         }
@@ -102,11 +159,13 @@ impl StepRecipe {
         let micros = comm.world() * self.grad_accum;
         // [loss, loss targets, real input tokens] of this rank's micro-batches, then of all.
         let mut totals = [0f64; 3];
+        let mut checkpointing = Checkpointing::Full;
         for local in 0..self.grad_accum {
             let micro = comm.rank() * self.grad_accum + local;
             let batch = next_batch()?;
+            checkpointing = self.checkpointing_for(model, set, state, batch.input.batch * batch.input.seq)?;
             let opts = StepOptions {
-                checkpointing: self.checkpointing,
+                checkpointing,
                 dropout: true,
                 seed: micro_seed(self.seed, step, micro),
                 grad_scale: 1.0 / micros as f32,
@@ -148,6 +207,7 @@ impl StepRecipe {
             lr,
             forward_backward_s: (middle - start).as_secs_f64(),
             optimizer_s: middle.elapsed().as_secs_f64(),
+            checkpointing,
         })
     }
 }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::base::base_record;
-use super::config::RunConfig;
+use super::config::{CheckpointSetting, RunConfig};
 use super::metrics::{Evaluation, Record, StepRecord};
 use super::optimizer::{OptimizerState, Tensor};
 use super::plot::loss_svg;
@@ -41,7 +41,7 @@ use crate::error::{DeviceFailure, Error, Result};
 use crate::eval::suite;
 use crate::formats::safetensors::{write_file, SafetensorsStore};
 use crate::generate::{generate, GenerateOptions};
-use crate::model::train::StepOptions;
+use crate::model::train::{Checkpointing, StepOptions};
 use crate::model::{Checkpoint, Decoder};
 use crate::quant::base::BaseWeight;
 use crate::quant::nf4::FourBit;
@@ -92,10 +92,7 @@ pub struct Summary {
 
 /// The peak resident memory of this process (Linux), in MiB.
 pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 =
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib / 1024.0)
+    Some(super::step::proc_kib("/proc/self/status", "VmHWM:")? as f64 / 1024.0)
 }
 
 fn base_kind(b: &BaseWeight) -> BaseKind {
@@ -178,8 +175,14 @@ fn loss_over<B: Backend>(
     loss_chunk: usize,
     progress: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<(f64, usize)> {
-    let opts =
-        StepOptions { checkpointing: false, dropout: false, seed: 0, grad_scale: 1.0, loss_chunk, mlp_chunk: None };
+    let opts = StepOptions {
+        checkpointing: Checkpointing::None,
+        dropout: false,
+        seed: 0,
+        grad_scale: 1.0,
+        loss_chunk,
+        mlp_chunk: None,
+    };
     let items: Vec<Tokenized> = examples.iter().map(|x| collator.tokenize(x)).collect::<Result<_>>()?;
     let (mut sum, mut tokens) = (0f64, 0usize);
     let total = items.len().div_ceil(batch.max(1));
@@ -607,8 +610,14 @@ pub fn out_of_memory(cfg: &RunConfig, run: &Path, step: u64, (batch, seq): (usiz
             half * t.grad_accum * 2
         ));
     }
-    if !t.checkpointing {
-        fits.push("--set train.checkpointing=true (recompute each block in backward: far fewer activations)".into());
+    match t.checkpointing {
+        CheckpointSetting::Fixed(Checkpointing::None | Checkpointing::Selective) => {
+            fits.push("--set train.checkpointing=full (recompute each block in backward: far fewer activations)".into())
+        }
+        CheckpointSetting::Fixed(Checkpointing::Full) => {
+            fits.push("--set train.checkpointing=offload (the checkpointed block inputs in host memory)".into())
+        }
+        _ => {}
     }
     fits.push(format!(
         "shorter examples: --set data.source_max_len={} --set data.target_max_len={}",

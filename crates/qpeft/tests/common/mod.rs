@@ -13,7 +13,7 @@ use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::{AdapterConfig, Method};
 use qpeft::backend::Backend;
 use qpeft::formats::safetensors::SafetensorsStore;
-use qpeft::model::train::{Batch, StepOptions, IGNORE};
+use qpeft::model::train::{Batch, Checkpointing, StepOptions, IGNORE};
 use qpeft::model::Input;
 use qpeft::quant::recipe::{Format, QuantizeOptions, WeightDtype};
 use qpeft::tensor::HostTensor;
@@ -156,7 +156,7 @@ pub fn randomize_adapters<B: Backend>(be: &B, set: &mut AdapterSet<B>, scale: f3
 }
 
 /// The training step the model-level parity checks take on `batch`: dropout on, loss and MLP in small chunks.
-pub fn parity_step(checkpointing: bool) -> StepOptions {
+pub fn parity_step(checkpointing: Checkpointing) -> StepOptions {
     StepOptions { checkpointing, dropout: true, seed: 11, grad_scale: 1.0, loss_chunk: 5, mlp_chunk: Some(3) }
 }
 

@@ -29,6 +29,7 @@ mod attention;
 mod flash;
 mod gemm;
 pub mod nccl;
+mod offload;
 mod profile;
 mod weight;
 
@@ -58,10 +59,12 @@ const SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("flash.cu"
 /// Threads per block of the element-wise kernels and the row reductions.
 const THREADS: u32 = 256;
 
-/// A saved activation: f32, or bf16 bits in the 16-bit modes (bf16's range: the residual stream is not scaled).
+/// A saved activation: f32, or bf16 bits in the 16-bit modes (bf16's range: the residual stream is not scaled); on
+/// the device, or offloaded to pinned host memory in the same form (`offload`).
 pub enum Saved {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<u16>),
+    Host(offload::HostCopy),
 }
 
 pub struct Cuda {
@@ -87,6 +90,8 @@ pub struct Cuda {
     /// Attention scores and their gradients.
     scores_a: Scratch<f32>,
     scores_b: Scratch<f32>,
+    /// The copy stream and host buffers of offloaded activations, from the first `offload` on.
+    offload: std::sync::Mutex<Option<offload::Offload>>,
     profile: Option<Profile>,
 }
 
@@ -217,6 +222,11 @@ impl Cuda {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| device_err(&format!("opening GPU {ordinal}"), e))?;
+        // One compute stream orders every op; the offload copy stream is ordered by explicit events (offload.rs).
+        // cudarc's per-buffer event tracking, which a second stream would switch on, would record events around every
+        // launch instead.
+        // SAFETY: no buffer exists yet, and buffers are only shared across streams as offload.rs orders them.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("creating the cuBLAS handle", e))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| device_err("reading the compute capability", e))?;
@@ -254,6 +264,7 @@ impl Cuda {
             unit_scalars,
             scores_a,
             scores_b,
+            offload: std::sync::Mutex::new(None),
             profile: Profile::from_env(),
         })
     }
@@ -329,30 +340,27 @@ impl Backend for Cuda {
         // Buffers come from the device's default memory pool (stream-ordered allocation); its high-water marks are
         // the peaks.
         let mut pool = std::ptr::null_mut();
-        let (mut allocated, mut reserved) = (0u64, 0u64);
+        // High-water marks and current values of the pool's used and reserved bytes.
+        let mut values = [0u64; 4];
+        let attributes = [
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+        ];
         // SAFETY: plain queries of the current device's default pool into u64 out-values, as the driver API documents.
         let ok = unsafe {
             cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == CUresult::CUDA_SUCCESS
-                && cuMemPoolGetAttribute(
-                    pool,
-                    CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                    &mut allocated as *mut u64 as *mut _,
-                ) == CUresult::CUDA_SUCCESS
-                && cuMemPoolGetAttribute(
-                    pool,
-                    CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-                    &mut reserved as *mut u64 as *mut _,
-                ) == CUresult::CUDA_SUCCESS
+                && attributes
+                    .iter()
+                    .zip(values.iter_mut())
+                    .all(|(&a, v)| cuMemPoolGetAttribute(pool, a, v as *mut u64 as *mut _) == CUresult::CUDA_SUCCESS)
         };
         if !ok {
-            return Err(device_err("reading the memory pool's peaks", "failed"));
+            return Err(device_err("reading the memory pool's use", "failed"));
         }
-        Ok(Some(DeviceMemory {
-            peak_allocated: allocated as usize,
-            peak_reserved: reserved as usize,
-            in_use: total - free,
-            total,
-        }))
+        let [peak_allocated, peak_reserved, allocated, reserved] = values.map(|v| v as usize);
+        Ok(Some(DeviceMemory { peak_allocated, peak_reserved, allocated, reserved, in_use: total - free, total }))
     }
     fn kernel_times(&self) -> Result<Vec<KernelTime>> {
         self.drain_profile()
@@ -412,6 +420,23 @@ impl Backend for Cuda {
                 self.widen_bf16(x, &mut y)?;
                 Ok(y)
             }
+            Saved::Host(c) => self.restore_copy(c),
+        }
+    }
+    fn saved_bytes(&self) -> usize {
+        if self.precision == Precision::F32 {
+            4
+        } else {
+            2
+        }
+    }
+    fn offload(&self, x: &Self::Buf) -> Result<Saved> {
+        self.offload_copy(x)
+    }
+    fn prefetch(&self, saved: &Saved) -> Result<()> {
+        match saved {
+            Saved::Host(c) => self.prefetch_copy(c),
+            _ => Ok(()),
         }
     }
 

@@ -1,0 +1,100 @@
+//! How much memory a training pass's activations take under each `Checkpointing` policy, and `"auto"`: the fastest
+//! policy whose estimate fits the memory left.
+//!
+//! The estimate follows the buffers `model::train` and `model::block` allocate (f32 work buffers; kept copies in
+//! `Backend::saved_bytes` per value): what the policy keeps for every block, plus the larger of the forward's and one
+//! block's backward working set, plus the LM head's loss chunk and the dequantization scratch of the widest weight.
+//! It leaves out the weights, adapters and optimizer state, which exist before the pass (the caller counts what is
+//! not allocated yet: the gradients, and the moments before the first step).
+
+use super::block::Dims;
+use super::train::Checkpointing;
+use crate::arch::ModelSpec;
+
+/// What a pass of `rows` rows allocates besides the model, under `policy`: bytes. `chunk`: the MLP rows per chunk in
+/// the backward (`block::mlp_chunk`), `saved`: bytes per kept value, `loss_chunk`: rows per LM-head chunk.
+pub fn activation_bytes(
+    spec: &ModelSpec,
+    rows: usize,
+    chunk: usize,
+    saved: usize,
+    loss_chunk: usize,
+    policy: Checkpointing,
+) -> usize {
+    const F32: usize = 4;
+    let Dims { h, q, kv, ff } = Dims::of(spec);
+    let layers = spec.num_layers;
+    let attn = h + 2 * q + 2 * kv; // n1, q, k, v, att
+    let mlp = h + 3 * ff; // n2, gate, up, act
+                          // The forward's MLP runs whole while no gradient is held (the first micro-batch of a step).
+    let forward = rows * F32 * (h + attn + mlp);
+    // One block's backward: x_in, x_mid, dx and the attention half's activations throughout; the MLP chunk with its
+    // gradients at their widest (d_act, d_gate, d_up and dn beside the chunk's activations); then the attention's
+    // gradients (d_att, dq, dk, dv, dn).
+    let around = rows * F32 * (3 * h + attn);
+    let mlp_backward = chunk * F32 * (mlp + 3 * ff + h);
+    let attn_backward = rows * F32 * (2 * q + 2 * kv + h);
+    let block_backward = around + mlp_backward.max(attn_backward);
+    // The LM head: a chunk's logits and their gradient, and the hidden states and their gradient.
+    let head = loss_chunk.min(rows) * F32 * 2 * spec.vocab_size + rows * F32 * 2 * h;
+    // The dequantized widest weight (f32) and a 16-bit copy of the widest input.
+    let scratch = ff * h * F32 + rows * ff * 2;
+    let working = forward.max(block_backward).max(head) + scratch;
+    let kept = match policy {
+        // Every block's activations as the forward leaves them, then one block's backward gradients on top.
+        Checkpointing::None => {
+            return layers * rows * F32 * (2 * h + attn + mlp) + rows * F32 * (3 * ff + h) + head + scratch;
+        }
+        Checkpointing::Selective => layers * rows * saved * (h + q),
+        Checkpointing::Full => layers * rows * saved * h,
+        // One input on its way back and one restored.
+        Checkpointing::Offload => 2 * rows * saved * h,
+    };
+    kept + working
+}
+
+/// The fastest policy whose activations fit `headroom` bytes with a tenth to spare (`Offload` when none does: it
+/// keeps the least on the device).
+pub fn choose(
+    spec: &ModelSpec,
+    rows: usize,
+    chunk: usize,
+    saved: usize,
+    loss_chunk: usize,
+    headroom: usize,
+) -> Checkpointing {
+    Checkpointing::ALL
+        .into_iter()
+        .find(|&p| activation_bytes(spec, rows, chunk, saved, loss_chunk, p).saturating_mul(11) / 10 <= headroom)
+        .unwrap_or(Checkpointing::Offload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::block::mlp_chunk;
+
+    /// Each policy in `Checkpointing::ALL` needs less than the one before it, at the shapes of the benchmarks, so
+    /// `choose` trades speed for memory in order; and the choice follows the headroom.
+    #[test]
+    fn policies_need_less_memory_in_order_and_auto_picks_the_fastest_that_fits() {
+        for (arch, seq, batch) in [("llama-7b", 2048, 1), ("llama-7b", 2048, 4), ("smollm2-135m", 256, 4)] {
+            let spec = ModelSpec::builtin(arch).unwrap();
+            let rows = seq * batch;
+            let chunk = mlp_chunk(rows, spec.intermediate_size, spec.hidden_size, spec.num_layers, None);
+            let need: Vec<usize> =
+                Checkpointing::ALL.iter().map(|&p| activation_bytes(&spec, rows, chunk, 2, 256, p)).collect();
+            assert!(need.windows(2).all(|w| w[0] > w[1]), "{arch} {seq}×{batch}: {need:?}");
+            for (i, &p) in Checkpointing::ALL.iter().enumerate() {
+                assert_eq!(choose(&spec, rows, chunk, 2, 256, need[i] * 11 / 10), p, "{arch}");
+            }
+            assert_eq!(choose(&spec, rows, chunk, 2, 256, 0), Checkpointing::Offload);
+        }
+        // LLaMA-7B at 2048 × 4, bf16 checkpoints: the kept inputs are 32 × 8192 × 4096 × 2 bytes = 2 GiB.
+        let spec = ModelSpec::builtin("llama-7b").unwrap();
+        let chunk = mlp_chunk(8192, 11008, 4096, 32, None);
+        let full = activation_bytes(&spec, 8192, chunk, 2, 256, Checkpointing::Full);
+        let offload = activation_bytes(&spec, 8192, chunk, 2, 256, Checkpointing::Offload);
+        assert_eq!(full - offload, (32 - 2) * 8192 * 4096 * 2);
+    }
+}
