@@ -246,12 +246,12 @@ impl<B: Backend> Decoder<B> {
                     // The saved (16-bit) copy is freed before the recompute: it is a block input's worth of memory.
                     let out_of_step = || Error::Invalid("checkpoint inputs out of step".into());
                     let saved = inputs.pop().ok_or_else(out_of_step)?;
+                    let x_in = be.restore(&saved)?;
+                    drop(saved);
                     // The next block's input starts on its way back while this block runs (offloaded inputs).
                     if let Some(next) = inputs.last() {
                         be.prefetch(next)?;
                     }
-                    let x_in = be.restore(&saved)?;
-                    drop(saved);
                     let att = match outputs {
                         Some(outputs) => Some(be.restore(&outputs.pop().ok_or_else(out_of_step)?)?),
                         None => None,
