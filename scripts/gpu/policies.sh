@@ -10,5 +10,5 @@ shift 4
 for policy in "$@"; do
   /tmp/qpeft --device "${DEVICE:-cuda}" bench train --config configs/qlora.toml --set adapter.dropout=0.0 \
     --set train.checkpointing=$policy --arch "$arch" --seq "$seq" --batch "$batch" --steps "$steps" --json |
-    python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("%-9s %s %d×%d: %.1f tok/s, step %.3f s, peak %.0f MiB allocated (%.0f reserved), loaded %.0f MiB" % (sys.argv[1], r["checkpointing"], r["batch"], r["seq"], r["tokens_per_s"], r["step_s"], r["peak_allocated_mib"] or 0, r["peak_reserved_mib"] or 0, r["loaded_allocated_mib"] or 0))' "$policy"
+    python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("%-9s %s %d×%d: %.1f tok/s, step %.3f s, peak %.0f MiB allocated (%.0f reserved), loaded %.0f MiB, estimated activations %.0f MiB, %d trainable" % (sys.argv[1], r["checkpointing"], r["batch"], r["seq"], r["tokens_per_s"], r["step_s"], r["peak_allocated_mib"] or 0, r["peak_reserved_mib"] or 0, r["loaded_allocated_mib"] or 0, r["estimated_activations_mib"], r["trainable"]))' "$policy"
 done

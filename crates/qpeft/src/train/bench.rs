@@ -11,7 +11,9 @@ use crate::adapters::set::AdapterSet;
 use crate::backend::collective::Solo;
 use crate::backend::{Backend, KernelTime};
 use crate::error::Result;
-use crate::model::train::Batch;
+use crate::model::block::mlp_chunk;
+use crate::model::memory::activation_bytes;
+use crate::model::train::{Batch, Checkpointing};
 use crate::model::{Decoder, Input};
 
 pub struct BenchOptions {
@@ -41,8 +43,11 @@ pub struct BenchReport {
     pub forward_backward_s: f64,
     pub optimizer_s: f64,
     pub loss: f64,
-    /// The checkpointing policy of the last step (what "auto" chose).
+    /// The checkpointing policy of the last step (what "auto" chose), and its activations as `model::memory`
+    /// estimates them for this shape (to hold against the measured peak less the model, adapters, gradients and
+    /// moments).
     pub checkpointing: &'static str,
+    pub estimated_activations_mib: f64,
     /// Peak device memory of the run's buffers (allocated, and reserved by the allocator), where the backend has
     /// device memory.
     pub peak_allocated_mib: Option<f64>,
@@ -89,7 +94,7 @@ pub fn train_steps<B: Backend + 'static>(
     let (mut steps, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());
     let (mut inputs, mut targets) = (0usize, 0usize);
     let mut loss = f64::NAN;
-    let mut checkpointing = "";
+    let mut checkpointing = Checkpointing::Full;
     for i in 0..opts.warmup + opts.steps {
         if i == opts.warmup {
             be.synchronize()?;
@@ -98,7 +103,7 @@ pub fn train_steps<B: Backend + 'static>(
         be.synchronize()?;
         let batch = &batches[i % batches.len()];
         let s = recipe.step(model, set, &mut state, i as u64, &Solo, &mut || Ok(batch.clone()))?;
-        (loss, checkpointing) = (s.loss, s.checkpointing.name());
+        (loss, checkpointing) = (s.loss, s.checkpointing);
         if i >= opts.warmup {
             steps.push(s.forward_backward_s + s.optimizer_s);
             fb.push(s.forward_backward_s);
@@ -116,6 +121,10 @@ pub fn train_steps<B: Backend + 'static>(
     };
     let kernels = be.kernel_times()?;
     let memory = be.device_memory()?;
+    let spec = &model.spec;
+    let rows = batches.iter().map(|b| b.input.batch * b.input.seq).max().unwrap_or(0);
+    let chunk = mlp_chunk(rows, spec.intermediate_size, spec.hidden_size, spec.num_layers, recipe.mlp_chunk);
+    let estimate = activation_bytes(spec, rows, chunk, be.saved_bytes(), recipe.loss_chunk, checkpointing);
     Ok(BenchReport {
         device: be.name(),
         batch: opts.batch,
@@ -127,7 +136,8 @@ pub fn train_steps<B: Backend + 'static>(
         forward_backward_s: median(fb),
         optimizer_s: median(opt),
         loss,
-        checkpointing,
+        checkpointing: checkpointing.name(),
+        estimated_activations_mib: mib(estimate),
         peak_allocated_mib: memory.map(|m| mib(m.peak_allocated)),
         peak_reserved_mib: memory.map(|m| mib(m.peak_reserved)),
         loaded_allocated_mib: loaded,
