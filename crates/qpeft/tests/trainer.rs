@@ -236,7 +236,7 @@ fn auto_checkpointing_picks_the_fastest_policy_that_fits_the_budget() {
     let state = OptimizerState::new();
     let choose = |rows: usize, budget: Option<usize>| {
         let recipe = StepRecipe { memory_budget: budget, ..StepRecipe::from_config(&cfg) };
-        recipe.checkpointing_for(&model, &set, &state, rows).unwrap()
+        recipe.checkpointing_for(&model, &set, &state, rows).unwrap().0
     };
     assert_eq!(choose(1024, None), Checkpointing::None, "this machine has room for the tiny model's activations");
     assert_eq!(choose(1024, Some(1)), Checkpointing::Offload);
@@ -547,10 +547,15 @@ fn out_of_memory_in_a_step_names_the_step_the_shape_and_what_would_fit() {
     assert!(m.starts_with(device), "{m}");
     assert!(m.contains("step 3000 (batch 8 × 512 tokens)"), "{m}");
     assert!(m.contains("--set train.batch_size=4 --set train.grad_accum=4 (the same 16 examples per step)"), "{m}");
-    assert!(m.contains("--set train.checkpointing=true"), "{m}");
+    assert!(m.contains("--set train.checkpointing=full"), "{m}");
     assert!(m.contains("qpeft train --resume runs/x"), "{m}");
-    // Already at one example with checkpointing: only shorter examples remain.
+    // At one example with full checkpointing: the inputs in host memory, or shorter examples.
     let sets = ["train.batch_size=1".into(), "train.checkpointing=true".into()];
+    let cfg = RunConfig::parse(Path::new("run.toml"), &tiny_config(d.path(), ""), &sets).unwrap();
+    let m = qpeft::train::trainer::out_of_memory(&cfg, Path::new("runs/x"), 1, (1, 4096), device);
+    assert!(!m.contains("batch_size=") && m.contains("checkpointing=offload"), "{m}");
+    // Already offloading: only shorter examples remain.
+    let sets = ["train.batch_size=1".into(), "train.checkpointing=offload".into()];
     let cfg = RunConfig::parse(Path::new("run.toml"), &tiny_config(d.path(), ""), &sets).unwrap();
     let m = qpeft::train::trainer::out_of_memory(&cfg, Path::new("runs/x"), 1, (1, 4096), device);
     assert!(!m.contains("batch_size=") && !m.contains("checkpointing=") && m.contains("data.source_max_len="), "{m}");

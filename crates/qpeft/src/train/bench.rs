@@ -43,10 +43,11 @@ pub struct BenchReport {
     pub forward_backward_s: f64,
     pub optimizer_s: f64,
     pub loss: f64,
-    /// The checkpointing policy of the last step (what "auto" chose), and its activations as `model::memory`
-    /// estimates them for this shape (to hold against the measured peak less the model, adapters, gradients and
-    /// moments).
+    /// The checkpointing policy and MLP chunk rows of the last step (what "auto" chose), and its activations as
+    /// `model::memory` estimates them for this shape (to hold against the measured peak less the model, adapters,
+    /// gradients and moments).
     pub checkpointing: &'static str,
+    pub mlp_chunk: usize,
     pub estimated_activations_mib: f64,
     /// Peak device memory of the run's buffers (allocated, and reserved by the allocator), where the backend has
     /// device memory.
@@ -94,7 +95,7 @@ pub fn train_steps<B: Backend + 'static>(
     let (mut steps, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());
     let (mut inputs, mut targets) = (0usize, 0usize);
     let mut loss = f64::NAN;
-    let mut checkpointing = Checkpointing::Full;
+    let (mut checkpointing, mut mlp_chunk_rows) = (Checkpointing::Full, None);
     for i in 0..opts.warmup + opts.steps {
         if i == opts.warmup {
             be.synchronize()?;
@@ -103,7 +104,7 @@ pub fn train_steps<B: Backend + 'static>(
         be.synchronize()?;
         let batch = &batches[i % batches.len()];
         let s = recipe.step(model, set, &mut state, i as u64, &Solo, &mut || Ok(batch.clone()))?;
-        (loss, checkpointing) = (s.loss, s.checkpointing);
+        (loss, checkpointing, mlp_chunk_rows) = (s.loss, s.checkpointing, s.mlp_chunk);
         if i >= opts.warmup {
             steps.push(s.forward_backward_s + s.optimizer_s);
             fb.push(s.forward_backward_s);
@@ -123,7 +124,7 @@ pub fn train_steps<B: Backend + 'static>(
     let memory = be.device_memory()?;
     let spec = &model.spec;
     let rows = batches.iter().map(|b| b.input.batch * b.input.seq).max().unwrap_or(0);
-    let chunk = mlp_chunk(rows, spec.intermediate_size, spec.hidden_size, spec.num_layers, recipe.mlp_chunk);
+    let chunk = mlp_chunk(rows, spec.intermediate_size, spec.hidden_size, spec.num_layers, mlp_chunk_rows);
     let estimate = activation_bytes(spec, rows, chunk, be.saved_bytes(), recipe.loss_chunk, checkpointing);
     Ok(BenchReport {
         device: be.name(),
@@ -137,6 +138,7 @@ pub fn train_steps<B: Backend + 'static>(
         optimizer_s: median(opt),
         loss,
         checkpointing: checkpointing.name(),
+        mlp_chunk: chunk,
         estimated_activations_mib: mib(estimate),
         peak_allocated_mib: memory.map(|m| mib(m.peak_allocated)),
         peak_reserved_mib: memory.map(|m| mib(m.peak_reserved)),

@@ -47,17 +47,17 @@ pub struct StepRecipe {
 }
 
 impl StepRecipe {
-    /// The policy of a micro-batch of `rows` rows: the fixed one, or with "auto" the fastest whose activations
-    /// (`model::memory`) fit what the budget leaves after the model, the adapters, their gradients (allocated during
-    /// the backward) and, before the first update, the optimizer's moments. The same at every step of a shape, as
-    /// it is decided before the pass allocates anything.
+    /// The policy and MLP chunk rows (None: the default) of a micro-batch of `rows` rows: the fixed ones, or with
+    /// "auto" the fastest whose activations (`model::memory`) fit what the budget leaves after the model, the adapters,
+    /// their gradients (allocated during the backward) and, before the first update, the optimizer's moments. The same
+    /// at every step of a shape, as it is decided before the pass allocates anything.
     pub fn checkpointing_for<B: Backend>(
         &self,
         model: &Decoder<B>,
         set: &AdapterSet<B>,
         state: &OptimizerState<B>,
         rows: usize,
-    ) -> Result<Checkpointing> {
+    ) -> Result<(Checkpointing, Option<usize>)> {
         let CheckpointSetting::Fixed(policy) = self.checkpointing else {
             let be = &model.backend;
             let trainable = set.trainable();
@@ -75,9 +75,11 @@ impl StepRecipe {
             };
             let s = &model.spec;
             let chunk = mlp_chunk(rows, s.intermediate_size, s.hidden_size, s.num_layers, self.mlp_chunk);
-            return Ok(memory::choose(s, rows, chunk, be.saved_bytes(), self.loss_chunk, headroom));
+            let fixed = self.mlp_chunk.is_some();
+            let c = memory::choose(s, rows, chunk, fixed, be.saved_bytes(), self.loss_chunk, headroom);
+            return Ok((c.policy, Some(c.mlp_chunk)));
         };
-        Ok(policy)
+        Ok((policy, self.mlp_chunk))
     }
 }
 
@@ -111,8 +113,9 @@ pub struct StepStats {
     /// in between).
     pub forward_backward_s: f64,
     pub optimizer_s: f64,
-    /// The checkpointing policy of the last micro-batch (what "auto" chose).
+    /// The checkpointing policy and MLP chunk rows (None: the default) of the last micro-batch (what "auto" chose).
     pub checkpointing: Checkpointing,
+    pub mlp_chunk: Option<usize>,
 }
 
 impl StepRecipe {
@@ -159,18 +162,19 @@ impl StepRecipe {
         let micros = comm.world() * self.grad_accum;
         // [loss, loss targets, real input tokens] of this rank's micro-batches, then of all.
         let mut totals = [0f64; 3];
-        let mut checkpointing = Checkpointing::Full;
+        let (mut checkpointing, mut mlp_chunk) = (Checkpointing::Full, None);
         for local in 0..self.grad_accum {
             let micro = comm.rank() * self.grad_accum + local;
             let batch = next_batch()?;
-            checkpointing = self.checkpointing_for(model, set, state, batch.input.batch * batch.input.seq)?;
+            (checkpointing, mlp_chunk) =
+                self.checkpointing_for(model, set, state, batch.input.batch * batch.input.seq)?;
             let opts = StepOptions {
                 checkpointing,
                 dropout: true,
                 seed: micro_seed(self.seed, step, micro),
                 grad_scale: 1.0 / micros as f32,
                 loss_chunk: self.loss_chunk,
-                mlp_chunk: self.mlp_chunk,
+                mlp_chunk,
             };
             let r = model.loss_and_backward(&batch, set, &opts)?;
             if !r.loss.is_finite() {
@@ -208,6 +212,7 @@ impl StepRecipe {
             forward_backward_s: (middle - start).as_secs_f64(),
             optimizer_s: middle.elapsed().as_secs_f64(),
             checkpointing,
+            mlp_chunk,
         })
     }
 }
