@@ -23,6 +23,12 @@ pub struct StepRecord {
     pub tokens_per_s: f64,
     pub epoch: u64,
     pub seconds: f64,
+    /// The checkpointing policy the step ran (`train.checkpointing`; with "auto", what it chose), and with "auto"
+    /// the MLP rows per chunk it chose. Absent from runs written before the policies existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub checkpointing: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_chunk: Option<usize>,
 }
 
 /// Held-out results at one step.

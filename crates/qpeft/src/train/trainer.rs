@@ -480,6 +480,8 @@ impl<'a, B: Backend + 'static> Trainer<'a, B> {
                 tokens_per_s: rate,
                 epoch: self.state.epoch,
                 seconds,
+                checkpointing: s.checkpointing.name().into(),
+                mlp_chunk: s.mlp_chunk.filter(|_| t.checkpointing == CheckpointSetting::Auto),
             });
             if writer {
                 self.run.append_metrics(&record)?;

@@ -424,6 +424,12 @@ impl<T: Real> Backend for Cpu<T> {
         })?;
         out.par_chunks_mut(ELEM_CHUNK).zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK))).for_each(
             |(o, (g, u))| {
+                // f32 SiLU through the vectorized exp (libm's, a call per value, was 4% of an evaluation).
+                if let (GluKind::Silu, Some(g), Some(u), Some(o)) =
+                    (kind, T::as_f32s(g), T::as_f32s(u), T::as_f32s_mut(o))
+                {
+                    return crate::simd::silu_glu(g, u, o);
+                }
                 for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
                     *o = activation(kind, g).0 * u;
                 }
@@ -585,6 +591,11 @@ impl<T: Real> Backend for Cpu<T> {
         let outs = dgate.par_chunks_mut(ELEM_CHUNK).zip(dup.par_chunks_mut(ELEM_CHUNK));
         let ins = gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK).zip(dy.par_chunks(ELEM_CHUNK)));
         outs.zip(ins).for_each(|((dg, du), (g, (u, dy)))| {
+            let f32s = (T::as_f32s(g), T::as_f32s(u), T::as_f32s(dy));
+            if let (GluKind::Silu, (Some(g), Some(u), Some(dy))) = (kind, f32s) {
+                let (dg, du) = (T::as_f32s_mut(dg).expect("f32"), T::as_f32s_mut(du).expect("f32"));
+                return crate::simd::silu_glu_backward(g, u, dy, dg, du);
+            }
             for i in 0..g.len() {
                 let (a, da) = activation(kind, g[i]);
                 dg[i] = dy[i] * u[i] * da;
