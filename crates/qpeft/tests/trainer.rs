@@ -261,6 +261,93 @@ fn auto_checkpointing_picks_the_fastest_policy_that_fits_the_budget() {
     assert_eq!(need(Checkpointing::Full), need(Checkpointing::Offload), "the tiny model has two layers");
 }
 
+/// A data-parallel group that sums while the backward goes on (NCCL) gets each layer's gradients in buckets, last
+/// layer first, during the last micro-batch's backward; the step's result is the same, bit for bit, as summing all of
+/// them after the backward. Checked on two thread ranks with a wrapper that buckets.
+#[test]
+fn gradients_summed_in_buckets_during_the_backward_equal_those_summed_after_it() {
+    use qpeft::backend::collective::{Collective, Threads};
+    use qpeft::train::optimizer::OptimizerState;
+    use qpeft::train::step::StepRecipe;
+    use std::sync::Mutex;
+
+    struct Bucketed {
+        inner: Threads,
+        buckets: std::sync::Arc<Mutex<Vec<usize>>>,
+    }
+    impl Collective<Cpu> for Bucketed {
+        fn rank(&self) -> usize {
+            Collective::<Cpu>::rank(&self.inner)
+        }
+        fn world(&self) -> usize {
+            Collective::<Cpu>::world(&self.inner)
+        }
+        fn all_reduce_host(&self, values: &mut [f64]) -> qpeft::error::Result<()> {
+            Collective::<Cpu>::all_reduce_host(&self.inner, values)
+        }
+        fn finish(&self) {
+            Collective::<Cpu>::finish(&self.inner)
+        }
+        fn overlaps_buckets(&self) -> bool {
+            true
+        }
+        fn all_reduce_bucket(&self, be: &Cpu, bufs: &mut [&mut Vec<f32>]) -> qpeft::error::Result<()> {
+            self.buckets.lock().unwrap().push(bufs.len());
+            self.inner.all_reduce(be, bufs)
+        }
+    }
+
+    let d = tempfile::tempdir().unwrap();
+    let cfg =
+        RunConfig::parse(Path::new("run.toml"), &tiny_config(d.path(), ""), &["train.grad_accum=2".into()]).unwrap();
+    let (model, _, _) = load_model(&cfg, Cpu::new(), &mut |_, _| {}).unwrap();
+    let recipe = StepRecipe::from_config(&cfg);
+    let layers = model.spec.num_layers;
+    let buckets = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let run = |bucketed: bool| -> Vec<Vec<Vec<f32>>> {
+        let ranks = Threads::group(2);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = ranks
+                .into_iter()
+                .map(|t| {
+                    let (model, recipe, buckets) = (&model, &recipe, buckets.clone());
+                    scope.spawn(move || {
+                        let comm: Box<dyn Collective<Cpu>> =
+                            if bucketed { Box::new(Bucketed { inner: t, buckets }) } else { Box::new(t) };
+                        let mut set = AdapterSet::build(&model.backend, &model.spec, 3, |_, _| {
+                            Some(common::methods()[0].clone())
+                        })
+                        .unwrap();
+                        let mut state = OptimizerState::new();
+                        let mut n = comm.rank();
+                        for step in 0..2 {
+                            recipe
+                                .step(model, &mut set, &mut state, step, comm.as_ref(), &mut || {
+                                    n += 1;
+                                    let mut b = common::batch(model.spec.vocab_size);
+                                    b.input.tokens.iter_mut().for_each(|t| *t = (*t + n as u32) % 50);
+                                    Ok(b)
+                                })
+                                .unwrap();
+                        }
+                        comm.finish();
+                        set.named_params().iter().map(|(_, p)| p.value.clone()).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let (plain, bucketed) = (run(false), run(true));
+    assert_eq!(plain[0], plain[1], "the ranks' replicas agree");
+    assert!(plain == bucketed, "bucketed sums differ from one sum after the backward");
+    assert!(plain[0].iter().flatten().any(|&v| v != 0.0));
+    // Two ranks × two steps × one bucket per layer, each with the layer's seven adapters' two matrices.
+    let buckets = buckets.lock().unwrap();
+    assert_eq!(buckets.len(), 2 * 2 * layers);
+    assert!(buckets.iter().all(|&n| n == 14), "{buckets:?}");
+}
+
 #[test]
 fn an_existing_run_directory_is_kept_unless_overwrite_and_only_if_it_is_a_run() {
     let d = tempfile::tempdir().unwrap();

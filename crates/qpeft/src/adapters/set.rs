@@ -83,6 +83,11 @@ impl<B: Backend> AdapterSet<B> {
         out
     }
 
+    /// The parameters of layer `layer`'s adapters.
+    pub fn layer_params_mut(&mut self, layer: usize) -> Vec<&mut Param<B>> {
+        self.slots.get_mut(layer).into_iter().flatten().flatten().flat_map(|a| a.params_mut()).collect()
+    }
+
     pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
         self.slots.iter_mut().flatten().flatten().flat_map(|a| a.params_mut()).collect()
     }

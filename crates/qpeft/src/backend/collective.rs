@@ -46,6 +46,21 @@ pub trait Collective<B: Backend>: Send + Sync {
     /// values ← Σ over ranks of values, on the host (losses, token counts, flags), the same on every rank.
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()>;
 
+    /// Whether this group sums gradients while the backward goes on: then a step hands each layer's gradients over as
+    /// soon as the last micro-batch's backward has finished them (`all_reduce_bucket`) and waits for the sums with
+    /// `finish_buckets` before clipping; otherwise it sums them all at once after the backward (`all_reduce`; the host
+    /// groups, which would only add exchanges).
+    fn overlaps_buckets(&self) -> bool {
+        false
+    }
+    /// Starts summing one bucket of buffers (as `all_reduce`); the sums are in place once `finish_buckets` returns.
+    fn all_reduce_bucket(&self, be: &B, bufs: &mut [&mut B::Buf]) -> Result<()> {
+        self.all_reduce(be, bufs)
+    }
+    fn finish_buckets(&self, _be: &B) -> Result<()> {
+        Ok(())
+    }
+
     /// This rank's work is done: its handle going away later is no failure of the group.
     fn finish(&self) {}
 

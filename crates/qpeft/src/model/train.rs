@@ -14,6 +14,9 @@ use crate::adapters::Pass;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 
+/// What `Decoder::loss_and_backward_with` calls after each block's backward: the block's index and the adapters.
+pub type LayerDone<'a, B> = dyn FnMut(usize, &mut AdapterSet<B>) -> Result<()> + 'a;
+
 /// A target that does not count (PyTorch's ignore_index −100).
 pub const IGNORE: u32 = u32::MAX;
 
@@ -145,7 +148,7 @@ impl Batch {
 impl<B: Backend> Decoder<B> {
     /// The loss of `batch` without gradients (adapters in inference or training mode per `opts.dropout`).
     pub fn loss(&self, batch: &Batch, adapters: Option<&AdapterSet<B>>, opts: &StepOptions) -> Result<StepResult> {
-        self.pass(batch, adapters.map(Adapters::Shared), opts)
+        self.pass(batch, adapters.map(Adapters::Shared), opts, &mut |_, _| Ok(()))
     }
 
     /// The loss of `batch`, and its gradient (× `grad_scale`) added to every adapter parameter's `grad`.
@@ -155,10 +158,28 @@ impl<B: Backend> Decoder<B> {
         adapters: &mut AdapterSet<B>,
         opts: &StepOptions,
     ) -> Result<StepResult> {
-        self.pass(batch, Some(Adapters::Training(adapters)), opts)
+        self.loss_and_backward_with(batch, adapters, opts, &mut |_, _| Ok(()))
     }
 
-    fn pass(&self, batch: &Batch, mut adapters: Option<Adapters<'_, B>>, opts: &StepOptions) -> Result<StepResult> {
+    /// `loss_and_backward`, calling `layer_done(l, adapters)` as soon as the backward has finished block l (the last
+    /// block first): its adapters' gradients of this pass are then complete (data-parallel steps start summing them).
+    pub fn loss_and_backward_with(
+        &self,
+        batch: &Batch,
+        adapters: &mut AdapterSet<B>,
+        opts: &StepOptions,
+        layer_done: &mut LayerDone<'_, B>,
+    ) -> Result<StepResult> {
+        self.pass(batch, Some(Adapters::Training(adapters)), opts, layer_done)
+    }
+
+    fn pass(
+        &self,
+        batch: &Batch,
+        mut adapters: Option<Adapters<'_, B>>,
+        opts: &StepOptions,
+        layer_done: &mut LayerDone<'_, B>,
+    ) -> Result<StepResult> {
         let be = &self.backend;
         let targets = batch.targets(self.spec.vocab_size)?;
         let Input { batch: nb, seq, .. } = batch.input;
@@ -264,6 +285,7 @@ impl<B: Backend> Decoder<B> {
                 }
                 Kept::Nothing { .. } => unreachable!("a pass with gradients keeps activations or inputs"),
             }
+            layer_done(l, set)?;
         }
         Ok(result)
     }

@@ -176,7 +176,17 @@ impl StepRecipe {
                 loss_chunk: self.loss_chunk,
                 mlp_chunk,
             };
-            let r = model.loss_and_backward(&batch, set, &opts)?;
+            // A group that sums while the backward goes on gets each layer's gradients of the last micro-batch as
+            // soon as they are final.
+            let r = if local + 1 == self.grad_accum && comm.overlaps_buckets() {
+                model.loss_and_backward_with(&batch, set, &opts, &mut |l, set| {
+                    let mut grads =
+                        set.layer_params_mut(l).into_iter().map(|p| p.grad_mut(be)).collect::<Result<Vec<_>>>()?;
+                    comm.all_reduce_bucket(be, &mut grads)
+                })?
+            } else {
+                model.loss_and_backward(&batch, set, &opts)?
+            };
             if !r.loss.is_finite() {
                 return Err(Error::Invalid(format!(
                     "the loss is {} at step {} (micro-batch {micro})",
@@ -189,8 +199,12 @@ impl StepRecipe {
             totals[2] += batch.input.mask.iter().filter(|&&m| m != 0).count() as f64;
         }
         // (A group of one still goes through its collective: NCCL with one rank must leave the sums as they are.)
-        let mut grads = set.params_mut().into_iter().map(|p| p.grad_mut(be)).collect::<Result<Vec<_>>>()?;
-        comm.all_reduce(be, &mut grads)?;
+        if comm.overlaps_buckets() {
+            comm.finish_buckets(be)?;
+        } else {
+            let mut grads = set.params_mut().into_iter().map(|p| p.grad_mut(be)).collect::<Result<Vec<_>>>()?;
+            comm.all_reduce(be, &mut grads)?;
+        }
         comm.all_reduce_host(&mut totals)?;
         let [loss, tokens, input_tokens] = totals;
         let (tokens, input_tokens) = (tokens as usize, input_tokens as usize);

@@ -1,6 +1,9 @@
 //! Data-parallel collectives across GPUs through NCCL (`Collective` for `Cuda`): gradients are summed in place on
-//! the devices, on each backend's stream, so the sum is queued behind the backward that produced it. NCCL's
-//! all-reduce gives every rank the same bits. The host values of a step (losses, token counts, the stop flag) go
+//! the devices, on a communication stream of each rank: a step hands each layer's gradients over as soon as the last
+//! micro-batch's backward has finished them (`all_reduce_bucket`, which makes the communication stream wait for the
+//! compute stream's work so far), so the sums of later layers run while earlier layers' backward computes, and
+//! `finish_buckets` makes the compute stream wait for the sums before clipping. NCCL's all-reduce gives every rank
+//! the same bits. The host values of a step (losses, token counts, the stop flag) go
 //! through the ranks' in-process `Threads` group instead: a rank that fails drops its handle, the others' next host
 //! exchange fails, and dropping their communicators aborts NCCL's pending work, so no rank waits forever on a dead
 //! one. (Ranks on several hosts would need NCCL there too; not yet.)
@@ -10,6 +13,9 @@
 //! `libnccl.so` in a folder on `LD_LIBRARY_PATH` (`scripts/gpu/nccl_path.sh` does) — `Nccl::id` says so when it is
 //! missing.
 
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use super::{device_err, Cuda};
@@ -19,6 +25,9 @@ use crate::error::{DeviceFailure, Error, Result};
 /// One rank's NCCL communicator.
 pub struct Nccl {
     comm: Comm,
+    /// The backend's stream (compute) and the communicator's (a fork of it).
+    compute: Arc<CudaStream>,
+    stream: Arc<CudaStream>,
     host: Box<dyn Collective<Cuda>>,
 }
 
@@ -62,9 +71,10 @@ impl Nccl {
     pub fn join(be: &Cuda, host: Box<dyn Collective<Cuda>>, id: GroupId) -> Result<Nccl> {
         let (rank, world) = (host.rank(), host.world());
         host.all_reduce_host(&mut [])?;
-        let comm = Comm::from_rank(be.stream.clone(), rank, world, id.0)
+        let stream = be.stream.fork().map_err(|e| device_err("NCCL: making a communication stream", e))?;
+        let comm = Comm::from_rank(stream.clone(), rank, world, id.0)
             .map_err(|e| device_err(&format!("NCCL: joining rank {rank} of {world}"), format!("{e:?}")))?;
-        Ok(Nccl { comm, host })
+        Ok(Nccl { comm, compute: be.stream.clone(), stream, host })
     }
 }
 
@@ -75,13 +85,27 @@ impl Collective<Cuda> for Nccl {
     fn world(&self) -> usize {
         self.comm.world_size()
     }
-    fn all_reduce(&self, _: &Cuda, bufs: &mut [&mut <Cuda as crate::backend::Backend>::Buf]) -> Result<()> {
+    fn all_reduce(&self, be: &Cuda, bufs: &mut [&mut <Cuda as crate::backend::Backend>::Buf]) -> Result<()> {
+        self.all_reduce_bucket(be, bufs)?;
+        self.finish_buckets(be)
+    }
+    fn overlaps_buckets(&self) -> bool {
+        true
+    }
+    fn all_reduce_bucket(&self, _: &Cuda, bufs: &mut [&mut <Cuda as crate::backend::Backend>::Buf]) -> Result<()> {
+        // The buffers' producers, queued on the compute stream so far, come first.
+        let ready = self.compute.record_event(None).map_err(|e| device_err("NCCL: ordering a bucket", e))?;
+        self.stream.wait(&ready).map_err(|e| device_err("NCCL: ordering a bucket", e))?;
         for buf in bufs.iter_mut() {
             self.comm
                 .all_reduce_in_place(*buf, &ReduceOp::Sum)
                 .map_err(|e| device_err("NCCL: all-reduce", format!("{e:?}")))?;
         }
         Ok(())
+    }
+    fn finish_buckets(&self, _: &Cuda) -> Result<()> {
+        let summed = self.stream.record_event(None).map_err(|e| device_err("NCCL: waiting for the sums", e))?;
+        self.compute.wait(&summed).map_err(|e| device_err("NCCL: waiting for the sums", e))
     }
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
         self.host.all_reduce_host(values)
