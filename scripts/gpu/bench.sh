@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine: qpeft and the transformers + peft + bitsandbytes peer on the same shape, one after the other
-# in one call, and the ratio; with the Liger-Kernel wheel in .whl too, the second peer (peer_hf.py --liger) after them. Carry .devbin (scripts/gpu/test.sh build) and .whl (the bitsandbytes 0.50.2
-# manylinux_2_24 wheel: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
-# --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2).
+# in one call, and the ratio; with the Liger-Kernel wheel in .whl too, the second peer (peer_hf.py --liger) after them.
+# Carry .devbin (scripts/gpu/test.sh build) and .whl (the bitsandbytes 0.50.2 manylinux_2_24 wheel: pip download
+# --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_24_x86_64 -d .whl
+# bitsandbytes==0.50.2; and pip download --no-deps -d .whl liger-kernel==0.8.5, pure Python on the device's Triton).
 #   scripts/gpu/bench.sh ARCH SEQ BATCH [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
