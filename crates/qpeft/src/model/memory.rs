@@ -24,9 +24,10 @@ pub fn activation_bytes(
     const F32: usize = 4;
     let Dims { h, q, kv, ff } = Dims::of(spec);
     let layers = spec.num_layers;
-    let attn = h + 2 * q + 2 * kv; // n1, q, k, v, att
-    let mlp = h + 3 * ff; // n2, gate, up, act
-                          // The forward's MLP runs whole while no gradient is held (the first micro-batch of a step).
+    // Widths of the attention half's activations (n1, q, k, v, att) and the MLP's (n2, gate, up, act).
+    let attn = h + 2 * q + 2 * kv;
+    let mlp = h + 3 * ff;
+    // The forward's MLP runs whole while no gradient is held (the first micro-batch of a step).
     let forward = rows * F32 * (h + attn + mlp);
     // One block's backward: x_in, x_mid, dx and the attention half's activations throughout; the MLP chunk with its
     // gradients at their widest (d_act, d_gate, d_up and dn beside the chunk's activations); then the attention's

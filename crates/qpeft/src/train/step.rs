@@ -46,43 +46,6 @@ pub struct StepRecipe {
     pub mlp_chunk: Option<usize>,
 }
 
-impl StepRecipe {
-    /// The policy and MLP chunk rows (None: the default) of a micro-batch of `rows` rows: the fixed ones, or with
-    /// "auto" the fastest whose activations (`model::memory`) fit what the budget leaves after the model, the adapters,
-    /// their gradients (allocated during the backward) and, before the first update, the optimizer's moments. The same
-    /// at every step of a shape, as it is decided before the pass allocates anything.
-    pub fn checkpointing_for<B: Backend>(
-        &self,
-        model: &Decoder<B>,
-        set: &AdapterSet<B>,
-        state: &OptimizerState<B>,
-        rows: usize,
-    ) -> Result<(Checkpointing, Option<usize>)> {
-        let CheckpointSetting::Fixed(policy) = self.checkpointing else {
-            let be = &model.backend;
-            let trainable = set.trainable();
-            let moments = match (state.step, self.adamw.bits) {
-                (0, StateBits::B32) => 8 * trainable,
-                (0, StateBits::B8) => 2 * trainable + trainable / 64,
-                _ => 0,
-            };
-            let pending = 4 * trainable + moments;
-            let headroom = match (be.device_memory()?, self.memory_budget) {
-                (Some(m), Some(budget)) => budget.saturating_sub(m.allocated + pending),
-                // Free on the device, and what the pool holds unused.
-                (Some(m), None) => (m.total - m.in_use + (m.reserved - m.allocated)).saturating_sub(pending),
-                (None, budget) => host_headroom(budget).saturating_sub(pending),
-            };
-            let s = &model.spec;
-            let chunk = mlp_chunk(rows, s.intermediate_size, s.hidden_size, s.num_layers, self.mlp_chunk);
-            let fixed = self.mlp_chunk.is_some();
-            let c = memory::choose(s, rows, chunk, fixed, be.saved_bytes(), self.loss_chunk, headroom);
-            return Ok((c.policy, Some(c.mlp_chunk)));
-        };
-        Ok((policy, self.mlp_chunk))
-    }
-}
-
 /// Host memory a CPU pass may still fill: the budget less this process's resident memory, or what the system has
 /// available (0 where neither is known: "auto" then offloads, which on the CPU is full checkpointing).
 fn host_headroom(budget: Option<usize>) -> usize {
@@ -143,6 +106,43 @@ impl StepRecipe {
             loss_chunk: t.loss_chunk,
             mlp_chunk: t.mlp_chunk,
         }
+    }
+
+    /// The policy and MLP chunk rows (None: the default) of a micro-batch of `rows` rows: the fixed ones, or with
+    /// "auto" the fastest whose activations (`model::memory`) fit what the budget leaves after the model, the adapters,
+    /// their gradients (allocated during the backward) and, before the first update, the optimizer's moments. The same
+    /// at every step of a shape, as it is decided before the pass allocates anything.
+    pub fn checkpointing_for<B: Backend>(
+        &self,
+        model: &Decoder<B>,
+        set: &AdapterSet<B>,
+        state: &OptimizerState<B>,
+        rows: usize,
+    ) -> Result<(Checkpointing, Option<usize>)> {
+        if let CheckpointSetting::Fixed(policy) = self.checkpointing {
+            return Ok((policy, self.mlp_chunk));
+        }
+        let be = &model.backend;
+        let trainable = set.trainable();
+        let moments = match (state.step, self.adamw.bits) {
+            (0, StateBits::B32) => 8 * trainable,
+            (0, StateBits::B8) => 2 * trainable + trainable / 64,
+            _ => 0,
+        };
+        let pending = 4 * trainable + moments;
+        let headroom = match (be.device_memory()?, self.memory_budget) {
+            (Some(m), Some(budget)) => budget.saturating_sub(m.allocated + pending),
+            // Free on the device, and what the pool holds unused.
+            (Some(m), None) => {
+                (m.total.saturating_sub(m.in_use) + m.reserved.saturating_sub(m.allocated)).saturating_sub(pending)
+            }
+            (None, budget) => host_headroom(budget).saturating_sub(pending),
+        };
+        let s = &model.spec;
+        let chunk = mlp_chunk(rows, s.intermediate_size, s.hidden_size, s.num_layers, self.mlp_chunk);
+        let fixed = self.mlp_chunk.is_some();
+        let c = memory::choose(s, rows, chunk, fixed, be.saved_bytes(), self.loss_chunk, headroom);
+        Ok((c.policy, Some(c.mlp_chunk)))
     }
 
     /// Takes optimizer step `step` (0-based) of `set` on this rank's micro-batches, which `next_batch` gives in
