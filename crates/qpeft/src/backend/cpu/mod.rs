@@ -708,9 +708,14 @@ impl<T: Real> Backend for Cpu<T> {
             format!("x {}, out {}, p {p}", x.len(), out.len())
         })?;
         let keep = T::one() / (T::one() - T::of(p));
+        let threshold = crate::simd::dropout_threshold(p);
         out.par_chunks_mut(ELEM_CHUNK).zip(x.par_chunks(ELEM_CHUNK)).enumerate().for_each(|(c, (o, x))| {
+            let first = first + (c * ELEM_CHUNK) as u64;
+            if let (Some(x), Some(o)) = (T::as_f32s(x), T::as_f32s_mut(o)) {
+                return crate::simd::dropout(x, o, seed, first, threshold, keep.f64() as f32);
+            }
             for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                *o = if dropout_keeps(seed, first + (c * ELEM_CHUNK + i) as u64, p) { x * keep } else { T::zero() };
+                *o = if dropout_keeps(seed, first + i as u64, p) { x * keep } else { T::zero() };
             }
         });
         Ok(())
