@@ -879,3 +879,32 @@ fn check_targets<T>(logits: &[T], targets: &[u32], vocab: usize, ignore: u32, ou
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backend's dropout (f32: `simd::dropout`, 8 lanes and integer thresholds; f64: `dropout_keeps` per value)
+    /// against the scalar draw, for probabilities on and between multiples of 2⁻²⁴, a start past 2³², ragged lengths
+    /// and inputs that span several of the backend's element chunks.
+    #[test]
+    fn dropout_keeps_what_the_scalar_draw_keeps() {
+        let x: Vec<f32> = (0..10_000).map(|i| i as f32 - 5_000.25).collect();
+        for p in [0.0f32, 0.05, 0.1, 0.5, 0.999, 3.0 / 16_777_216.0, f32::from_bits(0.3f32.to_bits() + 1)] {
+            for (seed, first, n) in [(7u64, 0u64, 10_000usize), (u64::MAX, (1 << 32) + 5, 17), (42, 999, 1)] {
+                let keep = 1.0 / (1.0 - p);
+                let mut out = vec![f32::NAN; n];
+                Cpu::new().dropout(&x[..n].to_vec(), p, seed, first, &mut out).unwrap();
+                let mut wide = vec![f64::NAN; n];
+                let x64: Vec<f64> = x[..n].iter().map(|&v| v as f64).collect();
+                Cpu::f64().dropout(&x64, p, seed, first, &mut wide).unwrap();
+                for i in 0..n {
+                    let kept = dropout_keeps(seed, first + i as u64, p);
+                    let want = if kept { x[i] * keep } else { 0.0 };
+                    assert_eq!(out[i].to_bits(), want.to_bits(), "p {p}, seed {seed}, element {}", first + i as u64);
+                    assert_eq!(wide[i] != 0.0, kept, "f64: p {p}, element {}", first + i as u64);
+                }
+            }
+        }
+    }
+}
