@@ -121,9 +121,9 @@ fn silu_glu_backward_lanes(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f3
 }
 
 vectorized! {
-    /// out[i] = x[i]·scale where the draw of element `first + i` keeps it, else 0: the draw is
-    /// `backend::cpu::dropout_keeps`'s (splitmix64 of the seed and the element's number, its top 24 bits u), which keeps
-    /// the element when u·2⁻²⁴ ≥ p, i.e. when u ≥ `threshold` = ⌈p·2²⁴⌉ (`dropout_threshold`). In integers, so that the
+    /// out[i] = x[i]·scale where the draw u of element `first + i` (`dropout_draw`) keeps it, else 0: the mask of
+    /// `backend::cpu::dropout_keeps`, which keeps the element when u·2⁻²⁴ ≥ p, i.e. when u ≥ `threshold` = ⌈p·2²⁴⌉
+    /// (`dropout_threshold`). In integers, so that the
     /// three 64-bit multiplications per element run 8 lanes wide (AVX-512DQ); one element at a time, the masks took
     /// 15% of a `cpu:bf16` training step with dropout.
     pub fn dropout(x: &[f32], out: &mut [f32], seed: u64, first: u64, threshold: u64, scale: f32) = dropout_lanes;
@@ -135,14 +135,20 @@ pub fn dropout_threshold(p: f32) -> u64 {
     (p * (1u32 << 24) as f32).ceil() as u64
 }
 
+/// The 24-bit dropout draw of element i under `seed`: the top bits of a SplitMix64 hash of (seed, i) (kernels.cu's
+/// `dropout` computes the same).
+#[inline(always)]
+pub fn dropout_draw(seed: u64, i: u64) -> u64 {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) >> 40
+}
+
 #[inline(always)]
 fn dropout_lanes(x: &[f32], out: &mut [f32], seed: u64, first: u64, threshold: u64, scale: f32) {
     for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-        let mut z = seed ^ first.wrapping_add(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        *o = if z >> 40 >= threshold { v * scale } else { 0.0 };
+        *o = if dropout_draw(seed, first.wrapping_add(i as u64)) >= threshold { v * scale } else { 0.0 };
     }
 }
 
@@ -335,10 +341,13 @@ mod tests {
         }
     }
 
-    /// The threshold against the float rule u·2⁻²⁴ ≥ p at its boundary, and the portable build against the AVX-512
-    /// one (backend::cpu's tests hold both against the scalar draw `dropout_keeps`).
+    /// The draw against SplitMix64's published output, the threshold against the float rule u·2⁻²⁴ ≥ p at its
+    /// boundary, and the portable build against the AVX-512 one (backend::cpu's tests hold both against the scalar
+    /// mask `dropout_keeps`).
     #[test]
     fn dropout_threshold_is_the_float_rule_and_both_builds_agree() {
+        // The draw is SplitMix64's: from state 0 its first output is 0xE220A8397B1DCDAF (the published sequence).
+        assert_eq!(dropout_draw(0, 1), 0xE2_20A8);
         // 0.1f32·2²⁴ = 1,677,721.6 keeps 1,677,722 and not below.
         assert_eq!((dropout_threshold(0.0), dropout_threshold(0.5), dropout_threshold(0.1)), (0, 1 << 23, 1_677_722));
         for p in [0.1f32, 0.05, 0.999, f32::from_bits(0.3f32.to_bits() + 1)] {

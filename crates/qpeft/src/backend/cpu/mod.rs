@@ -776,14 +776,10 @@ impl<T: Real> Backend for Cpu<T> {
     }
 }
 
-/// Whether element `i` survives dropout with probability 1 − p under `seed`: a SplitMix64 hash of
-/// (seed, i) mapped to a uniform in [0, 1) with 24 bits, so every backend can reproduce the mask.
+/// Whether element `i` survives dropout with probability 1 − p under `seed`: the 24-bit draw of (seed, i)
+/// (`simd::dropout_draw`, a SplitMix64 hash) as a uniform in [0, 1), so every backend can reproduce the mask.
 pub fn dropout_keeps(seed: u64, i: u64, p: f32) -> bool {
-    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    ((z >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= p
+    (crate::simd::dropout_draw(seed, i) as f32) * (1.0 / (1u64 << 24) as f32) >= p
 }
 
 fn zip_apply<T: Real>(x: &mut [T], y: &[T], f: impl Fn(&mut T, T) + Sync) {
