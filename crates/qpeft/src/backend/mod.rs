@@ -434,6 +434,14 @@ pub trait Backend: Send + Sync {
     /// out [rows, out] (+)= x·Ŵᵀ for x [rows, in].
     fn linear(&self, x: &Self::Buf, w: &Self::Weight, rows: usize, out: &mut Self::Buf, accumulate: bool)
         -> Result<()>;
+    /// out_i [rows, out_i] = x·Ŵ_iᵀ for weights that read one input x [rows, in] (q/k/v, gate/up): `linear` of
+    /// each, with what a backend does to the input before its products (the 16-bit conversion) done once.
+    fn linears(&self, x: &Self::Buf, rows: usize, products: &mut [(&Self::Weight, &mut Self::Buf)]) -> Result<()> {
+        for (w, out) in products.iter_mut() {
+            self.linear(x, w, rows, out, false)?;
+        }
+        Ok(())
+    }
     /// dx [rows, in] (+)= dy·Ŵ for dy [rows, out]: a frozen weight's only gradient.
     fn linear_backward(
         &self,

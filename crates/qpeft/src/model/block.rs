@@ -208,6 +208,27 @@ impl<B: Backend> Layer<'_, B> {
         }
     }
 
+    /// outs[i] = base(x) + Δ(x) for the linears `ps` of this block, which read the same x: the bases first, in one
+    /// `Backend::linears` (the input converted once), then each adapter onto its output.
+    fn linears<const N: usize>(
+        &self,
+        ps: [Proj; N],
+        x: &B::Buf,
+        outs: [&mut B::Buf; N],
+        ctx: &Ctx<B>,
+        adapters: Option<&AdapterSet<B>>,
+    ) -> Result<()> {
+        let be = self.be;
+        let mut products: Vec<_> = ps.iter().zip(outs).map(|(&p, out)| (self.block.proj(p), out)).collect();
+        QuantLinear::forward_shared(be, x, ctx.rows, &mut products)?;
+        for (&p, (_, out)) in ps.iter().zip(products) {
+            if let Some(a) = adapters.and_then(|a| a.get(self.index, p)) {
+                a.forward(be, x, ctx.rows, ctx.pass(self.index, p), out)?;
+            }
+        }
+        Ok(())
+    }
+
     /// dx (+)= ∂/∂x of linear `p` of this block (input x, output gradient dy); its adapter's grads accumulate.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
@@ -283,12 +304,9 @@ impl<B: Backend> Layer<'_, B> {
         observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<()> {
         let (be, s, blk) = (self.be, self.spec, self.block);
-        let lin = |p: Proj, x: &B::Buf, out: &mut B::Buf| self.linear(p, x, out, false, ctx, adapters);
         be.rmsnorm(x, &blk.attn_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut a.n1)?;
         observe(self.index, InputSite::Attention, &a.n1)?;
-        lin(Proj::Q, &a.n1, &mut a.q)?;
-        lin(Proj::K, &a.n1, &mut a.k)?;
-        lin(Proj::V, &a.n1, &mut a.v)?;
+        self.linears([Proj::Q, Proj::K, Proj::V], &a.n1, [&mut a.q, &mut a.k, &mut a.v], ctx, adapters)?;
         be.rope(&mut a.q, ctx.positions, self.inv_freq, s.num_heads, s.head_dim)?;
         be.rope(&mut a.k, ctx.positions, self.inv_freq, s.num_kv_heads, s.head_dim)
     }
@@ -305,8 +323,7 @@ impl<B: Backend> Layer<'_, B> {
         let (be, s, blk) = (self.be, self.spec, self.block);
         be.rmsnorm(x, &blk.mlp_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut m.n2)?;
         observe(self.index, InputSite::Mlp, &m.n2)?;
-        self.linear(Proj::Gate, &m.n2, &mut m.gate, false, ctx, adapters)?;
-        self.linear(Proj::Up, &m.n2, &mut m.up, false, ctx, adapters)?;
+        self.linears([Proj::Gate, Proj::Up], &m.n2, [&mut m.gate, &mut m.up], ctx, adapters)?;
         be.glu(&m.gate, &m.up, ctx.glu, &mut m.act)?;
         observe(self.index, InputSite::MlpOutput, &m.act)
     }

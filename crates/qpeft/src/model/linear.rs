@@ -27,6 +27,25 @@ impl<B: Backend> QuantLinear<B> {
         Ok(())
     }
 
+    /// out_i = x·Ŵ_iᵀ + b_i for linears that read the same x ([rows, in_dim]): `Backend::linears`, which converts
+    /// the input for the products once.
+    pub fn forward_shared(
+        be: &B,
+        x: &B::Buf,
+        rows: usize,
+        products: &mut [(&QuantLinear<B>, &mut B::Buf)],
+    ) -> Result<()> {
+        let mut bases: Vec<(&B::Weight, &mut B::Buf)> =
+            products.iter_mut().map(|(l, out)| (&l.weight, &mut **out)).collect();
+        be.linears(x, rows, &mut bases)?;
+        for (l, out) in products.iter_mut() {
+            if let Some(b) = &l.bias {
+                be.add_bias(out, b)?;
+            }
+        }
+        Ok(())
+    }
+
     /// dx ([rows, in_dim]) = dy·Ŵ, or dx += dy·Ŵ when `accumulate`.
     pub fn backward_input(&self, be: &B, dy: &B::Buf, rows: usize, dx: &mut B::Buf, accumulate: bool) -> Result<()> {
         be.linear_backward(dy, &self.weight, rows, dx, accumulate)

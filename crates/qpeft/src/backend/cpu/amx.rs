@@ -121,40 +121,71 @@ impl PackedBf16 {
 /// the conversions are not repeated — with tasks over row blocks instead, a wide weight (an LM head of 50–150k
 /// rows) was read from memory once per 32 rows, and a one-row product ran on one thread.
 pub fn linear<T: Real>(x: &[T], w: &PackedBf16, rows: usize, out: &mut [T], accumulate: bool) {
-    assert!(available(), "AMX is not available");
-    let (k, n) = (w.in_dim, w.out_dim);
-    assert!(
-        x.len() == rows * k && out.len() == rows * n,
-        "x {} and out {} for {rows} rows of {w:?}",
-        x.len(),
-        out.len()
-    );
-    let kb = w.k_blocks();
-    let kp = kb * 32;
-    let row_blocks = rows.div_ceil(32);
-    // x in bf16, zero-padded to whole blocks of 32 rows and of 32 inputs, each 16 × 32 tile contiguous (1 KiB, so
-    // a tile load reads 16 consecutive lines): row group g (16 rows), k block kk at (g·kb + kk)·512. The buffer is
-    // kept between calls (every element is written below): a fresh zeroed one cost more than the conversion.
-    let mut a = A_BUFFER.with(|b| b.take());
-    a.resize(row_blocks * 2 * kb * 512, 0);
-    a.par_chunks_mut(kb * 512).enumerate().for_each(|(g, d)| {
-        let mut row = vec![0u16; kp];
-        for r in 0..16 {
-            let i = g * 16 + r;
-            if i < rows {
-                let src = &x[i * k..(i + 1) * k];
-                match T::as_f32s(src) {
-                    Some(src) => to_bf16_bits(src, &mut row[..k]),
-                    None => row.iter_mut().zip(src).for_each(|(d, &v)| *d = bf16_bits(v.to_f32().unwrap_or(f32::NAN))),
+    product(&Input::new(x, rows, w.in_dim), w, out, accumulate);
+}
+
+/// The left operand of `product`: `rows` rows of `k` values in bf16, zero-padded to whole blocks of 32 rows and of
+/// 32 inputs, each 16 × 32 tile contiguous (1 KiB, so a tile load reads 16 consecutive lines): row group g (16
+/// rows), k block kk at (g·kb + kk)·512. One conversion serves every weight that reads the same input.
+pub struct Input {
+    data: Vec<u16>,
+    rows: usize,
+    k: usize,
+}
+
+impl Input {
+    /// Converts x ([rows, k]) to bf16 (nearest, ties to even). Panics unless `available()`.
+    pub fn new<T: Real>(x: &[T], rows: usize, k: usize) -> Input {
+        assert!(available(), "AMX is not available");
+        assert_eq!(x.len(), rows * k, "x for {rows} rows of {k}");
+        let kb = k.div_ceil(32);
+        // The buffer of an earlier input on this thread, if any (every element is written below): a fresh zeroed
+        // one cost more than the conversion.
+        let mut data = A_BUFFER.with(|b| b.take());
+        data.resize(rows.div_ceil(32) * 2 * kb * 512, 0);
+        data.par_chunks_mut(kb.max(1) * 512).enumerate().for_each(|(g, d)| {
+            let mut row = vec![0u16; kb * 32];
+            for r in 0..16 {
+                let i = g * 16 + r;
+                if i < rows {
+                    let src = &x[i * k..(i + 1) * k];
+                    match T::as_f32s(src) {
+                        Some(src) => to_bf16_bits(src, &mut row[..k]),
+                        None => {
+                            row.iter_mut().zip(src).for_each(|(d, &v)| *d = bf16_bits(v.to_f32().unwrap_or(f32::NAN)))
+                        }
+                    }
+                } else {
+                    row.fill(0);
                 }
-            } else {
-                row.fill(0);
+                for (kk, piece) in row.chunks_exact(32).enumerate() {
+                    d[kk * 512 + r * 32..kk * 512 + r * 32 + 32].copy_from_slice(piece);
+                }
             }
-            for (kk, piece) in row.chunks_exact(32).enumerate() {
-                d[kk * 512 + r * 32..kk * 512 + r * 32 + 32].copy_from_slice(piece);
-            }
+        });
+        Input { data, rows, k }
+    }
+}
+
+impl Drop for Input {
+    fn drop(&mut self) {
+        A_BUFFER.with(|b| b.set(std::mem::take(&mut self.data)));
+    }
+}
+
+/// out[m, n] (+)= Σ_k a[m, k] · w[n, k] for the converted input `a`, in f32 (see `linear`).
+pub fn product<T: Real>(a: &Input, w: &PackedBf16, out: &mut [T], accumulate: bool) {
+    let (rows, k, n) = (a.rows, w.in_dim, w.out_dim);
+    assert!(a.k == k && out.len() == rows * n, "{} × {} input and out {} for {w:?}", rows, a.k, out.len());
+    let kb = w.k_blocks();
+    if kb == 0 {
+        if !accumulate {
+            out.fill(T::zero());
         }
-    });
+        return;
+    }
+    let row_blocks = rows.div_ceil(32);
+    let a = &a.data;
     // Whole 32 × 32 blocks of an f32 output that is overwritten go straight from the tiles to `out`; the others
     // (edges, accumulation, f64) pass through `c`, so that accumulation adds each finished product once, as the
     // emulation does.
@@ -200,12 +231,11 @@ pub fn linear<T: Real>(x: &[T], w: &PackedBf16, rows: usize, out: &mut [T], accu
         // SAFETY: releases this thread's tile state.
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     });
-    A_BUFFER.with(|b| b.set(a));
 }
 
 thread_local! {
-    /// `linear`'s converted input, reused by the next call on this thread. Taken out while in use, so a call nested
-    /// in one (a rayon task run while the outer call waits) allocates its own.
+    /// The storage of the last `Input` dropped on this thread, for the next. Taken out while an input lives, so an
+    /// input made meanwhile (in a rayon task run while the thread waits) allocates its own.
     static A_BUFFER: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 

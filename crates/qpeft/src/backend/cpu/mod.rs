@@ -163,6 +163,49 @@ impl<T: Real> Cpu<T> {
         }
     }
 
+    /// `linear` of each weight on the one input x, which is converted for the products once (`product_input`, or
+    /// the AMX tiles' bf16 layout).
+    fn products(
+        &self,
+        x: &[T],
+        rows: usize,
+        products: &mut [(&CpuWeight<T>, &mut Vec<T>)],
+        accumulate: bool,
+    ) -> Result<()> {
+        let mut rounded = None;
+        let mut tiles = None;
+        for (w, out) in products.iter_mut() {
+            let (in_dim, out_dim) = (x.len() / rows.max(1), out.len() / rows.max(1));
+            match w {
+                CpuWeight::Values(w) => {
+                    let x = rounded.get_or_insert_with(|| self.product_input(x));
+                    self.gemm(x, w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))?
+                }
+                CpuWeight::Packed(g) => {
+                    check(x.len() == rows * g.in_dim() && out.len() == rows * g.out_dim(), "linear", || {
+                        format!(
+                            "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
+                            x.len(),
+                            out.len(),
+                            g.out_dim(),
+                            g.in_dim()
+                        )
+                    })?;
+                    let x = rounded.get_or_insert_with(|| self.product_input(x));
+                    self.linear_packed(x, g, rows, out, accumulate);
+                }
+                CpuWeight::Amx { forward, .. } => {
+                    check(x.len() == rows * forward.in_dim && out.len() == rows * forward.out_dim, "linear", || {
+                        format!("{} inputs and {} outputs for {rows} rows of {forward:?}", x.len(), out.len())
+                    })?;
+                    let a = tiles.get_or_insert_with(|| amx::Input::new(x, rows, forward.in_dim));
+                    amx::product(a, forward, out, accumulate);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn gemm(&self, a: &[T], b: &[T], out: &mut [T], s: MatMul) -> Result<()> {
         check(a.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || {
             format!("sizes {}, {}, {} do not fit {s:?}", a.len(), b.len(), out.len())
@@ -269,32 +312,10 @@ impl<T: Real> Backend for Cpu<T> {
         })
     }
     fn linear(&self, x: &Vec<T>, w: &CpuWeight<T>, rows: usize, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
-        let (in_dim, out_dim) = (x.len() / rows.max(1), out.len() / rows.max(1));
-        match w {
-            CpuWeight::Values(w) => {
-                self.gemm(&self.product_input(x), w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
-            }
-            CpuWeight::Packed(g) => {
-                check(x.len() == rows * g.in_dim() && out.len() == rows * g.out_dim(), "linear", || {
-                    format!(
-                        "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
-                        x.len(),
-                        out.len(),
-                        g.out_dim(),
-                        g.in_dim()
-                    )
-                })?;
-                self.linear_packed(&self.product_input(x), g, rows, out, accumulate);
-                Ok(())
-            }
-            CpuWeight::Amx { forward, .. } => {
-                check(x.len() == rows * forward.in_dim && out.len() == rows * forward.out_dim, "linear", || {
-                    format!("{} inputs and {} outputs for {rows} rows of {forward:?}", x.len(), out.len())
-                })?;
-                amx::linear(x, forward, rows, out, accumulate);
-                Ok(())
-            }
-        }
+        self.products(x, rows, &mut [(w, out)], accumulate)
+    }
+    fn linears(&self, x: &Vec<T>, rows: usize, products: &mut [(&CpuWeight<T>, &mut Vec<T>)]) -> Result<()> {
+        self.products(x, rows, products, false)
     }
     fn linear_backward(
         &self,

@@ -455,6 +455,9 @@ impl Backend for Cuda {
     fn linear(&self, x: &Self::Buf, w: &CudaWeight, rows: usize, out: &mut Self::Buf, accumulate: bool) -> Result<()> {
         self.weight_product(x, w, rows, out, accumulate, true)
     }
+    fn linears(&self, x: &Self::Buf, rows: usize, products: &mut [(&CudaWeight, &mut Self::Buf)]) -> Result<()> {
+        self.weight_products(x, rows, products, false, true)
+    }
     fn linear_backward(
         &self,
         dy: &Self::Buf,

@@ -332,54 +332,77 @@ impl Cuda {
         accumulate: bool,
         transpose_weight: bool,
     ) -> Result<()> {
-        let (x_cols, out_cols) = if transpose_weight { (w.in_dim, w.out_dim) } else { (w.out_dim, w.in_dim) };
+        self.weight_products(x, rows, &mut [(w, out)], accumulate, transpose_weight)
+    }
+
+    /// `weight_product` for several weights on one input (q/k/v, gate/up), whose 16-bit conversion (and, in f16,
+    /// its absmax and scale) is done once for all of them.
+    pub(super) fn weight_products(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        products: &mut [(&CudaWeight, &mut CudaSlice<f32>)],
+        accumulate: bool,
+        transpose_weight: bool,
+    ) -> Result<()> {
+        let dims = |w: &CudaWeight| if transpose_weight { (w.in_dim, w.out_dim) } else { (w.out_dim, w.in_dim) };
         let op = if transpose_weight { "linear" } else { "linear_backward" };
-        check(x.len() == rows * x_cols && out.len() == rows * out_cols, op, || {
-            format!(
-                "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
-                x.len(),
-                out.len(),
-                w.out_dim,
-                w.in_dim
-            )
-        })?;
+        for (w, out) in products.iter() {
+            let (x_cols, out_cols) = dims(w);
+            check(x.len() == rows * x_cols && out.len() == rows * out_cols, op, || {
+                format!(
+                    "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
+                    x.len(),
+                    out.len(),
+                    w.out_dim,
+                    w.in_dim
+                )
+            })?;
+        }
         // Only packed bases need the shared buffer (a dense head would otherwise grow it to the vocabulary's size).
         let half = self.half();
-        let packed = !matches!(w.form, Form::DenseF32(_) | Form::DenseHalf(_));
-        let n = if packed { w.out_dim * w.in_dim } else { 0 };
+        let packed = |w: &CudaWeight| !matches!(w.form, Form::DenseF32(_) | Form::DenseHalf(_));
+        let n = products.iter().filter(|(w, _)| packed(w)).map(|(w, _)| w.out_dim * w.in_dim).max().unwrap_or(0);
         let w_f32 = self.w_f32.get(self, if half.is_some() { 0 } else { n })?;
         let w_half = self.w_half.get(self, if half.is_some() { n } else { 0 })?;
-        let weight = match (&w.form, half) {
-            (Form::DenseF32(d), _) => Operand::f32(self.addr(d)),
-            (Form::DenseHalf(d), Some(h)) => Operand::half(self.addr(d), h),
-            (_, Some(h)) => {
-                let at = self.addr(w_half.as_ref().expect("allocated"));
-                self.dequantize_into(w, at, h)?;
-                Operand::half(at, h)
-            }
-            (_, None) => {
-                let at = self.addr(w_f32.as_ref().expect("allocated"));
-                self.dequantize_into(w, at, Dtype::F32)?;
-                Operand::f32(at)
-            }
-        };
-        let mut g = Gemm::new(rows, out_cols, x_cols, false, transpose_weight);
-        g.beta = if accumulate { 1.0 } else { 0.0 };
-        let x_half = self.x_half.get(self, if weight.is_half() { x.len() } else { 0 })?;
-        let input = if weight.is_half() {
-            let at = self.addr(x_half.as_ref().expect("allocated"));
-            // [amax, alpha] of the scaled input.
-            let scalars = self.addr(&self.input_scalars);
-            self.to_operand(x, at, scalars, scalars + 4)?;
-            if weight.dtype == Dtype::F16 {
-                g.alpha_at = scalars + 4;
-            }
-            Operand::half(at, weight.dtype)
-        } else {
-            Operand::f32(self.addr(x))
-        };
-        // SAFETY: sizes checked above; the weight operand holds out_dim · in_dim values, the scratch buffers at least
-        // what was asked of them.
-        unsafe { self.gemm(g, input, weight, self.addr(out)) }
+        // The 16-bit input, converted once, for the weights that are 16-bit (all but dense f32 ones).
+        let half_input = half.filter(|_| products.iter().any(|(w, _)| !matches!(w.form, Form::DenseF32(_))));
+        let x_half = self.x_half.get(self, if half_input.is_some() { x.len() } else { 0 })?;
+        // [amax, alpha] of the scaled input.
+        let scalars = self.addr(&self.input_scalars);
+        if half_input.is_some() {
+            self.to_operand(x, self.addr(x_half.as_ref().expect("allocated")), scalars, scalars + 4)?;
+        }
+        for (w, out) in products.iter_mut() {
+            let weight = match (&w.form, half) {
+                (Form::DenseF32(d), _) => Operand::f32(self.addr(d)),
+                (Form::DenseHalf(d), Some(h)) => Operand::half(self.addr(d), h),
+                (_, Some(h)) => {
+                    let at = self.addr(w_half.as_ref().expect("allocated"));
+                    self.dequantize_into(w, at, h)?;
+                    Operand::half(at, h)
+                }
+                (_, None) => {
+                    let at = self.addr(w_f32.as_ref().expect("allocated"));
+                    self.dequantize_into(w, at, Dtype::F32)?;
+                    Operand::f32(at)
+                }
+            };
+            let (x_cols, out_cols) = dims(w);
+            let mut g = Gemm::new(rows, out_cols, x_cols, false, transpose_weight);
+            g.beta = if accumulate { 1.0 } else { 0.0 };
+            let input = if weight.is_half() {
+                if weight.dtype == Dtype::F16 {
+                    g.alpha_at = scalars + 4;
+                }
+                Operand::half(self.addr(x_half.as_ref().expect("allocated")), weight.dtype)
+            } else {
+                Operand::f32(self.addr(x))
+            };
+            // SAFETY: sizes checked above; the weight operand holds out_dim · in_dim values, the scratch buffers at
+            // least what was asked of them.
+            unsafe { self.gemm(g, input, weight, self.addr(out))? }
+        }
+        Ok(())
     }
 }
