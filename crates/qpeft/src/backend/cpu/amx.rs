@@ -169,9 +169,16 @@ impl Input {
 
 impl Drop for Input {
     fn drop(&mut self) {
-        A_BUFFER.with(|b| b.set(std::mem::take(&mut self.data)));
+        if self.data.capacity() <= KEPT_INPUT {
+            A_BUFFER.with(|b| b.set(std::mem::take(&mut self.data)));
+        }
     }
 }
+
+/// The largest input buffer kept for the next `Input` (bf16 values; 4 MiB): the block products' inputs. Keeping any
+/// size (up to the LM head's backward input, 1,024 × 49,152 at SmolLM2 4 × 256) made a checkpointed `cpu:bf16`
+/// training step a fifth slower (237 → 195 tok/s; why was not pinned down); keeping none made ARC-Easy 250 3% slower.
+const KEPT_INPUT: usize = 2 << 20;
 
 /// out[m, n] (+)= Σ_k a[m, k] · w[n, k] for the converted input `a`, in f32 (see `linear`).
 pub fn product<T: Real>(a: &Input, w: &PackedBf16, out: &mut [T], accumulate: bool) {
