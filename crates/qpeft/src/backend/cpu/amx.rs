@@ -209,8 +209,8 @@ pub fn product<T: Real>(a: &Input, w: &PackedBf16, out: &mut [T], accumulate: bo
         for mb in 0..row_blocks {
             let a_block = a[mb * 2 * kb * 512..(mb + 1) * 2 * kb * 512].as_ptr();
             let full = direct && cols == 32 && rows - mb * 32 >= 32;
-            // SAFETY: every tile load reads 16 rows of 64 bytes inside `a_block` (32 rows of kp values) or inside a
-            // packed block of 512 values (kb ≥ 1, so the first loads are in bounds too).
+            // SAFETY: kb ≥ 1 (checked above); `a_block` is this row block's 2·kb tiles and b0/b1 the kb packed
+            // blocks of this task's two feature groups.
             unsafe {
                 block_product(a_block, b0, b1, kb);
             }
@@ -246,47 +246,45 @@ thread_local! {
     static A_BUFFER: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// tmm0–3 = the 32 × 32 product of a 32-row block of A (`kp` values a row, bf16) and the 32 features of W packed at
-/// `b0` and `b1` (`kb` blocks of 512 each). A tile load costs about as much as two or three products here (measured:
+/// tmm0–3 = the 32 × 32 product of a 32-row block of A (two row groups of `kb` tiles, `Input`'s layout) and the 32
+/// features of W packed at `b0` and `b1` (`kb` blocks of 512 each). Every tile is 1 KiB contiguous (rows 64 bytes
+/// apart). A tile load costs about as much as two or three products here (measured:
 /// 4 loads + 4 products run at 30% of the products alone), and tile registers are not renamed, so each load is
 /// issued right after the last product that reads the register it refills: the next k step's loads overlap this
 /// step's remaining products (+15% over loading all four first).
 ///
 /// # Safety
-/// The tile state is configured (`tile_config`); `a` points at 32 rows of `kp ≥ 32·kb` bf16 values and `b0`/`b1` at
-/// `kb` packed blocks each.
+/// The tile state is configured (`tile_config`), kb ≥ 1; `a` points at 2·kb tiles and `b0`/`b1` at kb packed blocks
+/// each.
 unsafe fn block_product(a: *const u16, b0: *const u16, b1: *const u16, kb: usize) {
-    let sa = 64usize;
     asm!(
         "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-        "tileloadd tmm4, [{a0} + {sa}*1]",
-        "tileloadd tmm6, [{b0} + {sb}*1]",
-        "tileloadd tmm5, [{a1} + {sa}*1]",
-        "tileloadd tmm7, [{b1} + {sb}*1]",
+        "tileloadd tmm4, [{a0} + {s}*1]",
+        "tileloadd tmm6, [{b0} + {s}*1]",
+        "tileloadd tmm5, [{a1} + {s}*1]",
+        "tileloadd tmm7, [{b1} + {s}*1]",
         a0 = in(reg) a,
         a1 = in(reg) a.add(kb * 512),
         b0 = in(reg) b0,
         b1 = in(reg) b1,
-        sa = in(reg) sa,
-        sb = in(reg) 64usize,
+        s = in(reg) 64usize,
         options(nostack, readonly),
     );
     for kk in 1..kb {
         asm!(
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm4, [{a0} + {s}*1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm6, [{b0} + {s}*1]",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tileloadd tmm7, [{b1} + {s}*1]",
             a0 = in(reg) a.add(kk * 512),
             a1 = in(reg) a.add((kb + kk) * 512),
             b0 = in(reg) b0.add(kk * 512),
             b1 = in(reg) b1.add(kk * 512),
-            sa = in(reg) sa,
-            sb = in(reg) 64usize,
+            s = in(reg) 64usize,
             options(nostack, readonly),
         );
     }

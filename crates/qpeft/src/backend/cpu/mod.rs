@@ -175,9 +175,9 @@ impl<T: Real> Cpu<T> {
         let mut rounded = None;
         let mut tiles = None;
         for (w, out) in products.iter_mut() {
-            let (in_dim, out_dim) = (x.len() / rows.max(1), out.len() / rows.max(1));
             match w {
                 CpuWeight::Values(w) => {
+                    let (in_dim, out_dim) = (x.len() / rows.max(1), out.len() / rows.max(1));
                     let x = rounded.get_or_insert_with(|| self.product_input(x));
                     self.gemm(x, w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))?
                 }
