@@ -10,7 +10,13 @@ macro_rules! on_device {
                 $body
             }
             qpeft::backend::Device::CpuBf16 => {
-                let $be = qpeft::backend::cpu::Cpu::bf16_amx();
+                if qpeft::backend::cpu::bf16::Kernel::detect().is_none() {
+                    eprintln!(
+                        "note: this CPU has neither AMX-BF16 nor AVX512-BF16, so cpu:bf16 runs its bf16 numerics \
+                         in emulation (slower than cpu:f32)"
+                    );
+                }
+                let $be = qpeft::backend::cpu::Cpu::bf16_native();
                 $body
             }
             #[cfg(feature = "cuda")]

@@ -34,9 +34,9 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Where models run: cpu (the CPU's default: cpu:bf16 where it has AMX-BF16 tiles, else cpu:f32; `generate`
-    /// defaults to cpu:f32, which reads packed 4-bit blocks token by token), cpu:f32,
-    /// cpu:bf16 (bf16 base products on the CPU's AMX tiles), or
+    /// Where models run: cpu (the CPU's default: cpu:bf16 where it has AMX-BF16 or AVX512-BF16, else cpu:f32;
+    /// `generate` defaults to cpu:f32, which reads packed 4-bit blocks token by token), cpu:f32,
+    /// cpu:bf16 (bf16 base products on the CPU's AMX tiles or AVX512-BF16 instructions), or
     /// cuda[:N][:f16|:bf16|:f32] (GPU N, default 0; scaled fp16 tensor-core products unless bf16 or f32 is asked
     /// for; `train` defaults to the config's [device]). `train` also takes a comma-separated list of one kind, one
     /// data-parallel rank each: cuda:0,cuda:1 or cuda:all (NCCL), cpu:f32,cpu:f32 (threads of this process).
@@ -210,7 +210,7 @@ fn run(command: Command, devices: Option<Vec<Device>>, other_base: bool) -> Resu
         Command::Generate { model, adapter, prompt, chat, system, max_new_tokens, temperature, top_p, seed } => {
             let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop_tokens: Vec::new() };
             // Token by token the products have one row and are bound by memory: f32 through the fused dot products
-            // of the packed blocks reads 4-bit weights where the AMX path reads bf16 ones (and packs them first).
+            // of the packed blocks reads 4-bit weights where the bf16 kernels read bf16 ones (and pack them first).
             // SmolLM2 Q4_1: 75 against 53 tok/s at 181 against 500 MB; Qwen 1.5B Q4_K_M: 7.6 against 6.7 tok/s,
             // 5 against 19 s, 1.2 against 5.5 GB.
             let on = device.unwrap_or(Device::Cpu);

@@ -230,7 +230,7 @@ fn worker(
     let outcome = match device {
         Device::Cpu => run(study, dir, shard, numerics, &|| Ok(qpeft::backend::cpu::Cpu::new()), &mut progress, stop)?,
         Device::CpuBf16 => {
-            run(study, dir, shard, numerics, &|| Ok(qpeft::backend::cpu::Cpu::bf16_amx()), &mut progress, stop)?
+            run(study, dir, shard, numerics, &|| Ok(qpeft::backend::cpu::Cpu::bf16_native()), &mut progress, stop)?
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(n, precision) => {

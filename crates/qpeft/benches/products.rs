@@ -1,5 +1,6 @@
-//! Base products x · Wᵀ on the CPU: the f32 path (`Cpu::new()`, the gemm crate) against bf16 AMX tiles
-//! (`backend::cpu::amx`), at the shapes of SmolLM2-135M and Qwen2.5-1.5B linears (not a test).
+//! Base products x · Wᵀ on the CPU: the f32 path (`Cpu::new()`, the gemm crate) against bf16 on AMX tiles
+//! and with AVX512-BF16 (`backend::cpu::bf16`'s two kernels), where the CPU has them, at the shapes of SmolLM2-135M
+//! and Qwen2.5-1.5B linears (not a test).
 //!
 //!     cargo bench -p qpeft --bench products
 //!
@@ -7,7 +8,8 @@
 
 use std::time::Instant;
 
-use qpeft::backend::cpu::{amx, Cpu};
+use qpeft::backend::cpu::bf16::{self, Kernel};
+use qpeft::backend::cpu::Cpu;
 use qpeft::backend::Backend;
 use qpeft::quant::base::BaseWeight;
 
@@ -30,8 +32,13 @@ fn time(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> qpeft::Result<()> {
-    println!("{} threads; AMX-BF16: {}", rayon::current_num_threads(), amx::available());
-    println!("| rows × in → out | f32 (gemm) | bf16 AMX | ratio |");
+    println!(
+        "{} threads; AMX-BF16: {}; AVX512-BF16: {}",
+        rayon::current_num_threads(),
+        Kernel::Amx.available(),
+        Kernel::Avx512.available()
+    );
+    println!("| rows × in → out | f32 (gemm) | bf16 AMX | bf16 AVX512 |");
     println!("|---|---|---|---|");
     for &(m, k, n) in
         &[(1024, 576, 1536), (1024, 1536, 576), (1024, 576, 576), (512, 1536, 8960), (512, 8960, 1536), (1, 1536, 8960)]
@@ -42,24 +49,16 @@ fn main() -> qpeft::Result<()> {
         let weight = be.upload_weight(&BaseWeight::Dense, Some(&w), n, k)?;
         let xb = be.upload(&x)?;
         let mut out = be.zeros(m * n)?;
-        let t32 = time(|| be.linear(&xb, &weight, m, &mut out, false).unwrap());
         let gflop = 2.0 * (m * n * k) as f64 / 1e9;
-        let amx_s = if amx::available() {
-            let packed = amx::PackedBf16::pack(&w, n, k);
-            let mut out = vec![0f32; m * n];
-            Some(time(|| amx::linear(&x, &packed, m, &mut out, false)))
-        } else {
-            None
-        };
-        match amx_s {
-            Some(t) => println!(
-                "| {m} × {k} → {n} | {:.0} GFLOP/s | {:.0} GFLOP/s | {:.2}× |",
-                gflop / t32,
-                gflop / t,
-                t32 / t
-            ),
-            None => println!("| {m} × {k} → {n} | {:.0} GFLOP/s | – | – |", gflop / t32),
-        }
+        let rate = |t: f64| format!("{:.0} GFLOP/s", gflop / t);
+        let f32_rate = rate(time(|| be.linear(&xb, &weight, m, &mut out, false).unwrap()));
+        let packed = bf16::PackedBf16::pack(&w, n, k);
+        let mut out = vec![0f32; m * n];
+        let [amx, avx] = [Kernel::Amx, Kernel::Avx512].map(|kernel| match kernel.available() {
+            true => rate(time(|| bf16::linear(kernel, &x, &packed, m, &mut out, false))),
+            false => "–".into(),
+        });
+        println!("| {m} × {k} → {n} | {f32_rate} | {amx} | {avx} |");
     }
     Ok(())
 }

@@ -143,28 +143,28 @@ fn smollm2_scores_agree_with_the_reference_item_by_item() {
     compare(Cpu::new(), &r, r["zs_items"].as_u64().unwrap() as usize, Vec::new(), F32);
 }
 
-/// `--device cpu:bf16` (bf16 base products on AMX tiles) against the same f32 reference, on the slice: bf16 weights
+/// `--device cpu:bf16` (bf16 base products on AMX tiles or AVX512-BF16) against the same f32 reference, on the slice: bf16 weights
 /// move summed log-likelihoods by up to ~0.4, and predictions must stay the reference's. The whole fixture (280
-/// zero-shot items, 57 MMLU questions) is the ignored test below, about 100 s here.
+/// zero-shot items, 57 MMLU questions) is the ignored test below, about 100 s on AMX.
 #[test]
-fn smollm2_bf16_on_amx_predicts_as_the_reference_on_a_slice() {
-    if !qpeft::backend::cpu::amx::available() {
-        eprintln!("skipped: this CPU has no AMX-BF16");
+fn smollm2_bf16_native_predicts_as_the_reference_on_a_slice() {
+    if qpeft::backend::cpu::bf16::Kernel::detect().is_none() {
+        eprintln!("skipped: this CPU has neither AMX-BF16 nor AVX512-BF16");
         return;
     }
     let r = reference();
-    compare(Cpu::bf16_amx(), &r, 10, subject_slice(&r), BF16);
+    compare(Cpu::bf16_native(), &r, 10, subject_slice(&r), BF16);
 }
 
 #[test]
 #[ignore = "the whole fixture in bf16 (about 100 s here)"]
-fn smollm2_bf16_on_amx_predicts_as_the_reference_item_by_item() {
-    if !qpeft::backend::cpu::amx::available() {
-        eprintln!("skipped: this CPU has no AMX-BF16");
+fn smollm2_bf16_native_predicts_as_the_reference_item_by_item() {
+    if qpeft::backend::cpu::bf16::Kernel::detect().is_none() {
+        eprintln!("skipped: this CPU has neither AMX-BF16 nor AVX512-BF16");
         return;
     }
     let r = reference();
-    compare(Cpu::bf16_amx(), &r, r["zs_items"].as_u64().unwrap() as usize, Vec::new(), BF16);
+    compare(Cpu::bf16_native(), &r, r["zs_items"].as_u64().unwrap() as usize, Vec::new(), BF16);
 }
 
 /// How close a run must come to the reference: the fraction of identical predictions, and the largest difference

@@ -12,8 +12,9 @@ pub mod cuda;
 use crate::error::Result;
 use crate::quant::base::BaseWeight;
 
-/// Where a model runs: `cpu:f32`, `cpu:bf16` (`Cpu::bf16_amx`: bf16 base products on AMX tiles where the CPU has
-/// them), `cpu` (the CPU's default: `cpu:bf16` where it has AMX-BF16, `cpu:f32` elsewhere — `Device::cpu_default`), or
+/// Where a model runs: `cpu:f32`, `cpu:bf16` (`Cpu::bf16_native`: bf16 base products on AMX tiles or AVX512-BF16
+/// where the CPU has them), `cpu` (the CPU's default: `cpu:bf16` where it has either, `cpu:f32` elsewhere —
+/// `Device::cpu_default`), or
 /// `cuda[:N][:f16|:bf16|:f32]` (GPU N, default 0, in `Precision::F16` unless another precision is asked for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -23,11 +24,11 @@ pub enum Device {
 }
 
 impl Device {
-    /// The CPU's default precision: bf16 base products where the CPU has AMX-BF16 tiles (2–3× the f32 products;
-    /// predictions on the evaluation fixture identical to f32's), f32 elsewhere (the bf16 emulation without tiles is
-    /// slower than f32). `cpu:f32` stays the reference.
+    /// The CPU's default precision: bf16 base products where the CPU has bf16 instructions — AMX-BF16 tiles (2–3× the
+    /// f32 products) or AVX512-BF16 (2–2.8× on AMD Zen 4) — with predictions on the evaluation fixture identical to
+    /// f32's; f32 elsewhere (the bf16 emulation without them is slower than f32). `cpu:f32` stays the reference.
     pub fn cpu_default() -> Device {
-        if cpu::amx::available() {
+        if cpu::bf16::Kernel::detect().is_some() {
             Device::CpuBf16
         } else {
             Device::Cpu

@@ -5,8 +5,8 @@
 //! their own precision.
 
 mod adam8;
-pub mod amx;
 mod attention;
+pub mod bf16;
 mod weight;
 
 use std::borrow::Cow;
@@ -32,8 +32,8 @@ const ELEM_CHUNK: usize = 4096;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu<T = f32> {
     half: Option<Half>,
-    /// Base products on AMX tiles (`bf16_amx`).
-    amx: bool,
+    /// The bf16 instructions running base products (`bf16_native`).
+    kernel: Option<bf16::Kernel>,
     _t: PhantomData<T>,
 }
 
@@ -46,7 +46,7 @@ enum Half {
 
 impl Cpu<f32> {
     pub const fn new() -> Self {
-        Cpu { half: None, amx: false, _t: PhantomData }
+        Cpu { half: None, kernel: None, _t: PhantomData }
     }
 
     /// f32 kernels rounding where the CUDA backend's f16 mode (`Precision::F16`) rounds: base weights and embedding
@@ -58,26 +58,27 @@ impl Cpu<f32> {
     /// kernels round unnormalised probabilities, the emulation normalised ones, so agreement there is close rather
     /// than exact.
     pub const fn f16() -> Self {
-        Cpu { half: Some(Half::F16), amx: false, _t: PhantomData }
+        Cpu { half: Some(Half::F16), kernel: None, _t: PhantomData }
     }
 
     /// The same for the bf16 mode (`Precision::Bf16`): bf16 in place of fp16, and no scales (bf16 has f32's range).
     pub const fn bf16() -> Self {
-        Cpu { half: Some(Half::Bf16), amx: false, _t: PhantomData }
+        Cpu { half: Some(Half::Bf16), kernel: None, _t: PhantomData }
     }
 
-    /// The bf16 numerics of `bf16()` at the speed of the CPU's AMX-BF16 tiles (`--device cpu:bf16`): base weights
+    /// The bf16 numerics of `bf16()` at the speed of the CPU's bf16 instructions (`--device cpu:bf16`): AMX-BF16 tiles,
+    /// else AVX512-BF16 (`bf16::Kernel::detect`). Base weights
     /// packed once into the tiles' layout, base products on the tiles (forward and backward) with the operands
-    /// `bf16()` rounds to, so the two differ only in the order of f32 additions. Without AMX it is `bf16()`.
-    pub fn bf16_amx() -> Self {
-        Cpu { half: Some(Half::Bf16), amx: amx::available(), _t: PhantomData }
+    /// `bf16()` rounds to, so the two differ only in the order of f32 additions. Without either it is `bf16()`.
+    pub fn bf16_native() -> Self {
+        Cpu { half: Some(Half::Bf16), kernel: bf16::Kernel::detect(), _t: PhantomData }
     }
 }
 
 impl Cpu<f64> {
     /// The f64 instance, for finite-difference checks.
     pub const fn f64() -> Self {
-        Cpu { half: None, amx: false, _t: PhantomData }
+        Cpu { half: None, kernel: None, _t: PhantomData }
     }
 }
 
@@ -123,6 +124,11 @@ fn tf32_rna(x: f32) -> f32 {
 }
 
 impl<T: Real> Cpu<T> {
+    /// The bf16 kernel of a backend that packed a `CpuWeight::Bf16` (only `bf16_native` with a kernel does).
+    fn native(&self) -> bf16::Kernel {
+        self.kernel.expect("bf16 weights come from a backend with a bf16 kernel")
+    }
+
     /// Attention's rounding: the CUDA 16-bit modes' fused kernels where `flash_head`, their TF32 GEMMs elsewhere.
     fn attention_operands(&self, s: &AttentionShape) -> attention::Operands {
         match (self.half, flash_head(s.head_dim)) {
@@ -164,7 +170,7 @@ impl<T: Real> Cpu<T> {
     }
 
     /// `linear` of each weight on the one input x, which is converted for the products once (`product_input`, or
-    /// the AMX tiles' bf16 layout).
+    /// the bf16 kernels' layout).
     fn products(
         &self,
         x: &[T],
@@ -194,12 +200,12 @@ impl<T: Real> Cpu<T> {
                     let x = rounded.get_or_insert_with(|| self.product_input(x));
                     self.linear_packed(x, g, rows, out, accumulate);
                 }
-                CpuWeight::Amx { forward, .. } => {
+                CpuWeight::Bf16 { forward, .. } => {
                     check(x.len() == rows * forward.in_dim && out.len() == rows * forward.out_dim, "linear", || {
                         format!("{} inputs and {} outputs for {rows} rows of {forward:?}", x.len(), out.len())
                     })?;
-                    let a = tiles.get_or_insert_with(|| amx::Input::new(x, rows, forward.in_dim));
-                    amx::product(a, forward, out, accumulate);
+                    let a = tiles.get_or_insert_with(|| bf16::Input::new(x, rows, forward.in_dim));
+                    bf16::product(self.native(), a, forward, out, accumulate);
                 }
             }
         }
@@ -227,7 +233,8 @@ impl<T: Real> Backend for Cpu<T> {
     fn name(&self) -> String {
         let kind = match (size_of::<T>(), self.half) {
             (8, _) => ", f64",
-            (_, Some(Half::Bf16)) if self.amx => ", bf16 on AMX tiles",
+            (_, Some(Half::Bf16)) if self.kernel == Some(bf16::Kernel::Amx) => ", bf16 on AMX tiles",
+            (_, Some(Half::Bf16)) if self.kernel == Some(bf16::Kernel::Avx512) => ", bf16 on AVX512-BF16",
             (_, Some(Half::Bf16)) => ", bf16 emulation",
             (_, Some(Half::F16)) => ", f16 emulation",
             _ => "",
@@ -270,10 +277,10 @@ impl<T: Real> Backend for Cpu<T> {
         out_dim: usize,
         in_dim: usize,
     ) -> Result<CpuWeight<T>> {
-        // On AMX every weight becomes bf16 tiles (GGUF blocks too: dequantizing per use would cost more than the
+        // With a bf16 kernel every weight becomes bf16 tiles (GGUF blocks too: dequantizing per use would cost more than the
         // products); otherwise a 4-bit storage stays packed.
         let packed = match base {
-            _ if self.amx => None,
+            _ if self.kernel.is_some() => None,
             BaseWeight::Ggml(g) => Some(PackedRows::Ggml(g.clone())),
             BaseWeight::Bnb4(q) => Some(PackedRows::Bnb4 { q: q.clone(), absmax: q.absmax.values() }),
             _ => None,
@@ -291,9 +298,9 @@ impl<T: Real> Backend for Cpu<T> {
         check(dense.len() == out_dim * in_dim, "upload_weight", || {
             format!("{} values for a {out_dim} × {in_dim} weight", dense.len())
         })?;
-        if self.amx {
-            let forward = amx::PackedBf16::pack(&dense, out_dim, in_dim);
-            return Ok(CpuWeight::Amx { forward, backward: Default::default() });
+        if self.kernel.is_some() {
+            let forward = bf16::PackedBf16::pack(&dense, out_dim, in_dim);
+            return Ok(CpuWeight::Bf16 { forward, backward: Default::default() });
         }
         let values = self.upload(&dense)?;
         Ok(CpuWeight::Values(match self.half {
@@ -308,7 +315,7 @@ impl<T: Real> Backend for Cpu<T> {
         Ok(match w {
             CpuWeight::Values(v) => v.clone(),
             CpuWeight::Packed(g) => self.weight_rows(g, 0..g.out_dim()),
-            CpuWeight::Amx { forward, .. } => (0..forward.out_dim).flat_map(|n| forward.row(n)).map(T::of).collect(),
+            CpuWeight::Bf16 { forward, .. } => (0..forward.out_dim).flat_map(|n| forward.row(n)).map(T::of).collect(),
         })
     }
     fn linear(&self, x: &Vec<T>, w: &CpuWeight<T>, rows: usize, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
@@ -342,7 +349,7 @@ impl<T: Real> Backend for Cpu<T> {
                 })?;
                 self.linear_backward_packed(&self.product_input(dy), g, rows, dx, accumulate)
             }
-            CpuWeight::Amx { forward, backward } => {
+            CpuWeight::Bf16 { forward, backward } => {
                 check(
                     dy.len() == rows * forward.out_dim && dx.len() == rows * forward.in_dim,
                     "linear_backward",
@@ -354,7 +361,7 @@ impl<T: Real> Backend for Cpu<T> {
                         )
                     },
                 )?;
-                amx::linear(dy, backward.get_or_init(|| forward.transposed()), rows, dx, accumulate);
+                bf16::linear(self.native(), dy, backward.get_or_init(|| forward.transposed()), rows, dx, accumulate);
                 Ok(())
             }
         }
@@ -364,7 +371,7 @@ impl<T: Real> Backend for Cpu<T> {
         let vocab = match table {
             CpuWeight::Values(t) => t.len() / dim,
             CpuWeight::Packed(g) => g.out_dim(),
-            CpuWeight::Amx { forward, .. } => forward.out_dim,
+            CpuWeight::Bf16 { forward, .. } => forward.out_dim,
         };
         check(out.len() == ids.len() * dim, "embedding", || {
             format!("output holds {} values, need {}", out.len(), ids.len() * dim)
@@ -382,7 +389,7 @@ impl<T: Real> Backend for Cpu<T> {
                     packed = self.weight_rows(g, t..t + 1);
                     &packed[..]
                 }
-                CpuWeight::Amx { forward, .. } => {
+                CpuWeight::Bf16 { forward, .. } => {
                     packed = forward.row(t).into_iter().map(T::of).collect();
                     &packed[..]
                 }

@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::amx::PackedBf16;
+use super::bf16::PackedBf16;
 use super::{bf16_rne, f16_rne, Cpu, Half};
 use crate::error::Result;
 use crate::formats::ggml_dot;
@@ -91,9 +91,10 @@ fn by_tiles<T: Real>(
 pub enum CpuWeight<T> {
     Values(Vec<T>),
     Packed(PackedRows),
-    /// bf16 values in AMX tile layout, as Ŵ for forward products and as Ŵᵀ for backward ones (`Cpu::bf16_amx`; Ŵᵀ
-    /// is packed at the first backward product, so inference holds 2 bytes per weight).
-    Amx {
+    /// bf16 values in the layout of the CPU's bf16 kernels (`bf16::PackedBf16`), as Ŵ for forward products and as Ŵᵀ
+    /// for backward ones (`Cpu::bf16_native`; Ŵᵀ is packed at the first backward product, so inference holds 2 bytes
+    /// per weight).
+    Bf16 {
         forward: PackedBf16,
         backward: std::sync::OnceLock<PackedBf16>,
     },
