@@ -299,29 +299,53 @@ fn softmax_masked_lanes(row: &mut [f32], lo: usize, hi: usize, mask: &[u32], q_s
     let hi = hi.min(row.len()).min(mask.len());
     let lo = lo.min(hi);
     let (seg, m) = (&mut row[lo..hi], &mask[lo..hi]);
+    // Whole chunks of LANES through fixed-size loops, which vectorize (a loop over each chunk's own length ran scalar:
+    // 2.5 ns per score); the last, shorter chunk padded into the same lanes (hidden keys), so every sum keeps its order.
+    let whole = seg.len() / LANES * LANES;
+    let mut tail_x = [0f32; LANES];
+    let mut tail_k = [0u32; LANES];
+    let rest = seg.len() - whole;
+    tail_x[..rest].copy_from_slice(&seg[whole..]);
+    tail_k[..rest].copy_from_slice(&m[whole..]);
     let mut acc = [f32::NEG_INFINITY; LANES];
-    for (x, k) in seg.chunks(LANES).zip(m.chunks(LANES)) {
-        for i in 0..x.len() {
-            acc[i] = if sees_key(k[i], q_seg) && x[i] > acc[i] { x[i] } else { acc[i] };
-        }
+    for (x, k) in seg[..whole].chunks_exact(LANES).zip(m[..whole].chunks_exact(LANES)) {
+        masked_max(&mut acc, x.try_into().unwrap(), k.try_into().unwrap(), q_seg);
     }
+    masked_max(&mut acc, &tail_x, &tail_k, q_seg);
     let max = acc.iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return;
     }
     let mut sums = [0f32; LANES];
-    for (x, k) in seg.chunks_mut(LANES).zip(m.chunks(LANES)) {
-        for i in 0..x.len() {
-            let e = exp(x[i] - max);
-            x[i] = if sees_key(k[i], q_seg) { e } else { 0.0 };
-            sums[i] += x[i];
-        }
+    let (body, tail) = seg.split_at_mut(whole);
+    for (x, k) in body.chunks_exact_mut(LANES).zip(m[..whole].chunks_exact(LANES)) {
+        masked_exp(&mut sums, x.try_into().unwrap(), k.try_into().unwrap(), max, q_seg);
     }
+    masked_exp(&mut sums, &mut tail_x, &tail_k, max, q_seg);
+    tail.copy_from_slice(&tail_x[..rest]);
     let inv = 1.0 / reduce(&sums);
     seg.iter_mut().for_each(|x| *x *= inv);
     row[..lo].fill(0.0);
     row[hi..].fill(0.0);
+}
+
+/// acc[i] = the largest of acc[i] and the visible x[i].
+#[inline(always)]
+fn masked_max(acc: &mut [f32; LANES], x: &[f32; LANES], k: &[u32; LANES], q_seg: u32) {
+    for i in 0..LANES {
+        acc[i] = if sees_key(k[i], q_seg) && x[i] > acc[i] { x[i] } else { acc[i] };
+    }
+}
+
+/// x[i] = e^(x[i] − max) where visible, else 0; sums[i] += x[i].
+#[inline(always)]
+fn masked_exp(sums: &mut [f32; LANES], x: &mut [f32; LANES], k: &[u32; LANES], max: f32, q_seg: u32) {
+    for i in 0..LANES {
+        let e = exp(x[i] - max);
+        x[i] = if sees_key(k[i], q_seg) { e } else { 0.0 };
+        sums[i] += x[i];
+    }
 }
 
 #[cfg(test)]

@@ -62,13 +62,10 @@ pub(super) fn product<T: Real>(a: &Input, w: &PackedBf16, out: &mut [T], accumul
                     // SAFETY: this task alone writes columns c0 … c0 + cols of every row, inside `out` (rows × n),
                     // which outlives the parallel loop.
                     let dst = unsafe { std::slice::from_raw_parts_mut(out_at.get().add(row * n + c0), cols) };
-                    let mut src = [0f32; 16];
-                    // SAFETY: 16 f32 lanes into 16 floats.
-                    unsafe { _mm512_storeu_ps(src.as_mut_ptr(), *lanes) };
                     if accumulate {
-                        dst.iter_mut().zip(&src).for_each(|(d, &s)| *d = *d + T::of(s));
+                        dst.iter_mut().zip(lanes).for_each(|(d, &s)| *d = *d + T::of(s));
                     } else {
-                        dst.iter_mut().zip(&src).for_each(|(d, &s)| *d = T::of(s));
+                        dst.iter_mut().zip(lanes).for_each(|(d, &s)| *d = T::of(s));
                     }
                 }
             }
@@ -77,9 +74,8 @@ pub(super) fn product<T: Real>(a: &Input, w: &PackedBf16, out: &mut [T], accumul
 }
 
 /// A block of fewer groups, padded with zero lanes to the full width.
-fn widen<const G: usize>(acc: [[__m512; G]; ROWS]) -> [[__m512; GROUPS]; ROWS] {
-    // SAFETY: zeroed vectors are plain data.
-    let mut wide = [[unsafe { _mm512_setzero_ps() }; GROUPS]; ROWS];
+fn widen<const G: usize>(acc: [[[f32; 16]; G]; ROWS]) -> [[[f32; 16]; GROUPS]; ROWS] {
+    let mut wide = [[[0f32; 16]; GROUPS]; ROWS];
     for (w, a) in wide.iter_mut().zip(acc) {
         w[..G].copy_from_slice(&a);
     }
@@ -92,7 +88,7 @@ fn widen<const G: usize>(acc: [[__m512; G]; ROWS]) -> [[__m512; GROUPS]; ROWS] {
 /// # Safety
 /// AVX512-BF16 is available; `a` and every `w[t]` point at kb blocks of 512 values as described.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn block<const G: usize>(a: *const u16, kb: usize, w: [*const u16; G]) -> [[__m512; G]; ROWS] {
+unsafe fn block<const G: usize>(a: *const u16, kb: usize, w: [*const u16; G]) -> [[[f32; 16]; G]; ROWS] {
     let mut acc = [[_mm512_setzero_ps(); G]; ROWS];
     for kk in 0..kb {
         let a = a.add(kk * 512);
@@ -113,5 +109,6 @@ unsafe fn block<const G: usize>(a: *const u16, kb: usize, w: [*const u16; G]) ->
             }
         }
     }
-    acc
+    // Vectors leave as plain arrays: the caller is not compiled for AVX-512.
+    acc.map(|row| row.map(|v| std::mem::transmute::<__m512, [f32; 16]>(v)))
 }
