@@ -39,56 +39,59 @@ pub(super) fn product<T: Real>(a: &Input, w: &PackedBf16, out: &mut [T], accumul
         return;
     }
     let groups = n.div_ceil(16);
+    // Whole blocks (8 rows, 48 features) of an f32 output go from the registers straight into `out` (added to it when
+    // accumulating); the others (edges, f64) pass through `c`.
+    let direct = T::as_f32s_mut(out).is_some();
     let out_at = OutPtr(out.as_mut_ptr());
     (0..groups.div_ceil(GROUPS)).into_par_iter().for_each(|task| {
         let g0 = task * GROUPS;
         let ng = (groups - g0).min(GROUPS);
         let w_at = |t: usize| w.group(g0 + t.min(ng - 1)).as_ptr();
         let w_groups = [w_at(0), w_at(1), w_at(2)];
+        let mut c = [0f32; ROWS * GROUPS * 16];
         for r0 in (0..rows).step_by(ROWS) {
-            // SAFETY: `available()`; `a.row_block(r0)` is 8 padded rows of kb blocks and each W group kb blocks.
-            let acc = unsafe {
-                match ng {
-                    1 => widen::<1>(block::<1>(a.row_block(r0), kb, [w_groups[0]])),
-                    2 => widen::<2>(block::<2>(a.row_block(r0), kb, [w_groups[0], w_groups[1]])),
-                    _ => block::<3>(a.row_block(r0), kb, w_groups),
-                }
+            let (valid_rows, cols) = ((rows - r0).min(ROWS), (n - g0 * 16).min(GROUPS * 16));
+            let full = direct && valid_rows == ROWS && cols == ng * 16;
+            let (dst, stride, add) = match full {
+                true => (out_at.get().wrapping_add(r0 * n + g0 * 16) as *mut f32, n, accumulate),
+                false => (c.as_mut_ptr(), GROUPS * 16, false),
             };
-            for (i, acc) in acc.iter().enumerate().take((rows - r0).min(ROWS)) {
-                let row = r0 + i;
-                for (t, lanes) in acc.iter().enumerate().take(ng) {
-                    let c0 = (g0 + t) * 16;
-                    let cols = (n - c0).min(16);
-                    // SAFETY: this task alone writes columns c0 … c0 + cols of every row, inside `out` (rows × n),
-                    // which outlives the parallel loop.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out_at.get().add(row * n + c0), cols) };
-                    if accumulate {
-                        dst.iter_mut().zip(lanes).for_each(|(d, &s)| *d = *d + T::of(s));
-                    } else {
-                        dst.iter_mut().zip(lanes).for_each(|(d, &s)| *d = T::of(s));
-                    }
+            // SAFETY: `available()`; `a.row_block(r0)` is 8 padded rows of kb blocks and each W group kb blocks; `dst`
+            // holds 8 rows of ng·16 floats `stride` apart: this task's own columns of 8 rows of `out` (rows × n f32
+            // values, which outlives the parallel loop), or `c`.
+            unsafe {
+                match ng {
+                    1 => block::<1>(a.row_block(r0), kb, [w_groups[0]], dst, stride, add),
+                    2 => block::<2>(a.row_block(r0), kb, [w_groups[0], w_groups[1]], dst, stride, add),
+                    _ => block::<3>(a.row_block(r0), kb, w_groups, dst, stride, add),
+                }
+            }
+            if full {
+                continue;
+            }
+            for i in 0..valid_rows {
+                // SAFETY: this task alone writes columns g0·16 … g0·16 + cols of every row, inside `out`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_at.get().add((r0 + i) * n + g0 * 16), cols) };
+                let src = &c[i * GROUPS * 16..i * GROUPS * 16 + cols];
+                if accumulate {
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d + T::of(s));
+                } else {
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::of(s));
                 }
             }
         }
     });
 }
 
-/// A block of fewer groups, padded with zero lanes to the full width.
-fn widen<const G: usize>(acc: [[[f32; 16]; G]; ROWS]) -> [[[f32; 16]; GROUPS]; ROWS] {
-    let mut wide = [[[0f32; 16]; GROUPS]; ROWS];
-    for (w, a) in wide.iter_mut().zip(acc) {
-        w[..G].copy_from_slice(&a);
-    }
-    wide
-}
-
 /// The 8 × (16·G) f32 product of 8 input rows (`Input`'s layout: row i of k block kk at kk·512 + i·32 from `a`) and G
-/// packed feature groups of W (k block kk at kk·512, input pair p at p·32 within it), over kb blocks of 32 inputs.
+/// packed feature groups of W (k block kk at kk·512, input pair p at p·32 within it), over kb blocks of 32 inputs,
+/// stored at `dst` (rows `stride` floats apart), or added to what is there with `add`.
 ///
 /// # Safety
-/// AVX512-BF16 is available; `a` and every `w[t]` point at kb blocks of 512 values as described.
+/// AVX512-BF16 is available; `a` and every `w[t]` point at kb blocks of 512 values as described; `dst` at 8 rows of
+/// 16·G writable floats, `stride` apart.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn block<const G: usize>(a: *const u16, kb: usize, w: [*const u16; G]) -> [[[f32; 16]; G]; ROWS] {
+unsafe fn block<const G: usize>(a: *const u16, kb: usize, w: [*const u16; G], dst: *mut f32, stride: usize, add: bool) {
     let mut acc = [[_mm512_setzero_ps(); G]; ROWS];
     for kk in 0..kb {
         let a = a.add(kk * 512);
@@ -109,6 +112,10 @@ unsafe fn block<const G: usize>(a: *const u16, kb: usize, w: [*const u16; G]) ->
             }
         }
     }
-    // Vectors leave as plain arrays: the caller is not compiled for AVX-512.
-    acc.map(|row| row.map(|v| std::mem::transmute::<__m512, [f32; 16]>(v)))
+    for (i, acc) in acc.iter().enumerate() {
+        for (t, &v) in acc.iter().enumerate() {
+            let at = dst.add(i * stride + t * 16);
+            _mm512_storeu_ps(at, if add { _mm512_add_ps(_mm512_loadu_ps(at), v) } else { v });
+        }
+    }
 }
