@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 27's CPU comparison in one run, one measurement after the other on an otherwise idle machine: qpeft in f32
-# (`cpu:f32`) and on AMX tiles (`cpu:bf16`) against torch + transformers + peft in fp32 and in bf16 (the strongest CPU
-# peer: plain LoRA on the dequantized model, bf16 autocast for training, bf16 weights for scoring), SmolLM2-135M, on
-# the threads given (default 2):
+# (`cpu:f32`) and in bf16 on AMX tiles or AVX512-BF16 (`cpu:bf16`) against torch + transformers + peft in fp32 and in
+# bf16 (the strongest CPU peer: plain LoRA on the dequantized model, bf16 autocast for training, bf16 weights for
+# scoring), SmolLM2-135M, on the threads given (default 2):
 #   - training steps, batch 4 × 256, LoRA r 64 on all seven linears, with and without checkpointing;
 #   - zero-shot scoring of the first 250 ARC-Easy items, batch 8;
 #   - MMLU 5-shot on the first 3 questions of each of the 57 subjects, batch 8.

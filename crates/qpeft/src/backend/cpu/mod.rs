@@ -67,9 +67,9 @@ impl Cpu<f32> {
     }
 
     /// The bf16 numerics of `bf16()` at the speed of the CPU's bf16 instructions (`--device cpu:bf16`): AMX-BF16 tiles,
-    /// else AVX512-BF16 (`bf16::Kernel::detect`). Base weights
-    /// packed once into the tiles' layout, base products on the tiles (forward and backward) with the operands
-    /// `bf16()` rounds to, so the two differ only in the order of f32 additions. Without either it is `bf16()`.
+    /// else AVX512-BF16 (`bf16::Kernel::detect`). Base weights are packed once into the tiles' layout and base
+    /// products (forward and backward) take the operands `bf16()` rounds to, so the two differ only in the order of f32
+    /// additions. Without either kernel it is `bf16()`.
     pub fn bf16_native() -> Self {
         Cpu { half: Some(Half::Bf16), kernel: bf16::Kernel::detect(), _t: PhantomData }
     }
