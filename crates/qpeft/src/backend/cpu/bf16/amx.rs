@@ -90,18 +90,9 @@ pub(super) fn product<T: Real>(a: &Input, w: &PackedBf16, out: &mut [T], accumul
             }
             // SAFETY: the stores write 16 rows of 64 bytes into `c` (32 rows of 32 floats).
             unsafe { store_tiles(c.as_mut_ptr(), 128) };
-            for r in 0..(rows - mb * 32).min(32) {
-                let row = mb * 32 + r;
-                // SAFETY: this task alone writes columns nb·32 … nb·32 + cols of every row, inside `out`
-                // (rows × n values), which outlives the parallel loop.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_at.get().add(row * n + nb * 32), cols) };
-                let src = &c[r * 32..r * 32 + cols];
-                if accumulate {
-                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d + T::of(s));
-                } else {
-                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::of(s));
-                }
-            }
+            // SAFETY: this task alone writes columns nb·32 … nb·32 + cols of every row, inside `out` (rows × n
+            // values), which outlives the parallel loop.
+            unsafe { out_at.write_block(mb * 32, (rows - mb * 32).min(32), n, nb * 32, cols, &c, 32, accumulate) };
         }
         // SAFETY: releases this thread's tile state.
         unsafe { asm!("tilerelease", options(nostack, nomem)) };

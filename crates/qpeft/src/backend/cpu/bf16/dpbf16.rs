@@ -6,7 +6,6 @@
 //! for n = 0…15. So the kernel broadcasts the pair (x[m, 2p], x[m, 2p + 1]) of one input row to every lane and adds
 //! its products with 16 features at once. A block of 8 rows × 3 feature groups (48 features) keeps 24 accumulators
 //! in registers; per input pair it loads 3 rows of W and 8 pairs of x for 24 `vdpbf16ps`.
-//!
 
 use std::arch::x86_64::*;
 
@@ -69,16 +68,9 @@ pub(super) fn product<T: Real>(a: &Input, w: &PackedBf16, out: &mut [T], accumul
             if full {
                 continue;
             }
-            for i in 0..valid_rows {
-                // SAFETY: this task alone writes columns g0·16 … g0·16 + cols of every row, inside `out`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_at.get().add((r0 + i) * n + g0 * 16), cols) };
-                let src = &c[i * GROUPS * 16..i * GROUPS * 16 + cols];
-                if accumulate {
-                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d + T::of(s));
-                } else {
-                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::of(s));
-                }
-            }
+            // SAFETY: this task alone writes columns g0·16 … g0·16 + cols of every row, inside `out`, which outlives
+            // the parallel loop.
+            unsafe { out_at.write_block(r0, valid_rows, n, g0 * 16, cols, &c, GROUPS * 16, accumulate) };
         }
     });
 }

@@ -152,7 +152,7 @@ thread_local! {
 /// The output of a product, shared by its tasks, each of which writes its own columns.
 #[derive(Clone, Copy)]
 pub(super) struct OutPtr<T>(pub(super) *mut T);
-// SAFETY: the tasks write disjoint elements (see `linear`).
+// SAFETY: the tasks write disjoint elements (each its own output features).
 unsafe impl<T> Send for OutPtr<T> {}
 unsafe impl<T> Sync for OutPtr<T> {}
 
@@ -160,6 +160,37 @@ impl<T> OutPtr<T> {
     /// Through a method, so that closures capture the whole (Sync) wrapper rather than its raw pointer field.
     pub(super) fn get(self) -> *mut T {
         self.0
+    }
+}
+
+impl<T: Real> OutPtr<T> {
+    /// Sets (or, with `accumulate`, adds to) columns col0 … col0 + cols of `rows` output rows from row0 on (rows
+    /// `n` values apart) to the rows of `c` (`c_stride` floats apart): a kernel's block at an edge of the output, or
+    /// in another type than f32.
+    ///
+    /// # Safety
+    /// The calling task alone writes those elements, which lie inside the output; the output outlives the call.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn write_block(
+        self,
+        row0: usize,
+        rows: usize,
+        n: usize,
+        col0: usize,
+        cols: usize,
+        c: &[f32],
+        c_stride: usize,
+        accumulate: bool,
+    ) {
+        for r in 0..rows {
+            let dst = std::slice::from_raw_parts_mut(self.get().add((row0 + r) * n + col0), cols);
+            let src = &c[r * c_stride..r * c_stride + cols];
+            if accumulate {
+                dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d + T::of(s));
+            } else {
+                dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::of(s));
+            }
+        }
     }
 }
 
