@@ -8,7 +8,9 @@
 // by the CPU's emulations (backend/cpu/attention.rs, `Operands::Bf16` / `Operands::F16`): q, k, v and dO arrive
 // rounded (flash.rs converts them once per call; in the f16 mode scaled by 2^s per tensor, `Shifts`), the
 // probabilities are rounded before P·V and Pᵀ·dO, the score gradients (f16: scaled by 2^ds) before dS·K and dSᵀ·Q;
-// softmax statistics, rowsum(dO ⊙ O) and every sum are f32, in the tensors' own units.
+// softmax statistics, rowsum(dO ⊙ O) and every sum are f32, in the tensors' own units. The softmax runs in base 2: the
+// scores are scaled by log2 e with the attention scale, so that each exponential is one `ex2.approx` (`exp2_fast`)
+// rather than expf's dozen instructions; the log-sum-exp the kernels pass on (`stats`) is in log2 units too.
 //
 // Backward runs in two kernels, neither needing atomics: `flash_dq` walks keys per query tile, writes dQ and each
 // query's log-sum-exp and rowsum(dO ⊙ O); `flash_dkv` walks queries (of every head sharing the KV head) per key tile.
@@ -49,6 +51,15 @@ struct Shifts {
 };
 
 extern __shared__ float4 flash_smem[];
+
+#define LOG2E 1.4426950408889634f
+
+// 2^x on the special function unit (≈ 2 ulp; results below 2^−126 flush to 0, 2^−∞ = 0).
+__device__ __forceinline__ float exp2_fast(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 // c += a·b on the tensor cores. Fragment layouts (PTX ISA, m16n8k16 with .bf16/.f16), g = lane / 4, t = lane % 4, two
 // 16-bit values per register, the lower index in the low half:
@@ -170,10 +181,24 @@ __device__ __forceinline__ void rows_times_tile_t(float (*c)[4], const h16* x, c
     }
 }
 
-// sc (this warp's 16 query rows × 64 keys from k0) = scale·Q·Kᵀ with invisible keys at −∞; rows ci and ci + 8 are
-// this thread's (cache indices), of segments qseg[0] and qseg[1].
+// The segment all 16 query rows of this warp share (each thread holds rows g and g + 8, of segments qseg[0] and
+// qseg[1]), or 0 when they differ or are padding: what `warp_sees_tile` compares key segments with.
+__device__ __forceinline__ u32 warp_segment(const u32* qseg) {
+    u32 first = __shfl_sync(0xffffffffu, qseg[0], 0);
+    return __all_sync(0xffffffffu, qseg[0] == first && qseg[1] == first) ? first : 0u;
+}
+
+// Whether each of 16 consecutive queries from cache index ci0, all of segment wseg (0: not all alike), sees each of
+// the 64 keys from k0 whose segments are km[0..64]: then their scores need no mask. Warp-uniform.
+__device__ __forceinline__ bool warp_sees_tile(const Attn& s, int ci0, u32 wseg, int k0, const u32* km, int lane) {
+    bool ok = wseg != 0 && k0 + TILE <= s.kv_len && k0 + TILE - 1 <= ci0 && (s.window <= 0 || k0 > ci0 + 15 - s.window);
+    return __all_sync(0xffffffffu, ok && km[lane] == wseg && km[lane + 32] == wseg);
+}
+
+// sc (this warp's 16 query rows × 64 keys from k0) = scale·Q·Kᵀ with invisible keys at −∞ (none when `clear`); rows
+// ci and ci + 8 are this thread's (cache indices), of segments qseg[0] and qseg[1].
 template <int D>
-__device__ void masked_scores(float (*sc)[4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, const u32* qseg, int warp, int lane) {
+__device__ void masked_scores(float (*sc)[4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, const u32* qseg, bool clear, int warp, int lane) {
     int t = lane & 3;
     rows_times_tile_t<D>(sc, qs, ks, warp * 16, lane);
 #pragma unroll
@@ -181,12 +206,12 @@ __device__ void masked_scores(float (*sc)[4], const h16* qs, const h16* ks, cons
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             int j = k0 + n * 8 + 2 * t + (e & 1);
-            sc[n][e] = sees(s, ci + (e >> 1) * 8, j, km[j - k0], qseg[e >> 1]) ? sc[n][e] * s.scale : -INFINITY;
+            sc[n][e] = clear || sees(s, ci + (e >> 1) * 8, j, km[j - k0], qseg[e >> 1]) ? sc[n][e] * s.scale : -INFINITY;
         }
 }
 
-// One tile of the online softmax for this thread's two rows (c layout): raises the running maxima m to include the
-// tile's scores sc, replaces sc by exp(sc − m), sets alpha = exp(m_old − m) (what earlier sums must be scaled by) and
+// One tile of the online softmax (base 2) for this thread's two rows (c layout): raises the running maxima m to include
+// the tile's scores sc, replaces sc by 2^(sc − m), sets alpha = 2^(m_old − m) (what earlier sums must be scaled by) and
 // updates the running sums l (this thread's share of each row; `quad_sum` completes them). A row that has seen no
 // visible key yet keeps m = −∞, l = 0 and gets zeros.
 __device__ __forceinline__ void online_softmax(float (*sc)[4], float* m, float* l, float* alpha) {
@@ -196,13 +221,13 @@ __device__ __forceinline__ void online_softmax(float (*sc)[4], float* m, float* 
 #pragma unroll
         for (int n = 0; n < 8; n++) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
         float mn = fmaxf(m[r], quad_max(mx));
-        alpha[r] = mn == -INFINITY ? 1.0f : expf(m[r] - mn);
+        alpha[r] = mn == -INFINITY ? 1.0f : exp2_fast(m[r] - mn);
         float sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 2 * r; e < 2 * r + 2; e++) {
-                sc[n][e] = mn == -INFINITY ? 0.0f : expf(sc[n][e] - mn);
+                sc[n][e] = mn == -INFINITY ? 0.0f : exp2_fast(sc[n][e] - mn);
                 sum += sc[n][e];
             }
         l[r] = l[r] * alpha[r] + sum;
@@ -296,7 +321,7 @@ __device__ void store_rows(float (*acc)[4], float scale, float* dst, long long s
 template <int D>
 __device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, float* out, const u32* amax) {
     Shifts sh(amax, s.head_dim);
-    s.scale *= pow2(-(sh.q + sh.k));  // scores from the scaled q and k
+    s.scale *= pow2(-(sh.q + sh.k)) * LOG2E;  // scores from the scaled q and k, in log2 units
     const int LD = D + 8;
     h16* qs = (h16*)flash_smem;
     h16* kbuf = qs + ROWS * LD;
@@ -306,15 +331,18 @@ __device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u3
     Head hd(s, key_mask, blockIdx.z, blockIdx.y);
     load_rows<D, ROWS>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
     copies_commit();
-    int ci = hd.first + q0 + warp * 16 + g;
+    int ci0 = hd.first + q0 + warp * 16, ci = ci0 + g;
     const u32 qseg[2] = {hd.segment(s, ci), hd.segment(s, ci + 8)};
+    const u32 wseg = warp_segment(qseg);
     float o[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     walk_keys<D>(s, hd, k, v, key_start(s, hd, q0), key_end(s, hd, q0), kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16* vs, const u32* km) {
+        // A tile wholly after this warp's queries changes nothing (its probabilities are 0).
+        if (k0 > ci0 + 15) return;
         float sc[8][4];
-        masked_scores<D>(sc, qs, ks, km, s, k0, ci, qseg, warp, lane);
+        masked_scores<D>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, wseg, k0, km, lane), warp, lane);
         float alpha[2];
         online_softmax(sc, m, l, alpha);
         // Rescale what was summed under the old row maximum.
@@ -338,14 +366,14 @@ __device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u3
 }
 
 // dQ = scale·dS·K per query block, with dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)); first a pass over the keys for each query's
-// log-sum-exp (∞ when it sees no key), which goes to stats[2·row] with rowsum(dO ⊙ O) at stats[2·row + 1], row =
+// log-sum-exp in log2 units (∞ when it sees no key), which goes to stats[2·row] with rowsum(dO ⊙ O) at stats[2·row + 1], row =
 // (b·heads + h)·q_len + qi. Grid (query blocks of ROWS, heads, batch), THREADS threads; q, k, v, dout as 16-bit operands, and
 // out and dout32 (the f32 dO) for the row sums.
 template <int D>
 __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, const float* out, const float* dout32, const h16* dout, float* dq, float* stats, const u32* amax) {
     Shifts sh(amax, s.head_dim);
     const float scale = s.scale, dp_unscale = pow2(-(sh.dout + sh.v)), ds_scale = pow2(sh.ds);
-    s.scale *= pow2(-(sh.q + sh.k));
+    s.scale *= pow2(-(sh.q + sh.k)) * LOG2E;  // scores in log2 units
     const int LD = D + 8;
     h16* qs = (h16*)flash_smem;
     h16* dos = qs + ROWS * LD;
@@ -357,21 +385,23 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
     load_rows<D, ROWS>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
     load_rows<D, ROWS>(dos, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
     copies_commit();
-    int ci = hd.first + q0 + warp * 16 + g;
+    int ci0 = hd.first + q0 + warp * 16, ci = ci0 + g;
     const u32 qseg[2] = {hd.segment(s, ci), hd.segment(s, ci + 8)};
+    const u32 wseg = warp_segment(qseg);
     int k_lo = key_start(s, hd, q0), k_hi = key_end(s, hd, q0);
     // Pass 1: each row's maximum and sum of exponentials.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     walk_keys<D>(s, hd, k, nullptr, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16*, const u32* km) {
+        if (k0 > ci0 + 15) return;
         float sc[8][4], alpha[2];
-        masked_scores<D>(sc, qs, ks, km, s, k0, ci, qseg, warp, lane);
+        masked_scores<D>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, wseg, k0, km, lane), warp, lane);
         online_softmax(sc, m, l, alpha);
     });
     float lse[2], dot[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         float total = quad_sum(l[r]);
-        lse[r] = total > 0.0f ? m[r] + logf(total) : INFINITY;
+        lse[r] = total > 0.0f ? m[r] + log2f(total) : INFINITY;
         int qi = q0 + warp * 16 + g + 8 * r;
         // rowsum(dO ⊙ O) in f32 from the unrounded rows, split over the row's 4 threads.
         float part = 0.0f;
@@ -389,13 +419,14 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
 #pragma unroll
     for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     walk_keys<D>(s, hd, k, v, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16* vs, const u32* km) {
+        if (k0 > ci0 + 15) return;
         float p[8][4], dp[8][4];
-        masked_scores<D>(p, qs, ks, km, s, k0, ci, qseg, warp, lane);
+        masked_scores<D>(p, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, wseg, k0, km, lane), warp, lane);
         rows_times_tile_t<D>(dp, dos, vs, warp * 16, lane);
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) dp[n][e] = expf(p[n][e] - lse[e >> 1]) * (dp[n][e] * dp_unscale - dot[e >> 1]) * ds_scale;
+            for (int e = 0; e < 4; e++) dp[n][e] = exp2_fast(p[n][e] - lse[e >> 1]) * (dp[n][e] * dp_unscale - dot[e >> 1]) * ds_scale;
         mma_acc_rows<D>(acc, dp, ks, lane);
     });
     store_rows<D>(acc, scale * pow2(-(sh.ds + sh.k)), dq + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
@@ -410,7 +441,7 @@ template <int D>
 // parts, as grouped-query attention at batch 1 needs to fill the GPU, are summed by flash_sum_parts).
 __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, const h16* dout, const float* stats, float* dk, float* dv, const u32* amax, int split, long long part_stride) {
     Shifts sh(amax, s.head_dim);
-    const float score_scale = s.scale * pow2(-(sh.q + sh.k)), dp_unscale = pow2(-(sh.dout + sh.v)), ds_scale = pow2(sh.ds);
+    const float score_scale = s.scale * pow2(-(sh.q + sh.k)) * LOG2E, dp_unscale = pow2(-(sh.dout + sh.v)), ds_scale = pow2(sh.ds);
     const int LD = D + 8, TS = TILE * LD;
     h16* ks = (h16*)flash_smem;
     h16* vs = ks + ROWS * LD;
@@ -426,8 +457,9 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
     load_rows<D, ROWS>(ks, LD, k + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
     load_rows<D, ROWS>(vs, LD, v + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
     copies_commit();
-    int key = k0 + warp * 16 + g;  // this thread's rows: keys key and key + 8
+    int key0 = k0 + warp * 16, key = key0 + g;  // this warp's keys from key0; this thread's rows: key and key + 8
     u32 real[2] = {key < s.kv_len ? hk.mask[key] : 0u, key + 8 < s.kv_len ? hk.mask[key + 8] : 0u};
+    const u32 kseg = warp_segment(real);
     // Queries whose cache index ci satisfies k0 <= ci < k0 + ROWS - 1 + window see some of the block's keys.
     int q_lo = max(0, k0 - hk.first);
     int q_hi = s.window > 0 ? min(s.q_len, k0 + ROWS - 1 + s.window - hk.first) : s.q_len;
@@ -473,21 +505,30 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
         const h16 *qs = qbuf + st * TS, *dos = dobuf + st * TS;
         const float *lse = lsebuf + st * TILE, *dots = dotbuf + st * TILE;
         const u32* qseg = qsegbuf + st * TILE;
-        // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
-        float p[8][4], dp[8][4];
-        rows_times_tile_t<D>(p, ks, qs, warp * 16, lane);
-        rows_times_tile_t<D>(dp, vs, dos, warp * 16, lane);
+        // Keys wholly after the tile's last query get nothing from it.
+        int cq0 = hk.first + q0;  // cache index of the tile's first query
+        if (key0 <= cq0 + TILE - 1) {
+            // Whether every query of the tile sees every key of this warp (then no mask): the transpose of
+            // warp_sees_tile's test.
+            bool clear = __all_sync(0xffffffffu, kseg != 0 && q0 + TILE <= s.q_len && key0 + 16 <= s.kv_len && key0 + 15 <= cq0 &&
+                                                     (s.window <= 0 || key0 > cq0 + TILE - 1 - s.window) && qseg[lane] == kseg && qseg[lane + 32] == kseg);
+            // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
+            float p[8][4], dp[8][4];
+            rows_times_tile_t<D>(p, ks, qs, warp * 16, lane);
+            rows_times_tile_t<D>(dp, vs, dos, warp * 16, lane);
 #pragma unroll
-        for (int n = 0; n < 8; n++)
+            for (int n = 0; n < 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int c = n * 8 + 2 * t + (e & 1);
-                float pe = q0 + c < s.q_len && sees(s, hk.first + q0 + c, key + (e >> 1) * 8, real[e >> 1], qseg[c]) ? expf(p[n][e] * score_scale - lse[c]) : 0.0f;
-                p[n][e] = pe;
-                dp[n][e] = pe * (dp[n][e] * dp_unscale - dots[c]) * ds_scale;
-            }
-        mma_acc_rows<D>(av, p, dos, lane);
-        mma_acc_rows<D>(ak, dp, qs, lane);
+                for (int e = 0; e < 4; e++) {
+                    int c = n * 8 + 2 * t + (e & 1);
+                    bool seen = clear || (q0 + c < s.q_len && sees(s, cq0 + c, key + (e >> 1) * 8, real[e >> 1], qseg[c]));
+                    float pe = seen ? exp2_fast(p[n][e] * score_scale - lse[c]) : 0.0f;
+                    p[n][e] = pe;
+                    dp[n][e] = pe * (dp[n][e] * dp_unscale - dots[c]) * ds_scale;
+                }
+            mma_acc_rows<D>(av, p, dos, lane);
+            mma_acc_rows<D>(ak, dp, qs, lane);
+        }
         // The next step's loads overwrite this stage.
         __syncthreads();
     }
