@@ -50,6 +50,11 @@ class Kernels:
     def __init__(self, src_dir, f16):
         src = open(os.path.join(src_dir, "kernels.cu")).read() + open(os.path.join(src_dir, "flash.cu")).read()
         self.geom = {k: int(re.search(rf"#define {k} (\d+)", src).group(1)) for k in ("ROWS", "TILE", "THREADS")}
+        # The forward's block size where it has its own (FWD_THREADS, an expression of ROWS and FWD_TILES).
+        fwd = re.search(r"#define FWD_THREADS (.+)", src)
+        tiles = re.search(r"#define FWD_TILES (\d+)", src)
+        expr = fwd.group(1).replace("ROWS", str(self.geom["ROWS"])).replace("FWD_TILES", tiles.group(1)) if fwd else "THREADS"
+        self.geom["FWD_THREADS"] = int(eval(expr.replace("/", "//"), {"THREADS": self.geom["THREADS"]}))
         nvrtc = ctypes.CDLL(find_lib("libnvrtc.so*"))
         prog = ctypes.c_void_p()
         check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"kernels.cu", 0, None, None), "nvrtcCreateProgram")
@@ -70,14 +75,15 @@ class Kernels:
         check(self.cu.cuModuleLoadData(ctypes.byref(self.module), ptx), "cuModuleLoadData")
         self.f16 = f16
 
-    def launch(self, name, grid, smem, args):
+    def launch(self, name, grid, smem, args, threads=None):
         f = ctypes.c_void_p()
         check(self.cu.cuModuleGetFunction(ctypes.byref(f), self.module, name.encode()), f"cuModuleGetFunction {name}")
         check(self.cu.cuFuncSetAttribute(f, 8, smem), "cuFuncSetAttribute")  # max dynamic shared memory
         holders = [a if isinstance(a, (Attn, ctypes.c_int, ctypes.c_longlong)) else ctypes.c_uint64(a) for a in args]
         params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        check(self.cu.cuLaunchKernel(f, *grid, self.geom["THREADS"], 1, 1, smem, stream, params, None), f"launch {name}")
+        threads = threads or self.geom["THREADS"]
+        check(self.cu.cuLaunchKernel(f, *grid, threads, 1, 1, smem, stream, params, None), f"launch {name}")
 
     def smem(self, d, owned, walked, vectors):
         g = self.geom
@@ -124,7 +130,8 @@ def run_kernels(kern, case, inputs):
     p = lambda t: t.data_ptr()  # noqa: E731
 
     def fwd():
-        kern.launch(f"flash_forward_{d}", (rows, h, b), kern.smem(d, 1, 4, 2), [p(ops["q"]), p(ops["k"]), p(ops["v"]), p(mask), attn, p(out), amax_ptr])
+        args = [p(ops["q"]), p(ops["k"]), p(ops["v"]), p(mask), attn, p(out), amax_ptr]
+        kern.launch(f"flash_forward_{d}", (rows, h, b), kern.smem(d, 1, 4, 2), args, g["FWD_THREADS"])
 
     def bwd_q():
         kern.launch(

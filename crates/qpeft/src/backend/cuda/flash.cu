@@ -20,6 +20,10 @@
 #define TILE 64
 #define ROWS 128
 #define THREADS 256
+// The forward's warps own 32 query rows each: two 16-row tiles share every K and V fragment they load, which halves
+// the shared-memory reads per product (the backward kernels hold more per row and stay at one tile per warp).
+#define FWD_TILES 2
+#define FWD_THREADS (ROWS / (16 * FWD_TILES) * 32)
 
 typedef unsigned short h16;  // a 16-bit operand's bits: bf16, or fp16 with QPEFT_F16
 #ifdef QPEFT_F16
@@ -82,22 +86,19 @@ __device__ __forceinline__ void frag_a(u32* a, const h16* x, int ld, int r0, int
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(at));
 }
 
-// c0 += A·B[:, n0..n0+8] and c1 += A·B[:, n0+8..n0+16] for B[k][n] = y[n][k0 + k] (B stored transposed, as K in
-// Q·Kᵀ): lanes 0-7 address rows n0.. at k0, 8-15 the same at k0 + 8, 16-31 rows n0+8.. likewise.
-__device__ __forceinline__ void mma_bt2(float* c0, float* c1, const u32* a, const h16* y, int ld, int n0, int k0, int lane) {
-    u32 b[4], at = smem_addr(y + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+// The b fragments of columns n0..n0+7 (b[0], b[1]) and n0+8..n0+15 (b[2], b[3]), rows k0..k0+15, of B[k][n] =
+// y[n][k0 + k] (B stored transposed, as K in Q·Kᵀ): lanes 0-7 address rows n0.. at k0, 8-15 the same at k0 + 8, 16-31
+// rows n0+8.. likewise.
+__device__ __forceinline__ void frag_bt(u32* b, const h16* y, int ld, int n0, int k0, int lane) {
+    u32 at = smem_addr(y + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(at));
-    mma_half(c0, a, b[0], b[1]);
-    mma_half(c1, a, b[2], b[3]);
 }
 
 // The same for B[k][n] = x[k0 + k][n] (B stored row-major, as V in P·V), through transposing loads: lanes 0-15
 // address rows k0.. at column n0, lanes 16-31 at n0 + 8.
-__device__ __forceinline__ void mma_b2(float* c0, float* c1, const u32* a, const h16* x, int ld, int k0, int n0, int lane) {
-    u32 b[4], at = smem_addr(x + (k0 + (lane & 15)) * ld + n0 + (lane >> 4) * 8);
+__device__ __forceinline__ void frag_b(u32* b, const h16* x, int ld, int k0, int n0, int lane) {
+    u32 at = smem_addr(x + (k0 + (lane & 15)) * ld + n0 + (lane >> 4) * 8);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(at));
-    mma_half(c0, a, b[0], b[1]);
-    mma_half(c1, a, b[2], b[3]);
 }
 
 // The a fragment of 16 rows × keys 16j..16j+15 from accumulator tiles s[2j], s[2j+1] (the c layout of a 16×64 block),
@@ -124,7 +125,7 @@ __device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_grou
 template <int D, int N>
 __device__ void load_rows(h16* tile, int ld, const h16* src, long long stride, int row0, int valid, int hd) {
 #pragma unroll
-    for (int c = threadIdx.x; c < N * D / 8; c += THREADS) {
+    for (int c = threadIdx.x; c < N * D / 8; c += blockDim.x) {
         int i = c / (D / 8), d = c % (D / 8) * 8;
         bool ok = row0 + i < valid && d < hd;
         copy16_async(tile + i * ld + d, ok ? src + (row0 + i) * stride + d : src, ok);
@@ -166,48 +167,67 @@ struct Head {
     __device__ u32 segment(const Attn& s, int ci) const { return ci < s.kv_len ? mask[ci] : 0u; }
 };
 
-// c (16 × 64, the c layout) = X[r0..r0+16]·Yᵀ for the row-major tiles x (≥ r0 + 16 rows) and y (64 rows), both D wide.
-template <int D>
-__device__ __forceinline__ void rows_times_tile_t(float (*c)[4], const h16* x, const h16* y, int r0, int lane) {
+// c[m] (16 × 64, the c layout) = X[r0 + 16m..r0 + 16m + 16]·Yᵀ for m < M, the row-major tiles x (≥ r0 + 16M rows) and
+// y (64 rows) both D wide: each fragment of y is loaded once for the M row tiles.
+template <int D, int M>
+__device__ __forceinline__ void rows_times_tile_t(float (*c)[8][4], const h16* x, const h16* y, int r0, int lane) {
     const int LD = D + 8;
 #pragma unroll
-    for (int n = 0; n < 8; n++) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int n = 0; n < 8; n++) c[m][n][0] = c[m][n][1] = c[m][n][2] = c[m][n][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D; kk += 16) {
-        u32 a[4];
-        frag_a(a, x, LD, r0, kk, lane);
+        u32 a[M][4];
 #pragma unroll
-        for (int n = 0; n < 8; n += 2) mma_bt2(c[n], c[n + 1], a, y, LD, n * 8, kk, lane);
+        for (int m = 0; m < M; m++) frag_a(a[m], x, LD, r0 + 16 * m, kk, lane);
+#pragma unroll
+        for (int n = 0; n < 8; n += 2) {
+            u32 b[4];
+            frag_bt(b, y, LD, n * 8, kk, lane);
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                mma_half(c[m][n], a[m], b[0], b[1]);
+                mma_half(c[m][n + 1], a[m], b[2], b[3]);
+            }
+        }
     }
 }
 
-// The segment all 16 query rows of this warp share (each thread holds rows g and g + 8, of segments qseg[0] and
-// qseg[1]), or 0 when they differ or are padding: what `warp_sees_tile` compares key segments with.
-__device__ __forceinline__ u32 warp_segment(const u32* qseg) {
-    u32 first = __shfl_sync(0xffffffffu, qseg[0], 0);
-    return __all_sync(0xffffffffu, qseg[0] == first && qseg[1] == first) ? first : 0u;
+// The segment all 16M rows of this warp share (each thread holds rows g and g + 8 of each 16-row tile m, of segments
+// seg[m][0] and seg[m][1]), or 0 when they differ or are padding: what `warp_sees_tile` compares the other side with.
+template <int M>
+__device__ __forceinline__ u32 warp_segment(const u32 (*seg)[2]) {
+    u32 first = __shfl_sync(0xffffffffu, seg[0][0], 0);
+    bool same = true;
+#pragma unroll
+    for (int m = 0; m < M; m++) same = same && seg[m][0] == first && seg[m][1] == first;
+    return __all_sync(0xffffffffu, same) ? first : 0u;
 }
 
-// Whether each of 16 consecutive queries from cache index ci0, all of segment wseg (0: not all alike), sees each of
-// the 64 keys from k0 whose segments are km[0..64]: then their scores need no mask. Warp-uniform.
-__device__ __forceinline__ bool warp_sees_tile(const Attn& s, int ci0, u32 wseg, int k0, const u32* km, int lane) {
-    bool ok = wseg != 0 && k0 + TILE <= s.kv_len && k0 + TILE - 1 <= ci0 && (s.window <= 0 || k0 > ci0 + 15 - s.window);
+// Whether each of `rows` consecutive queries from cache index ci0, all of segment wseg (0: not all alike), sees each
+// of the 64 keys from k0 whose segments are km[0..64]: then their scores need no mask. Warp-uniform.
+__device__ __forceinline__ bool warp_sees_tile(const Attn& s, int ci0, int rows, u32 wseg, int k0, const u32* km, int lane) {
+    bool ok = wseg != 0 && k0 + TILE <= s.kv_len && k0 + TILE - 1 <= ci0 && (s.window <= 0 || k0 > ci0 + rows - 1 - s.window);
     return __all_sync(0xffffffffu, ok && km[lane] == wseg && km[lane + 32] == wseg);
 }
 
-// sc (this warp's 16 query rows × 64 keys from k0) = scale·Q·Kᵀ with invisible keys at −∞ (none when `clear`); rows
-// ci and ci + 8 are this thread's (cache indices), of segments qseg[0] and qseg[1].
-template <int D>
-__device__ void masked_scores(float (*sc)[4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, const u32* qseg, bool clear, int warp, int lane) {
+// sc[m] (query rows r0 + 16m.. of this warp × 64 keys from k0) = scale·Q·Kᵀ with invisible keys at −∞ (none when
+// `clear`); this thread's rows of tile m are cache indices ci + 16m and ci + 16m + 8, of segments qseg[m][0] and
+// qseg[m][1].
+template <int D, int M>
+__device__ void masked_scores(float (*sc)[8][4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, const u32 (*qseg)[2], bool clear, int r0, int lane) {
     int t = lane & 3;
-    rows_times_tile_t<D>(sc, qs, ks, warp * 16, lane);
+    rows_times_tile_t<D, M>(sc, qs, ks, r0, lane);
 #pragma unroll
-    for (int n = 0; n < 8; n++)
+    for (int m = 0; m < M; m++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int j = k0 + n * 8 + 2 * t + (e & 1);
-            sc[n][e] = clear || sees(s, ci + (e >> 1) * 8, j, km[j - k0], qseg[e >> 1]) ? sc[n][e] * s.scale : -INFINITY;
-        }
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int j = k0 + n * 8 + 2 * t + (e & 1);
+                sc[m][n][e] = clear || sees(s, ci + 16 * m + (e >> 1) * 8, j, km[j - k0], qseg[m][e >> 1]) ? sc[m][n][e] * s.scale : -INFINITY;
+            }
 }
 
 // One tile of the online softmax (base 2) for this thread's two rows (c layout): raises the running maxima m to include
@@ -260,7 +280,7 @@ __device__ void load_keys(const Attn& s, const Head& hd, const h16* k, const h16
     const int LD = D + 8;
     load_rows<D, TILE>(ks, LD, k + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
     if (vs) load_rows<D, TILE>(vs, LD, v + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
-    for (int i = threadIdx.x; i < TILE; i += THREADS) km[i] = k0 + i < s.kv_len ? hd.mask[k0 + i] : 0u;
+    for (int i = threadIdx.x; i < TILE; i += blockDim.x) km[i] = k0 + i < s.kv_len ? hd.mask[k0 + i] : 0u;
     copies_commit();
 }
 
@@ -284,16 +304,26 @@ __device__ void walk_keys(const Attn& s, const Head& hd, const h16* k, const h16
     }
 }
 
-// acc (16 rows × D) += A·X for A = the 16×64 block `p` (c layout, rounded to 16 bits) and X = the row-major 64 × D tile x.
-template <int D>
-__device__ __forceinline__ void mma_acc_rows(float (*acc)[4], float (*p)[4], const h16* x, int lane) {
+// acc[m] (16 rows × D) += A·X for m < M, A = the 16×64 block p[m] (c layout, rounded to 16 bits) and X = the row-major
+// 64 × D tile x, each fragment of x loaded once for the M row tiles.
+template <int D, int M>
+__device__ __forceinline__ void mma_acc_rows(float (*acc)[D / 8][4], float (*p)[8][4], const h16* x, int lane) {
     const int LD = D + 8;
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        u32 a[4];
-        frag_from_acc(a, p, j);
+        u32 a[M][4];
 #pragma unroll
-        for (int n = 0; n < D / 8; n += 2) mma_b2(acc[n], acc[n + 1], a, x, LD, j * 16, n * 8, lane);
+        for (int m = 0; m < M; m++) frag_from_acc(a[m], p[m], j);
+#pragma unroll
+        for (int n = 0; n < D / 8; n += 2) {
+            u32 b[4];
+            frag_b(b, x, LD, j * 16, n * 8, lane);
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                mma_half(acc[m][n], a[m], b[0], b[1]);
+                mma_half(acc[m][n + 1], a[m], b[2], b[3]);
+            }
+        }
     }
 }
 
@@ -317,9 +347,11 @@ __device__ void store_rows(float (*acc)[4], float scale, float* dst, long long s
     }
 }
 
-// Forward. Grid (query blocks of ROWS, heads, batch), THREADS threads; q, k, v as 16-bit operands.
+// Forward. Grid (query blocks of ROWS, heads, batch), FWD_THREADS threads (warps of FWD_TILES 16-row tiles); q, k, v
+// as 16-bit operands.
 template <int D>
 __device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, float* out, const u32* amax) {
+    const int M = FWD_TILES;
     Shifts sh(amax, s.head_dim);
     s.scale *= pow2(-(sh.q + sh.k)) * LOG2E;  // scores from the scaled q and k, in log2 units
     const int LD = D + 8;
@@ -327,42 +359,54 @@ __device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u3
     h16* kbuf = qs + ROWS * LD;
     h16* vbuf = kbuf + 2 * TILE * LD;
     u32* kmbuf = (u32*)(vbuf + 2 * TILE * LD);
-    int q0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
+    int q0 = blockIdx.x * ROWS, r0 = (threadIdx.x >> 5) * 16 * M, lane = threadIdx.x & 31, g = lane >> 2;
     Head hd(s, key_mask, blockIdx.z, blockIdx.y);
     load_rows<D, ROWS>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
     copies_commit();
-    int ci0 = hd.first + q0 + warp * 16, ci = ci0 + g;
-    const u32 qseg[2] = {hd.segment(s, ci), hd.segment(s, ci + 8)};
-    const u32 wseg = warp_segment(qseg);
-    float o[D / 8][4];
+    int ci0 = hd.first + q0 + r0, ci = ci0 + g;
+    u32 qseg[M][2];
 #pragma unroll
-    for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    for (int m = 0; m < M; m++) qseg[m][0] = hd.segment(s, ci + 16 * m), qseg[m][1] = hd.segment(s, ci + 16 * m + 8);
+    const u32 wseg = warp_segment<M>(qseg);
+    float o[M][D / 8][4], mx[M][2], l[M][2];
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.0f;
+        mx[m][0] = mx[m][1] = -INFINITY;
+        l[m][0] = l[m][1] = 0.0f;
+    }
     walk_keys<D>(s, hd, k, v, key_start(s, hd, q0), key_end(s, hd, q0), kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16* vs, const u32* km) {
         // A tile wholly after this warp's queries changes nothing (its probabilities are 0).
-        if (k0 > ci0 + 15) return;
-        float sc[8][4];
-        masked_scores<D>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, wseg, k0, km, lane), warp, lane);
-        float alpha[2];
-        online_softmax(sc, m, l, alpha);
-        // Rescale what was summed under the old row maximum.
+        if (k0 > ci0 + 16 * M - 1) return;
+        float sc[M][8][4];
+        masked_scores<D, M>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, 16 * M, wseg, k0, km, lane), r0, lane);
 #pragma unroll
-        for (int n = 0; n < D / 8; n++)
+        for (int m = 0; m < M; m++) {
+            float alpha[2];
+            online_softmax(sc[m], mx[m], l[m], alpha);
+            // Rescale what was summed under the old row maximum.
 #pragma unroll
-            for (int e = 0; e < 4; e++) o[n][e] *= alpha[e >> 1];
-        mma_acc_rows<D>(o, sc, vs, lane);
-    });
-    // 1/l per row (0 for a query that sees no key).
+            for (int n = 0; n < D / 8; n++)
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        float total = quad_sum(l[r]), inv = total > 0.0f ? 1.0f / total : 0.0f;
-#pragma unroll
-        for (int n = 0; n < D / 8; n++) {
-            o[n][2 * r] *= inv;
-            o[n][2 * r + 1] *= inv;
+                for (int e = 0; e < 4; e++) o[m][n][e] *= alpha[e >> 1];
         }
+        mma_acc_rows<D, M>(o, sc, vs, lane);
+    });
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        // 1/l per row (0 for a query that sees no key).
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float total = quad_sum(l[m][r]), inv = total > 0.0f ? 1.0f / total : 0.0f;
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                o[m][n][2 * r] *= inv;
+                o[m][n][2 * r + 1] *= inv;
+            }
+        }
+        store_rows<D>(o[m], pow2(-sh.v), out + hd.q_at, hd.q_stride, q0 + r0 + 16 * m, s.q_len, s.head_dim, lane);
     }
-    store_rows<D>(o, pow2(-sh.v), out + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
 }
 
 // dQ = scale·dS·K per query block, with dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)); first a pass over the keys for each query's
@@ -386,16 +430,16 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
     load_rows<D, ROWS>(dos, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
     copies_commit();
     int ci0 = hd.first + q0 + warp * 16, ci = ci0 + g;
-    const u32 qseg[2] = {hd.segment(s, ci), hd.segment(s, ci + 8)};
-    const u32 wseg = warp_segment(qseg);
+    const u32 qseg[1][2] = {{hd.segment(s, ci), hd.segment(s, ci + 8)}};
+    const u32 wseg = warp_segment<1>(qseg);
     int k_lo = key_start(s, hd, q0), k_hi = key_end(s, hd, q0);
     // Pass 1: each row's maximum and sum of exponentials.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     walk_keys<D>(s, hd, k, nullptr, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16*, const u32* km) {
         if (k0 > ci0 + 15) return;
-        float sc[8][4], alpha[2];
-        masked_scores<D>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, wseg, k0, km, lane), warp, lane);
-        online_softmax(sc, m, l, alpha);
+        float sc[1][8][4], alpha[2];
+        masked_scores<D, 1>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, 16, wseg, k0, km, lane), warp * 16, lane);
+        online_softmax(sc[0], m, l, alpha);
     });
     float lse[2], dot[2];
 #pragma unroll
@@ -420,14 +464,14 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
     for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     walk_keys<D>(s, hd, k, v, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16* vs, const u32* km) {
         if (k0 > ci0 + 15) return;
-        float p[8][4], dp[8][4];
-        masked_scores<D>(p, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, wseg, k0, km, lane), warp, lane);
-        rows_times_tile_t<D>(dp, dos, vs, warp * 16, lane);
+        float p[1][8][4], dp[1][8][4];
+        masked_scores<D, 1>(p, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, 16, wseg, k0, km, lane), warp * 16, lane);
+        rows_times_tile_t<D, 1>(dp, dos, vs, warp * 16, lane);
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) dp[n][e] = exp2_fast(p[n][e] - lse[e >> 1]) * (dp[n][e] * dp_unscale - dot[e >> 1]) * ds_scale;
-        mma_acc_rows<D>(acc, dp, ks, lane);
+            for (int e = 0; e < 4; e++) dp[0][n][e] = exp2_fast(p[0][n][e] - lse[e >> 1]) * (dp[0][n][e] * dp_unscale - dot[e >> 1]) * ds_scale;
+        mma_acc_rows<D, 1>(&acc, dp, ks, lane);
     });
     store_rows<D>(acc, scale * pow2(-(sh.ds + sh.k)), dq + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
 }
@@ -458,8 +502,8 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
     load_rows<D, ROWS>(vs, LD, v + hk.kv_at, hk.kv_stride, k0, s.kv_len, s.head_dim);
     copies_commit();
     int key0 = k0 + warp * 16, key = key0 + g;  // this warp's keys from key0; this thread's rows: key and key + 8
-    u32 real[2] = {key < s.kv_len ? hk.mask[key] : 0u, key + 8 < s.kv_len ? hk.mask[key + 8] : 0u};
-    const u32 kseg = warp_segment(real);
+    const u32 real[1][2] = {{key < s.kv_len ? hk.mask[key] : 0u, key + 8 < s.kv_len ? hk.mask[key + 8] : 0u}};
+    const u32 kseg = warp_segment<1>(real);
     // Queries whose cache index ci satisfies k0 <= ci < k0 + ROWS - 1 + window see some of the block's keys.
     int q_lo = max(0, k0 - hk.first);
     int q_hi = s.window > 0 ? min(s.q_len, k0 + ROWS - 1 + s.window - hk.first) : s.q_len;
@@ -513,21 +557,21 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
             bool clear = __all_sync(0xffffffffu, kseg != 0 && q0 + TILE <= s.q_len && key0 + 16 <= s.kv_len && key0 + 15 <= cq0 &&
                                                      (s.window <= 0 || key0 > cq0 + TILE - 1 - s.window) && qseg[lane] == kseg && qseg[lane + 32] == kseg);
             // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
-            float p[8][4], dp[8][4];
-            rows_times_tile_t<D>(p, ks, qs, warp * 16, lane);
-            rows_times_tile_t<D>(dp, vs, dos, warp * 16, lane);
+            float p[1][8][4], dp[1][8][4];
+            rows_times_tile_t<D, 1>(p, ks, qs, warp * 16, lane);
+            rows_times_tile_t<D, 1>(dp, vs, dos, warp * 16, lane);
 #pragma unroll
             for (int n = 0; n < 8; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     int c = n * 8 + 2 * t + (e & 1);
-                    bool seen = clear || (q0 + c < s.q_len && sees(s, cq0 + c, key + (e >> 1) * 8, real[e >> 1], qseg[c]));
-                    float pe = seen ? exp2_fast(p[n][e] * score_scale - lse[c]) : 0.0f;
-                    p[n][e] = pe;
-                    dp[n][e] = pe * (dp[n][e] * dp_unscale - dots[c]) * ds_scale;
+                    bool seen = clear || (q0 + c < s.q_len && sees(s, cq0 + c, key + (e >> 1) * 8, real[0][e >> 1], qseg[c]));
+                    float pe = seen ? exp2_fast(p[0][n][e] * score_scale - lse[c]) : 0.0f;
+                    p[0][n][e] = pe;
+                    dp[0][n][e] = pe * (dp[0][n][e] * dp_unscale - dots[c]) * ds_scale;
                 }
-            mma_acc_rows<D>(av, p, dos, lane);
-            mma_acc_rows<D>(ak, dp, qs, lane);
+            mma_acc_rows<D, 1>(&av, p, dos, lane);
+            mma_acc_rows<D, 1>(&ak, dp, qs, lane);
         }
         // The next step's loads overwrite this stage.
         __syncthreads();
@@ -546,7 +590,7 @@ extern "C" __global__ void flash_sum_parts(const float* parts, int split, long l
 }
 
 #define FLASH_KERNELS(D)                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) flash_forward_##D(const h16* q, const h16* k, const h16* v,     \
+    extern "C" __global__ void __launch_bounds__(FWD_THREADS) flash_forward_##D(const h16* q, const h16* k, const h16* v,     \
                                                                              const u32* m, Attn s, float* out,            \
                                                                              const u32* amax) {                           \
         flash_forward<D>(q, k, v, m, s, out, amax);                                                                       \

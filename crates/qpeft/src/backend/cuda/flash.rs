@@ -12,10 +12,11 @@ use crate::backend::{flash_head, AttentionShape, Precision};
 use crate::error::Result;
 
 /// Rows a block owns (queries forward and for dQ, keys for dK and dV), rows per tile of the side it walks, and
-/// threads per block (8 warps of 16 rows), as in flash.cu.
+/// threads per block (backward: 8 warps of 16 rows; forward: 4 warps of 32), as in flash.cu.
 const ROWS: usize = 128;
 const TILE: usize = 64;
 const THREADS: u32 = 256;
+const FWD_THREADS: u32 = 128;
 
 /// The kernels' head size: head_dim rounded up to an instantiated one.
 fn padded(head_dim: usize) -> usize {
@@ -50,14 +51,14 @@ impl Cuda {
         }
     }
 
-    /// The launch of kernel `name` for head size `d` over `grid`, with `bytes` of dynamic shared memory allowed.
-    fn flash_config(&self, name: &str, grid: (usize, usize, usize), bytes: usize) -> Result<LaunchConfig> {
+    /// The launch of kernel `name` over `grid` in blocks of `threads`, with `bytes` of dynamic shared memory allowed.
+    fn flash_config(&self, name: &str, grid: (usize, usize, usize), threads: u32, bytes: usize) -> Result<LaunchConfig> {
         self.func(name)?
             .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
             .map_err(|e| device_err(&format!("allowing `{name}` {bytes} bytes of shared memory"), e))?;
         Ok(LaunchConfig {
             grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: bytes as u32,
         })
     }
@@ -73,7 +74,7 @@ impl Cuda {
     ) -> Result<()> {
         let d = padded(s.head_dim);
         let name = format!("flash_forward_{d}");
-        let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), smem(d, 1, 4, 2))?;
+        let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), FWD_THREADS, smem(d, 1, 4, 2))?;
         let amax = self.alloc::<u32>(4)?;
         let (a, q, k, v) = (
             Attn::of(s),
@@ -112,7 +113,7 @@ impl Cuda {
         // Per query row: its log-sum-exp and rowsum(dO ⊙ O).
         let mut stats = self.alloc::<f32>(2 * s.batch * s.heads * s.q_len)?;
         let name = format!("flash_dq_{d}");
-        let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), smem(d, 2, 4, 2))?;
+        let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), THREADS, smem(d, 2, 4, 2))?;
         launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out, dout, &dout16, dq, &mut stats, &scales)?;
         if s.kv_capacity > s.kv_len {
             // The kernel writes the kv_len rows of each sequence; the rest of the cache layout is zero.
@@ -121,7 +122,7 @@ impl Cuda {
         }
         let name = format!("flash_dkv_{d}");
         let split = dkv_split(s);
-        let cfg = self.flash_config(&name, (s.kv_len.div_ceil(ROWS), s.kv_heads * split, s.batch), smem(d, 2, 4, 6))?;
+        let cfg = self.flash_config(&name, (s.kv_len.div_ceil(ROWS), s.kv_heads * split, s.batch), THREADS, smem(d, 2, 4, 6))?;
         if split == 1 {
             return launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, &dout16, &stats, dk, dv, &scales, &1i32, &0i64);
         }
