@@ -219,15 +219,33 @@ template <int D, int M>
 __device__ void masked_scores(float (*sc)[8][4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, const u32 (*qseg)[2], bool clear, int r0, int lane) {
     int t = lane & 3;
     rows_times_tile_t<D, M>(sc, qs, ks, r0, lane);
+    // One branch per tile (warp-uniform), not one per score: the compiler does not hoist `clear` out of the loop.
+    if (clear) {
+#pragma unroll
+        for (int m = 0; m < M; m++)
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) sc[m][n][e] *= s.scale;
+        return;
+    }
+    // The visibility of score (m, n, e) as bit 32m + 4n + e, found in a loop that is not unrolled: unrolled, its index
+    // arithmetic for all 32M scores at once costs more registers than the accumulators leave (spills).
+    unsigned long long seen = 0;
+#pragma unroll 1
+    for (int i = 0; i < 32 * M; i++) {
+        int m = i >> 5, n = (i >> 2) & 7, e = i & 3, j = k0 + n * 8 + 2 * t + (e & 1);
+        u32 seg = 0;
+#pragma unroll
+        for (int mm = 0; mm < M; mm++) seg = mm == m ? qseg[mm][e >> 1] : seg;
+        if (sees(s, ci + 16 * m + (e >> 1) * 8, j, km[j - k0], seg)) seen |= 1ull << i;
+    }
 #pragma unroll
     for (int m = 0; m < M; m++)
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int j = k0 + n * 8 + 2 * t + (e & 1);
-                sc[m][n][e] = clear || sees(s, ci + 16 * m + (e >> 1) * 8, j, km[j - k0], qseg[m][e >> 1]) ? sc[m][n][e] * s.scale : -INFINITY;
-            }
+            for (int e = 0; e < 4; e++) sc[m][n][e] = (seen >> (32 * m + 4 * n + e)) & 1 ? sc[m][n][e] * s.scale : -INFINITY;
 }
 
 // One tile of the online softmax (base 2) for this thread's two rows (c layout): raises the running maxima m to include
@@ -560,13 +578,22 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
             float p[1][8][4], dp[1][8][4];
             rows_times_tile_t<D, 1>(p, ks, qs, warp * 16, lane);
             rows_times_tile_t<D, 1>(dp, vs, dos, warp * 16, lane);
+            // Visibility of (n, e) as bit 4n + e, in a loop that is not unrolled (see masked_scores).
+            unsigned long long seen = ~0ull;
+            if (!clear) {
+                seen = 0;
+#pragma unroll 1
+                for (int i = 0; i < 32; i++) {
+                    int n = i >> 2, e = i & 3, c = n * 8 + 2 * t + (e & 1);
+                    if (q0 + c < s.q_len && sees(s, cq0 + c, key + (e >> 1) * 8, e >> 1 ? real[0][1] : real[0][0], qseg[c])) seen |= 1ull << i;
+                }
+            }
 #pragma unroll
             for (int n = 0; n < 8; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     int c = n * 8 + 2 * t + (e & 1);
-                    bool seen = clear || (q0 + c < s.q_len && sees(s, cq0 + c, key + (e >> 1) * 8, real[0][e >> 1], qseg[c]));
-                    float pe = seen ? exp2_fast(p[0][n][e] * score_scale - lse[c]) : 0.0f;
+                    float pe = (seen >> (4 * n + e)) & 1 ? exp2_fast(p[0][n][e] * score_scale - lse[c]) : 0.0f;
                     p[0][n][e] = pe;
                     dp[0][n][e] = pe * (dp[0][n][e] * dp_unscale - dots[c]) * ds_scale;
                 }
