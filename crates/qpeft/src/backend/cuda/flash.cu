@@ -212,23 +212,15 @@ __device__ __forceinline__ bool warp_sees_tile(const Attn& s, int ci0, int rows,
     return __all_sync(0xffffffffu, ok && km[lane] == wseg && km[lane + 32] == wseg);
 }
 
-// sc[m] (query rows r0 + 16m.. of this warp × 64 keys from k0) = scale·Q·Kᵀ with invisible keys at −∞ (none when
-// `clear`); this thread's rows of tile m are cache indices ci + 16m and ci + 16m + 8, of segments qseg[m][0] and
-// qseg[m][1].
+// sc[m] (query rows r0 + 16m.. of this warp × 64 keys from k0) = Q·Kᵀ, unscaled (the softmax folds the scale into
+// its exponentials), with invisible keys at −∞ (none when `clear`); this thread's rows of tile m are cache indices
+// ci + 16m and ci + 16m + 8, of segments qseg[m][0] and qseg[m][1].
 template <int D, int M>
 __device__ void masked_scores(float (*sc)[8][4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, const u32 (*qseg)[2], bool clear, int r0, int lane) {
     int t = lane & 3;
     rows_times_tile_t<D, M>(sc, qs, ks, r0, lane);
     // One branch per tile (warp-uniform), not one per score: the compiler does not hoist `clear` out of the loop.
-    if (clear) {
-#pragma unroll
-        for (int m = 0; m < M; m++)
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) sc[m][n][e] *= s.scale;
-        return;
-    }
+    if (clear) return;
     // The visibility of score (m, n, e) as bit 32m + 4n + e, found in a loop that is not unrolled: unrolled, its index
     // arithmetic for all 32M scores at once costs more registers than the accumulators leave (spills).
     unsigned long long seen = 0;
@@ -245,27 +237,28 @@ __device__ void masked_scores(float (*sc)[8][4], const h16* qs, const h16* ks, c
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) sc[m][n][e] = (seen >> (32 * m + 4 * n + e)) & 1 ? sc[m][n][e] * s.scale : -INFINITY;
+            for (int e = 0; e < 4; e++) sc[m][n][e] = (seen >> (32 * m + 4 * n + e)) & 1 ? sc[m][n][e] : -INFINITY;
 }
 
-// One tile of the online softmax (base 2) for this thread's two rows (c layout): raises the running maxima m to include
-// the tile's scores sc, replaces sc by 2^(sc − m), sets alpha = 2^(m_old − m) (what earlier sums must be scaled by) and
+// One tile of the online softmax (base 2) for this thread's two rows (c layout) of unscaled scores: raises the running
+// maxima m (unscaled) to include the tile's scores sc, replaces sc by 2^(scale·(sc − m)) (one fma and one ex2 each),
+// sets alpha = 2^(scale·(m_old − m)) (what earlier sums must be scaled by) and
 // updates the running sums l (this thread's share of each row; `quad_sum` completes them). A row that has seen no
 // visible key yet keeps m = −∞, l = 0 and gets zeros.
-__device__ __forceinline__ void online_softmax(float (*sc)[4], float* m, float* l, float* alpha) {
+__device__ __forceinline__ void online_softmax(float (*sc)[4], float scale, float* m, float* l, float* alpha) {
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         float mx = -INFINITY;
 #pragma unroll
         for (int n = 0; n < 8; n++) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-        float mn = fmaxf(m[r], quad_max(mx));
-        alpha[r] = mn == -INFINITY ? 1.0f : exp2_fast(m[r] - mn);
+        float mn = fmaxf(m[r], quad_max(mx)), ms = mn * scale;
+        alpha[r] = mn == -INFINITY ? 1.0f : exp2_fast(fmaf(m[r], scale, -ms));
         float sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 2 * r; e < 2 * r + 2; e++) {
-                sc[n][e] = mn == -INFINITY ? 0.0f : exp2_fast(sc[n][e] - mn);
+                sc[n][e] = mn == -INFINITY ? 0.0f : exp2_fast(fmaf(sc[n][e], scale, -ms));
                 sum += sc[n][e];
             }
         l[r] = l[r] * alpha[r] + sum;
@@ -377,7 +370,8 @@ __device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u3
     h16* kbuf = qs + ROWS * LD;
     h16* vbuf = kbuf + 2 * TILE * LD;
     u32* kmbuf = (u32*)(vbuf + 2 * TILE * LD);
-    int q0 = blockIdx.x * ROWS, r0 = (threadIdx.x >> 5) * 16 * M, lane = threadIdx.x & 31, g = lane >> 2;
+    // Query blocks in reverse: the longest (last, seeing the most keys) start first, so that the last wave is short.
+    int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS, r0 = (threadIdx.x >> 5) * 16 * M, lane = threadIdx.x & 31, g = lane >> 2;
     Head hd(s, key_mask, blockIdx.z, blockIdx.y);
     load_rows<D, ROWS>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
     copies_commit();
@@ -399,15 +393,21 @@ __device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u3
         if (k0 > ci0 + 16 * M - 1) return;
         float sc[M][8][4];
         masked_scores<D, M>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, 16 * M, wseg, k0, km, lane), r0, lane);
+        float alpha[M][2];
+        bool unchanged = true;
 #pragma unroll
         for (int m = 0; m < M; m++) {
-            float alpha[2];
-            online_softmax(sc[m], mx[m], l[m], alpha);
-            // Rescale what was summed under the old row maximum.
+            online_softmax(sc[m], s.scale, mx[m], l[m], alpha[m]);
+            unchanged = unchanged && alpha[m][0] == 1.0f && alpha[m][1] == 1.0f;
+        }
+        // Rescale what was summed under the old row maxima, unless no maximum of the warp's rows moved (most tiles).
+        if (!__all_sync(0xffffffffu, unchanged)) {
 #pragma unroll
-            for (int n = 0; n < D / 8; n++)
+            for (int m = 0; m < M; m++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) o[m][n][e] *= alpha[e >> 1];
+                for (int n = 0; n < D / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) o[m][n][e] *= alpha[m][e >> 1];
         }
         mma_acc_rows<D, M>(o, sc, vs, lane);
     });
@@ -442,7 +442,7 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
     h16* kbuf = dos + ROWS * LD;
     h16* vbuf = kbuf + 2 * TILE * LD;
     u32* kmbuf = (u32*)(vbuf + 2 * TILE * LD);
-    int q0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     Head hd(s, key_mask, blockIdx.z, blockIdx.y);
     load_rows<D, ROWS>(qs, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
     load_rows<D, ROWS>(dos, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
@@ -457,13 +457,13 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
         if (k0 > ci0 + 15) return;
         float sc[1][8][4], alpha[2];
         masked_scores<D, 1>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, 16, wseg, k0, km, lane), warp * 16, lane);
-        online_softmax(sc[0], m, l, alpha);
+        online_softmax(sc[0], s.scale, m, l, alpha);
     });
     float lse[2], dot[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         float total = quad_sum(l[r]);
-        lse[r] = total > 0.0f ? m[r] + log2f(total) : INFINITY;
+        lse[r] = total > 0.0f ? m[r] * s.scale + log2f(total) : INFINITY;
         int qi = q0 + warp * 16 + g + 8 * r;
         // rowsum(dO ⊙ O) in f32 from the unrounded rows, split over the row's 4 threads.
         float part = 0.0f;
@@ -488,7 +488,7 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) dp[0][n][e] = exp2_fast(p[0][n][e] - lse[e >> 1]) * (dp[0][n][e] * dp_unscale - dot[e >> 1]) * ds_scale;
+            for (int e = 0; e < 4; e++) dp[0][n][e] = exp2_fast(fmaf(p[0][n][e], s.scale, -lse[e >> 1])) * (dp[0][n][e] * dp_unscale - dot[e >> 1]) * ds_scale;
         mma_acc_rows<D, 1>(&acc, dp, ks, lane);
     });
     store_rows<D>(acc, scale * pow2(-(sh.ds + sh.k)), dq + hd.q_at, hd.q_stride, q0 + warp * 16, s.q_len, s.head_dim, lane);
