@@ -70,11 +70,6 @@ pub fn score<B: Backend>(
         groups[g].suffixes.push(suffix.to_vec());
         members[g].push(i);
     }
-    // Similar lengths side by side keep the padding small.
-    let mut order: Vec<usize> = (0..groups.len()).collect();
-    order.sort_by_key(|&g| std::cmp::Reverse((groups[g].prefix.len(), groups[g].suffixes.iter().map(Vec::len).max())));
-    let groups: Vec<Group> = order.iter().map(|&g| std::mem::take(&mut groups[g])).collect();
-    let members: Vec<Vec<usize>> = order.iter().map(|&g| std::mem::take(&mut members[g])).collect();
     let mut out = vec![0.0; requests.len()];
     // Scored positions of many requests go through the LM head together: the head is the largest weight (Qwen:
     // 151,936 × 1,536), and a pass per request would stream it once per request.

@@ -20,9 +20,19 @@ pub struct Group {
 /// weight for few rows.
 const SUFFIX_PASSES: usize = 4;
 
+/// A prefix joins a pass when padding it to the pass's longest (the first: groups run longest first) adds at most a
+/// quarter of that length or at most `PAD_TOKENS`: long prefixes of different lengths get passes of their own, short
+/// ones share passes (a split pass streams every weight again for few rows). The pass's suffixes also attend over
+/// its longest prefix.
+const PAD_TOKENS: usize = 128;
+
 /// Runs every group; `visit(g, s, hidden)` receives suffix `s` of group `g` as its final-normed hidden states
 /// [suffix length, hidden]. `batch` bounds the sequences of one forward pass; groups with few suffixes share
-/// passes, so keep groups of similar lengths next to each other.
+/// passes. Groups run longest prefix first and a pass takes prefixes of similar lengths (`PAD_TOKENS`): every pass
+/// pads its rows to its longest, and MMLU 5-shot's prefixes range from ≈ 200 to ≈ 2,000 tokens (in subject order
+/// the padding more than doubled its prefix tokens). Suffixes keep their groups' order: sorting a pass's suffixes
+/// by length saved MMLU another 8% but moved zero-shot scores enough to flip an ARC-Easy prediction of the
+/// evaluation fixture.
 pub fn run<B: Backend>(
     model: &Decoder<B>,
     adapters: Option<&AdapterSet<B>>,
@@ -32,15 +42,22 @@ pub fn run<B: Backend>(
 ) -> Result<()> {
     let (be, h) = (&model.backend, model.spec.hidden_size);
     let batch = batch.max(1);
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by_key(|&g| std::cmp::Reverse((groups[g].prefix.len(), groups[g].suffixes.iter().map(Vec::len).max())));
     let mut g0 = 0;
-    while g0 < groups.len() {
+    while g0 < order.len() {
         let mut g1 = g0 + 1;
-        let mut n = groups[g0].suffixes.len();
-        while g1 < groups.len() && g1 - g0 < batch && n + groups[g1].suffixes.len() <= batch * SUFFIX_PASSES {
-            n += groups[g1].suffixes.len();
+        let (first, mut n) = (&groups[order[g0]], groups[order[g0]].suffixes.len());
+        while let Some(next) = order.get(g1).map(|&g| &groups[g]) {
+            let similar = first.prefix.len() - next.prefix.len() <= (first.prefix.len() / 4).max(PAD_TOKENS);
+            if g1 - g0 == batch || n + next.suffixes.len() > batch * SUFFIX_PASSES || !similar {
+                break;
+            }
+            n += next.suffixes.len();
             g1 += 1;
         }
-        let unit = &groups[g0..g1];
+        let ids = &order[g0..g1];
+        let unit: Vec<&Group> = ids.iter().map(|&g| &groups[g]).collect();
         let prefixes: Vec<&[u32]> = unit.iter().map(|g| &g.prefix[..]).collect();
         let prefix_len = prefixes.iter().map(|p| p.len()).max().unwrap_or(0);
         let mut cache = model.new_cache(unit.len(), prefix_len)?;
@@ -52,7 +69,7 @@ pub fn run<B: Backend>(
         for chunk in rows.chunks(batch) {
             let suffixes: Vec<&[u32]> = chunk.iter().map(|&(i, s)| &unit[i].suffixes[s][..]).collect();
             if let Some(&(i, s)) = chunk.iter().find(|&&(i, s)| unit[i].suffixes[s].is_empty()) {
-                return Err(Error::Invalid(format!("suffix {s} of group {} is empty", g0 + i)));
+                return Err(Error::Invalid(format!("suffix {s} of group {} is empty", ids[i])));
             }
             let input = Input::right_padded(&suffixes, 0);
             let owners: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
@@ -60,7 +77,7 @@ pub fn run<B: Backend>(
             let hidden = be.download(&model.forward_with(&input, &mut rows_cache, adapters, &mut |_, _, _| Ok(()))?)?;
             for (b, (&(i, s), suffix)) in chunk.iter().zip(&suffixes).enumerate() {
                 let first = b * input.seq;
-                visit(g0 + i, s, &hidden[first * h..(first + suffix.len()) * h])?;
+                visit(ids[i], s, &hidden[first * h..(first + suffix.len()) * h])?;
             }
         }
         g0 = g1;
