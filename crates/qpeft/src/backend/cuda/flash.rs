@@ -52,7 +52,13 @@ impl Cuda {
     }
 
     /// The launch of kernel `name` over `grid` in blocks of `threads`, with `bytes` of dynamic shared memory allowed.
-    fn flash_config(&self, name: &str, grid: (usize, usize, usize), threads: u32, bytes: usize) -> Result<LaunchConfig> {
+    fn flash_config(
+        &self,
+        name: &str,
+        grid: (usize, usize, usize),
+        threads: u32,
+        bytes: usize,
+    ) -> Result<LaunchConfig> {
         self.func(name)?
             .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
             .map_err(|e| device_err(&format!("allowing `{name}` {bytes} bytes of shared memory"), e))?;
@@ -74,7 +80,8 @@ impl Cuda {
     ) -> Result<()> {
         let d = padded(s.head_dim);
         let name = format!("flash_forward_{d}");
-        let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), FWD_THREADS, smem(d, 1, 4, 2))?;
+        let cfg =
+            self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), FWD_THREADS, smem(d, 1, 4, 2))?;
         let amax = self.alloc::<u32>(4)?;
         let (a, q, k, v) = (
             Attn::of(s),
@@ -122,7 +129,12 @@ impl Cuda {
         }
         let name = format!("flash_dkv_{d}");
         let split = dkv_split(s);
-        let cfg = self.flash_config(&name, (s.kv_len.div_ceil(ROWS), s.kv_heads * split, s.batch), THREADS, smem(d, 2, 4, 6))?;
+        let cfg = self.flash_config(
+            &name,
+            (s.kv_len.div_ceil(ROWS), s.kv_heads * split, s.batch),
+            THREADS,
+            smem(d, 2, 4, 6),
+        )?;
         if split == 1 {
             return launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, &dout16, &stats, dk, dv, &scales, &1i32, &0i64);
         }
