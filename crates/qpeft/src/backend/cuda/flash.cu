@@ -1,16 +1,18 @@
 // Fused (flash-style) causal GQA attention for the 16-bit modes (flash.rs): scores never reach global memory. One
-// block of 8 warps owns 128 queries (forward, dQ) or 128 keys (dK, dV) of one head and walks the other side in tiles
-// of 64, multiplying 16-bit operands on the tensor cores (mma.sync m16n8k16, f32 accumulation); each warp owns 16 of
-// the block's rows. D is the head size rounded up to 16, 32, 64 or 128 (the padding is zeros). Appended to kernels.cu
-// (it uses `Attn`, the conversions and the f16 scale helpers from there).
+// block owns 128 queries (forward, dQ) or 128 keys (dK, dV) of one head and walks the other side in tiles of 64,
+// multiplying 16-bit operands on the tensor cores (mma.sync m16n8k16, f32 accumulation): in the backward 8 warps of
+// 16 rows, in the forward 4 warps of 32 (FWD_TILES). D is the head size rounded up to 16, 32, 64 or 128 (the padding
+// is zeros). Appended to kernels.cu (it uses `Attn`, the conversions and the f16 scale helpers from there).
+// scripts/gpu/flash_bench.py times the kernels alone against torch's FlashAttention and other versions of this file;
+// scripts/gpu/ptx_check.py shows registers and spills without a GPU.
 //
 // The operand format is the backend's: bf16, or fp16 when compiled with QPEFT_F16 (the f16 mode). Numerics, mirrored
 // by the CPU's emulations (backend/cpu/attention.rs, `Operands::Bf16` / `Operands::F16`): q, k, v and dO arrive
 // rounded (flash.rs converts them once per call; in the f16 mode scaled by 2^s per tensor, `Shifts`), the
 // probabilities are rounded before P·V and Pᵀ·dO, the score gradients (f16: scaled by 2^ds) before dS·K and dSᵀ·Q;
 // softmax statistics, rowsum(dO ⊙ O) and every sum are f32, in the tensors' own units. The softmax runs in base 2: the
-// scores are scaled by log2 e with the attention scale, so that each exponential is one `ex2.approx` (`exp2_fast`)
-// rather than expf's dozen instructions; the log-sum-exp the kernels pass on (`stats`) is in log2 units too.
+// attention scale times log2 e goes into one fma per score before `ex2.approx` (`exp2_fast`; expf is a dozen
+// instructions); the log-sum-exp the kernels pass on (`stats`) is in log2 units too.
 //
 // Backward runs in two kernels, neither needing atomics: `flash_dq` walks keys per query tile, writes dQ and each
 // query's log-sum-exp and rowsum(dO ⊙ O); `flash_dkv` walks queries (of every head sharing the KV head) per key tile.
