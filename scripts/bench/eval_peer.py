@@ -3,7 +3,8 @@
 scoring with transformers the way lm-evaluation-harness's HF model scores it (requests sorted by length,
 right-padded batches, one pass per (context, choice), fp32 or bf16 weights and activations on the CPU, where torch
 runs bf16 products on AMX tiles or AVX512-BF16 through oneDNN), on the same first N items of a task; or MMLU 5-shot
-on the first N questions of every subject (the letter logits at the prompt's last position, prompts sorted by length in right-padded batches).
+on the first N questions of every subject (the letter logits at the prompt's last position, prompts sorted by length
+in right-padded batches).
 The log-softmax runs in float32 on the scored positions alone (the harness takes it over every position).
 
     eval_peer.py MODEL --task arc_easy|...|mmlu --n 200 --batch 8 [--threads 2] [--dtype fp32|bf16]

@@ -11,7 +11,6 @@ Needs torch with CUDA (its NVRTC wheel compiles the kernels, as qpeft's NVRTC do
 Launch geometry and shared memory follow flash.rs (ROWS, TILE, THREADS read from each flash.cu)."""
 import argparse
 import ctypes
-import glob
 import json
 import math
 import os
@@ -20,16 +19,7 @@ import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TREE = os.path.join(HERE, "..", "..", "crates", "qpeft", "src", "backend", "cuda")
-
-
-def find_lib(pattern):
-    for d in sys.path:
-        hits = sorted(glob.glob(os.path.join(d, "nvidia", "**", pattern), recursive=True))
-        if hits:
-            return hits[0]
-    sys.exit(f"{pattern} not found under the nvidia wheels of {sys.path}")
+import nvrtc
 
 
 class Attn(ctypes.Structure):
@@ -48,28 +38,15 @@ class Kernels:
     """One copy of kernels.cu + flash.cu compiled for this GPU in one precision mode (bf16, or f16 with QPEFT_F16)."""
 
     def __init__(self, src_dir, f16):
-        src = open(os.path.join(src_dir, "kernels.cu")).read() + open(os.path.join(src_dir, "flash.cu")).read()
+        src = nvrtc.source(src_dir)
         self.geom = {k: int(re.search(rf"#define {k} (\d+)", src).group(1)) for k in ("ROWS", "TILE", "THREADS")}
         # The forward's block size where it has its own (FWD_THREADS, an expression of ROWS and FWD_TILES).
         fwd = re.search(r"#define FWD_THREADS (.+)", src)
         tiles = re.search(r"#define FWD_TILES (\d+)", src)
         expr = fwd.group(1).replace("ROWS", str(self.geom["ROWS"])).replace("FWD_TILES", tiles.group(1)) if fwd else "THREADS"
         self.geom["FWD_THREADS"] = int(eval(expr.replace("/", "//"), {"THREADS": self.geom["THREADS"]}))
-        nvrtc = ctypes.CDLL(find_lib("libnvrtc.so*"))
-        prog = ctypes.c_void_p()
-        check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"kernels.cu", 0, None, None), "nvrtcCreateProgram")
         major, minor = torch.cuda.get_device_capability()
-        opts = [f"-arch=compute_{major}{minor}".encode()] + ([b"-DQPEFT_F16"] if f16 else [])
-        rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        n = ctypes.c_size_t()
-        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-        log = ctypes.create_string_buffer(n.value)
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        if rc != 0:
-            sys.exit(f"NVRTC failed on {src_dir}:\n{log.value.decode()}")
-        nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(n))
-        ptx = ctypes.create_string_buffer(n.value)
-        nvrtc.nvrtcGetPTX(prog, ptx)
+        ptx = nvrtc.compile_ptx(src, f"compute_{major}{minor}", f16)
         self.cu = ctypes.CDLL("libcuda.so.1")
         self.module = ctypes.c_void_p()
         check(self.cu.cuModuleLoadData(ctypes.byref(self.module), ptx), "cuModuleLoadData")
@@ -219,7 +196,7 @@ def main():
         dict(name="Qwen1.5B GQA 2048x1", batch=1, seq=2048, heads=12, kv_heads=2, head_dim=128, packed=False),
         dict(name="packed+padded 1024x2 d64", batch=2, seq=1024, heads=6, kv_heads=2, head_dim=64, packed=True),
     ]
-    variants = [("tree", TREE)] + [tuple(v.split("=", 1)) for v in args.variant]
+    variants = [("tree", nvrtc.CUDA_DIR)] + [tuple(v.split("=", 1)) for v in args.variant]
     results = []
     torch.zeros(1, device="cuda")  # makes the primary context current, which the driver calls below use
     print(torch.cuda.get_device_name(), torch.__version__)

@@ -10,23 +10,12 @@ errors, register growth and spills before a device call is spent on them.
 Triton's ptxas may be older than NVRTC: the PTX's .version is lowered to what it accepts (the kernels use no newer
 PTX feature; ptxas fails loudly if one appears)."""
 import argparse
-import ctypes
-import glob
 import os
 import re
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CUDA = os.path.join(HERE, "..", "..", "crates", "qpeft", "src", "backend", "cuda")
-
-
-def first(pattern):
-    for d in sys.path:
-        hits = sorted(glob.glob(os.path.join(d, pattern), recursive=True))
-        if hits:
-            return hits[0]
-    sys.exit(f"{pattern} not found on {sys.path} (run with the reference venv's python)")
+import nvrtc
 
 
 def main():
@@ -35,26 +24,10 @@ def main():
     ap.add_argument("--filter", default="flash")
     ap.add_argument("--out", default="/tmp/ptx")
     args = ap.parse_args()
-    src = "".join(open(os.path.join(CUDA, f)).read() for f in ("kernels.cu", "flash.cu"))
-    nvrtc = ctypes.CDLL(first("nvidia/**/libnvrtc.so*"))
-    prog = ctypes.c_void_p()
-    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"kernels.cu", 0, None, None) == 0
-    opts = [b"-arch=compute_90"] + ([b"-DQPEFT_F16"] if args.f16 else [])
-    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    n = ctypes.c_size_t()
-    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-    log = ctypes.create_string_buffer(n.value)
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    if log.value.strip():
-        print(log.value.decode())
-    if rc != 0:
-        sys.exit("NVRTC failed")
-    nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(n))
-    ptx = ctypes.create_string_buffer(n.value)
-    nvrtc.nvrtcGetPTX(prog, ptx)
-    ptxas = first("triton/backends/nvidia/bin/ptxas")
+    ptx = nvrtc.compile_ptx(nvrtc.source(), "compute_90", args.f16)
+    ptxas = nvrtc.find("triton/backends/nvidia/bin/ptxas")
     accepted = re.search(r"current version is '([\d.]+)'", subprocess.run([ptxas, "-arch=sm_90", "-"], input=".version 99.0\n", capture_output=True, text=True).stderr)
-    text = ptx.value.decode()
+    text = ptx.decode()
     if accepted:
         text = re.sub(r"^\.version [\d.]+", f".version {accepted.group(1)}", text, count=1, flags=re.M)
     os.makedirs(args.out, exist_ok=True)
