@@ -12,6 +12,7 @@ use qpeft::adapters::qa_hira::QaHiraMethod;
 use qpeft::adapters::qa_lora::QaLoraMethod;
 use qpeft::adapters::{build, Adapter, AdapterConfig, Method, Pass};
 use qpeft::backend::cpu::Cpu;
+use qpeft::backend::Backend;
 
 const BE: Cpu<f64> = Cpu::f64();
 
@@ -46,7 +47,8 @@ fn cases(dropout: f32) -> Vec<(AdapterConfig, usize, usize)> {
 
 fn forward(a: &dyn Adapter<Cpu<f64>>, x: &[f64], rows: usize, out: usize, pass: Pass) -> Vec<f64> {
     let mut y = vec![0.0; rows * out];
-    a.forward(&BE, &x.to_vec(), rows, pass, &mut y).unwrap();
+    let x = x.to_vec();
+    a.forward(&BE, &BE.operand(&x).unwrap(), rows, pass, &mut y, true).unwrap();
     y
 }
 
@@ -70,9 +72,24 @@ fn gradients_match_finite_differences() {
         let pass = Pass { training, seed: 99, first_row: 0 };
         let base_dx = uniform(x.len(), 3);
         let mut dx = base_dx.clone();
-        a.backward(&BE, &x, &r, rows, pass, &mut dx).unwrap();
+        a.backward(&BE, &x, &BE.operand(&r).unwrap(), rows, pass, &mut dx, true).unwrap();
         let dx: Vec<f64> = dx.iter().zip(&base_dx).map(|(a, b)| a - b).collect();
+        // Without accumulation dx and y are overwritten: what was there (NaN) leaves no trace.
+        let mut fresh = vec![f64::NAN; x.len()];
+        a.backward(&BE, &x, &BE.operand(&r).unwrap(), rows, pass, &mut fresh, false).unwrap();
         let name = c.method.name();
+        assert!(
+            fresh.iter().zip(&dx).all(|(a, b)| (a - b).abs() <= 1e-12 * b.abs().max(1.0)),
+            "{name}: dx overwritten"
+        );
+        let mut y = vec![f64::NAN; rows * n_out];
+        a.forward(&BE, &BE.operand(&x).unwrap(), rows, pass, &mut y, false).unwrap();
+        let want = forward(a.as_ref(), &x, rows, n_out, pass);
+        assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-12 * b.abs().max(1.0)), "{name}: y overwritten");
+        for p in a.params_mut() {
+            p.grad = vec![];
+        }
+        a.backward(&BE, &x, &BE.operand(&r).unwrap(), rows, pass, &mut base_dx.clone(), true).unwrap();
         let err = fd_error(&x, &dx, 60, |x| dot64(&forward(a.as_ref(), x, rows, n_out, pass), &r));
         assert!(err < 1e-7, "{name} {n_in}→{n_out}: dx error {err:e}");
         let count = a.params().len();
@@ -92,7 +109,7 @@ fn gradients_match_finite_differences() {
         }
         // A second backward accumulates: every gradient doubles.
         let first: Vec<Vec<f64>> = a.params().iter().map(|p| p.grad.clone()).collect();
-        a.backward(&BE, &x, &r, rows, pass, &mut vec![0.0; x.len()]).unwrap();
+        a.backward(&BE, &x, &BE.operand(&r).unwrap(), rows, pass, &mut vec![0.0; x.len()], true).unwrap();
         for (p, g) in a.params().iter().zip(first) {
             assert!(
                 p.grad.iter().zip(&g).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-12 * b.abs().max(1.0)),

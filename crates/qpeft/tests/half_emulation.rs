@@ -2,9 +2,10 @@
 //! those modes round — bf16 (nearest, ties to even), or fp16 (nearest even; inputs and gradients under a power-of-two
 //! scale per tensor), for base weights, embedding tables, base-product inputs and their output gradients; bf16 for
 //! checkpoints; inside attention, 16-bit for q, k, v, dO, the probabilities and the score gradients (the fused kernels,
-//! heads up to 128) or TF32 (the GEMM path, larger heads); TF32 (nearest, ties away) for the other products' operands —
-//! and nowhere else. Expected values are hand-derived from the formats (bf16: 8 significant bits, fp16: 11 and
-//! subnormals below 2^-14, TF32: 11).
+//! heads up to 128) or TF32 (the GEMM path, larger heads); the adapters' products on a linear's input or output
+//! gradient take it as the base product does and their other factor in the same 16-bit format under its own scale;
+//! TF32 (nearest, ties away) for the other products' operands — and nowhere else. Expected values are hand-derived
+//! from the formats (bf16: 8 significant bits, fp16: 11 and subnormals below 2^-14, TF32: 11).
 
 mod common;
 
@@ -129,6 +130,24 @@ fn f16_base_products_scale_their_inputs_and_output_gradients() {
     // Gradients the same way: 2^-30·(1 + 2^-10) (bf16 would give 2^-30) and 2^-31 come through exactly.
     let dy = vec![one_plus(1.0, 10) * 2f32.powi(-30), 2f32.powi(-31)];
     assert_eq!(product(dy.clone(), true), dy);
+}
+
+#[test]
+fn adapter_products_on_an_operand_take_the_other_factor_in_16_bits_under_its_own_scale() {
+    let product = |be: Cpu, a: f32, b: f32| {
+        let (a, b) = (vec![a], vec![b]);
+        let mut out = vec![1.0];
+        be.matmul_from(&be.operand(&a).unwrap(), &b, &mut out, MatMul::new(1, 1, 1).scaled(0.5).acc(true)).unwrap();
+        out[0]
+    };
+    // f16: 1 + 2^-11 is a tie between fp16 neighbours 1 and 1 + 2^-10 and goes to 1 (TF32 would go away, up);
+    // 2^-30·(1 + 2^-10) stays exact under its own scale 2^44 (under none it would be below fp16's subnormals: 0).
+    let b = one_plus(1.0, 10) * 2f32.powi(-30);
+    assert_eq!(product(Cpu::f16(), one_plus(1.0, 11), b), 1.0 + 0.5 * b);
+    // bf16: 1 + 2^-8 and 1 + 2^-9 both round to 1.
+    assert_eq!(product(Cpu::bf16(), one_plus(1.0, 8), one_plus(1.0, 9)), 1.5);
+    // f32 rounds nothing.
+    assert_eq!(product(Cpu::new(), one_plus(1.0, 11), 2.0), 1.0 + one_plus(1.0, 11));
 }
 
 #[test]

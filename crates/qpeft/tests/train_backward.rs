@@ -160,7 +160,8 @@ fn lora_matches_peft() {
     let x = &want["layer0_q_input"].data;
     let mut delta = vec![0f32; 24 * 64];
     let pass = qpeft::adapters::Pass { training: false, seed: 0, first_row: 0 };
-    set.get(0, qpeft::arch::Proj::Q).unwrap().forward(&m.backend, x, 24, pass, &mut delta).unwrap();
+    let x = m.backend.operand(x).unwrap();
+    set.get(0, qpeft::arch::Proj::Q).unwrap().forward(&m.backend, &x, 24, pass, &mut delta, true).unwrap();
     let e = rel_err(&delta, &want["layer0_q_lora_delta"].data, |_| true);
     assert!(e < 1e-5, "layer 0 q_proj LoRA output: {e:e}");
 

@@ -113,22 +113,39 @@ impl<B: Backend> Hierarchical<B> {
 }
 
 impl<B: Backend> Adapter<B> for Hierarchical<B> {
-    fn forward(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass, y: &mut B::Buf) -> Result<()> {
+    fn forward(
+        &self,
+        be: &B,
+        x: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        y: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
         for (i, lr) in self.levels.iter().enumerate() {
-            let u = self.view.forward(be, x, rows, level_pass(pass, i))?;
+            let u = self.view.of_operand(be, x, rows, level_pass(pass, i))?;
             let h = lr.hidden(be, &u, rows)?;
-            lr.project(be, &h, rows, y, true)?;
+            lr.project(be, &h, rows, y, accumulate || i > 0)?;
         }
         Ok(())
     }
 
-    fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+    fn backward(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        dy: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        dx: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
         let view = self.view;
         for (i, lr) in self.levels.iter_mut().enumerate() {
             let p = level_pass(pass, i);
-            let u = view.forward(be, x, rows, p)?;
+            let u = view.of_values(be, x, rows, p)?;
             let h = lr.hidden(be, &u, rows)?;
-            lr.backward(be, &u, &h, dy, rows, &view, p, dx)?;
+            lr.backward(be, u.values(be), &h, dy, rows, &view, p, dx, accumulate || i > 0)?;
         }
         Ok(())
     }

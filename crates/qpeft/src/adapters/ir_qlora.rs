@@ -10,7 +10,7 @@
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
 
-use super::{kaiming, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass};
+use super::{Viewed, kaiming, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass};
 use crate::backend::{Backend, Groups};
 use crate::error::Result;
 
@@ -68,7 +68,7 @@ impl<B: Backend> IrQlora<B> {
     }
 
     /// (GroupMean_r(x), h): the elastic input term and the hidden state including it.
-    fn hidden(&self, be: &B, x: &B::Buf, u: &B::Buf, rows: usize) -> Result<(B::Buf, B::Buf)> {
+    fn hidden(&self, be: &B, x: &B::Buf, u: &Viewed<B>, rows: usize) -> Result<(B::Buf, B::Buf)> {
         let mut h = self.lr.hidden(be, u, rows)?;
         let mut gm = be.zeros(rows * self.lr.rank)?;
         // The group mean reads x itself, not the dropped-out view (as IR-QLoRA does).
@@ -79,31 +79,49 @@ impl<B: Backend> IrQlora<B> {
 }
 
 impl<B: Backend> Adapter<B> for IrQlora<B> {
-    fn forward(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass, y: &mut B::Buf) -> Result<()> {
-        let u = self.view.forward(be, x, rows, pass)?;
-        let (_, h) = self.hidden(be, x, &u, rows)?;
-        self.lr.project(be, &h, rows, y, true)?;
+    fn forward(
+        &self,
+        be: &B,
+        x: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        y: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let u = self.view.of_operand(be, x, rows, pass)?;
+        let (_, h) = self.hidden(be, be.operand_values(x), &u, rows)?;
+        self.lr.project(be, &h, rows, y, accumulate)?;
         let mut rep = be.zeros(rows * self.out_dim)?;
         be.group_expand(&h, rows, self.out_groups(), false, 1.0, &mut rep, false)?;
         be.add_scaled_by(y, &rep, &self.beta_b.value, self.lr.scaling)
     }
 
-    fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+    fn backward(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        dy: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        dx: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
         let s = self.lr.scaling;
-        let u = self.view.forward(be, x, rows, pass)?;
+        let u = self.view.of_values(be, x, rows, pass)?;
         let (gm, h) = self.hidden(be, x, &u, rows)?;
         // y += s·β_B·Repeat(h): dβ_B += s·⟨dy, Repeat(h)⟩ = s·⟨Sum(dy), h⟩, dh += s·β_B·Sum(dy).
         let mut dy_sum = be.zeros(rows * self.lr.rank)?;
-        be.group_reduce(dy, rows, self.out_groups(), false, 1.0, &mut dy_sum, false)?;
+        be.group_reduce(be.operand_values(dy), rows, self.out_groups(), false, 1.0, &mut dy_sum, false)?;
         be.dot(&dy_sum, &h, s, self.beta_b.grad_mut(be)?, true)?;
         let mut dh = self.lr.backward_b(be, &h, dy, rows)?;
         be.add_scaled_by(&mut dh, &dy_sum, &self.beta_b.value, s)?;
-        // h += β_A·GroupMean(x): dβ_A += ⟨dh, GroupMean(x)⟩, dx += β_A·GroupMeanᵀ(dh).
+        // h += β_A·GroupMean(x): dβ_A += ⟨dh, GroupMean(x)⟩, dx += β_A·GroupMeanᵀ(dh) (after the low-rank part, which
+        // writes dx first when not accumulating).
         be.dot(&dh, &gm, 1.0, self.beta_a.grad_mut(be)?, true)?;
+        self.lr.backward_a(be, u.values(be), &dh, rows, &self.view, pass, dx, accumulate)?;
         let mut spread = be.zeros(rows * self.view.in_dim)?;
         be.group_expand(&dh, rows, self.in_groups(), true, 1.0, &mut spread, false)?;
-        be.add_scaled_by(dx, &spread, &self.beta_a.value, 1.0)?;
-        self.lr.backward_a(be, &u, &dh, rows, &self.view, pass, dx)
+        be.add_scaled_by(dx, &spread, &self.beta_a.value, 1.0)
     }
 
     fn params(&self) -> Vec<&Param<B>> {

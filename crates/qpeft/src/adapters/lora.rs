@@ -52,16 +52,33 @@ impl<B: Backend> Lora<B> {
 }
 
 impl<B: Backend> Adapter<B> for Lora<B> {
-    fn forward(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass, y: &mut B::Buf) -> Result<()> {
-        let u = self.view.forward(be, x, rows, pass)?;
+    fn forward(
+        &self,
+        be: &B,
+        x: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        y: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let u = self.view.of_operand(be, x, rows, pass)?;
         let h = self.lr.hidden(be, &u, rows)?;
-        self.lr.project(be, &h, rows, y, true)
+        self.lr.project(be, &h, rows, y, accumulate)
     }
 
-    fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
-        let u = self.view.forward(be, x, rows, pass)?;
+    fn backward(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        dy: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        dx: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let u = self.view.of_values(be, x, rows, pass)?;
         let h = self.lr.hidden(be, &u, rows)?;
-        self.lr.backward(be, &u, &h, dy, rows, &self.view, pass, dx)
+        self.lr.backward(be, u.values(be), &h, dy, rows, &self.view, pass, dx, accumulate)
     }
 
     fn params(&self) -> Vec<&Param<B>> {

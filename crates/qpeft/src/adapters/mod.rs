@@ -102,10 +102,30 @@ pub struct Pass {
 }
 
 pub trait Adapter<B: Backend>: Send + Sync {
-    /// y ([rows, out]) += Δ(x) for x [rows, in].
-    fn forward(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass, y: &mut B::Buf) -> Result<()>;
-    /// Given the same x and dy = ∂L/∂y: dx += ∂L/∂x through Δ, and every parameter's grad += its gradient.
-    fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()>;
+    /// y ([rows, out]) (+)= Δ(x) for x [rows, in], given as the operand its base product reads (`Backend::operand`):
+    /// the products on x read the same 16-bit copy in the 16-bit modes.
+    fn forward(
+        &self,
+        be: &B,
+        x: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        y: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// Given the same x and dy = ∂L/∂y as the operand the base's input gradient reads: dx (+)= ∂L/∂x through Δ, and
+    /// every parameter's grad += its gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        dy: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        dx: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
     fn params(&self) -> Vec<&Param<B>>;
     fn params_mut(&mut self) -> Vec<&mut Param<B>>;
     /// ΔW [out, in] with Δ(x) = x·ΔWᵀ at inference (no dropout), for merging into 16/32-bit weights.
@@ -156,8 +176,9 @@ impl InputView {
         (pass.first_row * self.width()) as u64
     }
 
-    /// u; x itself (no copy) when there is neither pooling nor active dropout, as for LoRA at inference.
-    pub fn forward<'a, B: Backend>(&self, be: &B, x: &'a B::Buf, rows: usize, pass: Pass) -> Result<Viewed<'a, B>> {
+    /// u computed from x's values; None when the view is the identity in this pass (neither pooling nor active
+    /// dropout, as for LoRA at inference).
+    fn computed<B: Backend>(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass) -> Result<Option<B::Buf>> {
         let dropout = pass.training && self.dropout > 0.0;
         let pooled = match self.pool {
             Some(g) => {
@@ -168,15 +189,43 @@ impl InputView {
             None => None,
         };
         if !dropout {
-            return Ok(pooled.map_or(Viewed::Input(x), Viewed::Owned));
+            return Ok(pooled);
         }
         let mut d = be.zeros(rows * self.width())?;
         be.dropout(pooled.as_ref().unwrap_or(x), self.dropout, pass.seed, self.mask_start(pass), &mut d)?;
-        Ok(Viewed::Owned(d))
+        Ok(Some(d))
     }
 
-    /// dx += viewᵀ(dh·W) for dh [rows, k] and W [k, width]. When the view is the identity in this pass (no pooling,
-    /// no active dropout, as in LoRA without dropout) the product accumulates straight into dx, with no [rows, in]
+    /// u in forward, from the operand of x: the operand itself (no copy) for the identity view.
+    pub fn of_operand<'v, 'a, B: Backend>(
+        &self,
+        be: &B,
+        x: &'v B::Operand<'a>,
+        rows: usize,
+        pass: Pass,
+    ) -> Result<Viewed<'v, 'a, B>> {
+        Ok(match self.computed(be, be.operand_values(x), rows, pass)? {
+            Some(u) => Viewed::Owned(u),
+            None => Viewed::Operand(x),
+        })
+    }
+
+    /// u in backward, from x's values: x itself (no copy) for the identity view.
+    pub fn of_values<'v, 'a, B: Backend>(
+        &self,
+        be: &B,
+        x: &'a B::Buf,
+        rows: usize,
+        pass: Pass,
+    ) -> Result<Viewed<'v, 'a, B>> {
+        Ok(match self.computed(be, x, rows, pass)? {
+            Some(u) => Viewed::Owned(u),
+            None => Viewed::Input(x),
+        })
+    }
+
+    /// dx (+)= viewᵀ(dh·W) for dh [rows, k] and W [k, width]. When the view is the identity in this pass (no
+    /// pooling, no active dropout, as in LoRA without dropout) the product goes straight into dx, with no [rows, in]
     /// temporary and no separate add.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_product<B: Backend>(
@@ -188,18 +237,27 @@ impl InputView {
         rows: usize,
         pass: Pass,
         dx: &mut B::Buf,
+        accumulate: bool,
     ) -> Result<()> {
         let product = MatMul::new(rows, self.width(), k);
         if self.pool.is_none() && !(pass.training && self.dropout > 0.0) {
-            return be.matmul(dh, w, dx, product.acc(true));
+            return be.matmul(dh, w, dx, product.acc(accumulate));
         }
         let mut du = be.zeros(rows * self.width())?;
         be.matmul(dh, w, &mut du, product)?;
-        self.backward(be, du, rows, pass, dx)
+        self.backward(be, du, rows, pass, dx, accumulate)
     }
 
-    /// dx += viewᵀ(du): the same dropout mask, then the pooling's adjoint.
-    fn backward<B: Backend>(&self, be: &B, du: B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
+    /// dx (+)= viewᵀ(du): the same dropout mask, then the pooling's adjoint.
+    fn backward<B: Backend>(
+        &self,
+        be: &B,
+        du: B::Buf,
+        rows: usize,
+        pass: Pass,
+        dx: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
         let du = if pass.training && self.dropout > 0.0 {
             let mut d = be.zeros(rows * self.width())?;
             be.dropout(&du, self.dropout, pass.seed, self.mask_start(pass), &mut d)?;
@@ -208,24 +266,39 @@ impl InputView {
             du
         };
         match self.pool {
-            Some(g) => be.group_expand(&du, rows, g, true, 1.0, dx, true),
-            None => be.add(dx, &du),
+            Some(g) => be.group_expand(&du, rows, g, true, 1.0, dx, accumulate),
+            None if accumulate => be.add(dx, &du),
+            None => {
+                *dx = du;
+                Ok(())
+            }
         }
     }
 }
 
-/// The adapter's input view: borrowed from the layer input or computed.
-pub(crate) enum Viewed<'a, B: Backend> {
+/// The adapter's input view: the layer input as its base product's operand (forward) or its values (backward), or
+/// computed from them.
+pub(crate) enum Viewed<'v, 'a, B: Backend + 'a> {
+    Operand(&'v B::Operand<'a>),
     Input(&'a B::Buf),
     Owned(B::Buf),
 }
 
-impl<B: Backend> std::ops::Deref for Viewed<'_, B> {
-    type Target = B::Buf;
-    fn deref(&self) -> &B::Buf {
+impl<B: Backend> Viewed<'_, '_, B> {
+    pub fn values<'s>(&'s self, be: &B) -> &'s B::Buf {
         match self {
+            Viewed::Operand(x) => be.operand_values(x),
             Viewed::Input(x) => x,
             Viewed::Owned(u) => u,
+        }
+    }
+
+    /// out (+)= alpha·u·op(b) (`shape` as `MatMul`, u not transposed): on the operand's 16-bit copy where u is the
+    /// base product's operand, in TF32 otherwise.
+    pub fn matmul(&self, be: &B, b: &B::Buf, out: &mut B::Buf, shape: MatMul) -> Result<()> {
+        match self {
+            Viewed::Operand(x) => be.matmul_from(x, b, out, shape),
+            _ => be.matmul(self.values(be), b, out, shape),
         }
     }
 }
@@ -261,9 +334,9 @@ impl<B: Backend> LowRank<B> {
     }
 
     /// h = u·Aᵀ [rows, r].
-    pub fn hidden(&self, be: &B, u: &B::Buf, rows: usize) -> Result<B::Buf> {
+    pub fn hidden(&self, be: &B, u: &Viewed<B>, rows: usize) -> Result<B::Buf> {
         let mut h = be.zeros(rows * self.rank)?;
-        be.matmul(u, &self.a.value, &mut h, MatMul::new(rows, self.rank, self.n_in).bt())?;
+        u.matmul(be, &self.a.value, &mut h, MatMul::new(rows, self.rank, self.n_in).bt())?;
         Ok(h)
     }
 
@@ -277,16 +350,17 @@ impl<B: Backend> LowRank<B> {
         )
     }
 
-    /// Given dz = ∂L/∂z: dB += s·dzᵀ·h, returns dh = s·dz·B.
-    pub fn backward_b(&mut self, be: &B, h: &B::Buf, dz: &B::Buf, rows: usize) -> Result<B::Buf> {
+    /// Given dz = ∂L/∂z as an operand: dB += s·dzᵀ·h, returns dh = s·dz·B (both products on dz's 16-bit copy).
+    pub fn backward_b(&mut self, be: &B, h: &B::Buf, dz: &B::Operand<'_>, rows: usize) -> Result<B::Buf> {
         let s = self.scaling;
-        be.matmul(dz, h, self.b.grad_mut(be)?, MatMul::new(self.n_out, self.rank, rows).at().scaled(s).acc(true))?;
+        let db = MatMul::new(self.n_out, self.rank, rows).at().scaled(s).acc(true);
+        be.matmul_from(dz, h, self.b.grad_mut(be)?, db)?;
         let mut dh = be.zeros(rows * self.rank)?;
-        be.matmul(dz, &self.b.value, &mut dh, MatMul::new(rows, self.rank, self.n_out).scaled(s))?;
+        be.matmul_from(dz, &self.b.value, &mut dh, MatMul::new(rows, self.rank, self.n_out).scaled(s))?;
         Ok(dh)
     }
 
-    /// Given dh: dA += dhᵀ·u, and dx += viewᵀ(dh·A) for the input view u = view(x).
+    /// Given dh: dA += dhᵀ·u, and dx (+)= viewᵀ(dh·A) for the input view u = view(x).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_a(
         &mut self,
@@ -297,26 +371,28 @@ impl<B: Backend> LowRank<B> {
         view: &InputView,
         pass: Pass,
         dx: &mut B::Buf,
+        accumulate: bool,
     ) -> Result<()> {
         be.matmul(dh, u, self.a.grad_mut(be)?, MatMul::new(self.rank, self.n_in, rows).at().acc(true))?;
-        view.backward_product(be, dh, &self.a.value, self.rank, rows, pass, dx)
+        view.backward_product(be, dh, &self.a.value, self.rank, rows, pass, dx, accumulate)
     }
 
-    /// Both steps: dB, dA accumulate, dx += viewᵀ(du).
+    /// Both steps: dB, dA accumulate, dx (+)= viewᵀ(du).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
         be: &B,
         u: &B::Buf,
         h: &B::Buf,
-        dz: &B::Buf,
+        dz: &B::Operand<'_>,
         rows: usize,
         view: &InputView,
         pass: Pass,
         dx: &mut B::Buf,
+        accumulate: bool,
     ) -> Result<()> {
         let dh = self.backward_b(be, h, dz, rows)?;
-        self.backward_a(be, u, &dh, rows, view, pass, dx)
+        self.backward_a(be, u, &dh, rows, view, pass, dx, accumulate)
     }
 
     pub fn params(&self) -> Vec<&Param<B>> {

@@ -88,21 +88,39 @@ impl<B: Backend> QBara<B> {
 }
 
 impl<B: Backend> Adapter<B> for QBara<B> {
-    fn forward(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass, y: &mut B::Buf) -> Result<()> {
-        let u = self.view.forward(be, x, rows, pass)?;
+    fn forward(
+        &self,
+        be: &B,
+        x: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        y: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let u = self.view.of_operand(be, x, rows, pass)?;
         let h = self.lr.hidden(be, &u, rows)?;
         let mut z = be.zeros(rows * self.lr.n_out)?;
         self.lr.project(be, &h, rows, &mut z, false)?;
-        be.group_expand(&z, rows, self.repeat(), false, 1.0, y, true)
+        be.group_expand(&z, rows, self.repeat(), false, 1.0, y, accumulate)
     }
 
-    fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
-        let u = self.view.forward(be, x, rows, pass)?;
+    fn backward(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        dy: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        dx: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let u = self.view.of_values(be, x, rows, pass)?;
         let h = self.lr.hidden(be, &u, rows)?;
         // The repeat's adjoint sums each run of λ output gradients.
         let mut dz = be.zeros(rows * self.lr.n_out)?;
-        be.group_reduce(dy, rows, self.repeat(), false, 1.0, &mut dz, false)?;
-        self.lr.backward(be, &u, &h, &dz, rows, &self.view, pass, dx)
+        be.group_reduce(be.operand_values(dy), rows, self.repeat(), false, 1.0, &mut dz, false)?;
+        let dz = be.operand(&dz)?;
+        self.lr.backward(be, u.values(be), &h, &dz, rows, &self.view, pass, dx, accumulate)
     }
 
     fn params(&self) -> Vec<&Param<B>> {

@@ -100,21 +100,38 @@ impl<B: Backend> QaHira<B> {
 }
 
 impl<B: Backend> Adapter<B> for QaHira<B> {
-    fn forward(&self, be: &B, x: &B::Buf, rows: usize, pass: Pass, y: &mut B::Buf) -> Result<()> {
-        let u = self.view.forward(be, x, rows, pass)?;
+    fn forward(
+        &self,
+        be: &B,
+        x: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        y: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let u = self.view.of_operand(be, x, rows, pass)?;
         let mut z = be.zeros(rows * self.n_out)?;
-        be.matmul(&u, &self.c.value, &mut z, MatMul::new(rows, self.n_out, self.view.width()).bt())?;
-        be.group_expand(&z, rows, self.repeat(), false, self.scaling, y, true)
+        u.matmul(be, &self.c.value, &mut z, MatMul::new(rows, self.n_out, self.view.width()).bt())?;
+        be.group_expand(&z, rows, self.repeat(), false, self.scaling, y, accumulate)
     }
 
-    fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, rows: usize, pass: Pass, dx: &mut B::Buf) -> Result<()> {
-        let u = self.view.forward(be, x, rows, pass)?;
+    fn backward(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        dy: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+        dx: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let u = self.view.of_values(be, x, rows, pass)?;
         // dz = s·(sum over each run of l2 output gradients); dC += dzᵀ·u; du = dz·C.
         let mut dz = be.zeros(rows * self.n_out)?;
-        be.group_reduce(dy, rows, self.repeat(), false, self.scaling, &mut dz, false)?;
+        be.group_reduce(be.operand_values(dy), rows, self.repeat(), false, self.scaling, &mut dz, false)?;
         let n_in = self.view.width();
-        be.matmul(&dz, &u, self.c.grad_mut(be)?, MatMul::new(self.n_out, n_in, rows).at().acc(true))?;
-        self.view.backward_product(be, &dz, &self.c.value, self.n_out, rows, pass, dx)
+        be.matmul(&dz, u.values(be), self.c.grad_mut(be)?, MatMul::new(self.n_out, n_in, rows).at().acc(true))?;
+        self.view.backward_product(be, &dz, &self.c.value, self.n_out, rows, pass, dx, accumulate)
     }
 
     fn params(&self) -> Vec<&Param<B>> {

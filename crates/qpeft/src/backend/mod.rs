@@ -380,6 +380,10 @@ pub trait Backend: Send + Sync {
     type Saved: Send + Sync;
     /// A u8 device buffer (8-bit optimizer states).
     type Bytes: Send + Sync;
+    /// A product input converted once (`operand`).
+    type Operand<'a>: Send + Sync
+    where
+        Self: 'a;
 
     fn name(&self) -> String;
     /// Waits until every queued op has run (timing; a no-op where ops run synchronously).
@@ -432,18 +436,45 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Weight>;
     /// Ŵ in f32, [out, in] (merging, saving, checks): bit-exact with `base.dequantize()`.
     fn weight_values(&self, w: &Self::Weight) -> Result<Self::Buf>;
-    /// out [rows, out] (+)= x·Ŵᵀ for x [rows, in].
-    fn linear(&self, x: &Self::Buf, w: &Self::Weight, rows: usize, out: &mut Self::Buf, accumulate: bool)
-        -> Result<()>;
-    /// out_i [rows, out_i] = x·Ŵ_iᵀ for weights that read one input x [rows, in] (q/k/v, gate/up): `linear` of
-    /// each, with what a backend does to the input before its products (the 16-bit conversion) done once.
-    fn linears(&self, x: &Self::Buf, rows: usize, products: &mut [(&Self::Weight, &mut Self::Buf)]) -> Result<()> {
-        for (w, out) in products.iter_mut() {
-            self.linear(x, w, rows, out, false)?;
-        }
-        Ok(())
+    /// A product input converted once for every product that reads it: a linear's input x for its base and its
+    /// adapters' products on x, or an output gradient for the base's input gradient and the adapters' products on it.
+    /// In the 16-bit modes it is the tensor-core operand — bf16, or fp16 of x·2^s under the tensor's power-of-two
+    /// scale (`f16_shift`) —, elsewhere x's values themselves. It borrows x.
+    fn operand<'a>(&self, x: &'a Self::Buf) -> Result<Self::Operand<'a>>;
+    /// The values an operand was made from.
+    fn operand_values<'a>(&self, x: &Self::Operand<'a>) -> &'a Self::Buf
+    where
+        Self: 'a;
+    /// out [rows, out] (+)= x·Ŵᵀ for the operand of x [rows, in].
+    fn linear_from(
+        &self,
+        x: &Self::Operand<'_>,
+        w: &Self::Weight,
+        rows: usize,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// dx [rows, in] (+)= dy·Ŵ for the operand of dy [rows, out]: a frozen weight's only gradient.
+    fn linear_backward_from(
+        &self,
+        dy: &Self::Operand<'_>,
+        w: &Self::Weight,
+        rows: usize,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// `linear_from` on x converted for this product alone.
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        rows: usize,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.linear_from(&self.operand(x)?, w, rows, out, accumulate)
     }
-    /// dx [rows, in] (+)= dy·Ŵ for dy [rows, out]: a frozen weight's only gradient.
+    /// `linear_backward_from` on dy converted for this product alone.
     fn linear_backward(
         &self,
         dy: &Self::Buf,
@@ -451,7 +482,9 @@ pub trait Backend: Send + Sync {
         rows: usize,
         dx: &mut Self::Buf,
         accumulate: bool,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.linear_backward_from(&self.operand(dy)?, w, rows, dx, accumulate)
+    }
 
     /// out[r, :] = table[ids[r], :] · scale; the table is a dense weight [vocab, dim] (the tied LM head too).
     fn embedding(
@@ -462,7 +495,12 @@ pub trait Backend: Send + Sync {
         scale: f32,
         out: &mut Self::Buf,
     ) -> Result<()>;
+    /// `MatMul`'s product; in the 16-bit modes its operands are TF32 (the adapters' rank-sized products).
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf, shape: MatMul) -> Result<()>;
+    /// `MatMul`'s product with `a` an operand (an adapter's product on its layer's input or output gradient, which
+    /// reads the 16-bit copy the base product reads): in the 16-bit modes b is converted as an operand of its own
+    /// (bf16, or fp16 under b's own power-of-two scale), and the product accumulates in f32.
+    fn matmul_from(&self, a: &Self::Operand<'_>, b: &Self::Buf, out: &mut Self::Buf, shape: MatMul) -> Result<()>;
     /// x[r, :] += bias for every row.
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf) -> Result<()>;
     /// x += y.

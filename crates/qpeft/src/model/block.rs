@@ -200,16 +200,10 @@ impl<B: Backend> Layer<'_, B> {
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
     ) -> Result<()> {
-        let be = self.be;
-        self.block.proj(p).forward(be, x, ctx.rows, out, accumulate)?;
-        match adapters.and_then(|a| a.get(self.index, p)) {
-            Some(a) => a.forward(be, x, ctx.rows, ctx.pass(self.index, p), out),
-            None => Ok(()),
-        }
+        self.adapted(p, &self.be.operand(x)?, out, accumulate, ctx, adapters)
     }
 
-    /// outs[i] = base(x) + Δ(x) for the linears `ps` of this block, which read the same x: the bases first, in one
-    /// `Backend::linears` (the input converted once), then each adapter onto its output.
+    /// outs[i] = base(x) + Δ(x) for the linears `ps` of this block, which read the same x, converted once.
     fn linears<const N: usize>(
         &self,
         ps: [Proj; N],
@@ -218,18 +212,34 @@ impl<B: Backend> Layer<'_, B> {
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
     ) -> Result<()> {
-        let be = self.be;
-        let mut products: Vec<_> = ps.iter().zip(outs).map(|(&p, out)| (self.block.proj(p), out)).collect();
-        QuantLinear::forward_shared(be, x, ctx.rows, &mut products)?;
-        for (&p, (_, out)) in ps.iter().zip(products) {
-            if let Some(a) = adapters.and_then(|a| a.get(self.index, p)) {
-                a.forward(be, x, ctx.rows, ctx.pass(self.index, p), out)?;
-            }
+        let x = self.be.operand(x)?;
+        for (p, out) in ps.into_iter().zip(outs) {
+            self.adapted(p, &x, out, false, ctx, adapters)?;
         }
         Ok(())
     }
 
-    /// dx (+)= ∂/∂x of linear `p` of this block (input x, output gradient dy); its adapter's grads accumulate.
+    /// out (+)= Δ(x) + base(x) for the operand of x: the adapter's term first, so that the base product adds onto it
+    /// (in its GEMM's accumulation) instead of the adapter reading and writing the output once more.
+    #[allow(clippy::too_many_arguments)]
+    fn adapted(
+        &self,
+        p: Proj,
+        x: &B::Operand<'_>,
+        out: &mut B::Buf,
+        accumulate: bool,
+        ctx: &Ctx<B>,
+        adapters: Option<&AdapterSet<B>>,
+    ) -> Result<()> {
+        let adapter = adapters.and_then(|a| a.get(self.index, p));
+        if let Some(a) = adapter {
+            a.forward(self.be, x, ctx.rows, ctx.pass(self.index, p), out, accumulate)?;
+        }
+        self.block.proj(p).forward(self.be, x, ctx.rows, out, accumulate || adapter.is_some())
+    }
+
+    /// dx (+)= ∂/∂x of linear `p` of this block (input x, output gradient dy); its adapter's grads accumulate. The
+    /// adapter's part of dx comes first, so that the base's product adds onto it.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -242,11 +252,15 @@ impl<B: Backend> Layer<'_, B> {
         adapters: &mut AdapterSet<B>,
     ) -> Result<()> {
         let be = self.be;
-        self.block.proj(p).backward_input(be, dy, ctx.rows, dx, accumulate)?;
-        match adapters.get_mut(self.index, p) {
-            Some(a) => a.backward(be, x, dy, ctx.rows, ctx.pass(self.index, p), dx),
-            None => Ok(()),
-        }
+        let dy = be.operand(dy)?;
+        let adapted = match adapters.get_mut(self.index, p) {
+            Some(a) => {
+                a.backward(be, x, &dy, ctx.rows, ctx.pass(self.index, p), dx, accumulate)?;
+                true
+            }
+            None => false,
+        };
+        self.block.proj(p).backward_input(be, &dy, ctx.rows, dx, accumulate || adapted)
     }
 
     /// Runs this block on the residual stream `x` in place, leaving its activations in `a`.

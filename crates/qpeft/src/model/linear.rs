@@ -18,36 +18,25 @@ pub struct QuantLinear<B: Backend> {
 }
 
 impl<B: Backend> QuantLinear<B> {
-    /// out ([rows, out_dim]) = x·Ŵᵀ + b, or out += x·Ŵᵀ + b when `accumulate`.
-    pub fn forward(&self, be: &B, x: &B::Buf, rows: usize, out: &mut B::Buf, accumulate: bool) -> Result<()> {
-        be.linear(x, &self.weight, rows, out, accumulate)?;
+    /// out ([rows, out_dim]) = x·Ŵᵀ + b, or out += x·Ŵᵀ + b when `accumulate`, for the operand of x
+    /// (`Backend::operand`, which the linear's adapters read too).
+    pub fn forward(&self, be: &B, x: &B::Operand<'_>, rows: usize, out: &mut B::Buf, accumulate: bool) -> Result<()> {
+        be.linear_from(x, &self.weight, rows, out, accumulate)?;
         if let Some(b) = &self.bias {
             be.add_bias(out, b)?;
         }
         Ok(())
     }
 
-    /// out_i = x·Ŵ_iᵀ + b_i for linears that read the same x ([rows, in_dim]): `Backend::linears`, which converts
-    /// the input for the products once.
-    pub fn forward_shared(
+    /// dx ([rows, in_dim]) = dy·Ŵ, or dx += dy·Ŵ when `accumulate`, for the operand of dy.
+    pub fn backward_input(
+        &self,
         be: &B,
-        x: &B::Buf,
+        dy: &B::Operand<'_>,
         rows: usize,
-        products: &mut [(&QuantLinear<B>, &mut B::Buf)],
+        dx: &mut B::Buf,
+        accumulate: bool,
     ) -> Result<()> {
-        let mut bases: Vec<(&B::Weight, &mut B::Buf)> =
-            products.iter_mut().map(|(l, out)| (&l.weight, &mut **out)).collect();
-        be.linears(x, rows, &mut bases)?;
-        for (l, out) in products.iter_mut() {
-            if let Some(b) = &l.bias {
-                be.add_bias(out, b)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// dx ([rows, in_dim]) = dy·Ŵ, or dx += dy·Ŵ when `accumulate`.
-    pub fn backward_input(&self, be: &B, dy: &B::Buf, rows: usize, dx: &mut B::Buf, accumulate: bool) -> Result<()> {
-        be.linear_backward(dy, &self.weight, rows, dx, accumulate)
+        be.linear_backward_from(dy, &self.weight, rows, dx, accumulate)
     }
 }

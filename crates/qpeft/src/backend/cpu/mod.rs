@@ -12,6 +12,7 @@ mod weight;
 use std::borrow::Cow;
 use std::fmt::Debug;
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -23,6 +24,14 @@ use crate::error::{Error, Result};
 use crate::linalg::{gemm_strided, Real, Strided};
 use crate::quant::base::BaseWeight;
 pub use weight::{CpuWeight, PackedRows};
+
+/// A product input (`Backend::operand`): x, and what products make of it, each on first use — the values the 16-bit
+/// emulations round x to (`product_input`) and the bf16 kernels' tile layout.
+pub struct CpuOperand<'a, T: Real> {
+    x: &'a Vec<T>,
+    rounded: OnceLock<Cow<'a, [T]>>,
+    tiles: OnceLock<bf16::Input>,
+}
 
 /// Rows per rayon task for the row-wise ops: enough work to amortise scheduling.
 const ROW_CHUNK: usize = 16;
@@ -169,49 +178,10 @@ impl<T: Real> Cpu<T> {
         }
     }
 
-    /// `linear` of each weight on the one input x, which is converted for the products once (`product_input`, or
-    /// the bf16 kernels' layout).
-    fn products(
-        &self,
-        x: &[T],
-        rows: usize,
-        products: &mut [(&CpuWeight<T>, &mut Vec<T>)],
-        accumulate: bool,
-    ) -> Result<()> {
-        let mut rounded = None;
-        let mut tiles = None;
-        for (w, out) in products.iter_mut() {
-            match w {
-                CpuWeight::Values(w) => {
-                    let (in_dim, out_dim) = (x.len() / rows.max(1), out.len() / rows.max(1));
-                    let x = rounded.get_or_insert_with(|| self.product_input(x));
-                    self.gemm(x, w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))?
-                }
-                CpuWeight::Packed(g) => {
-                    check(x.len() == rows * g.in_dim() && out.len() == rows * g.out_dim(), "linear", || {
-                        format!(
-                            "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
-                            x.len(),
-                            out.len(),
-                            g.out_dim(),
-                            g.in_dim()
-                        )
-                    })?;
-                    let x = rounded.get_or_insert_with(|| self.product_input(x));
-                    self.linear_packed(x, g, rows, out, accumulate);
-                }
-                CpuWeight::Bf16 { forward, .. } => {
-                    check(x.len() == rows * forward.in_dim && out.len() == rows * forward.out_dim, "linear", || {
-                        format!("{} inputs and {} outputs for {rows} rows of {forward:?}", x.len(), out.len())
-                    })?;
-                    let a = tiles.get_or_insert_with(|| bf16::Input::new(x, rows, forward.in_dim));
-                    bf16::product(self.native(), a, forward, out, accumulate);
-                }
-            }
-        }
-        Ok(())
+    /// The values the products on `x` read (`product_input`, once per operand).
+    fn rounded_operand<'o>(&self, x: &'o CpuOperand<'_, T>) -> &'o [T] {
+        x.rounded.get_or_init(|| self.product_input(x.x))
     }
-
     fn gemm(&self, a: &[T], b: &[T], out: &mut [T], s: MatMul) -> Result<()> {
         check(a.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || {
             format!("sizes {}, {}, {} do not fit {s:?}", a.len(), b.len(), out.len())
@@ -229,6 +199,10 @@ impl<T: Real> Backend for Cpu<T> {
     type Weight = CpuWeight<T>;
     type Saved = Vec<T>;
     type Bytes = Vec<u8>;
+    type Operand<'a>
+        = CpuOperand<'a, T>
+    where
+        Self: 'a;
 
     fn name(&self) -> String {
         let kind = match (size_of::<T>(), self.half) {
@@ -318,50 +292,90 @@ impl<T: Real> Backend for Cpu<T> {
             CpuWeight::Bf16 { forward, .. } => (0..forward.out_dim).flat_map(|n| forward.row(n)).map(T::of).collect(),
         })
     }
-    fn linear(&self, x: &Vec<T>, w: &CpuWeight<T>, rows: usize, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
-        self.products(x, rows, &mut [(w, out)], accumulate)
+    fn operand<'a>(&self, x: &'a Vec<T>) -> Result<CpuOperand<'a, T>> {
+        Ok(CpuOperand { x, rounded: OnceLock::new(), tiles: OnceLock::new() })
     }
-    fn linears(&self, x: &Vec<T>, rows: usize, products: &mut [(&CpuWeight<T>, &mut Vec<T>)]) -> Result<()> {
-        self.products(x, rows, products, false)
+    fn operand_values<'a>(&self, x: &CpuOperand<'a, T>) -> &'a Vec<T>
+    where
+        Self: 'a,
+    {
+        x.x
     }
-    fn linear_backward(
+    fn linear_from(
         &self,
-        dy: &Vec<T>,
+        x: &CpuOperand<'_, T>,
+        w: &CpuWeight<T>,
+        rows: usize,
+        out: &mut Vec<T>,
+        accumulate: bool,
+    ) -> Result<()> {
+        match w {
+            CpuWeight::Values(w) => {
+                let (in_dim, out_dim) = (x.x.len() / rows.max(1), out.len() / rows.max(1));
+                self.gemm(self.rounded_operand(x), w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
+            }
+            CpuWeight::Packed(g) => {
+                check(x.x.len() == rows * g.in_dim() && out.len() == rows * g.out_dim(), "linear", || {
+                    format!(
+                        "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
+                        x.x.len(),
+                        out.len(),
+                        g.out_dim(),
+                        g.in_dim()
+                    )
+                })?;
+                self.linear_packed(self.rounded_operand(x), g, rows, out, accumulate);
+                Ok(())
+            }
+            CpuWeight::Bf16 { forward, .. } => {
+                check(x.x.len() == rows * forward.in_dim && out.len() == rows * forward.out_dim, "linear", || {
+                    format!("{} inputs and {} outputs for {rows} rows of {forward:?}", x.x.len(), out.len())
+                })?;
+                let a = x.tiles.get_or_init(|| bf16::Input::new(x.x, rows, forward.in_dim));
+                bf16::product(self.native(), a, forward, out, accumulate);
+                Ok(())
+            }
+        }
+    }
+    fn linear_backward_from(
+        &self,
+        dy: &CpuOperand<'_, T>,
         w: &CpuWeight<T>,
         rows: usize,
         dx: &mut Vec<T>,
         accumulate: bool,
     ) -> Result<()> {
-        let (out_dim, in_dim) = (dy.len() / rows.max(1), dx.len() / rows.max(1));
+        let (out_dim, in_dim) = (dy.x.len() / rows.max(1), dx.len() / rows.max(1));
         match w {
             CpuWeight::Values(w) => {
-                self.gemm(&self.product_input(dy), w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
+                self.gemm(self.rounded_operand(dy), w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
             }
             CpuWeight::Packed(g) => {
-                check(dy.len() == rows * g.out_dim() && dx.len() == rows * g.in_dim(), "linear_backward", || {
+                check(dy.x.len() == rows * g.out_dim() && dx.len() == rows * g.in_dim(), "linear_backward", || {
                     format!(
                         "{} output gradients and {} input gradients for {rows} rows of a {} × {} weight",
-                        dy.len(),
+                        dy.x.len(),
                         dx.len(),
                         g.out_dim(),
                         g.in_dim()
                     )
                 })?;
-                self.linear_backward_packed(&self.product_input(dy), g, rows, dx, accumulate)
+                self.linear_backward_packed(self.rounded_operand(dy), g, rows, dx, accumulate)
             }
             CpuWeight::Bf16 { forward, backward } => {
                 check(
-                    dy.len() == rows * forward.out_dim && dx.len() == rows * forward.in_dim,
+                    dy.x.len() == rows * forward.out_dim && dx.len() == rows * forward.in_dim,
                     "linear_backward",
                     || {
                         format!(
                             "{} output gradients and {} input gradients for {rows} rows of {forward:?}",
-                            dy.len(),
+                            dy.x.len(),
                             dx.len()
                         )
                     },
                 )?;
-                bf16::linear(self.native(), dy, backward.get_or_init(|| forward.transposed()), rows, dx, accumulate);
+                let a = dy.tiles.get_or_init(|| bf16::Input::new(dy.x, rows, forward.out_dim));
+                bf16::product(self.native(), a, backward.get_or_init(|| forward.transposed()), dx, accumulate);
                 Ok(())
             }
         }
@@ -403,6 +417,9 @@ impl<T: Real> Backend for Cpu<T> {
 
     fn matmul(&self, a: &Vec<T>, b: &Vec<T>, out: &mut Vec<T>, s: MatMul) -> Result<()> {
         self.gemm(&self.rounded(a, tf32_rna), &self.rounded(b, tf32_rna), out, s)
+    }
+    fn matmul_from(&self, a: &CpuOperand<'_, T>, b: &Vec<T>, out: &mut Vec<T>, s: MatMul) -> Result<()> {
+        self.gemm(self.rounded_operand(a), &self.product_input(b), out, s)
     }
 
     fn add_bias(&self, x: &mut Vec<T>, bias: &Vec<T>) -> Result<()> {

@@ -253,8 +253,10 @@ __device__ __forceinline__ void online_softmax(float (*sc)[4], float scale, floa
         float mx = -INFINITY;
 #pragma unroll
         for (int n = 0; n < 8; n++) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-        float mn = fmaxf(m[r], quad_max(mx)), ms = mn * scale;
-        alpha[r] = mn == -INFINITY ? 1.0f : exp2_fast(fmaf(m[r], scale, -ms));
+        // ms and the old maximum's shift are rounded the same way (no contraction into an fma), so that alpha is
+        // exactly 1 when the maximum did not move and the caller can skip rescaling.
+        float mn = fmaxf(m[r], quad_max(mx)), ms = __fmul_rn(mn, scale);
+        alpha[r] = mn == -INFINITY ? 1.0f : exp2_fast(__fsub_rn(__fmul_rn(m[r], scale), ms));
         float sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < 8; n++)

@@ -444,12 +444,13 @@ extern "C" __global__ void absmax(const float* x, long long n, u32* amax) {
     if (threadIdx.x == 0) atomicMax(amax, m);
 }
 
-// fp16 of x·2^s with s = f16_shift_for(binary_exponent(*amax)), eight values per thread like to_bf16; 2^−s goes to
-// *inv_scale unless it is null (a product's alpha).
-extern "C" __global__ void to_f16_scaled(const float* x, f16* out, long long n, const u32* amax, float* inv_scale) {
+// fp16 of x·2^s with s = f16_shift_for(binary_exponent(*amax)), eight values per thread like to_bf16; a product's alpha
+// goes to *inv_scale unless it is null: 2^−s · factor, times *times unless that is null (the other operand's 2^−s).
+extern "C" __global__ void to_f16_scaled(const float* x, f16* out, long long n, const u32* amax, float* inv_scale,
+                                         const float* times, float factor) {
     int s = f16_shift_for(binary_exponent(__uint_as_float(*amax)));
     float k = pow2(s);
-    if (inv_scale && blockIdx.x == 0 && threadIdx.x == 0) *inv_scale = pow2(-s);
+    if (inv_scale && blockIdx.x == 0 && threadIdx.x == 0) *inv_scale = pow2(-s) * (times ? *times : 1.0f) * factor;
     long long octets = n >> 3;
     GRID_STRIDE(t, octets) {
         float4 a = reinterpret_cast<const float4*>(x)[2 * t], b = reinterpret_cast<const float4*>(x)[2 * t + 1];

@@ -30,6 +30,7 @@ mod flash;
 mod gemm;
 pub mod nccl;
 mod offload;
+mod operand;
 mod profile;
 mod weight;
 
@@ -43,6 +44,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use self::gemm::{Gemm, Operand};
+pub use self::operand::CudaOperand;
 use self::profile::Profile;
 pub use self::weight::CudaWeight;
 use self::weight::Scratch;
@@ -79,12 +81,9 @@ pub struct Cuda {
     /// (8-bit AdamW's v).
     dyn_map: CudaSlice<f32>,
     udyn_map: CudaSlice<f32>,
-    /// The dequantized weight of the current product (f32 or 16-bit), and its 16-bit input.
+    /// The dequantized weight of the current product (f32 or 16-bit).
     w_f32: Scratch<f32>,
     w_half: Scratch<u16>,
-    x_half: Scratch<u16>,
-    /// The 16-bit input's largest magnitude (f32 bits) and, in the f16 mode, the product's alpha (f32 bits of 2^−s).
-    input_scalars: CudaSlice<u32>,
     /// 0.0 and 1.0: the betas of products whose alpha is on the device.
     unit_scalars: CudaSlice<f32>,
     /// Attention scores and their gradients.
@@ -244,10 +243,8 @@ impl Cuda {
         let module = ctx.load_module(ptx).map_err(|e| device_err("loading the compiled kernels", e))?;
         let dyn_map = stream.clone_htod(&signed_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
         let udyn_map = stream.clone_htod(&unsigned_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
-        let input_scalars = stream.alloc_zeros::<u32>(2).map_err(|e| device_err("allocating scalars", e))?;
         let unit_scalars = stream.clone_htod(&[0.0f32, 1.0]).map_err(|e| device_err("uploading scalars", e))?;
-        let (w_f32, w_half, x_half, scores_a, scores_b) =
-            (Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new());
+        let (w_f32, w_half, scores_a, scores_b) = (Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new());
         Ok(Cuda {
             ordinal,
             precision,
@@ -259,8 +256,6 @@ impl Cuda {
             udyn_map,
             w_f32,
             w_half,
-            x_half,
-            input_scalars,
             unit_scalars,
             scores_a,
             scores_b,
@@ -284,21 +279,30 @@ impl Cuda {
         if len == 0 {
             return self.stream.null().map_err(|e| device_err("allocation", e));
         }
-        self.stream.alloc_zeros(len).map_err(|e| {
-            let bytes = len * size_of::<T>();
-            let free = self
-                .stream
-                .context()
-                .mem_get_info()
-                .map(|(f, _)| format!(", {} MiB free", f >> 20))
-                .unwrap_or_default();
-            let kind = if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-                DeviceFailure::OutOfMemory
-            } else {
-                DeviceFailure::Driver
-            };
-            Error::device(kind, format!("CUDA: allocating {} MiB{free}", bytes.div_ceil(1 << 20)), e)
-        })
+        self.stream.alloc_zeros(len).map_err(|e| self.alloc_err::<T>(len, e))
+    }
+
+    /// `alloc` without the zero fill, for buffers whose every value is written before it is read (the operands'
+    /// 16-bit copies: a fill would cost as much as the conversion's writes).
+    fn alloc_uninit<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        if len == 0 {
+            return self.stream.null().map_err(|e| device_err("allocation", e));
+        }
+        // SAFETY: the values are not read before they are written (the callers' contract above); T is plain data.
+        unsafe { self.stream.alloc::<T>(len) }.map_err(|e| self.alloc_err::<T>(len, e))
+    }
+
+    /// The error of a failed allocation of `len` values of T.
+    fn alloc_err<T>(&self, len: usize, e: cudarc::driver::DriverError) -> Error {
+        let bytes = len * size_of::<T>();
+        let free =
+            self.stream.context().mem_get_info().map(|(f, _)| format!(", {} MiB free", f >> 20)).unwrap_or_default();
+        let kind = if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            DeviceFailure::OutOfMemory
+        } else {
+            DeviceFailure::Driver
+        };
+        Error::device(kind, format!("CUDA: allocating {} MiB{free}", bytes.div_ceil(1 << 20)), e)
     }
 
     fn upload_any<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
@@ -319,6 +323,7 @@ impl Backend for Cuda {
     type Weight = CudaWeight;
     type Saved = Saved;
     type Bytes = CudaSlice<u8>;
+    type Operand<'a> = CudaOperand<'a>;
 
     fn name(&self) -> String {
         let ctx = self.stream.context();
@@ -452,15 +457,28 @@ impl Backend for Cuda {
     fn weight_values(&self, w: &CudaWeight) -> Result<Self::Buf> {
         self.weight_values_f32(w)
     }
-    fn linear(&self, x: &Self::Buf, w: &CudaWeight, rows: usize, out: &mut Self::Buf, accumulate: bool) -> Result<()> {
+    fn operand<'a>(&self, x: &'a Self::Buf) -> Result<CudaOperand<'a>> {
+        self.operand_of(x)
+    }
+    fn operand_values<'a>(&self, x: &CudaOperand<'a>) -> &'a Self::Buf
+    where
+        Self: 'a,
+    {
+        x.x
+    }
+    fn linear_from(
+        &self,
+        x: &CudaOperand<'_>,
+        w: &CudaWeight,
+        rows: usize,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
         self.weight_product(x, w, rows, out, accumulate, true)
     }
-    fn linears(&self, x: &Self::Buf, rows: usize, products: &mut [(&CudaWeight, &mut Self::Buf)]) -> Result<()> {
-        self.weight_products(x, rows, products, false, true)
-    }
-    fn linear_backward(
+    fn linear_backward_from(
         &self,
-        dy: &Self::Buf,
+        dy: &CudaOperand<'_>,
         w: &CudaWeight,
         rows: usize,
         dx: &mut Self::Buf,
@@ -495,6 +513,10 @@ impl Backend for Cuda {
         (g.alpha, g.beta) = (s.alpha, if s.accumulate { 1.0 } else { 0.0 });
         // SAFETY: the sizes were checked above against m, n, k; the leading dimensions follow from them.
         unsafe { self.gemm(g, Operand::f32(self.addr(a)), Operand::f32(self.addr(b)), self.addr(out)) }
+    }
+
+    fn matmul_from(&self, a: &CudaOperand<'_>, b: &Self::Buf, out: &mut Self::Buf, s: MatMul) -> Result<()> {
+        self.operand_product(a, b, out, s)
     }
 
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf) -> Result<()> {

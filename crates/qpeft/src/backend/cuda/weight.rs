@@ -11,6 +11,7 @@ use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
 use super::gemm::{Dtype, Gemm, Operand};
+use super::operand::CudaOperand;
 use super::{device_err, grid, Cuda, Precision, THREADS};
 use crate::backend::{check, check_f16_range};
 use crate::error::Result;
@@ -298,18 +299,6 @@ impl Cuda {
         launch!(self, "absmax", cfg, x, &n64, &amax)
     }
 
-    /// x as a 16-bit tensor-core operand at `out` (`x.len()` values): bf16, or in the f16 mode fp16 of x·2^s with s
-    /// the f16_shift of x's largest magnitude, which goes to the u32 at `amax`; 2^−s goes to the f32 at `inv_scale`
-    /// unless it is 0.
-    pub(super) fn to_operand(&self, x: &CudaSlice<f32>, out: u64, amax: u64, inv_scale: u64) -> Result<()> {
-        if self.half() != Some(Dtype::F16) {
-            return self.round_to_bf16(x, out);
-        }
-        self.absmax_into(x, amax)?;
-        let n64 = x.len() as i64;
-        launch!(self, "to_f16_scaled", grid(x.len().div_ceil(8)), x, &out, &n64, &amax, &inv_scale)
-    }
-
     /// The 16-bit operand type of this precision; None in f32.
     pub(super) fn half(&self) -> Option<Dtype> {
         match self.precision {
@@ -319,90 +308,55 @@ impl Cuda {
         }
     }
 
-    /// x·Ŵᵀ (forward, `transpose_weight`) or dy·Ŵ (input gradient) into `out`, with Ŵ in the GEMM dtype: packed
-    /// bases dequantize into the shared weight buffer first; with 16-bit weights the activations become 16-bit
-    /// operands too (`to_operand`; in the f16 mode the product's alpha undoes their scale), f32 accumulation and
-    /// output.
+    /// x·Ŵᵀ (forward, `transpose_weight`) or dy·Ŵ (input gradient) into `out` for the operand of x (dy), with Ŵ in
+    /// the GEMM dtype: packed bases dequantize into the shared weight buffer first; 16-bit weights read the operand's
+    /// 16-bit copy (in the f16 mode the product's alpha undoes its scale), with f32 accumulation and output.
     pub(super) fn weight_product(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaOperand,
         w: &CudaWeight,
         rows: usize,
         out: &mut CudaSlice<f32>,
         accumulate: bool,
         transpose_weight: bool,
     ) -> Result<()> {
-        self.weight_products(x, rows, &mut [(w, out)], accumulate, transpose_weight)
-    }
-
-    /// `weight_product` for several weights on one input (q/k/v, gate/up), whose 16-bit conversion (and, in f16,
-    /// its absmax and scale) is done once for all of them.
-    pub(super) fn weight_products(
-        &self,
-        x: &CudaSlice<f32>,
-        rows: usize,
-        products: &mut [(&CudaWeight, &mut CudaSlice<f32>)],
-        accumulate: bool,
-        transpose_weight: bool,
-    ) -> Result<()> {
-        let dims = |w: &CudaWeight| if transpose_weight { (w.in_dim, w.out_dim) } else { (w.out_dim, w.in_dim) };
-        let op = if transpose_weight { "linear" } else { "linear_backward" };
-        for (w, out) in products.iter() {
-            let (x_cols, out_cols) = dims(w);
-            check(x.len() == rows * x_cols && out.len() == rows * out_cols, op, || {
-                format!(
-                    "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
-                    x.len(),
-                    out.len(),
-                    w.out_dim,
-                    w.in_dim
-                )
-            })?;
-        }
+        let (x_cols, out_cols) = if transpose_weight { (w.in_dim, w.out_dim) } else { (w.out_dim, w.in_dim) };
+        check(x.x.len() == rows * x_cols && out.len() == rows * out_cols, "linear", || {
+            format!(
+                "{} inputs and {} outputs for {rows} rows of a {} × {} weight{}",
+                x.x.len(),
+                out.len(),
+                w.out_dim,
+                w.in_dim,
+                if transpose_weight { "" } else { " (input gradient)" }
+            )
+        })?;
         // Only packed bases need the shared buffer (a dense head would otherwise grow it to the vocabulary's size).
         let half = self.half();
-        let packed = |w: &CudaWeight| !matches!(w.form, Form::DenseF32(_) | Form::DenseHalf(_));
-        let n = products.iter().filter(|(w, _)| packed(w)).map(|(w, _)| w.out_dim * w.in_dim).max().unwrap_or(0);
+        let packed = !matches!(w.form, Form::DenseF32(_) | Form::DenseHalf(_));
+        let n = if packed { w.out_dim * w.in_dim } else { 0 };
         let w_f32 = self.w_f32.get(self, if half.is_some() { 0 } else { n })?;
         let w_half = self.w_half.get(self, if half.is_some() { n } else { 0 })?;
-        // The 16-bit input, converted once, for the weights that are 16-bit (all but dense f32 ones).
-        let half_input = half.filter(|_| products.iter().any(|(w, _)| !matches!(w.form, Form::DenseF32(_))));
-        let x_half = self.x_half.get(self, if half_input.is_some() { x.len() } else { 0 })?;
-        // [amax, alpha] of the scaled input.
-        let scalars = self.addr(&self.input_scalars);
-        if half_input.is_some() {
-            self.to_operand(x, self.addr(x_half.as_ref().expect("allocated")), scalars, scalars + 4)?;
-        }
-        for (w, out) in products.iter_mut() {
-            let weight = match (&w.form, half) {
-                (Form::DenseF32(d), _) => Operand::f32(self.addr(d)),
-                (Form::DenseHalf(d), Some(h)) => Operand::half(self.addr(d), h),
-                (_, Some(h)) => {
-                    let at = self.addr(w_half.as_ref().expect("allocated"));
-                    self.dequantize_into(w, at, h)?;
-                    Operand::half(at, h)
-                }
-                (_, None) => {
-                    let at = self.addr(w_f32.as_ref().expect("allocated"));
-                    self.dequantize_into(w, at, Dtype::F32)?;
-                    Operand::f32(at)
-                }
-            };
-            let (x_cols, out_cols) = dims(w);
-            let mut g = Gemm::new(rows, out_cols, x_cols, false, transpose_weight);
-            g.beta = if accumulate { 1.0 } else { 0.0 };
-            let input = if weight.is_half() {
-                if weight.dtype == Dtype::F16 {
-                    g.alpha_at = scalars + 4;
-                }
-                Operand::half(self.addr(x_half.as_ref().expect("allocated")), weight.dtype)
-            } else {
-                Operand::f32(self.addr(x))
-            };
-            // SAFETY: sizes checked above; the weight operand holds out_dim · in_dim values, the scratch buffers at
-            // least what was asked of them.
-            unsafe { self.gemm(g, input, weight, self.addr(out))? }
-        }
-        Ok(())
+        let weight = match (&w.form, half) {
+            (Form::DenseF32(d), _) => Operand::f32(self.addr(d)),
+            (Form::DenseHalf(d), Some(h)) => Operand::half(self.addr(d), h),
+            (_, Some(h)) => {
+                let at = self.addr(w_half.as_ref().expect("allocated"));
+                self.dequantize_into(w, at, h)?;
+                Operand::half(at, h)
+            }
+            (_, None) => {
+                let at = self.addr(w_f32.as_ref().expect("allocated"));
+                self.dequantize_into(w, at, Dtype::F32)?;
+                Operand::f32(at)
+            }
+        };
+        let mut g = Gemm::new(rows, out_cols, x_cols, false, transpose_weight);
+        g.beta = if accumulate { 1.0 } else { 0.0 };
+        let (input, alpha_at) = self.gemm_operand(x, weight.dtype)?;
+        g.alpha_at = alpha_at;
+        // SAFETY: sizes checked above; the weight operand holds out_dim · in_dim values, the scratch buffers at least
+        // what was asked of them.
+        unsafe { self.gemm(g, input, weight, self.addr(out)) }
     }
 }
