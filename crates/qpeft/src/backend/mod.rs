@@ -37,7 +37,8 @@ impl Device {
 }
 
 /// How a GPU computes. In both 16-bit modes the base weights and their inputs (output gradients in backward) are
-/// 16-bit tensor-core operands, attention runs in 16-bit (fused kernels, `flash_head`), the other products in TF32,
+/// 16-bit tensor-core operands, attention runs in 16-bit (fused kernels, `flash_head`), an adapter's products on its
+/// linear's input or output gradient read the same 16-bit copy (`Backend::matmul_from`), the other products run in TF32,
 /// everything accumulates in f32, and activations, adapters, gradients and optimizer state stay f32.
 /// - `F16`: fp16 operands (11 significant bits) with a power-of-two scale per tensor (`f16_shift`), so that no
 ///   activation or gradient leaves fp16's range. 8× finer than bf16 at the same speed: the gradients stay within

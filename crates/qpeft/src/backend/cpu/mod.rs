@@ -61,7 +61,9 @@ impl Cpu<f32> {
     /// f32 kernels rounding where the CUDA backend's f16 mode (`Precision::F16`) rounds: base weights and embedding
     /// tables are stored as fp16, base products take fp16 inputs (output gradients in backward) scaled by a power of
     /// two per tensor (`f16_shift`), checkpointed block inputs are saved as bf16, attention rounds as the GPU's path
-    /// for its head size does (`attention_operands`), and the other products (adapters) take TF32 inputs. Products
+    /// for its head size does (`attention_operands`), adapters' products on a linear's input or output gradient take
+    /// it as the base product does and their other factor in fp16 under its own scale (`matmul_from`), and the other
+    /// products (the adapters' rank-sized ones) take TF32 inputs. Products
     /// accumulate in f32 as on the tensor cores. A power-of-two scale only moves exponents, so rounding x·2^s and
     /// multiplying by 2^−s afterwards, as the GPU does, gives the values this emulation rounds x to. The fused attention
     /// kernels round unnormalised probabilities, the emulation normalised ones, so agreement there is close rather

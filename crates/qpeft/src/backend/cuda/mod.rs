@@ -6,7 +6,8 @@
 //! kernels of `kernels.cu`. All kernels are compiled by NVRTC when the backend is created.
 //! Three precisions (`Precision`): `F32` (true FP32 products, within summation-order noise of the CPU), and `F16` and
 //! `Bf16` (base weights and their inputs as 16-bit tensor-core operands — fp16 under a power-of-two scale per tensor,
-//! or bf16 —, attention on 16-bit tensor cores, other products in TF32, all accumulating in f32). Each is checked op
+//! or bf16 —, attention on 16-bit tensor cores, adapters' products on a linear's input or output gradient on its
+//! 16-bit copy (operand.rs), other products in TF32, all accumulating in f32). Each is checked op
 //! by op and on whole models against the CPU backend at the same precision (tests/cuda_parity.rs, run by
 //! scripts/gpu/test.sh).
 
