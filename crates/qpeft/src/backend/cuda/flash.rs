@@ -37,7 +37,8 @@ impl Cuda {
 
     /// x as a 16-bit operand (`to_operand`), its largest magnitude going to slot `i` of `amax`.
     fn operand_copy(&self, x: &CudaSlice<f32>, amax: &CudaSlice<u32>, i: usize) -> Result<CudaSlice<u16>> {
-        let y = self.alloc::<u16>(x.len())?;
+        // Every value is written by the conversion.
+        let y = self.alloc_uninit::<u16>(x.len())?;
         self.to_operand(x, self.addr(&y), self.addr(amax) + 4 * i as u64, 0)?;
         Ok(y)
     }
