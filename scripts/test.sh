@@ -27,5 +27,6 @@ python3 scripts/module_graph.py
 step clippy
 cargo clippy --release --workspace --all-features --all-targets -- -D warnings
 step tests
-cargo test --release --workspace --all-features
+# QPEFT_POISON: the CPU backend's `uninit` buffers start as NaN, so an op that reads one before writing it fails a test.
+QPEFT_POISON=1 cargo test --release --workspace --all-features
 step done

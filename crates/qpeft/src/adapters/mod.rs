@@ -243,7 +243,7 @@ impl InputView {
         if self.pool.is_none() && !(pass.training && self.dropout > 0.0) {
             return be.matmul(dh, w, dx, product.acc(accumulate));
         }
-        let mut du = be.zeros(rows * self.width())?;
+        let mut du = be.uninit(rows * self.width())?;
         be.matmul(dh, w, &mut du, product)?;
         self.backward(be, du, rows, pass, dx, accumulate)
     }
@@ -335,7 +335,7 @@ impl<B: Backend> LowRank<B> {
 
     /// h = u·Aᵀ [rows, r].
     pub fn hidden(&self, be: &B, u: &Viewed<B>, rows: usize) -> Result<B::Buf> {
-        let mut h = be.zeros(rows * self.rank)?;
+        let mut h = be.uninit(rows * self.rank)?;
         u.matmul(be, &self.a.value, &mut h, MatMul::new(rows, self.rank, self.n_in).bt())?;
         Ok(h)
     }
@@ -355,7 +355,7 @@ impl<B: Backend> LowRank<B> {
         let s = self.scaling;
         let db = MatMul::new(self.n_out, self.rank, rows).at().scaled(s).acc(true);
         be.matmul_from(dz, h, self.b.grad_mut(be)?, db)?;
-        let mut dh = be.zeros(rows * self.rank)?;
+        let mut dh = be.uninit(rows * self.rank)?;
         be.matmul_from(dz, &self.b.value, &mut dh, MatMul::new(rows, self.rank, self.n_out).scaled(s))?;
         Ok(dh)
     }

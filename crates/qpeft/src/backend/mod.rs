@@ -403,6 +403,12 @@ pub trait Backend: Send + Sync {
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     fn upload_ints(&self, data: &[u32]) -> Result<Self::Ints>;
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer for an output that the next op writes whole (a product with `accumulate` false, a norm, a copy): its
+    /// values until then are unspecified, so a backend with memory of its own skips the zero fill. The CPU gives zeros,
+    /// or NaN where the environment sets QPEFT_POISON (the test suite does), so that a read before the write shows.
+    fn uninit(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn upload_bytes(&self, data: &[u8]) -> Result<Self::Bytes>;

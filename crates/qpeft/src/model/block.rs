@@ -70,16 +70,16 @@ pub(crate) struct AttnActs<B: Backend> {
 
 impl<B: Backend> AttnActs<B> {
     pub fn new(be: &B, rows: usize, d: &Dims) -> Result<Self> {
-        Self::around(be, rows, d, be.zeros(rows * d.q)?)
+        Self::around(be, rows, d, be.uninit(rows * d.q)?)
     }
 
     /// The activations of an attention whose output is known already.
     fn around(be: &B, rows: usize, d: &Dims, att: B::Buf) -> Result<Self> {
         Ok(AttnActs {
-            n1: be.zeros(rows * d.h)?,
-            q: be.zeros(rows * d.q)?,
-            k: be.zeros(rows * d.kv)?,
-            v: be.zeros(rows * d.kv)?,
+            n1: be.uninit(rows * d.h)?,
+            q: be.uninit(rows * d.q)?,
+            k: be.uninit(rows * d.kv)?,
+            v: be.uninit(rows * d.kv)?,
             att,
         })
     }
@@ -96,10 +96,10 @@ pub(crate) struct MlpActs<B: Backend> {
 impl<B: Backend> MlpActs<B> {
     pub fn new(be: &B, rows: usize, d: &Dims) -> Result<Self> {
         Ok(MlpActs {
-            n2: be.zeros(rows * d.h)?,
-            gate: be.zeros(rows * d.ff)?,
-            up: be.zeros(rows * d.ff)?,
-            act: be.zeros(rows * d.ff)?,
+            n2: be.uninit(rows * d.h)?,
+            gate: be.uninit(rows * d.ff)?,
+            up: be.uninit(rows * d.ff)?,
+            act: be.uninit(rows * d.ff)?,
         })
     }
 }
@@ -429,12 +429,12 @@ impl<B: Backend> Layer<'_, B> {
     ) -> Result<()> {
         let (be, s, blk) = (self.be, self.spec, self.block);
         let (h, rows, ff) = (s.hidden_size, ctx.rows, s.intermediate_size);
-        let mut d_act = be.zeros(rows * ff)?;
+        let mut d_act = be.uninit(rows * ff)?;
         self.linear_backward(Proj::Down, &m.act, dx, &mut d_act, false, ctx, adapters)?;
-        let (mut d_gate, mut d_up) = (be.zeros(rows * ff)?, be.zeros(rows * ff)?);
+        let (mut d_gate, mut d_up) = (be.uninit(rows * ff)?, be.uninit(rows * ff)?);
         be.glu_backward(&m.gate, &m.up, &d_act, ctx.glu, &mut d_gate, &mut d_up)?;
         drop(d_act);
-        let mut dn = be.zeros(rows * h)?;
+        let mut dn = be.uninit(rows * h)?;
         self.linear_backward(Proj::Gate, &m.n2, &d_gate, &mut dn, false, ctx, adapters)?;
         drop(d_gate);
         self.linear_backward(Proj::Up, &m.n2, &d_up, &mut dn, true, ctx, adapters)?;
@@ -454,14 +454,14 @@ impl<B: Backend> Layer<'_, B> {
         let (be, s, blk) = (self.be, self.spec, self.block);
         let (h, rows) = (s.hidden_size, ctx.rows);
         let d = Dims::of(self.spec);
-        let mut d_att = be.zeros(rows * d.q)?;
+        let mut d_att = be.uninit(rows * d.q)?;
         self.linear_backward(Proj::O, &a.att, dx, &mut d_att, false, ctx, adapters)?;
         let (mut dq, mut dk, mut dv) = (be.zeros(rows * d.q)?, be.zeros(rows * d.kv)?, be.zeros(rows * d.kv)?);
         be.attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &a.att, &d_att, &mut dq, &mut dk, &mut dv)?;
         drop(d_att);
         be.rope_backward(&mut dq, ctx.positions, self.inv_freq, s.num_heads, s.head_dim)?;
         be.rope_backward(&mut dk, ctx.positions, self.inv_freq, s.num_kv_heads, s.head_dim)?;
-        let mut dn = be.zeros(rows * h)?;
+        let mut dn = be.uninit(rows * h)?;
         self.linear_backward(Proj::Q, &a.n1, &dq, &mut dn, false, ctx, adapters)?;
         drop(dq);
         self.linear_backward(Proj::K, &a.n1, &dk, &mut dn, true, ctx, adapters)?;
@@ -471,14 +471,14 @@ impl<B: Backend> Layer<'_, B> {
 }
 
 pub(crate) fn copy_of<B: Backend>(be: &B, x: &B::Buf) -> Result<B::Buf> {
-    let mut y = be.zeros(be.len(x))?;
+    let mut y = be.uninit(be.len(x))?;
     be.copy(x, 0, &mut y, 0, be.len(x))?;
     Ok(y)
 }
 
 /// Rows r0..r0 + n of the [rows, width] x, as a buffer of their own.
 fn rows_of<B: Backend>(be: &B, x: &B::Buf, r0: usize, n: usize, width: usize) -> Result<B::Buf> {
-    let mut y = be.zeros(n * width)?;
+    let mut y = be.uninit(n * width)?;
     be.copy(x, r0 * width, &mut y, 0, n * width)?;
     Ok(y)
 }

@@ -240,7 +240,7 @@ impl<B: Backend> Decoder<B> {
     /// Logits [rows, vocab] of final hidden states [rows, hidden].
     pub fn logits(&self, hidden: &B::Buf, rows: usize) -> Result<B::Buf> {
         let be = &self.backend;
-        let mut out = be.zeros(rows * self.spec.vocab_size)?;
+        let mut out = be.uninit(rows * self.spec.vocab_size)?;
         match &self.lm_head {
             Some(head) => head.forward(be, &be.operand(hidden)?, rows, &mut out, false)?,
             None => be.linear(hidden, &self.embed, rows, &mut out, false)?,

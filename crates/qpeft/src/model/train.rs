@@ -220,7 +220,7 @@ impl<B: Backend> Decoder<B> {
                 Kept::Activations(saved) => {
                     let mut a = Acts::new(be, rows, &dims)?;
                     a.x_in = Some(copy_of(be, &x)?);
-                    a.x_mid = Some(be.zeros(be.len(&x))?);
+                    a.x_mid = Some(be.uninit(be.len(&x))?);
                     layer.forward(&mut x, &mut a, KvTarget::Own, &ctx, set, &mut |_, _, _| Ok(()))?;
                     saved.push(a);
                 }
@@ -312,7 +312,7 @@ impl<B: Backend> Decoder<B> {
             if targets[r0..r0 + n].iter().all(|&t| t == IGNORE) {
                 continue;
             }
-            let mut hc = be.zeros(n * h)?;
+            let mut hc = be.uninit(n * h)?;
             be.copy(hidden, r0 * h, &mut hc, 0, n * h)?;
             let logits = self.logits(&hc, n)?;
             let t = be.upload_ints(&targets[r0..r0 + n])?;
@@ -320,9 +320,9 @@ impl<B: Backend> Decoder<B> {
             be.cross_entropy(&logits, &t, vocab, IGNORE, &mut losses)?;
             total += be.sum(&losses)?;
             if let (Some(scale), Some(dh)) = (grad_scale, d_hidden.as_mut()) {
-                let mut dlogits = be.zeros(n * vocab)?;
+                let mut dlogits = be.uninit(n * vocab)?;
                 be.cross_entropy_backward(&logits, &t, vocab, IGNORE, scale, &mut dlogits)?;
-                let mut dhc = be.zeros(n * h)?;
+                let mut dhc = be.uninit(n * h)?;
                 match &self.lm_head {
                     Some(head) => head.backward_input(be, &be.operand(&dlogits)?, n, &mut dhc, false)?,
                     None => be.linear_backward(&dlogits, &self.embed, n, &mut dhc, false)?,

@@ -226,6 +226,11 @@ impl<T: Real> Backend for Cpu<T> {
     fn zeros(&self, len: usize) -> Result<Vec<T>> {
         Ok(vec![T::zero(); len])
     }
+    fn uninit(&self, len: usize) -> Result<Vec<T>> {
+        static POISON: OnceLock<bool> = OnceLock::new();
+        let poison = *POISON.get_or_init(|| std::env::var_os("QPEFT_POISON").is_some_and(|v| v != "0"));
+        Ok(vec![if poison { T::of(f32::NAN) } else { T::zero() }; len])
+    }
     fn download(&self, buf: &Vec<T>) -> Result<Vec<f32>> {
         Ok(buf.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect())
     }

@@ -385,6 +385,9 @@ impl Backend for Cuda {
     fn zeros(&self, len: usize) -> Result<Self::Buf> {
         self.alloc(len)
     }
+    fn uninit(&self, len: usize) -> Result<Self::Buf> {
+        self.alloc_uninit(len)
+    }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
         if buf.is_empty() {
             return Ok(Vec::new());
