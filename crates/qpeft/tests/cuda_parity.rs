@@ -68,6 +68,13 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
         s.b_transposed = bt;
         be.matmul(&a, &b, &mut c, s).unwrap();
         push(&format!("matmul at={at} bt={bt}"), &c);
+        // The same on a's operand (an adapter's product on its linear's 16-bit input), with factors far outside fp16's
+        // range either way (each under its own scale in the f16 mode).
+        let (a, b) = (rand(m * k, 1).iter().map(|x| x * 1e-9).collect::<Vec<_>>(), rand(k * n, 2));
+        let (a, b) = (up(&a), up(&b.iter().map(|x| x * 1e6).collect::<Vec<_>>()));
+        let mut c = up(&rand(m * n, 3));
+        be.matmul_from(&be.operand(&a).unwrap(), &b, &mut c, s).unwrap();
+        push(&format!("matmul_from at={at} bt={bt}"), &c);
     }
     let (rows, dim) = (6, 40);
     let x = up(&rand(rows * dim, 4));
@@ -212,6 +219,18 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
         be.linear_backward(&up(&rand(rows * out_dim, 33)), &w, rows, &mut dx, false).unwrap();
         push(&format!("linear_backward {name}"), &dx);
     }
+    // One operand for several products, written then accumulated (a linear whose adapter wrote its output first).
+    let x = up(&rand(rows * in_dim, 38));
+    let x = be.operand(&x).unwrap();
+    let ws: Vec<_> = bases(out_dim, in_dim, 39)
+        .into_iter()
+        .take(2)
+        .map(|(_, dense, base)| be.upload_weight(&base, Some(&dense), out_dim, in_dim).unwrap())
+        .collect();
+    let mut y = be.uninit(rows * out_dim).unwrap();
+    be.linear_from(&x, &ws[0], rows, &mut y, false).unwrap();
+    be.linear_from(&x, &ws[1], rows, &mut y, true).unwrap();
+    push("linear_from shared operand", &y);
     // Inputs far outside fp16's range either way (the f16 mode scales them): x·10⁶ and dy·10⁻⁹.
     let (_, dense, base) = bases(out_dim, in_dim, 30).swap_remove(1);
     let w = be.upload_weight(&base, Some(&dense), out_dim, in_dim).unwrap();

@@ -114,7 +114,9 @@ pub trait Adapter<B: Backend>: Send + Sync {
         accumulate: bool,
     ) -> Result<()>;
     /// Given the same x and dy = ∂L/∂y as the operand the base's input gradient reads: dx (+)= ∂L/∂x through Δ, and
-    /// every parameter's grad += its gradient.
+    /// every parameter's grad += its gradient. x comes as its values: the backward of a linear does not convert its
+    /// input (only dy), so the products on x run in TF32 here, and in the 16-bit modes the recomputed hidden state
+    /// differs from the forward's by x's 16-bit rounding (converting x again would cost more than the products save).
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,

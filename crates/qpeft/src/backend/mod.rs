@@ -404,8 +404,8 @@ pub trait Backend: Send + Sync {
     fn upload_ints(&self, data: &[u32]) -> Result<Self::Ints>;
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     /// A buffer for an output that the next op writes whole (a product with `accumulate` false, a norm, a copy): its
-    /// values until then are unspecified, so a backend with memory of its own skips the zero fill. The CPU gives zeros,
-    /// or NaN where the environment sets QPEFT_POISON (the test suite does), so that a read before the write shows.
+    /// values until then are unspecified, so a backend with memory of its own skips the zero fill. Where the
+    /// environment sets QPEFT_POISON (`poison`; the test suites do) they are NaN, so that a read before the write shows.
     fn uninit(&self, len: usize) -> Result<Self::Buf> {
         self.zeros(len)
     }
@@ -713,6 +713,12 @@ pub(crate) fn weight_values_of<'a>(base: &BaseWeight, dense: Option<&'a [f32]>) 
         (None, Some(v)) => Ok(std::borrow::Cow::Owned(v)),
         (None, None) => Err(crate::error::Error::Invalid("upload_weight: a dense weight without its values".into())),
     }
+}
+
+/// Whether QPEFT_POISON is set (and not "0"): `Backend::uninit` buffers are then NaN rather than whatever they hold.
+pub(crate) fn poison() -> bool {
+    static POISON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POISON.get_or_init(|| std::env::var_os("QPEFT_POISON").is_some_and(|v| v != "0"))
 }
 
 /// A frozen weight's values must be finite in fp16 (`Precision::F16` stores them unscaled).

@@ -17,8 +17,8 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::{
-    check, check_adamw_8bit, check_attention, check_f16_range, check_groups, f16_shift, flash_head, weight_values_of,
-    AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite,
+    check, check_adamw_8bit, check_attention, check_f16_range, check_groups, f16_shift, flash_head, poison,
+    weight_values_of, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite,
 };
 use crate::error::{Error, Result};
 use crate::linalg::{gemm_strided, Real, Strided};
@@ -227,9 +227,7 @@ impl<T: Real> Backend for Cpu<T> {
         Ok(vec![T::zero(); len])
     }
     fn uninit(&self, len: usize) -> Result<Vec<T>> {
-        static POISON: OnceLock<bool> = OnceLock::new();
-        let poison = *POISON.get_or_init(|| std::env::var_os("QPEFT_POISON").is_some_and(|v| v != "0"));
-        Ok(vec![if poison { T::of(f32::NAN) } else { T::zero() }; len])
+        Ok(vec![if poison() { T::of(f32::NAN) } else { T::zero() }; len])
     }
     fn download(&self, buf: &Vec<T>) -> Result<Vec<f32>> {
         Ok(buf.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect())

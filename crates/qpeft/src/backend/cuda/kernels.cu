@@ -450,7 +450,7 @@ extern "C" __global__ void to_f16_scaled(const float* x, f16* out, long long n, 
                                          const float* times, float factor) {
     int s = f16_shift_for(binary_exponent(__uint_as_float(*amax)));
     float k = pow2(s);
-    if (inv_scale && blockIdx.x == 0 && threadIdx.x == 0) *inv_scale = pow2(-s) * (times ? *times : 1.0f) * factor;
+    if (inv_scale && blockIdx.x == 0 && threadIdx.x == 0) *inv_scale = pow2(-s) * factor * (times ? *times : 1.0f);
     long long octets = n >> 3;
     GRID_STRIDE(t, octets) {
         float4 a = reinterpret_cast<const float4*>(x)[2 * t], b = reinterpret_cast<const float4*>(x)[2 * t + 1];

@@ -51,8 +51,8 @@ pub use self::weight::CudaWeight;
 use self::weight::Scratch;
 use super::Groups;
 use super::{
-    check, check_adamw_8bit, check_attention, check_groups, weight_values_of, AdamStep, AttentionShape, Backend,
-    DeviceMemory, GluKind, KernelTime, MatMul, Precision, RowWrite, ADAM8_BLOCK,
+    check, check_adamw_8bit, check_attention, check_groups, poison, weight_values_of, AdamStep, AttentionShape,
+    Backend, DeviceMemory, GluKind, KernelTime, MatMul, Precision, RowWrite, ADAM8_BLOCK,
 };
 use crate::error::{DeviceFailure, Error, Result};
 use crate::quant::base::BaseWeight;
@@ -278,7 +278,7 @@ impl Cuda {
     /// Zero-filled device memory; a failed allocation names its size (out of memory is the usual cause). The fill is
     /// a kernel's worth of writes, timed as "zero fill" by the profile.
     fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        let mut buf = self.alloc_uninit::<T>(len)?;
+        let mut buf = self.alloc_raw::<T>(len)?;
         if len > 0 {
             self.timed(
                 || "zero fill".into(),
@@ -289,12 +289,30 @@ impl Cuda {
     }
 
     /// `alloc` without the zero fill, for buffers whose every value is written before it is read (the operands'
-    /// 16-bit copies: a fill would cost as much as the conversion's writes).
+    /// 16-bit copies, `Backend::uninit`): a fill would cost as much as the writes. Under QPEFT_POISON (`poison`) the
+    /// bytes are 0xFF instead, NaN in every float format, so that a kernel reading one before writing it shows.
     fn alloc_uninit<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        let buf = self.alloc_raw::<T>(len)?;
+        if len > 0 && poison() {
+            // SAFETY: the buffer holds len values of T, all of them plain data.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    self.addr(&buf),
+                    0xff,
+                    len * size_of::<T>(),
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| device_err("poisoning a buffer", e))?;
+        }
+        Ok(buf)
+    }
+
+    fn alloc_raw<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
         if len == 0 {
             return self.stream.null().map_err(|e| device_err("allocation", e));
         }
-        // SAFETY: the values are not read before they are written (the callers' contract above); T is plain data.
+        // SAFETY: the callers write every value before it is read (or fill the buffer); T is plain data.
         unsafe { self.stream.alloc::<T>(len) }.map_err(|e| self.alloc_err::<T>(len, e))
     }
 
