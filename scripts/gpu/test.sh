@@ -28,7 +28,9 @@ for l in sys.stdin:
     # SmolLM2: by default its first 6 blocks (carry .devmodel, made by scripts/gpu/truncate_gguf.py). The whole
     # 94 MB GGUF exceeds one call's carry; it can be sent in three calls while the machine stays warm (split -n 3 into
     # ignored folders, copy each part to /tmp/smol on the device, cat them there) and named by QPEFT_SMOLLM2.
-    QPEFT_REQUIRE_GPU=1 QPEFT_SMOLLM2=${QPEFT_SMOLLM2:-$(pwd)/.devmodel/smollm2-6l.gguf} .devbin/cuda_parity --nocapture --test-threads 1 "${@:2}"
+    # QPEFT_POISON: buffers from `Backend::uninit` start as NaN on both sides, so a kernel that reads one before writing it
+    # fails a comparison.
+    QPEFT_POISON=${QPEFT_POISON:-1} QPEFT_REQUIRE_GPU=1 QPEFT_SMOLLM2=${QPEFT_SMOLLM2:-$(pwd)/.devmodel/smollm2-6l.gguf} .devbin/cuda_parity --nocapture --test-threads 1 "${@:2}"
     ;;
   *) echo "usage: scripts/gpu/test.sh build|run" >&2; exit 2 ;;
 esac
