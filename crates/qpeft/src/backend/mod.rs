@@ -470,6 +470,13 @@ pub trait Backend: Send + Sync {
         dx: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()>;
+    /// Whether a linear's adapter term goes first, the base product then adding onto it, rather than the base product
+    /// first and the adapter's last product adding onto that: whichever product accumulates for free. cuBLAS reads the
+    /// output in its epilogue (beta = 1) at no cost to a compute-bound base GEMM, while the CPU's bf16 kernels store
+    /// their blocks straight from the registers unless they accumulate, and its f32 GEMM adds on its stores.
+    fn adapter_term_first(&self) -> bool {
+        false
+    }
     /// `linear_from` on x converted for this product alone.
     fn linear(
         &self,

@@ -219,8 +219,9 @@ impl<B: Backend> Layer<'_, B> {
         Ok(())
     }
 
-    /// out (+)= Δ(x) + base(x) for the operand of x: the adapter's term first, so that the base product adds onto it
-    /// (in its GEMM's accumulation) instead of the adapter reading and writing the output once more.
+    /// out (+)= base(x) + Δ(x) for the operand of x, in the order the backend accumulates for free
+    /// (`Backend::adapter_term_first`): on a GPU the adapter's term first and the base GEMM adding onto it, so that the
+    /// adapter does not read and write the output once more.
     #[allow(clippy::too_many_arguments)]
     fn adapted(
         &self,
@@ -231,15 +232,22 @@ impl<B: Backend> Layer<'_, B> {
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
     ) -> Result<()> {
-        let adapter = adapters.and_then(|a| a.get(self.index, p));
-        if let Some(a) = adapter {
-            a.forward(self.be, x, ctx.rows, ctx.pass(self.index, p), out, accumulate)?;
+        let (be, rows, base) = (self.be, ctx.rows, self.block.proj(p));
+        let Some(a) = adapters.and_then(|a| a.get(self.index, p)) else {
+            return base.forward(be, x, rows, out, accumulate);
+        };
+        let pass = ctx.pass(self.index, p);
+        if be.adapter_term_first() {
+            a.forward(be, x, rows, pass, out, accumulate)?;
+            base.forward(be, x, rows, out, true)
+        } else {
+            base.forward(be, x, rows, out, accumulate)?;
+            a.forward(be, x, rows, pass, out, true)
         }
-        self.block.proj(p).forward(self.be, x, ctx.rows, out, accumulate || adapter.is_some())
     }
 
-    /// dx (+)= ∂/∂x of linear `p` of this block (input x, output gradient dy); its adapter's grads accumulate. The
-    /// adapter's part of dx comes first, so that the base's product adds onto it.
+    /// dx (+)= ∂/∂x of linear `p` of this block (input x, output gradient dy); its adapter's grads accumulate. The two
+    /// parts of dx come in the order of `adapted`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -251,16 +259,19 @@ impl<B: Backend> Layer<'_, B> {
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
     ) -> Result<()> {
-        let be = self.be;
+        let (be, rows, base) = (self.be, ctx.rows, self.block.proj(p));
         let dy = be.operand(dy)?;
-        let adapted = match adapters.get_mut(self.index, p) {
-            Some(a) => {
-                a.backward(be, x, &dy, ctx.rows, ctx.pass(self.index, p), dx, accumulate)?;
-                true
-            }
-            None => false,
+        let pass = ctx.pass(self.index, p);
+        let Some(a) = adapters.get_mut(self.index, p) else {
+            return base.backward_input(be, &dy, rows, dx, accumulate);
         };
-        self.block.proj(p).backward_input(be, &dy, ctx.rows, dx, accumulate || adapted)
+        if be.adapter_term_first() {
+            a.backward(be, x, &dy, rows, pass, dx, accumulate)?;
+            base.backward_input(be, &dy, rows, dx, true)
+        } else {
+            base.backward_input(be, &dy, rows, dx, accumulate)?;
+            a.backward(be, x, &dy, rows, pass, dx, true)
+        }
     }
 
     /// Runs this block on the residual stream `x` in place, leaving its activations in `a`.

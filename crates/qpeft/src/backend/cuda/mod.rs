@@ -493,6 +493,9 @@ impl Backend for Cuda {
     {
         x.x
     }
+    fn adapter_term_first(&self) -> bool {
+        true
+    }
     fn linear_from(
         &self,
         x: &CudaOperand<'_>,
