@@ -140,11 +140,13 @@ impl Cuda {
                 e => Err(device_err("setting cuBLAS's pointer mode", format!("{e:?}"))),
             }
         };
+        // Products with a dimension of 256 or less (an adapter's rank-sized ones) apart from the base products.
         let name = || {
             format!(
-                "gemm {}{}",
+                "gemm {}{}{}",
                 if a.is_half() || b.is_half() { "16-bit" } else { "f32" },
-                if g.batch > 1 { " batched" } else { "" }
+                if g.batch > 1 { " batched" } else { "" },
+                if g.m.min(g.n).min(g.k) <= 256 { " (a side ≤ 256)" } else { "" }
             )
         };
         if device_scalars {
