@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 
 use super::gemm::{Dtype, Gemm, Operand};
 use super::{grid, Cuda};
-use crate::backend::{check, MatMul};
+use crate::backend::{check, Backend, MatMul};
 use crate::error::Result;
 
 /// A product input: x, and in the 16-bit modes its tensor-core copy (`Cuda::half_copy`).
@@ -81,7 +81,7 @@ impl Cuda {
     }
 
     /// `Backend::matmul_from`: out (+)= alpha·op(a)·op(b) with b converted as a's 16-bit format (under its own scale
-    /// in f16, the product's alpha then s.alpha·2^−s_a·2^−s_b, written by b's conversion); an f32 product in f32.
+    /// in f16, the product's alpha then s.alpha·2^−s_a·2^−s_b, written by b's conversion); `matmul` in f32.
     pub(super) fn operand_product(
         &self,
         a: &CudaOperand,
@@ -92,24 +92,17 @@ impl Cuda {
         check(a.x.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || {
             format!("sizes {}, {}, {} do not fit {s:?}", a.x.len(), b.len(), out.len())
         })?;
+        let Some(dtype) = self.half() else {
+            return Backend::matmul(self, a.x, b, out, s);
+        };
         let mut g = Gemm::new(s.m, s.n, s.k, s.a_transposed, s.b_transposed);
         (g.alpha, g.beta) = (s.alpha, if s.accumulate { 1.0 } else { 0.0 });
-        let dtype = self.half().unwrap_or(Dtype::F32);
         let (a_op, a_alpha) = self.gemm_operand(a, dtype)?;
-        let b_op = match dtype {
-            Dtype::F32 => {
-                // SAFETY: the sizes were checked above against m, n, k.
-                return unsafe { self.gemm(g, a_op, Operand::f32(self.addr(b)), self.addr(out)) };
-            }
-            h => {
-                let copy = self.half_copy(b, a_alpha, s.alpha)?;
-                if h == Dtype::F16 {
-                    g.alpha_at = scalars_of(self.addr(&copy), b.len()) + 4;
-                }
-                (Operand::half(self.addr(&copy), h), copy)
-            }
-        };
+        let copy = self.half_copy(b, a_alpha, s.alpha)?;
+        if dtype == Dtype::F16 {
+            g.alpha_at = scalars_of(self.addr(&copy), b.len()) + 4;
+        }
         // SAFETY: the sizes were checked above against m, n, k; the copies hold as many values as their sources.
-        unsafe { self.gemm(g, a_op, b_op.0, self.addr(out)) }
+        unsafe { self.gemm(g, a_op, Operand::half(self.addr(&copy), dtype), self.addr(out)) }
     }
 }

@@ -321,14 +321,14 @@ impl Cuda {
         transpose_weight: bool,
     ) -> Result<()> {
         let (x_cols, out_cols) = if transpose_weight { (w.in_dim, w.out_dim) } else { (w.out_dim, w.in_dim) };
-        check(x.x.len() == rows * x_cols && out.len() == rows * out_cols, "linear", || {
+        let op = if transpose_weight { "linear" } else { "linear_backward" };
+        check(x.x.len() == rows * x_cols && out.len() == rows * out_cols, op, || {
             format!(
-                "{} inputs and {} outputs for {rows} rows of a {} × {} weight{}",
+                "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
                 x.x.len(),
                 out.len(),
                 w.out_dim,
-                w.in_dim,
-                if transpose_weight { "" } else { " (input gradient)" }
+                w.in_dim
             )
         })?;
         // Only packed bases need the shared buffer (a dense head would otherwise grow it to the vocabulary's size).
