@@ -214,3 +214,56 @@ fn invalid_configurations_are_refused_with_the_value() {
     assert!(err(cfg(h, 13, 0.0), 12, 8).contains("ranks entry 9"));
     assert!(build(&BE, &cfg(Method::Lora(LoraMethod), 9, 0.0), 12, 8, 0).is_err());
 }
+
+/// The terms an adapter hands its linear (`forward_term`, `backward_term`) are its `forward` and `backward`: the
+/// term's product s·h·Fᵀ is Δ(x), and backward_term leaves the same parameter gradients as `backward` with h·F its dx.
+/// LoRA and QA-LoRA give forward terms; LoRA without active dropout a backward term; every other case none, with
+/// nothing accumulated.
+#[test]
+fn adapter_terms_are_the_forward_and_backward_they_replace() {
+    let rows = 4;
+    let mut seen = (0, 0);
+    for ((c, n_in, n_out), training) in cases(0.3).into_iter().flat_map(|c| [(c.clone(), true), (c, false)]) {
+        let name = c.method.name();
+        let mut a = build(&BE, &c, n_in, n_out, 7).unwrap();
+        randomise(a.as_mut(), 300);
+        let (x, r) = (uniform(rows * n_in, 5), uniform(rows * n_out, 6));
+        let pass = Pass { training, seed: 41, first_row: 0 };
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-12 * b.abs().max(1.0));
+        let want_y = forward(a.as_ref(), &x, rows, n_out, pass);
+        if let Some(t) = a.forward_term(&BE, &BE.operand(&x).unwrap(), rows, pass).unwrap() {
+            assert_eq!((t.h.len(), t.factor.len()), (rows * t.rank, n_out * t.rank), "{name}");
+            let y: Vec<f64> = (0..rows * n_out)
+                .map(|i| {
+                    (0..t.rank).map(|k| t.h[i / n_out * t.rank + k] * t.factor[i % n_out * t.rank + k]).sum::<f64>()
+                })
+                .map(|v| v * t.scale as f64)
+                .collect();
+            assert!(close(&y, &want_y), "{name}: forward term");
+            seen.0 += 1;
+        }
+        let mut dx = vec![0.0; x.len()];
+        a.backward(&BE, &x, &BE.operand(&r).unwrap(), rows, pass, &mut dx, false).unwrap();
+        let grads: Vec<Vec<f64>> = a.params_mut().into_iter().map(|p| std::mem::take(&mut p.grad)).collect();
+        let term = a.backward_term(&BE, &x, &BE.operand(&r).unwrap(), rows, pass).unwrap().map(|t| {
+            assert_eq!((t.h.len(), t.factor.len()), (rows * t.rank, t.rank * n_in), "{name}");
+            (0..rows * n_in)
+                .map(|i| (0..t.rank).map(|k| t.h[i / n_in * t.rank + k] * t.factor[k * n_in + i % n_in]).sum::<f64>())
+                .map(|v| v * t.scale as f64)
+                .collect::<Vec<f64>>()
+        });
+        let got: Vec<Vec<f64>> = a.params().iter().map(|p| p.grad.clone()).collect();
+        match term {
+            Some(term_dx) => {
+                assert!(close(&term_dx, &dx), "{name}: backward term's dx");
+                for (g, w) in got.iter().zip(&grads) {
+                    assert!(close(g, w), "{name}: backward term's gradients");
+                }
+                seen.1 += 1;
+            }
+            None => assert!(got.iter().all(|g| g.is_empty()), "{name}: no term, yet gradients accumulated"),
+        }
+    }
+    // LoRA and QA-LoRA in both passes; LoRA at inference only (dropout 0.3 is active in training).
+    assert_eq!(seen, (4, 1));
+}

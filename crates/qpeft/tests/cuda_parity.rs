@@ -16,7 +16,7 @@ use qpeft::adapters::set::AdapterSet;
 use qpeft::adapters::AdapterConfig;
 use qpeft::backend::cpu::Cpu;
 use qpeft::backend::cuda::Cuda;
-use qpeft::backend::{AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, Precision, RowWrite};
+use qpeft::backend::{AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, Precision, RowWrite, Tail};
 use qpeft::error::{DeviceFailure, Error};
 use qpeft::model::train::{Checkpointing, StepOptions};
 use qpeft::model::{Checkpoint, Decoder};
@@ -228,9 +228,39 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
         .map(|(_, dense, base)| be.upload_weight(&base, Some(&dense), out_dim, in_dim).unwrap())
         .collect();
     let mut y = be.uninit(rows * out_dim).unwrap();
-    be.linear_from(&x, &ws[0], rows, &mut y, false).unwrap();
-    be.linear_from(&x, &ws[1], rows, &mut y, true).unwrap();
+    be.linear_from(&x, &ws[0], None, rows, &mut y, false).unwrap();
+    be.linear_from(&x, &ws[1], None, rows, &mut y, true).unwrap();
     push("linear_from shared operand", &y);
+    // Adapter tails (`Tail`) on every base form, folded into the GEMM where the GPU can (packed bases, an operand with
+    // room) and a product of their own elsewhere: two tails of ranks 5 and 8 on one operand with room for 8 (padded to
+    // the row stride), then an operand without room; forward (F [out, r]) and backward (F [r, in]). x·10⁶ with h·10⁻³
+    // and F·10⁻⁵ (in the f16 mode F·2^(u−t) lands among fp16's subnormals), and the reverse.
+    let tail = |r: usize, n: usize, seed: u64, k: f32| up(&rand(n * r, seed).iter().map(|v| v * k).collect::<Vec<_>>());
+    for (name, dense, base) in bases(out_dim, in_dim, 50) {
+        let w = be.upload_weight(&base, Some(&dense), out_dim, in_dim).unwrap();
+        for (kx, kh, kf) in [(1.0, 1.0, 1.0), (1e6, 1e-3, 1e-5), (1e-6, 10.0, 1e3)] {
+            let x = up(&rand(rows * in_dim, 51).iter().map(|v| v * kx).collect::<Vec<_>>());
+            let (h5, b5, h8, b8) =
+                (tail(5, rows, 52, kh), tail(5, out_dim, 53, kf), tail(8, rows, 54, kh), tail(8, out_dim, 55, kf));
+            let mut y = up(&rand(rows * out_dim, 56));
+            let t5 = Tail { h: &h5, factor: &b5, rank: 5, scale: 0.75 };
+            let t8 = Tail { h: &h8, factor: &b8, rank: 8, scale: 2.0 };
+            let op = be.operand_with_room(&x, rows, 8).unwrap();
+            be.linear_from(&op, &w, Some(t5), rows, &mut y, true).unwrap();
+            push(&format!("linear_from tail r5 {name} x·{kx:e}"), &y);
+            be.linear_from(&op, &w, Some(t8), rows, &mut y, false).unwrap();
+            push(&format!("linear_from tail r8 {name} x·{kx:e}"), &y);
+            be.linear_from(&be.operand(&x).unwrap(), &w, Some(t5), rows, &mut y, true).unwrap();
+            push(&format!("linear_from tail, no room, {name} x·{kx:e}"), &y);
+            let dy = up(&rand(rows * out_dim, 57).iter().map(|v| v * kx).collect::<Vec<_>>());
+            let a5 = tail(5, in_dim, 58, kf);
+            let mut dx = up(&rand(rows * in_dim, 59));
+            let t = Tail { h: &h5, factor: &a5, rank: 5, scale: 1.0 };
+            be.linear_backward_from(&be.operand_with_room(&dy, rows, 5).unwrap(), &w, Some(t), rows, &mut dx, true)
+                .unwrap();
+            push(&format!("linear_backward_from tail r5 {name} dy·{kx:e}"), &dx);
+        }
+    }
     // Inputs far outside fp16's range either way (the f16 mode scales them): x·10⁶ and dy·10⁻⁹.
     let (_, dense, base) = bases(out_dim, in_dim, 30).swap_remove(1);
     let w = be.upload_weight(&base, Some(&dense), out_dim, in_dim).unwrap();

@@ -3,7 +3,8 @@
 //! scale per tensor), for base weights, embedding tables, base-product inputs and their output gradients; bf16 for
 //! checkpoints; inside attention, 16-bit for q, k, v, dO, the probabilities and the score gradients (the fused kernels,
 //! heads up to 128) or TF32 (the GEMM path, larger heads); the adapters' products on a linear's input or output
-//! gradient take it as the base product does and their other factor in the same 16-bit format under its own scale;
+//! gradient take it as the base product does and their other factor in the same 16-bit format under its own scale; the
+//! tails of base products (`Tail`: h under its own scale, the factor under the operand's over h's);
 //! TF32 (nearest, ties away) for the other products' operands — and nowhere else. Expected values are hand-derived
 //! from the formats (bf16: 8 significant bits, fp16: 11 and subnormals below 2^-14, TF32: 11).
 
@@ -12,7 +13,7 @@ mod common;
 use common::{batch, fixtures, methods, parity_step, qlora_nf4, randomize_adapters, rel_l2, smollm2_gguf, uniform};
 use qpeft::adapters::set::AdapterSet;
 use qpeft::backend::cpu::Cpu;
-use qpeft::backend::{f16_shift, AttentionShape, Backend, MatMul};
+use qpeft::backend::{f16_shift, AttentionShape, Backend, MatMul, Tail};
 use qpeft::model::train::Checkpointing;
 use qpeft::model::{Checkpoint, Decoder};
 use qpeft::quant::base::BaseWeight;
@@ -148,6 +149,45 @@ fn adapter_products_on_an_operand_take_the_other_factor_in_16_bits_under_its_own
     assert_eq!(product(Cpu::bf16(), one_plus(1.0, 8), one_plus(1.0, 9)), 1.5);
     // f32 rounds nothing.
     assert_eq!(product(Cpu::new(), one_plus(1.0, 11), 2.0), 1.0 + one_plus(1.0, 11));
+}
+
+#[test]
+fn adapter_tails_round_h_under_its_scale_and_the_factor_under_the_operands() {
+    // out = x·Wᵀ + s·h·Fᵀ with W = 0 (forward) or dx = dy·W + s·h·F (backward), one row, rank 1.
+    let tail = |be: Cpu, x: f32, h: f32, f: [f32; 2], forward: bool| {
+        let (x, h, f) = (vec![x], vec![h], f.to_vec());
+        let t = Tail { h: &h, factor: &f, rank: 1, scale: 0.5 };
+        if forward {
+            let w = be.upload_weight(&BaseWeight::Dense, Some(&[0.0; 2]), 2, 1).unwrap();
+            let mut out = vec![0.0; 2];
+            be.linear_from(&be.operand(&x).unwrap(), &w, Some(t), 1, &mut out, false).unwrap();
+            out
+        } else {
+            let w = be.upload_weight(&BaseWeight::Dense, Some(&[0.0; 2]), 1, 2).unwrap();
+            let mut dx = vec![0.0; 2];
+            be.linear_backward_from(&be.operand(&x).unwrap(), &w, Some(t), 1, &mut dx, false).unwrap();
+            dx
+        }
+    };
+    // f16: x = 3 < 2^2 has shift u = 13, h = 1000 < 2^10 shift t = 5 (1000·2^5 = 32000, exact in fp16). s·F = 5·10⁻⁸
+    // is scaled by 2^(u−t) = 2^8 to 1.28·10⁻⁵, a subnormal (steps of 2^-24): 214.7 steps, so 215·2^-24, unscaled
+    // 215·2^-32; 0.5·2^-20 = 2^-21 becomes 2^-13, exact. The term: 1000·215·2^-32 and 1000·2^-21.
+    let want = vec![215_000.0 * 2f32.powi(-32), 1000.0 * 2f32.powi(-21)];
+    for forward in [true, false] {
+        assert_eq!(tail(Cpu::f16(), 3.0, 1000.0, [1e-7, 2f32.powi(-20)], forward), want, "forward {forward}");
+    }
+    // The factor's scale follows the operand's: with x = 3·2^10 (u = 3) it is 2^(3−5) = 2^-2, and 5·10⁻⁸·2^-2 is below
+    // half the smallest subnormal (2^-25): 0; 2^-21·2^-2 = 2^-23 is a subnormal, exact.
+    assert_eq!(tail(Cpu::f16(), 3072.0, 1000.0, [1e-7, 2f32.powi(-20)], true), vec![0.0, 1000.0 * 2f32.powi(-21)]);
+    // bf16 (steps of 2^-7 in [1, 2), 2^-8 in [0.5, 1)): h = 1 + 2^-8 is a tie and goes to 1 (even); s·F =
+    // 0.5 + 2^-9 + 2^-11 is past halfway to 0.5 + 2^-8 and goes up to it.
+    let got = tail(Cpu::bf16(), 1.0, one_plus(1.0, 8), [one_plus(1.0, 8) + 2f32.powi(-10), 1.0], true);
+    assert_eq!(got, vec![0.5 * one_plus(1.0, 7), 0.5]);
+    // f32 rounds nothing and applies s as the product's alpha.
+    assert_eq!(
+        tail(Cpu::new(), 1.0, one_plus(1.0, 20), [3.0, 1.0], true),
+        vec![1.5 * one_plus(1.0, 20), 0.5 * one_plus(1.0, 20)]
+    );
 }
 
 #[test]

@@ -128,7 +128,7 @@ fn quant_linear_input_gradient() {
     let w = lin.base.dequantize().unwrap();
     let dyb = Cpu::new().upload(&dy).unwrap();
     let mut dx = Cpu::new().zeros(rows * n_in).unwrap();
-    lin.backward_input(&Cpu::new(), &Cpu::new().operand(&dyb).unwrap(), rows, &mut dx, false).unwrap();
+    lin.backward_input(&Cpu::new(), &Cpu::new().operand(&dyb).unwrap(), None, rows, &mut dx, false).unwrap();
     let dx = Cpu::new().download(&dx).unwrap();
     let loss = |x: &[f64]| -> f64 {
         let mut l = 0.0;
@@ -151,7 +151,7 @@ fn quant_linear_input_gradient() {
     // And the forward through QuantLinear equals x·Ŵᵀ.
     let xb = Cpu::new().upload(&x).unwrap();
     let mut y = Cpu::new().zeros(rows * n_out).unwrap();
-    lin.forward(&Cpu::new(), &Cpu::new().operand(&xb).unwrap(), rows, &mut y, false).unwrap();
+    lin.forward(&Cpu::new(), &Cpu::new().operand(&xb).unwrap(), None, rows, &mut y, false).unwrap();
     let y = Cpu::new().download(&y).unwrap();
     let y0: f64 = (0..n_in).map(|i| x[i] as f64 * w[i] as f64).sum();
     assert!((y[0] as f64 - y0).abs() < 1e-5);

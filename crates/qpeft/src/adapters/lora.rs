@@ -4,7 +4,7 @@
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
 
-use super::{expand_delta, kaiming, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass};
+use super::{expand_delta, kaiming, Adapter, AdapterConfig, InputView, LowRank, MethodKind, Param, Pass, Term};
 use crate::backend::Backend;
 use crate::error::Result;
 
@@ -79,6 +79,29 @@ impl<B: Backend> Adapter<B> for Lora<B> {
         let u = self.view.of_values(be, x, rows, pass)?;
         let h = self.lr.hidden(be, &u, rows)?;
         self.lr.backward(be, u.values(be), &h, dy, rows, &self.view, pass, dx, accumulate)
+    }
+
+    fn term_rank(&self) -> usize {
+        self.lr.rank
+    }
+
+    fn forward_term(&self, be: &B, x: &B::Operand<'_>, rows: usize, pass: Pass) -> Result<Option<Term<'_, B>>> {
+        let u = self.view.of_operand(be, x, rows, pass)?;
+        Ok(Some(self.lr.forward_term(be, &u, rows)?))
+    }
+
+    fn backward_term(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        dy: &B::Operand<'_>,
+        rows: usize,
+        pass: Pass,
+    ) -> Result<Option<Term<'_, B>>> {
+        if !self.view.is_identity(pass) {
+            return Ok(None);
+        }
+        Ok(Some(self.lr.backward_term(be, x, dy, rows)?))
     }
 
     fn params(&self) -> Vec<&Param<B>> {

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use method::{check_divides, check_rank, key, required, BaseKind, MethodKind};
 
-use crate::backend::{Backend, Groups, MatMul};
+use crate::backend::{Backend, Groups, MatMul, Tail};
 use crate::error::Result;
 
 // The registered methods: a new method is its file and one line here.
@@ -128,12 +128,49 @@ pub trait Adapter<B: Backend>: Send + Sync {
         dx: &mut B::Buf,
         accumulate: bool,
     ) -> Result<()>;
+    /// The rank of the terms `forward_term` and `backward_term` return; 0 for a method that returns none.
+    fn term_rank(&self) -> usize {
+        0
+    }
+    /// Δ(x) as a term s·h·Fᵀ for the linear's product to take in (`Backend::linear_from`'s tail), for a method whose
+    /// output is one; None leaves Δ(x) to `forward`.
+    fn forward_term(&self, _be: &B, _x: &B::Operand<'_>, _rows: usize, _pass: Pass) -> Result<Option<Term<'_, B>>> {
+        Ok(None)
+    }
+    /// `backward` with dx's part left as a term h·F for the linear's input gradient to take in
+    /// (`Backend::linear_backward_from`'s tail): accumulates every parameter's gradient and returns the term, for a
+    /// method whose input gradient is one in this pass; None (nothing done) leaves it all to `backward`.
+    fn backward_term(
+        &mut self,
+        _be: &B,
+        _x: &B::Buf,
+        _dy: &B::Operand<'_>,
+        _rows: usize,
+        _pass: Pass,
+    ) -> Result<Option<Term<'_, B>>> {
+        Ok(None)
+    }
     fn params(&self) -> Vec<&Param<B>>;
     fn params_mut(&mut self) -> Vec<&mut Param<B>>;
     /// ΔW [out, in] with Δ(x) = x·ΔWᵀ at inference (no dropout), for merging into 16/32-bit weights.
     fn delta_weight(&self, be: &B) -> Result<Vec<f32>>;
     fn trainable(&self) -> usize {
         self.params().iter().map(|p| p.numel()).sum()
+    }
+}
+
+/// An adapter's last product, handed to its linear's product (`Tail`): s·h·Fᵀ in forward (F = B [out, r]), h·F in
+/// backward (h = ∂L/∂h, F = A [r, in]).
+pub struct Term<'s, B: Backend> {
+    pub h: B::Buf,
+    pub factor: &'s B::Buf,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+impl<B: Backend> Term<'_, B> {
+    pub fn tail(&self) -> Tail<'_, B> {
+        Tail { h: &self.h, factor: self.factor, rank: self.rank, scale: self.scale }
     }
 }
 
@@ -171,6 +208,11 @@ pub(crate) struct InputView {
 impl InputView {
     pub fn width(&self) -> usize {
         self.pool.map_or(self.in_dim, |g| g.groups)
+    }
+
+    /// Whether u = x in this pass (no pooling, no active dropout).
+    pub fn is_identity(&self, pass: Pass) -> bool {
+        self.pool.is_none() && !(pass.training && self.dropout > 0.0)
     }
 
     /// The mask element of the call's first value.
@@ -242,7 +284,7 @@ impl InputView {
         accumulate: bool,
     ) -> Result<()> {
         let product = MatMul::new(rows, self.width(), k);
-        if self.pool.is_none() && !(pass.training && self.dropout > 0.0) {
+        if self.is_identity(pass) {
             return be.matmul(dh, w, dx, product.acc(accumulate));
         }
         let mut du = be.uninit(rows * self.width())?;
@@ -342,6 +384,11 @@ impl<B: Backend> LowRank<B> {
         Ok(h)
     }
 
+    /// z = s·(u·Aᵀ)·Bᵀ as a term for the linear's product.
+    pub fn forward_term(&self, be: &B, u: &Viewed<B>, rows: usize) -> Result<Term<'_, B>> {
+        Ok(Term { h: self.hidden(be, u, rows)?, factor: &self.b.value, rank: self.rank, scale: self.scaling })
+    }
+
     /// z (+)= s·h·Bᵀ [rows, n_out].
     pub fn project(&self, be: &B, h: &B::Buf, rows: usize, z: &mut B::Buf, accumulate: bool) -> Result<()> {
         be.matmul(
@@ -375,8 +422,22 @@ impl<B: Backend> LowRank<B> {
         dx: &mut B::Buf,
         accumulate: bool,
     ) -> Result<()> {
-        be.matmul(dh, u, self.a.grad_mut(be)?, MatMul::new(self.rank, self.n_in, rows).at().acc(true))?;
+        self.accumulate_da(be, u, dh, rows)?;
         view.backward_product(be, dh, &self.a.value, self.rank, rows, pass, dx, accumulate)
+    }
+
+    /// dA += dhᵀ·u.
+    fn accumulate_da(&mut self, be: &B, u: &B::Buf, dh: &B::Buf, rows: usize) -> Result<()> {
+        be.matmul(dh, u, self.a.grad_mut(be)?, MatMul::new(self.rank, self.n_in, rows).at().acc(true))
+    }
+
+    /// `backward` for an identity view (u = x): dB, dA accumulate, and dx's part dh·A is returned as a term.
+    pub fn backward_term(&mut self, be: &B, x: &B::Buf, dz: &B::Operand<'_>, rows: usize) -> Result<Term<'_, B>> {
+        let h = self.hidden(be, &Viewed::Input(x), rows)?;
+        let dh = self.backward_b(be, &h, dz, rows)?;
+        drop(h);
+        self.accumulate_da(be, x, &dh, rows)?;
+        Ok(Term { h: dh, factor: &self.a.value, rank: self.rank, scale: 1.0 })
     }
 
     /// Both steps: dB, dA accumulate, dx (+)= viewᵀ(du).

@@ -268,6 +268,32 @@ impl MatMul {
     }
 }
 
+/// A rank-r term that a linear's product takes in with its base product (an adapter's last product, as LoRA's
+/// s·(x·Aᵀ)·Bᵀ): forward adds s·h·Fᵀ to the output for h [rows, r] and F [out, r] (B); the input gradient adds s·h·F
+/// for F [r, in] (A, with h = ∂L/∂h).
+///
+/// In the 16-bit modes h and F are rounded like the base product's operands, so that a GPU can append them to the
+/// operand's rows and to the weight (K-concatenation: one GEMM over in + r, no [rows, out] output written and read
+/// again). bf16: bf16(h) and bf16(s·F). fp16: fp16(h·2^t) with t = `f16_shift` of h's largest magnitude, and
+/// fp16(s·F·2^(u−t)) with u the operand's own shift, so the product shares the base product's alpha 2^−u. F's
+/// values can fall below fp16's normal range (a young LoRA B); their products then lose low bits, which are far below
+/// the base product's own rounding of the output. An F so large that s·F·2^(u−t) passes fp16's range would need
+/// s·|F|·‖h‖/‖x‖ beyond 2^15 and gives ∞.
+pub struct Tail<'a, B: Backend + ?Sized> {
+    pub h: &'a B::Buf,
+    pub factor: &'a B::Buf,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+// By hand: a derive would ask B itself to be Copy.
+impl<B: Backend + ?Sized> Clone for Tail<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for Tail<'_, B> {}
+
 /// A partition of `width` contiguous features into `groups` runs: feature i belongs to group
 /// ⌊i·groups/width⌋. With groups | width these are equal runs of width/groups (AvgPool1d with kernel =
 /// stride, or PEFT-style repeat_interleave); otherwise the runs differ in length by at most one and none is
@@ -447,25 +473,33 @@ pub trait Backend: Send + Sync {
     /// adapters' products on x, or an output gradient for the base's input gradient and the adapters' products on it.
     /// In the 16-bit modes it is the tensor-core operand — bf16, or fp16 of x·2^s under the tensor's power-of-two
     /// scale (`f16_shift`) —, elsewhere x's values themselves. It borrows x.
-    fn operand<'a>(&self, x: &'a Self::Buf) -> Result<Self::Operand<'a>>;
+    fn operand<'a>(&self, x: &'a Self::Buf) -> Result<Self::Operand<'a>> {
+        self.operand_with_room(x, 1, 0)
+    }
+    /// `operand` of x as `rows` rows, with room after each for a `Tail` of up to `room` columns, which the products
+    /// that take one can fold into their GEMM (a backend without that ignores the room).
+    fn operand_with_room<'a>(&self, x: &'a Self::Buf, rows: usize, room: usize) -> Result<Self::Operand<'a>>;
     /// The values an operand was made from.
     fn operand_values<'a>(&self, x: &Self::Operand<'a>) -> &'a Self::Buf
     where
         Self: 'a;
-    /// out [rows, out] (+)= x·Ŵᵀ for the operand of x [rows, in].
+    /// out [rows, out] (+)= x·Ŵᵀ (+ the tail's s·h·Fᵀ, F [out, r]) for the operand of x [rows, in].
     fn linear_from(
         &self,
         x: &Self::Operand<'_>,
         w: &Self::Weight,
+        tail: Option<Tail<'_, Self>>,
         rows: usize,
         out: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()>;
-    /// dx [rows, in] (+)= dy·Ŵ for the operand of dy [rows, out]: a frozen weight's only gradient.
+    /// dx [rows, in] (+)= dy·Ŵ (+ the tail's s·h·F, F [r, in]) for the operand of dy [rows, out]: a frozen weight's
+    /// only gradient.
     fn linear_backward_from(
         &self,
         dy: &Self::Operand<'_>,
         w: &Self::Weight,
+        tail: Option<Tail<'_, Self>>,
         rows: usize,
         dx: &mut Self::Buf,
         accumulate: bool,
@@ -486,7 +520,7 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()> {
-        self.linear_from(&self.operand(x)?, w, rows, out, accumulate)
+        self.linear_from(&self.operand(x)?, w, None, rows, out, accumulate)
     }
     /// `linear_backward_from` on dy converted for this product alone.
     fn linear_backward(
@@ -497,7 +531,7 @@ pub trait Backend: Send + Sync {
         dx: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()> {
-        self.linear_backward_from(&self.operand(dy)?, w, rows, dx, accumulate)
+        self.linear_backward_from(&self.operand(dy)?, w, None, rows, dx, accumulate)
     }
 
     /// out[r, :] = table[ids[r], :] · scale; the table is a dense weight [vocab, dim] (the tied LM head too).

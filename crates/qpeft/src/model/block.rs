@@ -200,7 +200,14 @@ impl<B: Backend> Layer<'_, B> {
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
     ) -> Result<()> {
-        self.adapted(p, &self.be.operand(x)?, out, accumulate, ctx, adapters)
+        let x = self.be.operand_with_room(x, ctx.rows, self.room(&[p], adapters))?;
+        self.adapted(p, &x, out, accumulate, ctx, adapters)
+    }
+
+    /// The room a shared operand of the linears `ps` needs for their adapters' terms (`Adapter::term_rank`).
+    fn room(&self, ps: &[Proj], adapters: Option<&AdapterSet<B>>) -> usize {
+        let Some(set) = adapters else { return 0 };
+        ps.iter().filter_map(|&p| set.get(self.index, p)).map(|a| a.term_rank()).max().unwrap_or(0)
     }
 
     /// outs[i] = base(x) + Δ(x) for the linears `ps` of this block, which read the same x, converted once.
@@ -212,14 +219,15 @@ impl<B: Backend> Layer<'_, B> {
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
     ) -> Result<()> {
-        let x = self.be.operand(x)?;
+        let x = self.be.operand_with_room(x, ctx.rows, self.room(&ps, adapters))?;
         for (p, out) in ps.into_iter().zip(outs) {
             self.adapted(p, &x, out, false, ctx, adapters)?;
         }
         Ok(())
     }
 
-    /// out (+)= base(x) + Δ(x) for the operand of x, in the order the backend accumulates for free
+    /// out (+)= base(x) + Δ(x) for the operand of x: Δ(x) handed to the base product as its tail where the adapter
+    /// gives it as a term (a GPU folds it into the base GEMM), otherwise in the order the backend accumulates for free
     /// (`Backend::adapter_term_first`): on a GPU the adapter's term first and the base GEMM adding onto it, so that the
     /// adapter does not read and write the output once more.
     #[allow(clippy::too_many_arguments)]
@@ -234,20 +242,24 @@ impl<B: Backend> Layer<'_, B> {
     ) -> Result<()> {
         let (be, rows, base) = (self.be, ctx.rows, self.block.proj(p));
         let Some(a) = adapters.and_then(|a| a.get(self.index, p)) else {
-            return base.forward(be, x, rows, out, accumulate);
+            return base.forward(be, x, None, rows, out, accumulate);
         };
         let pass = ctx.pass(self.index, p);
+        if let Some(term) = a.forward_term(be, x, rows, pass)? {
+            return base.forward(be, x, Some(term.tail()), rows, out, accumulate);
+        }
         if be.adapter_term_first() {
             a.forward(be, x, rows, pass, out, accumulate)?;
-            base.forward(be, x, rows, out, true)
+            base.forward(be, x, None, rows, out, true)
         } else {
-            base.forward(be, x, rows, out, accumulate)?;
+            base.forward(be, x, None, rows, out, accumulate)?;
             a.forward(be, x, rows, pass, out, true)
         }
     }
 
-    /// dx (+)= ∂/∂x of linear `p` of this block (input x, output gradient dy); its adapter's grads accumulate. The two
-    /// parts of dx come in the order of `adapted`.
+    /// dx (+)= ∂/∂x of linear `p` of this block (input x, output gradient dy); its adapter's grads accumulate. The
+    /// adapter's part of dx goes to the base product as a tail where the adapter gives it as a term, otherwise the two
+    /// parts come in the order of `adapted`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -260,16 +272,19 @@ impl<B: Backend> Layer<'_, B> {
         adapters: &mut AdapterSet<B>,
     ) -> Result<()> {
         let (be, rows, base) = (self.be, ctx.rows, self.block.proj(p));
-        let dy = be.operand(dy)?;
         let pass = ctx.pass(self.index, p);
         let Some(a) = adapters.get_mut(self.index, p) else {
-            return base.backward_input(be, &dy, rows, dx, accumulate);
+            return base.backward_input(be, &be.operand(dy)?, None, rows, dx, accumulate);
         };
+        let dy = be.operand_with_room(dy, rows, a.term_rank())?;
+        if let Some(term) = a.backward_term(be, x, &dy, rows, pass)? {
+            return base.backward_input(be, &dy, Some(term.tail()), rows, dx, accumulate);
+        }
         if be.adapter_term_first() {
             a.backward(be, x, &dy, rows, pass, dx, accumulate)?;
-            base.backward_input(be, &dy, rows, dx, true)
+            base.backward_input(be, &dy, None, rows, dx, true)
         } else {
-            base.backward_input(be, &dy, rows, dx, accumulate)?;
+            base.backward_input(be, &dy, None, rows, dx, accumulate)?;
             a.backward(be, x, &dy, rows, pass, dx, true)
         }
     }

@@ -242,7 +242,7 @@ impl<B: Backend> Decoder<B> {
         let be = &self.backend;
         let mut out = be.uninit(rows * self.spec.vocab_size)?;
         match &self.lm_head {
-            Some(head) => head.forward(be, &be.operand(hidden)?, rows, &mut out, false)?,
+            Some(head) => head.forward(be, &be.operand(hidden)?, None, rows, &mut out, false)?,
             None => be.linear(hidden, &self.embed, rows, &mut out, false)?,
         }
         Ok(out)

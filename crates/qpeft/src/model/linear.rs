@@ -4,7 +4,7 @@
 //! GPU); the quantized form also stays on the host for saving and reports. Only the input gradient exists: the
 //! base is frozen.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Tail};
 use crate::error::Result;
 use crate::quant::base::BaseWeight;
 
@@ -18,25 +18,34 @@ pub struct QuantLinear<B: Backend> {
 }
 
 impl<B: Backend> QuantLinear<B> {
-    /// out ([rows, out_dim]) = x·Ŵᵀ + b, or out += x·Ŵᵀ + b when `accumulate`, for the operand of x
+    /// out ([rows, out_dim]) = x·Ŵᵀ + b (+ an adapter's `tail`), or out += … when `accumulate`, for the operand of x
     /// (`Backend::operand`, which the linear's adapters read too).
-    pub fn forward(&self, be: &B, x: &B::Operand<'_>, rows: usize, out: &mut B::Buf, accumulate: bool) -> Result<()> {
-        be.linear_from(x, &self.weight, rows, out, accumulate)?;
+    pub fn forward(
+        &self,
+        be: &B,
+        x: &B::Operand<'_>,
+        tail: Option<Tail<'_, B>>,
+        rows: usize,
+        out: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        be.linear_from(x, &self.weight, tail, rows, out, accumulate)?;
         if let Some(b) = &self.bias {
             be.add_bias(out, b)?;
         }
         Ok(())
     }
 
-    /// dx ([rows, in_dim]) = dy·Ŵ, or dx += dy·Ŵ when `accumulate`, for the operand of dy.
+    /// dx ([rows, in_dim]) = dy·Ŵ (+ an adapter's `tail`), or dx += … when `accumulate`, for the operand of dy.
     pub fn backward_input(
         &self,
         be: &B,
         dy: &B::Operand<'_>,
+        tail: Option<Tail<'_, B>>,
         rows: usize,
         dx: &mut B::Buf,
         accumulate: bool,
     ) -> Result<()> {
-        be.linear_backward_from(dy, &self.weight, rows, dx, accumulate)
+        be.linear_backward_from(dy, &self.weight, tail, rows, dx, accumulate)
     }
 }

@@ -324,7 +324,7 @@ impl<B: Backend> Decoder<B> {
                 be.cross_entropy_backward(&logits, &t, vocab, IGNORE, scale, &mut dlogits)?;
                 let mut dhc = be.uninit(n * h)?;
                 match &self.lm_head {
-                    Some(head) => head.backward_input(be, &be.operand(&dlogits)?, n, &mut dhc, false)?,
+                    Some(head) => head.backward_input(be, &be.operand(&dlogits)?, None, n, &mut dhc, false)?,
                     None => be.linear_backward(&dlogits, &self.embed, n, &mut dhc, false)?,
                 }
                 be.copy(&dhc, 0, dh, r0 * h, n * h)?;

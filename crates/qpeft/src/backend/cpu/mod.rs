@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::{
     check, check_adamw_8bit, check_attention, check_f16_range, check_groups, f16_shift, flash_head, poison,
-    weight_values_of, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite,
+    weight_values_of, AdamStep, AttentionShape, Backend, GluKind, Groups, MatMul, RowWrite, Tail,
 };
 use crate::error::{Error, Result};
 use crate::linalg::{gemm_strided, Real, Strided};
@@ -29,6 +29,8 @@ pub use weight::{CpuWeight, PackedRows};
 /// emulations round x to (`product_input`) and the bf16 kernels' tile layout.
 pub struct CpuOperand<'a, T: Real> {
     x: &'a Vec<T>,
+    /// The f16 mode's power-of-two scale of x (`f16_shift`).
+    shift: OnceLock<i32>,
     rounded: OnceLock<Cow<'a, [T]>>,
     tiles: OnceLock<bf16::Input>,
 }
@@ -182,7 +184,124 @@ impl<T: Real> Cpu<T> {
 
     /// The values the products on `x` read (`product_input`, once per operand).
     fn rounded_operand<'o>(&self, x: &'o CpuOperand<'_, T>) -> &'o [T] {
-        x.rounded.get_or_init(|| self.product_input(x.x))
+        x.rounded.get_or_init(|| match self.half {
+            Some(Half::F16) => {
+                let s = self.operand_shift(x);
+                self.rounded(x.x, move |v| f16_scaled(v, s))
+            }
+            _ => self.product_input(x.x),
+        })
+    }
+
+    /// The f16 mode's scale of an operand (`f16_shift` of its largest magnitude), once per operand.
+    fn operand_shift(&self, x: &CpuOperand<'_, T>) -> i32 {
+        *x.shift.get_or_init(|| f16_shift(amax(x.x)))
+    }
+
+    /// out += the tail's product for the operand x of its linear (`forward`: F is [out, r], else [r, in]), its
+    /// factors rounded as `Tail` describes.
+    fn tail_product(
+        &self,
+        x: &CpuOperand<'_, T>,
+        t: Tail<'_, Self>,
+        rows: usize,
+        out: &mut [T],
+        forward: bool,
+    ) -> Result<()> {
+        let scale = t.scale;
+        let (h, f, alpha) = match self.half {
+            None => (Cow::Borrowed(&t.h[..]), Cow::Borrowed(&t.factor[..]), scale),
+            Some(Half::Bf16) => (self.rounded_bf16(t.h), self.rounded(t.factor, move |v| bf16_rne(v * scale)), 1.0),
+            Some(Half::F16) => {
+                let (u, th) = (self.operand_shift(x), f16_shift(amax(t.h)));
+                let h = self.rounded(t.h, move |v| f16_scaled(v, th));
+                (h, self.rounded(t.factor, move |v| f16_scaled(v * scale, u - th)), 1.0)
+            }
+        };
+        let shape = MatMul::new(rows, out.len() / rows.max(1), t.rank).scaled(alpha).acc(true);
+        self.gemm(&h, &f, out, if forward { shape.bt() } else { shape })
+    }
+    /// The base product of `linear_from`.
+    fn base_product(
+        &self,
+        x: &CpuOperand<'_, T>,
+        w: &CpuWeight<T>,
+        rows: usize,
+        out: &mut Vec<T>,
+        accumulate: bool,
+    ) -> Result<()> {
+        match w {
+            CpuWeight::Values(w) => {
+                let (in_dim, out_dim) = (x.x.len() / rows.max(1), out.len() / rows.max(1));
+                self.gemm(self.rounded_operand(x), w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
+            }
+            CpuWeight::Packed(g) => {
+                check(x.x.len() == rows * g.in_dim() && out.len() == rows * g.out_dim(), "linear", || {
+                    format!(
+                        "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
+                        x.x.len(),
+                        out.len(),
+                        g.out_dim(),
+                        g.in_dim()
+                    )
+                })?;
+                self.linear_packed(self.rounded_operand(x), g, rows, out, accumulate);
+                Ok(())
+            }
+            CpuWeight::Bf16 { forward, .. } => {
+                check(x.x.len() == rows * forward.in_dim && out.len() == rows * forward.out_dim, "linear", || {
+                    format!("{} inputs and {} outputs for {rows} rows of {forward:?}", x.x.len(), out.len())
+                })?;
+                let a = x.tiles.get_or_init(|| bf16::Input::new(x.x, rows, forward.in_dim));
+                bf16::product(self.native(), a, forward, out, accumulate);
+                Ok(())
+            }
+        }
+    }
+
+    /// The base product of `linear_backward_from`.
+    fn base_backward(
+        &self,
+        dy: &CpuOperand<'_, T>,
+        w: &CpuWeight<T>,
+        rows: usize,
+        dx: &mut Vec<T>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (out_dim, in_dim) = (dy.x.len() / rows.max(1), dx.len() / rows.max(1));
+        match w {
+            CpuWeight::Values(w) => {
+                self.gemm(self.rounded_operand(dy), w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
+            }
+            CpuWeight::Packed(g) => {
+                check(dy.x.len() == rows * g.out_dim() && dx.len() == rows * g.in_dim(), "linear_backward", || {
+                    format!(
+                        "{} output gradients and {} input gradients for {rows} rows of a {} × {} weight",
+                        dy.x.len(),
+                        dx.len(),
+                        g.out_dim(),
+                        g.in_dim()
+                    )
+                })?;
+                self.linear_backward_packed(self.rounded_operand(dy), g, rows, dx, accumulate)
+            }
+            CpuWeight::Bf16 { forward, backward } => {
+                check(
+                    dy.x.len() == rows * forward.out_dim && dx.len() == rows * forward.in_dim,
+                    "linear_backward",
+                    || {
+                        format!(
+                            "{} output gradients and {} input gradients for {rows} rows of {forward:?}",
+                            dy.x.len(),
+                            dx.len()
+                        )
+                    },
+                )?;
+                let a = dy.tiles.get_or_init(|| bf16::Input::new(dy.x, rows, forward.out_dim));
+                bf16::product(self.native(), a, backward.get_or_init(|| forward.transposed()), dx, accumulate);
+                Ok(())
+            }
+        }
     }
     fn gemm(&self, a: &[T], b: &[T], out: &mut [T], s: MatMul) -> Result<()> {
         check(a.len() == s.m * s.k && b.len() == s.k * s.n && out.len() == s.m * s.n, "matmul", || {
@@ -297,8 +416,8 @@ impl<T: Real> Backend for Cpu<T> {
             CpuWeight::Bf16 { forward, .. } => (0..forward.out_dim).flat_map(|n| forward.row(n)).map(T::of).collect(),
         })
     }
-    fn operand<'a>(&self, x: &'a Vec<T>) -> Result<CpuOperand<'a, T>> {
-        Ok(CpuOperand { x, rounded: OnceLock::new(), tiles: OnceLock::new() })
+    fn operand_with_room<'a>(&self, x: &'a Vec<T>, _rows: usize, _room: usize) -> Result<CpuOperand<'a, T>> {
+        Ok(CpuOperand { x, shift: OnceLock::new(), rounded: OnceLock::new(), tiles: OnceLock::new() })
     }
     fn operand_values<'a>(&self, x: &CpuOperand<'a, T>) -> &'a Vec<T>
     where
@@ -310,79 +429,30 @@ impl<T: Real> Backend for Cpu<T> {
         &self,
         x: &CpuOperand<'_, T>,
         w: &CpuWeight<T>,
+        tail: Option<Tail<'_, Self>>,
         rows: usize,
         out: &mut Vec<T>,
         accumulate: bool,
     ) -> Result<()> {
-        match w {
-            CpuWeight::Values(w) => {
-                let (in_dim, out_dim) = (x.x.len() / rows.max(1), out.len() / rows.max(1));
-                self.gemm(self.rounded_operand(x), w, out, MatMul::new(rows, out_dim, in_dim).bt().acc(accumulate))
-            }
-            CpuWeight::Packed(g) => {
-                check(x.x.len() == rows * g.in_dim() && out.len() == rows * g.out_dim(), "linear", || {
-                    format!(
-                        "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
-                        x.x.len(),
-                        out.len(),
-                        g.out_dim(),
-                        g.in_dim()
-                    )
-                })?;
-                self.linear_packed(self.rounded_operand(x), g, rows, out, accumulate);
-                Ok(())
-            }
-            CpuWeight::Bf16 { forward, .. } => {
-                check(x.x.len() == rows * forward.in_dim && out.len() == rows * forward.out_dim, "linear", || {
-                    format!("{} inputs and {} outputs for {rows} rows of {forward:?}", x.x.len(), out.len())
-                })?;
-                let a = x.tiles.get_or_init(|| bf16::Input::new(x.x, rows, forward.in_dim));
-                bf16::product(self.native(), a, forward, out, accumulate);
-                Ok(())
-            }
+        self.base_product(x, w, rows, out, accumulate)?;
+        match tail {
+            Some(t) => self.tail_product(x, t, rows, out, true),
+            None => Ok(()),
         }
     }
     fn linear_backward_from(
         &self,
         dy: &CpuOperand<'_, T>,
         w: &CpuWeight<T>,
+        tail: Option<Tail<'_, Self>>,
         rows: usize,
         dx: &mut Vec<T>,
         accumulate: bool,
     ) -> Result<()> {
-        let (out_dim, in_dim) = (dy.x.len() / rows.max(1), dx.len() / rows.max(1));
-        match w {
-            CpuWeight::Values(w) => {
-                self.gemm(self.rounded_operand(dy), w, dx, MatMul::new(rows, in_dim, out_dim).acc(accumulate))
-            }
-            CpuWeight::Packed(g) => {
-                check(dy.x.len() == rows * g.out_dim() && dx.len() == rows * g.in_dim(), "linear_backward", || {
-                    format!(
-                        "{} output gradients and {} input gradients for {rows} rows of a {} × {} weight",
-                        dy.x.len(),
-                        dx.len(),
-                        g.out_dim(),
-                        g.in_dim()
-                    )
-                })?;
-                self.linear_backward_packed(self.rounded_operand(dy), g, rows, dx, accumulate)
-            }
-            CpuWeight::Bf16 { forward, backward } => {
-                check(
-                    dy.x.len() == rows * forward.out_dim && dx.len() == rows * forward.in_dim,
-                    "linear_backward",
-                    || {
-                        format!(
-                            "{} output gradients and {} input gradients for {rows} rows of {forward:?}",
-                            dy.x.len(),
-                            dx.len()
-                        )
-                    },
-                )?;
-                let a = dy.tiles.get_or_init(|| bf16::Input::new(dy.x, rows, forward.out_dim));
-                bf16::product(self.native(), a, backward.get_or_init(|| forward.transposed()), dx, accumulate);
-                Ok(())
-            }
+        self.base_backward(dy, w, rows, dx, accumulate)?;
+        match tail {
+            Some(t) => self.tail_product(dy, t, rows, dx, false),
+            None => Ok(()),
         }
     }
 

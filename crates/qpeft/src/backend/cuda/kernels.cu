@@ -444,35 +444,70 @@ extern "C" __global__ void absmax(const float* x, long long n, u32* amax) {
     if (threadIdx.x == 0) atomicMax(amax, m);
 }
 
-// fp16 of x·2^s with s = f16_shift_for(binary_exponent(*amax)), eight values per thread like to_bf16; a product's alpha
-// goes to *inv_scale unless it is null: 2^−s · factor, times *times unless that is null (the other operand's 2^−s).
-extern "C" __global__ void to_f16_scaled(const float* x, f16* out, long long n, const u32* amax, float* inv_scale,
-                                         const float* times, float factor) {
+// Where value i of a tensor with rows of `cols` values goes in a copy with rows of `ld` (≥ cols): room after each row
+// for a product's tail (backend::Tail).
+__device__ long long strided(long long i, int cols, int ld) { return ld == cols ? i : (i / cols) * ld + i % cols; }
+
+// Whether eight consecutive values of a row stay together and 16-byte aligned in the strided copy.
+__device__ bool octets_fit(long long n, int cols, int ld) { return ld == cols || (cols % 8 == 0 && ld % 8 == 0); }
+
+// fp16 of x·2^s with s = f16_shift_for(binary_exponent(*amax)), eight values per thread like to_bf16, rows of `cols`
+// values written with a row stride of `ld`; a product's alpha goes to *inv_scale unless it is null: 2^−s · factor,
+// times *times unless that is null (the other operand's 2^−s).
+extern "C" __global__ void to_f16_scaled(const float* x, f16* out, long long n, int cols, int ld, const u32* amax,
+                                         float* inv_scale, const float* times, float factor) {
     int s = f16_shift_for(binary_exponent(__uint_as_float(*amax)));
     float k = pow2(s);
     if (inv_scale && blockIdx.x == 0 && threadIdx.x == 0) *inv_scale = pow2(-s) * factor * (times ? *times : 1.0f);
-    long long octets = n >> 3;
+    long long octets = octets_fit(n, cols, ld) ? n >> 3 : 0;
     GRID_STRIDE(t, octets) {
         float4 a = reinterpret_cast<const float4*>(x)[2 * t], b = reinterpret_cast<const float4*>(x)[2 * t + 1];
-        reinterpret_cast<uint4*>(out)[t] = make_uint4(f16_pair(__fmul_rn(a.x, k), __fmul_rn(a.y, k)), f16_pair(__fmul_rn(a.z, k), __fmul_rn(a.w, k)),
-                                                      f16_pair(__fmul_rn(b.x, k), __fmul_rn(b.y, k)), f16_pair(__fmul_rn(b.z, k), __fmul_rn(b.w, k)));
+        reinterpret_cast<uint4*>(out + strided(t << 3, cols, ld))[0] =
+            make_uint4(f16_pair(__fmul_rn(a.x, k), __fmul_rn(a.y, k)), f16_pair(__fmul_rn(a.z, k), __fmul_rn(a.w, k)),
+                       f16_pair(__fmul_rn(b.x, k), __fmul_rn(b.y, k)), f16_pair(__fmul_rn(b.z, k), __fmul_rn(b.w, k)));
     }
-    GRID_STRIDE(i, n - (octets << 3)) put(out, (octets << 3) + i, __fmul_rn(x[(octets << 3) + i], k));
+    GRID_STRIDE(r, n - (octets << 3)) {
+        long long i = (octets << 3) + r;
+        put(out, strided(i, cols, ld), __fmul_rn(x[i], k));
+    }
+}
+
+// A product's tail (backend::Tail) in 16 bits: the [rows, cols] f32 x into the [rows_out, cols_out] region at `out`
+// (row stride ld), zero outside x, each value x·factor·2^(s₊ − s₋) rounded to fp16 (`f16`) or bf16, where s± is the
+// f16 shift of *plus (*minus), 0 for a null pointer or in bf16. The two products round separately, as the CPU does.
+extern "C" __global__ void to_half_region(const float* x, int rows, int cols, int rows_out, int cols_out, unsigned short* out,
+                                          long long ld, int f16, const u32* plus, const u32* minus, float factor) {
+    int s = 0;
+    if (f16) {
+        if (plus) s += f16_shift_for(binary_exponent(__uint_as_float(*plus)));
+        if (minus) s -= f16_shift_for(binary_exponent(__uint_as_float(*minus)));
+        s = min(120, max(-120, s));
+    }
+    float k = pow2(s);
+    GRID_STRIDE(i, (long long)rows_out * cols_out) {
+        int r = (int)(i / cols_out), c = (int)(i % cols_out);
+        float v = r < rows && c < cols ? __fmul_rn(__fmul_rn(x[(long long)r * cols + c], factor), k) : 0.0f;
+        out[r * ld + c] = f16 ? to_f16_bits(v) : to_bf16_bits(v);
+    }
 }
 
 extern "C" __global__ void from_f16(const f16* x, float* out, long long n) {
     GRID_STRIDE(i, n) out[i] = f16_bits_to_float(x[i].bits);
 }
 
-// Eight values per thread (two 16-byte loads, one 16-byte store), then the tail one by one. Buffers come from the
-// allocator, so they are 256-byte aligned.
-extern "C" __global__ void to_bf16(const float* x, bf16* out, long long n) {
-    long long octets = n >> 3;
+// Eight values per thread (two 16-byte loads, one 16-byte store), then the tail one by one; rows of `cols` values
+// written with a row stride of `ld` (to_f16_scaled). Buffers come from the allocator, so they are 256-byte aligned.
+extern "C" __global__ void to_bf16(const float* x, bf16* out, long long n, int cols, int ld) {
+    long long octets = octets_fit(n, cols, ld) ? n >> 3 : 0;
     GRID_STRIDE(t, octets) {
         float4 a = reinterpret_cast<const float4*>(x)[2 * t], b = reinterpret_cast<const float4*>(x)[2 * t + 1];
-        reinterpret_cast<uint4*>(out)[t] = make_uint4(bf16_pair(a.x, a.y), bf16_pair(a.z, a.w), bf16_pair(b.x, b.y), bf16_pair(b.z, b.w));
+        reinterpret_cast<uint4*>(out + strided(t << 3, cols, ld))[0] =
+            make_uint4(bf16_pair(a.x, a.y), bf16_pair(a.z, a.w), bf16_pair(b.x, b.y), bf16_pair(b.z, b.w));
     }
-    GRID_STRIDE(i, n - (octets << 3)) out[(octets << 3) + i] = to_bf16_bits(x[(octets << 3) + i]);
+    GRID_STRIDE(r, n - (octets << 3)) {
+        long long i = (octets << 3) + r;
+        out[strided(i, cols, ld)] = to_bf16_bits(x[i]);
+    }
 }
 
 extern "C" __global__ void from_bf16(const bf16* x, float* out, long long n) {
@@ -496,6 +531,7 @@ struct Bnb4 {
     const float* tau_scales;
     int tau_shift, tau_super_shift;
     const float* dyn_map;         // bitsandbytes' signed dynamic 8-bit map (256 values)
+    int in_dim, ld;               // rows of in_dim values, written with a row stride of ld (room for a tail)
 };
 
 __device__ float bnb4_absmax(const Bnb4& q, long long b) {
@@ -528,7 +564,7 @@ __device__ void store16(f16* out, long long i, const float* v) { store16_pairs<f
 // blocks 64, so the sixteen share one absmax and one τ. Then the tail one by one.
 template <typename T>
 __device__ void dequantize_bnb4(Bnb4 q, T* out) {
-    long long groups = q.n >> 4;
+    long long groups = q.ld == q.in_dim || (q.in_dim % 16 == 0 && q.ld % 8 == 0) ? q.n >> 4 : 0;
     GRID_STRIDE(t, groups) {
         uint2 raw = reinterpret_cast<const uint2*>(q.packed)[t];
         long long i0 = t << 4;
@@ -539,12 +575,12 @@ __device__ void dequantize_bnb4(Bnb4 q, T* out) {
             v[2 * k] = bnb4_value(q, i0, byte >> 4, a);
             v[2 * k + 1] = bnb4_value(q, i0, byte & 15, a);
         }
-        store16(out, i0, v);
+        store16(out, strided(i0, q.in_dim, q.ld), v);
     }
     GRID_STRIDE(r, q.n - (groups << 4)) {
         long long i = (groups << 4) + r;
         unsigned char byte = q.packed[i >> 1];
-        put(out, i, bnb4_value(q, i, (i & 1) ? (byte & 15) : (byte >> 4), bnb4_absmax(q, i >> q.block_shift)));
+        put(out, strided(i, q.in_dim, q.ld), bnb4_value(q, i, (i & 1) ? (byte & 15) : (byte >> 4), bnb4_absmax(q, i >> q.block_shift)));
     }
 }
 extern "C" __global__ void dequantize_bnb4_f32(Bnb4 q, float* out) { dequantize_bnb4(q, out); }
@@ -559,6 +595,7 @@ struct Int4 {
     const float* zeros;   // [groups, out]
     const u32* g_idx;
     int out_dim, in_dim;
+    int ld;  // the output's row stride (≥ in_dim: room for a tail)
 };
 
 // 32-bit index arithmetic: the host refuses weights of 2³² values or more.
@@ -568,7 +605,7 @@ __device__ void dequantize_int4(Int4 q, T* out) {
         u32 j = (u32)t / (u32)q.in_dim, i = (u32)t % (u32)q.in_dim;
         u32 g = q.g_idx[i] * (u32)q.out_dim + j;
         int code = (q.qweight[(i / 8) * (u32)q.out_dim + j] >> (4 * (i % 8))) & 15;
-        put(out, t, f16_round(__fmul_rn(q.scales[g], __fsub_rn((float)code, q.zeros[g]))));
+        put(out, (long long)j * q.ld + i, f16_round(__fmul_rn(q.scales[g], __fsub_rn((float)code, q.zeros[g]))));
     }
 }
 extern "C" __global__ void dequantize_int4_f32(Int4 q, float* out) { dequantize_int4(q, out); }

@@ -52,7 +52,7 @@ use self::weight::Scratch;
 use super::Groups;
 use super::{
     check, check_adamw_8bit, check_attention, check_groups, poison, weight_values_of, AdamStep, AttentionShape,
-    Backend, DeviceMemory, GluKind, KernelTime, MatMul, Precision, RowWrite, ADAM8_BLOCK,
+    Backend, DeviceMemory, GluKind, KernelTime, MatMul, Precision, RowWrite, Tail, ADAM8_BLOCK,
 };
 use crate::error::{DeviceFailure, Error, Result};
 use crate::quant::base::BaseWeight;
@@ -87,6 +87,8 @@ pub struct Cuda {
     w_half: Scratch<u16>,
     /// 0.0 and 1.0: the betas of products whose alpha is on the device.
     unit_scalars: CudaSlice<f32>,
+    /// The largest magnitude of the current product's tail (`Tail`, f16 mode).
+    tail_amax: CudaSlice<u32>,
     /// Attention scores and their gradients.
     scores_a: Scratch<f32>,
     scores_b: Scratch<f32>,
@@ -245,6 +247,7 @@ impl Cuda {
         let dyn_map = stream.clone_htod(&signed_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
         let udyn_map = stream.clone_htod(&unsigned_dynamic()).map_err(|e| device_err("uploading the 8-bit map", e))?;
         let unit_scalars = stream.clone_htod(&[0.0f32, 1.0]).map_err(|e| device_err("uploading scalars", e))?;
+        let tail_amax = stream.clone_htod(&[0u32]).map_err(|e| device_err("uploading scalars", e))?;
         let (w_f32, w_half, scores_a, scores_b) = (Scratch::new(), Scratch::new(), Scratch::new(), Scratch::new());
         Ok(Cuda {
             ordinal,
@@ -258,6 +261,7 @@ impl Cuda {
             w_f32,
             w_half,
             unit_scalars,
+            tail_amax,
             scores_a,
             scores_b,
             offload: std::sync::Mutex::new(None),
@@ -484,8 +488,8 @@ impl Backend for Cuda {
     fn weight_values(&self, w: &CudaWeight) -> Result<Self::Buf> {
         self.weight_values_f32(w)
     }
-    fn operand<'a>(&self, x: &'a Self::Buf) -> Result<CudaOperand<'a>> {
-        self.operand_of(x)
+    fn operand_with_room<'a>(&self, x: &'a Self::Buf, rows: usize, room: usize) -> Result<CudaOperand<'a>> {
+        self.operand_of(x, rows, room)
     }
     fn operand_values<'a>(&self, x: &CudaOperand<'a>) -> &'a Self::Buf
     where
@@ -500,21 +504,23 @@ impl Backend for Cuda {
         &self,
         x: &CudaOperand<'_>,
         w: &CudaWeight,
+        tail: Option<Tail<'_, Self>>,
         rows: usize,
         out: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()> {
-        self.weight_product(x, w, rows, out, accumulate, true)
+        self.weight_product(x, w, tail, rows, out, accumulate, true)
     }
     fn linear_backward_from(
         &self,
         dy: &CudaOperand<'_>,
         w: &CudaWeight,
+        tail: Option<Tail<'_, Self>>,
         rows: usize,
         dx: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()> {
-        self.weight_product(dy, w, rows, dx, accumulate, false)
+        self.weight_product(dy, w, tail, rows, dx, accumulate, false)
     }
 
     fn embedding(

@@ -13,7 +13,7 @@ use half::{bf16, f16};
 use super::gemm::{Dtype, Gemm, Operand};
 use super::operand::CudaOperand;
 use super::{device_err, grid, Cuda, Precision, THREADS};
-use crate::backend::{check, check_f16_range};
+use crate::backend::{check, check_f16_range, Backend, MatMul, Tail};
 use crate::error::Result;
 use crate::quant::base::BaseWeight;
 use crate::quant::icq::{ICQ_BLOCK, SUPER_BLOCK};
@@ -73,6 +73,8 @@ struct Bnb4Args {
     tau_shift: i32,
     tau_super_shift: i32,
     dyn_map: u64,
+    in_dim: i32,
+    ld: i32,
 }
 
 /// The kernels' `struct Int4`.
@@ -85,6 +87,7 @@ struct Int4Args {
     g_idx: u64,
     out_dim: i32,
     in_dim: i32,
+    ld: i32,
 }
 
 // SAFETY: plain #[repr(C)] structs of integers, floats and device addresses, laid out as the kernels' structs.
@@ -192,8 +195,12 @@ impl Cuda {
         })
     }
 
-    /// Ŵ into `out` as `dtype`; `out` must hold out_dim · in_dim values.
-    fn dequantize_into(&self, w: &CudaWeight, out: u64, dtype: Dtype) -> Result<()> {
+    /// Ŵ into `out` as `dtype`, rows at a stride of `ld` (≥ in_dim: room for a tail after each row); `out` must hold
+    /// (out_dim − 1) · ld + in_dim values.
+    fn dequantize_into(&self, w: &CudaWeight, out: u64, dtype: Dtype, ld: usize) -> Result<()> {
+        check(ld >= w.in_dim && ld < 1 << 31, "dequantize", || {
+            format!("a row stride of {ld} for rows of {}", w.in_dim)
+        })?;
         let n = w.out_dim * w.in_dim;
         let suffix = match dtype {
             Dtype::F32 => "f32",
@@ -224,6 +231,8 @@ impl Cuda {
                     tau_shift: shift(ICQ_BLOCK)?,
                     tau_super_shift: shift(SUPER_BLOCK)?,
                     dyn_map: self.addr(&self.dyn_map),
+                    in_dim: w.in_dim as i32,
+                    ld: ld as i32,
                 };
                 launch!(self, &format!("dequantize_bnb4_{suffix}"), grid(q.n.div_ceil(16)), &args, &out)
             }
@@ -235,6 +244,7 @@ impl Cuda {
                     g_idx: self.addr(&q.g_idx),
                     out_dim: w.out_dim as i32,
                     in_dim: w.in_dim as i32,
+                    ld: ld as i32,
                 };
                 launch!(self, &format!("dequantize_int4_{suffix}"), grid(n), &args, &out)
             }
@@ -260,7 +270,7 @@ impl Cuda {
         match &w.form {
             Form::DenseF32(d) => self.stream.memcpy_dtod(d, &mut out).map_err(|e| device_err("copy", e))?,
             Form::DenseHalf(d) => self.widen_half(d, &mut out)?,
-            _ => self.dequantize_into(w, self.addr(&out), Dtype::F32)?,
+            _ => self.dequantize_into(w, self.addr(&out), Dtype::F32, w.in_dim)?,
         }
         Ok(out)
     }
@@ -308,21 +318,28 @@ impl Cuda {
         }
     }
 
-    /// x·Ŵᵀ (forward, `transpose_weight`) or dy·Ŵ (input gradient) into `out` for the operand of x (dy), with Ŵ in
-    /// the GEMM dtype: packed bases dequantize into the shared weight buffer first; 16-bit weights read the operand's
-    /// 16-bit copy (in the f16 mode the product's alpha undoes its scale), with f32 accumulation and output.
+    /// x·Ŵᵀ (`forward`) or dy·Ŵ (input gradient) into `out` for the operand of x (dy), with Ŵ in the GEMM dtype:
+    /// packed bases dequantize into the shared weight buffer first; 16-bit weights read the operand's 16-bit copy (in
+    /// the f16 mode the product's alpha undoes its scale), with f32 accumulation and output. A tail joins the GEMM by
+    /// K-concatenation where the weight is dequantized anyway and the operand has room for it: h after each of the
+    /// operand's rows, the factor after each row of Ŵ (forward: [x | h]·[Ŵ | F]ᵀ) or after its last row (backward:
+    /// [dy | h]·[Ŵ ; F]), both padded with zeros to the operand's row stride. Otherwise it is a product of its own,
+    /// written first, the base product adding onto it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn weight_product(
         &self,
         x: &CudaOperand,
         w: &CudaWeight,
+        tail: Option<Tail<'_, Cuda>>,
         rows: usize,
         out: &mut CudaSlice<f32>,
         accumulate: bool,
-        transpose_weight: bool,
+        forward: bool,
     ) -> Result<()> {
-        let (x_cols, out_cols) = if transpose_weight { (w.in_dim, w.out_dim) } else { (w.out_dim, w.in_dim) };
-        let op = if transpose_weight { "linear" } else { "linear_backward" };
-        check(x.x.len() == rows * x_cols && out.len() == rows * out_cols, op, || {
+        let (x_cols, out_cols) = if forward { (w.in_dim, w.out_dim) } else { (w.out_dim, w.in_dim) };
+        let op = if forward { "linear" } else { "linear_backward" };
+        let rows_fit = x.row_stride().is_none_or(|_| x.cols == x_cols);
+        check(x.x.len() == rows * x_cols && out.len() == rows * out_cols && rows_fit, op, || {
             format!(
                 "{} inputs and {} outputs for {rows} rows of a {} × {} weight",
                 x.x.len(),
@@ -334,7 +351,15 @@ impl Cuda {
         // Only packed bases need the shared buffer (a dense head would otherwise grow it to the vocabulary's size).
         let half = self.half();
         let packed = !matches!(w.form, Form::DenseF32(_) | Form::DenseHalf(_));
-        let n = if packed { w.out_dim * w.in_dim } else { 0 };
+        let fold = tail.as_ref().filter(|t| half.is_some() && packed && x.room() >= t.rank);
+        let mut beta = accumulate;
+        if let Some(t) = tail.as_ref().filter(|_| fold.is_none()) {
+            self.tail_product(x, t, rows, out, accumulate, forward)?;
+            beta = true;
+        }
+        // K of the GEMM: the operand's whole row stride when a tail is folded in.
+        let k = if fold.is_some() { x.ld } else { x_cols };
+        let n = if packed { out_cols * k } else { 0 };
         let w_f32 = self.w_f32.get(self, if half.is_some() { 0 } else { n })?;
         let w_half = self.w_half.get(self, if half.is_some() { n } else { 0 })?;
         let weight = match (&w.form, half) {
@@ -342,21 +367,70 @@ impl Cuda {
             (Form::DenseHalf(d), Some(h)) => Operand::half(self.addr(d), h),
             (_, Some(h)) => {
                 let at = self.addr(w_half.as_ref().expect("allocated"));
-                self.dequantize_into(w, at, h)?;
+                self.dequantize_into(w, at, h, if forward { k } else { w.in_dim })?;
                 Operand::half(at, h)
             }
             (_, None) => {
                 let at = self.addr(w_f32.as_ref().expect("allocated"));
-                self.dequantize_into(w, at, Dtype::F32)?;
+                self.dequantize_into(w, at, Dtype::F32, w.in_dim)?;
                 Operand::f32(at)
             }
         };
-        let mut g = Gemm::new(rows, out_cols, x_cols, false, transpose_weight);
-        g.beta = if accumulate { 1.0 } else { 0.0 };
+        if let Some(t) = fold {
+            let copy = self.addr(x.half.as_ref().expect("a 16-bit operand"));
+            let h_region = (copy + 2 * x.cols as u64, x.ld - x.cols, x.ld);
+            let f_region = if forward {
+                (weight.ptr + 2 * w.in_dim as u64, w.out_dim, k - w.in_dim, k)
+            } else {
+                (weight.ptr + 2 * (w.out_dim * w.in_dim) as u64, k - w.out_dim, w.in_dim, w.in_dim)
+            };
+            self.tail_halves(x, t, rows, h_region, f_region, forward)?;
+        }
+        let mut g = Gemm::new(rows, out_cols, k, false, forward);
+        g.beta = if beta { 1.0 } else { 0.0 };
         let (input, alpha_at) = self.gemm_operand(x, weight.dtype)?;
+        if let (Some(ld), true) = (x.row_stride(), input.is_half()) {
+            g.lda = ld;
+        }
         g.alpha_at = alpha_at;
-        // SAFETY: sizes checked above; the weight operand holds out_dim · in_dim values, the scratch buffers at least
-        // what was asked of them.
+        // SAFETY: sizes checked above; the weight operand holds out_dim · in_dim values (with a folded tail, its rows
+        // or its row count extended to k), the operand's copy `rows` rows of its row stride, the scratch buffers at
+        // least what was asked of them.
         unsafe { self.gemm(g, input, weight, self.addr(out)) }
+    }
+
+    /// out (+)= the tail's product as a GEMM of its own (`forward`: F is [out, r], else [r, in]): in the 16-bit modes on
+    /// its 16-bit factors (`tail_halves`) under the operand x's alpha, in f32 with the tail's scale as alpha.
+    fn tail_product(
+        &self,
+        x: &CudaOperand,
+        t: &Tail<'_, Cuda>,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+        accumulate: bool,
+        forward: bool,
+    ) -> Result<()> {
+        let out_cols = out.len() / rows.max(1);
+        let Some(dtype) = self.half() else {
+            let shape = MatMul::new(rows, out_cols, t.rank).scaled(t.scale).acc(accumulate);
+            return Backend::matmul(self, t.h, t.factor, out, if forward { shape.bt() } else { shape });
+        };
+        let (h, f) = (self.alloc_uninit::<u16>(t.h.len())?, self.alloc_uninit::<u16>(t.factor.len())?);
+        let (f_rows, f_cols) = if forward { (out_cols, t.rank) } else { (t.rank, out_cols) };
+        self.tail_halves(
+            x,
+            t,
+            rows,
+            (self.addr(&h), t.rank, t.rank),
+            (self.addr(&f), f_rows, f_cols, f_cols),
+            forward,
+        )?;
+        let mut g = Gemm::new(rows, out_cols, t.rank, false, forward);
+        g.beta = if accumulate { 1.0 } else { 0.0 };
+        g.alpha_at = self.gemm_operand(x, dtype)?.1;
+        // SAFETY: tail_halves checked h [rows, r] and the factor against out's columns; the copies are that large.
+        unsafe {
+            self.gemm(g, Operand::half(self.addr(&h), dtype), Operand::half(self.addr(&f), dtype), self.addr(out))
+        }
     }
 }
