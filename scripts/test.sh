@@ -24,6 +24,8 @@ step format
 cargo fmt --all --check
 step module graph
 python3 scripts/module_graph.py
+step kernel launches
+python3 scripts/gpu/launch_check.py
 step clippy
 cargo clippy --release --workspace --all-features --all-targets -- -D warnings
 step tests

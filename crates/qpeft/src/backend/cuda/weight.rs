@@ -277,8 +277,9 @@ impl Cuda {
 
     /// bf16 bits of x (rounded to nearest even) into the `x.len()` values at `out`.
     pub(super) fn round_to_bf16(&self, x: &CudaSlice<f32>, out: u64) -> Result<()> {
-        let n64 = x.len() as i64;
-        launch!(self, "to_bf16", grid(x.len().div_ceil(8)), x, &out, &n64)
+        // One row (no room after it): the kernel's cols and row stride are both the length.
+        let (n64, cols) = (x.len() as i64, x.len().max(1) as i32);
+        launch!(self, "to_bf16", grid(x.len().div_ceil(8)), x, &out, &n64, &cols, &cols)
     }
 
     /// bf16 bits widened to f32 (exact); `out` holds as many values as `x`.
