@@ -216,7 +216,8 @@ fn invalid_configurations_are_refused_with_the_value() {
 }
 
 /// The terms an adapter hands its linear (`forward_term`, `backward_term`) are its `forward` and `backward`: the
-/// term's product s·h·Fᵀ is Δ(x), and backward_term leaves the same parameter gradients as `backward` with h·F its dx.
+/// term's product s·h·Fᵀ is Δ(x), and backward_term (given the forward term's h) leaves the same parameter gradients
+/// as `backward` with h·F its dx.
 /// LoRA and QA-LoRA give forward terms; LoRA without active dropout a backward term; every other case none, with
 /// nothing accumulated.
 #[test]
@@ -231,6 +232,7 @@ fn adapter_terms_are_the_forward_and_backward_they_replace() {
         let pass = Pass { training, seed: 41, first_row: 0 };
         let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-12 * b.abs().max(1.0));
         let want_y = forward(a.as_ref(), &x, rows, n_out, pass);
+        let mut kept = None;
         if let Some(t) = a.forward_term(&BE, &BE.operand(&x).unwrap(), rows, pass).unwrap() {
             assert_eq!((t.h.len(), t.factor.len()), (rows * t.rank, n_out * t.rank), "{name}");
             let y: Vec<f64> = (0..rows * n_out)
@@ -241,11 +243,13 @@ fn adapter_terms_are_the_forward_and_backward_they_replace() {
                 .collect();
             assert!(close(&y, &want_y), "{name}: forward term");
             seen.0 += 1;
+            kept = Some(t.h);
         }
         let mut dx = vec![0.0; x.len()];
         a.backward(&BE, &x, &BE.operand(&r).unwrap(), rows, pass, &mut dx, false).unwrap();
         let grads: Vec<Vec<f64>> = a.params_mut().into_iter().map(|p| std::mem::take(&mut p.grad)).collect();
-        let term = a.backward_term(&BE, &x, &BE.operand(&r).unwrap(), rows, pass).unwrap().map(|t| {
+        // The forward term's h, kept, stands in for the h backward_term would compute.
+        let term = a.backward_term(&BE, &x, &BE.operand(&r).unwrap(), rows, pass, kept).unwrap().map(|t| {
             assert_eq!((t.h.len(), t.factor.len()), (rows * t.rank, t.rank * n_in), "{name}");
             (0..rows * n_in)
                 .map(|i| (0..t.rank).map(|k| t.h[i / n_in * t.rank + k] * t.factor[k * n_in + i % n_in]).sum::<f64>())

@@ -97,11 +97,12 @@ impl<B: Backend> Adapter<B> for Lora<B> {
         dy: &B::Operand<'_>,
         rows: usize,
         pass: Pass,
+        hidden: Option<B::Buf>,
     ) -> Result<Option<Term<'_, B>>> {
         if !self.view.is_identity(pass) {
             return Ok(None);
         }
-        Ok(Some(self.lr.backward_term(be, x, dy, rows)?))
+        Ok(Some(self.lr.backward_term(be, x, hidden, dy, rows)?))
     }
 
     fn params(&self) -> Vec<&Param<B>> {

@@ -139,7 +139,8 @@ pub trait Adapter<B: Backend>: Send + Sync {
     }
     /// `backward` with dx's part left as a term h·F for the linear's input gradient to take in
     /// (`Backend::linear_backward_from`'s tail): accumulates every parameter's gradient and returns the term, for a
-    /// method whose input gradient is one in this pass; None (nothing done) leaves it all to `backward`.
+    /// method whose input gradient is one in this pass; None (nothing done) leaves it all to `backward`. `hidden` is
+    /// the h of this pass's `forward_term` where the caller kept it (otherwise it is computed again, from x's values).
     fn backward_term(
         &mut self,
         _be: &B,
@@ -147,6 +148,7 @@ pub trait Adapter<B: Backend>: Send + Sync {
         _dy: &B::Operand<'_>,
         _rows: usize,
         _pass: Pass,
+        _hidden: Option<B::Buf>,
     ) -> Result<Option<Term<'_, B>>> {
         Ok(None)
     }
@@ -431,9 +433,20 @@ impl<B: Backend> LowRank<B> {
         be.matmul(dh, u, self.a.grad_mut(be)?, MatMul::new(self.rank, self.n_in, rows).at().acc(true))
     }
 
-    /// `backward` for an identity view (u = x): dB, dA accumulate, and dx's part dh·A is returned as a term.
-    pub fn backward_term(&mut self, be: &B, x: &B::Buf, dz: &B::Operand<'_>, rows: usize) -> Result<Term<'_, B>> {
-        let h = self.hidden(be, &Viewed::Input(x), rows)?;
+    /// `backward` for an identity view (u = x), given h if it was kept: dB, dA accumulate, and dx's part dh·A is
+    /// returned as a term.
+    pub fn backward_term(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        h: Option<B::Buf>,
+        dz: &B::Operand<'_>,
+        rows: usize,
+    ) -> Result<Term<'_, B>> {
+        let h = match h {
+            Some(h) => h,
+            None => self.hidden(be, &Viewed::Input(x), rows)?,
+        };
         let dh = self.backward_b(be, &h, dz, rows)?;
         drop(h);
         self.accumulate_da(be, x, &dh, rows)?;

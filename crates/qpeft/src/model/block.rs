@@ -58,6 +58,28 @@ impl<'a, B: Backend> Ctx<'a, B> {
     }
 }
 
+/// The adapters' hidden states h = x·Aᵀ of a forward pass (`Adapter::forward_term`), kept per linear where `keep` is
+/// set (the forward that a backward follows: the recompute, or training without checkpointing), so that the backward
+/// takes them instead of computing them again.
+pub(crate) struct Hidden<B: Backend> {
+    pub keep: bool,
+    h: [Option<B::Buf>; 7],
+}
+
+impl<B: Backend> Hidden<B> {
+    fn new() -> Self {
+        Hidden { keep: false, h: Default::default() }
+    }
+    fn store(&mut self, p: Proj, h: B::Buf) {
+        if self.keep {
+            self.h[p as usize] = Some(h);
+        }
+    }
+    fn take(&mut self, p: Proj) -> Option<B::Buf> {
+        self.h[p as usize].take()
+    }
+}
+
 /// The attention half's activations ([rows, width] each).
 pub(crate) struct AttnActs<B: Backend> {
     pub n1: B::Buf,
@@ -66,6 +88,7 @@ pub(crate) struct AttnActs<B: Backend> {
     pub k: B::Buf,
     pub v: B::Buf,
     pub att: B::Buf,
+    pub hidden: Hidden<B>,
 }
 
 impl<B: Backend> AttnActs<B> {
@@ -81,6 +104,7 @@ impl<B: Backend> AttnActs<B> {
             k: be.uninit(rows * d.kv)?,
             v: be.uninit(rows * d.kv)?,
             att,
+            hidden: Hidden::new(),
         })
     }
 }
@@ -91,6 +115,7 @@ pub(crate) struct MlpActs<B: Backend> {
     pub gate: B::Buf,
     pub up: B::Buf,
     pub act: B::Buf,
+    pub hidden: Hidden<B>,
 }
 
 impl<B: Backend> MlpActs<B> {
@@ -100,6 +125,7 @@ impl<B: Backend> MlpActs<B> {
             gate: be.uninit(rows * d.ff)?,
             up: be.uninit(rows * d.ff)?,
             act: be.uninit(rows * d.ff)?,
+            hidden: Hidden::new(),
         })
     }
 }
@@ -116,6 +142,12 @@ pub(crate) struct Acts<B: Backend> {
 impl<B: Backend> Acts<B> {
     pub fn new(be: &B, rows: usize, d: &Dims) -> Result<Self> {
         Ok(Acts { x_in: None, x_mid: None, attn: AttnActs::new(be, rows, d)?, mlp: MlpActs::new(be, rows, d)? })
+    }
+
+    /// These activations with the adapters' hidden states kept (`Hidden`).
+    pub fn keeping_hidden(mut self) -> Self {
+        (self.attn.hidden.keep, self.mlp.hidden.keep) = (true, true);
+        self
     }
 }
 
@@ -199,9 +231,10 @@ impl<B: Backend> Layer<'_, B> {
         accumulate: bool,
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
+        hidden: &mut Hidden<B>,
     ) -> Result<()> {
         let x = self.be.operand_with_room(x, ctx.rows, self.room(&[p], adapters))?;
-        self.adapted(p, &x, out, accumulate, ctx, adapters)
+        self.adapted(p, &x, out, accumulate, ctx, adapters, hidden)
     }
 
     /// The room a shared operand of the linears `ps` needs for their adapters' terms (`Adapter::term_rank`).
@@ -218,10 +251,11 @@ impl<B: Backend> Layer<'_, B> {
         outs: [&mut B::Buf; N],
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
+        hidden: &mut Hidden<B>,
     ) -> Result<()> {
         let x = self.be.operand_with_room(x, ctx.rows, self.room(&ps, adapters))?;
         for (p, out) in ps.into_iter().zip(outs) {
-            self.adapted(p, &x, out, false, ctx, adapters)?;
+            self.adapted(p, &x, out, false, ctx, adapters, hidden)?;
         }
         Ok(())
     }
@@ -239,6 +273,7 @@ impl<B: Backend> Layer<'_, B> {
         accumulate: bool,
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
+        hidden: &mut Hidden<B>,
     ) -> Result<()> {
         let (be, rows, base) = (self.be, ctx.rows, self.block.proj(p));
         let Some(a) = adapters.and_then(|a| a.get(self.index, p)) else {
@@ -246,7 +281,9 @@ impl<B: Backend> Layer<'_, B> {
         };
         let pass = ctx.pass(self.index, p);
         if let Some(term) = a.forward_term(be, x, rows, pass)? {
-            return base.forward(be, x, Some(term.tail()), rows, out, accumulate);
+            base.forward(be, x, Some(term.tail()), rows, out, accumulate)?;
+            hidden.store(p, term.h);
+            return Ok(());
         }
         if be.adapter_term_first() {
             a.forward(be, x, rows, pass, out, accumulate)?;
@@ -270,6 +307,7 @@ impl<B: Backend> Layer<'_, B> {
         accumulate: bool,
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
+        hidden: Option<B::Buf>,
     ) -> Result<()> {
         let (be, rows, base) = (self.be, ctx.rows, self.block.proj(p));
         let pass = ctx.pass(self.index, p);
@@ -277,7 +315,7 @@ impl<B: Backend> Layer<'_, B> {
             return base.backward_input(be, &be.operand(dy)?, None, rows, dx, accumulate);
         };
         let dy = be.operand_with_room(dy, rows, a.term_rank())?;
-        if let Some(term) = a.backward_term(be, x, &dy, rows, pass)? {
+        if let Some(term) = a.backward_term(be, x, &dy, rows, pass, hidden)? {
             return base.backward_input(be, &dy, Some(term.tail()), rows, dx, accumulate);
         }
         if be.adapter_term_first() {
@@ -306,7 +344,7 @@ impl<B: Backend> Layer<'_, B> {
             be.copy(x, 0, m, 0, be.len(x))?;
         }
         self.mlp_hidden(x, &mut a.mlp, ctx, adapters, observe)?;
-        self.linear(Proj::Down, &a.mlp.act, x, true, ctx, adapters)
+        self.linear(Proj::Down, &a.mlp.act, x, true, ctx, adapters, &mut a.mlp.hidden)
     }
 
     /// x += o(attn(…)) of this block, leaving the attention half's activations in `a`.
@@ -331,7 +369,7 @@ impl<B: Backend> Layer<'_, B> {
             KvTarget::Own => be.attention(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &mut a.att)?,
         }
         observe(self.index, InputSite::AttentionOutput, &a.att)?;
-        self.linear(Proj::O, &a.att, x, true, ctx, adapters)
+        self.linear(Proj::O, &a.att, x, true, ctx, adapters, &mut a.hidden)
     }
 
     /// The attention's inputs: n1 = norm1(x), and q, k, v of n1 with RoPE on q and k.
@@ -346,7 +384,8 @@ impl<B: Backend> Layer<'_, B> {
         let (be, s, blk) = (self.be, self.spec, self.block);
         be.rmsnorm(x, &blk.attn_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut a.n1)?;
         observe(self.index, InputSite::Attention, &a.n1)?;
-        self.linears([Proj::Q, Proj::K, Proj::V], &a.n1, [&mut a.q, &mut a.k, &mut a.v], ctx, adapters)?;
+        let outs = [&mut a.q, &mut a.k, &mut a.v];
+        self.linears([Proj::Q, Proj::K, Proj::V], &a.n1, outs, ctx, adapters, &mut a.hidden)?;
         be.rope(&mut a.q, ctx.positions, self.inv_freq, s.num_heads, s.head_dim)?;
         be.rope(&mut a.k, ctx.positions, self.inv_freq, s.num_kv_heads, s.head_dim)
     }
@@ -363,7 +402,7 @@ impl<B: Backend> Layer<'_, B> {
         let (be, s, blk) = (self.be, self.spec, self.block);
         be.rmsnorm(x, &blk.mlp_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut m.n2)?;
         observe(self.index, InputSite::Mlp, &m.n2)?;
-        self.linears([Proj::Gate, Proj::Up], &m.n2, [&mut m.gate, &mut m.up], ctx, adapters)?;
+        self.linears([Proj::Gate, Proj::Up], &m.n2, [&mut m.gate, &mut m.up], ctx, adapters, &mut m.hidden)?;
         be.glu(&m.gate, &m.up, ctx.glu, &mut m.act)?;
         observe(self.index, InputSite::MlpOutput, &m.act)
     }
@@ -373,14 +412,14 @@ impl<B: Backend> Layer<'_, B> {
     pub(crate) fn backward(
         &self,
         dx: &mut B::Buf,
-        a: &Acts<B>,
+        a: &mut Acts<B>,
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
     ) -> Result<()> {
         let missing = || crate::Error::Invalid("Layer::backward needs the activations of a training forward".into());
         let (x_in, x_mid) = (a.x_in.as_ref().ok_or_else(missing)?, a.x_mid.as_ref().ok_or_else(missing)?);
-        self.mlp_backward(dx, x_mid, &a.mlp, ctx, adapters)?;
-        self.attention_backward(dx, x_in, &a.attn, ctx, adapters)
+        self.mlp_backward(dx, x_mid, &mut a.mlp, ctx, adapters)?;
+        self.attention_backward(dx, x_in, &mut a.attn, ctx, adapters)
     }
 
     /// The training forward of this block with checkpointing: the attention half whole (its activations in the
@@ -399,7 +438,7 @@ impl<B: Backend> Layer<'_, B> {
         for_row_chunks(be, None, x, h, ctx, chunk, |_, xc, cctx| {
             let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;
             self.mlp_hidden(xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
-            self.linear(Proj::Down, &m.act, xc, true, cctx, Some(adapters))
+            self.linear(Proj::Down, &m.act, xc, true, cctx, Some(adapters), &mut m.hidden)
         })
     }
 
@@ -421,15 +460,17 @@ impl<B: Backend> Layer<'_, B> {
         let mut x_mid = copy_of(be, x_in)?;
         let no_observer = &mut |_, _, _: &B::Buf| Ok(());
         let d = Dims::of(self.spec);
-        let a = match att {
+        let mut a = match att {
             Some(att) => {
                 let mut a = AttnActs::around(be, ctx.rows, &d, att)?;
+                a.hidden.keep = true;
                 self.attention_inputs(x_in, &mut a, ctx, Some(adapters), no_observer)?;
-                self.linear(Proj::O, &a.att, &mut x_mid, true, ctx, Some(adapters))?;
+                self.linear(Proj::O, &a.att, &mut x_mid, true, ctx, Some(adapters), &mut a.hidden)?;
                 a
             }
             None => {
                 let mut a = AttnActs::new(be, ctx.rows, &d)?;
+                a.hidden.keep = true;
                 self.attention_forward(&mut x_mid, &mut a, KvTarget::Own, ctx, Some(adapters), no_observer)?;
                 a
             }
@@ -437,11 +478,12 @@ impl<B: Backend> Layer<'_, B> {
         for_row_chunks(be, Some(&x_mid), dx, h, ctx, chunk, |xc, dxc, cctx| {
             let xc = xc.expect("x_mid is given");
             let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;
+            m.hidden.keep = true;
             self.mlp_hidden(xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
-            self.mlp_backward(dxc, xc, &m, cctx, adapters)
+            self.mlp_backward(dxc, xc, &mut m, cctx, adapters)
         })?;
         drop(x_mid);
-        self.attention_backward(dx, x_in, &a, ctx, adapters)
+        self.attention_backward(dx, x_in, &mut a, ctx, adapters)
     }
 
     /// dx (= ∂L/∂x_out) += ∂/∂x_mid of the MLP half, x_out = x_mid + down(act); adapter gradients accumulate.
@@ -449,21 +491,22 @@ impl<B: Backend> Layer<'_, B> {
         &self,
         dx: &mut B::Buf,
         x_mid: &B::Buf,
-        m: &MlpActs<B>,
+        m: &mut MlpActs<B>,
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
     ) -> Result<()> {
         let (be, s, blk) = (self.be, self.spec, self.block);
         let (h, rows, ff) = (s.hidden_size, ctx.rows, s.intermediate_size);
         let mut d_act = be.uninit(rows * ff)?;
-        self.linear_backward(Proj::Down, &m.act, dx, &mut d_act, false, ctx, adapters)?;
+        let down_h = m.hidden.take(Proj::Down);
+        self.linear_backward(Proj::Down, &m.act, dx, &mut d_act, false, ctx, adapters, down_h)?;
         let (mut d_gate, mut d_up) = (be.uninit(rows * ff)?, be.uninit(rows * ff)?);
         be.glu_backward(&m.gate, &m.up, &d_act, ctx.glu, &mut d_gate, &mut d_up)?;
         drop(d_act);
         let mut dn = be.uninit(rows * h)?;
-        self.linear_backward(Proj::Gate, &m.n2, &d_gate, &mut dn, false, ctx, adapters)?;
+        self.linear_backward(Proj::Gate, &m.n2, &d_gate, &mut dn, false, ctx, adapters, m.hidden.take(Proj::Gate))?;
         drop(d_gate);
-        self.linear_backward(Proj::Up, &m.n2, &d_up, &mut dn, true, ctx, adapters)?;
+        self.linear_backward(Proj::Up, &m.n2, &d_up, &mut dn, true, ctx, adapters, m.hidden.take(Proj::Up))?;
         drop(d_up);
         be.rmsnorm_backward(x_mid, &blk.mlp_norm, &dn, h, s.rms_norm_eps, s.norm_plus_one, dx, true)
     }
@@ -473,7 +516,7 @@ impl<B: Backend> Layer<'_, B> {
         &self,
         dx: &mut B::Buf,
         x_in: &B::Buf,
-        a: &AttnActs<B>,
+        a: &mut AttnActs<B>,
         ctx: &Ctx<B>,
         adapters: &mut AdapterSet<B>,
     ) -> Result<()> {
@@ -481,17 +524,18 @@ impl<B: Backend> Layer<'_, B> {
         let (h, rows) = (s.hidden_size, ctx.rows);
         let d = Dims::of(self.spec);
         let mut d_att = be.uninit(rows * d.q)?;
-        self.linear_backward(Proj::O, &a.att, dx, &mut d_att, false, ctx, adapters)?;
+        let o_h = a.hidden.take(Proj::O);
+        self.linear_backward(Proj::O, &a.att, dx, &mut d_att, false, ctx, adapters, o_h)?;
         let (mut dq, mut dk, mut dv) = (be.zeros(rows * d.q)?, be.zeros(rows * d.kv)?, be.zeros(rows * d.kv)?);
         be.attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &a.att, &d_att, &mut dq, &mut dk, &mut dv)?;
         drop(d_att);
         be.rope_backward(&mut dq, ctx.positions, self.inv_freq, s.num_heads, s.head_dim)?;
         be.rope_backward(&mut dk, ctx.positions, self.inv_freq, s.num_kv_heads, s.head_dim)?;
         let mut dn = be.uninit(rows * h)?;
-        self.linear_backward(Proj::Q, &a.n1, &dq, &mut dn, false, ctx, adapters)?;
+        self.linear_backward(Proj::Q, &a.n1, &dq, &mut dn, false, ctx, adapters, a.hidden.take(Proj::Q))?;
         drop(dq);
-        self.linear_backward(Proj::K, &a.n1, &dk, &mut dn, true, ctx, adapters)?;
-        self.linear_backward(Proj::V, &a.n1, &dv, &mut dn, true, ctx, adapters)?;
+        self.linear_backward(Proj::K, &a.n1, &dk, &mut dn, true, ctx, adapters, a.hidden.take(Proj::K))?;
+        self.linear_backward(Proj::V, &a.n1, &dv, &mut dn, true, ctx, adapters, a.hidden.take(Proj::V))?;
         be.rmsnorm_backward(x_in, &blk.attn_norm, &dn, h, s.rms_norm_eps, s.norm_plus_one, dx, true)
     }
 }

@@ -218,7 +218,7 @@ impl<B: Backend> Decoder<B> {
                     layer.forward(&mut x, scratch, KvTarget::Own, &ctx, set, &mut |_, _, _| Ok(()))?
                 }
                 Kept::Activations(saved) => {
-                    let mut a = Acts::new(be, rows, &dims)?;
+                    let mut a = Acts::new(be, rows, &dims)?.keeping_hidden();
                     a.x_in = Some(copy_of(be, &x)?);
                     a.x_mid = Some(be.uninit(be.len(&x))?);
                     layer.forward(&mut x, &mut a, KvTarget::Own, &ctx, set, &mut |_, _, _| Ok(()))?;
@@ -280,8 +280,8 @@ impl<B: Backend> Decoder<B> {
                     layer.recompute_backward(&x_in, att, &mut dx, &ctx, set, chunk)?;
                 }
                 Kept::Activations(saved) => {
-                    let a = saved.pop().ok_or_else(|| Error::Invalid("block activations out of step".into()))?;
-                    layer.backward(&mut dx, &a, &ctx, set)?;
+                    let mut a = saved.pop().ok_or_else(|| Error::Invalid("block activations out of step".into()))?;
+                    layer.backward(&mut dx, &mut a, &ctx, set)?;
                 }
                 Kept::Nothing { .. } => unreachable!("a pass with gradients keeps activations or inputs"),
             }
