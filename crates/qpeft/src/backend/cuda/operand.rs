@@ -182,6 +182,9 @@ impl Cuda {
         check(t.h.len() == rows * r && src_rows * src_cols == f_len, "tail", || {
             format!("h of {} values and a factor of {f_len} for {rows} rows at rank {r}", t.h.len())
         })?;
+        check(rows * h_cols < 1 << 31 && f_rows * f_cols < 1 << 31, "tail", || {
+            format!("a tail region of {} or {} values (2^31 or more)", rows * h_cols, f_rows * f_cols)
+        })?;
         let (amax_h, amax_x) = if f16 {
             let amax_h = self.addr(&self.tail_amax);
             self.absmax_into(t.h, amax_h)?;
