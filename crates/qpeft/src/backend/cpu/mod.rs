@@ -227,7 +227,7 @@ impl<T: Real> Cpu<T> {
         x: &CpuOperand<'_, T>,
         w: &CpuWeight<T>,
         rows: usize,
-        out: &mut Vec<T>,
+        out: &mut [T],
         accumulate: bool,
     ) -> Result<()> {
         match w {
@@ -265,7 +265,7 @@ impl<T: Real> Cpu<T> {
         dy: &CpuOperand<'_, T>,
         w: &CpuWeight<T>,
         rows: usize,
-        dx: &mut Vec<T>,
+        dx: &mut [T],
         accumulate: bool,
     ) -> Result<()> {
         let (out_dim, in_dim) = (dy.x.len() / rows.max(1), dx.len() / rows.max(1));
