@@ -5,7 +5,9 @@
 //! `Backend::saved_bytes` per value): what the policy keeps for every block, plus the larger of the forward's and one
 //! block's backward working set, plus the LM head's loss chunk and the dequantization scratch of the widest weight.
 //! It leaves out the weights, adapters and optimizer state, which exist before the pass (the caller counts what is
-//! not allocated yet: the gradients, and the moments before the first step).
+//! not allocated yet: the gradients, and the moments before the first step), and the adapters' hidden states that a
+//! pass keeps for its backward (`block::Hidden`: [rows, r] per adapted linear; under `None` for every block, 0.7% of
+//! that policy's estimate at LLaMA-7B with r 64 on all seven, inside the tenth `choose` keeps to spare).
 
 use super::block::Dims;
 use super::train::Checkpointing;

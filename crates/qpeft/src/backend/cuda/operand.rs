@@ -179,8 +179,14 @@ impl Cuda {
         let f16 = self.half() == Some(Dtype::F16);
         let (r, f_len) = (t.rank, t.factor.len());
         let (src_rows, src_cols) = if forward { (f_len / r.max(1), r) } else { (r, f_len / r.max(1)) };
-        check(t.h.len() == rows * r && src_rows * src_cols == f_len, "tail", || {
-            format!("h of {} values and a factor of {f_len} for {rows} rows at rank {r}", t.h.len())
+        // The factor must fill its region's rows (forward: one per output) or columns (backward: one per input).
+        let fits = if forward { src_rows == f_rows } else { src_cols == f_cols };
+        let fits = fits && src_rows <= f_rows && src_cols <= f_cols && r <= h_cols;
+        check(t.h.len() == rows * r && src_rows * src_cols == f_len && fits, "tail", || {
+            format!(
+                "h of {} values and a factor of {f_len} for {rows} rows at rank {r} into a {f_rows} × {f_cols} factor",
+                t.h.len()
+            )
         })?;
         check(rows * h_cols < 1 << 31 && f_rows * f_cols < 1 << 31, "tail", || {
             format!("a tail region of {} or {} values (2^31 or more)", rows * h_cols, f_rows * f_cols)
