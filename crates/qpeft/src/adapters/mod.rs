@@ -3,7 +3,9 @@
 //! view of its input, a scaled rank-r product, initialisers).
 //!
 //! Backward never stores activations: it receives the layer input again and recomputes the rank-r side
-//! (r ≪ in, so that is cheap), and dropout masks come from a counter-based RNG keyed by `Pass::seed`.
+//! (r ≪ in, so that is cheap) unless the caller kept the forward's (`Adapter::backward_term`'s `hidden`), and dropout
+//! masks come from a counter-based RNG keyed by `Pass::seed`. Methods whose last product is s·h·Fᵀ hand it to their
+//! linear as a term (`Term`, `backend::Tail`), which a GPU folds into the base GEMM.
 
 mod method;
 pub mod peft;
