@@ -234,11 +234,12 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     // Adapter tails (`Tail`) on every base form, folded into the GEMM where the GPU can (packed bases, an operand with
     // room) and a product of their own elsewhere: two tails of ranks 5 and 8 on one operand with room for 8 (padded to
     // the row stride), then an operand without room; forward (F [out, r]) and backward (F [r, in]). x·10⁶ with h·10⁻³
-    // and F·10⁻⁵ (in the f16 mode F·2^(u−t) lands among fp16's subnormals), and the reverse.
+    // and F·10⁻⁵ (in the f16 mode F·2^(u−t) lands among fp16's subnormals), the reverse, and h = 0 under x·10⁷ (u − t
+    // beyond the shifts' clamp).
     let tail = |r: usize, n: usize, seed: u64, k: f32| up(&rand(n * r, seed).iter().map(|v| v * k).collect::<Vec<_>>());
     for (name, dense, base) in bases(out_dim, in_dim, 50) {
         let w = be.upload_weight(&base, Some(&dense), out_dim, in_dim).unwrap();
-        for (kx, kh, kf) in [(1.0, 1.0, 1.0), (1e6, 1e-3, 1e-5), (1e-6, 10.0, 1e3)] {
+        for (kx, kh, kf) in [(1.0, 1.0, 1.0), (1e6, 1e-3, 1e-5), (1e-6, 10.0, 1e3), (1e7, 0.0, 1.0)] {
             let x = up(&rand(rows * in_dim, 51).iter().map(|v| v * kx).collect::<Vec<_>>());
             let (h5, b5, h8, b8) =
                 (tail(5, rows, 52, kh), tail(5, out_dim, 53, kf), tail(8, rows, 54, kh), tail(8, out_dim, 55, kf));

@@ -179,6 +179,9 @@ fn adapter_tails_round_h_under_its_scale_and_the_factor_under_the_operands() {
     // The factor's scale follows the operand's: with x = 3·2^10 (u = 3) it is 2^(3−5) = 2^-2, and 5·10⁻⁸·2^-2 is below
     // half the smallest subnormal (2^-25): 0; 2^-21·2^-2 = 2^-23 is a subnormal, exact.
     assert_eq!(tail(Cpu::f16(), 3072.0, 1000.0, [1e-7, 2f32.powi(-20)], true), vec![0.0, 1000.0 * 2f32.powi(-21)]);
+    // h = 0 has shift 120 and x = 3·2^21 shift −7: u − t = −127 is clamped to −120 as every shift is, and the term
+    // is 0 (unclamped, 2^−127 is no f32 power of two and the factor came out infinite: 0·∞).
+    assert_eq!(tail(Cpu::f16(), 3.0 * 2f32.powi(21), 0.0, [1.0, 1.0], true), vec![0.0, 0.0]);
     // bf16 (steps of 2^-7 in [1, 2), 2^-8 in [0.5, 1)): h = 1 + 2^-8 is a tie and goes to 1 (even); s·F =
     // 0.5 + 2^-9 + 2^-11 is past halfway to 0.5 + 2^-8 and goes up to it.
     let got = tail(Cpu::bf16(), 1.0, one_plus(1.0, 8), [one_plus(1.0, 8) + 2f32.powi(-10), 1.0], true);

@@ -278,7 +278,8 @@ impl MatMul {
 /// fp16(s·F·2^(u−t)) with u the operand's own shift, so the product shares the base product's alpha 2^−u. F's
 /// values can fall below fp16's normal range (a young LoRA B); their products then lose low bits, which are far below
 /// the base product's own rounding of the output. An F so large that s·F·2^(u−t) passes fp16's range would need
-/// s·|F|·‖h‖/‖x‖ beyond 2^15 and gives ∞.
+/// s·|F|·‖h‖/‖x‖ beyond 2^15 and gives ∞. u − t is clamped to ±120 (as every shift is): it gets there only when h is 0
+/// (shift 120), whose term is 0 either way, or 2^120 away from x's magnitude.
 pub struct Tail<'a, B: Backend + ?Sized> {
     pub h: &'a B::Buf,
     pub factor: &'a B::Buf,

@@ -215,7 +215,9 @@ impl<T: Real> Cpu<T> {
             Some(Half::F16) => {
                 let (u, th) = (self.operand_shift(x), f16_shift(amax(t.h)));
                 let h = self.rounded(t.h, move |v| f16_scaled(v, th));
-                (h, self.rounded(t.factor, move |v| f16_scaled(v * scale, u - th)), 1.0)
+                // Clamped as the GPU clamps it (reached only when h is 0, whose shift is 120, or 2^120 from x's scale).
+                let d = (u - th).clamp(-120, 120);
+                (h, self.rounded(t.factor, move |v| f16_scaled(v * scale, d)), 1.0)
             }
         };
         let shape = MatMul::new(rows, out.len() / rows.max(1), t.rank).scaled(alpha).acc(true);
