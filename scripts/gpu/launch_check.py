@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Counts each `launch!` call's kernel arguments in backend/cuda/*.rs against the kernel's parameter list in kernels.cu
 and flash.cu. A launch with fewer arguments than its kernel has makes the driver read past the argument array: a host
-segfault, not an error (session 22). Kernels named at run time (format!, variables) are listed as unchecked."""
+segfault, not an error (session 22). A kernel named by format! (in the launch, or in the nearest `let name = format!(..)`
+before it) is checked against every kernel its literal prefix names (flash_forward_16 … _128); other run-time names
+are listed as unchecked."""
 import glob
 import re
 import sys
 
 root = "crates/qpeft/src/backend/cuda/"
 src = open(root + "kernels.cu").read() + open(root + "flash.cu").read()
-params = {m[1]: len([p for p in m[2].split(",") if p.strip()])
-          for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)', src)}
+# Macro-made kernels (flash.cu's FLASH_KERNELS: `__launch_bounds__(..) flash_forward_##D(..)`, continued lines) count
+# under their name with `D` for the head size.
+params = {m[1].replace("##", ""): len([p for p in m[2].replace("\\", "").split(",") if p.strip()])
+          for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\(\w+\) )?([\w#]+)\(([^)]*)\)', src)}
 
 
 def top_level_args(body):
@@ -38,10 +42,18 @@ for f in sorted(glob.glob(root + "*.rs")):
         name = re.match(r'\s*"(\w+)"', args[1])
         given = len(args) - 3  # self, name, launch config
         if name and name[1] in params:
-            if params[name[1]] != given:
-                print(f"{f}: {name[1]} takes {params[name[1]]} parameters, the launch gives {given}")
-                bad += 1
+            names = [name[1]]
         else:
+            fmt = re.match(r'\s*&format!\("(\w+?)\{', args[1])
+            if not fmt and args[1].strip() == "&name":
+                fmt = list(re.finditer(r'let name = format!\("(\w+?)\{', text[:i]))
+                fmt = fmt[-1] if fmt else None
+            names = [k for k in params if fmt and k.startswith(fmt[1])]
+        for k in names:
+            if params[k] != given:
+                print(f"{f}: {k} takes {params[k]} parameters, the launch gives {given}")
+                bad += 1
+        if not names:
             print(f"{f}: unchecked launch of {args[1].strip()} ({given} arguments)")
         i = text.find("launch!(", j)
 sys.exit(1 if bad else 0)

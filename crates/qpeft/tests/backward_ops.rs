@@ -124,7 +124,7 @@ fn attention_backward_matches_finite_differences() {
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![9.0; k.len()], vec![9.0; v.len()]);
         let mut o = vec![0.0; q.len()];
         BE.attention(&q, &k, &v, &mask, s, &mut o).unwrap();
-        BE.attention_backward(&q, &k, &v, &mask, s, &o, &r, &mut dq, &mut dk, &mut dv).unwrap();
+        BE.attention_backward(&q, &k, &v, &mask, s, &o, &r, &mut dq, &mut dk, &mut dv, None).unwrap();
         assert!(fd_error(&q, &dq, 64, |q| loss(q, &k, &v)) < TOL, "dq, window {window:?}");
         assert!(fd_error(&k, &dk, 112, |k| loss(&q, k, &v)) < TOL, "dk, window {window:?}");
         assert!(fd_error(&v, &dv, 112, |v| loss(&q, &k, v)) < TOL, "dv, window {window:?}");

@@ -114,6 +114,43 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
         push(&format!("glu_backward dgate {kind:?}"), &dg);
         push(&format!("glu_backward dup {kind:?}"), &du);
     }
+    // Operands made by the kernels that write their values (rmsnorm_operand, glu_operand, glu_backward_operands),
+    // with and without room for a tail, on values beyond fp16's range: the same values, and a product on each gives
+    // to the bit what it gives on the operand made afterwards from those values.
+    let big = |b: &B::Buf, f: f32| up(&be.download(b).unwrap().iter().map(|v| v * f).collect::<Vec<_>>());
+    let (wb, yb) = (big(&w, 1e6), big(&y, 1e5));
+    let b = up(&rand(dim * 3, 11));
+    let product = |op: &B::Operand<'_>| {
+        let mut c = be.zeros(rows * 3).unwrap();
+        be.matmul_from(op, &b, &mut c, MatMul::new(rows, 3, dim)).unwrap();
+        be.download(&c).unwrap()
+    };
+    let check_made = |name: &str, made: &B::Operand<'_>, values: &B::Buf, room: usize| {
+        let after = be.operand_with_room(values, rows, room).unwrap();
+        assert_eq!(be.download(be.operand_values(made)).unwrap(), be.download(values).unwrap(), "{name}: values");
+        let got = product(made);
+        assert_eq!(got, product(&after), "{name}: a product on the operand made with the values");
+        got
+    };
+    for room in [0, 5] {
+        let mut o = be.uninit(rows * dim).unwrap();
+        let op = be.rmsnorm_operand(&x, &wb, dim, 1e-5, false, &mut o, room).unwrap();
+        let mut plain = be.zeros(rows * dim).unwrap();
+        be.rmsnorm(&x, &wb, dim, 1e-5, false, &mut plain).unwrap();
+        push(&format!("rmsnorm_operand room={room}"), &up(&check_made("rmsnorm_operand", &op, &plain, room)));
+        let mut o = be.uninit(rows * dim).unwrap();
+        let op = be.glu_operand(&x, &yb, GluKind::Silu, &mut o, rows, room).unwrap();
+        let mut plain = be.zeros(rows * dim).unwrap();
+        be.glu(&x, &yb, GluKind::Silu, &mut plain).unwrap();
+        push(&format!("glu_operand room={room}"), &up(&check_made("glu_operand", &op, &plain, room)));
+        let (mut dg, mut du) = (be.uninit(rows * dim).unwrap(), be.uninit(rows * dim).unwrap());
+        let rooms = [room, 7 - room];
+        let (og, ou) = be.glu_backward_operands(&x, &yb, &e, GluKind::Silu, &mut dg, &mut du, rows, rooms).unwrap();
+        let (mut pg, mut pu) = (be.zeros(rows * dim).unwrap(), be.zeros(rows * dim).unwrap());
+        be.glu_backward(&x, &yb, &e, GluKind::Silu, &mut pg, &mut pu).unwrap();
+        push(&format!("glu_backward_operands dgate room={room}"), &up(&check_made("dgate", &og, &pg, rooms[0])));
+        push(&format!("glu_backward_operands dup room={room}"), &up(&check_made("dup", &ou, &pu, rooms[1])));
+    }
     let mut cache = up(&rand(2 * 9 * 5, 9));
     be.write_rows(
         &up(&rand(2 * 3 * 5, 10)),
@@ -382,11 +419,21 @@ fn attention_case<B: Backend>(
     let mut o = be.zeros(nq).unwrap();
     be.attention(&q, &k, &v, &mask, s, &mut o).unwrap();
     push(&format!("attention {name}"), &o);
-    // dk and dv start dirty: the op overwrites them.
-    let (mut dq, mut dk, mut dv) = (be.zeros(nq).unwrap(), up(&rand(nkv, seed + 4)), up(&rand(nkv, seed + 5)));
-    be.attention_backward(&q, &k, &v, &mask, s, &o, &dout, &mut dq, &mut dk, &mut dv).unwrap();
-    for (g, buf) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
+    // The forward that keeps what its backward reuses gives the same output, and the backward the same gradients to
+    // the bit with what was kept (the fused kernels' log-sum-exp from the forward) as without.
+    let mut o_kept = be.uninit(nq).unwrap();
+    let kept = be.attention_keeping(&q, &k, &v, &mask, s, &mut o_kept).unwrap();
+    assert_eq!(be.download(&o_kept).unwrap(), be.download(&o).unwrap(), "{name}: attention_keeping's output");
+    let backward = |kept| {
+        // dk and dv start dirty: the op overwrites them.
+        let (mut dq, mut dk, mut dv) = (be.zeros(nq).unwrap(), up(&rand(nkv, seed + 4)), up(&rand(nkv, seed + 5)));
+        be.attention_backward(&q, &k, &v, &mask, s, &o, &dout, &mut dq, &mut dk, &mut dv, kept).unwrap();
+        [dq, dk, dv]
+    };
+    let (grads, grads_kept) = (backward(None), backward(kept));
+    for ((g, buf), with_kept) in ["dq", "dk", "dv"].into_iter().zip(&grads).zip(&grads_kept) {
         push(&format!("attention_backward {name} {g}"), buf);
+        assert_eq!(be.download(with_kept).unwrap(), be.download(buf).unwrap(), "{name} {g}: with what was kept");
     }
 }
 

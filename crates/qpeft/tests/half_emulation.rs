@@ -248,7 +248,7 @@ fn attention_rounds_like_the_path_the_gpu_takes() {
         let mut dout = vec![0.0; head_dim];
         dout[0] = 1.0;
         let (mut dq, mut dk, mut dv) = (vec![0.0; head_dim], vec![0.0; 3 * head_dim], vec![0.0; 3 * head_dim]);
-        be.attention_backward(&q, &q.repeat(3), &v, &mask, s, &out, &dout, &mut dq, &mut dk, &mut dv).unwrap();
+        be.attention_backward(&q, &q.repeat(3), &v, &mask, s, &out, &dout, &mut dq, &mut dk, &mut dv, None).unwrap();
         assert_eq!(dv[0], want_dv, "{mode} dV, head_dim {head_dim}");
     }
 }

@@ -316,7 +316,7 @@ impl Groups {
 }
 
 /// Shape of one causal attention call over a KV cache laid out [batch, capacity, kv_heads, head_dim].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionShape {
     pub batch: usize,
     /// New query tokens per sequence; queries are [batch, q_len, heads, head_dim].
@@ -412,6 +412,8 @@ pub trait Backend: Send + Sync {
     type Operand<'a>: Send + Sync
     where
         Self: 'a;
+    /// What an attention forward leaves for the backward of the same q, k and v (`attention_keeping`).
+    type AttnKept: Send + Sync;
 
     fn name(&self) -> String;
     /// Waits until every queued op has run (timing; a no-op where ops run synchronously).
@@ -575,6 +577,37 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// out = act(gate) ⊙ up.
     fn glu(&self, gate: &Self::Buf, up: &Self::Buf, kind: GluKind, out: &mut Self::Buf) -> Result<()>;
+    /// `rmsnorm` into `out`, and out's operand with `room` (`operand_with_room`, rows of `dim`): the same values,
+    /// made in one pass where the backend can (the CUDA 16-bit modes: the norm writes the bf16 copy, or in f16 its
+    /// output's largest magnitude, sparing the conversion a pass over out).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_operand<'a>(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        plus_one: bool,
+        out: &'a mut Self::Buf,
+        room: usize,
+    ) -> Result<Self::Operand<'a>> {
+        self.rmsnorm(x, w, dim, eps, plus_one, out)?;
+        self.operand_with_room(out, self.len(out) / dim.max(1), room)
+    }
+    /// `glu` into `out`, and out's operand as `rows` rows with `room` (as `rmsnorm_operand`).
+    #[allow(clippy::too_many_arguments)]
+    fn glu_operand<'a>(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        kind: GluKind,
+        out: &'a mut Self::Buf,
+        rows: usize,
+        room: usize,
+    ) -> Result<Self::Operand<'a>> {
+        self.glu(gate, up, kind, out)?;
+        self.operand_with_room(out, rows, room)
+    }
     /// Writes `src` ([batch, rows, width]) into `dst` ([batch, capacity, width]) at row `start`.
     fn write_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, at: RowWrite) -> Result<()>;
     /// Causal grouped-query attention. `key_mask` ([batch, kv_capacity]) holds each token's segment: 0 is padding,
@@ -591,6 +624,21 @@ pub trait Backend: Send + Sync {
         shape: AttentionShape,
         out: &mut Self::Buf,
     ) -> Result<()>;
+    /// `attention`, also returning what a backward of the same q, k and v may reuse (`attention_backward`'s `kept`):
+    /// on the GPU's fused kernels, the 16-bit q, k and v and each query's log-sum-exp, so that the backward neither
+    /// converts them again nor walks the keys for the softmax statistics. None where the backend keeps nothing.
+    fn attention_keeping(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        key_mask: &Self::Ints,
+        shape: AttentionShape,
+        out: &mut Self::Buf,
+    ) -> Result<Option<Self::AttnKept>> {
+        self.attention(q, k_cache, v_cache, key_mask, shape, out)?;
+        Ok(None)
+    }
     /// Per-row −log softmax(logits)[target]; rows whose target is `ignore` give 0.
     fn cross_entropy(
         &self,
@@ -646,8 +694,24 @@ pub trait Backend: Send + Sync {
         dgate: &mut Self::Buf,
         dup: &mut Self::Buf,
     ) -> Result<()>;
+    /// `glu_backward`, and the operands of dgate and dup as `rows` rows with rooms `rooms` (as `rmsnorm_operand`).
+    #[allow(clippy::too_many_arguments)]
+    fn glu_backward_operands<'a, 'b>(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dy: &Self::Buf,
+        kind: GluKind,
+        dgate: &'a mut Self::Buf,
+        dup: &'b mut Self::Buf,
+        rows: usize,
+        rooms: [usize; 2],
+    ) -> Result<(Self::Operand<'a>, Self::Operand<'b>)> {
+        self.glu_backward(gate, up, dy, kind, dgate, dup)?;
+        Ok((self.operand_with_room(dgate, rows, rooms[0])?, self.operand_with_room(dup, rows, rooms[1])?))
+    }
     /// dq, dk, dv of `attention` (recomputing the probabilities); `out` is its output; dk and dv have the cache
-    /// layout.
+    /// layout. `kept` is what `attention_keeping` returned for these q, k, v and shape (an error for another shape).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -661,6 +725,7 @@ pub trait Backend: Send + Sync {
         dq: &mut Self::Buf,
         dk: &mut Self::Buf,
         dv: &mut Self::Buf,
+        kept: Option<Self::AttnKept>,
     ) -> Result<()>;
     /// dlogits = scale · (softmax(logits) − onehot(target)) per row; rows whose target is `ignore` get 0.
     fn cross_entropy_backward(

@@ -89,6 +89,8 @@ pub(crate) struct AttnActs<B: Backend> {
     pub v: B::Buf,
     pub att: B::Buf,
     pub hidden: Hidden<B>,
+    /// What the attention left for its backward (`Backend::attention_keeping`), where `hidden.keep` asks for it.
+    kept: Option<B::AttnKept>,
 }
 
 impl<B: Backend> AttnActs<B> {
@@ -105,6 +107,7 @@ impl<B: Backend> AttnActs<B> {
             v: be.uninit(rows * d.kv)?,
             att,
             hidden: Hidden::new(),
+            kept: None,
         })
     }
 }
@@ -243,19 +246,19 @@ impl<B: Backend> Layer<'_, B> {
         ps.iter().filter_map(|&p| set.get(self.index, p)).map(|a| a.term_rank()).max().unwrap_or(0)
     }
 
-    /// outs[i] = base(x) + Δ(x) for the linears `ps` of this block, which read the same x, converted once.
+    /// outs[i] = base(x) + Δ(x) for the linears `ps` of this block, which read the same operand of x (made with the
+    /// room of `room(ps)`).
     fn linears<const N: usize>(
         &self,
         ps: [Proj; N],
-        x: &B::Buf,
+        x: &B::Operand<'_>,
         outs: [&mut B::Buf; N],
         ctx: &Ctx<B>,
         adapters: Option<&AdapterSet<B>>,
         hidden: &mut Hidden<B>,
     ) -> Result<()> {
-        let x = self.be.operand_with_room(x, ctx.rows, self.room(&ps, adapters))?;
         for (p, out) in ps.into_iter().zip(outs) {
-            self.adapted(p, &x, out, false, ctx, adapters, hidden)?;
+            self.adapted(p, x, out, false, ctx, adapters, hidden)?;
         }
         Ok(())
     }
@@ -294,15 +297,26 @@ impl<B: Backend> Layer<'_, B> {
         }
     }
 
-    /// dx (+)= ∂/∂x of linear `p` of this block (input x, output gradient dy); its adapter's grads accumulate. The
-    /// adapter's part of dx goes to the base product as a tail where the adapter gives it as a term, otherwise the two
-    /// parts come in the order of `adapted`.
+    /// The operand of the output gradient dy of linear `p`, with the room its adapter's term needs.
+    fn grad_operand<'b>(
+        &self,
+        p: Proj,
+        dy: &'b B::Buf,
+        ctx: &Ctx<B>,
+        adapters: &AdapterSet<B>,
+    ) -> Result<B::Operand<'b>> {
+        self.be.operand_with_room(dy, ctx.rows, self.room(&[p], Some(adapters)))
+    }
+
+    /// dx (+)= ∂/∂x of linear `p` of this block (input x, the operand of the output gradient dy made with the room of
+    /// `room([p])`); its adapter's grads accumulate. The adapter's part of dx goes to the base product as a tail where
+    /// the adapter gives it as a term, otherwise the two parts come in the order of `adapted`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
         p: Proj,
         x: &B::Buf,
-        dy: &B::Buf,
+        dy: &B::Operand<'_>,
         dx: &mut B::Buf,
         accumulate: bool,
         ctx: &Ctx<B>,
@@ -312,18 +326,17 @@ impl<B: Backend> Layer<'_, B> {
         let (be, rows, base) = (self.be, ctx.rows, self.block.proj(p));
         let pass = ctx.pass(self.index, p);
         let Some(a) = adapters.get_mut(self.index, p) else {
-            return base.backward_input(be, &be.operand(dy)?, None, rows, dx, accumulate);
+            return base.backward_input(be, dy, None, rows, dx, accumulate);
         };
-        let dy = be.operand_with_room(dy, rows, a.term_rank())?;
-        if let Some(term) = a.backward_term(be, x, &dy, rows, pass, hidden)? {
-            return base.backward_input(be, &dy, Some(term.tail()), rows, dx, accumulate);
+        if let Some(term) = a.backward_term(be, x, dy, rows, pass, hidden)? {
+            return base.backward_input(be, dy, Some(term.tail()), rows, dx, accumulate);
         }
         if be.adapter_term_first() {
-            a.backward(be, x, &dy, rows, pass, dx, accumulate)?;
-            base.backward_input(be, &dy, None, rows, dx, true)
+            a.backward(be, x, dy, rows, pass, dx, accumulate)?;
+            base.backward_input(be, dy, None, rows, dx, true)
         } else {
-            base.backward_input(be, &dy, None, rows, dx, accumulate)?;
-            a.backward(be, x, &dy, rows, pass, dx, true)
+            base.backward_input(be, dy, None, rows, dx, accumulate)?;
+            a.backward(be, x, dy, rows, pass, dx, true)
         }
     }
 
@@ -344,7 +357,7 @@ impl<B: Backend> Layer<'_, B> {
             be.copy(x, 0, m, 0, be.len(x))?;
         }
         self.mlp_hidden(x, &mut a.mlp, ctx, adapters, observe)?;
-        self.linear(Proj::Down, &a.mlp.act, x, true, ctx, adapters, &mut a.mlp.hidden)
+        self.mlp_down(x, &mut a.mlp, ctx, adapters, observe)
     }
 
     /// x += o(attn(…)) of this block, leaving the attention half's activations in `a`.
@@ -366,6 +379,9 @@ impl<B: Backend> Layer<'_, B> {
                 be.write_rows(&a.v, v, at)?;
                 be.attention(&a.q, k, v, ctx.key_mask, ctx.shape, &mut a.att)?;
             }
+            KvTarget::Own if a.hidden.keep => {
+                a.kept = be.attention_keeping(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &mut a.att)?;
+            }
             KvTarget::Own => be.attention(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &mut a.att)?,
         }
         observe(self.index, InputSite::AttentionOutput, &a.att)?;
@@ -382,15 +398,17 @@ impl<B: Backend> Layer<'_, B> {
         observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<()> {
         let (be, s, blk) = (self.be, self.spec, self.block);
-        be.rmsnorm(x, &blk.attn_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut a.n1)?;
-        observe(self.index, InputSite::Attention, &a.n1)?;
-        let outs = [&mut a.q, &mut a.k, &mut a.v];
-        self.linears([Proj::Q, Proj::K, Proj::V], &a.n1, outs, ctx, adapters, &mut a.hidden)?;
+        let ps = [Proj::Q, Proj::K, Proj::V];
+        let (h, eps, room) = (s.hidden_size, s.rms_norm_eps, self.room(&ps, adapters));
+        let n1 = be.rmsnorm_operand(x, &blk.attn_norm, h, eps, s.norm_plus_one, &mut a.n1, room)?;
+        observe(self.index, InputSite::Attention, be.operand_values(&n1))?;
+        self.linears(ps, &n1, [&mut a.q, &mut a.k, &mut a.v], ctx, adapters, &mut a.hidden)?;
+        drop(n1);
         be.rope(&mut a.q, ctx.positions, self.inv_freq, s.num_heads, s.head_dim)?;
         be.rope(&mut a.k, ctx.positions, self.inv_freq, s.num_kv_heads, s.head_dim)
     }
 
-    /// The MLP of this block up to the down projection's input: n2 = norm2(x), act = glu(gate(n2), up(n2)).
+    /// The MLP of this block up to the gated activation's inputs: n2 = norm2(x), gate(n2) and up(n2).
     fn mlp_hidden(
         &self,
         x: &B::Buf,
@@ -400,11 +418,26 @@ impl<B: Backend> Layer<'_, B> {
         observe: &mut LinearInputObserver<'_, B>,
     ) -> Result<()> {
         let (be, s, blk) = (self.be, self.spec, self.block);
-        be.rmsnorm(x, &blk.mlp_norm, s.hidden_size, s.rms_norm_eps, s.norm_plus_one, &mut m.n2)?;
-        observe(self.index, InputSite::Mlp, &m.n2)?;
-        self.linears([Proj::Gate, Proj::Up], &m.n2, [&mut m.gate, &mut m.up], ctx, adapters, &mut m.hidden)?;
-        be.glu(&m.gate, &m.up, ctx.glu, &mut m.act)?;
-        observe(self.index, InputSite::MlpOutput, &m.act)
+        let ps = [Proj::Gate, Proj::Up];
+        let (h, eps, room) = (s.hidden_size, s.rms_norm_eps, self.room(&ps, adapters));
+        let n2 = be.rmsnorm_operand(x, &blk.mlp_norm, h, eps, s.norm_plus_one, &mut m.n2, room)?;
+        observe(self.index, InputSite::Mlp, be.operand_values(&n2))?;
+        self.linears(ps, &n2, [&mut m.gate, &mut m.up], ctx, adapters, &mut m.hidden)
+    }
+
+    /// x += down(act) with act = glu(gate, up) of `mlp_hidden`, made with the down projection's operand.
+    fn mlp_down(
+        &self,
+        x: &mut B::Buf,
+        m: &mut MlpActs<B>,
+        ctx: &Ctx<B>,
+        adapters: Option<&AdapterSet<B>>,
+        observe: &mut LinearInputObserver<'_, B>,
+    ) -> Result<()> {
+        let (be, room) = (self.be, self.room(&[Proj::Down], adapters));
+        let act = be.glu_operand(&m.gate, &m.up, ctx.glu, &mut m.act, ctx.rows, room)?;
+        observe(self.index, InputSite::MlpOutput, be.operand_values(&act))?;
+        self.adapted(Proj::Down, &act, x, true, ctx, adapters, &mut m.hidden)
     }
 
     /// Given dx = ∂L/∂x_out of this block and its forward activations (with x_in and x_mid saved), replaces dx
@@ -437,8 +470,9 @@ impl<B: Backend> Layer<'_, B> {
         // The MLP reads and updates the residual stream in place.
         for_row_chunks(be, None, x, h, ctx, chunk, |_, xc, cctx| {
             let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;
-            self.mlp_hidden(xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
-            self.linear(Proj::Down, &m.act, xc, true, cctx, Some(adapters), &mut m.hidden)
+            let no_observer = &mut |_, _, _: &B::Buf| Ok(());
+            self.mlp_hidden(xc, &mut m, cctx, Some(adapters), no_observer)?;
+            self.mlp_down(xc, &mut m, cctx, Some(adapters), no_observer)
         })
     }
 
@@ -480,6 +514,8 @@ impl<B: Backend> Layer<'_, B> {
             let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;
             m.hidden.keep = true;
             self.mlp_hidden(xc, &mut m, cctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+            // Only down's backward reads act: no operand of it.
+            be.glu(&m.gate, &m.up, cctx.glu, &mut m.act)?;
             self.mlp_backward(dxc, xc, &mut m, cctx, adapters)
         })?;
         drop(x_mid);
@@ -498,16 +534,19 @@ impl<B: Backend> Layer<'_, B> {
         let (be, s, blk) = (self.be, self.spec, self.block);
         let (h, rows, ff) = (s.hidden_size, ctx.rows, s.intermediate_size);
         let mut d_act = be.uninit(rows * ff)?;
-        let down_h = m.hidden.take(Proj::Down);
-        self.linear_backward(Proj::Down, &m.act, dx, &mut d_act, false, ctx, adapters, down_h)?;
+        let (down_h, dy) = (m.hidden.take(Proj::Down), self.grad_operand(Proj::Down, dx, ctx, adapters)?);
+        self.linear_backward(Proj::Down, &m.act, &dy, &mut d_act, false, ctx, adapters, down_h)?;
+        drop(dy);
         let (mut d_gate, mut d_up) = (be.uninit(rows * ff)?, be.uninit(rows * ff)?);
-        be.glu_backward(&m.gate, &m.up, &d_act, ctx.glu, &mut d_gate, &mut d_up)?;
+        let rooms = [self.room(&[Proj::Gate], Some(adapters)), self.room(&[Proj::Up], Some(adapters))];
+        let (dg, du) =
+            be.glu_backward_operands(&m.gate, &m.up, &d_act, ctx.glu, &mut d_gate, &mut d_up, rows, rooms)?;
         drop(d_act);
         let mut dn = be.uninit(rows * h)?;
-        self.linear_backward(Proj::Gate, &m.n2, &d_gate, &mut dn, false, ctx, adapters, m.hidden.take(Proj::Gate))?;
-        drop(d_gate);
-        self.linear_backward(Proj::Up, &m.n2, &d_up, &mut dn, true, ctx, adapters, m.hidden.take(Proj::Up))?;
-        drop(d_up);
+        self.linear_backward(Proj::Gate, &m.n2, &dg, &mut dn, false, ctx, adapters, m.hidden.take(Proj::Gate))?;
+        drop(dg);
+        self.linear_backward(Proj::Up, &m.n2, &du, &mut dn, true, ctx, adapters, m.hidden.take(Proj::Up))?;
+        drop(du);
         be.rmsnorm_backward(x_mid, &blk.mlp_norm, &dn, h, s.rms_norm_eps, s.norm_plus_one, dx, true)
     }
 
@@ -524,18 +563,33 @@ impl<B: Backend> Layer<'_, B> {
         let (h, rows) = (s.hidden_size, ctx.rows);
         let d = Dims::of(self.spec);
         let mut d_att = be.uninit(rows * d.q)?;
-        let o_h = a.hidden.take(Proj::O);
-        self.linear_backward(Proj::O, &a.att, dx, &mut d_att, false, ctx, adapters, o_h)?;
+        let (o_h, dy) = (a.hidden.take(Proj::O), self.grad_operand(Proj::O, dx, ctx, adapters)?);
+        self.linear_backward(Proj::O, &a.att, &dy, &mut d_att, false, ctx, adapters, o_h)?;
+        drop(dy);
         let (mut dq, mut dk, mut dv) = (be.zeros(rows * d.q)?, be.zeros(rows * d.kv)?, be.zeros(rows * d.kv)?);
-        be.attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &a.att, &d_att, &mut dq, &mut dk, &mut dv)?;
+        let kept = a.kept.take();
+        be.attention_backward(
+            &a.q,
+            &a.k,
+            &a.v,
+            ctx.key_mask,
+            ctx.shape,
+            &a.att,
+            &d_att,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            kept,
+        )?;
         drop(d_att);
         be.rope_backward(&mut dq, ctx.positions, self.inv_freq, s.num_heads, s.head_dim)?;
         be.rope_backward(&mut dk, ctx.positions, self.inv_freq, s.num_kv_heads, s.head_dim)?;
         let mut dn = be.uninit(rows * h)?;
-        self.linear_backward(Proj::Q, &a.n1, &dq, &mut dn, false, ctx, adapters, a.hidden.take(Proj::Q))?;
-        drop(dq);
-        self.linear_backward(Proj::K, &a.n1, &dk, &mut dn, true, ctx, adapters, a.hidden.take(Proj::K))?;
-        self.linear_backward(Proj::V, &a.n1, &dv, &mut dn, true, ctx, adapters, a.hidden.take(Proj::V))?;
+        // Each gradient is dropped as soon as its product has read it.
+        for (p, dy, accumulate) in [(Proj::Q, dq, false), (Proj::K, dk, true), (Proj::V, dv, true)] {
+            let dy = self.grad_operand(p, &dy, ctx, adapters)?;
+            self.linear_backward(p, &a.n1, &dy, &mut dn, accumulate, ctx, adapters, a.hidden.take(p))?;
+        }
         be.rmsnorm_backward(x_in, &blk.attn_norm, &dn, h, s.rms_norm_eps, s.norm_plus_one, dx, true)
     }
 }

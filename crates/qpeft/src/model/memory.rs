@@ -31,11 +31,15 @@ pub fn activation_bytes(
     let mlp = h + 3 * ff;
     // The forward's MLP runs whole while no gradient is held (the first micro-batch of a step).
     let forward = rows * F32 * (h + attn + mlp);
-    // One block's backward: x_in, x_mid, dx and the attention half's activations throughout; the MLP chunk with its
-    // gradients at their widest (d_act, d_gate, d_up and dn beside the chunk's activations); then the attention's
-    // gradients (d_att, dq, dk, dv, dn).
-    let around = rows * F32 * (3 * h + attn);
-    let mlp_backward = chunk * F32 * (mlp + 3 * ff + h);
+    // What the attention's forward keeps for its backward (`Backend::attention_keeping`: the fused kernels' 16-bit
+    // q, k and v; counted for every backend, which over-counts where nothing is kept).
+    let attn_kept = rows * 2 * (q + 2 * kv);
+    // One block's backward: x_in, x_mid, dx and the attention half's activations (and what its attention kept)
+    // throughout; the MLP chunk with its gradients at their widest (d_act, d_gate, d_up and dn beside the chunk's
+    // activations, and the 16-bit copy of d_up besides d_gate's in `scratch`); then the attention's gradients (d_att,
+    // dq, dk, dv, dn).
+    let around = rows * F32 * (3 * h + attn) + attn_kept;
+    let mlp_backward = chunk * F32 * (mlp + 3 * ff + h) + chunk * 2 * ff;
     let attn_backward = rows * F32 * (2 * q + 2 * kv + h);
     let block_backward = around + mlp_backward.max(attn_backward);
     // The LM head: a chunk's logits and their gradient, and the hidden states and their gradient.
@@ -46,7 +50,10 @@ pub fn activation_bytes(
     let kept = match policy {
         // Every block's activations as the forward leaves them, then one block's backward gradients on top.
         Checkpointing::None => {
-            return layers * rows * F32 * (2 * h + attn + mlp) + rows * F32 * (3 * ff + h) + head + scratch;
+            return layers * (rows * F32 * (2 * h + attn + mlp) + attn_kept)
+                + rows * F32 * (3 * ff + h)
+                + head
+                + scratch;
         }
         Checkpointing::Selective => layers * rows * saved * (h + q),
         Checkpointing::Full => layers * rows * saved * h,

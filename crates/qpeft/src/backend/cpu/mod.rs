@@ -326,6 +326,8 @@ impl<T: Real> Backend for Cpu<T> {
         = CpuOperand<'a, T>
     where
         Self: 'a;
+    /// Nothing: the CPU's backward recomputes what it needs.
+    type AttnKept = ();
 
     fn name(&self) -> String {
         let kind = match (size_of::<T>(), self.half) {
@@ -739,6 +741,7 @@ impl<T: Real> Backend for Cpu<T> {
         dq: &mut Vec<T>,
         dk: &mut Vec<T>,
         dv: &mut Vec<T>,
+        _kept: Option<()>,
     ) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len(), dout.len(), dq.len()])?;
         check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || {

@@ -265,9 +265,17 @@ __device__ __forceinline__ void online_softmax(float (*sc)[4], float scale, floa
                 sc[n][e] = mn == -INFINITY ? 0.0f : exp2_fast(fmaf(sc[n][e], scale, -ms));
                 sum += sc[n][e];
             }
-        l[r] = l[r] * alpha[r] + sum;
+        // Rounded step by step (no fma contraction, which the compiler may choose differently in each kernel), so
+        // that the forward's log-sum-exp is flash_dq's to the bit (`log_sum_exp`).
+        l[r] = __fadd_rn(__fmul_rn(l[r], alpha[r]), sum);
         m[r] = mn;
     }
+}
+
+// A row's log-sum-exp in log2 units from its running maximum m (unscaled) and its complete sum of exponentials; ∞ for
+// a row that saw no key. One function for the forward and flash_dq, rounded step by step, so that both give the same.
+__device__ __forceinline__ float log_sum_exp(float m, float total, float scale) {
+    return total > 0.0f ? __fadd_rn(__fmul_rn(m, scale), log2f(total)) : INFINITY;
 }
 
 // Keys k0 of the tiles queries q0..q0+ROWS-1 (q0 < q_len) can see: from the first query's window start to the last
@@ -363,9 +371,11 @@ __device__ void store_rows(float (*acc)[4], float scale, float* dst, long long s
 }
 
 // Forward. Grid (query blocks of ROWS, heads, batch), FWD_THREADS threads (warps of FWD_TILES 16-row tiles); q, k, v
-// as 16-bit operands.
+// as 16-bit operands. Unless `stats` is null, each query's log-sum-exp goes to stats[2·row] as `flash_dq` computes it
+// (the same tiles in the same order: a tile the warp's 32 rows see and a 16-row warp of flash_dq would skip has only
+// masked scores for those 16, which leave their maximum and sum as they are).
 template <int D>
-__device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, float* out, const u32* amax) {
+__device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, float* out, const u32* amax, float* stats) {
     const int M = FWD_TILES;
     Shifts sh(amax, s.head_dim);
     s.scale *= pow2(-(sh.q + sh.k)) * LOG2E;  // scores from the scaled q and k, in log2 units
@@ -426,17 +436,20 @@ __device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u3
                 o[m][n][2 * r] *= inv;
                 o[m][n][2 * r + 1] *= inv;
             }
+            int qi = q0 + r0 + 16 * m + g + 8 * r;
+            if (stats && (lane & 3) == 0 && qi < s.q_len)
+                stats[2 * (((long long)blockIdx.z * s.heads + blockIdx.y) * s.q_len + qi)] = log_sum_exp(mx[m][r], total, s.scale);
         }
         store_rows<D>(o[m], pow2(-sh.v), out + hd.q_at, hd.q_stride, q0 + r0 + 16 * m, s.q_len, s.head_dim, lane);
     }
 }
 
-// dQ = scale·dS·K per query block, with dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)); first a pass over the keys for each query's
-// log-sum-exp in log2 units (∞ when it sees no key), which goes to stats[2·row] with rowsum(dO ⊙ O) at stats[2·row + 1], row =
-// (b·heads + h)·q_len + qi. Grid (query blocks of ROWS, heads, batch), THREADS threads; q, k, v, dout as 16-bit operands, and
-// out and dout32 (the f32 dO) for the row sums.
+// dQ = scale·dS·K per query block, with dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)); first, unless `have_lse` (the forward left
+// it there), a pass over the keys for each query's log-sum-exp in log2 units (∞ when it sees no key), which goes to
+// stats[2·row]; rowsum(dO ⊙ O) goes to stats[2·row + 1], row = (b·heads + h)·q_len + qi. Grid (query blocks of ROWS, heads,
+// batch), THREADS threads; q, k, v, dout as 16-bit operands, and out and dout32 (the f32 dO) for the row sums.
 template <int D>
-__device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, const float* out, const float* dout32, const h16* dout, float* dq, float* stats, const u32* amax) {
+__device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* key_mask, Attn s, const float* out, const float* dout32, const h16* dout, float* dq, float* stats, const u32* amax, int have_lse) {
     Shifts sh(amax, s.head_dim);
     const float scale = s.scale, dp_unscale = pow2(-(sh.dout + sh.v)), ds_scale = pow2(sh.ds);
     s.scale *= pow2(-(sh.q + sh.k)) * LOG2E;  // scores in log2 units
@@ -456,18 +469,26 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
     const u32 wseg = warp_segment<1>(qseg);
     int k_lo = key_start(s, hd, q0), k_hi = key_end(s, hd, q0);
     // Pass 1: each row's maximum and sum of exponentials.
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    walk_keys<D>(s, hd, k, nullptr, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16*, const u32* km) {
-        if (k0 > ci0 + 15) return;
-        float sc[1][8][4], alpha[2];
-        masked_scores<D, 1>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, 16, wseg, k0, km, lane), warp * 16, lane);
-        online_softmax(sc[0], s.scale, m, l, alpha);
-    });
     float lse[2], dot[2];
+    if (have_lse) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int qi = q0 + warp * 16 + g + 8 * r;
+            lse[r] = qi < s.q_len ? stats[2 * (((long long)blockIdx.z * s.heads + blockIdx.y) * s.q_len + qi)] : INFINITY;
+        }
+    } else {
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+        walk_keys<D>(s, hd, k, nullptr, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16*, const u32* km) {
+            if (k0 > ci0 + 15) return;
+            float sc[1][8][4], alpha[2];
+            masked_scores<D, 1>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, 16, wseg, k0, km, lane), warp * 16, lane);
+            online_softmax(sc[0], s.scale, m, l, alpha);
+        });
+#pragma unroll
+        for (int r = 0; r < 2; r++) lse[r] = log_sum_exp(m[r], quad_sum(l[r]), s.scale);
+    }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-        float total = quad_sum(l[r]);
-        lse[r] = total > 0.0f ? m[r] * s.scale + log2f(total) : INFINITY;
         int qi = q0 + warp * 16 + g + 8 * r;
         // rowsum(dO ⊙ O) in f32 from the unrounded rows, split over the row's 4 threads.
         float part = 0.0f;
@@ -476,7 +497,7 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
         dot[r] = quad_sum(part);
         if (t == 0 && qi < s.q_len) {
             long long row = ((long long)blockIdx.z * s.heads + blockIdx.y) * s.q_len + qi;
-            stats[2 * row] = lse[r];
+            if (!have_lse) stats[2 * row] = lse[r];
             stats[2 * row + 1] = dot[r];
         }
     }
@@ -623,14 +644,14 @@ extern "C" __global__ void flash_sum_parts(const float* parts, int split, long l
 #define FLASH_KERNELS(D)                                                                                                  \
     extern "C" __global__ void __launch_bounds__(FWD_THREADS) flash_forward_##D(const h16* q, const h16* k, const h16* v,     \
                                                                              const u32* m, Attn s, float* out,            \
-                                                                             const u32* amax) {                           \
-        flash_forward<D>(q, k, v, m, s, out, amax);                                                                       \
+                                                                             const u32* amax, float* stats) {             \
+        flash_forward<D>(q, k, v, m, s, out, amax, stats);                                                                \
     }                                                                                                                     \
     extern "C" __global__ void __launch_bounds__(THREADS) flash_dq_##D(const h16* q, const h16* k, const h16* v,          \
                                                                         const u32* m, Attn s, const float* out,           \
                                                                         const float* dout32, const h16* dout, float* dq,  \
-                                                                        float* stats, const u32* amax) {                  \
-        flash_dq<D>(q, k, v, m, s, out, dout32, dout, dq, stats, amax);                                                   \
+                                                                        float* stats, const u32* amax, int have_lse) {    \
+        flash_dq<D>(q, k, v, m, s, out, dout32, dout, dq, stats, amax, have_lse);                                         \
     }                                                                                                                     \
     extern "C" __global__ void __launch_bounds__(THREADS) flash_dkv_##D(const h16* q, const h16* k, const h16* v,         \
                                                                          const u32* m, Attn s, const h16* dout,           \

@@ -8,7 +8,7 @@ use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMI
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{device_err, Attn, Cuda};
-use crate::backend::{flash_head, AttentionShape, Precision};
+use crate::backend::{check, check_attention, flash_head, AttentionShape, Precision};
 use crate::error::Result;
 
 /// Rows a block owns (queries forward and for dQ, keys for dK and dV), rows per tile of the side it walks, and
@@ -33,6 +33,27 @@ impl Cuda {
     /// Whether attention of shape `s` runs through the fused kernels.
     pub(super) fn flash(&self, s: &AttentionShape) -> bool {
         self.precision != Precision::F32 && self.bf16_tensor_cores && flash_head(s.head_dim)
+    }
+
+    /// `Backend::attention`, through the fused kernels where they take the shape (keeping, with `keep`, what their
+    /// backward may reuse), else through GEMMs (attention.rs), which keep nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_with(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        key_mask: &CudaSlice<u32>,
+        s: AttentionShape,
+        out: &mut CudaSlice<f32>,
+        keep: bool,
+    ) -> Result<Option<FlashKept>> {
+        check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len()])?;
+        if self.flash(&s) {
+            return self.flash_forward(q, k, v, key_mask, s, out, keep);
+        }
+        self.attention_gemm(q, k, v, key_mask, s, out)?;
+        Ok(None)
     }
 
     /// x as a 16-bit operand (`to_operand`), its largest magnitude going to slot `i` of `amax`.
@@ -70,7 +91,9 @@ impl Cuda {
         })
     }
 
-    pub(super) fn flash_forward(
+    /// The fused forward; with `keep`, also what `flash_backward` may reuse (`FlashKept`).
+    #[allow(clippy::too_many_arguments)]
+    fn flash_forward(
         &self,
         q: &CudaSlice<f32>,
         k: &CudaSlice<f32>,
@@ -78,7 +101,8 @@ impl Cuda {
         key_mask: &CudaSlice<u32>,
         s: AttentionShape,
         out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
+        keep: bool,
+    ) -> Result<Option<FlashKept>> {
         let d = padded(s.head_dim);
         let name = format!("flash_forward_{d}");
         let cfg =
@@ -91,9 +115,15 @@ impl Cuda {
             self.operand_copy(v, &amax, 2)?,
         );
         let scales = self.scales_arg(&amax);
-        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out, &scales)
+        // Given somewhere to write them, the kernel leaves each row's log-sum-exp at stats[2·row].
+        let stats = if keep { Some(self.alloc_uninit::<f32>(stats_len(s))?) } else { None };
+        let at = stats.as_ref().map_or(0, |x| self.addr(x));
+        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out, &scales, &at)?;
+        Ok(stats.map(|stats| FlashKept { shape: s, q, k, v, amax, stats }))
     }
 
+    /// The fused backward; `kept` (from `flash_forward` on these q, k, v) spares it their conversions and the dQ
+    /// kernel's walk over the keys for the log-sum-exp.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn flash_backward(
         &self,
@@ -107,22 +137,30 @@ impl Cuda {
         dq: &mut CudaSlice<f32>,
         dk: &mut CudaSlice<f32>,
         dv: &mut CudaSlice<f32>,
+        kept: Option<FlashKept>,
     ) -> Result<()> {
         let d = padded(s.head_dim);
         let a = Attn::of(s);
-        let amax = self.alloc::<u32>(4)?;
-        let (q, k, v, dout16) = (
-            self.operand_copy(q, &amax, 0)?,
-            self.operand_copy(k, &amax, 1)?,
-            self.operand_copy(v, &amax, 2)?,
-            self.operand_copy(dout, &amax, 3)?,
-        );
-        let scales = self.scales_arg(&amax);
         // Per query row: its log-sum-exp and rowsum(dO ⊙ O).
-        let mut stats = self.alloc::<f32>(2 * s.batch * s.heads * s.q_len)?;
+        let (q, k, v, amax, mut stats, have_lse) = match kept {
+            Some(kept) => {
+                check(kept.shape == s, "attention_backward", || {
+                    format!("kept from a forward of shape {:?}, not {s:?}", kept.shape)
+                })?;
+                (kept.q, kept.k, kept.v, kept.amax, kept.stats, 1i32)
+            }
+            None => {
+                let amax = self.alloc::<u32>(4)?;
+                let (q, k, v) =
+                    (self.operand_copy(q, &amax, 0)?, self.operand_copy(k, &amax, 1)?, self.operand_copy(v, &amax, 2)?);
+                (q, k, v, amax, self.alloc::<f32>(stats_len(s))?, 0i32)
+            }
+        };
+        let dout16 = self.operand_copy(dout, &amax, 3)?;
+        let scales = self.scales_arg(&amax);
         let name = format!("flash_dq_{d}");
         let cfg = self.flash_config(&name, (s.q_len.div_ceil(ROWS), s.heads, s.batch), THREADS, smem(d, 2, 4, 2))?;
-        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out, dout, &dout16, dq, &mut stats, &scales)?;
+        launch!(self, &name, cfg, &q, &k, &v, key_mask, &a, out, dout, &dout16, dq, &mut stats, &scales, &have_lse)?;
         if s.kv_capacity > s.kv_len {
             // The kernel writes the kv_len rows of each sequence; the rest of the cache layout is zero.
             self.stream.memset_zeros(dk).map_err(|e| device_err("clearing dk", e))?;
@@ -168,6 +206,23 @@ impl Cuda {
         launch!(self, "flash_sum_parts", sum, &dk_parts, &split_i, &stride, dk)?;
         launch!(self, "flash_sum_parts", sum, &dv_parts, &split_i, &stride, dv)
     }
+}
+
+/// What the fused forward leaves for the backward of the same q, k and v (`Backend::attention_keeping`): their 16-bit
+/// copies, their maxima (amax[0..3]; slot 3 is dO's, which the backward fills) and each query's log-sum-exp in log2
+/// units at stats[2·row] (the backward writes rowsum(dO ⊙ O) at stats[2·row + 1]).
+pub struct FlashKept {
+    shape: AttentionShape,
+    q: CudaSlice<u16>,
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+    amax: CudaSlice<u32>,
+    stats: CudaSlice<f32>,
+}
+
+/// Two f32 statistics per query row (`FlashKept::stats`).
+fn stats_len(s: AttentionShape) -> usize {
+    2 * s.batch * s.heads * s.q_len
 }
 
 /// Parts into which `flash_dkv` splits each KV head's query heads: one unless the key blocks × KV heads × batch leave

@@ -39,6 +39,61 @@ __device__ T block_sum(T v, T* scratch) { return block_reduce(v, scratch, (T)0, 
 
 __device__ float block_max(float v, float* scratch) { return block_reduce(v, scratch, -INFINITY, Max()); }
 
+typedef unsigned short bf16;
+
+// f32 → bf16 bits, round to nearest even (NaN stays NaN).
+__device__ bf16 to_bf16_bits(float x) {
+    u32 u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+struct MaxBits {
+    __device__ u32 operator()(u32 a, u32 b) const { return max(a, b); }
+};
+
+// Where value i of a tensor with rows of `cols` values goes in a copy with rows of `ld` (≥ cols): room after each row
+// for a product's tail (backend::Tail). A 32-bit division where i fits (a 64-bit one is dozens of instructions).
+__device__ long long strided(long long i, int cols, int ld) {
+    if (ld == cols) return i;
+    if (i < 0xffffffffll) {
+        u32 r = (u32)i / (u32)cols;
+        return (long long)r * ld + ((u32)i - r * (u32)cols);
+    }
+    return (i / cols) * ld + i % cols;
+}
+
+// A kernel that writes an operand's values may make the operand in the same pass (operand.rs, `Produced`): in bf16 it
+// writes the copy (rows of `cols` values at a row stride of `ld`), in f16 the largest magnitude it wrote (f32 bits, as
+// `absmax`), through `put` for each value and `finish` once every thread of the block is done.
+struct Producing {
+    bf16* half;
+    int cols, ld;
+    u32* amax;
+    u32 m;
+    __device__ Producing(bf16* half, int cols, int ld, u32* amax) : half(half), cols(cols), ld(ld), amax(amax), m(0) {}
+    // Value i of the [rows, cols] output.
+    __device__ void put(long long i, float v) {
+        if (half) half[strided(i, cols, ld)] = to_bf16_bits(v);
+        if (amax) m = max(m, __float_as_uint(fabsf(v)));
+    }
+    // Values i..i+3 of one row (i a multiple of 4; cols and ld too, which `quads_fit` checks): one 8-byte store.
+    __device__ void put4(long long i, float4 v) {
+        if (half) {
+            u32 lo = (u32)to_bf16_bits(v.x) | ((u32)to_bf16_bits(v.y) << 16), hi = (u32)to_bf16_bits(v.z) | ((u32)to_bf16_bits(v.w) << 16);
+            reinterpret_cast<uint2*>(half + strided(i, cols, ld))[0] = make_uint2(lo, hi);
+        }
+        if (amax) m = max(m, max(max(__float_as_uint(fabsf(v.x)), __float_as_uint(fabsf(v.y))), max(__float_as_uint(fabsf(v.z)), __float_as_uint(fabsf(v.w)))));
+    }
+    // Whether n values go four at a time through put4.
+    __device__ bool quads_fit(long long n) const { return n % 4 == 0 && cols % 4 == 0 && ld % 4 == 0; }
+    __device__ void finish(u32* scratch) {
+        if (!amax) return;
+        u32 t = block_reduce(m, scratch, 0u, MaxBits());
+        if (threadIdx.x == 0) atomicMax(amax, t);
+    }
+};
+
 // fp16 bits → f32 (exact).
 __device__ float f16_bits_to_float(unsigned short h) {
     float y;
@@ -81,12 +136,34 @@ __device__ float inv_rms(const float* x, int dim, float eps, double* scratch) {
     return 1.0f / sqrtf((float)ms + eps);
 }
 
-extern "C" __global__ void rmsnorm(const float* x, const float* w, int dim, float eps, int plus_one, float* out) {
+// Also makes out's operand (`Producing`) where half or amax is given. Blocks take rows in turn (at most a few thousand
+// blocks: one atomicMax each).
+extern "C" __global__ void rmsnorm(const float* x, const float* w, int dim, float eps, int plus_one, float* out, long long rows, bf16* half, int ld, u32* amax) {
     __shared__ double scratch[32];
-    const float* xr = x + (long long)blockIdx.x * dim;
-    float* o = out + (long long)blockIdx.x * dim;
-    float r = inv_rms(xr, dim, eps, scratch);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = plus_one ? (xr[i] * r) * (1.0f + w[i]) : w[i] * (xr[i] * r);
+    __shared__ u32 mscratch[32];
+    Producing p(half, dim, ld, amax);
+    bool quads = p.quads_fit(dim);
+    for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+        long long at = row * dim;
+        const float* xr = x + at;
+        float* o = out + at;
+        float r = inv_rms(xr, dim, eps, scratch);
+        auto norm = [&](float xi, float wi) { return plus_one ? (xi * r) * (1.0f + wi) : wi * (xi * r); };
+        if (quads) {
+            for (int i = 4 * threadIdx.x; i < dim; i += 4 * blockDim.x) {
+                float4 a = *reinterpret_cast<const float4*>(xr + i), b = *reinterpret_cast<const float4*>(w + i);
+                float4 v = make_float4(norm(a.x, b.x), norm(a.y, b.y), norm(a.z, b.z), norm(a.w, b.w));
+                *reinterpret_cast<float4*>(o + i) = v;
+                p.put4(at + i, v);
+            }
+        } else {
+            for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+                o[i] = norm(xr[i], w[i]);
+                p.put(at + i, o[i]);
+            }
+        }
+    }
+    p.finish(mscratch);
 }
 
 extern "C" __global__ void rmsnorm_backward(const float* x, const float* w, const float* dy, int dim, float eps, int plus_one, float* dx, int accumulate) {
@@ -133,21 +210,63 @@ __device__ void activation(int kind, float z, float* a, float* da) {
     }
 }
 
-extern "C" __global__ void glu(const float* gate, const float* up, int kind, float* out, long long n) {
-    GRID_STRIDE(i, n) {
+// Also makes out's operand (`Producing`, rows of `cols`) where half or amax is given. Four values per step where the
+// rows allow; a capped grid (operand.rs, `producing_grid`), each block ending in one atomicMax.
+extern "C" __global__ void glu(const float* gate, const float* up, int kind, float* out, long long n, bf16* half, int cols, int ld, u32* amax) {
+    __shared__ u32 mscratch[32];
+    Producing p(half, cols, ld, amax);
+    auto f = [&](float g, float u) {
         float a, da;
-        activation(kind, gate[i], &a, &da);
-        out[i] = a * up[i];
+        activation(kind, g, &a, &da);
+        return a * u;
+    };
+    long long quads = p.quads_fit(n) ? n >> 2 : 0;
+    GRID_STRIDE(t, quads) {
+        float4 g = reinterpret_cast<const float4*>(gate)[t], u = reinterpret_cast<const float4*>(up)[t];
+        float4 v = make_float4(f(g.x, u.x), f(g.y, u.y), f(g.z, u.z), f(g.w, u.w));
+        reinterpret_cast<float4*>(out)[t] = v;
+        p.put4(t << 2, v);
     }
+    GRID_STRIDE(r, n - (quads << 2)) {
+        long long i = (quads << 2) + r;
+        out[i] = f(gate[i], up[i]);
+        p.put(i, out[i]);
+    }
+    p.finish(mscratch);
 }
 
-extern "C" __global__ void glu_backward(const float* gate, const float* up, const float* dy, int kind, float* dgate, float* dup, long long n) {
-    GRID_STRIDE(i, n) {
+// Also makes the operands of dgate and dup (`Producing`, rows of `cols`; each its own copy or maximum) where given, as
+// `glu`.
+extern "C" __global__ void glu_backward(const float* gate, const float* up, const float* dy, int kind, float* dgate, float* dup, long long n,
+                                        int cols, bf16* half_gate, int ld_gate, u32* amax_gate, bf16* half_up, int ld_up, u32* amax_up) {
+    __shared__ u32 mscratch[32];
+    Producing pg(half_gate, cols, ld_gate, amax_gate), pu(half_up, cols, ld_up, amax_up);
+    // (dgate, dup) of one value.
+    auto f = [&](float g, float u, float d) {
         float a, da;
-        activation(kind, gate[i], &a, &da);
-        dgate[i] = dy[i] * up[i] * da;
-        dup[i] = dy[i] * a;
+        activation(kind, g, &a, &da);
+        return make_float2(d * u * da, d * a);
+    };
+    long long quads = pg.quads_fit(n) && pu.quads_fit(n) ? n >> 2 : 0;
+    GRID_STRIDE(t, quads) {
+        float4 g = reinterpret_cast<const float4*>(gate)[t], u = reinterpret_cast<const float4*>(up)[t], d = reinterpret_cast<const float4*>(dy)[t];
+        float2 x = f(g.x, u.x, d.x), y = f(g.y, u.y, d.y), z = f(g.z, u.z, d.z), w = f(g.w, u.w, d.w);
+        float4 vg = make_float4(x.x, y.x, z.x, w.x), vu = make_float4(x.y, y.y, z.y, w.y);
+        reinterpret_cast<float4*>(dgate)[t] = vg;
+        reinterpret_cast<float4*>(dup)[t] = vu;
+        pg.put4(t << 2, vg);
+        pu.put4(t << 2, vu);
     }
+    GRID_STRIDE(r, n - (quads << 2)) {
+        long long i = (quads << 2) + r;
+        float2 v = f(gate[i], up[i], dy[i]);
+        dgate[i] = v.x;
+        dup[i] = v.y;
+        pg.put(i, v.x);
+        pu.put(i, v.y);
+    }
+    pg.finish(mscratch);
+    pu.finish(mscratch);
 }
 
 extern "C" __global__ void write_rows(const float* src, float* dst, int batch, int rows, int capacity, int start, int width) {
@@ -379,18 +498,10 @@ extern "C" __global__ void attention_softmax_backward(const float* p, float* dp,
 
 // ---- 16-bit operands: bf16 and fp16 conversion, 4-bit dequantization ----
 
-typedef unsigned short bf16;
 // fp16 bits, as a type of its own so that `put` and `store16` overload on it.
 struct f16 {
     unsigned short bits;
 };
-
-// f32 → bf16 bits, round to nearest even (NaN stays NaN).
-__device__ bf16 to_bf16_bits(float x) {
-    u32 u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
-    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // f32 → f16 → f32, round to nearest even: AutoGPTQ's fp16 weights.
 __device__ float f16_round(float x) {
@@ -425,10 +536,6 @@ __device__ int binary_exponent(float x) {
 __device__ int f16_shift_for(int e) { return min(120, max(-120, 15 - e)); }
 __device__ float pow2(int s) { return __uint_as_float((u32)(127 + s) << 23); }
 
-struct MaxBits {
-    __device__ u32 operator()(u32 a, u32 b) const { return max(a, b); }
-};
-
 // The largest |x| into *amax as f32 bits (non-negative floats order like their bits; a NaN beats every number).
 // *amax must start at 0. Four values per 16-byte load (buffers are 256-byte aligned), then the tail. (Four loads in
 // flight per thread measured the same on an H100: 66.6 → 65.0 ms per 7B step.)
@@ -444,10 +551,6 @@ extern "C" __global__ void absmax(const float* x, long long n, u32* amax) {
     m = block_reduce(m, scratch, 0u, MaxBits());
     if (threadIdx.x == 0) atomicMax(amax, m);
 }
-
-// Where value i of a tensor with rows of `cols` values goes in a copy with rows of `ld` (≥ cols): room after each row
-// for a product's tail (backend::Tail).
-__device__ long long strided(long long i, int cols, int ld) { return ld == cols ? i : (i / cols) * ld + i % cols; }
 
 // Whether eight consecutive values of a row stay together and 16-byte aligned in the strided copy.
 __device__ bool octets_fit(long long n, int cols, int ld) { return ld == cols || (cols % 8 == 0 && ld % 8 == 0); }

@@ -44,8 +44,10 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
+pub use self::flash::FlashKept;
 use self::gemm::{Gemm, Operand};
 pub use self::operand::CudaOperand;
+use self::operand::Produced;
 use self::profile::Profile;
 pub use self::weight::CudaWeight;
 use self::weight::Scratch;
@@ -168,6 +170,13 @@ impl Attn {
 
 fn grid(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535 * 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The kernels that may make an operand (`Produced`): enough blocks of four values per thread (or rows, `per_block`
+/// 1) to fill the GPU, few enough that each block's one atomicMax of the operand's maximum stays cheap.
+fn producing_grid(n: usize, per_block: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(per_block).clamp(1, 2048) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
@@ -352,6 +361,7 @@ impl Backend for Cuda {
     type Saved = Saved;
     type Bytes = CudaSlice<u8>;
     type Operand<'a> = CudaOperand<'a>;
+    type AttnKept = FlashKept;
 
     fn name(&self) -> String {
         let ctx = self.stream.context();
@@ -578,11 +588,21 @@ impl Backend for Cuda {
         plus_one: bool,
         out: &mut Self::Buf,
     ) -> Result<()> {
-        check(w.len() == dim && x.len().is_multiple_of(dim) && out.len() == x.len(), "rmsnorm", || {
-            format!("x {}, w {}, dim {dim}", x.len(), w.len())
-        })?;
-        let (d, p) = (dim as i32, plus_one as i32);
-        launch!(self, "rmsnorm", rows_grid(x.len() / dim), x, w, &d, &eps, &p, out)
+        self.rmsnorm_producing(x, w, dim, eps, plus_one, out, Produced::none(dim))
+    }
+    fn rmsnorm_operand<'a>(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        plus_one: bool,
+        out: &'a mut Self::Buf,
+        room: usize,
+    ) -> Result<CudaOperand<'a>> {
+        let p = self.pending_operand(out.len(), out.len() / dim.max(1), room)?;
+        self.rmsnorm_producing(x, w, dim, eps, plus_one, out, p.produced)?;
+        self.finish_operand(out, p)
     }
 
     fn rope(
@@ -597,11 +617,20 @@ impl Backend for Cuda {
     }
 
     fn glu(&self, gate: &Self::Buf, up: &Self::Buf, kind: GluKind, out: &mut Self::Buf) -> Result<()> {
-        check(gate.len() == up.len() && out.len() == up.len(), "glu", || {
-            format!("gate {}, up {}, out {}", gate.len(), up.len(), out.len())
-        })?;
-        let (k, n) = (glu_kind(kind), gate.len() as i64);
-        launch!(self, "glu", grid(gate.len()), gate, up, &k, out, &n)
+        self.glu_producing(gate, up, kind, out, Produced::none(out.len()))
+    }
+    fn glu_operand<'a>(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        kind: GluKind,
+        out: &'a mut Self::Buf,
+        rows: usize,
+        room: usize,
+    ) -> Result<CudaOperand<'a>> {
+        let p = self.pending_operand(out.len(), rows, room)?;
+        self.glu_producing(gate, up, kind, out, p.produced)?;
+        self.finish_operand(out, p)
     }
 
     fn write_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, at: RowWrite) -> Result<()> {
@@ -624,11 +653,18 @@ impl Backend for Cuda {
         s: AttentionShape,
         out: &mut Self::Buf,
     ) -> Result<()> {
-        check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len()])?;
-        if self.flash(&s) {
-            return self.flash_forward(q, k, v, key_mask, s, out);
-        }
-        self.attention_gemm(q, k, v, key_mask, s, out)
+        self.attention_with(q, k, v, key_mask, s, out, false).map(drop)
+    }
+    fn attention_keeping(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        key_mask: &Self::Ints,
+        s: AttentionShape,
+        out: &mut Self::Buf,
+    ) -> Result<Option<FlashKept>> {
+        self.attention_with(q, k, v, key_mask, s, out, true)
     }
 
     fn cross_entropy(
@@ -725,12 +761,24 @@ impl Backend for Cuda {
         dgate: &mut Self::Buf,
         dup: &mut Self::Buf,
     ) -> Result<()> {
-        let n = gate.len();
-        check(up.len() == n && dy.len() == n && dgate.len() == n && dup.len() == n, "glu_backward", || {
-            format!("sizes differ from gate's {n}")
-        })?;
-        let (k, n64) = (glu_kind(kind), n as i64);
-        launch!(self, "glu_backward", grid(n), gate, up, dy, &k, dgate, dup, &n64)
+        let none = Produced::none(gate.len());
+        self.glu_backward_producing(gate, up, dy, kind, dgate, dup, [none, none])
+    }
+    fn glu_backward_operands<'a, 'b>(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dy: &Self::Buf,
+        kind: GluKind,
+        dgate: &'a mut Self::Buf,
+        dup: &'b mut Self::Buf,
+        rows: usize,
+        rooms: [usize; 2],
+    ) -> Result<(CudaOperand<'a>, CudaOperand<'b>)> {
+        let pg = self.pending_operand(dgate.len(), rows, rooms[0])?;
+        let pu = self.pending_operand(dup.len(), rows, rooms[1])?;
+        self.glu_backward_producing(gate, up, dy, kind, dgate, dup, [pg.produced, pu.produced])?;
+        Ok((self.finish_operand(dgate, pg)?, self.finish_operand(dup, pu)?))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -746,13 +794,14 @@ impl Backend for Cuda {
         dq: &mut Self::Buf,
         dk: &mut Self::Buf,
         dv: &mut Self::Buf,
+        kept: Option<FlashKept>,
     ) -> Result<()> {
         check_attention(q.len(), k.len(), v.len(), key_mask.len(), s, &[out.len(), dout.len(), dq.len()])?;
         check(dk.len() == k.len() && dv.len() == v.len(), "attention_backward", || {
             format!("dk {}, dv {} for a cache of {}", dk.len(), dv.len(), k.len())
         })?;
         if self.flash(&s) {
-            return self.flash_backward(q, k, v, key_mask, s, out, dout, dq, dk, dv);
+            return self.flash_backward(q, k, v, key_mask, s, out, dout, dq, dk, dv, kept);
         }
         self.stream.memset_zeros(dk).map_err(|e| device_err("memset", e))?;
         self.stream.memset_zeros(dv).map_err(|e| device_err("memset", e))?;
@@ -856,6 +905,83 @@ impl Backend for Cuda {
 }
 
 impl Cuda {
+    /// `Backend::rmsnorm`, also making out's operand as `p` asks (operand.rs, `Produced`).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_producing(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dim: usize,
+        eps: f32,
+        plus_one: bool,
+        out: &mut CudaSlice<f32>,
+        p: Produced,
+    ) -> Result<()> {
+        check(w.len() == dim && x.len().is_multiple_of(dim) && out.len() == x.len(), "rmsnorm", || {
+            format!("x {}, w {}, dim {dim}", x.len(), w.len())
+        })?;
+        check(p.cols as usize == dim, "rmsnorm", || format!("an operand of rows of {} for dim {dim}", p.cols))?;
+        let (d, plus, rows) = (dim as i32, plus_one as i32, (x.len() / dim) as i64);
+        let cfg = producing_grid(rows as usize, 1);
+        launch!(self, "rmsnorm", cfg, x, w, &d, &eps, &plus, out, &rows, &p.half, &p.ld, &p.amax)
+    }
+
+    /// `Backend::glu`, also making out's operand as `p` asks.
+    fn glu_producing(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        kind: GluKind,
+        out: &mut CudaSlice<f32>,
+        p: Produced,
+    ) -> Result<()> {
+        check(gate.len() == up.len() && out.len() == up.len(), "glu", || {
+            format!("gate {}, up {}, out {}", gate.len(), up.len(), out.len())
+        })?;
+        let (k, n) = (glu_kind(kind), gate.len() as i64);
+        let cfg = producing_grid(gate.len(), 4 * THREADS as usize);
+        launch!(self, "glu", cfg, gate, up, &k, out, &n, &p.half, &p.cols, &p.ld, &p.amax)
+    }
+
+    /// `Backend::glu_backward`, also making the operands of dgate and dup as `p` asks (rows of the same width).
+    #[allow(clippy::too_many_arguments)]
+    fn glu_backward_producing(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        kind: GluKind,
+        dgate: &mut CudaSlice<f32>,
+        dup: &mut CudaSlice<f32>,
+        [pg, pu]: [Produced; 2],
+    ) -> Result<()> {
+        let n = gate.len();
+        check(up.len() == n && dy.len() == n && dgate.len() == n && dup.len() == n, "glu_backward", || {
+            format!("sizes differ from gate's {n}")
+        })?;
+        check(pg.cols == pu.cols, "glu_backward", || format!("operands of rows of {} and {}", pg.cols, pu.cols))?;
+        let (k, n64) = (glu_kind(kind), n as i64);
+        launch!(
+            self,
+            "glu_backward",
+            producing_grid(n, 4 * THREADS as usize),
+            gate,
+            up,
+            dy,
+            &k,
+            dgate,
+            dup,
+            &n64,
+            &pg.cols,
+            &pg.half,
+            &pg.ld,
+            &pg.amax,
+            &pu.half,
+            &pu.ld,
+            &pu.amax
+        )
+    }
+
     fn rotate(
         &self,
         x: &mut CudaSlice<f32>,

@@ -37,6 +37,41 @@ impl CudaOperand<'_> {
     }
 }
 
+/// Where a kernel that produces an operand's values (`Cuda::pending_operand`) also writes the operand: the 16-bit copy
+/// (bf16; row r's value c at half + 2·(r·ld + c), rows of `cols` values; 0: none) or the largest magnitude of what it
+/// writes (f16; atomicMax of f32 bits into the u32 at amax, cleared before; 0: none).
+#[derive(Clone, Copy)]
+pub(super) struct Produced {
+    pub half: u64,
+    pub cols: i32,
+    pub ld: i32,
+    pub amax: u64,
+}
+
+impl Produced {
+    /// Nothing besides the values (rows of `cols`).
+    pub(super) fn none(cols: usize) -> Self {
+        Produced { half: 0, cols: cols as i32, ld: cols as i32, amax: 0 }
+    }
+}
+
+/// An operand whose values are still to be written (`Cuda::pending_operand`).
+pub(super) struct Pending {
+    copy: Option<CudaSlice<u16>>,
+    cols: usize,
+    ld: usize,
+    pub produced: Produced,
+}
+
+/// The columns and the 16-bit copy's row stride of an operand of n values as `rows` rows with `room` or more columns
+/// after each (the stride rounded up to 8 values, which tensor cores want).
+fn layout(n: usize, rows: usize, room: usize) -> Result<(usize, usize)> {
+    let rows = rows.max(1);
+    check(n.is_multiple_of(rows), "operand", || format!("{n} values in {rows} rows"))?;
+    let cols = n / rows;
+    Ok((cols, if room > 0 { (cols + room).next_multiple_of(8) } else { cols }))
+}
+
 /// The address of the [amax, alpha] scalars after the 16-bit copy of n values at `copy`.
 fn scalars_of(copy: u64, n: usize) -> u64 {
     copy + 2 * n.next_multiple_of(2) as u64
@@ -47,15 +82,44 @@ impl Cuda {
     /// in 16 bits there), with `room` or more columns after each of its `rows` rows for a tail (the row stride rounded
     /// up to 8 values, which tensor cores want); x alone in f32.
     pub(super) fn operand_of<'a>(&self, x: &'a CudaSlice<f32>, rows: usize, room: usize) -> Result<CudaOperand<'a>> {
-        let rows = rows.max(1);
-        check(x.len().is_multiple_of(rows), "operand", || format!("{} values in {rows} rows", x.len()))?;
-        let cols = x.len() / rows;
-        let ld = if room > 0 { (cols + room).next_multiple_of(8) } else { cols };
+        let (cols, ld) = layout(x.len(), rows, room)?;
         let half = match self.half() {
             Some(_) => Some(self.half_copy(x, cols, ld, 0, 1.0)?),
             None => None,
         };
         Ok(CudaOperand { x, half, cols, ld })
+    }
+
+    /// The first half of an operand whose values a kernel writes, making the operand in the same pass (`Produced`):
+    /// for n values as `rows` rows with `room` (`operand_of`), the copy and what the kernel is to write into it.
+    pub(super) fn pending_operand(&self, n: usize, rows: usize, room: usize) -> Result<Pending> {
+        let (cols, ld) = layout(n, rows, room)?;
+        let mut produced = Produced { half: 0, cols: cols as i32, ld: ld as i32, amax: 0 };
+        let Some(dtype) = self.half() else {
+            return Ok(Pending { copy: None, cols, ld, produced });
+        };
+        let len = n / cols.max(1) * ld;
+        let copy = self.alloc_uninit::<u16>(len.next_multiple_of(2) + 4)?;
+        if dtype == Dtype::Bf16 {
+            produced.half = self.addr(&copy);
+        } else {
+            produced.amax = scalars_of(self.addr(&copy), len);
+            // SAFETY: the copy's live u32 slot for the maximum; the memset is queued on the backend's stream.
+            unsafe { cudarc::driver::result::memset_d8_async(produced.amax, 0, 4, self.stream.cu_stream()) }
+                .map_err(|e| super::device_err("clearing a maximum", e))?;
+        }
+        Ok(Pending { copy: Some(copy), cols, ld, produced })
+    }
+
+    /// The second half: the operand of `out`, once the kernel given `p.produced` has written it (f16: converted now
+    /// under the maximum that kernel wrote).
+    pub(super) fn finish_operand<'a>(&self, out: &'a CudaSlice<f32>, p: Pending) -> Result<CudaOperand<'a>> {
+        let Pending { copy, cols, ld, produced } = p;
+        if produced.amax != 0 {
+            let copy = copy.as_ref().expect("an f16 copy");
+            self.to_f16_under(out, cols, ld, self.addr(copy), produced.amax, produced.amax + 4, 0, 1.0)?;
+        }
+        Ok(CudaOperand { x: out, half: copy, cols, ld })
     }
 
     /// x as a 16-bit tensor-core operand at `out` (`x.len()` values): bf16, or in the f16 mode fp16 of x·2^s with s
@@ -85,6 +149,23 @@ impl Cuda {
             return launch!(self, "to_bf16", grid(x.len().div_ceil(8)), x, &out, &n64, &cols32, &ld32);
         }
         self.absmax_into(x, amax)?;
+        self.to_f16_under(x, cols, ld, out, amax, inv_scale, times, factor)
+    }
+
+    /// `to_f16_scaled` of x under the scale its maximum at `amax` gives.
+    #[allow(clippy::too_many_arguments)]
+    fn to_f16_under(
+        &self,
+        x: &CudaSlice<f32>,
+        cols: usize,
+        ld: usize,
+        out: u64,
+        amax: u64,
+        inv_scale: u64,
+        times: u64,
+        factor: f32,
+    ) -> Result<()> {
+        let (n64, cols32, ld32) = (x.len() as i64, cols as i32, ld as i32);
         launch!(
             self,
             "to_f16_scaled",
