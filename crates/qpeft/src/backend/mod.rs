@@ -710,8 +710,9 @@ pub trait Backend: Send + Sync {
         self.glu_backward(gate, up, dy, kind, dgate, dup)?;
         Ok((self.operand_with_room(dgate, rows, rooms[0])?, self.operand_with_room(dup, rows, rooms[1])?))
     }
-    /// dq, dk, dv of `attention` (recomputing the probabilities); `out` is its output; dk and dv have the cache
-    /// layout. `kept` is what `attention_keeping` returned for these q, k, v and shape (an error for another shape).
+    /// dq, dk, dv of `attention` (recomputing the probabilities), every value written; `out` is its output; dk and dv
+    /// have the cache layout. `kept` is what `attention_keeping` returned for these q, k, v and shape (an error for
+    /// another shape).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,

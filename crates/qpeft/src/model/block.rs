@@ -566,7 +566,8 @@ impl<B: Backend> Layer<'_, B> {
         let (o_h, dy) = (a.hidden.take(Proj::O), self.grad_operand(Proj::O, dx, ctx, adapters)?);
         self.linear_backward(Proj::O, &a.att, &dy, &mut d_att, false, ctx, adapters, o_h)?;
         drop(dy);
-        let (mut dq, mut dk, mut dv) = (be.zeros(rows * d.q)?, be.zeros(rows * d.kv)?, be.zeros(rows * d.kv)?);
+        // attention_backward writes every value of all three.
+        let (mut dq, mut dk, mut dv) = (be.uninit(rows * d.q)?, be.uninit(rows * d.kv)?, be.uninit(rows * d.kv)?);
         let kept = a.kept.take();
         be.attention_backward(
             &a.q,

@@ -41,11 +41,29 @@ __device__ float block_max(float v, float* scratch) { return block_reduce(v, scr
 
 typedef unsigned short bf16;
 
-// f32 → bf16 bits, round to nearest even (NaN stays NaN).
+// f32 → bf16 bits, round to nearest even (NaN stays NaN): one instruction from compute capability 8.0 on, which
+// matters where conversion is most of a kernel's work (the 4-bit dequantization).
 __device__ bf16 to_bf16_bits(float x) {
+#if __CUDA_ARCH__ >= 800
+    bf16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+#else
     u32 u = __float_as_uint(x);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
     return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+}
+
+// Two bf16 values in one word, the first at the lower address.
+__device__ u32 bf16_pair(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+#else
+    return (u32)to_bf16_bits(lo) | ((u32)to_bf16_bits(hi) << 16);
+#endif
 }
 
 struct MaxBits {
@@ -80,8 +98,7 @@ struct Producing {
     // Values i..i+3 of one row (i a multiple of 4; cols and ld too, which `quads_fit` checks): one 8-byte store.
     __device__ void put4(long long i, float4 v) {
         if (half) {
-            u32 lo = (u32)to_bf16_bits(v.x) | ((u32)to_bf16_bits(v.y) << 16), hi = (u32)to_bf16_bits(v.z) | ((u32)to_bf16_bits(v.w) << 16);
-            reinterpret_cast<uint2*>(half + strided(i, cols, ld))[0] = make_uint2(lo, hi);
+            reinterpret_cast<uint2*>(half + strided(i, cols, ld))[0] = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
         }
         if (amax) m = max(m, max(max(__float_as_uint(fabsf(v.x)), __float_as_uint(fabsf(v.y))), max(__float_as_uint(fabsf(v.z)), __float_as_uint(fabsf(v.w)))));
     }
@@ -181,18 +198,22 @@ extern "C" __global__ void rmsnorm_backward(const float* x, const float* w, cons
     }
 }
 
-// Rotates each head's pair (x[j], x[j + half]) by ±positions[r]·inv_freq[j]; one thread per pair.
+// Rotates each head's pair (x[j], x[j + half]) by ±positions[r]·inv_freq[j]; one thread per (row, pair) over every
+// head, so that the angle's cosine and sine (a few dozen instructions each) are computed once for all the heads.
 extern "C" __global__ void rope(float* x, const u32* positions, const float* inv_freq, long long rows, int heads, int head_dim, int inverse) {
     int half = head_dim / 2;
-    GRID_STRIDE(i, rows * heads * half) {
-        long long r = i / (heads * half);
-        int h = (i / half) % heads, j = i % half;
+    GRID_STRIDE(i, rows * half) {
+        long long r = i / half;
+        int j = (int)(i - r * half);
         float a = (float)positions[r] * inv_freq[j];
         float c = cosf(a), s = inverse ? -sinf(a) : sinf(a);
-        float* p = x + r * heads * head_dim + (long long)h * head_dim;
-        float x1 = p[j], x2 = p[j + half];
-        p[j] = x1 * c - x2 * s;
-        p[j + half] = x2 * c + x1 * s;
+        float* p = x + r * heads * head_dim + j;
+#pragma unroll 4
+        for (int h = 0; h < heads; h++, p += head_dim) {
+            float x1 = p[0], x2 = p[half];
+            p[0] = x1 * c - x2 * s;
+            p[half] = x2 * c + x1 * s;
+        }
     }
 }
 
@@ -523,9 +544,16 @@ __device__ void put(float* out, long long i, float v) { out[i] = v; }
 __device__ void put(bf16* out, long long i, float v) { out[i] = to_bf16_bits(v); }
 __device__ void put(f16* out, long long i, float v) { out[i].bits = to_f16_bits(v); }
 
-// Two bf16 (fp16) values in one word, the first at the lower address.
-__device__ u32 bf16_pair(float lo, float hi) { return (u32)to_bf16_bits(lo) | ((u32)to_bf16_bits(hi) << 16); }
-__device__ u32 f16_pair(float lo, float hi) { return (u32)to_f16_bits(lo) | ((u32)to_f16_bits(hi) << 16); }
+// Two fp16 values in one word, the first at the lower address (one instruction from compute capability 8.0 on).
+__device__ u32 f16_pair(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+#else
+    return (u32)to_f16_bits(lo) | ((u32)to_f16_bits(hi) << 16);
+#endif
+}
 
 // backend::binary_exponent, f16_shift_for and 2^s (|s| ≤ 126): the f16 mode's power-of-two scales, chosen from a
 // tensor's largest magnitude exactly as the CPU's emulation chooses them.

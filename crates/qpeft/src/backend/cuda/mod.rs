@@ -997,7 +997,7 @@ impl Cuda {
             format!("x {} values for {} positions × {heads} heads × {head_dim}", x.len(), positions.len())
         })?;
         let (r, h, d, inv) = (rows as i64, heads as i32, head_dim as i32, inverse as i32);
-        launch!(self, "rope", grid(rows * heads * head_dim / 2), x, positions, inv_freq, &r, &h, &d, &inv)
+        launch!(self, "rope", grid(rows * head_dim / 2), x, positions, inv_freq, &r, &h, &d, &inv)
     }
 }
 
