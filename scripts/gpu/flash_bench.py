@@ -106,8 +106,10 @@ def run_kernels(kern, case, inputs):
     rows = -(-s // g["ROWS"])
     p = lambda t: t.data_ptr()  # noqa: E731
 
+    # The kernels' trailing parameters, where a version has them, as the plain path passes them: no log-sum-exp kept
+    # (forward's stats null, dq's have_lse 0). A version with fewer parameters ignores the extra arguments.
     def fwd():
-        args = [p(ops["q"]), p(ops["k"]), p(ops["v"]), p(mask), attn, p(out), amax_ptr]
+        args = [p(ops["q"]), p(ops["k"]), p(ops["v"]), p(mask), attn, p(out), amax_ptr, 0]
         kern.launch(f"flash_forward_{d}", (rows, h, b), kern.smem(d, 1, 4, 2), args, g["FWD_THREADS"])
 
     def bwd_q():
@@ -115,7 +117,7 @@ def run_kernels(kern, case, inputs):
             f"flash_dq_{d}",
             (rows, h, b),
             kern.smem(d, 2, 4, 2),
-            [p(ops["q"]), p(ops["k"]), p(ops["v"]), p(mask), attn, p(out), p(inputs["dout"]), p(ops["dout"]), p(dq), p(stats), amax_ptr],
+            [p(ops["q"]), p(ops["k"]), p(ops["v"]), p(mask), attn, p(out), p(inputs["dout"]), p(ops["dout"]), p(dq), p(stats), amax_ptr, ctypes.c_int(0)],
         )
 
     def bwd_kv():

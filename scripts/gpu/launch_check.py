@@ -56,4 +56,29 @@ for f in sorted(glob.glob(root + "*.rs")):
         if not names:
             print(f"{f}: unchecked launch of {args[1].strip()} ({given} arguments)")
         i = text.find("launch!(", j)
+# scripts/gpu/flash_bench.py launches the flash kernels through ctypes: `kern.launch(f"flash_dq_{d}", grid, smem, ARGS)`
+# with ARGS a list or a name bound to one just before. It may pass more arguments than a kernel has (older copies of
+# the kernels take fewer; the driver reads only as many as the kernel has), never fewer.
+bench = open("scripts/gpu/flash_bench.py").read()
+i = bench.find("kern.launch(")
+while i >= 0:
+    j, depth = i + 12, 1
+    while depth:
+        depth += (bench[j] in "([{") - (bench[j] in ")]}")
+        j += 1
+    args = top_level_args(bench[i + 12:j - 1])
+    prefix = re.match(r'\s*f"(\w+?)\{', args[0])
+    lst = args[3].strip()
+    if not lst.startswith("["):
+        bound = list(re.finditer(rf"{re.escape(lst)} = (\[.*\])", bench[:i]))
+        lst = bound[-1][1] if bound else ""
+    given = len(top_level_args(lst.strip()[1:-1])) if lst.startswith("[") else None
+    names = [k for k in params if prefix and k.startswith(prefix[1])]
+    for k in names:
+        if given is None or given < params[k]:
+            print(f"scripts/gpu/flash_bench.py: {k} takes {params[k]} parameters, the launch gives {given}")
+            bad += 1
+    if not names:
+        print(f"scripts/gpu/flash_bench.py: unchecked launch of {args[0].strip()}")
+    i = bench.find("kern.launch(", j)
 sys.exit(1 if bad else 0)

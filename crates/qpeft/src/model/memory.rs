@@ -32,8 +32,9 @@ pub fn activation_bytes(
     // The forward's MLP runs whole while no gradient is held (the first micro-batch of a step).
     let forward = rows * F32 * (h + attn + mlp);
     // What the attention's forward keeps for its backward (`Backend::attention_keeping`: the fused kernels' 16-bit
-    // q, k and v; counted for every backend, which over-counts where nothing is kept).
-    let attn_kept = rows * 2 * (q + 2 * kv);
+    // q, k and v and two f32 statistics per query and head; counted for every backend, which over-counts where
+    // nothing is kept).
+    let attn_kept = rows * (2 * (q + 2 * kv) + 8 * spec.num_heads);
     // One block's backward: x_in, x_mid, dx and the attention half's activations (and what its attention kept)
     // throughout; the MLP chunk with its gradients at their widest (d_act, d_gate, d_up and dn beside the chunk's
     // activations, and the 16-bit copy of d_up besides d_gate's in `scratch`); then the attention's gradients (d_att,
@@ -48,12 +49,11 @@ pub fn activation_bytes(
     let scratch = ff * h * F32 + rows * ff * 2;
     let working = forward.max(block_backward).max(head) + scratch;
     let kept = match policy {
-        // Every block's activations as the forward leaves them, then one block's backward gradients on top.
+        // Every block's activations as the forward leaves them, then one block's backward gradients on top (with
+        // d_up's 16-bit copy besides d_gate's in `scratch`).
         Checkpointing::None => {
-            return layers * (rows * F32 * (2 * h + attn + mlp) + attn_kept)
-                + rows * F32 * (3 * ff + h)
-                + head
-                + scratch;
+            let gradients = rows * F32 * (3 * ff + h) + rows * 2 * ff;
+            return layers * (rows * F32 * (2 * h + attn + mlp) + attn_kept) + gradients + head + scratch;
         }
         Checkpointing::Selective => layers * rows * saved * (h + q),
         Checkpointing::Full => layers * rows * saved * h,
