@@ -90,6 +90,13 @@ impl Cuda {
         Ok(CudaOperand { x, half, cols, ld })
     }
 
+    /// Room for a 16-bit copy of `len` values followed by its [amax, alpha] scalars, and the scalars' address.
+    fn half_buffer(&self, len: usize) -> Result<(CudaSlice<u16>, u64)> {
+        let copy = self.alloc_uninit::<u16>(len.next_multiple_of(2) + 4)?;
+        let scalars = scalars_of(self.addr(&copy), len);
+        Ok((copy, scalars))
+    }
+
     /// The first half of an operand whose values a kernel writes, making the operand in the same pass (`Produced`):
     /// for n values as `rows` rows with `room` (`operand_of`), the copy and what the kernel is to write into it.
     pub(super) fn pending_operand(&self, n: usize, rows: usize, room: usize) -> Result<Pending> {
@@ -98,12 +105,11 @@ impl Cuda {
         let Some(dtype) = self.half() else {
             return Ok(Pending { copy: None, cols, ld, produced });
         };
-        let len = n / cols.max(1) * ld;
-        let copy = self.alloc_uninit::<u16>(len.next_multiple_of(2) + 4)?;
+        let (copy, scalars) = self.half_buffer(n / cols.max(1) * ld)?;
         if dtype == Dtype::Bf16 {
             produced.half = self.addr(&copy);
         } else {
-            produced.amax = scalars_of(self.addr(&copy), len);
+            produced.amax = scalars;
             // SAFETY: the copy's live u32 slot for the maximum; the memset is queued on the backend's stream.
             unsafe { cudarc::driver::result::memset_d8_async(produced.amax, 0, 4, self.stream.cu_stream()) }
                 .map_err(|e| super::device_err("clearing a maximum", e))?;
@@ -187,8 +193,7 @@ impl Cuda {
     /// unwritten: a tail writes it before a product reads it.
     fn half_copy(&self, x: &CudaSlice<f32>, cols: usize, ld: usize, times: u64, factor: f32) -> Result<CudaSlice<u16>> {
         let len = x.len() / cols.max(1) * ld;
-        let copy = self.alloc_uninit::<u16>(len.next_multiple_of(2) + 4)?;
-        let scalars = scalars_of(self.addr(&copy), len);
+        let (copy, scalars) = self.half_buffer(len)?;
         self.to_operand_times(x, cols.max(1), ld.max(1), self.addr(&copy), scalars, scalars + 4, times, factor)?;
         Ok(copy)
     }
