@@ -117,6 +117,13 @@ __device__ __forceinline__ void frag_from_acc(u32* a, float (*s)[4], int j) {
 __device__ __forceinline__ void copy16_async(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
+// The same for one value of N = 4 or 8 bytes (cp.async.ca: .cg copies 16 only). The small per-tile loads (key
+// segments, log-sum-exp) go this way too: as plain loads, the threads storing them to shared memory waited for global
+// memory before every tile, and with them the whole block at the next barrier.
+template <int N>
+__device__ __forceinline__ void copy_small_async(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(N), "r"(valid ? N : 0));
+}
 __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most N committed groups are still in flight.
 template <int N>
@@ -303,7 +310,7 @@ __device__ void load_keys(const Attn& s, const Head& hd, const h16* k, const h16
     const int LD = D + 8;
     load_rows<D, TILE>(ks, LD, k + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
     if (vs) load_rows<D, TILE>(vs, LD, v + hd.kv_at, hd.kv_stride, k0, s.kv_len, s.head_dim);
-    for (int i = threadIdx.x; i < TILE; i += blockDim.x) km[i] = k0 + i < s.kv_len ? hd.mask[k0 + i] : 0u;
+    for (int i = threadIdx.x; i < TILE; i += blockDim.x) copy_small_async<4>(km + i, hd.mask + min(k0 + i, s.kv_len - 1), k0 + i < s.kv_len);
     copies_commit();
 }
 
@@ -534,9 +541,8 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
     h16* vs = ks + ROWS * LD;
     h16* qbuf = vs + ROWS * LD;
     h16* dobuf = qbuf + 2 * TS;
-    float* lsebuf = (float*)(dobuf + 2 * TS);
-    float* dotbuf = lsebuf + 2 * TILE;
-    u32* qsegbuf = (u32*)(dotbuf + 2 * TILE);
+    float2* statbuf = (float2*)(dobuf + 2 * TS);  // each query's (log-sum-exp, rowsum(dO ⊙ O)) as in `stats`
+    u32* qsegbuf = (u32*)(statbuf + 2 * TILE);
     int k0 = blockIdx.x * ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int rep = s.heads / s.kv_heads, b = blockIdx.z, kvh = blockIdx.y / split, part = blockIdx.y % split;
     int per = rep / split, h0 = kvh * rep + part * per;
@@ -565,12 +571,13 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
         Head hd(s, key_mask, b, h);
         load_rows<D, TILE>(qbuf + st * TS, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
         load_rows<D, TILE>(dobuf + st * TS, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
+        // Rows past q_len read as zeros: no score of theirs is seen (the mask tests q0 + c < q_len; `clear` needs the
+        // whole tile inside).
         for (int j = threadIdx.x; j < TILE; j += THREADS) {
-            long long row = ((long long)b * s.heads + h) * s.q_len + q0 + j;
+            int qi = min(q0 + j, s.q_len - 1), ci = hd.first + qi;
             bool ok = q0 + j < s.q_len;
-            lsebuf[st * TILE + j] = ok ? stats[2 * row] : INFINITY;
-            dotbuf[st * TILE + j] = ok ? stats[2 * row + 1] : 0.0f;
-            qsegbuf[st * TILE + j] = ok ? hd.segment(s, hd.first + q0 + j) : 0u;
+            copy_small_async<8>(statbuf + st * TILE + j, stats + 2 * (((long long)b * s.heads + h) * s.q_len + qi), ok);
+            copy_small_async<4>(qsegbuf + st * TILE + j, hd.mask + min(ci, s.kv_len - 1), ok && ci < s.kv_len);
         }
         copies_commit();
     };
@@ -590,7 +597,7 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
         __syncthreads();
         int q0 = q_lo + i % tiles * TILE, st = i & 1;
         const h16 *qs = qbuf + st * TS, *dos = dobuf + st * TS;
-        const float *lse = lsebuf + st * TILE, *dots = dotbuf + st * TILE;
+        const float2* stat = statbuf + st * TILE;
         const u32* qseg = qsegbuf + st * TILE;
         // Keys wholly after the tile's last query get nothing from it.
         int cq0 = hk.first + q0;  // cache index of the tile's first query
@@ -618,9 +625,9 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     int c = n * 8 + 2 * t + (e & 1);
-                    float pe = (seen >> (4 * n + e)) & 1 ? exp2_fast(p[0][n][e] * score_scale - lse[c]) : 0.0f;
+                    float pe = (seen >> (4 * n + e)) & 1 ? exp2_fast(p[0][n][e] * score_scale - stat[c].x) : 0.0f;
                     p[0][n][e] = pe;
-                    dp[0][n][e] = pe * (dp[0][n][e] * dp_unscale - dots[c]) * ds_scale;
+                    dp[0][n][e] = pe * (dp[0][n][e] * dp_unscale - stat[c].y) * ds_scale;
                 }
             mma_acc_rows<D, 1>(&av, p, dos, lane);
             mma_acc_rows<D, 1>(&ak, dp, qs, lane);
