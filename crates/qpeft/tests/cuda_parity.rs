@@ -280,23 +280,42 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
             let x = up(&rand(rows * in_dim, 51).iter().map(|v| v * kx).collect::<Vec<_>>());
             let (h5, b5, h8, b8) =
                 (tail(5, rows, 52, kh), tail(5, out_dim, 53, kf), tail(8, rows, 54, kh), tail(8, out_dim, 55, kf));
-            let mut y = up(&rand(rows * out_dim, 56));
             let t5 = Tail { h: &h5, factor: &b5, rank: 5, scale: 0.75 };
             let t8 = Tail { h: &h8, factor: &b8, rank: 8, scale: 2.0 };
             let op = be.operand_with_room(&x, rows, 8).unwrap();
-            be.linear_from(&op, &w, Some(t5), rows, &mut y, true).unwrap();
-            push(&format!("linear_from tail r5 {name} x·{kx:e}"), &y);
-            be.linear_from(&op, &w, Some(t8), rows, &mut y, false).unwrap();
-            push(&format!("linear_from tail r8 {name} x·{kx:e}"), &y);
-            be.linear_from(&be.operand(&x).unwrap(), &w, Some(t5), rows, &mut y, true).unwrap();
-            push(&format!("linear_from tail, no room, {name} x·{kx:e}"), &y);
             let dy = up(&rand(rows * out_dim, 57).iter().map(|v| v * kx).collect::<Vec<_>>());
             let a5 = tail(5, in_dim, 58, kf);
-            let mut dx = up(&rand(rows * in_dim, 59));
             let t = Tail { h: &h5, factor: &a5, rank: 5, scale: 1.0 };
-            be.linear_backward_from(&be.operand_with_room(&dy, rows, 5).unwrap(), &w, Some(t), rows, &mut dx, true)
-                .unwrap();
-            push(&format!("linear_backward_from tail r5 {name} dy·{kx:e}"), &dx);
+            let products = || {
+                let mut y = up(&rand(rows * out_dim, 56));
+                be.linear_from(&op, &w, Some(t5), rows, &mut y, true).unwrap();
+                let mut got = vec![be.download(&y).unwrap()];
+                be.linear_from(&op, &w, Some(t8), rows, &mut y, false).unwrap();
+                got.push(be.download(&y).unwrap());
+                be.linear_from(&be.operand(&x).unwrap(), &w, Some(t5), rows, &mut y, true).unwrap();
+                got.push(be.download(&y).unwrap());
+                let mut dx = up(&rand(rows * in_dim, 59));
+                let dy = be.operand_with_room(&dy, rows, 5).unwrap();
+                be.linear_backward_from(&dy, &w, Some(t), rows, &mut dx, true).unwrap();
+                got.push(be.download(&dx).unwrap());
+                got
+            };
+            let got = products();
+            for (what, v) in
+                ["linear_from tail r5", "linear_from tail r8", "linear_from tail, no room,"].iter().zip(&got)
+            {
+                push(&format!("{what} {name} x·{kx:e}"), &up(v));
+            }
+            push(&format!("linear_backward_from tail r5 {name} dy·{kx:e}"), &up(&got[3]));
+            // The same products with the weight held (`hold_weights`: dequantized once, its rows padded for tails of
+            // `room`), equal to the bit; with room 0 the tails do not fit the held layout and are multiplied as if the
+            // weight were not held.
+            for room in [8, 0] {
+                be.hold_weights(&[&w], room).unwrap();
+                let held = products();
+                be.release_weights();
+                assert!(held == got, "{name} x·{kx:e}: products of the weight held with room {room} differ");
+            }
         }
     }
     // Inputs far outside fp16's range either way (the f16 mode scales them): x·10⁶ and dy·10⁻⁹.

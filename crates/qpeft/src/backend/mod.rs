@@ -470,6 +470,17 @@ pub trait Backend: Send + Sync {
         out_dim: usize,
         in_dim: usize,
     ) -> Result<Self::Weight>;
+    /// Keeps the frozen weights `ws` ready to multiply with until `release_weights`, each with room for tails of up to
+    /// `room` columns (as `operand_with_room`'s; a product with a larger tail multiplies as if not held): a backend
+    /// that dequantizes per product (the CUDA backend's packed bases in the 16-bit modes) dequantizes each once, at
+    /// its first product, for the products of a span that use it several times (the MLP's row chunks; a recomputed
+    /// block, whose forward and backward use the same weights). Their dequantized size in memory meanwhile; the
+    /// products' results are unchanged. A no-op by default.
+    fn hold_weights(&self, _ws: &[&Self::Weight], _room: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Ends every `hold_weights`.
+    fn release_weights(&self) {}
     /// Ŵ in f32, [out, in] (merging, saving, checks): bit-exact with `base.dequantize()`.
     fn weight_values(&self, w: &Self::Weight) -> Result<Self::Buf>;
     /// A product input converted once for every product that reads it: a linear's input x for its base and its

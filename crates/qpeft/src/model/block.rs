@@ -240,6 +240,17 @@ impl<B: Backend> Layer<'_, B> {
         self.adapted(p, &x, out, accumulate, ctx, adapters, hidden)
     }
 
+    /// Holds the MLP's weights dequantized (`Backend::hold_weights`, with the rooms their operands get) until the guard
+    /// drops: for the products of row chunks, which would otherwise dequantize each weight once per chunk and use.
+    fn hold_mlp(&self, adapters: &AdapterSet<B>) -> Result<HeldWeights<'_, B>> {
+        let held = HeldWeights(self.be);
+        for ps in [&[Proj::Gate, Proj::Up][..], &[Proj::Down]] {
+            let ws: Vec<_> = ps.iter().map(|&p| &self.block.proj(p).weight).collect();
+            self.be.hold_weights(&ws, self.room(ps, Some(adapters)))?;
+        }
+        Ok(held)
+    }
+
     /// The room a shared operand of the linears `ps` needs for their adapters' terms (`Adapter::term_rank`).
     fn room(&self, ps: &[Proj], adapters: Option<&AdapterSet<B>>) -> usize {
         let Some(set) = adapters else { return 0 };
@@ -467,6 +478,7 @@ impl<B: Backend> Layer<'_, B> {
     ) -> Result<()> {
         let (be, h) = (self.be, self.spec.hidden_size);
         self.attention_forward(x, a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
+        let _held = if chunk < ctx.rows { Some(self.hold_mlp(adapters)?) } else { None };
         // The MLP reads and updates the residual stream in place.
         for_row_chunks(be, None, x, h, ctx, chunk, |_, xc, cctx| {
             let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;
@@ -509,6 +521,8 @@ impl<B: Backend> Layer<'_, B> {
                 a
             }
         };
+        // Gate and up multiply in each chunk's forward and backward, down in its backward.
+        let held = self.hold_mlp(adapters)?;
         for_row_chunks(be, Some(&x_mid), dx, h, ctx, chunk, |xc, dxc, cctx| {
             let xc = xc.expect("x_mid is given");
             let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;
@@ -518,7 +532,7 @@ impl<B: Backend> Layer<'_, B> {
             be.glu(&m.gate, &m.up, cctx.glu, &mut m.act)?;
             self.mlp_backward(dxc, xc, &mut m, cctx, adapters)
         })?;
-        drop(x_mid);
+        drop((x_mid, held));
         self.attention_backward(dx, x_in, &mut a, ctx, adapters)
     }
 
@@ -592,6 +606,15 @@ impl<B: Backend> Layer<'_, B> {
             self.linear_backward(p, &a.n1, &dy, &mut dn, accumulate, ctx, adapters, a.hidden.take(p))?;
         }
         be.rmsnorm_backward(x_in, &blk.attn_norm, &dn, h, s.rms_norm_eps, s.norm_plus_one, dx, true)
+    }
+}
+
+/// Ends `Backend::hold_weights` when dropped.
+struct HeldWeights<'a, B: Backend>(&'a B);
+
+impl<B: Backend> Drop for HeldWeights<'_, B> {
+    fn drop(&mut self) {
+        self.0.release_weights();
     }
 }
 

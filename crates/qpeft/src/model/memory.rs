@@ -3,7 +3,7 @@
 //!
 //! The estimate follows the buffers `model::train` and `model::block` allocate (f32 work buffers; kept copies in
 //! `Backend::saved_bytes` per value): what the policy keeps for every block, plus the larger of the forward's and one
-//! block's backward working set, plus the LM head's loss chunk and the dequantization scratch of the widest weight.
+//! block's backward working set, plus the LM head's loss chunk and the dequantized weights (the MLP's held ones).
 //! It leaves out the weights, adapters and optimizer state, which exist before the pass (the caller counts what is
 //! not allocated yet: the gradients, and the moments before the first step), and the adapters' hidden states that a
 //! pass keeps for its backward (`block::Hidden`: [rows, r] per adapted linear; under `None` for every block, 0.7% of
@@ -45,8 +45,10 @@ pub fn activation_bytes(
     let block_backward = around + mlp_backward.max(attn_backward);
     // The LM head: a chunk's logits and their gradient, and the hidden states and their gradient.
     let head = loss_chunk.min(rows) * F32 * 2 * spec.vocab_size + rows * F32 * 2 * h;
-    // The dequantized widest weight (f32) and a 16-bit copy of the widest input.
-    let scratch = ff * h * F32 + rows * ff * 2;
+    // The dequantized weights: the MLP's three held in 16 bits through its row chunks (`Backend::hold_weights`; more
+    // than the widest one in f32, the f32 mode's) beside an attention weight's scratch; and a 16-bit copy of the
+    // widest input.
+    let scratch = 3 * ff * h * 2 + h * h.max(q) * 2 + rows * ff * 2;
     let working = forward.max(block_backward).max(head) + scratch;
     let kept = match policy {
         // Every block's activations as the forward leaves them, then one block's backward gradients on top (with

@@ -204,7 +204,7 @@ __device__ __forceinline__ void rows_times_tile_t(float (*c)[8][4], const h16* x
 }
 
 // The segment all 16M rows of this warp share (each thread holds rows g and g + 8 of each 16-row tile m, of segments
-// seg[m][0] and seg[m][1]), or 0 when they differ or are padding: what `warp_sees_tile` compares the other side with.
+// seg[m][0] and seg[m][1]), or 0 when they differ or are padding: what `tile_mask` compares the other side with.
 template <int M>
 __device__ __forceinline__ u32 warp_segment(const u32 (*seg)[2]) {
     u32 first = __shfl_sync(0xffffffffu, seg[0][0], 0);
@@ -214,22 +214,37 @@ __device__ __forceinline__ u32 warp_segment(const u32 (*seg)[2]) {
     return __all_sync(0xffffffffu, same) ? first : 0u;
 }
 
-// Whether each of `rows` consecutive queries from cache index ci0, all of segment wseg (0: not all alike), sees each
-// of the 64 keys from k0 whose segments are km[0..64]: then their scores need no mask. Warp-uniform.
-__device__ __forceinline__ bool warp_sees_tile(const Attn& s, int ci0, int rows, u32 wseg, int k0, const u32* km, int lane) {
-    bool ok = wseg != 0 && k0 + TILE <= s.kv_len && k0 + TILE - 1 <= ci0 && (s.window <= 0 || k0 > ci0 + rows - 1 - s.window);
-    return __all_sync(0xffffffffu, ok && km[lane] == wseg && km[lane + 32] == wseg);
+// How much masking a tile's scores need (warp-uniform): none when each of `rows` consecutive queries from cache index
+// ci0, all of segment wseg (0: not all alike), sees each of the 64 keys from k0 whose segments are km[0..64]; causality
+// alone where all those keys are of wseg and inside the cache and the window, so that only keys after a query hide from
+// it (the tile on the diagonal of an unpacked batch); else the full test of `sees`.
+enum { MASK_FULL, MASK_CAUSAL, MASK_NONE };
+__device__ __forceinline__ int tile_mask(const Attn& s, int ci0, int rows, u32 wseg, int k0, const u32* km, int lane) {
+    bool one_segment = wseg != 0 && k0 + TILE <= s.kv_len && (s.window <= 0 || k0 > ci0 + rows - 1 - s.window);
+    if (!__all_sync(0xffffffffu, one_segment && km[lane] == wseg && km[lane + 32] == wseg)) return MASK_FULL;
+    return k0 + TILE - 1 <= ci0 ? MASK_NONE : MASK_CAUSAL;
 }
 
 // sc[m] (query rows r0 + 16m.. of this warp × 64 keys from k0) = Q·Kᵀ, unscaled (the softmax folds the scale into
-// its exponentials), with invisible keys at −∞ (none when `clear`); this thread's rows of tile m are cache indices
-// ci + 16m and ci + 16m + 8, of segments qseg[m][0] and qseg[m][1].
+// its exponentials), with invisible keys at −∞ as `mask` (`tile_mask`) says; this thread's rows of tile m are cache
+// indices ci + 16m and ci + 16m + 8, of segments qseg[m][0] and qseg[m][1].
 template <int D, int M>
-__device__ void masked_scores(float (*sc)[8][4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, const u32 (*qseg)[2], bool clear, int r0, int lane) {
+__device__ void masked_scores(float (*sc)[8][4], const h16* qs, const h16* ks, const u32* km, const Attn& s, int k0, int ci, const u32 (*qseg)[2], int mask, int r0, int lane) {
     int t = lane & 3;
     rows_times_tile_t<D, M>(sc, qs, ks, r0, lane);
-    // One branch per tile (warp-uniform), not one per score: the compiler does not hoist `clear` out of the loop.
-    if (clear) return;
+    // One branch per tile (warp-uniform), not one per score: the compiler does not hoist `mask` out of the loop.
+    if (mask == MASK_NONE) return;
+    if (mask == MASK_CAUSAL) {
+        // Score (m, n, e) is key k0 + 8n + 2t + (e & 1) for query ci + 16m + 8(e >> 1): one comparison with constants.
+        int d = ci - k0 - 2 * t;
+#pragma unroll
+        for (int m = 0; m < M; m++)
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) sc[m][n][e] = 8 * n + (e & 1) <= d + 16 * m + 8 * (e >> 1) ? sc[m][n][e] : -INFINITY;
+        return;
+    }
     // The visibility of score (m, n, e) as bit 32m + 4n + e, found in a loop that is not unrolled: unrolled, its index
     // arithmetic for all 32M scores at once costs more registers than the accumulators leave (spills).
     unsigned long long seen = 0;
@@ -413,7 +428,7 @@ __device__ void flash_forward(const h16* q, const h16* k, const h16* v, const u3
         // A tile wholly after this warp's queries changes nothing (its probabilities are 0).
         if (k0 > ci0 + 16 * M - 1) return;
         float sc[M][8][4];
-        masked_scores<D, M>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, 16 * M, wseg, k0, km, lane), r0, lane);
+        masked_scores<D, M>(sc, qs, ks, km, s, k0, ci, qseg, tile_mask(s, ci0, 16 * M, wseg, k0, km, lane), r0, lane);
         float alpha[M][2];
         bool unchanged = true;
 #pragma unroll
@@ -488,7 +503,7 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
         walk_keys<D>(s, hd, k, nullptr, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16*, const u32* km) {
             if (k0 > ci0 + 15) return;
             float sc[1][8][4], alpha[2];
-            masked_scores<D, 1>(sc, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, 16, wseg, k0, km, lane), warp * 16, lane);
+            masked_scores<D, 1>(sc, qs, ks, km, s, k0, ci, qseg, tile_mask(s, ci0, 16, wseg, k0, km, lane), warp * 16, lane);
             online_softmax(sc[0], s.scale, m, l, alpha);
         });
 #pragma unroll
@@ -515,7 +530,7 @@ __device__ void flash_dq(const h16* q, const h16* k, const h16* v, const u32* ke
     walk_keys<D>(s, hd, k, v, k_lo, k_hi, kbuf, vbuf, kmbuf, [&](int k0, const h16* ks, const h16* vs, const u32* km) {
         if (k0 > ci0 + 15) return;
         float p[1][8][4], dp[1][8][4];
-        masked_scores<D, 1>(p, qs, ks, km, s, k0, ci, qseg, warp_sees_tile(s, ci0, 16, wseg, k0, km, lane), warp * 16, lane);
+        masked_scores<D, 1>(p, qs, ks, km, s, k0, ci, qseg, tile_mask(s, ci0, 16, wseg, k0, km, lane), warp * 16, lane);
         rows_times_tile_t<D, 1>(dp, dos, vs, warp * 16, lane);
 #pragma unroll
         for (int n = 0; n < 8; n++)
@@ -602,17 +617,27 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
         // Keys wholly after the tile's last query get nothing from it.
         int cq0 = hk.first + q0;  // cache index of the tile's first query
         if (key0 <= cq0 + TILE - 1) {
-            // Whether every query of the tile sees every key of this warp (then no mask): the transpose of
-            // warp_sees_tile's test.
-            bool clear = __all_sync(0xffffffffu, kseg != 0 && q0 + TILE <= s.q_len && key0 + 16 <= s.kv_len && key0 + 15 <= cq0 &&
-                                                     (s.window <= 0 || key0 > cq0 + TILE - 1 - s.window) && qseg[lane] == kseg && qseg[lane + 32] == kseg);
+            // Whether the tile's queries and this warp's keys are all of one segment, inside the cache and the
+            // window (then causality alone hides keys), and whether every query sees every key (no mask): the
+            // transpose of tile_mask's tests.
+            bool one_segment = __all_sync(0xffffffffu, kseg != 0 && q0 + TILE <= s.q_len && key0 + 16 <= s.kv_len &&
+                                                           (s.window <= 0 || key0 > cq0 + TILE - 1 - s.window) && qseg[lane] == kseg && qseg[lane + 32] == kseg);
+            bool clear = one_segment && key0 + 15 <= cq0;
             // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
             float p[1][8][4], dp[1][8][4];
             rows_times_tile_t<D, 1>(p, ks, qs, warp * 16, lane);
             rows_times_tile_t<D, 1>(dp, vs, dos, warp * 16, lane);
             // Visibility of (n, e) as bit 4n + e, in a loop that is not unrolled (see masked_scores).
             unsigned long long seen = ~0ull;
-            if (!clear) {
+            if (!clear && one_segment) {
+                // (n, e) is key `key` + 8(e >> 1) for the query at cache index cq0 + 8n + 2t + (e & 1).
+                int d = cq0 + 2 * t - key;
+                seen = 0;
+#pragma unroll
+                for (int n = 0; n < 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) seen |= (unsigned long long)(8 * (e >> 1) <= d + 8 * n + (e & 1)) << (4 * n + e);
+            } else if (!clear) {
                 seen = 0;
 #pragma unroll 1
                 for (int i = 0; i < 32; i++) {

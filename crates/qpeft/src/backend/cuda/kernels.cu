@@ -145,37 +145,78 @@ extern "C" __global__ void add_scaled_by(float* y, const float* x, const float* 
     GRID_STRIDE(i, n) y[i] += a * x[i];
 }
 
+// (mean x² + eps)^−½ from the row's sum of squares in f64, as the CPU computes it (f32 sqrt of the f32-rounded mean).
+__device__ float inv_rms_of(double squares, int dim, float eps) { return 1.0f / sqrtf((float)(squares / dim) + eps); }
+
+// A row of a norm, up to ROW_QUADS float4s per thread in registers, so that it is read from memory once: rows of a
+// multiple of 4 values and at most 4·ROW_QUADS·blockDim (4,096 at 256 threads: LLaMA-7B's hidden size); `fits` says
+// whether a row does. Quad j of this thread is quad threadIdx.x + j·blockDim of the row.
+#define ROW_QUADS 4
+struct RowQuads {
+    float4 v[ROW_QUADS];
+    __device__ static bool fits(int dim) { return dim % 4 == 0 && dim <= 4 * ROW_QUADS * (int)blockDim.x; }
+    __device__ static int at(int j) { return threadIdx.x + j * blockDim.x; }
+    __device__ void load(const float* row, int dim) {
+#pragma unroll
+        for (int j = 0; j < ROW_QUADS; j++)
+            if (at(j) < dim / 4) v[j] = reinterpret_cast<const float4*>(row)[at(j)];
+    }
+    // This thread's share of Σ a·b over the row in f64 (as the CPU sums squares).
+    __device__ double dot(const RowQuads& b, int dim) const {
+        double s = 0.0;
+#pragma unroll
+        for (int j = 0; j < ROW_QUADS; j++)
+            if (at(j) < dim / 4)
+                s += (double)v[j].x * b.v[j].x + (double)v[j].y * b.v[j].y + (double)v[j].z * b.v[j].z + (double)v[j].w * b.v[j].w;
+        return s;
+    }
+};
+
 // (mean x² + eps)^−½ with the mean in f64, as the CPU computes it (f32 sqrt of the f32-rounded mean).
 __device__ float inv_rms(const float* x, int dim, float eps, double* scratch) {
     double s = 0.0;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) s += (double)x[i] * (double)x[i];
-    double ms = block_sum(s, scratch) / dim;
-    return 1.0f / sqrtf((float)ms + eps);
+    return inv_rms_of(block_sum(s, scratch), dim, eps);
 }
 
 // Also makes out's operand (`Producing`) where half or amax is given. Blocks take rows in turn (at most a few thousand
-// blocks: one atomicMax each).
+// blocks: one atomicMax each). A row that `RowQuads` fits is read once, into registers.
 extern "C" __global__ void rmsnorm(const float* x, const float* w, int dim, float eps, int plus_one, float* out, long long rows, bf16* half, int ld, u32* amax) {
     __shared__ double scratch[32];
     __shared__ u32 mscratch[32];
     Producing p(half, dim, ld, amax);
-    bool quads = p.quads_fit(dim);
+    bool quads = p.quads_fit(dim), in_registers = quads && RowQuads::fits(dim);
     for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
         long long at = row * dim;
         const float* xr = x + at;
         float* o = out + at;
+        auto norm = [&](float xi, float wi, float r) { return plus_one ? (xi * r) * (1.0f + wi) : wi * (xi * r); };
+        if (in_registers) {
+            RowQuads xs;
+            xs.load(xr, dim);
+            float r = inv_rms_of(block_sum(xs.dot(xs, dim), scratch), dim, eps);
+#pragma unroll
+            for (int j = 0; j < ROW_QUADS; j++) {
+                int i = RowQuads::at(j);
+                if (i >= dim / 4) continue;
+                float4 a = xs.v[j], b = reinterpret_cast<const float4*>(w)[i];
+                float4 v = make_float4(norm(a.x, b.x, r), norm(a.y, b.y, r), norm(a.z, b.z, r), norm(a.w, b.w, r));
+                reinterpret_cast<float4*>(o)[i] = v;
+                p.put4(at + 4 * i, v);
+            }
+            continue;
+        }
         float r = inv_rms(xr, dim, eps, scratch);
-        auto norm = [&](float xi, float wi) { return plus_one ? (xi * r) * (1.0f + wi) : wi * (xi * r); };
         if (quads) {
             for (int i = 4 * threadIdx.x; i < dim; i += 4 * blockDim.x) {
                 float4 a = *reinterpret_cast<const float4*>(xr + i), b = *reinterpret_cast<const float4*>(w + i);
-                float4 v = make_float4(norm(a.x, b.x), norm(a.y, b.y), norm(a.z, b.z), norm(a.w, b.w));
+                float4 v = make_float4(norm(a.x, b.x, r), norm(a.y, b.y, r), norm(a.z, b.z, r), norm(a.w, b.w, r));
                 *reinterpret_cast<float4*>(o + i) = v;
                 p.put4(at + i, v);
             }
         } else {
             for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-                o[i] = norm(xr[i], w[i]);
+                o[i] = norm(xr[i], w[i], r);
                 p.put(at + i, o[i]);
             }
         }
@@ -183,17 +224,51 @@ extern "C" __global__ void rmsnorm(const float* x, const float* w, int dim, floa
     p.finish(mscratch);
 }
 
+// dx (+)= r·w'⊙dy − x·r³·Σ(w'⊙dy⊙x)/dim, w' = w (or 1 + w), one block per row; x and dy in registers where `RowQuads`
+// fits the row.
 extern "C" __global__ void rmsnorm_backward(const float* x, const float* w, const float* dy, int dim, float eps, int plus_one, float* dx, int accumulate) {
     __shared__ double scratch[32];
     __shared__ float fscratch[32];
     long long base = (long long)blockIdx.x * dim;
+    auto wt = [&](float wi) { return plus_one ? 1.0f + wi : wi; };
+    if (RowQuads::fits(dim)) {
+        // gs: the gains w' (as the CPU, r·w'·dy rounds r·w' first).
+        RowQuads xs, ds, gs;
+        xs.load(x + base, dim);
+        ds.load(dy + base, dim);
+        gs.load(w, dim);
+#pragma unroll
+        for (int j = 0; j < ROW_QUADS; j++) gs.v[j] = make_float4(wt(gs.v[j].x), wt(gs.v[j].y), wt(gs.v[j].z), wt(gs.v[j].w));
+        float p = 0.0f;
+#pragma unroll
+        for (int j = 0; j < ROW_QUADS; j++) {
+            if (RowQuads::at(j) >= dim / 4) continue;
+            float4 a = xs.v[j], d = ds.v[j], g = gs.v[j];
+            p += g.x * d.x * a.x + g.y * d.y * a.y + g.z * d.z * a.z + g.w * d.w * a.w;
+        }
+        float r = inv_rms_of(block_sum(xs.dot(xs, dim), scratch), dim, eps);
+        float c = r * r * r * block_sum(p, fscratch) / (float)dim;
+#pragma unroll
+        for (int j = 0; j < ROW_QUADS; j++) {
+            int i = RowQuads::at(j);
+            if (i >= dim / 4) continue;
+            float4 a = xs.v[j], d = ds.v[j], g = gs.v[j];
+            float4 v = make_float4(r * g.x * d.x - a.x * c, r * g.y * d.y - a.y * c, r * g.z * d.z - a.z * c, r * g.w * d.w - a.w * c);
+            float4* out = reinterpret_cast<float4*>(dx + base) + i;
+            if (accumulate) {
+                float4 o = *out;
+                v = make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w);
+            }
+            *out = v;
+        }
+        return;
+    }
     float r = inv_rms(x + base, dim, eps, scratch);
     float p = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) p += (plus_one ? 1.0f + w[i] : w[i]) * dy[base + i] * x[base + i];
-    float proj = block_sum(p, fscratch);
-    float c = r * r * r * proj / (float)dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) p += wt(w[i]) * dy[base + i] * x[base + i];
+    float c = r * r * r * block_sum(p, fscratch) / (float)dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        float g = r * (plus_one ? 1.0f + w[i] : w[i]) * dy[base + i] - x[base + i] * c;
+        float g = r * wt(w[i]) * dy[base + i] - x[base + i] * c;
         dx[base + i] = accumulate ? dx[base + i] + g : g;
     }
 }

@@ -87,6 +87,8 @@ pub struct Cuda {
     /// The dequantized weight of the current product (f32 or 16-bit).
     w_f32: Scratch<f32>,
     w_half: Scratch<u16>,
+    /// The weights `hold_weights` keeps dequantized.
+    held: std::sync::Mutex<Vec<weight::Held>>,
     /// 0.0 and 1.0: the betas of products whose alpha is on the device.
     unit_scalars: CudaSlice<f32>,
     /// The largest magnitude of the current product's tail (`Tail`, f16 mode).
@@ -269,6 +271,7 @@ impl Cuda {
             udyn_map,
             w_f32,
             w_half,
+            held: Default::default(),
             unit_scalars,
             tail_amax,
             scores_a,
@@ -494,6 +497,12 @@ impl Backend for Cuda {
         in_dim: usize,
     ) -> Result<CudaWeight> {
         self.upload_weight_form(&weight_values_of(base, dense)?, base, out_dim, in_dim)
+    }
+    fn hold_weights(&self, ws: &[&CudaWeight], room: usize) -> Result<()> {
+        self.hold(ws, room)
+    }
+    fn release_weights(&self) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
     fn weight_values(&self, w: &CudaWeight) -> Result<Self::Buf> {
         self.weight_values_f32(w)

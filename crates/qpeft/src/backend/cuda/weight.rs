@@ -100,6 +100,17 @@ fn shift(block: usize) -> Result<i32> {
     Ok(block.trailing_zeros() as i32)
 }
 
+/// A weight dequantized once for the products of a `hold_weights` span (in the 16-bit dtype): Ŵ's rows at a stride of
+/// `ld` (room after each for a forward tail's factor) and `extra` rows after them (room for a backward tail's);
+/// `filled` once its first product has dequantized it. Keyed by the address of its packed values.
+pub(super) struct Held {
+    key: u64,
+    ld: usize,
+    extra: usize,
+    buf: CudaSlice<u16>,
+    filled: bool,
+}
+
 /// A growable device buffer reused across calls (ops run in stream order, so one buffer serves every layer).
 pub(super) struct Scratch<T>(Mutex<Option<CudaSlice<T>>>);
 
@@ -252,6 +263,54 @@ impl Cuda {
         }
     }
 
+    /// `Backend::hold_weights`: room for each packed weight not held yet, with its rows (and its row count) padded as an
+    /// operand with `room` pads its rows, so that the tails of the operands made with that room fit.
+    pub(super) fn hold(&self, ws: &[&CudaWeight], room: usize) -> Result<()> {
+        if self.half().is_none() {
+            return Ok(());
+        }
+        let padded = |n: usize| if room > 0 { (n + room).next_multiple_of(8) } else { n };
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for w in ws {
+            let Some(key) = self.packed_key(w) else { continue };
+            if held.iter().any(|h| h.key == key) {
+                continue;
+            }
+            let (ld, extra) = (padded(w.in_dim), padded(w.out_dim) - w.out_dim);
+            // Ŵ is written at the first product, each tail's region at every product that folds one.
+            let buf = self.alloc_uninit::<u16>((w.out_dim + extra) * ld)?;
+            held.push(Held { key, ld, extra, buf, filled: false });
+        }
+        Ok(())
+    }
+
+    /// The address identifying a packed weight (its packed values); None for a dense one.
+    fn packed_key(&self, w: &CudaWeight) -> Option<u64> {
+        match &w.form {
+            Form::Bnb4(q) => Some(self.addr(&q.packed)),
+            Form::Int4(q) => Some(self.addr(&q.qweight)),
+            Form::DenseF32(_) | Form::DenseHalf(_) => None,
+        }
+    }
+
+    /// Where a held w is (dequantized now if not yet) and its row stride, if it is held and has room for a GEMM of
+    /// K = k: forward, rows of k; backward, k − out_dim tail rows.
+    fn held_weight(&self, w: &CudaWeight, dtype: Dtype, k: usize, forward: bool) -> Result<Option<(u64, usize)>> {
+        let Some(key) = self.packed_key(w) else { return Ok(None) };
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = held.iter_mut().find(|h| h.key == key) else { return Ok(None) };
+        let fits = if forward { k <= h.ld } else { k - w.out_dim <= h.extra };
+        if !fits {
+            return Ok(None);
+        }
+        let at = self.addr(&h.buf);
+        if !h.filled {
+            self.dequantize_into(w, at, dtype, h.ld)?;
+            h.filled = true;
+        }
+        Ok(Some((at, h.ld)))
+    }
+
     /// The address of a dense table with rows of `dim` values, and its format as the `embedding` kernel numbers them
     /// (0 f32, 1 bf16, 2 fp16).
     pub(super) fn dense_table(&self, w: &CudaWeight, dim: usize) -> Result<(u64, i32)> {
@@ -360,18 +419,25 @@ impl Cuda {
         }
         // K of the GEMM: the operand's whole row stride when a tail is folded in.
         let k = if fold.is_some() { x.ld } else { x_cols };
-        let n = if packed { out_cols * k } else { 0 };
+        let held = match half {
+            Some(h) if packed => self.held_weight(w, h, k, forward)?,
+            _ => None,
+        };
+        // The dequantized weight's row stride: a held one's, else rows of k (forward) or in_dim (backward).
+        let w_ld = held.map_or(if forward { k } else { w.in_dim }, |(_, ld)| ld);
+        let n = if packed && held.is_none() { out_cols * k } else { 0 };
         let w_f32 = self.w_f32.get(self, if half.is_some() { 0 } else { n })?;
         let w_half = self.w_half.get(self, if half.is_some() { n } else { 0 })?;
-        let weight = match (&w.form, half) {
-            (Form::DenseF32(d), _) => Operand::f32(self.addr(d)),
-            (Form::DenseHalf(d), Some(h)) => Operand::half(self.addr(d), h),
-            (_, Some(h)) => {
+        let weight = match (&w.form, half, held) {
+            (Form::DenseF32(d), _, _) => Operand::f32(self.addr(d)),
+            (Form::DenseHalf(d), Some(h), _) => Operand::half(self.addr(d), h),
+            (_, Some(h), Some((at, _))) => Operand::half(at, h),
+            (_, Some(h), None) => {
                 let at = self.addr(w_half.as_ref().expect("allocated"));
-                self.dequantize_into(w, at, h, if forward { k } else { w.in_dim })?;
+                self.dequantize_into(w, at, h, w_ld)?;
                 Operand::half(at, h)
             }
-            (_, None) => {
+            (_, None, _) => {
                 let at = self.addr(w_f32.as_ref().expect("allocated"));
                 self.dequantize_into(w, at, Dtype::F32, w.in_dim)?;
                 Operand::f32(at)
@@ -381,13 +447,16 @@ impl Cuda {
             let copy = self.addr(x.half.as_ref().expect("a 16-bit operand"));
             let h_region = (copy + 2 * x.cols as u64, x.ld - x.cols, x.ld);
             let f_region = if forward {
-                (weight.ptr + 2 * w.in_dim as u64, w.out_dim, k - w.in_dim, k)
+                (weight.ptr + 2 * w.in_dim as u64, w.out_dim, k - w.in_dim, w_ld)
             } else {
-                (weight.ptr + 2 * (w.out_dim * w.in_dim) as u64, k - w.out_dim, w.in_dim, w.in_dim)
+                (weight.ptr + 2 * (w.out_dim * w_ld) as u64, k - w.out_dim, w.in_dim, w_ld)
             };
             self.tail_halves(x, t, rows, h_region, f_region, forward)?;
         }
         let mut g = Gemm::new(rows, out_cols, k, false, forward);
+        if packed {
+            g.ldb = w_ld;
+        }
         g.beta = if beta { 1.0 } else { 0.0 };
         let (input, alpha_at) = self.gemm_operand(x, weight.dtype)?;
         if let (Some(ld), true) = (x.row_stride(), input.is_half()) {
