@@ -43,9 +43,12 @@ fn rand(n: usize, seed: u64) -> Vec<f32> {
     uniform(n, seed).iter().map(|&x| x as f32).collect()
 }
 
-/// max |a − b| / max(|b|, tiny).
+/// max |a − b| / max(|b|, tiny); infinite where one side is NaN and the other not (f32::max would skip a NaN).
 fn rel(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
+    if a.iter().zip(b).any(|(x, y)| x.is_nan() != y.is_nan()) {
+        return f32::INFINITY;
+    }
     let scale = b.iter().fold(1e-20f32, |m, v| m.max(v.abs()));
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
@@ -271,12 +274,13 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     // Adapter tails (`Tail`) on every base form, folded into the GEMM where the GPU can (packed bases, an operand with
     // room) and a product of their own elsewhere: two tails of ranks 5 and 8 on one operand with room for 8 (padded to
     // the row stride), then an operand without room; forward (F [out, r]) and backward (F [r, in]). x·10⁶ with h·10⁻³
-    // and F·10⁻⁵ (in the f16 mode F·2^(u−t) lands among fp16's subnormals), the reverse, and h = 0 under x·10⁷ (u − t
-    // beyond the shifts' clamp).
+    // and F·10⁻⁵ (in the f16 mode F·2^(u−t) lands among fp16's subnormals), the reverse (x·10⁻⁶, h·10⁻²: F·2^(u−t)
+    // near 2^13; the tail must stay within fp16's reach, |h|·|F| below the order of 2^16·max|x|, or both sides give NaN),
+    // and h = 0 under x·10⁷ (u − t beyond the shifts' clamp).
     let tail = |r: usize, n: usize, seed: u64, k: f32| up(&rand(n * r, seed).iter().map(|v| v * k).collect::<Vec<_>>());
     for (name, dense, base) in bases(out_dim, in_dim, 50) {
         let w = be.upload_weight(&base, Some(&dense), out_dim, in_dim).unwrap();
-        for (kx, kh, kf) in [(1.0, 1.0, 1.0), (1e6, 1e-3, 1e-5), (1e-6, 10.0, 1e3), (1e7, 0.0, 1.0)] {
+        for (kx, kh, kf) in [(1.0, 1.0, 1.0), (1e6, 1e-3, 1e-5), (1e-6, 1e-2, 1.0), (1e7, 0.0, 1.0)] {
             let x = up(&rand(rows * in_dim, 51).iter().map(|v| v * kx).collect::<Vec<_>>());
             let (h5, b5, h8, b8) =
                 (tail(5, rows, 52, kh), tail(5, out_dim, 53, kf), tail(8, rows, 54, kh), tail(8, out_dim, 55, kf));
@@ -300,6 +304,9 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
                 got.push(be.download(&dx).unwrap());
                 got
             };
+            let bits = |v: &Vec<Vec<f32>>| {
+                v.iter().map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()).collect::<Vec<_>>()
+            };
             let got = products();
             for (what, v) in
                 ["linear_from tail r5", "linear_from tail r8", "linear_from tail, no room,"].iter().zip(&got)
@@ -309,12 +316,23 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
             push(&format!("linear_backward_from tail r5 {name} dy·{kx:e}"), &up(&got[3]));
             // The same products with the weight held (`hold_weights`: dequantized once, its rows padded for tails of
             // `room`), equal to the bit; with room 0 the tails do not fit the held layout and are multiplied as if the
-            // weight were not held.
+            // weight were not held. Then the last forward and backward tails again, their factors in place in bf16.
             for room in [8, 0] {
                 be.hold_weights(&[&w], room).unwrap();
-                let held = products();
+                let mut held = products();
+                // The last factors again: a held weight's bf16 tail regions hold them already.
+                let mut y = up(&rand(rows * out_dim, 56));
+                be.linear_from(&op, &w, Some(t8), rows, &mut y, false).unwrap();
+                let mut dx = up(&rand(rows * in_dim, 59));
+                let dy = be.operand_with_room(&dy, rows, 5).unwrap();
+                be.linear_backward_from(&dy, &w, Some(t), rows, &mut dx, true).unwrap();
                 be.release_weights();
-                assert!(held == got, "{name} x·{kx:e}: products of the weight held with room {room} differ");
+                held.extend([be.download(&y).unwrap(), be.download(&dx).unwrap()]);
+                let want: Vec<_> = got.iter().chain([&got[1], &got[3]]).cloned().collect();
+                assert!(
+                    bits(&held) == bits(&want),
+                    "{name} x·{kx:e}: products of the weight held with room {room} differ"
+                );
             }
         }
     }

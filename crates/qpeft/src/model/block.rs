@@ -156,20 +156,22 @@ impl<B: Backend> Acts<B> {
 
 /// Rows per MLP chunk in a checkpointed training pass. The MLP works row by row, and its intermediate
 /// activations and their gradients are a block's largest buffers (86 MiB each at LLaMA-7B's 11008 for 2048 rows),
-/// so running it in chunks bounds the working set of the recompute and backward; but every chunk dequantizes the
-/// three MLP weights again and runs smaller GEMMs. `limit` sets the most rows; by default a chunk's f32
-/// [rows, intermediate] takes 1/16 of the checkpointed block inputs (`layers` × [rows, hidden] in 16 bits), at
-/// least 32 MiB: a fixed share of what checkpointing keeps anyway, so the chunks grow with the batch. The rows are
-/// split evenly and rounded up to a multiple of 128 (GEMM tiles). On an H200 (LLaMA-7B, 2048 × 4, NF4, r 64):
-/// 3 chunks instead of the 11 of a fixed 32 MiB, 6,183 → 6,981 tok/s at the same peak memory (9,753 MiB); at
-/// 2048 × 1 the 32 MiB floor keeps its 3 chunks (one chunk: +9% speed for +311 MiB).
+/// so running it in chunks bounds the working set of the recompute and backward; the chunks multiply with the MLP's
+/// weights held (`Backend::hold_weights`: dequantized once for all of them, which costs the three weights' 16-bit
+/// size) but run smaller GEMMs. `limit` sets the most rows; by default a chunk's f32 [rows, intermediate] takes 1/20
+/// of the checkpointed block inputs (`layers` × [rows, hidden] in 16 bits), at least 24 MiB: a fixed share of what
+/// checkpointing keeps anyway, so the chunks grow with the batch. The rows are split evenly and rounded up to a
+/// multiple of 128 (GEMM tiles). On an H200 (LLaMA-7B, 2048 × 4, NF4, r 64), before weights were held, 3 chunks
+/// (1/16) instead of the 11 of a fixed 32 MiB made 6,183 → 6,981 tok/s at the same peak memory (9,753 MiB). With
+/// the weights held each chunk costs less, and 1/20 gives 4 chunks at 2048 × 4 and at 2048 × 1, whose smaller
+/// working set (82 MiB less at 2048 × 1 than 3 chunks') pays for most of the held weights.
 pub fn mlp_chunk(rows: usize, ff: usize, hidden: usize, layers: usize, limit: Option<usize>) -> usize {
-    const MIN_CHUNK_BYTES: usize = 32 << 20;
+    const MIN_CHUNK_BYTES: usize = 24 << 20;
     const TILE: usize = 128;
     if let Some(most) = limit {
         return most.clamp(1, rows.max(1));
     }
-    let bytes = (rows * hidden * 2 * layers / 16).max(MIN_CHUNK_BYTES);
+    let bytes = (rows * hidden * 2 * layers / 20).max(MIN_CHUNK_BYTES);
     let most = (bytes / (4 * ff)).max(1);
     let even = rows.div_ceil(rows.div_ceil(most).max(1));
     even.div_ceil(TILE).saturating_mul(TILE).clamp(1, rows.max(1))
@@ -660,13 +662,13 @@ mod tests {
     use super::mlp_chunk;
 
     #[test]
-    fn mlp_chunks_take_a_sixteenth_of_the_checkpoints_and_at_least_32_mib() {
-        // LLaMA-7B (hidden 4096, 11008, 32 layers), 2048 × 4 rows: 8192·4096·2·32/16 bytes = 128 MiB → at most
-        // 3048 rows of 11008 f32 → 3 even chunks of 2731 → 2816 (tiles of 128).
-        assert_eq!(mlp_chunk(8192, 11008, 4096, 32, None), 2816);
-        // 2048 rows: 32 MiB (the floor) → 762 rows → 3 chunks of 683 → 768.
-        assert_eq!(mlp_chunk(2048, 11008, 4096, 32, None), 768);
-        // SmolLM2 4 × 256: far below the floor → 32 MiB / (4 · 1536) = 5461 rows ≥ 1024: one chunk.
+    fn mlp_chunks_take_a_twentieth_of_the_checkpoints_and_at_least_24_mib() {
+        // LLaMA-7B (hidden 4096, 11008, 32 layers), 2048 × 4 rows: 8192·4096·2·32/20 bytes = 102.4 MiB → at most
+        // 2438 rows of 11008 f32 → 4 even chunks of 2048.
+        assert_eq!(mlp_chunk(8192, 11008, 4096, 32, None), 2048);
+        // 2048 rows: 25.6 MiB → 609 rows → 4 chunks of 512.
+        assert_eq!(mlp_chunk(2048, 11008, 4096, 32, None), 512);
+        // SmolLM2 4 × 256: far below the floor → 24 MiB / (4 · 1536) = 4096 rows ≥ 1024: one chunk.
         assert_eq!(mlp_chunk(1024, 1536, 576, 30, None), 1024);
         assert_eq!(mlp_chunk(1024, 1536, 576, 30, Some(100)), 100);
         assert_eq!(mlp_chunk(10, 1536, 576, 30, Some(100)), 10);
