@@ -316,11 +316,11 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
             push(&format!("linear_backward_from tail r5 {name} dy·{kx:e}"), &up(&got[3]));
             // The same products with the weight held (`hold_weights`: dequantized once, its rows padded for tails of
             // `room`), equal to the bit; with room 0 the tails do not fit the held layout and are multiplied as if the
-            // weight were not held. Then the last forward and backward tails again, their factors in place in bf16.
+            // weight were not held. Then the last forward and backward tails again, into tail regions holding them.
             for room in [8, 0] {
                 be.hold_weights(&[&w], room).unwrap();
                 let mut held = products();
-                // The last factors again: a held weight's bf16 tail regions hold them already.
+                // The last factors again.
                 let mut y = up(&rand(rows * out_dim, 56));
                 be.linear_from(&op, &w, Some(t8), rows, &mut y, false).unwrap();
                 let mut dx = up(&rand(rows * in_dim, 59));

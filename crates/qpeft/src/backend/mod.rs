@@ -475,8 +475,7 @@ pub trait Backend: Send + Sync {
     /// that dequantizes per product (the CUDA backend's packed bases in the 16-bit modes) dequantizes each once, at
     /// its first product, for the products of a span that use it several times (the MLP's row chunks; a recomputed
     /// block, whose forward and backward use the same weights). Their dequantized size in memory meanwhile; the
-    /// products' results are unchanged, provided no tail factor changes its values while a weight is held (a held
-    /// weight may keep a factor's 16-bit copy for the next product with the same factor). A no-op by default.
+    /// products' results are unchanged. A no-op by default.
     fn hold_weights(&self, _ws: &[&Self::Weight], _room: usize) -> Result<()> {
         Ok(())
     }

@@ -186,9 +186,9 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     /// Rows per LM-head chunk of the loss.
     pub loss_chunk: usize,
-    /// Most rows per MLP chunk with checkpointing (unset: chunks whose f32 intermediate activations take 1/16 of
-    /// the checkpointed block inputs, at least 32 MiB: `model::block::mlp_chunk`). Larger chunks use more memory
-    /// and re-dequantize the MLP weights less often.
+    /// Most rows per MLP chunk with checkpointing (unset: chunks whose f32 intermediate activations take 1/20 of
+    /// the checkpointed block inputs, at least 24 MiB: `model::block::mlp_chunk`). Larger chunks use more memory
+    /// and run larger GEMMs (the chunks share the MLP weights' dequantization where the backend holds them).
     pub mlp_chunk: Option<usize>,
 }
 

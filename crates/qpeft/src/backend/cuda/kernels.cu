@@ -679,35 +679,23 @@ extern "C" __global__ void to_f16_scaled(const float* x, f16* out, long long n, 
     }
 }
 
-// A product's tail (backend::Tail) in 16 bits, one region of `to_half_regions` (operand.rs, `RegionArgs`): the
-// [rows, cols] f32 x into the [rows_out, cols_out] region at `out` (row stride ld), zero outside x, each value
-// x·factor·2^(s₊ − s₋) rounded to fp16 (`f16`) or bf16, where s± is the f16 shift of *plus (*minus), 0 for a null
-// pointer or in bf16. The two products round separately, as the CPU does.
-struct Region {
-    const float* x;
-    int rows, cols, rows_out, cols_out;
-    unsigned short* out;
-    long long ld;
-    const u32* plus;
-    const u32* minus;
-    float factor;
-};
-
-// Each region, gridDim.y of them (a tail's h and factor in one launch); the shift difference clamped to ±120.
-extern "C" __global__ void to_half_regions(Region a, Region b, int f16) {
-    const Region g = blockIdx.y == 0 ? a : b;
+// A product's tail (backend::Tail) in 16 bits: the [rows, cols] f32 x into the [rows_out, cols_out] region at `out`
+// (row stride ld), zero outside x, each value x·factor·2^(s₊ − s₋) rounded to fp16 (`f16`) or bf16, where s± is the
+// f16 shift of *plus (*minus), 0 for a null pointer or in bf16. The two products round separately, as the CPU does.
+extern "C" __global__ void to_half_region(const float* x, int rows, int cols, int rows_out, int cols_out, unsigned short* out,
+                                          long long ld, int f16, const u32* plus, const u32* minus, float factor) {
     int s = 0;
     if (f16) {
-        if (g.plus) s += f16_shift_for(binary_exponent(__uint_as_float(*g.plus)));
-        if (g.minus) s -= f16_shift_for(binary_exponent(__uint_as_float(*g.minus)));
+        if (plus) s += f16_shift_for(binary_exponent(__uint_as_float(*plus)));
+        if (minus) s -= f16_shift_for(binary_exponent(__uint_as_float(*minus)));
         s = min(120, max(-120, s));
     }
     float k = pow2(s);
     // 32-bit index arithmetic: the host keeps regions below 2^31 values.
-    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < (u32)g.rows_out * (u32)g.cols_out; i += blockDim.x * gridDim.x) {
-        int r = (int)(i / (u32)g.cols_out), c = (int)(i % (u32)g.cols_out);
-        float v = r < g.rows && c < g.cols ? __fmul_rn(__fmul_rn(g.x[(long long)r * g.cols + c], g.factor), k) : 0.0f;
-        g.out[r * g.ld + c] = f16 ? to_f16_bits(v) : to_bf16_bits(v);
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < (u32)rows_out * (u32)cols_out; i += blockDim.x * gridDim.x) {
+        int r = (int)(i / (u32)cols_out), c = (int)(i % (u32)cols_out);
+        float v = r < rows && c < cols ? __fmul_rn(__fmul_rn(x[(long long)r * cols + c], factor), k) : 0.0f;
+        out[r * ld + c] = f16 ? to_f16_bits(v) : to_bf16_bits(v);
     }
 }
 

@@ -63,25 +63,6 @@ pub(super) struct Pending {
     pub produced: Produced,
 }
 
-/// The kernels' `struct Region` (kernels.cu, `to_half_regions`).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct RegionArgs {
-    x: u64,
-    rows: i32,
-    cols: i32,
-    rows_out: i32,
-    cols_out: i32,
-    out: u64,
-    ld: i64,
-    plus: u64,
-    minus: u64,
-    factor: f32,
-}
-
-// SAFETY: a plain #[repr(C)] struct of integers, a float and device addresses, laid out as the kernel's struct.
-unsafe impl cudarc::driver::DeviceRepr for RegionArgs {}
-
 /// The columns and the 16-bit copy's row stride of an operand of n values as `rows` rows with `room` or more columns
 /// after each (the stride rounded up to 8 values, which tensor cores want).
 fn layout(n: usize, rows: usize, room: usize) -> Result<(usize, usize)> {
@@ -270,9 +251,7 @@ impl Cuda {
 
     /// A tail's two factors in the 16-bit format of the operand x of its product (`Tail`): h [rows, r] into the
     /// [rows, h_cols] region at `h_at` (row stride `h_ld`), the factor F into the [f_rows, f_cols] region at `f_at`
-    /// (row stride `f_ld`), zero beyond them, in one launch; `f_in_place`: F's region holds it already (a held
-    /// weight's, written by an earlier product of the same factor), only h is written. `forward`: F is [out, r], else
-    /// [r, in].
+    /// (row stride `f_ld`), zero beyond them. `forward`: F is [out, r], else [r, in].
     #[allow(clippy::too_many_arguments)]
     pub(super) fn tail_halves(
         &self,
@@ -282,7 +261,6 @@ impl Cuda {
         (h_at, h_cols, h_ld): (u64, usize, usize),
         (f_at, f_rows, f_cols, f_ld): (u64, usize, usize, usize),
         forward: bool,
-        f_in_place: bool,
     ) -> Result<()> {
         let f16 = self.half() == Some(Dtype::F16);
         let (r, f_len) = (t.rank, t.factor.len());
@@ -306,24 +284,31 @@ impl Cuda {
         } else {
             (0, 0)
         };
-        let region =
-            |src: &CudaSlice<f32>, (sr, sc): (usize, usize), (at, ro, co, ld), plus, minus, factor| RegionArgs {
-                x: self.addr(src),
-                rows: sr as i32,
-                cols: sc as i32,
-                rows_out: ro as i32,
-                cols_out: co as i32,
-                out: at,
-                ld: ld as i64,
-                plus,
-                minus,
-                factor,
-            };
-        let h = region(t.h, (rows, r), (h_at, rows, h_cols, h_ld), amax_h, 0, 1.0);
-        let f = region(t.factor, (src_rows, src_cols), (f_at, f_rows, f_cols, f_ld), amax_x, amax_h, t.scale);
-        let (regions, values) = if f_in_place { (1, rows * h_cols) } else { (2, (rows * h_cols).max(f_rows * f_cols)) };
-        let (mut cfg, f16) = (grid(values), f16 as i32);
-        cfg.grid_dim.1 = regions;
-        launch!(self, "to_half_regions", cfg, &h, &f, &f16)
+        let region = |src: &CudaSlice<f32>,
+                      (sr, sc): (usize, usize),
+                      (at, ro, co, ld): (u64, usize, usize, usize),
+                      plus: u64,
+                      minus: u64,
+                      factor: f32| {
+            let (sr, sc, ro, co, ld, f16) = (sr as i32, sc as i32, ro as i32, co as i32, ld as i64, f16 as i32);
+            launch!(
+                self,
+                "to_half_region",
+                grid(ro as usize * co as usize),
+                src,
+                &sr,
+                &sc,
+                &ro,
+                &co,
+                &at,
+                &ld,
+                &f16,
+                &plus,
+                &minus,
+                &factor
+            )
+        };
+        region(t.h, (rows, r), (h_at, rows, h_cols, h_ld), amax_h, 0, 1.0)?;
+        region(t.factor, (src_rows, src_cols), (f_at, f_rows, f_cols, f_ld), amax_x, amax_h, t.scale)
     }
 }

@@ -102,34 +102,13 @@ fn shift(block: usize) -> Result<i32> {
 
 /// A weight dequantized once for the products of a `hold_weights` span (in the 16-bit dtype): Ŵ's rows at a stride of
 /// `ld` (room after each for a forward tail's factor) and `extra` rows after them (room for a backward tail's);
-/// `filled` once its first product has dequantized it; `tails`: the factors its forward and backward tail regions
-/// hold (bf16: a factor's copy depends on nothing else, so the next product with the same one skips writing it).
-/// Keyed by the address of its packed values.
+/// `filled` once its first product has dequantized it. Keyed by the address of its packed values.
 pub(super) struct Held {
     key: u64,
     ld: usize,
     extra: usize,
     buf: CudaSlice<u16>,
     filled: bool,
-    tails: [Option<TailKey>; 2],
-}
-
-/// A tail factor as written into a held weight: its address, scale (bits), rank and the GEMM's K.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) struct TailKey {
-    factor: u64,
-    scale: u32,
-    rank: usize,
-    k: usize,
-}
-
-/// A held weight as one product uses it: where it is, its row stride, and whether its tail region holds the
-/// product's factor already.
-#[derive(Clone, Copy)]
-struct HeldUse {
-    at: u64,
-    ld: usize,
-    tail_in_place: bool,
 }
 
 /// A growable device buffer reused across calls (ops run in stream order, so one buffer serves every layer).
@@ -305,7 +284,7 @@ impl Cuda {
             let (ld, extra) = (padded(w.in_dim), padded(w.out_dim) - w.out_dim);
             // Ŵ is written at the first product, each tail's region at every product that folds one.
             let buf = self.alloc_uninit::<u16>((w.out_dim + extra) * ld)?;
-            held.push(Held { key, ld, extra, buf, filled: false, tails: [None, None] });
+            held.push(Held { key, ld, extra, buf, filled: false });
         }
         // The held weights are the span's largest: the shared buffer, sized for the largest weight used so far (the
         // MLP's, in a forward that does not hold them), would sit idle beside them.
@@ -322,17 +301,9 @@ impl Cuda {
         }
     }
 
-    /// A held w as a product of K = k (forward: rows of k; backward: k − out_dim tail rows) uses it, if it is held and
-    /// has that room: dequantized now if not yet, and with `tail` (the factor the product writes into its tail region,
-    /// which the caller then writes unless it is in place) recorded.
-    fn held_weight(
-        &self,
-        w: &CudaWeight,
-        dtype: Dtype,
-        k: usize,
-        forward: bool,
-        tail: Option<TailKey>,
-    ) -> Result<Option<HeldUse>> {
+    /// Where a held w is (dequantized now if not yet) and its row stride, if it is held and has room for a GEMM of
+    /// K = k: forward, rows of k; backward, k − out_dim tail rows.
+    fn held_weight(&self, w: &CudaWeight, dtype: Dtype, k: usize, forward: bool) -> Result<Option<(u64, usize)>> {
         let Some(key) = self.packed_key(w) else { return Ok(None) };
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let Some(h) = held.iter_mut().find(|h| h.key == key) else { return Ok(None) };
@@ -345,13 +316,7 @@ impl Cuda {
             self.dequantize_into(w, at, dtype, h.ld)?;
             h.filled = true;
         }
-        // In f16 the factor's copy depends on the operands' scales: never in place.
-        let slot = &mut h.tails[usize::from(!forward)];
-        let tail_in_place = dtype == Dtype::Bf16 && tail.is_some() && *slot == tail;
-        if tail.is_some() {
-            *slot = if dtype == Dtype::Bf16 { tail } else { None };
-        }
-        Ok(Some(HeldUse { at, ld: h.ld, tail_in_place }))
+        Ok(Some((at, h.ld)))
     }
 
     /// The address of a dense table with rows of `dim` values, and its format as the `embedding` kernel numbers them
@@ -462,20 +427,19 @@ impl Cuda {
         }
         // K of the GEMM: the operand's whole row stride when a tail is folded in.
         let k = if fold.is_some() { x.ld } else { x_cols };
-        let tail_key = fold.map(|t| TailKey { factor: self.addr(t.factor), scale: t.scale.to_bits(), rank: t.rank, k });
         let held = match half {
-            Some(h) if packed => self.held_weight(w, h, k, forward, tail_key)?,
+            Some(h) if packed => self.held_weight(w, h, k, forward)?,
             _ => None,
         };
         // The dequantized weight's row stride: a held one's, else rows of k (forward) or in_dim (backward).
-        let w_ld = held.map_or(if forward { k } else { w.in_dim }, |h| h.ld);
+        let w_ld = held.map_or(if forward { k } else { w.in_dim }, |(_, ld)| ld);
         let n = if packed && held.is_none() { out_cols * k } else { 0 };
         let w_f32 = self.w_f32.get(self, if half.is_some() { 0 } else { n })?;
         let w_half = self.w_half.get(self, if half.is_some() { n } else { 0 })?;
         let weight = match (&w.form, half, held) {
             (Form::DenseF32(d), _, _) => Operand::f32(self.addr(d)),
             (Form::DenseHalf(d), Some(h), _) => Operand::half(self.addr(d), h),
-            (_, Some(h), Some(held)) => Operand::half(held.at, h),
+            (_, Some(h), Some((at, _))) => Operand::half(at, h),
             (_, Some(h), None) => {
                 let at = self.addr(w_half.as_ref().expect("allocated"));
                 self.dequantize_into(w, at, h, w_ld)?;
@@ -495,8 +459,7 @@ impl Cuda {
             } else {
                 (weight.ptr + 2 * (w.out_dim * w_ld) as u64, k - w.out_dim, w.in_dim, w_ld)
             };
-            let in_place = held.is_some_and(|h| h.tail_in_place);
-            self.tail_halves(x, t, rows, h_region, f_region, forward, in_place)?;
+            self.tail_halves(x, t, rows, h_region, f_region, forward)?;
         }
         let mut g = Gemm::new(rows, out_cols, k, false, forward);
         if packed {
@@ -539,7 +502,6 @@ impl Cuda {
             (self.addr(&h), t.rank, t.rank),
             (self.addr(&f), f_rows, f_cols, f_cols),
             forward,
-            false,
         )?;
         let mut g = Gemm::new(rows, out_cols, t.rank, false, forward);
         g.beta = if accumulate { 1.0 } else { 0.0 };
