@@ -100,6 +100,16 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
         be.rmsnorm_backward(&x, &w, &y, dim, 1e-5, plus_one, &mut dx, true).unwrap();
         push(&format!("rmsnorm_backward plus_one={plus_one}"), &dx);
     }
+    // Rows the GPU's norms do not keep in registers (RowQuads): not a multiple of 4, and wider than 4,096.
+    for d in [42, 4104] {
+        let (x, w, dy) = (up(&rand(3 * d, 60)), up(&rand(d, 61)), up(&rand(3 * d, 62)));
+        let mut o = be.zeros(3 * d).unwrap();
+        be.rmsnorm(&x, &w, d, 1e-5, false, &mut o).unwrap();
+        push(&format!("rmsnorm dim {d}"), &o);
+        let mut dx = up(&rand(3 * d, 63));
+        be.rmsnorm_backward(&x, &w, &dy, d, 1e-5, true, &mut dx, true).unwrap();
+        push(&format!("rmsnorm_backward dim {d}"), &dx);
+    }
     let (heads, hd) = (4, 10);
     let pos = ints(&[0, 5, 17, 2, 900, 3]);
     let inv_freq = up(&(0..hd / 2).map(|j| 10000f32.powf(-(2.0 * j as f32) / hd as f32)).collect::<Vec<_>>());
@@ -315,8 +325,9 @@ fn ops<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
             }
             push(&format!("linear_backward_from tail r5 {name} dy·{kx:e}"), &up(&got[3]));
             // The same products with the weight held (`hold_weights`: dequantized once, its rows padded for tails of
-            // `room`), equal to the bit; with room 0 the tails do not fit the held layout and are multiplied as if the
-            // weight were not held. Then the last forward and backward tails again, into tail regions holding them.
+            // `room`), equal to the bit; with room 0 the folded tails do not fit the held layout and are multiplied as
+            // if the weight were not held (the product without room still reads the held weight). Then the last
+            // forward and backward tails again, into tail regions holding them.
             for room in [8, 0] {
                 be.hold_weights(&[&w], room).unwrap();
                 let mut held = products();

@@ -475,7 +475,8 @@ pub trait Backend: Send + Sync {
     /// that dequantizes per product (the CUDA backend's packed bases in the 16-bit modes) dequantizes each once, at
     /// its first product, for the products of a span that use it several times (the MLP's row chunks; a recomputed
     /// block, whose forward and backward use the same weights). Their dequantized size in memory meanwhile; the
-    /// products' results are unchanged. A no-op by default.
+    /// products compute the same values (read at another row stride, for which the GEMM library may pick another
+    /// kernel; `cuda_parity` checks them equal to the bit). A no-op by default.
     fn hold_weights(&self, _ws: &[&Self::Weight], _room: usize) -> Result<()> {
         Ok(())
     }

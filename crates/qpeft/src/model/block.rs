@@ -164,7 +164,7 @@ impl<B: Backend> Acts<B> {
 /// multiple of 128 (GEMM tiles). On an H200 (LLaMA-7B, 2048 × 4, NF4, r 64), before weights were held, 3 chunks
 /// (1/16) instead of the 11 of a fixed 32 MiB made 6,183 → 6,981 tok/s at the same peak memory (9,753 MiB). With
 /// the weights held each chunk costs less, and 1/20 gives 4 chunks at 2048 × 4 and at 2048 × 1, whose smaller
-/// working set (82 MiB less at 2048 × 1 than 3 chunks') pays for most of the held weights.
+/// working set (78 MiB less at 2048 × 1 than 3 chunks') pays for most of the held weights.
 pub fn mlp_chunk(rows: usize, ff: usize, hidden: usize, layers: usize, limit: Option<usize>) -> usize {
     const MIN_CHUNK_BYTES: usize = 24 << 20;
     const TILE: usize = 128;
@@ -244,9 +244,12 @@ impl<B: Backend> Layer<'_, B> {
 
     /// Holds the MLP's weights dequantized (`Backend::hold_weights`, with the rooms their operands get) until the guard
     /// drops: for the products of row chunks, which would otherwise dequantize each weight once per chunk and use.
-    fn hold_mlp(&self, adapters: &AdapterSet<B>) -> Result<HeldWeights<'_, B>> {
+    /// Down only with `down` (where it multiplies more than once).
+    fn hold_mlp(&self, adapters: &AdapterSet<B>, down: bool) -> Result<HeldWeights<'_, B>> {
         let held = HeldWeights(self.be);
-        for ps in [&[Proj::Gate, Proj::Up][..], &[Proj::Down]] {
+        let groups: &[&[Proj]] =
+            if down { &[&[Proj::Gate, Proj::Up], &[Proj::Down]] } else { &[&[Proj::Gate, Proj::Up]] };
+        for &ps in groups {
             let ws: Vec<_> = ps.iter().map(|&p| &self.block.proj(p).weight).collect();
             self.be.hold_weights(&ws, self.room(ps, Some(adapters)))?;
         }
@@ -480,7 +483,7 @@ impl<B: Backend> Layer<'_, B> {
     ) -> Result<()> {
         let (be, h) = (self.be, self.spec.hidden_size);
         self.attention_forward(x, a, KvTarget::Own, ctx, Some(adapters), &mut |_, _, _| Ok(()))?;
-        let _held = if chunk < ctx.rows { Some(self.hold_mlp(adapters)?) } else { None };
+        let _held = if chunk < ctx.rows { Some(self.hold_mlp(adapters, true)?) } else { None };
         // The MLP reads and updates the residual stream in place.
         for_row_chunks(be, None, x, h, ctx, chunk, |_, xc, cctx| {
             let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;
@@ -523,8 +526,8 @@ impl<B: Backend> Layer<'_, B> {
                 a
             }
         };
-        // Gate and up multiply in each chunk's forward and backward, down in its backward.
-        let held = self.hold_mlp(adapters)?;
+        // Gate and up multiply in each chunk's forward and backward, down in its backward (once, in one chunk).
+        let held = self.hold_mlp(adapters, chunk < ctx.rows)?;
         for_row_chunks(be, Some(&x_mid), dx, h, ctx, chunk, |xc, dxc, cctx| {
             let xc = xc.expect("x_mid is given");
             let mut m = MlpActs::new(be, cctx.rows, &Dims::of(self.spec))?;

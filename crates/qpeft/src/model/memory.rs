@@ -45,10 +45,11 @@ pub fn activation_bytes(
     let block_backward = around + mlp_backward.max(attn_backward);
     // The LM head: a chunk's logits and their gradient, and the hidden states and their gradient.
     let head = loss_chunk.min(rows) * F32 * 2 * spec.vocab_size + rows * F32 * 2 * h;
-    // The dequantized weights: the MLP's three held in 16 bits through its row chunks (`Backend::hold_weights`; more
-    // than the widest one in f32, the f32 mode's) beside an attention weight's scratch; and a 16-bit copy of the
-    // widest input.
-    let scratch = 3 * ff * h * 2 + h * h.max(q) * 2 + rows * ff * 2;
+    // The dequantized weights: with checkpointing, the MLP's three held in 16 bits through its row chunks
+    // (`Backend::hold_weights`; more than the widest one in f32, the f32 mode's) beside an attention weight's scratch,
+    // else the widest one in f32; and a 16-bit copy of the widest input.
+    let weights = if policy == Checkpointing::None { ff * h * F32 } else { 3 * ff * h * 2 + h * h.max(q) * 2 };
+    let scratch = weights + rows * ff * 2;
     let working = forward.max(block_backward).max(head) + scratch;
     let kept = match policy {
         // Every block's activations as the forward leaves them, then one block's backward gradients on top (with
@@ -73,8 +74,8 @@ pub struct Choice {
 }
 
 /// The fastest choice whose activations fit `headroom` bytes with a tenth to spare: the policies in order, each first
-/// with its MLP whole (one chunk: each MLP weight dequantized once per block, +4% at LLaMA-7B 2048 × 4 on an H200) and
-/// then in `chunk` rows, unless `fixed_chunk` (train.mlp_chunk set) keeps `chunk`. `Offload` in chunks when nothing
+/// with its MLP whole (one chunk: larger GEMMs; +4% at LLaMA-7B 2048 × 4 on an H200 when each chunk still
+/// dequantized the MLP weights again) and then in `chunk` rows, unless `fixed_chunk` (train.mlp_chunk set) keeps `chunk`. `Offload` in chunks when nothing
 /// fits: it keeps the least on the device.
 #[allow(clippy::too_many_arguments)]
 pub fn choose(

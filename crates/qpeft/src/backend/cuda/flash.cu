@@ -586,8 +586,8 @@ __device__ void flash_dkv(const h16* q, const h16* k, const h16* v, const u32* k
         Head hd(s, key_mask, b, h);
         load_rows<D, TILE>(qbuf + st * TS, LD, q + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
         load_rows<D, TILE>(dobuf + st * TS, LD, dout + hd.q_at, hd.q_stride, q0, s.q_len, s.head_dim);
-        // Rows past q_len read as zeros: no score of theirs is seen (the mask tests q0 + c < q_len; `clear` needs the
-        // whole tile inside).
+        // Rows past q_len read as zeros: no score of theirs is seen (the full mask tests q0 + c < q_len; `clear` and
+        // the causal-only mask need the whole tile inside).
         for (int j = threadIdx.x; j < TILE; j += THREADS) {
             int qi = min(q0 + j, s.q_len - 1), ci = hd.first + qi;
             bool ok = q0 + j < s.q_len;

@@ -238,7 +238,8 @@ extern "C" __global__ void rmsnorm_backward(const float* x, const float* w, cons
         ds.load(dy + base, dim);
         gs.load(w, dim);
 #pragma unroll
-        for (int j = 0; j < ROW_QUADS; j++) gs.v[j] = make_float4(wt(gs.v[j].x), wt(gs.v[j].y), wt(gs.v[j].z), wt(gs.v[j].w));
+        for (int j = 0; j < ROW_QUADS; j++)
+            if (RowQuads::at(j) < dim / 4) gs.v[j] = make_float4(wt(gs.v[j].x), wt(gs.v[j].y), wt(gs.v[j].z), wt(gs.v[j].w));
         float p = 0.0f;
 #pragma unroll
         for (int j = 0; j < ROW_QUADS; j++) {

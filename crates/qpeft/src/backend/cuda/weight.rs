@@ -275,6 +275,10 @@ impl Cuda {
             return Ok(());
         }
         let padded = |n: usize| if room > 0 { (n + room).next_multiple_of(8) } else { n };
+        // The held weights are the span's largest: the shared buffer, sized for the largest weight used so far (the
+        // MLP's, in a forward that does not hold them), would sit idle beside them. Freed first, so that it never
+        // sits beside them.
+        self.w_half.release();
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         for w in ws {
             let Some(key) = self.packed_key(w) else { continue };
@@ -286,9 +290,6 @@ impl Cuda {
             let buf = self.alloc_uninit::<u16>((w.out_dim + extra) * ld)?;
             held.push(Held { key, ld, extra, buf, filled: false });
         }
-        // The held weights are the span's largest: the shared buffer, sized for the largest weight used so far (the
-        // MLP's, in a forward that does not hold them), would sit idle beside them.
-        self.w_half.release();
         Ok(())
     }
 
@@ -311,6 +312,8 @@ impl Cuda {
         if !fits {
             return Ok(None);
         }
+        // The address outlives the lock: products and `release_weights` are queued from the backend's one thread, so
+        // the buffer is not freed before the caller's GEMM is queued (and frees are stream-ordered).
         let at = self.addr(&h.buf);
         if !h.filled {
             self.dequantize_into(w, at, dtype, h.ld)?;
@@ -387,7 +390,8 @@ impl Cuda {
     }
 
     /// x·Ŵᵀ (`forward`) or dy·Ŵ (input gradient) into `out` for the operand of x (dy), with Ŵ in the GEMM dtype:
-    /// packed bases dequantize into the shared weight buffer first; 16-bit weights read the operand's 16-bit copy (in
+    /// packed bases dequantize into the shared weight buffer first (or are held dequantized, `hold`, rows at the held
+    /// stride); 16-bit weights read the operand's 16-bit copy (in
     /// the f16 mode the product's alpha undoes its scale), with f32 accumulation and output. A tail joins the GEMM by
     /// K-concatenation where the weight is dequantized anyway and the operand has room for it: h after each of the
     /// operand's rows, the factor after each row of Ŵ (forward: [x | h]·[Ŵ | F]ᵀ) or after its last row (backward:
@@ -471,9 +475,9 @@ impl Cuda {
             g.lda = ld;
         }
         g.alpha_at = alpha_at;
-        // SAFETY: sizes checked above; the weight operand holds out_dim · in_dim values (with a folded tail, its rows
-        // or its row count extended to k), the operand's copy `rows` rows of its row stride, the scratch buffers at
-        // least what was asked of them.
+        // SAFETY: sizes checked above; the weight operand holds out_dim rows of in_dim values at a stride of w_ld
+        // (with a folded tail, its rows or its row count extended to k; a held one fits k, `held_weight`), the
+        // operand's copy `rows` rows of its row stride, the scratch buffers at least what was asked of them.
         unsafe { self.gemm(g, input, weight, self.addr(out)) }
     }
 
