@@ -75,8 +75,8 @@ pub struct Choice {
 
 /// The fastest choice whose activations fit `headroom` bytes with a tenth to spare: the policies in order, each first
 /// with its MLP whole (one chunk: larger GEMMs; +4% at LLaMA-7B 2048 × 4 on an H200 when each chunk still
-/// dequantized the MLP weights again) and then in `chunk` rows, unless `fixed_chunk` (train.mlp_chunk set) keeps `chunk`. `Offload` in chunks when nothing
-/// fits: it keeps the least on the device.
+/// dequantized the MLP weights again) and then in `chunk` rows, unless `fixed_chunk` (train.mlp_chunk set) keeps
+/// `chunk`. `Offload` in chunks when nothing fits: it keeps the least on the device.
 #[allow(clippy::too_many_arguments)]
 pub fn choose(
     spec: &ModelSpec,

@@ -391,8 +391,8 @@ impl Cuda {
 
     /// x·Ŵᵀ (`forward`) or dy·Ŵ (input gradient) into `out` for the operand of x (dy), with Ŵ in the GEMM dtype:
     /// packed bases dequantize into the shared weight buffer first (or are held dequantized, `hold`, rows at the held
-    /// stride); 16-bit weights read the operand's 16-bit copy (in
-    /// the f16 mode the product's alpha undoes its scale), with f32 accumulation and output. A tail joins the GEMM by
+    /// stride); 16-bit weights read the operand's 16-bit copy (in the f16 mode the product's alpha undoes its scale),
+    /// with f32 accumulation and output. A tail joins the GEMM by
     /// K-concatenation where the weight is dequantized anyway and the operand has room for it: h after each of the
     /// operand's rows, the factor after each row of Ŵ (forward: [x | h]·[Ŵ | F]ᵀ) or after its last row (backward:
     /// [dy | h]·[Ŵ ; F]), both padded with zeros to the operand's row stride. Otherwise it is a product of its own,
